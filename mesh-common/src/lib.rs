@@ -1,0 +1,19 @@
+//! Types shared by Lacewing's kernel programs (`mesh-ebpf`) and its userspace
+//! (`mesh-userspace`): map keys and values, map and program names, constants.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, has explicit padding and a size
+//! assertion, so the kernel and userspace agree on the layout byte for byte. The
+//! crate is `no_std`; the `user` feature adds `aya::Pod` impls for userspace.
+#![no_std]
+#![deny(unsafe_code)]
+
+pub mod conn;
+pub mod names;
+
+/// Address family numbers as the kernel reports them in `bpf_sock_addr.family`.
+pub mod family {
+    /// `AF_INET`.
+    pub const INET: u16 = 2;
+    /// `AF_INET6`.
+    pub const INET6: u16 = 10;
+}

@@ -1,0 +1,52 @@
+//! The `lacewing` command line: the lab, map inspection, and the demo.
+
+mod demo;
+mod lab;
+mod maps;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Lacewing: an eBPF-accelerated, sidecarless service mesh.
+#[derive(Debug, Parser)]
+#[command(name = "lacewing", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a local cluster in network namespaces (root).
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
+    /// Read a node's pinned maps.
+    #[command(subcommand)]
+    Maps(maps::MapsCommand),
+    /// Bring up a 2-node lab, run the node daemon on each node, make
+    /// connections from pods, print what the kernel counted, tear down.
+    Demo,
+}
+
+/// Runs the parsed command; the exit code to return.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Lab(cmd) => lab::run(cmd),
+        Command::Maps(cmd) => maps::run(cmd).map(|()| 0),
+        Command::Demo => demo::run().map(|()| 0),
+    }
+}
+
+/// A sibling binary of the running one (`lacewing-node` next to `lacewing`).
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} not found next to {}: build the workspace (`cargo build`)",
+        name,
+        exe.display()
+    );
+    Ok(path)
+}

@@ -1,0 +1,64 @@
+//! Real applications to run in lab pods: an nginx HTTP server that answers
+//! every request with a fixed body, for demos and tests.
+
+use std::{fs, io, path::Path, process::Command, time::Duration};
+
+use super::{Lab, LabProcess, topology::PodSpec};
+
+impl Lab {
+    /// Starts nginx in `pod`, listening on `port` (IPv4 and IPv6), answering
+    /// `body` to every request; returns once it is listening.
+    pub fn start_http_server(
+        &self,
+        pod: &PodSpec,
+        port: u16,
+        body: &str,
+    ) -> io::Result<LabProcess> {
+        let dir = self
+            .state_dir()
+            .join(format!("nginx-{}-{port}", pod.name()));
+        fs::create_dir_all(&dir)?;
+        let conf = dir.join("nginx.conf");
+        fs::write(&conf, nginx_conf(&dir, port, body))?;
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf);
+        let mut server = self.spawn_in_pod(pod, cmd)?;
+        server.wait_listening(port, Duration::from_secs(10))?;
+        Ok(server)
+    }
+}
+
+/// One process (no master, no daemon) so the lab can stop it by its pid; all
+/// paths inside the lab's own folder.
+fn nginx_conf(dir: &Path, port: u16, body: &str) -> String {
+    let d = dir.display();
+    let body = body.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 100000;
+    server {{
+        listen 0.0.0.0:{port} reuseport;
+        listen [::]:{port} ipv6only=on reuseport;
+        default_type text/plain;
+        location / {{ return 200 "{body}\n"; }}
+    }}
+}}
+"#
+    )
+}

@@ -1,0 +1,209 @@
+//! Loading the embedded eBPF object, pinning its maps and links, attaching the
+//! programs at the node's cgroup, and detaching them again.
+//!
+//! Pins: `<bpffs-root>/maps/<MAP>` and `<bpffs-root>/links/<program>`. Maps are
+//! pinned by path through the loader, so a restarted daemon reuses the maps of
+//! the one before it instead of starting empty.
+
+use std::{
+    fs::{self, File},
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use mesh_common::names;
+
+use super::{config::NodeConfig, maps};
+use crate::bpffs;
+
+/// The kernel object built from `mesh-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lacewing"));
+
+/// What went wrong while loading or unloading, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Bpffs(#[from] bpffs::BpffsError),
+    #[error("preparing pin folder {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error(
+        "loading the eBPF object: {0} (is the kernel built with BPF and BTF, and are we root?)"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no program `{0}`: rebuild lacewing-node")]
+    MissingProgram(&'static str),
+    #[error("program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program `{name}`: {source}")]
+    Link {
+        name: &'static str,
+        source: LinkError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("pinning link of `{name}` at {path}: {source}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("removing pins under {path}: {source}")]
+    Unpin { path: PathBuf, source: io::Error },
+}
+
+/// The loaded and attached programs. Hold it for as long as the node runs.
+#[derive(Debug)]
+pub struct Datapath {
+    /// Owns the maps' and programs' file descriptors.
+    _ebpf: Ebpf,
+    links: Vec<PinnedLink>,
+    root: PathBuf,
+}
+
+/// Where links are pinned below a bpffs root.
+pub fn links_dir(root: &Path) -> PathBuf {
+    root.join("links")
+}
+
+impl Datapath {
+    pub fn load_and_attach(config: &NodeConfig) -> Result<Self, LoadError> {
+        bpffs::ensure_mounted()?;
+        let root = config.bpffs_root.clone();
+        for dir in [maps::maps_dir(&root), links_dir(&root)] {
+            fs::create_dir_all(&dir).map_err(|source| LoadError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let pin_paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
+            .iter()
+            .map(|&name| (name, maps::pin_path(&root, name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+
+        let cgroup = File::open(&config.cgroup_root).map_err(|source| LoadError::Cgroup {
+            path: config.cgroup_root.clone(),
+            source,
+        })?;
+        let mut links = Vec::new();
+        for &name in names::SOCK_ADDR_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(LoadError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| LoadError::Program { name, source })?;
+            // With BPF links the kernel always attaches in multi mode (other
+            // tools' programs at the same cgroup keep working) and rejects any
+            // explicit attach flag, so the mode here must be `Single` (flags 0).
+            let link_id = program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|source| LoadError::Program { name, source })?;
+            let link: FdLink = program
+                .take_link(link_id)
+                .map_err(|source| LoadError::Program { name, source })?
+                .try_into()
+                .map_err(|source| LoadError::Link { name, source })?;
+            let path = links_dir(&root).join(name);
+            // A pin left by a daemon that was killed: replace it, which detaches
+            // that older link only after ours is attached.
+            remove_if_exists(&path).map_err(|source| LoadError::Unpin {
+                path: path.clone(),
+                source,
+            })?;
+            let pinned = link.pin(&path).map_err(|source| LoadError::PinLink {
+                name,
+                path: path.clone(),
+                source,
+            })?;
+            tracing::info!(program = name, cgroup = %config.cgroup_root.display(), pin = %path.display(), "attached");
+            links.push(pinned);
+        }
+        Ok(Self {
+            _ebpf: ebpf,
+            links,
+            root,
+        })
+    }
+
+    /// Detaches every program and removes every pin this daemon made.
+    pub fn detach(self) -> Result<(), LoadError> {
+        let Self { _ebpf, links, root } = self;
+        for link in links {
+            // Unpinning returns the last reference; dropping it detaches.
+            let link = link.unpin().map_err(|source| LoadError::Unpin {
+                path: links_dir(&root),
+                source,
+            })?;
+            drop(link);
+        }
+        for name in names::ALL_MAPS {
+            let path = maps::pin_path(&root, name);
+            remove_if_exists(&path).map_err(|source| LoadError::Unpin { path, source })?;
+        }
+        for dir in [maps::maps_dir(&root), links_dir(&root), root.clone()] {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                // Someone else's pins in the same root: leave them and the folder.
+                Err(err) if err.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+                Err(source) => return Err(LoadError::Unpin { path: dir, source }),
+            }
+        }
+        tracing::info!(root = %root.display(), "detached; pins removed");
+        Ok(())
+    }
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every name userspace looks up is in the compiled object, so a rename on
+    /// one side fails here instead of at load time on a node.
+    #[test]
+    fn embedded_object_has_every_named_program_and_map() {
+        let obj = aya_obj_names(super::EBPF_OBJECT);
+        for name in mesh_common::names::SOCK_ADDR_PROGRAMS
+            .iter()
+            .chain(mesh_common::names::ALL_MAPS)
+        {
+            assert!(
+                obj.iter().any(|n| n == name),
+                "object lacks `{name}`; it has {obj:?}"
+            );
+        }
+    }
+
+    /// Symbol names in the ELF, read with a tiny parser to avoid loading (which
+    /// needs root) in a unit test.
+    fn aya_obj_names(elf: &[u8]) -> Vec<String> {
+        // Symbols are NUL-terminated strings in .strtab; listing every printable
+        // run is enough to check presence.
+        elf.split(|&b| b == 0)
+            .filter(|s| !s.is_empty() && s.iter().all(|b| b.is_ascii_graphic()))
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    }
+}

@@ -1,0 +1,129 @@
+//! The few system calls the standard library does not wrap, fenced in one place.
+//!
+//! Every `unsafe` block of the crate lives here, each with its `SAFETY:` note;
+//! callers get safe functions with `io::Result`.
+#![allow(unsafe_code)]
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    path::Path,
+    process::Command,
+};
+
+/// Whether the process runs with effective uid 0.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Sends `signal` to the process `pid`. `ESRCH` (already gone) is not an error.
+pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: kill takes plain integers; a pid we did not start is never passed
+    // (callers read pids from the lab's own cgroups or from their own children).
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        err if err.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        err => Err(err),
+    }
+}
+
+/// Whether a process with this pid exists.
+pub fn process_exists(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Makes `cmd`, once spawned, join the cgroup whose `cgroup.procs` is open as
+/// `cgroup_procs`, then enter the network namespace open as `netns`, before it
+/// execs. Both descriptors must stay open until `spawn` returns.
+pub fn enter_before_exec(cmd: &mut Command, cgroup_procs: BorrowedFd<'_>, netns: BorrowedFd<'_>) {
+    use std::os::unix::process::CommandExt as _;
+    let cgroup_procs: RawFd = cgroup_procs.as_raw_fd();
+    let netns: RawFd = netns.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (write, setns) on descriptors the parent
+    // keeps open across the spawn; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Writing "0" to cgroup.procs moves the writing process itself.
+            if libc::write(cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Mounts a bpffs at `target`.
+pub fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let target = path_cstring(target)?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call;
+    // no data argument is passed.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Checks that the `bpf()` system call works by creating (and closing) a
+/// one-entry array map, the smallest thing every kernel with BPF can do.
+pub fn probe_bpf_syscall() -> io::Result<()> {
+    // Layout of the BPF_MAP_CREATE part of `union bpf_attr` (first four u32s).
+    #[repr(C)]
+    struct MapCreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u8; 112],
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        rest: [0; 112],
+    };
+    // SAFETY: attr is a valid, zero-padded bpf_attr of the size we pass.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreateAttr,
+            size_of::<MapCreateAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned to us by the kernel and nothing else owns it.
+    unsafe { libc::close(fd as RawFd) };
+    Ok(())
+}
+
+fn path_cstring(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
