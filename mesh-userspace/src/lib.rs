@@ -10,5 +10,6 @@ pub mod cgroup;
 pub mod cli;
 pub mod lab;
 pub mod node;
+pub mod shutdown;
 pub mod sys;
 pub mod telemetry;

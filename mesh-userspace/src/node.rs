@@ -18,22 +18,7 @@ pub async fn run(config: NodeConfig) -> Result<(), LoadError> {
         bpffs = %config.bpffs_root.display(),
         "datapath attached; running until SIGTERM"
     );
-    wait_for_shutdown().await;
+    crate::shutdown::signal().await;
     tracing::info!("shutting down: detaching programs and removing pins");
     datapath.detach()
-}
-
-async fn wait_for_shutdown() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; exiting");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -1,1 +1,53 @@
-fn main() {}
+//! Project tasks, run as `cargo xtask <task>`: `setup` installs what a fresh
+//! machine lacks, `test` runs every check CI runs, `demo` runs the main job.
+
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (nightly rust-src, bpf-linker) and the
+    /// Debian packages the project uses. Idempotent.
+    Setup,
+    /// Build every binary (debug; `--release` for release).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// setup, fmt, clippy, unit tests, then the lab tests as root. Fails if the
+    /// lab tests did not run.
+    Test,
+    /// setup, build, then the lab demo (`lacewing demo`) as root.
+    Demo,
+}
+
+fn main() {
+    let args = Args::parse();
+    let result = match args.task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => run::build_binaries(release),
+        Task::Test => test::run(),
+        Task::Demo => demo(),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn demo() -> anyhow::Result<()> {
+    setup::run()?;
+    run::build_binaries(true)?;
+    run::require_root("the demo")?;
+    run::cmd(run::workspace_root().join("target/release/lacewing"), ["demo"])
+}

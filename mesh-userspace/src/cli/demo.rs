@@ -11,7 +11,7 @@ use std::{process::Command, time::Duration};
 use anyhow::Context as _;
 
 use super::{maps::conn_table, sibling_binary};
-use crate::lab::{Lab, LabProcess, NodeSpec, PodSpec, sweep};
+use crate::lab::{Lab, PodSpec, sweep};
 
 pub fn run() -> anyhow::Result<()> {
     let node_bin = sibling_binary("lacewing-node")?;
@@ -33,7 +33,7 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
     step("starting lacewing-node on each node (attached at the node's cgroup)");
     let mut daemons = Vec::new();
     for node in [&n0, &n1] {
-        daemons.push(start_daemon(lab, node, node_bin)?);
+        daemons.push(lab.start_node_daemon(node, node_bin)?);
     }
     step("starting nginx in n1-p0 (:8080) and n0-p0 (:9090)");
     let (n0p0, n0p1, n1p0, n1p1) = (
@@ -81,43 +81,6 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn start_daemon(lab: &Lab, node: &NodeSpec, bin: &std::path::Path) -> anyhow::Result<LabProcess> {
-    let root = lab.node_bpffs_root(node);
-    let mut cmd = Command::new(bin);
-    cmd.arg("--node-name")
-        .arg(node.name())
-        .arg("--cgroup-root")
-        .arg(lab.node_cgroup(node))
-        .arg("--bpffs-root")
-        .arg(&root);
-    let mut daemon = lab.spawn_on_node(node, cmd)?;
-    wait_attached(&mut daemon, &root)?;
-    Ok(daemon)
-}
-
-/// The daemon pins each link once attached; all pins present means ready.
-pub fn wait_attached(daemon: &mut LabProcess, root: &std::path::Path) -> anyhow::Result<()> {
-    let links = crate::node::loader::links_dir(root);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = daemon.try_wait()? {
-            anyhow::bail!("lacewing-node on {} exited early: {status}", daemon.place());
-        }
-        if mesh_common::names::SOCK_ADDR_PROGRAMS
-            .iter()
-            .all(|p| links.join(p).exists())
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "lacewing-node on {} did not attach in 20 s",
-            daemon.place()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn curl(lab: &Lab, from: &PodSpec, url: &str) -> anyhow::Result<()> {

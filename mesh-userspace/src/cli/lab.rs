@@ -19,6 +19,11 @@ pub enum LabCommand {
         /// Pods per node.
         #[arg(long, default_value_t = 2)]
         pods: u8,
+        /// Keep the lab only while this command runs: Ctrl-C or SIGTERM
+        /// removes it (and if this process is killed, the next lab or
+        /// `lacewing lab down --all` sweeps it).
+        #[arg(long)]
+        foreground: bool,
     },
     /// List the labs on this machine with their nodes, pods and addresses.
     Status,
@@ -45,9 +50,16 @@ pub enum LabCommand {
 
 pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
     match cmd {
-        LabCommand::Up { nodes, pods } => {
+        LabCommand::Up { nodes, pods, foreground } => {
             let lab = Lab::new(nodes, pods)?;
             print!("{}", describe(lab.id(), &lab.record()));
+            if foreground {
+                println!("\nlab {} is up until Ctrl-C", lab.id().prefix());
+                std::io::Write::flush(&mut std::io::stdout())?;
+                crate::shutdown::block_until_signal()?;
+                lab.down()?;
+                return Ok(0);
+            }
             let id = lab.detach()?;
             println!(
                 "\nlab {} is up. Try: lacewing lab exec {} -- ip -br addr",

@@ -1,11 +1,57 @@
-//! Real applications to run in lab pods: an nginx HTTP server that answers
-//! every request with a fixed body, for demos and tests.
+//! What runs in a lab: the node daemon on a node, and real applications in
+//! pods (an nginx HTTP server that answers every request with a fixed body).
 
-use std::{fs, io, path::Path, process::Command, time::Duration};
+use std::{
+    fs, io,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
-use super::{Lab, LabProcess, topology::PodSpec};
+use mesh_common::names;
+
+use super::{
+    Lab, LabProcess,
+    topology::{NodeSpec, PodSpec},
+};
+use crate::node::loader::links_dir;
 
 impl Lab {
+    /// Starts the `lacewing-node` binary at `bin` on `node`, attached at the
+    /// node's cgroup and pinning under the lab's bpffs folder; returns once
+    /// every program is attached (its link is pinned).
+    pub fn start_node_daemon(&self, node: &NodeSpec, bin: &Path) -> io::Result<LabProcess> {
+        let root = self.node_bpffs_root(node);
+        let mut cmd = Command::new(bin);
+        cmd.arg("--node-name")
+            .arg(node.name())
+            .arg("--cgroup-root")
+            .arg(self.node_cgroup(node))
+            .arg("--bpffs-root")
+            .arg(&root);
+        let mut daemon = self.spawn_on_node(node, cmd)?;
+        let links = links_dir(&root);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = daemon.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "lacewing-node on {} exited before attaching: {status}",
+                    node.name()
+                )));
+            }
+            if names::SOCK_ADDR_PROGRAMS.iter().all(|p| links.join(p).exists()) {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("lacewing-node on {} did not attach in 20 s", node.name()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts nginx in `pod`, listening on `port` (IPv4 and IPv6), answering
     /// `body` to every request; returns once it is listening.
     pub fn start_http_server(

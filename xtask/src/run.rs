@@ -1,0 +1,67 @@
+//! Running commands, with messages that name the command that failed.
+
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+/// The workspace root (xtask's parent folder).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
+}
+
+/// Runs a command in the workspace root with inherited output; fails on a
+/// non-zero exit.
+pub fn cmd<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: impl IntoIterator<Item = S>) -> anyhow::Result<()> {
+    let mut c = Command::new(program);
+    c.args(args).current_dir(workspace_root());
+    status(c)
+}
+
+/// Runs a prepared command; fails on a non-zero exit, naming the command.
+pub fn status(mut c: Command) -> anyhow::Result<()> {
+    let shown = show(&c);
+    eprintln!("xtask: $ {shown}");
+    let st = c.status().with_context(|| format!("could not start `{shown}`"))?;
+    if !st.success() {
+        bail!("`{shown}` failed ({st})");
+    }
+    Ok(())
+}
+
+/// Runs a command quietly and returns its stdout if it succeeded.
+pub fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn show(c: &Command) -> String {
+    std::iter::once(c.get_program())
+        .chain(c.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Builds the three binaries.
+pub fn build_binaries(release: bool) -> anyhow::Result<()> {
+    let mut args = vec!["build", "--package", "mesh-userspace", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cmd("cargo", args)
+}
+
+pub fn is_root() -> bool {
+    output("id", &["-u"]).is_some_and(|uid| uid.trim() == "0")
+}
+
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("{what} needs root (network namespaces, cgroups, BPF): run it as root, e.g. `sudo -E cargo xtask ...`");
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! `cargo xtask setup`: installs, idempotently, what a fresh machine lacks.
+//!
+//! - the nightly toolchain's rust-src (eBPF builds `core` from source);
+//! - bpf-linker, built against the nightly's own LLVM (no matching system LLVM
+//!   exists on Debian 12; the toolchain ships `libLLVM.so.<major>...`, which
+//!   bpf-linker finds through an `LLVM_PREFIX` folder of symlinks);
+//! - clippy and rustfmt for the stable toolchain;
+//! - the Debian packages the lab, the demo and the tests run.
+//!
+//! A second run finds everything present and changes nothing.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::run::{self, output};
+
+/// The bpf-linker release that works with the aya versions we use.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages and why the project needs each.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "the lab's namespaces, veths and routes (`ip`)"),
+    ("procps", "per-namespace sysctls (`sysctl`)"),
+    ("bpftool", "reading pinned maps and attached programs in tests and the demo"),
+    ("iputils-ping", "reachability tests"),
+    ("curl", "the HTTP client in demos and tests"),
+    ("nginx", "the HTTP server in demos and tests"),
+];
+
+pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut changes = Vec::new();
+    nightly(&mut changes)?;
+    stable_components(&mut changes)?;
+    bpf_linker(&mut changes)?;
+    apt(&mut changes)?;
+    if changes.is_empty() {
+        eprintln!("xtask setup: everything was already present ({:.1} s)", started.elapsed().as_secs_f64());
+    } else {
+        eprintln!("xtask setup: installed {} in {:.0} s", changes.join(", "), started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn nightly(changes: &mut Vec<String>) -> anyhow::Result<()> {
+    let toolchains = output("rustup", &["toolchain", "list"])
+        .context("rustup is not installed: install Rust with rustup (https://rustup.rs)")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run::cmd("rustup", ["toolchain", "install", "nightly", "--profile", "minimal"])
+            .context("installing the nightly toolchain failed: check access to static.rust-lang.org")?;
+        changes.push("the nightly toolchain".into());
+    }
+    let installed = output("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]).unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run::cmd("rustup", ["component", "add", "rust-src", "--toolchain", "nightly"])
+            .context("adding rust-src to nightly failed: check access to static.rust-lang.org")?;
+        changes.push("nightly rust-src".into());
+    }
+    Ok(())
+}
+
+fn stable_components(changes: &mut Vec<String>) -> anyhow::Result<()> {
+    for (tool, component) in [("clippy-driver", "clippy"), ("rustfmt", "rustfmt")] {
+        if output(tool, &["--version"]).is_none() {
+            run::cmd("rustup", ["component", "add", component])
+                .with_context(|| format!("adding {component} failed: check access to static.rust-lang.org"))?;
+            changes.push(component.into());
+        }
+    }
+    Ok(())
+}
+
+fn bpf_linker(changes: &mut Vec<String>) -> anyhow::Result<()> {
+    let sysroot = PathBuf::from(
+        output("rustup", &["run", "nightly", "rustc", "--print", "sysroot"])
+            .context("cannot run the nightly rustc")?
+            .trim(),
+    );
+    let verbose = output("rustup", &["run", "nightly", "rustc", "-vV"]).context("cannot run the nightly rustc")?;
+    let llvm_major = llvm_major(&verbose)
+        .with_context(|| format!("no `LLVM version: N.x` line in `rustc +nightly -vV`:\n{verbose}"))?;
+    // Refreshed every run (cheap): a nightly update moves the library.
+    let prefix = llvm_prefix(&sysroot)?;
+    let works = output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if works {
+        return Ok(());
+    }
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+        .env("LLVM_PREFIX", &prefix);
+    run::status(cmd).context(
+        "building bpf-linker failed: it needs crates.io and the nightly's libLLVM (see docs/development.md)",
+    )?;
+    if output("bpf-linker", &["--version"]).is_none() {
+        bail!("bpf-linker was installed but does not run: is ~/.cargo/bin on PATH?");
+    }
+    changes.push(format!("bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm_major})"));
+    Ok(())
+}
+
+/// The `LLVM version: 22.1.4` line of `rustc -vV`, as `22`.
+fn llvm_major(rustc_vv: &str) -> Option<u32> {
+    rustc_vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.trim().parse().ok())
+}
+
+/// A folder whose `lib/` links `libLLVM.so` and the library's exact soname to
+/// the nightly's own libLLVM; bpf-linker links against it and keeps
+/// `$LLVM_PREFIX/lib` as its rpath.
+fn llvm_prefix(sysroot: &Path) -> anyhow::Result<PathBuf> {
+    let lib = sysroot.join("lib");
+    let soname = fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| {
+            format!("the nightly toolchain has no libLLVM.so.* in {}: reinstall it (`rustup toolchain install nightly`)", lib.display())
+        })?;
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home).join(".cache/lacewing/llvm");
+    let dir = prefix.join("lib");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for name in ["libLLVM.so", soname.as_str()] {
+        let link = dir.join(name);
+        let target = lib.join(&soname);
+        if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+            let _ = fs::remove_file(&link);
+            symlink(&target, &link).with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
+        }
+    }
+    Ok(prefix)
+}
+
+fn apt(changes: &mut Vec<String>) -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| {
+            output("dpkg-query", &["-W", "-f=${Status}", name]).is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for name in &missing {
+        let why = APT_PACKAGES.iter().find(|(n, _)| n == name).map(|(_, w)| *w).unwrap_or_default();
+        eprintln!("xtask setup: installing {name}: {why}");
+    }
+    run::require_root("installing Debian packages")?;
+    let apt_get = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run::status(c)
+    };
+    apt_get(&["update", "-q"]).context("apt-get update failed: check access to the Debian mirror")?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt_get(&args).with_context(|| format!("installing {} failed: install them by hand with apt-get", missing.join(" ")))?;
+    changes.push(missing.join(" "));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_llvm_major_from_rustc() {
+        let vv = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(vv), Some(22));
+        assert_eq!(llvm_major("rustc 1.95.0\n"), None);
+    }
+}

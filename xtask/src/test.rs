@@ -1,0 +1,129 @@
+//! `cargo xtask test`: what CI runs. Setup, formatting, lints, unit tests, then
+//! the lab tests as root with the real kernel programs. It fails when the lab
+//! tests did not run, were skipped, or left lab resources behind.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{run, setup};
+
+pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    setup::run()?;
+    run::cmd("cargo", ["fmt", "--all", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
+    run::cmd("cargo", ["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // The kernel crate only builds for the BPF target, with the nightly.
+    run::cmd(
+        "rustup",
+        [
+            "run", "nightly", "cargo", "clippy", "--package", "mesh-ebpf", "--release",
+            "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings",
+        ],
+    )?;
+    run::cmd("cargo", ["test", "--package", "mesh-common", "--package", "mesh-userspace", "--package", "xtask"])?;
+
+    run::require_root("the lab tests")?;
+    run::build_binaries(false)?;
+    let before = lab_resources();
+    let summary = lab_tests()?;
+    let leaked: Vec<String> = lab_resources().difference(&before).cloned().collect();
+    if !leaked.is_empty() {
+        bail!("the lab tests left resources behind: {}; find the test that leaks them", leaked.join(", "));
+    }
+    if summary.passed == 0 {
+        bail!("no lab test ran: the lab tests must run (as root) in CI");
+    }
+    if summary.ignored > 0 || summary.failed > 0 {
+        bail!("lab tests: {} failed, {} ignored; every lab test must run and pass", summary.failed, summary.ignored);
+    }
+    eprintln!(
+        "xtask test: all checks passed; lab tests run: {} (in {:.0} s total)",
+        summary.passed,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct Summary {
+    passed: u32,
+    failed: u32,
+    ignored: u32,
+}
+
+/// Runs the end-to-end crate, echoing its output and adding up its
+/// `test result:` lines.
+fn lab_tests() -> anyhow::Result<Summary> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--package", "lacewing-tests"])
+        .current_dir(run::workspace_root())
+        .stdout(Stdio::piped());
+    eprintln!("xtask: $ {}", run::show(&cmd));
+    let mut child = cmd.spawn().context("could not start cargo test")?;
+    let mut summary = Summary::default();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(s) = parse_result(&line) {
+            summary.passed += s.passed;
+            summary.failed += s.failed;
+            summary.ignored += s.ignored;
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("lab tests failed ({status}); see the output above");
+    }
+    Ok(summary)
+}
+
+/// `test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...`
+fn parse_result(line: &str) -> Option<Summary> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let count = |what: &str| {
+        rest.split(';')
+            .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Some(Summary { passed: count(" passed"), failed: count(" failed"), ignored: count(" ignored") })
+}
+
+/// Names of lab resources (prefix `lw-`) on the machine: namespaces, cgroups
+/// below the cgroup v2 root, and bpffs folders.
+fn lab_resources() -> BTreeSet<String> {
+    let mut dirs = vec!["/run/netns".to_owned(), "/sys/fs/bpf".to_owned()];
+    if let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") {
+        dirs.extend(mountinfo.lines().filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right.starts_with("cgroup2 ").then(|| left.split_whitespace().nth(4).map(str::to_owned))?
+        }));
+    }
+    dirs.iter()
+        .flat_map(|d| fs::read_dir(Path::new(d)).into_iter().flatten().flatten())
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with("lw-")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adds_up_libtest_results() {
+        let ok = "test result: ok. 7 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 3.21s";
+        assert_eq!(parse_result(ok), Some(Summary { passed: 7, failed: 0, ignored: 2 }));
+        let bad = "test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(parse_result(bad), Some(Summary { passed: 3, failed: 1, ignored: 0 }));
+        assert_eq!(parse_result("running 7 tests"), None);
+    }
+}
