@@ -34,13 +34,15 @@ fn count_connect(ctx: &SockAddrContext, family: u16) {
     let (user_port, protocol) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
     // `user_port` holds the port in network byte order in its low 16 bits.
     let key = ConnKey::new(u16::from_be(user_port as u16), family, protocol as u8);
-    match LW_CONN_BY_PORT.get_ptr_mut(&key) {
+    match LW_CONN_BY_PORT.get_ptr_mut(key) {
         // SAFETY: the pointer is this CPU's slot of a live entry; per-CPU
         // values are never written concurrently by another CPU.
         Some(count) => unsafe { (*count).connects += 1 },
         None => {
-            // A failed insert (map full) only loses a count, never a connect.
-            let _ = LW_CONN_BY_PORT.insert(&key, &ConnCount { connects: 1 }, 0);
+            // BPF_ANY (0): if another CPU inserted the key meanwhile, a per-CPU
+            // update writes only this CPU's slot, so no count is lost. A failed
+            // insert (map full) loses a count, never a connect.
+            let _ = LW_CONN_BY_PORT.insert(key, ConnCount { connects: 1 }, 0);
         }
     }
 }

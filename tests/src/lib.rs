@@ -61,14 +61,23 @@ pub fn url(ip: std::net::IpAddr, port: u16) -> String {
 
 /// Whether one ping from `pod` to `ip` gets an answer within a second.
 pub fn ping(lab: &Lab, pod: &PodSpec, ip: std::net::IpAddr) -> bool {
-    run_in(lab, pod, "ping", &["-c", "1", "-W", "1", &ip.to_string()]).status.success()
+    run_in(lab, pod, "ping", &["-c", "1", "-W", "1", &ip.to_string()])
+        .status
+        .success()
 }
 
 /// Panics, listing them, if any resource of lab `id` is left on the machine.
 pub fn assert_gone(id: LabId) {
     let left = sweep::leftovers(id).expect("listing lab resources");
-    assert!(left.is_empty(), "lab {} left resources behind: {left:?}", id.prefix());
-    let links = Command::new("ip").args(["-o", "link", "show"]).output().expect("ip link");
+    assert!(
+        left.is_empty(),
+        "lab {} left resources behind: {left:?}",
+        id.prefix()
+    );
+    let links = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip link");
     let links = String::from_utf8_lossy(&links.stdout);
     assert!(
         !links.contains(&id.prefix()),
@@ -82,7 +91,9 @@ pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| {
             // state is the field after the parenthesised command name
-            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z")
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                != Some("Z")
         })
         .unwrap_or(false)
 }

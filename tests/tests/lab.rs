@@ -24,12 +24,15 @@ use lacewing_tests::{alive, assert_gone, bin, curl, new_lab, ping, run_in, url};
 fn pods_on_different_nodes_reach_each_other() {
     let lab = new_lab(2, 2);
     let target = lab.pod("n1-p1").unwrap();
-    let _server = lab.start_http_server(&target, 8080, "served by n1-p1").unwrap();
+    let _server = lab
+        .start_http_server(&target, 8080, "served by n1-p1")
+        .unwrap();
     for name in ["n0-p0", "n0-p1", "n1-p0"] {
         let client = lab.pod(name).unwrap();
         for ip in [IpAddr::V4(target.ip4()), IpAddr::V6(target.ip6())] {
             assert_eq!(
-                curl(&lab, &client, &url(ip, 8080)).unwrap_or_else(|e| panic!("{name} -> {ip}: {e}")),
+                curl(&lab, &client, &url(ip, 8080))
+                    .unwrap_or_else(|e| panic!("{name} -> {ip}: {e}")),
                 "served by n1-p1",
                 "{name} -> {ip}"
             );
@@ -44,7 +47,10 @@ fn pods_on_different_nodes_reach_each_other() {
 
 /// Every global address of the machine's own interfaces (read-only listing).
 fn machine_addresses() -> Vec<IpAddr> {
-    let out = Command::new("ip").args(["-j", "addr", "show"]).output().expect("ip -j addr");
+    let out = Command::new("ip")
+        .args(["-j", "addr", "show"])
+        .output()
+        .expect("ip -j addr");
     let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
     links
         .as_array()
@@ -60,21 +66,58 @@ fn machine_addresses() -> Vec<IpAddr> {
 #[test]
 fn a_pod_cannot_reach_any_address_of_the_machine() {
     let addresses = machine_addresses();
-    assert!(!addresses.is_empty(), "the machine has no global address to test against");
+    assert!(
+        !addresses.is_empty(),
+        "the machine has no global address to test against"
+    );
     let lab = new_lab(2, 1);
     let pod = lab.pod("n0-p0").unwrap();
     for ip in &addresses {
-        assert!(!ping(&lab, &pod, *ip), "pod n0-p0 reached the machine's address {ip}");
-        let out = run_in(&lab, &pod, "curl", &["-sS", "--max-time", "2", &url(*ip, 22)]);
-        assert!(!out.status.success(), "pod n0-p0 connected to the machine at {ip}:22");
+        assert!(
+            !ping(&lab, &pod, *ip),
+            "pod n0-p0 reached the machine's address {ip}"
+        );
+        let out = run_in(
+            &lab,
+            &pod,
+            "curl",
+            &["-sS", "--max-time", "2", &url(*ip, 22)],
+        );
+        assert!(
+            !out.status.success(),
+            "pod n0-p0 connected to the machine at {ip}:22"
+        );
     }
     // Structurally: no lab namespace routes anywhere but the lab.
     for node in lab.topology().nodes() {
-        let out = Command::new("ip").args(["-n", &node.netns(), "route", "show", "default"]).output().unwrap();
-        assert!(out.stdout.is_empty(), "node {} has a default route: {}", node.name(), String::from_utf8_lossy(&out.stdout));
+        let out = Command::new("ip")
+            .args(["-n", &node.netns(), "route", "show", "default"])
+            .output()
+            .unwrap();
+        assert!(
+            out.stdout.is_empty(),
+            "node {} has a default route: {}",
+            node.name(),
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
-    let out = Command::new("ip").args(["-n", &lab.topology().underlay_netns(), "-o", "addr", "show", "scope", "global"]).output().unwrap();
-    assert!(out.stdout.is_empty(), "the underlay has addresses: {}", String::from_utf8_lossy(&out.stdout));
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &lab.topology().underlay_netns(),
+            "-o",
+            "addr",
+            "show",
+            "scope",
+            "global",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "the underlay has addresses: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -83,8 +126,13 @@ fn dropping_a_lab_removes_every_resource() {
     let id = lab.id();
     let node = lab.node("n0").unwrap();
     let daemon = lab.start_node_daemon(&node, &bin("lacewing-node")).unwrap();
-    let server = lab.start_http_server(&lab.pod("n1-p0").unwrap(), 8080, "x").unwrap();
-    assert!(sweep::leftovers(id).unwrap().len() > 3, "the lab should exist before the drop");
+    let server = lab
+        .start_http_server(&lab.pod("n1-p0").unwrap(), 8080, "x")
+        .unwrap();
+    assert!(
+        sweep::leftovers(id).unwrap().len() > 3,
+        "the lab should exist before the drop"
+    );
     drop(lab);
     assert_gone(id);
     assert!(!alive(daemon.pid()), "the node daemon outlived its lab");
@@ -98,11 +146,16 @@ fn a_panicking_test_leaves_nothing_behind() {
     let result = std::panic::catch_unwind(move || {
         let lab = new_lab(1, 1);
         *seen.lock().unwrap() = Some(lab.id());
-        let _server = lab.start_http_server(&lab.pod("n0-p0").unwrap(), 8080, "x").unwrap();
+        let _server = lab
+            .start_http_server(&lab.pod("n0-p0").unwrap(), 8080, "x")
+            .unwrap();
         panic!("a test failing in the middle of its work");
     });
     assert!(result.is_err(), "the closure was meant to panic");
-    let id = made.lock().unwrap().expect("the lab was made before the panic");
+    let id = made
+        .lock()
+        .unwrap()
+        .expect("the lab was made before the panic");
     assert_gone(id);
 }
 
@@ -119,16 +172,27 @@ fn two_labs_side_by_side_do_not_collide() {
                 // Same pod names, addresses and port in both labs.
                 let _nginx = lab.start_http_server(&server, 8080, &body).unwrap();
                 barrier.wait();
-                let got = curl(&lab, &lab.pod("n0-p0").unwrap(), &url(IpAddr::V4(server.ip4()), 8080));
+                let got = curl(
+                    &lab,
+                    &lab.pod("n0-p0").unwrap(),
+                    &url(IpAddr::V4(server.ip4()), 8080),
+                );
                 barrier.wait();
                 (lab.id(), body, got)
             })
         })
         .collect();
-    let results: Vec<_> = workers.into_iter().map(|w| w.join().expect("worker")).collect();
+    let results: Vec<_> = workers
+        .into_iter()
+        .map(|w| w.join().expect("worker"))
+        .collect();
     assert_ne!(results[0].0, results[1].0, "two labs got the same id");
     for (id, body, got) in results {
-        assert_eq!(got.as_deref(), Ok(body.as_str()), "lab {id} reached the other lab's server");
+        assert_eq!(
+            got.as_deref(),
+            Ok(body.as_str()),
+            "lab {id} reached the other lab's server"
+        );
         assert_gone(id);
     }
 }
@@ -144,40 +208,85 @@ fn the_lab_refuses_to_start_without_root_and_says_so() {
         .expect("run lacewing as nobody");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "lab up succeeded without root");
-    assert!(stderr.contains("root") && stderr.contains("sudo"), "unclear message: {stderr}");
+    assert!(
+        stderr.contains("root") && stderr.contains("sudo"),
+        "unclear message: {stderr}"
+    );
 }
 
 #[test]
 fn the_cli_brings_a_lab_up_runs_in_it_and_takes_it_down() {
-    let up = Command::new(bin("lacewing")).args(["lab", "up", "--nodes", "1", "--pods", "2"]).output().unwrap();
+    let up = Command::new(bin("lacewing"))
+        .args(["lab", "up", "--nodes", "1", "--pods", "2"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&up.stdout);
-    assert!(up.status.success(), "lab up failed: {}", String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "lab up failed: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     let id: LabId = stdout
         .lines()
-        .find_map(|l| l.strip_prefix("lab ")?.split_whitespace().next()?.strip_suffix(':'))
+        .find_map(|l| {
+            l.strip_prefix("lab ")?
+                .split_whitespace()
+                .next()?
+                .strip_suffix(':')
+        })
         .and_then(|id| id.parse().ok())
         .unwrap_or_else(|| panic!("no lab id in `lab up` output:\n{stdout}"));
     let lab_arg = id.prefix();
 
-    let status = Command::new(bin("lacewing")).args(["lab", "status"]).output().unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
-    assert!(status.contains(&lab_arg) && status.contains("n0-p1") && status.contains("10.244.0.11"), "{status}");
-
-    let exec = Command::new(bin("lacewing"))
-        .args(["lab", "exec", "--lab", &lab_arg, "n0-p1", "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+    let status = Command::new(bin("lacewing"))
+        .args(["lab", "status"])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&exec.stdout).contains("10.244.0.11/32"), "{exec:?}");
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains(&lab_arg) && status.contains("n0-p1") && status.contains("10.244.0.11"),
+        "{status}"
+    );
+
+    let exec = Command::new(bin("lacewing"))
+        .args([
+            "lab", "exec", "--lab", &lab_arg, "n0-p1", "--", "ip", "-4", "-o", "addr", "show",
+            "dev", "eth0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&exec.stdout).contains("10.244.0.11/32"),
+        "{exec:?}"
+    );
     let code = Command::new(bin("lacewing"))
-        .args(["lab", "exec", "--lab", &lab_arg, "n0-p0", "--", "sh", "-c", "exit 3"])
+        .args([
+            "lab", "exec", "--lab", &lab_arg, "n0-p0", "--", "sh", "-c", "exit 3",
+        ])
         .status()
         .unwrap();
-    assert_eq!(code.code(), Some(3), "lab exec must return the command's exit code");
-    let bad = Command::new(bin("lacewing")).args(["lab", "exec", "--lab", &lab_arg, "n9-p0", "--", "true"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("n0-p0, n0-p1"), "an unknown pod should list the pods: {bad:?}");
+    assert_eq!(
+        code.code(),
+        Some(3),
+        "lab exec must return the command's exit code"
+    );
+    let bad = Command::new(bin("lacewing"))
+        .args(["lab", "exec", "--lab", &lab_arg, "n9-p0", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("n0-p0, n0-p1"),
+        "an unknown pod should list the pods: {bad:?}"
+    );
 
-    let down = Command::new(bin("lacewing")).args(["lab", "down", &lab_arg]).output().unwrap();
-    assert!(down.status.success() && String::from_utf8_lossy(&down.stdout).contains("removed lab"), "{down:?}");
+    let down = Command::new(bin("lacewing"))
+        .args(["lab", "down", &lab_arg])
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success() && String::from_utf8_lossy(&down.stdout).contains("removed lab"),
+        "{down:?}"
+    );
     assert_gone(id);
 }
 
@@ -190,19 +299,39 @@ fn a_lab_whose_owner_was_killed_is_swept() {
         .unwrap();
     let mut lines = BufReader::new(owner.stdout.take().unwrap()).lines();
     let id: LabId = lines
-        .find_map(|l| l.ok()?.strip_prefix("lab ")?.split_whitespace().next()?.strip_suffix(':')?.parse().ok())
+        .find_map(|l| {
+            l.ok()?
+                .strip_prefix("lab ")?
+                .split_whitespace()
+                .next()?
+                .strip_suffix(':')?
+                .parse()
+                .ok()
+        })
         .expect("lab up prints the lab id");
     let lab = Lab::open(id).unwrap();
     let mut sleeper = Command::new("sleep");
     sleeper.arg("600");
-    let sleeper = lab.spawn_in_pod(&lab.pod("n0-p0").unwrap(), sleeper).unwrap();
+    let sleeper = lab
+        .spawn_in_pod(&lab.pod("n0-p0").unwrap(), sleeper)
+        .unwrap();
     // The owner dies without any chance to clean up.
     owner.kill().unwrap();
     owner.wait().unwrap();
-    assert!(!sweep::leftovers(id).unwrap().is_empty(), "the lab should outlive a SIGKILLed owner");
+    assert!(
+        !sweep::leftovers(id).unwrap().is_empty(),
+        "the lab should outlive a SIGKILLed owner"
+    );
     let swept = sweep::stale().unwrap();
-    assert!(swept.contains(&id), "the stale sweep did not take lab {}: {swept:?}", id.prefix());
+    assert!(
+        swept.contains(&id),
+        "the stale sweep did not take lab {}: {swept:?}",
+        id.prefix()
+    );
     assert_gone(id);
     std::thread::sleep(Duration::from_millis(50));
-    assert!(!alive(sleeper.pid()), "a process of the swept lab is still running");
+    assert!(
+        !alive(sleeper.pid()),
+        "a process of the swept lab is still running"
+    );
 }

@@ -49,5 +49,8 @@ fn demo() -> anyhow::Result<()> {
     setup::run()?;
     run::build_binaries(true)?;
     run::require_root("the demo")?;
-    run::cmd(run::workspace_root().join("target/release/lacewing"), ["demo"])
+    run::cmd(
+        run::workspace_root().join("target/release/lacewing"),
+        ["demo"],
+    )
 }

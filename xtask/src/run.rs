@@ -10,12 +10,18 @@ use anyhow::{Context as _, bail};
 
 /// The workspace root (xtask's parent folder).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
 }
 
 /// Runs a command in the workspace root with inherited output; fails on a
 /// non-zero exit.
-pub fn cmd<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: impl IntoIterator<Item = S>) -> anyhow::Result<()> {
+pub fn cmd<S: AsRef<OsStr>>(
+    program: impl AsRef<OsStr>,
+    args: impl IntoIterator<Item = S>,
+) -> anyhow::Result<()> {
     let mut c = Command::new(program);
     c.args(args).current_dir(workspace_root());
     status(c)
@@ -25,7 +31,9 @@ pub fn cmd<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: impl IntoIterator<
 pub fn status(mut c: Command) -> anyhow::Result<()> {
     let shown = show(&c);
     eprintln!("xtask: $ {shown}");
-    let st = c.status().with_context(|| format!("could not start `{shown}`"))?;
+    let st = c
+        .status()
+        .with_context(|| format!("could not start `{shown}`"))?;
     if !st.success() {
         bail!("`{shown}` failed ({st})");
     }
@@ -34,8 +42,14 @@ pub fn status(mut c: Command) -> anyhow::Result<()> {
 
 /// Runs a command quietly and returns its stdout if it succeeded.
 pub fn output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program).args(args).stderr(Stdio::null()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = Command::new(program)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn show(c: &Command) -> String {
@@ -61,7 +75,9 @@ pub fn is_root() -> bool {
 
 pub fn require_root(what: &str) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("{what} needs root (network namespaces, cgroups, BPF): run it as root, e.g. `sudo -E cargo xtask ...`");
+        bail!(
+            "{what} needs root (network namespaces, cgroups, BPF): run it as root, e.g. `sudo -E cargo xtask ...`"
+        );
     }
     Ok(())
 }

@@ -28,7 +28,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "the lab's namespaces, veths and routes (`ip`)"),
     ("procps", "per-namespace sysctls (`sysctl`)"),
-    ("bpftool", "reading pinned maps and attached programs in tests and the demo"),
+    (
+        "bpftool",
+        "reading pinned maps and attached programs in tests and the demo",
+    ),
     ("iputils-ping", "reachability tests"),
     ("curl", "the HTTP client in demos and tests"),
     ("nginx", "the HTTP server in demos and tests"),
@@ -42,9 +45,16 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker(&mut changes)?;
     apt(&mut changes)?;
     if changes.is_empty() {
-        eprintln!("xtask setup: everything was already present ({:.1} s)", started.elapsed().as_secs_f64());
+        eprintln!(
+            "xtask setup: everything was already present ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
     } else {
-        eprintln!("xtask setup: installed {} in {:.0} s", changes.join(", "), started.elapsed().as_secs_f64());
+        eprintln!(
+            "xtask setup: installed {} in {:.0} s",
+            changes.join(", "),
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -53,14 +63,24 @@ fn nightly(changes: &mut Vec<String>) -> anyhow::Result<()> {
     let toolchains = output("rustup", &["toolchain", "list"])
         .context("rustup is not installed: install Rust with rustup (https://rustup.rs)")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        run::cmd("rustup", ["toolchain", "install", "nightly", "--profile", "minimal"])
-            .context("installing the nightly toolchain failed: check access to static.rust-lang.org")?;
+        run::cmd(
+            "rustup",
+            ["toolchain", "install", "nightly", "--profile", "minimal"],
+        )
+        .context("installing the nightly toolchain failed: check access to static.rust-lang.org")?;
         changes.push("the nightly toolchain".into());
     }
-    let installed = output("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]).unwrap_or_default();
+    let installed = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    )
+    .unwrap_or_default();
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        run::cmd("rustup", ["component", "add", "rust-src", "--toolchain", "nightly"])
-            .context("adding rust-src to nightly failed: check access to static.rust-lang.org")?;
+        run::cmd(
+            "rustup",
+            ["component", "add", "rust-src", "--toolchain", "nightly"],
+        )
+        .context("adding rust-src to nightly failed: check access to static.rust-lang.org")?;
         changes.push("nightly rust-src".into());
     }
     Ok(())
@@ -69,8 +89,9 @@ fn nightly(changes: &mut Vec<String>) -> anyhow::Result<()> {
 fn stable_components(changes: &mut Vec<String>) -> anyhow::Result<()> {
     for (tool, component) in [("clippy-driver", "clippy"), ("rustfmt", "rustfmt")] {
         if output(tool, &["--version"]).is_none() {
-            run::cmd("rustup", ["component", "add", component])
-                .with_context(|| format!("adding {component} failed: check access to static.rust-lang.org"))?;
+            run::cmd("rustup", ["component", "add", component]).with_context(|| {
+                format!("adding {component} failed: check access to static.rust-lang.org")
+            })?;
             changes.push(component.into());
         }
     }
@@ -83,26 +104,44 @@ fn bpf_linker(changes: &mut Vec<String>) -> anyhow::Result<()> {
             .context("cannot run the nightly rustc")?
             .trim(),
     );
-    let verbose = output("rustup", &["run", "nightly", "rustc", "-vV"]).context("cannot run the nightly rustc")?;
-    let llvm_major = llvm_major(&verbose)
-        .with_context(|| format!("no `LLVM version: N.x` line in `rustc +nightly -vV`:\n{verbose}"))?;
+    let verbose = output("rustup", &["run", "nightly", "rustc", "-vV"])
+        .context("cannot run the nightly rustc")?;
+    let llvm_major = llvm_major(&verbose).with_context(|| {
+        format!("no `LLVM version: N.x` line in `rustc +nightly -vV`:\n{verbose}")
+    })?;
     // Refreshed every run (cheap): a nightly update moves the library.
     let prefix = llvm_prefix(&sysroot)?;
-    let works = output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    let works =
+        output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
     if works {
         return Ok(());
     }
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
-        .env("LLVM_PREFIX", &prefix);
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "install",
+        "bpf-linker",
+        "--force",
+        "--version",
+        BPF_LINKER_VERSION,
+    ])
+    .args([
+        "--no-default-features",
+        "--features",
+        &format!("llvm-{llvm_major}"),
+    ])
+    .env("LLVM_PREFIX", &prefix);
     run::status(cmd).context(
         "building bpf-linker failed: it needs crates.io and the nightly's libLLVM (see docs/development.md)",
     )?;
     if output("bpf-linker", &["--version"]).is_none() {
         bail!("bpf-linker was installed but does not run: is ~/.cargo/bin on PATH?");
     }
-    changes.push(format!("bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm_major})"));
+    changes.push(format!(
+        "bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm_major})"
+    ));
     Ok(())
 }
 
@@ -137,7 +176,8 @@ fn llvm_prefix(sysroot: &Path) -> anyhow::Result<PathBuf> {
         let target = lib.join(&soname);
         if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
             let _ = fs::remove_file(&link);
-            symlink(&target, &link).with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
+            symlink(&target, &link)
+                .with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
         }
     }
     Ok(prefix)
@@ -148,14 +188,19 @@ fn apt(changes: &mut Vec<String>) -> anyhow::Result<()> {
         .iter()
         .map(|(name, _)| *name)
         .filter(|name| {
-            output("dpkg-query", &["-W", "-f=${Status}", name]).is_none_or(|s| !s.contains("install ok installed"))
+            output("dpkg-query", &["-W", "-f=${Status}", name])
+                .is_none_or(|s| !s.contains("install ok installed"))
         })
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     for name in &missing {
-        let why = APT_PACKAGES.iter().find(|(n, _)| n == name).map(|(_, w)| *w).unwrap_or_default();
+        let why = APT_PACKAGES
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, w)| *w)
+            .unwrap_or_default();
         eprintln!("xtask setup: installing {name}: {why}");
     }
     run::require_root("installing Debian packages")?;
@@ -164,10 +209,16 @@ fn apt(changes: &mut Vec<String>) -> anyhow::Result<()> {
         c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
         run::status(c)
     };
-    apt_get(&["update", "-q"]).context("apt-get update failed: check access to the Debian mirror")?;
+    apt_get(&["update", "-q"])
+        .context("apt-get update failed: check access to the Debian mirror")?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(&missing);
-    apt_get(&args).with_context(|| format!("installing {} failed: install them by hand with apt-get", missing.join(" ")))?;
+    apt_get(&args).with_context(|| {
+        format!(
+            "installing {} failed: install them by hand with apt-get",
+            missing.join(" ")
+        )
+    })?;
     changes.push(missing.join(" "));
     Ok(())
 }

@@ -18,17 +18,41 @@ use crate::{run, setup};
 pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     setup::run()?;
-    run::cmd("cargo", ["fmt", "--all", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
+    run::cmd("cargo", ["fmt", "--all", "--check"])
+        .context("formatting differs: run `cargo fmt --all`")?;
     run::cmd("cargo", ["clippy", "--all-targets", "--", "-D", "warnings"])?;
     // The kernel crate only builds for the BPF target, with the nightly.
     run::cmd(
         "rustup",
         [
-            "run", "nightly", "cargo", "clippy", "--package", "mesh-ebpf", "--release",
-            "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings",
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "mesh-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
         ],
     )?;
-    run::cmd("cargo", ["test", "--package", "mesh-common", "--package", "mesh-userspace", "--package", "xtask"])?;
+    run::cmd(
+        "cargo",
+        [
+            "test",
+            "--package",
+            "mesh-common",
+            "--package",
+            "mesh-userspace",
+            "--package",
+            "xtask",
+        ],
+    )?;
 
     run::require_root("the lab tests")?;
     run::build_binaries(false)?;
@@ -36,13 +60,20 @@ pub fn run() -> anyhow::Result<()> {
     let summary = lab_tests()?;
     let leaked: Vec<String> = lab_resources().difference(&before).cloned().collect();
     if !leaked.is_empty() {
-        bail!("the lab tests left resources behind: {}; find the test that leaks them", leaked.join(", "));
+        bail!(
+            "the lab tests left resources behind: {}; find the test that leaks them",
+            leaked.join(", ")
+        );
     }
     if summary.passed == 0 {
         bail!("no lab test ran: the lab tests must run (as root) in CI");
     }
     if summary.ignored > 0 || summary.failed > 0 {
-        bail!("lab tests: {} failed, {} ignored; every lab test must run and pass", summary.failed, summary.ignored);
+        bail!(
+            "lab tests: {} failed, {} ignored; every lab test must run and pass",
+            summary.failed,
+            summary.ignored
+        );
     }
     eprintln!(
         "xtask test: all checks passed; lab tests run: {} (in {:.0} s total)",
@@ -90,11 +121,20 @@ fn parse_result(line: &str) -> Option<Summary> {
     let rest = line.trim().strip_prefix("test result: ")?;
     let count = |what: &str| {
         rest.split(';')
-            .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what))
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches("ok. ")
+                    .trim_start_matches("FAILED. ")
+                    .strip_suffix(what)
+            })
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0)
     };
-    Some(Summary { passed: count(" passed"), failed: count(" failed"), ignored: count(" ignored") })
+    Some(Summary {
+        passed: count(" passed"),
+        failed: count(" failed"),
+        ignored: count(" ignored"),
+    })
 }
 
 /// Names of lab resources (prefix `lw-`) on the machine: namespaces, cgroups
@@ -104,7 +144,9 @@ fn lab_resources() -> BTreeSet<String> {
     if let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") {
         dirs.extend(mountinfo.lines().filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
-            right.starts_with("cgroup2 ").then(|| left.split_whitespace().nth(4).map(str::to_owned))?
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split_whitespace().nth(4).map(str::to_owned))?
         }));
     }
     dirs.iter()
@@ -121,9 +163,23 @@ mod tests {
     #[test]
     fn adds_up_libtest_results() {
         let ok = "test result: ok. 7 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 3.21s";
-        assert_eq!(parse_result(ok), Some(Summary { passed: 7, failed: 0, ignored: 2 }));
+        assert_eq!(
+            parse_result(ok),
+            Some(Summary {
+                passed: 7,
+                failed: 0,
+                ignored: 2
+            })
+        );
         let bad = "test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out";
-        assert_eq!(parse_result(bad), Some(Summary { passed: 3, failed: 1, ignored: 0 }));
+        assert_eq!(
+            parse_result(bad),
+            Some(Summary {
+                passed: 3,
+                failed: 1,
+                ignored: 0
+            })
+        );
         assert_eq!(parse_result("running 7 tests"), None);
     }
 }

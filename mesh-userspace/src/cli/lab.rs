@@ -50,7 +50,11 @@ pub enum LabCommand {
 
 pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
     match cmd {
-        LabCommand::Up { nodes, pods, foreground } => {
+        LabCommand::Up {
+            nodes,
+            pods,
+            foreground,
+        } => {
             let lab = Lab::new(nodes, pods)?;
             print!("{}", describe(lab.id(), &lab.record()));
             if foreground {
@@ -62,9 +66,8 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
             }
             let id = lab.detach()?;
             println!(
-                "\nlab {} is up. Try: lacewing lab exec {} -- ip -br addr",
-                id.prefix(),
-                "n0-p0"
+                "\nlab {} is up. Try: lacewing lab exec n0-p0 -- ip -br addr",
+                id.prefix()
             );
             println!("Remove it with: lacewing lab down {}", id.prefix());
             Ok(0)

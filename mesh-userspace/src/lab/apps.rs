@@ -39,7 +39,10 @@ impl Lab {
                     node.name()
                 )));
             }
-            if names::SOCK_ADDR_PROGRAMS.iter().all(|p| links.join(p).exists()) {
+            if names::SOCK_ADDR_PROGRAMS
+                .iter()
+                .all(|p| links.join(p).exists())
+            {
                 return Ok(daemon);
             }
             if Instant::now() > deadline {

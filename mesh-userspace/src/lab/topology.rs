@@ -261,6 +261,8 @@ impl PodSpec {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
 
     fn topo() -> Topology {
@@ -299,12 +301,8 @@ mod tests {
         let t = Topology::new(LabId::random(), 3, 5).unwrap();
         let mut seen = std::collections::HashSet::new();
         for pod in t.pods() {
-            assert!(seen.insert(pod.ip4()), "{} reused", pod.ip4());
-            assert!(
-                seen.insert(pod.ip6().to_canonical()),
-                "{} reused",
-                pod.ip6()
-            );
+            assert!(seen.insert(IpAddr::V4(pod.ip4())), "{} reused", pod.ip4());
+            assert!(seen.insert(IpAddr::V6(pod.ip6())), "{} reused", pod.ip6());
             assert_eq!(
                 pod.ip4().octets()[..3],
                 pod.node.pod_cidr4().0.octets()[..3]
