@@ -1,13 +1,18 @@
 //! Types shared by Lacewing's kernel programs (`mesh-ebpf`) and its userspace
-//! (`mesh-userspace`): map keys and values, map and program names, constants.
+//! (`mesh-userspace`): map keys and values, map and program names, constants,
+//! and the pure decision logic both sides run (Maglev hashing).
 //!
-//! Every type here is `#[repr(C)]`, `Copy`, has explicit padding and a size
-//! assertion, so the kernel and userspace agree on the layout byte for byte. The
-//! crate is `no_std`; the `user` feature adds `aya::Pod` impls for userspace.
+//! Every map type here is `#[repr(C)]`, `Copy`, has explicit padding and a
+//! size assertion, so the kernel and userspace agree on the layout byte for
+//! byte. The crate is `no_std`; the `user` feature adds `aya::Pod` impls and
+//! the userspace-only builders (the Maglev table).
 #![no_std]
 #![deny(unsafe_code)]
 
 pub mod conn;
+pub mod lb;
+#[cfg(feature = "user")]
+pub mod maglev;
 pub mod names;
 
 /// Address family numbers as the kernel reports them in `bpf_sock_addr.family`.

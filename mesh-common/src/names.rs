@@ -8,16 +8,88 @@
 
 /// Per-CPU connection counter, keyed by destination port, family and protocol.
 pub const MAP_CONN_BY_PORT: &str = "LW_CONN_BY_PORT";
+/// Services by (address, port, protocol).
+pub const MAP_SERVICES: &str = "LW_SERVICES";
+/// Backends by id.
+pub const MAP_BACKENDS: &str = "LW_BACKENDS";
+/// Each service's weighted backend slots, by (service, generation, index).
+pub const MAP_SLOTS: &str = "LW_SLOTS";
+/// Maglev lookup tables, by (service, generation, index).
+pub const MAP_MAGLEV: &str = "LW_MAGLEV";
+/// ClientIP session affinity (LRU).
+pub const MAP_AFFINITY: &str = "LW_AFFINITY";
+/// Reverse translation for getpeername and UDP replies (LRU).
+pub const MAP_REVNAT: &str = "LW_REVNAT";
+/// Per-CPU counters per service.
+pub const MAP_SVC_STATS: &str = "LW_SVC_STATS";
 
-/// cgroup `connect4` program: counts IPv4 connects.
-pub const PROG_CONNECT4: &str = "lw_connect4";
-/// cgroup `connect6` program: counts IPv6 connects.
-pub const PROG_CONNECT6: &str = "lw_connect6";
+/// Every map the node daemon pins.
+pub const ALL_MAPS: &[&str] = &[
+    MAP_CONN_BY_PORT,
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_SLOTS,
+    MAP_MAGLEV,
+    MAP_AFFINITY,
+    MAP_REVNAT,
+    MAP_SVC_STATS,
+];
 
-/// Every map the node daemon pins, for loops that pin, unpin or list them.
-pub const ALL_MAPS: &[&str] = &[MAP_CONN_BY_PORT];
-/// Every cgroup `sock_addr` program with its attach point, for the loader.
-pub const SOCK_ADDR_PROGRAMS: &[&str] = &[PROG_CONNECT4, PROG_CONNECT6];
+/// A cgroup `sock_addr` program: its name and its attach point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockAddrProgram {
+    pub name: &'static str,
+    pub attach: SockAddrAttach,
+}
+
+/// Attach points of cgroup `sock_addr` programs we use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockAddrAttach {
+    Connect4,
+    Connect6,
+    SendMsg4,
+    SendMsg6,
+    RecvMsg4,
+    RecvMsg6,
+    GetPeerName4,
+    GetPeerName6,
+}
+
+/// Every cgroup `sock_addr` program, attached at the node's cgroup.
+pub const SOCK_ADDR_PROGRAMS: &[SockAddrProgram] = &[
+    SockAddrProgram {
+        name: "lw_connect4",
+        attach: SockAddrAttach::Connect4,
+    },
+    SockAddrProgram {
+        name: "lw_connect6",
+        attach: SockAddrAttach::Connect6,
+    },
+    SockAddrProgram {
+        name: "lw_sendmsg4",
+        attach: SockAddrAttach::SendMsg4,
+    },
+    SockAddrProgram {
+        name: "lw_sendmsg6",
+        attach: SockAddrAttach::SendMsg6,
+    },
+    SockAddrProgram {
+        name: "lw_recvmsg4",
+        attach: SockAddrAttach::RecvMsg4,
+    },
+    SockAddrProgram {
+        name: "lw_recvmsg6",
+        attach: SockAddrAttach::RecvMsg6,
+    },
+    SockAddrProgram {
+        name: "lw_getpeername4",
+        attach: SockAddrAttach::GetPeerName4,
+    },
+    SockAddrProgram {
+        name: "lw_getpeername6",
+        attach: SockAddrAttach::GetPeerName6,
+    },
+];
 
 /// Longest object name the kernel keeps.
 pub const MAX_OBJ_NAME_LEN: usize = 15;
@@ -30,7 +102,7 @@ const _: () = {
     }
     let mut i = 0;
     while i < SOCK_ADDR_PROGRAMS.len() {
-        assert!(SOCK_ADDR_PROGRAMS[i].len() <= MAX_OBJ_NAME_LEN);
+        assert!(SOCK_ADDR_PROGRAMS[i].name.len() <= MAX_OBJ_NAME_LEN);
         i += 1;
     }
 };

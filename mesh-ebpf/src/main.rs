@@ -6,8 +6,10 @@
 #![no_std]
 #![no_main]
 
+mod lb;
 mod maps;
 mod sock_addr;
+mod sockaddr;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,15 +1,54 @@
 //! Every map the kernel programs use, declared once.
 //!
 //! BTF-defined (`#[btf_map]`) so `bpftool map dump` prints keys and values with
-//! their field names. Static names match `mesh_common::names`.
+//! their field names. Static names match `mesh_common::names`. Sizes here are
+//! defaults; `lacewing-node` can resize maps at load time.
 
-use aya_ebpf::{btf_maps::PerCpuHashMap, macros::btf_map};
-use mesh_common::conn::{ConnCount, ConnKey};
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap, PerCpuHashMap},
+    macros::btf_map,
+};
+use mesh_common::{
+    conn::{ConnCount, ConnKey},
+    lb::{
+        Affinity, AffinityKey, Backend, RevNat, RevNatKey, Service, Slot, SlotKey, SvcKey, SvcStats,
+    },
+};
 
-/// Distinct (port, family, protocol) keys counted before new ones are dropped.
-const CONN_BY_PORT_ENTRIES: usize = 4096;
+/// Maps that may hold many entries allocate them on insert, so memory follows
+/// what is configured rather than the maximum.
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
-/// `mesh_common::names::MAP_CONN_BY_PORT`: connect() calls per destination.
+/// `names::MAP_CONN_BY_PORT`: connect() calls per destination port.
 #[btf_map]
-pub static LW_CONN_BY_PORT: PerCpuHashMap<ConnKey, ConnCount, CONN_BY_PORT_ENTRIES> =
-    PerCpuHashMap::new();
+pub static LW_CONN_BY_PORT: PerCpuHashMap<ConnKey, ConnCount, 4096> = PerCpuHashMap::new();
+
+/// `names::MAP_SERVICES`: service frontends. Updated whole (hash map update
+/// replaces the element), which is what makes a generation switch atomic.
+#[btf_map]
+pub static LW_SERVICES: HashMap<SvcKey, Service, 65536, NO_PREALLOC> = HashMap::new();
+
+/// `names::MAP_BACKENDS`: backends by id.
+#[btf_map]
+pub static LW_BACKENDS: HashMap<u32, Backend, 262144, NO_PREALLOC> = HashMap::new();
+
+/// `names::MAP_SLOTS`: weighted backend slots of random-algorithm services.
+#[btf_map]
+pub static LW_SLOTS: HashMap<SlotKey, Slot, 524288, NO_PREALLOC> = HashMap::new();
+
+/// `names::MAP_MAGLEV`: Maglev tables.
+#[btf_map]
+pub static LW_MAGLEV: HashMap<SlotKey, Slot, 1048576, NO_PREALLOC> = HashMap::new();
+
+/// `names::MAP_AFFINITY`: ClientIP session affinity.
+#[btf_map]
+pub static LW_AFFINITY: LruHashMap<AffinityKey, Affinity, 65536> = LruHashMap::new();
+
+/// `names::MAP_REVNAT`: the service address behind a socket's backend.
+#[btf_map]
+pub static LW_REVNAT: LruHashMap<RevNatKey, RevNat, 262144> = LruHashMap::new();
+
+/// `names::MAP_SVC_STATS`: per-service counters.
+#[btf_map]
+pub static LW_SVC_STATS: PerCpuHashMap<u32, SvcStats, 65536> = PerCpuHashMap::new();

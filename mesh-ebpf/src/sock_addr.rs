@@ -1,42 +1,112 @@
-//! cgroup `sock_addr` programs: the connect-time hooks.
+//! cgroup `sock_addr` programs: the connect-time hooks of the service load
+//! balancer. Entry points stay thin; the logic is in `lb` and `sockaddr`.
 //!
-//! For now they only count: each connect() made below the attach cgroup bumps a
-//! per-CPU counter for its destination port, and the connect goes on unchanged.
-//! The service load balancer rewrites the destination here in a later step.
+//! - connect4/6: TCP and connected UDP; the socket is sent to a backend.
+//! - sendmsg4/6: unconnected UDP sends, translated per datagram.
+//! - recvmsg4/6: UDP replies appear to come from the service address.
+//! - getpeername4/6: the application sees the service address as its peer.
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
 use mesh_common::{
     conn::{ConnCount, ConnKey},
     family,
 };
 
-use crate::maps::LW_CONN_BY_PORT;
+use crate::{
+    lb::{self, Verdict},
+    maps::LW_CONN_BY_PORT,
+    sockaddr::{self, Dest},
+};
 
-/// Verdict that lets the syscall go on.
+/// Return value that lets the syscall go on (the only one recvmsg and
+/// getpeername hooks may return).
 const ALLOW: i32 = 1;
+/// Return value that fails the syscall, with the error set by `bpf_set_retval`.
+const REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lw_connect4(ctx: SockAddrContext) -> i32 {
-    count_connect(&ctx, family::INET);
-    ALLOW
+    let dest = sockaddr::read4(&ctx);
+    count_connect(&ctx, &dest);
+    apply(&ctx, &dest, sockaddr::write4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn lw_connect6(ctx: SockAddrContext) -> i32 {
-    count_connect(&ctx, family::INET6);
+    let dest = sockaddr::read6(&ctx);
+    count_connect(&ctx, &dest);
+    apply(&ctx, &dest, sockaddr::write6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lw_sendmsg4(ctx: SockAddrContext) -> i32 {
+    apply(&ctx, &sockaddr::read4(&ctx), sockaddr::write4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lw_sendmsg6(ctx: SockAddrContext) -> i32 {
+    apply(&ctx, &sockaddr::read6(&ctx), sockaddr::write6)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lw_recvmsg4(ctx: SockAddrContext) -> i32 {
+    unapply(&ctx, &sockaddr::read4(&ctx), sockaddr::write4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lw_recvmsg6(ctx: SockAddrContext) -> i32 {
+    unapply(&ctx, &sockaddr::read6(&ctx), sockaddr::write6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lw_getpeername4(ctx: SockAddrContext) -> i32 {
+    unapply(&ctx, &sockaddr::read4(&ctx), sockaddr::write4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lw_getpeername6(ctx: SockAddrContext) -> i32 {
+    unapply(&ctx, &sockaddr::read6(&ctx), sockaddr::write6)
+}
+
+/// Forward translation: service address to backend.
+#[inline(always)]
+fn apply(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest)) -> i32 {
+    match lb::translate(ctx.sock_addr.cast(), dest, sockaddr::protocol(ctx)) {
+        Verdict::Pass => ALLOW,
+        Verdict::Translated(to) => {
+            write(ctx, &to);
+            ALLOW
+        }
+        Verdict::Refuse => {
+            // SAFETY: helper valid in cgroup programs; sets the syscall's error.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            REJECT
+        }
+    }
+}
+
+/// Reverse translation: backend address back to the service's.
+#[inline(always)]
+fn unapply(ctx: &SockAddrContext, peer: &Dest, write: fn(&SockAddrContext, &Dest)) -> i32 {
+    if let Some(service) = lb::reverse(ctx.sock_addr.cast(), peer) {
+        write(ctx, &service);
+    }
     ALLOW
 }
 
+/// Counts every connect by its original destination (before translation).
 #[inline(always)]
-fn count_connect(ctx: &SockAddrContext, family: u16) {
-    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the
-    // duration of the call; these are plain 4-byte context loads.
-    let (user_port, protocol) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
-    // `user_port` holds the port in network byte order in its low 16 bits.
-    let key = ConnKey::new(u16::from_be(user_port as u16), family, protocol as u8);
+fn count_connect(ctx: &SockAddrContext, dest: &Dest) {
+    let fam = if dest.family == family::INET as u8 {
+        family::INET
+    } else {
+        family::INET6
+    };
+    let key = ConnKey::new(dest.port, fam, sockaddr::protocol(ctx));
     match LW_CONN_BY_PORT.get_ptr_mut(key) {
-        // SAFETY: the pointer is this CPU's slot of a live entry; per-CPU
-        // values are never written concurrently by another CPU.
+        // SAFETY: this CPU's slot of a live entry; per-CPU values are never
+        // written concurrently by another CPU.
         Some(count) => unsafe { (*count).connects += 1 },
         None => {
             // BPF_ANY (0): if another CPU inserted the key meanwhile, a per-CPU

@@ -248,6 +248,13 @@ impl Lab {
         self.spawn_in_pod(pod, cmd)?.wait_with_output()
     }
 
+    /// Runs `cmd` on `node` (its namespace and cgroup) to completion.
+    pub fn run_on_node(&self, node: &NodeSpec, mut cmd: Command) -> Result<Output, std::io::Error> {
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        self.spawn_on_node(node, cmd)?.wait_with_output()
+    }
+
     /// The file naming a namespace of this lab, for tools that take a path.
     pub fn netns_path(name: &str) -> PathBuf {
         netns::path(name)

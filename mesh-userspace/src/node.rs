@@ -1,17 +1,67 @@
 //! `lacewing-node`, the per-node daemon: loads the kernel programs, pins their
-//! maps and links under its bpffs root, attaches them at the node's cgroup, and
-//! detaches cleanly on SIGTERM.
+//! maps and links under its bpffs root, attaches them at the node's cgroup,
+//! keeps the service load balancer's maps in line with its input, and serves
+//! metrics and health on :15020.
 
 pub mod config;
+pub mod http;
+pub mod k8s;
+pub mod lb;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
+pub mod services;
+pub mod source;
+
+use std::sync::{Arc, Mutex, atomic::AtomicBool};
 
 pub use config::NodeConfig;
 pub use loader::{Datapath, LoadError};
 
+/// What can stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Load(#[from] LoadError),
+    #[error("opening the pinned load balancer maps: {0}")]
+    Maps(#[from] aya::maps::MapError),
+    #[error("{0}")]
+    Apply(#[from] lb::ApplyError),
+    #[error(
+        "serving metrics on {addr}: {source} (is another lacewing-node running? pass --metrics-addr)"
+    )]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: NodeConfig) -> Result<(), LoadError> {
+pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let datapath = Datapath::load_and_attach(&config)?;
+    let lb = Arc::new(Mutex::new(lb::LoadBalancer::reconcile(
+        maps::LbMaps::open(&config.bpffs_root)?,
+    )?));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb));
+    let endpoint = Arc::new(http::Endpoint {
+        registry,
+        ready: AtomicBool::new(config.services_file.is_none()),
+    });
+    let server = http::serve(config.metrics_addr, Arc::clone(&endpoint))
+        .await
+        .map_err(|source| NodeError::Metrics {
+            addr: config.metrics_addr,
+            source,
+        })?;
+    let watcher = config.services_file.clone().map(|path| {
+        tokio::spawn(source::watch_file(
+            path,
+            Arc::clone(&lb),
+            metrics.clone(),
+            Arc::clone(&endpoint),
+        ))
+    });
     tracing::info!(
         node = %config.node_name,
         cgroup = %config.cgroup_root.display(),
@@ -19,6 +69,17 @@ pub async fn run(config: NodeConfig) -> Result<(), LoadError> {
         "datapath attached; running until SIGTERM"
     );
     crate::shutdown::signal().await;
+    server.abort();
+    if let Some(w) = watcher {
+        w.abort();
+    }
+    if config.keep_datapath {
+        tracing::info!(
+            "shutting down; programs and maps stay pinned for the next lacewing-node (--keep-datapath)"
+        );
+        datapath.keep();
+        return Ok(());
+    }
     tracing::info!("shutting down: detaching programs and removing pins");
-    datapath.detach()
+    Ok(datapath.detach()?)
 }

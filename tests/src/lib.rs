@@ -97,3 +97,165 @@ pub fn alive(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// What `tools/lbprobe.py` saw.
+#[derive(Debug, Default)]
+pub struct Probe {
+    pub n: u64,
+    /// Backend name -> replies.
+    pub replies: std::collections::BTreeMap<String, u64>,
+    /// Peer address as the application saw it -> count.
+    pub peers: std::collections::BTreeMap<String, u64>,
+    /// errno name -> count.
+    pub errors: std::collections::BTreeMap<String, u64>,
+    pub slowest_ms: f64,
+}
+
+fn tool(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tools")
+        .join(name)
+}
+
+/// Debian's python3 (not a version manager's shim, which may not see its
+/// environment inside a pod).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// Runs `lbprobe.py MODE HOST PORT ARG` in `pod`.
+pub fn probe(
+    lab: &Lab,
+    pod: &PodSpec,
+    mode: &str,
+    host: std::net::IpAddr,
+    port: u16,
+    arg: &str,
+) -> Probe {
+    let script = tool("lbprobe.py");
+    let out = run_in(
+        lab,
+        pod,
+        PYTHON,
+        &[
+            script.to_str().unwrap(),
+            mode,
+            &host.to_string(),
+            &port.to_string(),
+            arg,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "lbprobe in {} failed: {}",
+        pod.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_probe(&out.stdout)
+}
+
+pub fn parse_probe(stdout: &[u8]) -> Probe {
+    let v: serde_json::Value = serde_json::from_slice(stdout).unwrap_or_else(|e| {
+        panic!(
+            "lbprobe printed no JSON ({e}): {}",
+            String::from_utf8_lossy(stdout)
+        )
+    });
+    let counts = |k: &str| {
+        v[k].as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Probe {
+        n: v["n"].as_u64().unwrap_or(0),
+        replies: counts("replies"),
+        peers: counts("peers"),
+        errors: counts("errors"),
+        slowest_ms: v["slowest_ms"].as_f64().unwrap_or(0.0),
+    }
+}
+
+/// Starts `lbserver.py` in `pod`: it answers TCP and UDP on `port` with the
+/// pod's name.
+pub fn start_backend(lab: &Lab, pod: &PodSpec, port: u16) -> lacewing::lab::LabProcess {
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg(tool("lbserver.py"))
+        .arg(pod.name())
+        .arg(port.to_string());
+    let mut p = lab.spawn_in_pod(pod, cmd).expect("start lbserver");
+    p.wait_listening(port, std::time::Duration::from_secs(10))
+        .expect("lbserver listening");
+    p
+}
+
+/// A Service with TCP port `80 -> target` and UDP port `53 -> target` on
+/// `cluster_ips`, and one EndpointSlice per family with `backends` (ready)
+/// and `not_ready`; `extra` is added to the Service's metadata and spec.
+pub struct ServiceYaml<'a> {
+    pub name: &'a str,
+    pub cluster_ips: &'a [std::net::IpAddr],
+    pub target: u16,
+    pub backends: &'a [std::net::IpAddr],
+    pub annotations: &'a [(&'a str, String)],
+    pub affinity_timeout_s: Option<u32>,
+}
+
+impl ServiceYaml<'_> {
+    pub fn render(&self) -> String {
+        let ips: Vec<String> = self.cluster_ips.iter().map(|i| i.to_string()).collect();
+        let ann: String = self
+            .annotations
+            .iter()
+            .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+            .collect();
+        let affinity = match self.affinity_timeout_s {
+            Some(t) => format!(
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n"
+            ),
+            None => String::new(),
+        };
+        let mut out = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n{ann}    x: \"y\"\nspec:\n  clusterIPs: [{ips}]\n  ports:\n  - {{name: tcp, port: 80, protocol: TCP, targetPort: {t}}}\n  - {{name: udp, port: 53, protocol: UDP, targetPort: {t}}}\n{affinity}",
+            name = self.name,
+            ips = ips.join(", "),
+            t = self.target,
+        );
+        for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+            let eps: Vec<String> = self
+                .backends
+                .iter()
+                .filter(|b| b.is_ipv4() == v4)
+                .map(|b| format!("- addresses: [\"{b}\"]\n  conditions: {{ready: true}}\n"))
+                .collect();
+            out.push_str(&format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{f}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\nports:\n- {{name: tcp, port: {t}, protocol: TCP}}\n- {{name: udp, port: {t}, protocol: UDP}}\nendpoints:{eps}",
+                name = self.name,
+                f = family.to_lowercase(),
+                t = self.target,
+                eps = if eps.is_empty() { " []\n".to_owned() } else { format!("\n{}", eps.concat()) },
+            ));
+        }
+        out
+    }
+}
+
+/// GETs `path` of the node daemon's :15020 endpoint from inside the node.
+pub fn node_http(lab: &Lab, node: &lacewing::lab::NodeSpec, path: &str) -> String {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "5",
+        &format!("http://127.0.0.1:15020{path}"),
+    ]);
+    let out = lab.run_on_node(node, cmd).expect("curl on node");
+    assert!(
+        out.status.success(),
+        "GET {path} on {}: {}",
+        node.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

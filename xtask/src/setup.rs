@@ -35,6 +35,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "reachability tests"),
     ("curl", "the HTTP client in demos and tests"),
     ("nginx", "the HTTP server in demos and tests"),
+    (
+        "python3",
+        "the socket clients and backends of the load-balancing tests",
+    ),
+    (
+        "prometheus",
+        "promtool, which checks the /metrics exposition",
+    ),
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -21,9 +21,20 @@ impl Lab {
     /// node's cgroup and pinning under the lab's bpffs folder; returns once
     /// every program is attached (its link is pinned).
     pub fn start_node_daemon(&self, node: &NodeSpec, bin: &Path) -> io::Result<LabProcess> {
+        self.start_node_daemon_with(node, bin, &[])
+    }
+
+    /// [`Lab::start_node_daemon`] with extra flags (`--services FILE`, ...).
+    pub fn start_node_daemon_with(
+        &self,
+        node: &NodeSpec,
+        bin: &Path,
+        extra: &[&std::ffi::OsStr],
+    ) -> io::Result<LabProcess> {
         let root = self.node_bpffs_root(node);
         let mut cmd = Command::new(bin);
-        cmd.arg("--node-name")
+        cmd.args(extra)
+            .arg("--node-name")
             .arg(node.name())
             .arg("--cgroup-root")
             .arg(self.node_cgroup(node))
@@ -41,7 +52,7 @@ impl Lab {
             }
             if names::SOCK_ADDR_PROGRAMS
                 .iter()
-                .all(|p| links.join(p).exists())
+                .all(|p| links.join(p.name).exists())
             {
                 return Ok(daemon);
             }

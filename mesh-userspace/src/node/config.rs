@@ -1,7 +1,7 @@
 //! `lacewing-node` settings: flags with environment fallbacks, then validation
 //! with an error that says what to fix.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::Parser;
 
@@ -11,6 +11,11 @@ use crate::{bpffs, cgroup, telemetry::LogFormat};
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_CGROUP_ROOT: &str = "LACEWING_CGROUP_ROOT";
 pub const ENV_BPFFS_ROOT: &str = "LACEWING_BPFFS_ROOT";
+pub const ENV_SERVICES_FILE: &str = "LACEWING_SERVICES_FILE";
+pub const ENV_METRICS_ADDR: &str = "LACEWING_METRICS_ADDR";
+pub const ENV_KEEP_DATAPATH: &str = "LACEWING_KEEP_DATAPATH";
+/// Metrics and health, on every address (Prometheus scrapes the node IP).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 
 /// Command-line flags of `lacewing-node`.
 #[derive(Debug, Parser)]
@@ -26,6 +31,18 @@ pub struct NodeArgs {
     /// Folder on bpffs where maps and links are pinned.
     #[arg(long, env = ENV_BPFFS_ROOT, default_value_os_t = bpffs::default_root())]
     pub bpffs_root: PathBuf,
+    /// A file of Kubernetes Services and EndpointSlices (YAML) to balance,
+    /// re-read when it changes. (The controller's stream replaces it.)
+    #[arg(long, env = ENV_SERVICES_FILE)]
+    pub services: Option<PathBuf>,
+    /// Address of the metrics and health endpoint.
+    #[arg(long, env = ENV_METRICS_ADDR, default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// On SIGTERM, leave the programs attached and the maps pinned, so service
+    /// load balancing goes on until the next lacewing-node takes over (rolling
+    /// upgrades). Without it, SIGTERM detaches everything.
+    #[arg(long, env = ENV_KEEP_DATAPATH)]
+    pub keep_datapath: bool,
     /// Log format.
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -37,6 +54,9 @@ pub struct NodeConfig {
     pub node_name: String,
     pub cgroup_root: PathBuf,
     pub bpffs_root: PathBuf,
+    pub services_file: Option<PathBuf>,
+    pub metrics_addr: SocketAddr,
+    pub keep_datapath: bool,
 }
 
 /// A setting that cannot be used, and what to do about it.
@@ -50,6 +70,8 @@ pub enum ConfigError {
     NotOnBpffs(PathBuf),
     #[error("cannot tell the node name: pass --node-name or set {ENV_NODE_NAME}")]
     NoNodeName,
+    #[error("--services {0}: no such file")]
+    NoServicesFile(PathBuf),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -74,10 +96,18 @@ impl NodeArgs {
                 .filter(|h| !h.is_empty())
                 .ok_or(ConfigError::NoNodeName)?,
         };
+        if let Some(file) = &self.services
+            && !file.is_file()
+        {
+            return Err(ConfigError::NoServicesFile(file.clone()));
+        }
         Ok(NodeConfig {
             node_name,
             cgroup_root,
             bpffs_root: self.bpffs_root,
+            services_file: self.services,
+            metrics_addr: self.metrics_addr,
+            keep_datapath: self.keep_datapath,
         })
     }
 }

@@ -100,7 +100,7 @@ impl Datapath {
             source,
         })?;
         let mut links = Vec::new();
-        for &name in names::SOCK_ADDR_PROGRAMS {
+        for &names::SockAddrProgram { name, .. } in names::SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(LoadError::MissingProgram(name))?
@@ -132,7 +132,7 @@ impl Datapath {
                 path: path.clone(),
                 source,
             })?;
-            tracing::info!(program = name, cgroup = %config.cgroup_root.display(), pin = %path.display(), "attached");
+            tracing::debug!(program = name, cgroup = %config.cgroup_root.display(), pin = %path.display(), "attached");
             links.push(pinned);
         }
         Ok(Self {
@@ -140,6 +140,15 @@ impl Datapath {
             links,
             root,
         })
+    }
+
+    /// Exits leaving programs attached and maps pinned: the kernel keeps
+    /// balancing until the next daemon replaces the pins.
+    pub fn keep(self) {
+        for link in self.links {
+            // Dropping a pinned link closes our descriptor; the pin keeps it.
+            drop(FdLink::from(link));
+        }
     }
 
     /// Detaches every program and removes every pin this daemon made.
@@ -185,10 +194,10 @@ mod tests {
     #[test]
     fn embedded_object_has_every_named_program_and_map() {
         let obj = aya_obj_names(super::EBPF_OBJECT);
-        for name in mesh_common::names::SOCK_ADDR_PROGRAMS
+        let programs = mesh_common::names::SOCK_ADDR_PROGRAMS
             .iter()
-            .chain(mesh_common::names::ALL_MAPS)
-        {
+            .map(|p| &p.name);
+        for name in programs.chain(mesh_common::names::ALL_MAPS) {
             assert!(
                 obj.iter().any(|n| n == name),
                 "object lacks `{name}`; it has {obj:?}"

@@ -3,9 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Map, MapData, MapError, PerCpuHashMap};
+use aya::{
+    Pod,
+    maps::{HashMap, Map, MapData, MapError, PerCpuHashMap},
+};
 use mesh_common::{
     conn::{ConnCount, ConnKey},
+    lb::{Backend, Service, Slot, SlotKey, SvcKey, SvcStats},
     names,
 };
 
@@ -19,6 +23,24 @@ pub fn pin_path(root: &Path, name: &str) -> PathBuf {
     maps_dir(root).join(name)
 }
 
+fn open(root: &Path, name: &str) -> Result<Map, MapError> {
+    Map::from_map_data(MapData::from_pin(pin_path(root, name))?)
+}
+
+/// A map call that failed, naming the map and the operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} on map {map}: {source}")]
+pub struct MapOpError {
+    pub map: &'static str,
+    pub op: &'static str,
+    #[source]
+    pub source: MapError,
+}
+
+fn ctx(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapOpError {
+    move |source| MapOpError { map, op, source }
+}
+
 /// The per-port connection counters of one node.
 pub struct ConnCounters {
     map: PerCpuHashMap<MapData, ConnKey, ConnCount>,
@@ -27,9 +49,9 @@ pub struct ConnCounters {
 impl ConnCounters {
     /// Opens the pinned counter map of the daemon whose bpffs root is `root`.
     pub fn open(root: &Path) -> Result<Self, MapError> {
-        let data = MapData::from_pin(pin_path(root, names::MAP_CONN_BY_PORT))?;
-        let map = PerCpuHashMap::try_from(Map::from_map_data(data)?)?;
-        Ok(Self { map })
+        Ok(Self {
+            map: PerCpuHashMap::try_from(open(root, names::MAP_CONN_BY_PORT)?)?,
+        })
     }
 
     /// Every key with its count summed over CPUs, ordered by key.
@@ -41,5 +63,169 @@ impl ConnCounters {
         }
         rows.sort_by_key(|(key, _)| *key);
         Ok(rows)
+    }
+}
+
+/// Which slot map a service's algorithm uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotTable {
+    /// `LW_SLOTS`: weighted random.
+    Weighted,
+    /// `LW_MAGLEV`: Maglev lookup table.
+    Maglev,
+}
+
+/// The service load balancer's maps of one node.
+pub struct LbMaps {
+    services: HashMap<MapData, SvcKey, Service>,
+    backends: HashMap<MapData, u32, Backend>,
+    slots: HashMap<MapData, SlotKey, Slot>,
+    maglev: HashMap<MapData, SlotKey, Slot>,
+    stats: PerCpuHashMap<MapData, u32, SvcStats>,
+}
+
+impl LbMaps {
+    /// Opens the pinned maps of the daemon whose bpffs root is `root`.
+    pub fn open(root: &Path) -> Result<Self, MapError> {
+        Ok(Self {
+            services: HashMap::try_from(open(root, names::MAP_SERVICES)?)?,
+            backends: HashMap::try_from(open(root, names::MAP_BACKENDS)?)?,
+            slots: HashMap::try_from(open(root, names::MAP_SLOTS)?)?,
+            maglev: HashMap::try_from(open(root, names::MAP_MAGLEV)?)?,
+            stats: PerCpuHashMap::try_from(open(root, names::MAP_SVC_STATS)?)?,
+        })
+    }
+
+    pub fn services(&self) -> Result<Vec<(SvcKey, Service)>, MapOpError> {
+        collect(&self.services).map_err(ctx(names::MAP_SERVICES, "reading"))
+    }
+
+    pub fn backends(&self) -> Result<Vec<(u32, Backend)>, MapOpError> {
+        collect(&self.backends).map_err(ctx(names::MAP_BACKENDS, "reading"))
+    }
+
+    /// Every slot key in a table (for cleaning orphans after a crash).
+    pub fn slot_keys(&self, table: SlotTable) -> Result<Vec<SlotKey>, MapOpError> {
+        let (map, name) = self.table(table);
+        map.keys()
+            .collect::<Result<_, _>>()
+            .map_err(ctx(name, "reading"))
+    }
+
+    /// Replaces a service entry whole: the kernel swaps the element, so a
+    /// reader sees the old value or the new one, never a mix.
+    pub fn put_service(&mut self, key: &SvcKey, value: &Service) -> Result<(), MapOpError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(ctx(names::MAP_SERVICES, "writing"))
+    }
+
+    pub fn delete_service(&mut self, key: &SvcKey) -> Result<(), MapOpError> {
+        ignore_missing(self.services.remove(key)).map_err(ctx(names::MAP_SERVICES, "deleting"))
+    }
+
+    pub fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), MapOpError> {
+        self.backends
+            .insert(id, value, 0)
+            .map_err(ctx(names::MAP_BACKENDS, "writing"))
+    }
+
+    pub fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
+        ignore_missing(self.backends.remove(&id)).map_err(ctx(names::MAP_BACKENDS, "deleting"))
+    }
+
+    /// Writes slots `0..backend_ids.len()` of one service generation.
+    pub fn put_slots(
+        &mut self,
+        table: SlotTable,
+        svc_id: u32,
+        generation: u32,
+        backend_ids: &[u32],
+    ) -> Result<(), MapOpError> {
+        let (name, map) = match table {
+            SlotTable::Weighted => (names::MAP_SLOTS, &mut self.slots),
+            SlotTable::Maglev => (names::MAP_MAGLEV, &mut self.maglev),
+        };
+        for (index, &backend_id) in backend_ids.iter().enumerate() {
+            let key = SlotKey {
+                svc_id,
+                generation,
+                index: index as u32,
+            };
+            map.insert(key, Slot { backend_id }, 0)
+                .map_err(ctx(name, "writing"))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes slots `0..count` of one service generation.
+    pub fn delete_slots(
+        &mut self,
+        table: SlotTable,
+        svc_id: u32,
+        generation: u32,
+        count: u32,
+    ) -> Result<(), MapOpError> {
+        let (name, map) = match table {
+            SlotTable::Weighted => (names::MAP_SLOTS, &mut self.slots),
+            SlotTable::Maglev => (names::MAP_MAGLEV, &mut self.maglev),
+        };
+        for index in 0..count {
+            ignore_missing(map.remove(&SlotKey {
+                svc_id,
+                generation,
+                index,
+            }))
+            .map_err(ctx(name, "deleting"))?;
+        }
+        Ok(())
+    }
+
+    pub fn delete_slot_key(&mut self, table: SlotTable, key: &SlotKey) -> Result<(), MapOpError> {
+        let (name, map) = match table {
+            SlotTable::Weighted => (names::MAP_SLOTS, &mut self.slots),
+            SlotTable::Maglev => (names::MAP_MAGLEV, &mut self.maglev),
+        };
+        ignore_missing(map.remove(key)).map_err(ctx(name, "deleting"))
+    }
+
+    /// Counters of one service, summed over CPUs (zero if it has none yet).
+    pub fn stats(&self, svc_id: u32) -> Result<SvcStats, MapOpError> {
+        match self.stats.get(&svc_id, 0) {
+            Ok(per_cpu) => Ok(per_cpu.iter().fold(SvcStats::default(), |acc, s| SvcStats {
+                connects: acc.connects + s.connects,
+                refused: acc.refused + s.refused,
+            })),
+            Err(MapError::KeyNotFound) => Ok(SvcStats::default()),
+            Err(source) => Err(MapOpError {
+                map: names::MAP_SVC_STATS,
+                op: "reading",
+                source,
+            }),
+        }
+    }
+
+    pub fn delete_stats(&mut self, svc_id: u32) -> Result<(), MapOpError> {
+        ignore_missing(self.stats.remove(&svc_id)).map_err(ctx(names::MAP_SVC_STATS, "deleting"))
+    }
+
+    fn table(&self, table: SlotTable) -> (&HashMap<MapData, SlotKey, Slot>, &'static str) {
+        match table {
+            SlotTable::Weighted => (&self.slots, names::MAP_SLOTS),
+            SlotTable::Maglev => (&self.maglev, names::MAP_MAGLEV),
+        }
+    }
+}
+
+fn collect<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>, MapError> {
+    map.iter().collect()
+}
+
+/// Deleting what is already gone is success: deletes are idempotent.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
     }
 }

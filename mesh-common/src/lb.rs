@@ -1,0 +1,207 @@
+//! Service load balancing: keys and values of the service, backend, slot,
+//! Maglev, affinity, reverse-translation and statistics maps.
+//!
+//! Addresses are 16 bytes in network order; an IPv4 address fills the first 4
+//! and leaves the rest zero, with `family` telling which. Ports are host order.
+
+use crate::family;
+
+/// `Service.algorithm`: pick a slot at random; slots repeat a backend as often
+/// as its weight, so the pick is weighted.
+pub const ALG_RANDOM: u32 = 0;
+/// `Service.algorithm`: Maglev consistent hashing over a table of prime size.
+pub const ALG_MAGLEV: u32 = 1;
+
+/// Default Maglev table size (prime, as Cilium's default).
+pub const MAGLEV_DEFAULT_SIZE: u32 = 16381;
+
+/// IP protocol numbers, as in `bpf_sock_addr.protocol`.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A service frontend: ClusterIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    /// Network order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// `AF_INET` (2) or `AF_INET6` (10), as a byte.
+    pub family: u8,
+}
+
+/// What the kernel needs to pick a backend for a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// This service's id (key of slots, stats and affinity).
+    pub id: u32,
+    /// Number of slots in the current generation; 0 means no ready backend:
+    /// connects are refused.
+    pub count: u32,
+    /// Which of the two slot generations is live (0 or 1). Updates write the
+    /// other one, then flip this, then delete the old slots.
+    pub generation: u32,
+    /// [`ALG_RANDOM`] or [`ALG_MAGLEV`].
+    pub algorithm: u32,
+    /// ClientIP session affinity timeout in seconds; 0 disables affinity.
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
+}
+
+/// One entry of a service's backend list (random) or Maglev table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub svc_id: u32,
+    pub generation: u32,
+    pub index: u32,
+}
+
+/// The backend a slot points to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    pub backend_id: u32,
+}
+
+/// A backend. Backend ids belong to one service, so a backend that exists is a
+/// member of its service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Network order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    /// Relative weight (slots per backend for the random algorithm).
+    pub weight: u16,
+    /// The service this backend belongs to.
+    pub svc_id: u32,
+}
+
+/// Session affinity: the client (its network namespace, which is one pod) and
+/// the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub svc_id: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last connect that used it.
+    pub last_used_ns: u64,
+}
+
+/// Reverse translation: a socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    pub socket_cookie: u64,
+    /// Backend address, network order.
+    pub addr: [u8; 16],
+    /// Backend port, host order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+/// The service address to show instead of the backend's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNat {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Per-CPU counters of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcStats {
+    /// Connects (and unconnected UDP sends) sent to a backend.
+    pub connects: u64,
+    /// Connects refused because the service had no ready backend.
+    pub refused: u64,
+}
+
+const _: () = assert!(size_of::<SvcKey>() == 20);
+const _: () = assert!(size_of::<Service>() == 24);
+const _: () = assert!(size_of::<SlotKey>() == 12);
+const _: () = assert!(size_of::<Slot>() == 4);
+const _: () = assert!(size_of::<Backend>() == 24);
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+const _: () = assert!(size_of::<Affinity>() == 16);
+const _: () = assert!(size_of::<RevNatKey>() == 32);
+const _: () = assert!(size_of::<RevNat>() == 24);
+const _: () = assert!(size_of::<SvcStats>() == 16);
+
+/// 64-bit finalizer (SplitMix64): spreads any input evenly over all bits. Used
+/// for Maglev flow hashing in the kernel and in userspace alike.
+#[inline(always)]
+pub const fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The Maglev table index of a flow: the same in kernel and userspace.
+#[inline(always)]
+pub const fn maglev_index(flow: u64, svc_id: u32, table_size: u32) -> u32 {
+    if table_size == 0 {
+        return 0;
+    }
+    (mix64(flow ^ ((svc_id as u64) << 32)) % table_size as u64) as u32
+}
+
+impl SvcKey {
+    pub const fn v4(addr: [u8; 4], port: u16, proto: u8) -> Self {
+        Self {
+            addr: [
+                addr[0], addr[1], addr[2], addr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ],
+            port,
+            proto,
+            family: family::INET as u8,
+        }
+    }
+    pub const fn v6(addr: [u8; 16], port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            family: family::INET6 as u8,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is `repr(C)`, `Copy`, made only of integers and byte
+    // arrays with explicit padding fields, so any byte pattern is valid.
+    macro_rules! pod {
+        ($($t:ty),*) => { $( #[allow(unsafe_code)] unsafe impl aya::Pod for $t {} )* };
+    }
+    pod!(
+        super::SvcKey,
+        super::Service,
+        super::SlotKey,
+        super::Slot,
+        super::Backend,
+        super::AffinityKey,
+        super::Affinity,
+        super::RevNatKey,
+        super::RevNat,
+        super::SvcStats
+    );
+}

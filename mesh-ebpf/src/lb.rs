@@ -1,0 +1,194 @@
+//! Service load balancing at connect time (Cilium's socket-LB, in our terms):
+//! look the destination up as a service, pick a backend, rewrite the socket's
+//! destination, and remember the translation for replies and getpeername.
+
+use aya_ebpf::helpers::{
+    bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+};
+use mesh_common::lb::{
+    ALG_MAGLEV, Affinity, AffinityKey, Backend, PROTO_TCP, PROTO_UDP, RevNat, RevNatKey, Service,
+    SlotKey, SvcKey, SvcStats, maglev_index,
+};
+
+use crate::{
+    maps::{LW_AFFINITY, LW_BACKENDS, LW_MAGLEV, LW_REVNAT, LW_SERVICES, LW_SLOTS, LW_SVC_STATS},
+    sockaddr::Dest,
+};
+
+/// What to do with the syscall.
+pub enum Verdict {
+    /// Not a service (or not TCP/UDP): leave it alone.
+    Pass,
+    /// Sent to a backend; the caller writes this destination.
+    Translated(Dest),
+    /// A service with no ready backend: fail at once, as kube-proxy's REJECT.
+    Refuse,
+}
+
+/// Looks `dest` up as a service and picks a backend for socket `ctx`.
+#[inline(always)]
+pub fn translate(ctx: *mut core::ffi::c_void, dest: &Dest, proto: u8) -> Verdict {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Verdict::Pass;
+    }
+    let key = SvcKey {
+        addr: dest.addr,
+        port: dest.port,
+        proto,
+        family: dest.family,
+    };
+    // Two tries: an update may delete the slot or backend we were about to read
+    // between our lookups; the second try reads the service's new generation.
+    for _ in 0..2 {
+        // SAFETY: copied out at once; the value is not held across map writes.
+        let Some(svc) = (unsafe { LW_SERVICES.get(&key) }).copied() else {
+            return Verdict::Pass;
+        };
+        if svc.count == 0 {
+            count(svc.id, false);
+            return Verdict::Refuse;
+        }
+        let Some(backend) = pick(ctx, &svc) else {
+            continue;
+        };
+        let to = Dest {
+            addr: backend.addr,
+            port: backend.port,
+            family: dest.family,
+        };
+        remember(ctx, &to, dest);
+        count(svc.id, true);
+        return Verdict::Translated(to);
+    }
+    Verdict::Pass
+}
+
+/// The backend for this socket: the client's affine one if still valid, else
+/// one chosen by the service's algorithm.
+#[inline(always)]
+fn pick(ctx: *mut core::ffi::c_void, svc: &Service) -> Option<Backend> {
+    if svc.affinity_timeout_s == 0 {
+        return backend(select(ctx, svc)?);
+    }
+    // The client is its network namespace: one pod (Cilium's socket-LB does
+    // the same, since the source address is not chosen yet at connect()).
+    // SAFETY: helpers valid in cgroup sock_addr programs; ctx is the program's.
+    let key = AffinityKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx) },
+        svc_id: svc.id,
+        _pad: 0,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
+    // SAFETY: copied out at once.
+    if let Some(seen) = unsafe { LW_AFFINITY.get(&key) }.copied() {
+        if now.wrapping_sub(seen.last_used_ns) < timeout_ns {
+            // A backend that still exists is still a member (ids are per service).
+            if let Some(b) = backend(seen.backend_id) {
+                let _ = LW_AFFINITY.insert(
+                    &key,
+                    &Affinity {
+                        last_used_ns: now,
+                        ..seen
+                    },
+                    0,
+                );
+                return Some(b);
+            }
+        }
+    }
+    let id = select(ctx, svc)?;
+    let b = backend(id)?;
+    let _ = LW_AFFINITY.insert(
+        &key,
+        &Affinity {
+            backend_id: id,
+            _pad: 0,
+            last_used_ns: now,
+        },
+        0,
+    );
+    Some(b)
+}
+
+/// A backend id from the service's live slot generation.
+#[inline(always)]
+fn select(ctx: *mut core::ffi::c_void, svc: &Service) -> Option<u32> {
+    let key = |index| SlotKey {
+        svc_id: svc.id,
+        generation: svc.generation,
+        index,
+    };
+    // SAFETY (both lookups): the value is copied out at once.
+    let slot = if svc.algorithm == ALG_MAGLEV {
+        // The flow is the socket: the same socket always maps to one entry.
+        // SAFETY: helper valid in cgroup sock_addr programs.
+        let flow = unsafe { bpf_get_socket_cookie(ctx) };
+        unsafe { LW_MAGLEV.get(key(maglev_index(flow, svc.id, svc.count))) }.copied()
+    } else {
+        // SAFETY: helper without preconditions.
+        let index = unsafe { bpf_get_prandom_u32() } % svc.count;
+        unsafe { LW_SLOTS.get(key(index)) }.copied()
+    };
+    slot.map(|slot| slot.backend_id)
+}
+
+#[inline(always)]
+fn backend(id: u32) -> Option<Backend> {
+    // SAFETY: copied out at once.
+    unsafe { LW_BACKENDS.get(&id) }.copied()
+}
+
+/// Records that this socket's `backend` stands for `service`, for
+/// getpeername and for the source of UDP replies.
+#[inline(always)]
+fn remember(ctx: *mut core::ffi::c_void, backend: &Dest, service: &Dest) {
+    // SAFETY: helper valid in cgroup sock_addr programs.
+    let key = revnat_key(unsafe { bpf_get_socket_cookie(ctx) }, backend);
+    let value = RevNat {
+        addr: service.addr,
+        port: service.port,
+        _pad: [0; 6],
+    };
+    let _ = LW_REVNAT.insert(&key, &value, 0);
+}
+
+/// The service address to show for peer `peer` of socket `ctx`, if any.
+#[inline(always)]
+pub fn reverse(ctx: *mut core::ffi::c_void, peer: &Dest) -> Option<Dest> {
+    // SAFETY: helper valid in cgroup sock_addr programs.
+    let key = revnat_key(unsafe { bpf_get_socket_cookie(ctx) }, peer);
+    // SAFETY: copied out at once.
+    let rev = unsafe { LW_REVNAT.get(&key) }.copied()?;
+    Some(Dest {
+        addr: rev.addr,
+        port: rev.port,
+        family: peer.family,
+    })
+}
+
+#[inline(always)]
+fn revnat_key(socket_cookie: u64, addr: &Dest) -> RevNatKey {
+    RevNatKey {
+        socket_cookie,
+        addr: addr.addr,
+        port: addr.port,
+        family: addr.family,
+        _pad: [0; 5],
+    }
+}
+
+#[inline(always)]
+fn count(svc_id: u32, sent: bool) {
+    let (connects, refused) = if sent { (1, 0) } else { (0, 1) };
+    match LW_SVC_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: this CPU's slot of a live entry; no other CPU writes it.
+        Some(stats) => unsafe {
+            (*stats).connects += connects;
+            (*stats).refused += refused;
+        },
+        None => {
+            let _ = LW_SVC_STATS.insert(svc_id, SvcStats { connects, refused }, 0);
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The node's HTTP endpoint on :15020: `/metrics` (Prometheus text),
+//! `/healthz` (the process is up) and `/readyz` (the datapath is attached and
+//! the first configuration is applied).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode, body::Bytes, header::CONTENT_TYPE, service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// OpenMetrics, for scrapers that ask for it (Prometheus does).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic Prometheus text format, for everything else (curl, promtool).
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What the endpoint serves.
+pub struct Endpoint {
+    pub registry: Registry,
+    pub ready: AtomicBool,
+}
+
+/// Binds `addr` and serves until the task is dropped.
+pub async fn serve(
+    addr: SocketAddr,
+    endpoint: Arc<Endpoint>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    Ok(tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(err) => {
+                    tracing::warn!(%err, "accepting a metrics connection");
+                    continue;
+                }
+            };
+            let endpoint = Arc::clone(&endpoint);
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let endpoint = Arc::clone(&endpoint);
+                    async move { Ok::<_, Infallible>(route(&endpoint, &req)) }
+                });
+                // One bad client closes its own connection, nothing else.
+                if let Err(err) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(%err, "metrics connection ended with an error");
+                }
+            });
+        }
+    }))
+}
+
+fn route<B>(endpoint: &Endpoint, req: &Request<B>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => {
+            let mut text = String::new();
+            let openmetrics = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            match prometheus_client::encoding::text::encode(&mut text, &endpoint.registry) {
+                Ok(()) if openmetrics => reply(StatusCode::OK, OPENMETRICS, text),
+                Ok(()) => reply(StatusCode::OK, PROMETHEUS_TEXT, to_prometheus_text(&text)),
+                Err(_) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "encoding metrics failed\n".into(),
+                ),
+            }
+        }
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if endpoint.ready.load(Ordering::Acquire) => {
+            reply(StatusCode::OK, "text/plain", "ready\n".into())
+        }
+        "/readyz" => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+/// OpenMetrics names a counter family `x` and its sample `x_total`; the
+/// classic text format names both `x_total` and has no `# EOF`.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::to_prometheus_text;
+
+    #[test]
+    fn counters_get_their_total_name_in_the_classic_format() {
+        let om = "# HELP x_connections Connects.\n# TYPE x_connections counter\nx_connections_total{a=\"b\"} 3\n# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP x_connections_total Connects.\n# TYPE x_connections_total counter\nx_connections_total{a=\"b\"} 3\n# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n"
+        );
+    }
+}

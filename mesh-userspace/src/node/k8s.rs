@@ -1,0 +1,323 @@
+//! Kubernetes Services and EndpointSlices (YAML, as `kubectl get -o yaml`
+//! prints them) translated into the node's [`ServiceSet`].
+//!
+//! Only the fields the load balancer uses are read. Lacewing-specific choices
+//! ride on Service annotations until `TrafficPolicy` carries them:
+//! - `lacewing.io/lb-algorithm`: `random` (default) or `maglev`;
+//! - `lacewing.io/maglev-table-size`: a prime, default 16381;
+//! - `lacewing.io/backend-weights`: `10.244.1.10=1,10.244.1.11=2` (default 1).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use serde::Deserialize;
+
+use super::services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet};
+
+pub const ANNOTATION_ALGORITHM: &str = "lacewing.io/lb-algorithm";
+pub const ANNOTATION_MAGLEV_SIZE: &str = "lacewing.io/maglev-table-size";
+pub const ANNOTATION_WEIGHTS: &str = "lacewing.io/backend-weights";
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+/// A document that cannot be used, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    #[error("document {index}: {source}")]
+    Yaml {
+        index: usize,
+        source: serde_yaml::Error,
+    },
+    #[error("Service {0}: {1}")]
+    Service(String, String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta {
+    name: String,
+    #[serde(default = "default_ns")]
+    namespace: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+fn default_ns() -> String {
+    "default".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Service {
+    metadata: Meta,
+    spec: ServiceSpec,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceSpec {
+    // Kubernetes spells these with a capital IP, which camelCase does not.
+    #[serde(default, rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(default, rename = "clusterIPs")]
+    cluster_ips: Vec<String>,
+    #[serde(default)]
+    ports: Vec<ServicePort>,
+    #[serde(default)]
+    session_affinity: Option<String>,
+    #[serde(default)]
+    session_affinity_config: Option<AffinityConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServicePort {
+    #[serde(default)]
+    name: Option<String>,
+    port: u16,
+    #[serde(default)]
+    protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AffinityConfig {
+    #[serde(rename = "clientIP")]
+    client_ip: Option<ClientIpConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClientIpConfig {
+    timeout_seconds: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointSlice {
+    metadata: Meta,
+    address_type: String,
+    #[serde(default)]
+    endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    ports: Vec<EndpointPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Endpoint {
+    addresses: Vec<IpAddr>,
+    #[serde(default)]
+    conditions: Conditions,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Conditions {
+    /// Kubernetes: a missing `ready` means ready.
+    ready: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointPort {
+    #[serde(default)]
+    name: Option<String>,
+    port: u16,
+    #[serde(default)]
+    protocol: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Kind {
+    kind: Option<String>,
+}
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Parses a multi-document YAML text of Services and EndpointSlices (other
+/// kinds are skipped) into the set of ClusterIP frontends with their ready
+/// backends.
+pub fn parse(text: &str) -> Result<ServiceSet, K8sError> {
+    let mut services = Vec::new();
+    let mut slices: BTreeMap<(String, String), Vec<EndpointSlice>> = BTreeMap::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|source| K8sError::Yaml { index, source })?;
+        if value.is_null() {
+            continue;
+        }
+        let kind: Kind = serde_yaml::from_value(value.clone())
+            .map_err(|source| K8sError::Yaml { index, source })?;
+        match kind.kind.as_deref() {
+            Some("Service") => services.push(
+                serde_yaml::from_value::<Service>(value)
+                    .map_err(|source| K8sError::Yaml { index, source })?,
+            ),
+            Some("EndpointSlice") => {
+                let slice: EndpointSlice = serde_yaml::from_value(value)
+                    .map_err(|source| K8sError::Yaml { index, source })?;
+                if let Some(svc) = slice.metadata.labels.get(SERVICE_NAME_LABEL) {
+                    slices
+                        .entry((slice.metadata.namespace.clone(), svc.clone()))
+                        .or_default()
+                        .push(slice);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut set = ServiceSet::default();
+    for svc in services {
+        let empty = Vec::new();
+        let its_slices = slices
+            .get(&(svc.metadata.namespace.clone(), svc.metadata.name.clone()))
+            .unwrap_or(&empty);
+        set.services.extend(translate(&svc, its_slices)?);
+    }
+    Ok(set)
+}
+
+fn translate(svc: &Service, slices: &[EndpointSlice]) -> Result<Vec<ServiceEntry>, K8sError> {
+    let id = format!("{}/{}", svc.metadata.namespace, svc.metadata.name);
+    let bad = |msg: String| K8sError::Service(id.clone(), msg);
+    let ann = &svc.metadata.annotations;
+    let algorithm = match ann.get(ANNOTATION_ALGORITHM).map(String::as_str) {
+        None | Some("random") => Algorithm::Random,
+        Some("maglev") => match ann.get(ANNOTATION_MAGLEV_SIZE) {
+            None => Algorithm::maglev_default(),
+            Some(size) => Algorithm::Maglev {
+                table_size: size.parse().map_err(|_| {
+                    bad(format!(
+                        "{ANNOTATION_MAGLEV_SIZE}: `{size}` is not a number"
+                    ))
+                })?,
+            },
+        },
+        Some(other) => {
+            return Err(bad(format!(
+                "{ANNOTATION_ALGORITHM}: `{other}` is not one of random, maglev"
+            )));
+        }
+    };
+    let weights = parse_weights(
+        ann.get(ANNOTATION_WEIGHTS)
+            .map(String::as_str)
+            .unwrap_or(""),
+    )
+    .map_err(|e| bad(format!("{ANNOTATION_WEIGHTS}: {e}")))?;
+    let affinity_timeout_s = match svc.spec.session_affinity.as_deref() {
+        Some("ClientIP") => svc
+            .spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S),
+        None | Some("None") => 0,
+        Some(other) => {
+            return Err(bad(format!(
+                "sessionAffinity `{other}` is not one of None, ClientIP"
+            )));
+        }
+    };
+    let mut ips: Vec<&str> = svc.spec.cluster_ips.iter().map(String::as_str).collect();
+    if ips.is_empty() {
+        ips.extend(svc.spec.cluster_ip.as_deref());
+    }
+    let mut out = Vec::new();
+    for ip in ips {
+        if ip.is_empty() || ip == "None" {
+            continue; // headless: nothing to balance
+        }
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| bad(format!("clusterIP `{ip}` is not an IP address")))?;
+        let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+        for port in &svc.spec.ports {
+            let protocol = protocol(port.protocol.as_deref()).map_err(bad)?;
+            let Some(protocol) = protocol else { continue };
+            let mut backends = Vec::new();
+            for slice in slices.iter().filter(|s| s.address_type == family) {
+                let Some(ep_port) = slice.ports.iter().find(|p| {
+                    p.name == port.name
+                        && protocol_or_tcp(p.protocol.as_deref())
+                            == protocol_or_tcp(port.protocol.as_deref())
+                }) else {
+                    continue;
+                };
+                for ep in slice
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.conditions.ready != Some(false))
+                {
+                    for addr in &ep.addresses {
+                        let addr = SocketAddr::new(*addr, ep_port.port);
+                        if !backends.iter().any(|b: &BackendEntry| b.addr == addr) {
+                            backends.push(BackendEntry {
+                                addr,
+                                weight: weights.get(&addr.ip()).copied().unwrap_or(1),
+                            });
+                        }
+                    }
+                }
+            }
+            out.push(ServiceEntry {
+                name: format!(
+                    "{id}:{}",
+                    port.name.clone().unwrap_or_else(|| port.port.to_string())
+                ),
+                frontend: SocketAddr::new(ip, port.port),
+                protocol,
+                algorithm,
+                affinity_timeout_s,
+                backends,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// TCP and UDP are balanced; SCTP is skipped (the kernel hooks see it, but we
+/// have no use for it yet).
+fn protocol(p: Option<&str>) -> Result<Option<Protocol>, String> {
+    match p {
+        None | Some("TCP") => Ok(Some(Protocol::Tcp)),
+        Some("UDP") => Ok(Some(Protocol::Udp)),
+        Some("SCTP") => Ok(None),
+        Some(other) => Err(format!("protocol `{other}` is not one of TCP, UDP, SCTP")),
+    }
+}
+
+fn protocol_or_tcp(p: Option<&str>) -> &str {
+    p.unwrap_or("TCP")
+}
+
+fn parse_weights(text: &str) -> Result<BTreeMap<IpAddr, u16>, String> {
+    let mut out = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (ip, w) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("`{pair}` is not address=weight"))?;
+        let ip: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{ip}` is not an IP address"))?;
+        let w: u16 = w
+            .trim()
+            .parse()
+            .map_err(|_| format!("weight `{w}` is not a number from 1 to 65535"))?;
+        if w == 0 {
+            return Err(format!("weight of {ip} is 0; weights start at 1"));
+        }
+        out.insert(ip, w);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,109 @@
+use super::*;
+
+const YAML: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  annotations:
+    lacewing.io/backend-weights: "10.244.1.11=2"
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, fd00:96::10]
+  ports:
+  - {name: http, port: 80, protocol: TCP, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.244.1.10]
+  conditions: {ready: true}
+- addresses: [10.244.1.11]
+- addresses: [10.244.1.12]
+  conditions: {ready: false}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored}
+"#;
+
+#[test]
+fn services_and_slices_become_frontends_with_ready_backends() {
+    let set = parse(YAML).unwrap();
+    let names: Vec<_> = set
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.frontend.to_string(), s.protocol))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("shop/web:http", "10.96.0.10:80".to_string(), Protocol::Tcp),
+            ("shop/web:dns", "10.96.0.10:53".to_string(), Protocol::Udp),
+            (
+                "shop/web:http",
+                "[fd00:96::10]:80".to_string(),
+                Protocol::Tcp
+            ),
+            (
+                "shop/web:dns",
+                "[fd00:96::10]:53".to_string(),
+                Protocol::Udp
+            ),
+        ]
+    );
+    let http = &set.services[0];
+    let backends: Vec<_> = http
+        .backends
+        .iter()
+        .map(|b| (b.addr.to_string(), b.weight))
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            ("10.244.1.10:8080".to_string(), 1),
+            ("10.244.1.11:8080".to_string(), 2)
+        ]
+    );
+    assert_eq!(http.affinity_timeout_s, 30);
+    assert!(
+        set.services[2].backends.is_empty(),
+        "no IPv6 slice: the IPv6 frontend refuses"
+    );
+    set.validate().unwrap();
+}
+
+#[test]
+fn bad_annotations_say_what_to_fix() {
+    let bad = YAML.replace("10.244.1.11=2", "10.244.1.11=0");
+    let err = parse(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("shop/web") && err.contains("weights start at 1"),
+        "{err}"
+    );
+    let bad = YAML.replace(
+        "annotations:",
+        "annotations:\n    lacewing.io/lb-algorithm: roundrobin",
+    );
+    let err = parse(&bad).unwrap_err().to_string();
+    assert!(err.contains("not one of random, maglev"), "{err}");
+    let err =
+        parse("kind: Service\nmetadata: {name: x}\nspec: {clusterIP: nope, ports: [{port: 1}]}")
+            .unwrap_err();
+    assert!(
+        err.to_string().contains("`nope` is not an IP address"),
+        "{err}"
+    );
+}

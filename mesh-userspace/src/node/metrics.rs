@@ -1,0 +1,137 @@
+//! The node's Prometheus metrics, served on :15020 `/metrics`.
+//!
+//! Kernel counters are read from the per-CPU maps at scrape time by a
+//! collector (nothing is polled in between); userspace counters are ordinary
+//! prometheus-client metrics. Every name starts with `lacewing_`.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use super::lb::LoadBalancer;
+
+/// Labels of a service frontend.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// `namespace/name:port`.
+    pub service: String,
+    /// `ClusterIP:port`.
+    pub frontend: String,
+    pub protocol: String,
+}
+
+/// Result of applying a configuration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApplyLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// Userspace metrics of the node daemon.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub config_applies: Family<ApplyLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry, lb: Arc<Mutex<LoadBalancer>>) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "lacewing_config_applies",
+            "Service configurations applied to the datapath, by result",
+            metrics.config_applies.clone(),
+        );
+        registry.register_collector(Box::new(KernelCollector { lb }));
+        metrics
+    }
+
+    pub fn applied(&self, ok: bool) {
+        self.config_applies
+            .get_or_create(&ApplyLabels {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+}
+
+/// Reads the kernel's per-service counters at scrape time.
+struct KernelCollector {
+    lb: Arc<Mutex<LoadBalancer>>,
+}
+
+impl std::fmt::Debug for KernelCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCollector")
+    }
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (stats, services) = {
+            let lb = self.lb.lock().unwrap_or_else(|p| p.into_inner());
+            match lb.stats() {
+                Ok(stats) => (stats, lb.service_count()),
+                Err(err) => {
+                    tracing::warn!(%err, "reading kernel counters for /metrics");
+                    (Vec::new(), lb.service_count())
+                }
+            }
+        };
+        let rows: Vec<(ServiceLabels, _)> = stats
+            .into_iter()
+            .map(|s| {
+                let labels = ServiceLabels {
+                    service: s.name.clone(),
+                    frontend: s.frontend.to_string(),
+                    protocol: s.protocol.to_string(),
+                };
+                (labels, s)
+            })
+            .collect();
+        let gauge = ConstGauge::new(services as i64);
+        gauge.encode(encoder.encode_descriptor(
+            "lacewing_services",
+            "Service frontends installed in the kernel",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        for (name, help, pick) in [
+            (
+                "lacewing_service_connections",
+                "Connects (and unconnected UDP sends) the kernel sent to a backend, by service",
+                (|s: &super::lb::ServiceStats| s.stats.connects)
+                    as fn(&super::lb::ServiceStats) -> u64,
+            ),
+            (
+                "lacewing_service_refused",
+                "Connects the kernel refused because the service had no ready backend",
+                |s: &super::lb::ServiceStats| s.stats.refused,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (labels, s) in &rows {
+                ConstCounter::new(pick(s)).encode(family.encode_family(labels)?)?;
+            }
+        }
+        let mut backends = encoder.encode_descriptor(
+            "lacewing_service_backends",
+            "Ready backends of each service",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (labels, s) in &rows {
+            ConstGauge::new(s.backends as i64).encode(backends.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,526 @@
+//! Kernel service load balancing in the lab: real cgroup sock_addr programs,
+//! real sockets (tools/lbprobe.py), real backends (tools/lbserver.py).
+//!
+//! ```text
+//!   clients n0-p0, n1-p0  ──connect(ClusterIP 10.96.0.10 / fd00:96::10)──▶
+//!        backends n0-p1 (same node as n0-p0), n1-p1, n1-p2 (port 7000)
+//!   lacewing-node on n0 and n1, both given the same Services file
+//! ```
+
+use std::{
+    ffi::OsStr,
+    fs,
+    net::IpAddr,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use lacewing::{
+    lab::{Lab, LabProcess, NodeSpec},
+    node::{
+        lb::LoadBalancer,
+        maps::LbMaps,
+        services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet},
+    },
+};
+use lacewing_tests::{
+    PYTHON, Probe, ServiceYaml, bin, new_lab, node_http, parse_probe, probe, start_backend,
+};
+
+const V4: &str = "10.96.0.10";
+const V6: &str = "fd00:96::10";
+const TARGET: u16 = 7000;
+
+struct Cluster {
+    lab: Lab,
+    file: PathBuf,
+    daemons: Vec<LabProcess>,
+    _backends: Vec<LabProcess>,
+}
+
+impl Cluster {
+    /// A 2-node lab with 3 backends and the node daemon on both nodes.
+    fn new(yaml: impl Fn(&Lab) -> String) -> Self {
+        let lab = new_lab(2, 3);
+        let backends = ["n0-p1", "n1-p1", "n1-p2"]
+            .iter()
+            .map(|p| start_backend(&lab, &lab.pod(p).unwrap(), TARGET))
+            .collect();
+        let file = lab.state_dir().join("services.yaml");
+        fs::write(&file, yaml(&lab)).unwrap();
+        let mut c = Self {
+            lab,
+            file,
+            daemons: Vec::new(),
+            _backends: backends,
+        };
+        for n in ["n0", "n1"] {
+            let node = c.lab.node(n).unwrap();
+            let d = c.start_daemon(&node, &[]);
+            c.daemons.push(d);
+        }
+        c
+    }
+
+    fn start_daemon(&self, node: &NodeSpec, extra: &[&str]) -> LabProcess {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("--services"), self.file.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        let d = self
+            .lab
+            .start_node_daemon_with(node, &bin("lacewing-node"), &args)
+            .unwrap();
+        wait_ready(&self.lab, node);
+        d
+    }
+
+    fn backend_ips(&self, v4: bool) -> Vec<IpAddr> {
+        ["n0-p1", "n1-p1", "n1-p2"]
+            .iter()
+            .map(|p| {
+                let pod = self.lab.pod(p).unwrap();
+                if v4 {
+                    IpAddr::V4(pod.ip4())
+                } else {
+                    IpAddr::V6(pod.ip6())
+                }
+            })
+            .collect()
+    }
+}
+
+fn backends_of(lab: &Lab) -> Vec<IpAddr> {
+    ["n0-p1", "n1-p1", "n1-p2"]
+        .iter()
+        .flat_map(|p| {
+            let pod = lab.pod(p).unwrap();
+            [IpAddr::V4(pod.ip4()), IpAddr::V6(pod.ip6())]
+        })
+        .collect()
+}
+
+fn cluster_ips() -> [IpAddr; 2] {
+    [V4.parse().unwrap(), V6.parse().unwrap()]
+}
+
+fn wait_ready(lab: &Lab, node: &NodeSpec) {
+    for _ in 0..100 {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sf", "--max-time", "1", "http://127.0.0.1:15020/readyz"]);
+        if lab.run_on_node(node, cmd).is_ok_and(|o| o.status.success()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("lacewing-node on {} never became ready", node.name());
+}
+
+/// Asserts each backend got `share` of `probe.n` within `tolerance` (absolute).
+fn assert_spread(what: &str, probe: &Probe, expected: &[(&str, f64)], tolerance: f64) {
+    assert!(probe.errors.is_empty(), "{what}: errors {:?}", probe.errors);
+    for (name, share) in expected {
+        let got = *probe.replies.get(*name).unwrap_or(&0) as f64 / probe.n as f64;
+        assert!(
+            (got - share).abs() <= tolerance,
+            "{what}: {name} got {got:.2} of traffic, expected {share:.2}: {:?}",
+            probe.replies
+        );
+    }
+}
+
+#[test]
+fn clients_on_two_nodes_spread_over_three_backends_tcp_udp_v4_v6() {
+    let c = Cluster::new(|lab| {
+        ServiceYaml {
+            name: "web",
+            cluster_ips: &cluster_ips(),
+            target: TARGET,
+            backends: &backends_of(lab),
+            annotations: &[],
+            affinity_timeout_s: None,
+        }
+        .render()
+    });
+    let even = [
+        ("n0-p1", 1.0 / 3.0),
+        ("n1-p1", 1.0 / 3.0),
+        ("n1-p2", 1.0 / 3.0),
+    ];
+    for client in ["n0-p0", "n1-p0"] {
+        let pod = c.lab.pod(client).unwrap();
+        for ip in cluster_ips() {
+            let frontend = |port: u16| {
+                if ip.is_ipv4() {
+                    format!("{ip}:{port}")
+                } else {
+                    format!("[{ip}]:{port}")
+                }
+            };
+            let tcp = probe(&c.lab, &pod, "tcp", ip, 80, "300");
+            assert_spread(&format!("{client} tcp {ip}"), &tcp, &even, 0.1);
+            assert_eq!(
+                tcp.peers.keys().collect::<Vec<_>>(),
+                [&frontend(80)],
+                "getpeername must return the ClusterIP"
+            );
+            let udp = probe(&c.lab, &pod, "udp", ip, 53, "300");
+            assert_spread(&format!("{client} udp {ip}"), &udp, &even, 0.1);
+            assert_eq!(
+                udp.peers.keys().collect::<Vec<_>>(),
+                [&frontend(53)],
+                "UDP replies must come from the ClusterIP"
+            );
+            let udpc = probe(&c.lab, &pod, "udpc", ip, 53, "60");
+            assert!(
+                udpc.errors.is_empty() && udpc.replies.len() == 3,
+                "connected UDP: {udpc:?}"
+            );
+            assert_eq!(udpc.peers.keys().collect::<Vec<_>>(), [&frontend(53)]);
+        }
+    }
+    // Weights 1:2:1, by rewriting the file the daemons watch.
+    let weights = format!("{}=2,{}=2", c.backend_ips(true)[1], c.backend_ips(false)[1]);
+    let yaml = ServiceYaml {
+        name: "web",
+        cluster_ips: &cluster_ips(),
+        target: TARGET,
+        backends: &backends_of(&c.lab),
+        annotations: &[("lacewing.io/backend-weights", weights)],
+        affinity_timeout_s: None,
+    };
+    fs::write(&c.file, yaml.render()).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let weighted = [("n0-p1", 0.25), ("n1-p1", 0.5), ("n1-p2", 0.25)];
+    for client in ["n0-p0", "n1-p0"] {
+        let pod = c.lab.pod(client).unwrap();
+        for ip in cluster_ips() {
+            assert_spread(
+                &format!("{client} weighted tcp {ip}"),
+                &probe(&c.lab, &pod, "tcp", ip, 80, "400"),
+                &weighted,
+                0.1,
+            );
+            assert_spread(
+                &format!("{client} weighted udp {ip}"),
+                &probe(&c.lab, &pod, "udp", ip, 53, "400"),
+                &weighted,
+                0.1,
+            );
+        }
+    }
+}
+
+#[test]
+fn maglev_spreads_and_session_affinity_sticks_then_expires() {
+    let c = Cluster::new(|lab| {
+        let maglev = ServiceYaml {
+            name: "hash",
+            cluster_ips: &cluster_ips(),
+            target: TARGET,
+            backends: &backends_of(lab),
+            annotations: &[("lacewing.io/lb-algorithm", "maglev".into())],
+            affinity_timeout_s: None,
+        };
+        let sticky = ServiceYaml {
+            name: "sticky",
+            cluster_ips: &["10.96.0.20".parse().unwrap()],
+            target: TARGET,
+            backends: &backends_of(lab),
+            annotations: &[],
+            affinity_timeout_s: Some(1),
+        };
+        format!("{}---\n{}", maglev.render(), sticky.render())
+    });
+    let client = c.lab.pod("n0-p0").unwrap();
+    let even = [
+        ("n0-p1", 1.0 / 3.0),
+        ("n1-p1", 1.0 / 3.0),
+        ("n1-p2", 1.0 / 3.0),
+    ];
+    assert_spread(
+        "maglev tcp",
+        &probe(&c.lab, &client, "tcp", V4.parse().unwrap(), 80, "300"),
+        &even,
+        0.1,
+    );
+
+    let sticky: IpAddr = "10.96.0.20".parse().unwrap();
+    for name in ["n0-p0", "n1-p0"] {
+        let p = probe(&c.lab, &c.lab.pod(name).unwrap(), "tcp", sticky, 80, "40");
+        assert_eq!(
+            p.replies.len(),
+            1,
+            "{name}: every connect within the timeout must reach one backend: {:?}",
+            p.replies
+        );
+    }
+    // After the 1 s timeout the choice is made afresh: across 10 expiries,
+    // three backends cannot all have been the same one by chance (p = 3^-9).
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(1200));
+        let p = probe(&c.lab, &client, "tcp", sticky, 80, "1");
+        seen.extend(p.replies.keys().cloned());
+    }
+    assert!(seen.len() > 1, "affinity never expired: always {seen:?}");
+}
+
+#[test]
+fn a_service_with_no_ready_backend_refuses_at_once_and_counts_it() {
+    let c = Cluster::new(|_| {
+        ServiceYaml {
+            name: "empty",
+            cluster_ips: &cluster_ips(),
+            target: TARGET,
+            backends: &[],
+            annotations: &[],
+            affinity_timeout_s: None,
+        }
+        .render()
+    });
+    let client = c.lab.pod("n0-p0").unwrap();
+    for ip in cluster_ips() {
+        let p = probe(&c.lab, &client, "tcp", ip, 80, "5");
+        assert_eq!(p.errors.get("ECONNREFUSED"), Some(&5), "{ip}: {p:?}");
+        assert!(p.slowest_ms < 50.0, "refusal took {} ms", p.slowest_ms);
+    }
+    let metrics = node_http(&c.lab, &c.lab.node("n0").unwrap(), "/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("lacewing_service_refused_total{")
+                && l.contains("default/empty:tcp")
+                && l.contains("10.96.0.10:80")
+        })
+        .unwrap_or_else(|| panic!("no refused counter for default/empty:tcp:\n{metrics}"));
+    assert!(line.ends_with(" 5"), "{line}");
+    // The exposition is valid for Prometheus' own checker.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        node_http(&c.lab, &c.lab.node("n0").unwrap(), "/healthz").trim(),
+        "ok"
+    );
+}
+
+/// Starts a client looping on connect to the ClusterIP; returns it and the
+/// file that stops it.
+fn start_loop(lab: &Lab, pod: &str) -> (LabProcess, PathBuf) {
+    let stop = lab.state_dir().join(format!("stop-{pod}"));
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/lbprobe.py"))
+        .args(["loop", V4, "80"])
+        .arg(&stop)
+        .stdout(Stdio::piped());
+    (lab.spawn_in_pod(&lab.pod(pod).unwrap(), cmd).unwrap(), stop)
+}
+
+fn stop_loop(client: LabProcess, stop: PathBuf) -> Probe {
+    fs::write(&stop, "").unwrap();
+    let out = client.wait_with_output().unwrap();
+    parse_probe(&out.stdout)
+}
+
+#[test]
+fn two_hundred_back_to_back_updates_never_fail_a_connect() {
+    let c = Cluster::new(|lab| {
+        ServiceYaml {
+            name: "web",
+            cluster_ips: &cluster_ips(),
+            target: TARGET,
+            backends: &backends_of(lab),
+            annotations: &[],
+            affinity_timeout_s: None,
+        }
+        .render()
+    });
+    // Stop the daemons' watchers from competing: this test drives the maps of
+    // n0 directly through the same update code the daemon uses.
+    let n0 = c.lab.node("n0").unwrap();
+    let mut lb =
+        LoadBalancer::reconcile(LbMaps::open(&c.lab.node_bpffs_root(&n0)).unwrap()).unwrap();
+    let ips = c.backend_ips(true);
+    let set = |members: &[usize], maglev: bool| ServiceSet {
+        services: vec![ServiceEntry {
+            name: "default/web:tcp".into(),
+            frontend: format!("{V4}:80").parse().unwrap(),
+            protocol: Protocol::Tcp,
+            algorithm: if maglev {
+                Algorithm::maglev_default()
+            } else {
+                Algorithm::Random
+            },
+            affinity_timeout_s: 0,
+            backends: members
+                .iter()
+                .map(|&i| BackendEntry {
+                    addr: (ips[i], TARGET).into(),
+                    weight: 1,
+                })
+                .collect(),
+        }],
+    };
+    let (client, stop) = start_loop(&c.lab, "n0-p0");
+    std::thread::sleep(Duration::from_millis(200));
+    // Backend sets that always overlap by one member and sometimes not at all
+    // with the previous set, in both algorithms.
+    let rotations: [&[usize]; 4] = [&[0, 1], &[1, 2], &[2], &[0, 2]];
+    for i in 0..200 {
+        lb.apply(&set(rotations[i % 4], i % 10 == 9)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let p = stop_loop(client, stop);
+    assert!(p.n > 200, "the client made only {} connects", p.n);
+    assert!(
+        p.errors.is_empty(),
+        "{} of {} connects failed during updates: {:?}",
+        p.errors.values().sum::<u64>(),
+        p.n,
+        p.errors
+    );
+}
+
+#[test]
+fn restarting_the_node_daemon_fails_no_connect_and_flushes_nothing() {
+    let mut c = Cluster::new(|lab| {
+        ServiceYaml {
+            name: "web",
+            cluster_ips: &cluster_ips(),
+            target: TARGET,
+            backends: &backends_of(lab),
+            annotations: &[],
+            affinity_timeout_s: None,
+        }
+        .render()
+    });
+    let n0 = c.lab.node("n0").unwrap();
+    let before = LbMaps::open(&c.lab.node_bpffs_root(&n0))
+        .unwrap()
+        .services()
+        .unwrap();
+    let (client, stop) = start_loop(&c.lab, "n0-p0");
+    std::thread::sleep(Duration::from_millis(300));
+    // A crash: SIGKILL, then a new daemon (asked to keep the datapath on exit).
+    let mut old = c.daemons.remove(0);
+    old.signal(libc::SIGKILL).unwrap();
+    let _ = old.child_mut().wait();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut upgraded = c.start_daemon(&n0, &["--keep-datapath"]);
+    std::thread::sleep(Duration::from_millis(300));
+    // An upgrade: SIGTERM with --keep-datapath, then a new daemon.
+    assert!(
+        upgraded
+            .terminate(Duration::from_secs(5))
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let again = c.start_daemon(&n0, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let p = stop_loop(client, stop);
+    drop(again);
+    assert!(p.n > 100, "the client made only {} connects", p.n);
+    assert!(
+        p.errors.is_empty(),
+        "{} of {} connects failed across restarts: {:?}",
+        p.errors.values().sum::<u64>(),
+        p.n,
+        p.errors
+    );
+    let after = LbMaps::open(&c.lab.node_bpffs_root(&n0))
+        .unwrap()
+        .services()
+        .unwrap();
+    assert_eq!(
+        before, after,
+        "a restart must take over the pinned services as they are, not rewrite them"
+    );
+}
+
+#[test]
+fn bpftool_shows_services_and_backends_with_field_names() {
+    let c = Cluster::new(|lab| {
+        ServiceYaml {
+            name: "web",
+            cluster_ips: &cluster_ips(),
+            target: TARGET,
+            backends: &backends_of(lab),
+            annotations: &[],
+            affinity_timeout_s: None,
+        }
+        .render()
+    });
+    let maps = c
+        .lab
+        .node_bpffs_root(&c.lab.node("n0").unwrap())
+        .join("maps");
+    for (map, fields) in [
+        (
+            "LW_SERVICES",
+            &[
+                "addr",
+                "port",
+                "proto",
+                "family",
+                "id",
+                "count",
+                "generation",
+                "algorithm",
+                "affinity_timeout_s",
+            ][..],
+        ),
+        ("LW_BACKENDS", &["addr", "port", "weight", "svc_id"][..]),
+        (
+            "LW_SLOTS",
+            &["svc_id", "generation", "index", "backend_id"][..],
+        ),
+    ] {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(maps.join(map))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bpftool {map}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let entries: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let first = &entries[0]["formatted"];
+        for f in fields {
+            assert!(
+                first["key"].get(f).is_some() || first["value"].get(f).is_some(),
+                "{map}: no field `{f}` in {first}"
+            );
+        }
+    }
+    // 4 frontends (TCP+UDP, v4+v6) with 3 backends each.
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(maps.join("LW_SERVICES"))
+        .output()
+        .unwrap();
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(entries.as_array().unwrap().len(), 4);
+    assert!(
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["formatted"]["value"]["count"] == 3)
+    );
+}
