@@ -1,16 +1,21 @@
 //! `lacewing demo`: the main job, end to end, in a fresh lab.
 //!
 //! ```text
-//!   n0-p0 ──curl──▶ n1-p0:8080 (nginx)      counted by n0's daemon
-//!   n1-p1 ──curl──▶ n1-p0:8080              counted by n1's daemon
-//!   n0-p1 ──curl──▶ n0-p0:9090 (nginx, v6)  counted by n0's daemon
+//!   n0-p0 ──curl──▶ web.default (10.96.0.10:80, fd00:96::10:80)
+//!                     ├─▶ n0-p1:8080 (nginx)     lacewing-node on n0 and n1 send each
+//!                     ├─▶ n1-p0:8080 (nginx)     connect to a backend at connect()
+//!                     └─▶ n1-p1:8080 (nginx)
+//!   n1-p1 ──curl──▶ empty.default (10.96.0.11:80, no backend): refused at once
 //! ```
 
-use std::{process::Command, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, process::Command, time::Duration};
 
 use anyhow::Context as _;
 
-use super::{maps::conn_table, sibling_binary};
+use super::{
+    maps::{conn_table, services_table},
+    sibling_binary,
+};
 use crate::lab::{Lab, PodSpec, sweep};
 
 pub fn run() -> anyhow::Result<()> {
@@ -30,45 +35,86 @@ pub fn run() -> anyhow::Result<()> {
 
 fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
     let (n0, n1) = (lab.node("n0")?, lab.node("n1")?);
-    step("starting lacewing-node on each node (attached at the node's cgroup)");
-    let mut daemons = Vec::new();
-    for node in [&n0, &n1] {
-        daemons.push(lab.start_node_daemon(node, node_bin)?);
-    }
-    step("starting nginx in n1-p0 (:8080) and n0-p0 (:9090)");
     let (n0p0, n0p1, n1p0, n1p1) = (
         lab.pod("n0-p0")?,
         lab.pod("n0-p1")?,
         lab.pod("n1-p0")?,
         lab.pod("n1-p1")?,
     );
-    let _web = lab.start_http_server(&n1p0, 8080, "hello from n1-p0")?;
-    let _api = lab.start_http_server(&n0p0, 9090, "hello from n0-p0")?;
+    let backends = [&n0p1, &n1p0, &n1p1];
+    step("starting nginx in n0-p1, n1-p0, n1-p1 (:8080), each answering its name");
+    let _servers = backends
+        .iter()
+        .map(|p| lab.start_http_server(p, 8080, &p.name()))
+        .collect::<Result<Vec<_>, _>>()?;
 
-    step("making connections from pods");
-    for _ in 0..3 {
-        curl(lab, &n0p0, &format!("http://{}:8080/", n1p0.ip4()))?;
+    let services = lab.state_dir().join("services.yaml");
+    std::fs::write(&services, sample_services(&backends))?;
+    step(&format!(
+        "starting lacewing-node on each node with {}",
+        services.display()
+    ));
+    let mut daemons = Vec::new();
+    for node in [&n0, &n1] {
+        let args = [std::ffi::OsStr::new("--services"), services.as_os_str()];
+        daemons.push(lab.start_node_daemon_with(node, node_bin, &args)?);
     }
-    for _ in 0..2 {
-        curl(lab, &n1p1, &format!("http://{}:8080/", n1p0.ip4()))?;
+    wait_applied(lab, &n0)?;
+    wait_applied(lab, &n1)?;
+    print!("{}", services_table(&lab.node_bpffs_root(&n0))?);
+
+    for ip in ["10.96.0.10", "fd00:96::10"] {
+        let ip: IpAddr = ip.parse()?;
+        step(&format!(
+            "30 requests from n0-p0 to web.default at {}",
+            url(ip)
+        ));
+        let mut spread = BTreeMap::new();
+        for _ in 0..30 {
+            *spread.entry(curl(lab, &n0p0, &url(ip))?).or_insert(0) += 1;
+        }
+        for (backend, n) in &spread {
+            println!("  {backend:<8} {n:>3}  {}", "#".repeat(*n));
+        }
     }
-    curl(lab, &n0p1, &format!("http://[{}]:9090/", n0p0.ip6()))?;
+    step("n1-p1 to empty.default (no ready backend): refused at connect()");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", "http://10.96.0.11/"]);
+    let out = lab.run_in_pod(&n1p1, cmd)?;
+    println!("  curl: {}", String::from_utf8_lossy(&out.stderr).trim());
 
     for node in [&n0, &n1] {
-        step(&format!("what the kernel counted on node {}", node.name()));
+        step(&format!(
+            "node {}: connects counted by destination port",
+            node.name()
+        ));
         print!("{}", conn_table(&lab.node_bpffs_root(node))?);
+    }
+    step("node n0: /metrics on :15020 (service counters, read from the kernel)");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "http://127.0.0.1:15020/metrics"]);
+    let metrics = lab.run_on_node(&n0, cmd)?;
+    for line in String::from_utf8_lossy(&metrics.stdout)
+        .lines()
+        .filter(|l| l.starts_with("lacewing_service_"))
+    {
+        println!("  {line}");
     }
     let map = lab
         .node_bpffs_root(&n0)
         .join("maps")
-        .join(mesh_common::names::MAP_CONN_BY_PORT);
-    step(&format!("bpftool map dump pinned {}", map.display()));
+        .join(mesh_common::names::MAP_SERVICES);
+    step(&format!(
+        "bpftool map dump pinned {} (first entry)",
+        map.display()
+    ));
     let dump = Command::new("bpftool")
         .args(["map", "dump", "pinned"])
         .arg(&map)
         .output()
         .context("running bpftool (install it with `cargo xtask setup`)")?;
-    print!("{}", String::from_utf8_lossy(&dump.stdout));
+    let text = String::from_utf8_lossy(&dump.stdout);
+    println!("{}", text.lines().take(22).collect::<Vec<_>>().join("\n"));
 
     step("stopping the daemons (SIGTERM: programs detach, pins removed)");
     for mut daemon in daemons {
@@ -83,7 +129,69 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn curl(lab: &Lab, from: &PodSpec, url: &str) -> anyhow::Result<()> {
+fn url(ip: IpAddr) -> String {
+    format!("http://{}/", std::net::SocketAddr::new(ip, 80))
+}
+
+/// Waits until the node daemon reports ready (its services file applied).
+fn wait_applied(lab: &Lab, node: &crate::lab::NodeSpec) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sf", "--max-time", "1", "http://127.0.0.1:15020/readyz"]);
+        if lab.run_on_node(node, cmd)?.status.success() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("lacewing-node on {} did not become ready", node.name())
+}
+
+/// Two Services in Kubernetes YAML: `web` with three backends (dual stack)
+/// and `empty` with none.
+fn sample_services(backends: &[&PodSpec]) -> String {
+    let v4: Vec<String> = backends
+        .iter()
+        .map(|p| format!("- addresses: [\"{}\"]\n", p.ip4()))
+        .collect();
+    let v6: Vec<String> = backends
+        .iter()
+        .map(|p| format!("- addresses: [\"{}\"]\n", p.ip6()))
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-v4, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+{v4}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-v6, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv6
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+{v6}---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]
+"#,
+        v4 = v4.concat(),
+        v6 = v6.concat()
+    )
+}
+
+fn curl(lab: &Lab, from: &PodSpec, url: &str) -> anyhow::Result<String> {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--max-time", "5", url]);
     let out = lab.run_in_pod(from, cmd)?;
@@ -93,12 +201,7 @@ fn curl(lab: &Lab, from: &PodSpec, url: &str) -> anyhow::Result<()> {
         from.name(),
         String::from_utf8_lossy(&out.stderr)
     );
-    println!(
-        "{:<6} -> {url:<28} {}",
-        from.name(),
-        String::from_utf8_lossy(&out.stdout).trim()
-    );
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn step(what: &str) {

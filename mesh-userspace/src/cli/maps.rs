@@ -5,12 +5,24 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use mesh_common::family;
 
-use crate::{bpffs, node::maps::ConnCounters};
+use crate::{
+    bpffs,
+    node::{
+        lb::LoadBalancer,
+        maps::{ConnCounters, LbMaps},
+    },
+};
 
 #[derive(Debug, Subcommand)]
 pub enum MapsCommand {
     /// Connections counted per destination port.
     Conns {
+        /// The node daemon's bpffs root.
+        #[arg(long, default_value_os_t = bpffs::default_root())]
+        bpffs_root: PathBuf,
+    },
+    /// Service frontends, their backends and counters, as the kernel has them.
+    Services {
         /// The node daemon's bpffs root.
         #[arg(long, default_value_os_t = bpffs::default_root())]
         bpffs_root: PathBuf,
@@ -21,6 +33,10 @@ pub fn run(cmd: MapsCommand) -> anyhow::Result<()> {
     match cmd {
         MapsCommand::Conns { bpffs_root } => {
             print!("{}", conn_table(&bpffs_root)?);
+            Ok(())
+        }
+        MapsCommand::Services { bpffs_root } => {
+            print!("{}", services_table(&bpffs_root)?);
             Ok(())
         }
     }
@@ -52,6 +68,42 @@ pub fn conn_table(root: &Path) -> anyhow::Result<String> {
         out.push_str(&format!(
             "{:<8} {:<6} {:<6} {:>10}\n",
             key.dst_port, fam, proto, connects
+        ));
+    }
+    Ok(out)
+}
+
+/// The services of the daemon at `root` as a table, read from its pinned maps.
+pub fn services_table(root: &Path) -> anyhow::Result<String> {
+    let maps = LbMaps::open(root).map_err(|err| {
+        anyhow::anyhow!(
+            "opening the service maps under {}: {err} (is lacewing-node running there?)",
+            root.display()
+        )
+    })?;
+    let lb = LoadBalancer::inspect(maps)?;
+    let mut out = format!(
+        "{:<24} {:<5} {:<8} {:>8} {:>10} {:>8}  BACKENDS\n",
+        "FRONTEND", "PROTO", "ALGO", "AFFINITY", "CONNECTS", "REFUSED"
+    );
+    for s in lb.describe()? {
+        out.push_str(&format!(
+            "{:<24} {:<5} {:<8} {:>8} {:>10} {:>8}  {}\n",
+            s.frontend.to_string(),
+            s.protocol.to_string(),
+            s.algorithm,
+            if s.affinity_timeout_s == 0 {
+                "-".to_owned()
+            } else {
+                format!("{}s", s.affinity_timeout_s)
+            },
+            s.stats.connects,
+            s.stats.refused,
+            if s.backends.is_empty() {
+                "(none: refused)".to_owned()
+            } else {
+                s.backends.join(" ")
+            }
         ));
     }
     Ok(out)

@@ -77,6 +77,18 @@ pub struct ServiceStats {
     pub stats: SvcStats,
 }
 
+/// One service as `lacewing maps services` shows it.
+#[derive(Clone, Debug)]
+pub struct ServiceView {
+    pub frontend: SocketAddr,
+    pub protocol: Protocol,
+    pub algorithm: String,
+    pub affinity_timeout_s: u32,
+    /// `addr:port`, with `*weight` when not 1.
+    pub backends: Vec<String>,
+    pub stats: SvcStats,
+}
+
 /// Owns the load balancer maps of one node.
 pub struct LoadBalancer {
     maps: LbMaps,
@@ -89,7 +101,47 @@ impl LoadBalancer {
     /// Takes over the maps as they are, without flushing: reads what a previous
     /// daemon installed, so the next apply changes only what differs, and
     /// removes what a crash left half-written.
-    pub fn reconcile(mut maps: LbMaps) -> Result<Self, ApplyError> {
+    pub fn reconcile(maps: LbMaps) -> Result<Self, ApplyError> {
+        let (mut lb, orphan_backends) = Self::read(maps)?;
+        // Orphans: backends of no service, slots of no live generation.
+        for id in orphan_backends {
+            lb.maps.delete_backend(id).map_err(ApplyError::Read)?;
+        }
+        let live: BTreeSet<(u32, u32)> = lb
+            .installed
+            .values()
+            .map(|i| (i.id, i.generation))
+            .collect();
+        for table in [SlotTable::Weighted, SlotTable::Maglev] {
+            for key in lb.maps.slot_keys(table).map_err(ApplyError::Read)? {
+                let current = lb
+                    .installed
+                    .values()
+                    .any(|i| i.id == key.svc_id && i.table() == table);
+                if !current || !live.contains(&(key.svc_id, key.generation)) {
+                    lb.maps
+                        .delete_slot_key(table, &key)
+                        .map_err(ApplyError::Read)?;
+                }
+            }
+        }
+        if !lb.installed.is_empty() {
+            tracing::info!(
+                services = lb.installed.len(),
+                "took over the load balancer state pinned by a previous run"
+            );
+        }
+        Ok(lb)
+    }
+
+    /// Reads the maps without changing them (for `lacewing maps services`).
+    pub fn inspect(maps: LbMaps) -> Result<Self, ApplyError> {
+        Ok(Self::read(maps)?.0)
+    }
+
+    /// The installed state as the maps hold it, and the ids of backends that
+    /// belong to no service.
+    fn read(maps: LbMaps) -> Result<(Self, Vec<u32>), ApplyError> {
         let services = maps.services().map_err(ApplyError::Read)?;
         let backends = maps.backends().map_err(ApplyError::Read)?;
         let mut by_service: HashMap<u32, Vec<(u32, Backend)>> = HashMap::new();
@@ -128,36 +180,20 @@ impl LoadBalancer {
                 },
             );
         }
-        // Orphans: backends of no service, slots of no live generation.
-        for (_, orphans) in by_service {
-            for (id, _) in orphans {
-                maps.delete_backend(id).map_err(ApplyError::Read)?;
-            }
-        }
-        let live: BTreeSet<(u32, u32)> = installed.values().map(|i| (i.id, i.generation)).collect();
-        for table in [SlotTable::Weighted, SlotTable::Maglev] {
-            for key in maps.slot_keys(table).map_err(ApplyError::Read)? {
-                let current = installed
-                    .values()
-                    .any(|i| i.id == key.svc_id && i.table() == table);
-                if !current || !live.contains(&(key.svc_id, key.generation)) {
-                    maps.delete_slot_key(table, &key)
-                        .map_err(ApplyError::Read)?;
-                }
-            }
-        }
-        if !installed.is_empty() {
-            tracing::info!(
-                services = installed.len(),
-                "took over the load balancer state pinned by a previous run"
-            );
-        }
-        Ok(Self {
-            maps,
-            installed,
-            service_ids,
-            backend_ids,
-        })
+        let orphans = by_service
+            .into_values()
+            .flatten()
+            .map(|(id, _)| id)
+            .collect();
+        Ok((
+            Self {
+                maps,
+                installed,
+                service_ids,
+                backend_ids,
+            },
+            orphans,
+        ))
     }
 
     /// Makes the maps hold exactly `set`, touching only services that changed.
@@ -321,6 +357,37 @@ impl LoadBalancer {
                     frontend: i.spec.frontend,
                     protocol: i.spec.protocol,
                     backends: i.spec.backends.len(),
+                    stats: self.maps.stats(i.id)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every installed service with its backends and counters, for people.
+    pub fn describe(&self) -> Result<Vec<ServiceView>, MapOpError> {
+        self.installed
+            .values()
+            .map(|i| {
+                Ok(ServiceView {
+                    frontend: i.spec.frontend,
+                    protocol: i.spec.protocol,
+                    algorithm: match i.spec.algorithm {
+                        Algorithm::Random => "random".to_owned(),
+                        Algorithm::Maglev { table_size } => format!("maglev/{table_size}"),
+                    },
+                    affinity_timeout_s: i.spec.affinity_timeout_s,
+                    backends: i
+                        .spec
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            if b.weight == 1 {
+                                b.addr.to_string()
+                            } else {
+                                format!("{}*{}", b.addr, b.weight)
+                            }
+                        })
+                        .collect(),
                     stats: self.maps.stats(i.id)?,
                 })
             })
