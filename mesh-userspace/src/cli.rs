@@ -24,9 +24,32 @@ pub enum Command {
     /// Read a node's pinned maps.
     #[command(subcommand)]
     Maps(maps::MapsCommand),
+    /// Benchmarks in the lab (run them through `cargo xtask bench`).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Bring up a 2-node lab, run the node daemon on each node, make
     /// connections from pods, print what the kernel counted, tear down.
     Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Short TCP connections to a ClusterIP: Lacewing vs kube-proxy
+    /// (iptables, nftables) vs a direct connect.
+    L4 {
+        /// Numbers of configured services (10 backends each).
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        sizes: Vec<u32>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Concurrent wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+        /// Measurements per figure; the best is kept.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
 }
 
 /// Runs the parsed command; the exit code to return.
@@ -35,6 +58,24 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Maps(cmd) => maps::run(cmd).map(|()| 0),
         Command::Demo => demo::run().map(|()| 0),
+        Command::Bench(BenchCommand::L4 {
+            sizes,
+            seconds,
+            connections,
+            rounds,
+        }) => {
+            let opts = crate::bench::l4::Options {
+                sizes,
+                seconds,
+                connections,
+                rounds,
+            };
+            let rows = crate::bench::l4::run(&sibling_binary("lacewing-node")?, &opts)?;
+            if let Some(line) = crate::bench::l4::result_line(&rows) {
+                println!("{line}");
+            }
+            Ok(0)
+        }
     }
 }
 

@@ -29,6 +29,14 @@ enum Task {
     Test,
     /// setup, build, then the lab demo (`lacewing demo`) as root.
     Demo,
+    /// Benchmarks in the lab, as root: `cargo xtask bench l4`.
+    Bench {
+        /// Which benchmark: l4.
+        name: String,
+        /// Extra flags for the benchmark (`-- --sizes 100,1000`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -38,6 +46,7 @@ fn main() {
         Task::Build { release } => run::build_binaries(release),
         Task::Test => test::run(),
         Task::Demo => demo(),
+        Task::Bench { name, args } => bench(&name, &args),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -53,4 +62,14 @@ fn demo() -> anyhow::Result<()> {
         run::workspace_root().join("target/release/lacewing"),
         ["demo"],
     )
+}
+
+fn bench(name: &str, args: &[String]) -> anyhow::Result<()> {
+    anyhow::ensure!(name == "l4", "unknown benchmark `{name}`; there is: l4");
+    setup::run()?;
+    run::build_binaries(true)?;
+    run::require_root("the benchmarks")?;
+    let mut all = vec!["bench".to_owned(), name.to_owned()];
+    all.extend(args.iter().cloned());
+    run::cmd(run::workspace_root().join("target/release/lacewing"), all)
 }

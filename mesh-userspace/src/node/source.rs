@@ -22,9 +22,19 @@ pub async fn watch_file(
     endpoint: Arc<Endpoint>,
 ) {
     let mut last: Option<Vec<u8>> = None;
+    let mut stamp = None;
     let mut interval = tokio::time::interval(POLL_INTERVAL);
     loop {
         interval.tick().await;
+        // Cheap check first: a large file is read only when it may have changed.
+        let meta = tokio::fs::metadata(&path)
+            .await
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()));
+        if meta.is_some() && meta == stamp {
+            continue;
+        }
+        stamp = meta;
         let bytes = match tokio::fs::read(&path).await {
             Ok(bytes) => bytes,
             Err(err) => {

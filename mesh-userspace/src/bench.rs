@@ -1,0 +1,5 @@
+//! Benchmarks that run in the lab (`cargo xtask bench ...`). Each measures
+//! Lacewing against baselines in the same run and prints ratios, ending with
+//! one `RESULT` line.
+
+pub mod l4;
