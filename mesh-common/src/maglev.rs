@@ -55,7 +55,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while d.saturating_mul(d) <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -114,7 +114,7 @@ mod tests {
             .count();
         // 1/5 must move (the removed backend's flows); Maglev adds little more.
         assert!(
-            moved >= 1_900 && moved <= 2_500,
+            (1_900..=2_500).contains(&moved),
             "{moved} of 10000 flows moved"
         );
         let restored = build_table(&all, 16381);

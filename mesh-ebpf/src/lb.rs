@@ -41,7 +41,7 @@ pub fn translate(ctx: *mut core::ffi::c_void, dest: &Dest, proto: u8) -> Verdict
     // between our lookups; the second try reads the service's new generation.
     for _ in 0..2 {
         // SAFETY: copied out at once; the value is not held across map writes.
-        let Some(svc) = (unsafe { LW_SERVICES.get(&key) }).copied() else {
+        let Some(svc) = (unsafe { LW_SERVICES.get(key) }).copied() else {
             return Verdict::Pass;
         };
         if svc.count == 0 {
@@ -81,27 +81,26 @@ fn pick(ctx: *mut core::ffi::c_void, svc: &Service) -> Option<Backend> {
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
     // SAFETY: copied out at once.
-    if let Some(seen) = unsafe { LW_AFFINITY.get(&key) }.copied() {
-        if now.wrapping_sub(seen.last_used_ns) < timeout_ns {
-            // A backend that still exists is still a member (ids are per service).
-            if let Some(b) = backend(seen.backend_id) {
-                let _ = LW_AFFINITY.insert(
-                    &key,
-                    &Affinity {
-                        last_used_ns: now,
-                        ..seen
-                    },
-                    0,
-                );
-                return Some(b);
-            }
-        }
+    if let Some(seen) = unsafe { LW_AFFINITY.get(key) }.copied()
+        && now.wrapping_sub(seen.last_used_ns) < timeout_ns
+        // A backend that still exists is still a member (ids are per service).
+        && let Some(b) = backend(seen.backend_id)
+    {
+        let _ = LW_AFFINITY.insert(
+            key,
+            Affinity {
+                last_used_ns: now,
+                ..seen
+            },
+            0,
+        );
+        return Some(b);
     }
     let id = select(ctx, svc)?;
     let b = backend(id)?;
     let _ = LW_AFFINITY.insert(
-        &key,
-        &Affinity {
+        key,
+        Affinity {
             backend_id: id,
             _pad: 0,
             last_used_ns: now,
@@ -136,7 +135,7 @@ fn select(ctx: *mut core::ffi::c_void, svc: &Service) -> Option<u32> {
 #[inline(always)]
 fn backend(id: u32) -> Option<Backend> {
     // SAFETY: copied out at once.
-    unsafe { LW_BACKENDS.get(&id) }.copied()
+    unsafe { LW_BACKENDS.get(id) }.copied()
 }
 
 /// Records that this socket's `backend` stands for `service`, for
@@ -150,7 +149,7 @@ fn remember(ctx: *mut core::ffi::c_void, backend: &Dest, service: &Dest) {
         port: service.port,
         _pad: [0; 6],
     };
-    let _ = LW_REVNAT.insert(&key, &value, 0);
+    let _ = LW_REVNAT.insert(key, value, 0);
 }
 
 /// The service address to show for peer `peer` of socket `ctx`, if any.
@@ -159,7 +158,7 @@ pub fn reverse(ctx: *mut core::ffi::c_void, peer: &Dest) -> Option<Dest> {
     // SAFETY: helper valid in cgroup sock_addr programs.
     let key = revnat_key(unsafe { bpf_get_socket_cookie(ctx) }, peer);
     // SAFETY: copied out at once.
-    let rev = unsafe { LW_REVNAT.get(&key) }.copied()?;
+    let rev = unsafe { LW_REVNAT.get(key) }.copied()?;
     Some(Dest {
         addr: rev.addr,
         port: rev.port,

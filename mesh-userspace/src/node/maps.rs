@@ -33,12 +33,17 @@ fn open(root: &Path, name: &str) -> Result<Map, MapError> {
 pub struct MapOpError {
     pub map: &'static str,
     pub op: &'static str,
+    /// Boxed: aya's error is large and this travels up through every apply.
     #[source]
-    pub source: MapError,
+    pub source: Box<MapError>,
 }
 
 fn ctx(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapOpError {
-    move |source| MapOpError { map, op, source }
+    move |source| MapOpError {
+        map,
+        op,
+        source: Box::new(source),
+    }
 }
 
 /// The per-port connection counters of one node.
@@ -200,7 +205,7 @@ impl LbMaps {
             Err(source) => Err(MapOpError {
                 map: names::MAP_SVC_STATS,
                 op: "reading",
-                source,
+                source: Box::new(source),
             }),
         }
     }
