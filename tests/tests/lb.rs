@@ -524,3 +524,138 @@ fn bpftool_shows_services_and_backends_with_field_names() {
             .all(|e| e["formatted"]["value"]["count"] == 3)
     );
 }
+
+#[test]
+fn a_rejected_services_file_changes_nothing() {
+    let c = Cluster::new(|lab| {
+        ServiceYaml {
+            name: "web",
+            cluster_ips: &cluster_ips(),
+            target: TARGET,
+            backends: &backends_of(lab),
+            annotations: &[],
+            affinity_timeout_s: None,
+        }
+        .render()
+    });
+    let n0 = c.lab.node("n0").unwrap();
+    let before = LbMaps::open(&c.lab.node_bpffs_root(&n0))
+        .unwrap()
+        .services()
+        .unwrap();
+    // A weight of 0 is invalid: the whole file is rejected.
+    let bad = ServiceYaml {
+        name: "web",
+        cluster_ips: &cluster_ips(),
+        target: TARGET,
+        backends: &backends_of(&c.lab)[..2],
+        annotations: &[(
+            "lacewing.io/backend-weights",
+            format!("{}=0", c.backend_ips(true)[0]),
+        )],
+        affinity_timeout_s: None,
+    };
+    fs::write(&c.file, bad.render()).unwrap();
+    let metrics = (0..50)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            node_http(&c.lab, &n0, "/metrics")
+        })
+        .find(|m| m.contains("lacewing_config_applies_total{result=\"error\"} 1"))
+        .expect("the daemon should count the rejected file");
+    assert!(
+        metrics.contains("lacewing_config_applies_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    let after = LbMaps::open(&c.lab.node_bpffs_root(&n0))
+        .unwrap()
+        .services()
+        .unwrap();
+    assert_eq!(before, after, "a rejected file must not touch the maps");
+    let p = probe(
+        &c.lab,
+        &c.lab.pod("n0-p0").unwrap(),
+        "tcp",
+        V4.parse().unwrap(),
+        80,
+        "60",
+    );
+    assert!(
+        p.errors.is_empty() && p.replies.len() == 3,
+        "the previous three backends still serve: {p:?}"
+    );
+}
+
+#[test]
+fn an_update_that_fails_midway_leaves_the_previous_backends() {
+    // One node: a client, a backend, the daemon with no services of its own.
+    let lab = new_lab(1, 3);
+    let node = lab.node("n0").unwrap();
+    let _d = lab.start_node_daemon(&node, &bin("lacewing-node")).unwrap();
+    let (p1, p2) = (lab.pod("n0-p1").unwrap(), lab.pod("n0-p2").unwrap());
+    let _b1 = start_backend(&lab, &p1, TARGET);
+    let _b2 = start_backend(&lab, &p2, TARGET);
+    let root = lab.node_bpffs_root(&node);
+    let mut lb = LoadBalancer::reconcile(LbMaps::open(&root).unwrap()).unwrap();
+    // LW_MAGLEV holds 1,048,576 entries: eight tables of 131,071 leave room for
+    // 8 more, so rewriting one of them must fail while staging its new table.
+    let big = Algorithm::Maglev {
+        table_size: 131_071,
+    };
+    let service = |i: u32, backend: IpAddr| ServiceEntry {
+        name: format!("default/big{i}:tcp"),
+        frontend: format!("10.96.1.{}:80", i + 1).parse().unwrap(),
+        protocol: Protocol::Tcp,
+        algorithm: big,
+        affinity_timeout_s: 0,
+        backends: vec![BackendEntry {
+            addr: (backend, TARGET).into(),
+            weight: 1,
+        }],
+    };
+    let (ip1, ip2) = (IpAddr::V4(p1.ip4()), IpAddr::V4(p2.ip4()));
+    let mut set = ServiceSet {
+        services: (0..8).map(|i| service(i, ip1)).collect(),
+    };
+    lb.apply(&set).expect("eight tables fit");
+    let before = LbMaps::open(&root).unwrap().services().unwrap();
+    set.services[0] = service(0, ip2);
+    let err = lb.apply(&set).expect_err("a ninth table cannot be staged");
+    assert!(
+        err.to_string().contains("default/big0:tcp")
+            && err.to_string().contains("keeps its previous backends"),
+        "{err}"
+    );
+    let after = LbMaps::open(&root).unwrap().services().unwrap();
+    assert_eq!(before, after, "the failed service entry must be untouched");
+    let p = probe(
+        &lab,
+        &lab.pod("n0-p0").unwrap(),
+        "tcp",
+        "10.96.1.1".parse().unwrap(),
+        80,
+        "20",
+    );
+    assert_eq!(
+        p.replies.keys().collect::<Vec<_>>(),
+        ["n0-p1"],
+        "still the previous backend: {p:?}"
+    );
+    // The staged slots were removed: the same update fits once room is made.
+    set.services.truncate(1);
+    lb.apply(&set)
+        .expect("with seven tables gone the update fits");
+    let p = probe(
+        &lab,
+        &lab.pod("n0-p0").unwrap(),
+        "tcp",
+        "10.96.1.1".parse().unwrap(),
+        80,
+        "20",
+    );
+    assert_eq!(
+        p.replies.keys().collect::<Vec<_>>(),
+        ["n0-p2"],
+        "now the new backend: {p:?}"
+    );
+}

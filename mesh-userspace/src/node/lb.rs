@@ -202,6 +202,17 @@ impl LoadBalancer {
         let mut report = ApplyReport::default();
         let desired: BTreeMap<SvcKey, &ServiceEntry> =
             set.services.iter().map(|s| (s.key(), s)).collect();
+        // Removals first: they cannot fail for lack of room, and they make room.
+        let gone: Vec<SvcKey> = self
+            .installed
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.remove(&key)?;
+            report.removed += 1;
+        }
         for (key, entry) in &desired {
             match self.installed.get_mut(key) {
                 Some(inst) if inst.spec.same_datapath(entry) => {
@@ -217,16 +228,6 @@ impl LoadBalancer {
                     report.added += 1;
                 }
             }
-        }
-        let gone: Vec<SvcKey> = self
-            .installed
-            .keys()
-            .filter(|k| !desired.contains_key(k))
-            .copied()
-            .collect();
-        for key in gone {
-            self.remove(&key)?;
-            report.removed += 1;
         }
         Ok(report)
     }
