@@ -43,6 +43,15 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "promtool, which checks the /metrics exposition",
     ),
+    ("wrk", "the load generator of `cargo xtask bench l4`"),
+    (
+        "iptables",
+        "kube-proxy's iptables rules, a baseline of `bench l4`",
+    ),
+    (
+        "nftables",
+        "kube-proxy's nftables rules, a baseline of `bench l4`",
+    ),
 ];
 
 pub fn run() -> anyhow::Result<()> {
