@@ -70,7 +70,9 @@ impl Cluster {
             .lab
             .start_node_daemon_with(node, &bin("lacewing-node"), &args)
             .unwrap();
-        wait_ready(&self.lab, node);
+        self.lab
+            .wait_node_ready(node, Duration::from_secs(10))
+            .unwrap();
         d
     }
 
@@ -89,6 +91,21 @@ impl Cluster {
     }
 }
 
+/// The `web` service (TCP 80 and UDP 53, dual stack) over the three backends.
+fn web_cluster() -> Cluster {
+    Cluster::new(|lab| {
+        ServiceYaml {
+            name: "web",
+            cluster_ips: &cluster_ips(),
+            target: TARGET,
+            backends: &backends_of(lab),
+            annotations: &[],
+            affinity_timeout_s: None,
+        }
+        .render()
+    })
+}
+
 fn backends_of(lab: &Lab) -> Vec<IpAddr> {
     ["n0-p1", "n1-p1", "n1-p2"]
         .iter()
@@ -101,18 +118,6 @@ fn backends_of(lab: &Lab) -> Vec<IpAddr> {
 
 fn cluster_ips() -> [IpAddr; 2] {
     [V4.parse().unwrap(), V6.parse().unwrap()]
-}
-
-fn wait_ready(lab: &Lab, node: &NodeSpec) {
-    for _ in 0..100 {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sf", "--max-time", "1", "http://127.0.0.1:15020/readyz"]);
-        if lab.run_on_node(node, cmd).is_ok_and(|o| o.status.success()) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("lacewing-node on {} never became ready", node.name());
 }
 
 /// Asserts each backend got `share` of `probe.n` within `tolerance` (absolute).
@@ -130,17 +135,7 @@ fn assert_spread(what: &str, probe: &Probe, expected: &[(&str, f64)], tolerance:
 
 #[test]
 fn clients_on_two_nodes_spread_over_three_backends_tcp_udp_v4_v6() {
-    let c = Cluster::new(|lab| {
-        ServiceYaml {
-            name: "web",
-            cluster_ips: &cluster_ips(),
-            target: TARGET,
-            backends: &backends_of(lab),
-            annotations: &[],
-            affinity_timeout_s: None,
-        }
-        .render()
-    });
+    let c = web_cluster();
     let even = [
         ("n0-p1", 1.0 / 3.0),
         ("n1-p1", 1.0 / 3.0),
@@ -336,17 +331,7 @@ fn stop_loop(client: LabProcess, stop: PathBuf) -> Probe {
 
 #[test]
 fn two_hundred_back_to_back_updates_never_fail_a_connect() {
-    let c = Cluster::new(|lab| {
-        ServiceYaml {
-            name: "web",
-            cluster_ips: &cluster_ips(),
-            target: TARGET,
-            backends: &backends_of(lab),
-            annotations: &[],
-            affinity_timeout_s: None,
-        }
-        .render()
-    });
+    let c = web_cluster();
     // Stop the daemons' watchers from competing: this test drives the maps of
     // n0 directly through the same update code the daemon uses.
     let n0 = c.lab.node("n0").unwrap();
@@ -395,17 +380,7 @@ fn two_hundred_back_to_back_updates_never_fail_a_connect() {
 
 #[test]
 fn restarting_the_node_daemon_fails_no_connect_and_flushes_nothing() {
-    let mut c = Cluster::new(|lab| {
-        ServiceYaml {
-            name: "web",
-            cluster_ips: &cluster_ips(),
-            target: TARGET,
-            backends: &backends_of(lab),
-            annotations: &[],
-            affinity_timeout_s: None,
-        }
-        .render()
-    });
+    let mut c = web_cluster();
     let n0 = c.lab.node("n0").unwrap();
     let before = LbMaps::open(&c.lab.node_bpffs_root(&n0))
         .unwrap()
@@ -452,17 +427,7 @@ fn restarting_the_node_daemon_fails_no_connect_and_flushes_nothing() {
 
 #[test]
 fn bpftool_shows_services_and_backends_with_field_names() {
-    let c = Cluster::new(|lab| {
-        ServiceYaml {
-            name: "web",
-            cluster_ips: &cluster_ips(),
-            target: TARGET,
-            backends: &backends_of(lab),
-            annotations: &[],
-            affinity_timeout_s: None,
-        }
-        .render()
-    });
+    let c = web_cluster();
     let maps = c
         .lab
         .node_bpffs_root(&c.lab.node("n0").unwrap())
@@ -527,17 +492,7 @@ fn bpftool_shows_services_and_backends_with_field_names() {
 
 #[test]
 fn a_rejected_services_file_changes_nothing() {
-    let c = Cluster::new(|lab| {
-        ServiceYaml {
-            name: "web",
-            cluster_ips: &cluster_ips(),
-            target: TARGET,
-            backends: &backends_of(lab),
-            annotations: &[],
-            affinity_timeout_s: None,
-        }
-        .render()
-    });
+    let c = web_cluster();
     let n0 = c.lab.node("n0").unwrap();
     let before = LbMaps::open(&c.lab.node_bpffs_root(&n0))
         .unwrap()

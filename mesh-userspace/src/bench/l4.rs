@@ -106,7 +106,8 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
         std::fs::write(&file, services_yaml(size, target, &backends))?;
         let args = [std::ffi::OsStr::new("--services"), file.as_os_str()];
         let mut daemon = lab.start_node_daemon_with(&node, node_bin, &args)?;
-        wait_ready(&lab, &node, size)?;
+        lab.wait_node_ready(&node, Duration::from_secs(120))
+            .with_context(|| format!("applying {size} services"))?;
         row.ebpf = best_of(opts, || wrk(&lab, &ebpf, target_ip, SERVICE_PORT, opts))?;
         row.map_bytes = map_bytes(&lab.node_bpffs_root(&node))?;
         daemon.terminate(Duration::from_secs(10))?;
@@ -388,18 +389,6 @@ fn map_bytes(root: &Path) -> anyhow::Result<u64> {
         total += v["bytes_memlock"].as_u64().unwrap_or(0);
     }
     Ok(total)
-}
-
-fn wait_ready(lab: &Lab, node: &NodeSpec, size: u32) -> anyhow::Result<()> {
-    for _ in 0..1200 {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sf", "--max-time", "1", "http://127.0.0.1:15020/readyz"]);
-        if lab.run_on_node(node, cmd)?.status.success() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("lacewing-node did not apply {size} services in 120 s")
 }
 
 /// Runs `program args` in the named namespace with `input` on stdin.

@@ -59,8 +59,9 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
         let args = [std::ffi::OsStr::new("--services"), services.as_os_str()];
         daemons.push(lab.start_node_daemon_with(node, node_bin, &args)?);
     }
-    wait_applied(lab, &n0)?;
-    wait_applied(lab, &n1)?;
+    for node in [&n0, &n1] {
+        lab.wait_node_ready(node, Duration::from_secs(10))?;
+    }
     print!("{}", services_table(&lab.node_bpffs_root(&n0))?);
 
     for ip in ["10.96.0.10", "fd00:96::10"] {
@@ -131,19 +132,6 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
 
 fn url(ip: IpAddr) -> String {
     format!("http://{}/", std::net::SocketAddr::new(ip, 80))
-}
-
-/// Waits until the node daemon reports ready (its services file applied).
-fn wait_applied(lab: &Lab, node: &crate::lab::NodeSpec) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sf", "--max-time", "1", "http://127.0.0.1:15020/readyz"]);
-        if lab.run_on_node(node, cmd)?.status.success() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    anyhow::bail!("lacewing-node on {} did not become ready", node.name())
 }
 
 /// Two Services in Kubernetes YAML: `web` with three backends (dual stack)

@@ -66,6 +66,29 @@ impl Lab {
         }
     }
 
+    /// Waits until the node daemon on `node` answers `/readyz` (its datapath is
+    /// attached and its first configuration applied), asking from inside the node.
+    pub fn wait_node_ready(&self, node: &NodeSpec, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sf", "--max-time", "1", "http://127.0.0.1:15020/readyz"]);
+            if self.run_on_node(node, cmd)?.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "lacewing-node on {} not ready after {timeout:?}",
+                        node.name()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts nginx in `pod`, listening on `port` (IPv4 and IPv6), answering
     /// `body` to every request; returns once it is listening.
     pub fn start_http_server(
