@@ -199,13 +199,24 @@ fn two_labs_side_by_side_do_not_collide() {
 
 #[test]
 fn the_lab_refuses_to_start_without_root_and_says_so() {
-    use std::os::unix::process::CommandExt as _;
-    let out = Command::new(bin("lacewing"))
+    use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+    // A copy nobody can run wherever the checkout lives (CI may clone under a
+    // folder only root can enter).
+    let dir = std::env::temp_dir().join(format!("lacewing-nonroot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("lacewing");
+    std::fs::copy(bin("lacewing"), &exe).unwrap();
+    for path in [&dir, &exe] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = Command::new(&exe)
         .args(["lab", "up", "--nodes", "1", "--pods", "1"])
+        .current_dir(&dir)
         .uid(65534)
         .gid(65534)
-        .output()
-        .expect("run lacewing as nobody");
+        .output();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let out = out.expect("run lacewing as nobody");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "lab up succeeded without root");
     assert!(

@@ -31,6 +31,11 @@ use lacewing_tests::{
 const V4: &str = "10.96.0.10";
 const V6: &str = "fd00:96::10";
 const TARGET: u16 = 7000;
+/// Allowed distance of a backend's share from its expected share. With 600
+/// samples one share's standard deviation is at most 0.02, so 0.08 is 4 sigma
+/// (a false alarm in about 1 run in 1,000, over all checks), while 1:1:1 where 1:2:1
+/// was asked is off by 0.17 on the heavy backend.
+const SPREAD_TOLERANCE: f64 = 0.08;
 
 struct Cluster {
     lab: Lab,
@@ -151,15 +156,15 @@ fn clients_on_two_nodes_spread_over_three_backends_tcp_udp_v4_v6() {
                     format!("[{ip}]:{port}")
                 }
             };
-            let tcp = probe(&c.lab, &pod, "tcp", ip, 80, "300");
-            assert_spread(&format!("{client} tcp {ip}"), &tcp, &even, 0.1);
+            let tcp = probe(&c.lab, &pod, "tcp", ip, 80, "600");
+            assert_spread(&format!("{client} tcp {ip}"), &tcp, &even, SPREAD_TOLERANCE);
             assert_eq!(
                 tcp.peers.keys().collect::<Vec<_>>(),
                 [&frontend(80)],
                 "getpeername must return the ClusterIP"
             );
-            let udp = probe(&c.lab, &pod, "udp", ip, 53, "300");
-            assert_spread(&format!("{client} udp {ip}"), &udp, &even, 0.1);
+            let udp = probe(&c.lab, &pod, "udp", ip, 53, "600");
+            assert_spread(&format!("{client} udp {ip}"), &udp, &even, SPREAD_TOLERANCE);
             assert_eq!(
                 udp.peers.keys().collect::<Vec<_>>(),
                 [&frontend(53)],
@@ -191,15 +196,15 @@ fn clients_on_two_nodes_spread_over_three_backends_tcp_udp_v4_v6() {
         for ip in cluster_ips() {
             assert_spread(
                 &format!("{client} weighted tcp {ip}"),
-                &probe(&c.lab, &pod, "tcp", ip, 80, "400"),
+                &probe(&c.lab, &pod, "tcp", ip, 80, "600"),
                 &weighted,
-                0.1,
+                SPREAD_TOLERANCE,
             );
             assert_spread(
                 &format!("{client} weighted udp {ip}"),
-                &probe(&c.lab, &pod, "udp", ip, 53, "400"),
+                &probe(&c.lab, &pod, "udp", ip, 53, "600"),
                 &weighted,
-                0.1,
+                SPREAD_TOLERANCE,
             );
         }
     }
@@ -234,9 +239,9 @@ fn maglev_spreads_and_session_affinity_sticks_then_expires() {
     ];
     assert_spread(
         "maglev tcp",
-        &probe(&c.lab, &client, "tcp", V4.parse().unwrap(), 80, "300"),
+        &probe(&c.lab, &client, "tcp", V4.parse().unwrap(), 80, "600"),
         &even,
-        0.1,
+        SPREAD_TOLERANCE,
     );
 
     let sticky: IpAddr = "10.96.0.20".parse().unwrap();
