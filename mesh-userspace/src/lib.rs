@@ -10,6 +10,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod cli;
 pub mod lab;
+pub mod model;
 pub mod node;
 pub mod shutdown;
 pub mod sys;

@@ -5,12 +5,10 @@
 
 pub mod config;
 pub mod http;
-pub mod k8s;
 pub mod lb;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
-pub mod services;
 pub mod source;
 
 use std::sync::{Arc, Mutex, atomic::AtomicBool};

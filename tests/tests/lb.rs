@@ -18,11 +18,8 @@ use std::{
 
 use lacewing::{
     lab::{Lab, LabProcess, NodeSpec},
-    node::{
-        lb::LoadBalancer,
-        maps::LbMaps,
-        services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet},
-    },
+    model::services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet},
+    node::{lb::LoadBalancer, maps::LbMaps},
 };
 use lacewing_tests::{
     PYTHON, Probe, ServiceYaml, bin, new_lab, node_http, parse_probe, probe, start_backend,

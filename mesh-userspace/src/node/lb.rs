@@ -23,9 +23,9 @@ use mesh_common::{
     maglev,
 };
 
-use super::{
-    maps::{LbMaps, MapOpError, SlotTable},
-    services::{Algorithm, BackendEntry, InvalidService, Protocol, ServiceEntry, ServiceSet},
+use super::maps::{LbMaps, MapOpError, SlotTable};
+use crate::model::services::{
+    Algorithm, BackendEntry, InvalidService, Protocol, ServiceEntry, ServiceSet,
 };
 
 /// Why an apply failed. Services not yet reached keep their previous state.

@@ -9,7 +9,8 @@ use std::{
     time::Duration,
 };
 
-use super::{http::Endpoint, k8s, lb::LoadBalancer, metrics::Metrics};
+use super::{http::Endpoint, lb::LoadBalancer, metrics::Metrics};
+use crate::model::k8s;
 
 /// How often the file is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);

@@ -1,0 +1,6 @@
+//! The one internal model of what the cluster declares, whatever the source
+//! (a folder of YAML, a file, Kubernetes), and its translation from
+//! Kubernetes objects. Node configuration is built from this, once.
+
+pub mod k8s;
+pub mod services;
