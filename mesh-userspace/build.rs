@@ -1,4 +1,5 @@
-//! Compiles `mesh-ebpf` with aya-build so `lacewing-node` can embed the object.
+//! Compiles the gRPC protocol (tonic-build) and `mesh-ebpf` (aya-build), which
+//! `lacewing-node` embeds.
 //!
 //! The eBPF build needs the nightly's rust-src and bpf-linker. When either is
 //! missing the build stops with one line that says what to run, instead of a
@@ -8,6 +9,17 @@ use std::{env, path::PathBuf, process::Command};
 
 fn main() {
     println!("cargo::rerun-if-env-changed=PATH");
+    println!("cargo::rerun-if-changed=proto");
+    if !on_path("protoc") {
+        println!("cargo::error=protoc is not installed: run `cargo xtask setup`");
+        return;
+    }
+    if let Err(err) = tonic_build::configure()
+        .compile_protos(&["proto/lacewing/config/v1/config.proto"], &["proto"])
+    {
+        println!("cargo::error=compiling the gRPC protocol failed: {err}");
+        return;
+    }
     if let Err(missing) = check_toolchain() {
         println!("cargo::error={missing}: run `cargo xtask setup`");
         return;

@@ -124,6 +124,32 @@ pub struct RevNat {
     pub _pad: [u8; 6],
 }
 
+/// The data of a service CIDR key (in an LPM trie, `prefix_len` = 32 + the
+/// CIDR's length, so the family byte and padding always match exactly).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+}
+
+/// Bits of [`CidrKey`] before the address.
+pub const CIDR_KEY_HEADER_BITS: u32 = 32;
+
+/// What a service CIDR entry says.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcCidr {
+    /// Reserved; 0.
+    pub flags: u32,
+}
+
+/// The stats id of connects refused because they went to an address in a
+/// service CIDR that is no service (a deleted or never allocated ClusterIP).
+pub const UNALLOCATED_SVC_ID: u32 = 0;
+
 /// Per-CPU counters of a service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -144,6 +170,8 @@ const _: () = assert!(size_of::<Affinity>() == 16);
 const _: () = assert!(size_of::<RevNatKey>() == 32);
 const _: () = assert!(size_of::<RevNat>() == 24);
 const _: () = assert!(size_of::<SvcStats>() == 16);
+const _: () = assert!(size_of::<CidrKey>() == 20);
+const _: () = assert!(size_of::<SvcCidr>() == 4);
 
 /// 64-bit finalizer (SplitMix64): spreads any input evenly over all bits. Used
 /// for Maglev flow hashing in the kernel and in userspace alike.
@@ -202,6 +230,8 @@ mod pod {
         super::Affinity,
         super::RevNatKey,
         super::RevNat,
-        super::SvcStats
+        super::SvcStats,
+        super::CidrKey,
+        super::SvcCidr
     );
 }

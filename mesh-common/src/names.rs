@@ -22,6 +22,8 @@ pub const MAP_AFFINITY: &str = "LW_AFFINITY";
 pub const MAP_REVNAT: &str = "LW_REVNAT";
 /// Per-CPU counters per service.
 pub const MAP_SVC_STATS: &str = "LW_SVC_STATS";
+/// Service CIDRs: connects to an address in one that is no service are refused.
+pub const MAP_SVC_CIDRS: &str = "LW_SVC_CIDRS";
 
 /// Every map the node daemon pins.
 pub const ALL_MAPS: &[&str] = &[
@@ -33,6 +35,7 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_AFFINITY,
     MAP_REVNAT,
     MAP_SVC_STATS,
+    MAP_SVC_CIDRS,
 ];
 
 /// A cgroup `sock_addr` program: its name and its attach point.

@@ -7,11 +7,14 @@ use aya_ebpf::helpers::{
 };
 use mesh_common::lb::{
     ALG_MAGLEV, Affinity, AffinityKey, Backend, PROTO_TCP, PROTO_UDP, RevNat, RevNatKey, Service,
-    SlotKey, SvcKey, SvcStats, maglev_index,
+    SlotKey, SvcKey, SvcStats, UNALLOCATED_SVC_ID, maglev_index,
 };
 
 use crate::{
-    maps::{LW_AFFINITY, LW_BACKENDS, LW_MAGLEV, LW_REVNAT, LW_SERVICES, LW_SLOTS, LW_SVC_STATS},
+    maps::{
+        LW_AFFINITY, LW_BACKENDS, LW_MAGLEV, LW_REVNAT, LW_SERVICES, LW_SLOTS, LW_SVC_CIDRS,
+        LW_SVC_STATS, cidr_lookup_key,
+    },
     sockaddr::Dest,
 };
 
@@ -42,7 +45,7 @@ pub fn translate(ctx: *mut core::ffi::c_void, dest: &Dest, proto: u8) -> Verdict
     for _ in 0..2 {
         // SAFETY: copied out at once; the value is not held across map writes.
         let Some(svc) = (unsafe { LW_SERVICES.get(key) }).copied() else {
-            return Verdict::Pass;
+            return unallocated(dest);
         };
         if svc.count == 0 {
             count(svc.id, false);
@@ -61,6 +64,20 @@ pub fn translate(ctx: *mut core::ffi::c_void, dest: &Dest, proto: u8) -> Verdict
         return Verdict::Translated(to);
     }
     Verdict::Pass
+}
+
+/// An address that is no service: refused if it is in a service CIDR (a
+/// deleted or never allocated ClusterIP, as kube-proxy's nftables mode does),
+/// left alone otherwise.
+#[inline(always)]
+fn unallocated(dest: &Dest) -> Verdict {
+    let key = cidr_lookup_key(dest.family, dest.addr);
+    if LW_SVC_CIDRS.get(&key).is_some() {
+        count(UNALLOCATED_SVC_ID, false);
+        Verdict::Refuse
+    } else {
+        Verdict::Pass
+    }
 }
 
 /// The backend for this socket: the client's affine one if still valid, else

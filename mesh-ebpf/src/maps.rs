@@ -6,13 +6,14 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuHashMap},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
     macros::btf_map,
 };
 use mesh_common::{
     conn::{ConnCount, ConnKey},
     lb::{
-        Affinity, AffinityKey, Backend, RevNat, RevNatKey, Service, Slot, SlotKey, SvcKey, SvcStats,
+        Affinity, AffinityKey, Backend, CidrKey, RevNat, RevNatKey, Service, Slot, SlotKey,
+        SvcCidr, SvcKey, SvcStats,
     },
 };
 
@@ -52,3 +53,20 @@ pub static LW_REVNAT: LruHashMap<RevNatKey, RevNat, 262144> = LruHashMap::new();
 /// `names::MAP_SVC_STATS`: per-service counters.
 #[btf_map]
 pub static LW_SVC_STATS: PerCpuHashMap<u32, SvcStats, 65536> = PerCpuHashMap::new();
+
+/// `names::MAP_SVC_CIDRS`: the cluster's service CIDRs.
+#[btf_map]
+pub static LW_SVC_CIDRS: LpmTrie<CidrKey, SvcCidr, 64> = LpmTrie::new();
+
+/// The LPM key for one address (a full-length prefix).
+#[inline(always)]
+pub fn cidr_lookup_key(family: u8, addr: [u8; 16]) -> Key<CidrKey> {
+    Key::new(
+        mesh_common::lb::CIDR_KEY_HEADER_BITS + 128,
+        CidrKey {
+            family,
+            _pad: [0; 3],
+            addr,
+        },
+    )
+}

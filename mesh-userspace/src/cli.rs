@@ -3,6 +3,7 @@
 mod demo;
 mod lab;
 mod maps;
+mod status;
 
 use std::path::PathBuf;
 
@@ -21,6 +22,12 @@ pub enum Command {
     /// Run a local cluster in network namespaces (root).
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// The controller's view: each node's applied version, lag and last NACK.
+    Status {
+        /// The controller's gRPC address.
+        #[arg(long, default_value = "http://127.0.0.1:15012")]
+        controller: String,
+    },
     /// Read a node's pinned maps.
     #[command(subcommand)]
     Maps(maps::MapsCommand),
@@ -57,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Maps(cmd) => maps::run(cmd).map(|()| 0),
+        Command::Status { controller } => status::run(&controller),
         Command::Demo => demo::run().map(|()| 0),
         Command::Bench(BenchCommand::L4 {
             sizes,

@@ -23,6 +23,7 @@ use std::{
     process::{Command, Output},
 };
 
+pub use apps::{CONTROLLER_IP, CONTROLLER_PORT};
 pub use process::LabProcess;
 pub use state::Record;
 pub use topology::{LabId, NodeSpec, PodSpec, Topology};
@@ -118,6 +119,7 @@ impl Lab {
     fn build(&self) -> std::io::Result<()> {
         fs::create_dir_all(self.bpffs_root())?;
         fs::create_dir(self.cgroup_root())?;
+        fs::create_dir(self.controller_cgroup())?;
         for node in self.topo.nodes() {
             fs::create_dir(self.node_cgroup(&node))?;
         }
@@ -198,6 +200,11 @@ impl Lab {
         self.cgroup_root().join(node.cgroup())
     }
 
+    /// The control plane's cgroup (its processes run on the underlay).
+    pub fn controller_cgroup(&self) -> PathBuf {
+        self.cgroup_root().join("cp")
+    }
+
     pub fn pod_cgroup(&self, pod: &PodSpec) -> PathBuf {
         self.cgroup_root().join(pod.cgroup())
     }
@@ -238,6 +245,17 @@ impl Lab {
             node.name(),
             &netns::path(&node.netns()),
             &self.node_cgroup(node),
+        )
+    }
+
+    /// Starts `cmd` on the underlay (the control plane's place), in the
+    /// controller's cgroup.
+    pub fn spawn_on_underlay(&self, cmd: Command) -> Result<LabProcess, std::io::Error> {
+        LabProcess::spawn(
+            cmd,
+            "controller".into(),
+            &netns::path(&self.topo.underlay_netns()),
+            &self.controller_cgroup(),
         )
     }
 

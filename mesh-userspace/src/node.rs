@@ -3,6 +3,7 @@
 //! keeps the service load balancer's maps in line with its input, and serves
 //! metrics and health on :15020.
 
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod lb;
@@ -37,14 +38,16 @@ pub enum NodeError {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let datapath = Datapath::load_and_attach(&config)?;
-    let lb = Arc::new(Mutex::new(lb::LoadBalancer::reconcile(
-        maps::LbMaps::open(&config.bpffs_root)?,
-    )?));
+    let mut balancer = lb::LoadBalancer::reconcile(maps::LbMaps::open(&config.bpffs_root)?)?;
+    balancer
+        .set_service_cidrs(&config.service_cidrs)
+        .map_err(lb::ApplyError::Read)?;
+    let lb = Arc::new(Mutex::new(balancer));
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb));
     let endpoint = Arc::new(http::Endpoint {
         registry,
-        ready: AtomicBool::new(config.services_file.is_none()),
+        ready: AtomicBool::new(config.services_file.is_none() && config.controller.is_none()),
     });
     let server = http::serve(config.metrics_addr, Arc::clone(&endpoint))
         .await
@@ -52,6 +55,15 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             addr: config.metrics_addr,
             source,
         })?;
+    let subscriber = config.controller.clone().map(|controller| {
+        tokio::spawn(client::run(
+            controller,
+            config.node_name.clone(),
+            Arc::clone(&lb),
+            metrics.clone(),
+            Arc::clone(&endpoint),
+        ))
+    });
     let watcher = config.services_file.clone().map(|path| {
         tokio::spawn(source::watch_file(
             path,
@@ -68,8 +80,8 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     );
     crate::shutdown::signal().await;
     server.abort();
-    if let Some(w) = watcher {
-        w.abort();
+    for task in [watcher, subscriber].into_iter().flatten() {
+        task.abort();
     }
     if config.keep_datapath {
         tracing::info!(

@@ -43,6 +43,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "promtool, which checks the /metrics exposition",
     ),
+    (
+        "protobuf-compiler",
+        "protoc, which compiles the gRPC protocol",
+    ),
     ("wrk", "the load generator of `cargo xtask bench l4`"),
     (
         "iptables",

@@ -1,12 +1,14 @@
-//! `lacewing-controller`: the control plane. It watches Kubernetes (or a folder
-//! of the same YAML) and streams each node its configuration; that arrives with
-//! the control-plane issue. Until then it says so and exits non-zero rather than
-//! pretending to serve.
+//! `lacewing-controller`: the control plane (one per cluster; in the lab, on
+//! the underlay).
 
-fn main() {
-    eprintln!(
-        "lacewing-controller {}: the control plane is not built yet; nodes run from local input",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+use clap::Parser as _;
+use lacewing::controller::{self, config::ControllerArgs};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = ControllerArgs::parse();
+    lacewing::telemetry::init(args.log_format);
+    let config = args.validate().map_err(anyhow::Error::msg)?;
+    controller::run(config).await?;
+    Ok(())
 }

@@ -10,11 +10,17 @@ use std::{
 
 use mesh_common::names;
 
+use super::netns;
 use super::{
     Lab, LabProcess,
     topology::{NodeSpec, PodSpec},
 };
 use crate::node::loader::links_dir;
+
+/// The control plane's address on the underlay bridge (nodes are .1 and up).
+pub const CONTROLLER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 200, 0, 254);
+/// The controller's gRPC port.
+pub const CONTROLLER_PORT: u16 = 15012;
 
 impl Lab {
     /// Starts the `lacewing-node` binary at `bin` on `node`, attached at the
@@ -64,6 +70,22 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts `lacewing-controller` (the binary at `bin`) on the underlay at
+    /// [`CONTROLLER_IP`], serving the YAML in `folder`; returns once it listens.
+    pub fn start_controller(&self, bin: &Path, folder: &Path) -> io::Result<LabProcess> {
+        netns::ensure_underlay_address(&self.topology().underlay_netns(), CONTROLLER_IP)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--folder").arg(folder);
+        let mut controller = self.spawn_on_underlay(cmd)?;
+        controller.wait_listening(CONTROLLER_PORT, Duration::from_secs(20))?;
+        Ok(controller)
+    }
+
+    /// Where nodes reach the controller.
+    pub fn controller_url(&self) -> String {
+        format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}")
     }
 
     /// Waits until the node daemon on `node` answers `/readyz` (its datapath is

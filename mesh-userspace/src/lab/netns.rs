@@ -133,6 +133,17 @@ fn pod_script(topo: &Topology, node: u8, index: u8) -> String {
     s
 }
 
+/// Gives the underlay bridge `ip`/24 (for the control plane), once.
+pub fn ensure_underlay_address(underlay: &str, ip: std::net::Ipv4Addr) -> io::Result<()> {
+    let out = Command::new("ip")
+        .args(["-n", underlay, "-o", "addr", "show", "dev", "br0"])
+        .output()?;
+    if String::from_utf8_lossy(&out.stdout).contains(&format!("inet {ip}/")) {
+        return Ok(());
+    }
+    ip_batch(Some(underlay), &format!("addr add {ip}/24 dev br0\n"))
+}
+
 /// Names of every namespace that belongs to lab `id`.
 pub fn list(id: LabId) -> io::Result<Vec<String>> {
     Ok(list_all()?

@@ -2,10 +2,10 @@
 //!
 //! ```text
 //!            underlay netns  lw-<id>-ul   (bridge br0, no addresses)
-//!              |  10.98.0.0/24, fd98::/64
+//!              |  10.200.0.0/24, fd98::/64
 //!     +--------+---------+
 //!   node n0            node n1            netns lw-<id>-n0, lw-<id>-n1
-//!   10.98.0.1          10.98.0.2          pod CIDR 10.244.<n>.0/24, fd00:244:<n>::/64
+//!   10.200.0.1          10.200.0.2          pod CIDR 10.244.<n>.0/24, fd00:244:<n>::/64
 //!    |p0   |p1          |p0   |p1         veths named p<i> in the node netns
 //!  n0-p0  n0-p1       n1-p0  n1-p1        netns lw-<id>-n<n>-p<i>, eth0 10.244.<n>.<10+i>
 //! ```
@@ -183,8 +183,9 @@ impl NodeSpec {
     pub fn underlay_if(&self) -> String {
         self.name()
     }
+    /// Outside the service CIDR (10.96.0.0/12) and the pod CIDRs.
     pub fn underlay_ip4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 98, 0, self.index + 1)
+        Ipv4Addr::new(10, 200, 0, self.index + 1)
     }
     pub fn underlay_ip6(&self) -> Ipv6Addr {
         Ipv6Addr::new(0xfd98, 0, 0, 0, 0, 0, 0, u16::from(self.index) + 1)

@@ -32,6 +32,13 @@ pub enum K8sError {
     },
     #[error("Service {0}: {1}")]
     Service(String, String),
+    #[error("{0}")]
+    Invalid(#[from] super::services::InvalidService),
+    #[error("{origin}: {source}")]
+    In {
+        origin: String,
+        source: Box<K8sError>,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,43 +150,82 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// kinds are skipped) into the set of ClusterIP frontends with their ready
 /// backends.
 pub fn parse(text: &str) -> Result<ServiceSet, K8sError> {
-    let mut services = Vec::new();
-    let mut slices: BTreeMap<(String, String), Vec<EndpointSlice>> = BTreeMap::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|source| K8sError::Yaml { index, source })?;
-        if value.is_null() {
-            continue;
-        }
-        let kind: Kind = serde_yaml::from_value(value.clone())
-            .map_err(|source| K8sError::Yaml { index, source })?;
-        match kind.kind.as_deref() {
-            Some("Service") => services.push(
-                serde_yaml::from_value::<Service>(value)
-                    .map_err(|source| K8sError::Yaml { index, source })?,
-            ),
-            Some("EndpointSlice") => {
-                let slice: EndpointSlice = serde_yaml::from_value(value)
-                    .map_err(|source| K8sError::Yaml { index, source })?;
-                if let Some(svc) = slice.metadata.labels.get(SERVICE_NAME_LABEL) {
-                    slices
-                        .entry((slice.metadata.namespace.clone(), svc.clone()))
-                        .or_default()
-                        .push(slice);
-                }
+    let mut objects = Objects::default();
+    objects.add_yaml("", text)?;
+    objects.translate()
+}
+
+/// Kubernetes objects gathered from one or more YAML texts, translated
+/// together (a Service and its EndpointSlices may come from different files).
+#[derive(Debug, Default)]
+pub struct Objects {
+    /// Each Service with where it came from (`file: document N`).
+    services: Vec<(String, Service)>,
+    slices: BTreeMap<(String, String), Vec<EndpointSlice>>,
+}
+
+impl Objects {
+    /// Adds every document of a multi-document YAML text from `origin` (a
+    /// file name, for messages); nothing of the text is added when one
+    /// document is bad.
+    pub fn add_yaml(&mut self, origin: &str, text: &str) -> Result<(), K8sError> {
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let value = serde_yaml::Value::deserialize(doc)
+                .map_err(|source| K8sError::Yaml { index, source })?;
+            if value.is_null() {
+                continue;
             }
-            _ => {}
+            let kind: Kind = serde_yaml::from_value(value.clone())
+                .map_err(|source| K8sError::Yaml { index, source })?;
+            match kind.kind.as_deref() {
+                Some("Service") => services.push((
+                    if origin.is_empty() {
+                        format!("document {index}")
+                    } else {
+                        format!("{origin}: document {index}")
+                    },
+                    serde_yaml::from_value::<Service>(value)
+                        .map_err(|source| K8sError::Yaml { index, source })?,
+                )),
+                Some("EndpointSlice") => slices.push(
+                    serde_yaml::from_value::<EndpointSlice>(value)
+                        .map_err(|source| K8sError::Yaml { index, source })?,
+                ),
+                _ => {}
+            }
         }
+        self.services.extend(services);
+        for slice in slices {
+            if let Some(svc) = slice.metadata.labels.get(SERVICE_NAME_LABEL) {
+                self.slices
+                    .entry((slice.metadata.namespace.clone(), svc.clone()))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        Ok(())
     }
-    let mut set = ServiceSet::default();
-    for svc in services {
-        let empty = Vec::new();
-        let its_slices = slices
-            .get(&(svc.metadata.namespace.clone(), svc.metadata.name.clone()))
-            .unwrap_or(&empty);
-        set.services.extend(translate(&svc, its_slices)?);
+
+    /// The service frontends these objects declare.
+    pub fn translate(&self) -> Result<ServiceSet, K8sError> {
+        let mut set = ServiceSet::default();
+        for (origin, svc) in &self.services {
+            let its_slices = self
+                .slices
+                .get(&(svc.metadata.namespace.clone(), svc.metadata.name.clone()))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let entries = translate(svc, its_slices).map_err(|e| K8sError::In {
+                origin: origin.clone(),
+                source: Box::new(e),
+            })?;
+            set.services.extend(entries);
+        }
+        set.validate()?;
+        Ok(set)
     }
-    Ok(set)
 }
 
 fn translate(svc: &Service, slices: &[EndpointSlice]) -> Result<Vec<ServiceEntry>, K8sError> {

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::Parser;
 
-use crate::{bpffs, cgroup, telemetry::LogFormat};
+use crate::{bpffs, cgroup, model::services::ServiceCidr, telemetry::LogFormat};
 
 /// Environment names, as in the DaemonSet manifest.
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
@@ -14,6 +14,13 @@ pub const ENV_BPFFS_ROOT: &str = "LACEWING_BPFFS_ROOT";
 pub const ENV_SERVICES_FILE: &str = "LACEWING_SERVICES_FILE";
 pub const ENV_METRICS_ADDR: &str = "LACEWING_METRICS_ADDR";
 pub const ENV_KEEP_DATAPATH: &str = "LACEWING_KEEP_DATAPATH";
+pub const ENV_CONTROLLER: &str = "LACEWING_CONTROLLER";
+pub const ENV_SERVICE_CIDRS: &str = "LACEWING_SERVICE_CIDRS";
+/// Kubernetes' default IPv4 service CIDR, and the lab's IPv6 one.
+pub const DEFAULT_SERVICE_CIDRS: &str = "10.96.0.0/12,fd00:96::/108";
+pub const ENV_MAGLEV_CAPACITY: &str = "LACEWING_MAGLEV_CAPACITY";
+/// The kernel object's own size of `LW_MAGLEV`.
+pub const DEFAULT_MAGLEV_CAPACITY: u32 = 1 << 20;
 /// Metrics and health, on every address (Prometheus scrapes the node IP).
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 
@@ -35,6 +42,18 @@ pub struct NodeArgs {
     /// re-read when it changes. (The controller's stream replaces it.)
     #[arg(long, env = ENV_SERVICES_FILE)]
     pub services: Option<PathBuf>,
+    /// The controller to subscribe to (`http://host:15012`), instead of
+    /// --services.
+    #[arg(long, env = ENV_CONTROLLER, conflicts_with = "services")]
+    pub controller: Option<String>,
+    /// Entries of the Maglev table map (all Maglev services' tables together;
+    /// each takes its table size). Lower it to bound memory.
+    #[arg(long, env = ENV_MAGLEV_CAPACITY, default_value_t = DEFAULT_MAGLEV_CAPACITY)]
+    pub maglev_capacity: u32,
+    /// The cluster's service CIDRs: a connect to an address in them that is
+    /// no service is refused (a deleted or unallocated ClusterIP).
+    #[arg(long, env = ENV_SERVICE_CIDRS, value_delimiter = ',', default_value = DEFAULT_SERVICE_CIDRS)]
+    pub service_cidr: Vec<ServiceCidr>,
     /// Address of the metrics and health endpoint.
     #[arg(long, env = ENV_METRICS_ADDR, default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
@@ -57,6 +76,9 @@ pub struct NodeConfig {
     pub services_file: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
     pub keep_datapath: bool,
+    pub controller: Option<String>,
+    pub maglev_capacity: u32,
+    pub service_cidrs: Vec<ServiceCidr>,
 }
 
 /// A setting that cannot be used, and what to do about it.
@@ -108,6 +130,9 @@ impl NodeArgs {
             services_file: self.services,
             metrics_addr: self.metrics_addr,
             keep_datapath: self.keep_datapath,
+            controller: self.controller,
+            maglev_capacity: self.maglev_capacity,
+            service_cidrs: self.service_cidr,
         })
     }
 }

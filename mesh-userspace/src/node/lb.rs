@@ -25,7 +25,7 @@ use mesh_common::{
 
 use super::maps::{LbMaps, MapOpError, SlotTable};
 use crate::model::services::{
-    Algorithm, BackendEntry, InvalidService, Protocol, ServiceEntry, ServiceSet,
+    Algorithm, BackendEntry, InvalidService, Protocol, ServiceCidr, ServiceEntry, ServiceSet,
 };
 
 /// Why an apply failed. Services not yet reached keep their previous state.
@@ -393,6 +393,28 @@ impl LoadBalancer {
                 })
             })
             .collect()
+    }
+
+    /// Connects to an address in these CIDRs that is no service are refused.
+    pub fn set_service_cidrs(&mut self, cidrs: &[ServiceCidr]) -> Result<(), MapOpError> {
+        let entries: Vec<(u8, [u8; 16], u8)> = cidrs
+            .iter()
+            .map(|c| {
+                let mut addr = [0u8; 16];
+                let family = match c.addr {
+                    IpAddr::V4(ip) => {
+                        addr[..4].copy_from_slice(&ip.octets());
+                        mesh_common::family::INET as u8
+                    }
+                    IpAddr::V6(ip) => {
+                        addr.copy_from_slice(&ip.octets());
+                        mesh_common::family::INET6 as u8
+                    }
+                };
+                (family, addr, c.prefix)
+            })
+            .collect();
+        self.maps.set_service_cidrs(&entries)
     }
 
     pub fn service_count(&self) -> usize {

@@ -93,6 +93,7 @@ impl Datapath {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        loader.map_max_entries(names::MAP_MAGLEV, config.maglev_capacity);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         let cgroup = File::open(&config.cgroup_root).map_err(|source| LoadError::Cgroup {

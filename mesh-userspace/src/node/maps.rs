@@ -5,11 +5,16 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError, PerCpuHashMap},
+    maps::{
+        HashMap, Map, MapData, MapError, PerCpuHashMap,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use mesh_common::{
     conn::{ConnCount, ConnKey},
-    lb::{Backend, Service, Slot, SlotKey, SvcKey, SvcStats},
+    lb::{
+        Backend, CIDR_KEY_HEADER_BITS, CidrKey, Service, Slot, SlotKey, SvcCidr, SvcKey, SvcStats,
+    },
     names,
 };
 
@@ -87,6 +92,7 @@ pub struct LbMaps {
     slots: HashMap<MapData, SlotKey, Slot>,
     maglev: HashMap<MapData, SlotKey, Slot>,
     stats: PerCpuHashMap<MapData, u32, SvcStats>,
+    cidrs: LpmTrie<MapData, CidrKey, SvcCidr>,
 }
 
 impl LbMaps {
@@ -98,6 +104,7 @@ impl LbMaps {
             slots: HashMap::try_from(open(root, names::MAP_SLOTS)?)?,
             maglev: HashMap::try_from(open(root, names::MAP_MAGLEV)?)?,
             stats: PerCpuHashMap::try_from(open(root, names::MAP_SVC_STATS)?)?,
+            cidrs: LpmTrie::try_from(open(root, names::MAP_SVC_CIDRS)?)?,
         })
     }
 
@@ -212,6 +219,43 @@ impl LbMaps {
 
     pub fn delete_stats(&mut self, svc_id: u32) -> Result<(), MapOpError> {
         ignore_missing(self.stats.remove(&svc_id)).map_err(ctx(names::MAP_SVC_STATS, "deleting"))
+    }
+
+    /// Makes the service CIDR map hold exactly `cidrs` (family, address,
+    /// prefix length): new entries first, then stale ones go.
+    pub fn set_service_cidrs(&mut self, cidrs: &[(u8, [u8; 16], u8)]) -> Result<(), MapOpError> {
+        let key = |&(family, addr, prefix): &(u8, [u8; 16], u8)| {
+            Key::new(
+                CIDR_KEY_HEADER_BITS + u32::from(prefix),
+                CidrKey {
+                    family,
+                    _pad: [0; 3],
+                    addr,
+                },
+            )
+        };
+        for c in cidrs {
+            self.cidrs
+                .insert(&key(c), SvcCidr::default(), 0)
+                .map_err(ctx(names::MAP_SVC_CIDRS, "writing"))?;
+        }
+        let wanted: Vec<(u32, CidrKey)> = cidrs
+            .iter()
+            .map(|c| {
+                let k = key(c);
+                (k.prefix_len(), k.data())
+            })
+            .collect();
+        let stale: Vec<Key<CidrKey>> = self
+            .cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for k in stale {
+            ignore_missing(self.cidrs.remove(&k)).map_err(ctx(names::MAP_SVC_CIDRS, "deleting"))?;
+        }
+        Ok(())
     }
 
     fn table(&self, table: SlotTable) -> (&HashMap<MapData, SlotKey, Slot>, &'static str) {

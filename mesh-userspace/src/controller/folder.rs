@@ -1,0 +1,114 @@
+//! The folder source: a directory of multi-document Kubernetes YAML, re-read
+//! when any file in it changes. A bad file (reported with its name and the
+//! document's index) keeps the previous good snapshot in force.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::watch;
+
+use super::snapshot::Snapshot;
+use crate::model::k8s::Objects;
+
+/// How often the folder is checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The latest good snapshot (none until the folder has loaded once without
+/// error: nodes are sent nothing rather than an empty configuration), and the
+/// source's last error (empty when good).
+pub type Snapshots = watch::Receiver<Option<Arc<Snapshot>>>;
+
+/// Starts watching `dir`.
+pub fn watch(dir: PathBuf) -> (Snapshots, watch::Receiver<String>) {
+    let (snap_tx, snap_rx) = watch::channel(None);
+    let (err_tx, err_rx) = watch::channel(String::new());
+    tokio::spawn(async move {
+        let mut seen = None;
+        let mut interval = tokio::time::interval(POLL_INTERVAL);
+        loop {
+            interval.tick().await;
+            let stamp = fingerprint(&dir);
+            if seen.as_ref() == Some(&stamp) {
+                continue;
+            }
+            seen = Some(stamp);
+            match load(&dir) {
+                Ok(set) => {
+                    err_tx.send_replace(String::new());
+                    let current: Option<Arc<Snapshot>> = snap_tx.borrow().clone();
+                    let mut next = Snapshot::new(0, set);
+                    if current
+                        .as_ref()
+                        .is_some_and(|c| c.services == next.services)
+                    {
+                        continue;
+                    }
+                    next.version = next_version(current.as_ref().map_or(0, |c| c.version));
+                    tracing::info!(
+                        version = next.version,
+                        services = next.services.len(),
+                        "new configuration"
+                    );
+                    snap_tx.send_replace(Some(Arc::new(next)));
+                }
+                Err(err) => {
+                    tracing::error!(%err, "the folder has an error; nodes keep the last good configuration");
+                    err_tx.send_replace(err);
+                }
+            }
+        }
+    });
+    (snap_rx, err_rx)
+}
+
+/// Versions increase across controller restarts too (milliseconds since the
+/// epoch, or one more than the last), so a node never mistakes a new
+/// configuration for one it has.
+fn next_version(previous: u64) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    now.max(previous + 1)
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Names, sizes and modification times: cheap to compare every tick.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    yaml_files(dir)
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(&p).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let modified = meta.and_then(|m| m.modified().ok());
+            (p, len, modified)
+        })
+        .collect()
+}
+
+fn load(dir: &Path) -> Result<crate::model::services::ServiceSet, String> {
+    let mut objects = Objects::default();
+    for file in yaml_files(dir) {
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let name = file.display().to_string();
+        objects
+            .add_yaml(&name, &text)
+            .map_err(|e| format!("{name}: {e}"))?;
+    }
+    objects.translate().map_err(|e| e.to_string())
+}

@@ -1,0 +1,119 @@
+//! What every node is sent: the services of the cluster at one version, and
+//! the delta between two versions.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use crate::{
+    model::services::{Protocol, ServiceEntry, ServiceSet},
+    proto::{self, pb},
+};
+
+/// A service frontend's identity.
+pub type FrontendKey = (SocketAddr, Protocol);
+
+/// The configuration at one version. Socket load balancing needs every
+/// service on every node, so for services a node's slice is the whole set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub version: u64,
+    pub services: BTreeMap<FrontendKey, ServiceEntry>,
+}
+
+impl Snapshot {
+    pub fn new(version: u64, set: ServiceSet) -> Self {
+        let services = set
+            .services
+            .into_iter()
+            .map(|s| ((s.frontend, s.protocol), s.normalized()))
+            .collect();
+        Self { version, services }
+    }
+
+    /// Everything, for a node whose state the controller does not know.
+    pub fn full(&self) -> pb::ConfigUpdate {
+        pb::ConfigUpdate {
+            version: self.version,
+            base_version: 0,
+            upserts: self.services.values().map(pb::Service::from).collect(),
+            removes: Vec::new(),
+        }
+    }
+
+    /// What changed from `base` to `self`: only services that differ.
+    pub fn delta_from(&self, base: &Snapshot) -> pb::ConfigUpdate {
+        let upserts = self
+            .services
+            .iter()
+            .filter(|(k, s)| base.services.get(*k) != Some(*s))
+            .map(|(_, s)| pb::Service::from(s))
+            .collect();
+        let removes = base
+            .services
+            .keys()
+            .filter(|k| !self.services.contains_key(*k))
+            .map(|(addr, proto)| proto::key_of(*addr, *proto))
+            .collect();
+        pb::ConfigUpdate {
+            version: self.version,
+            base_version: base.version,
+            upserts,
+            removes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::services::{Algorithm, BackendEntry};
+
+    fn svc(ip: &str, backends: &[&str]) -> ServiceEntry {
+        ServiceEntry {
+            name: format!("default/{ip}:http"),
+            frontend: format!("{ip}:80").parse().unwrap(),
+            protocol: Protocol::Tcp,
+            algorithm: Algorithm::Random,
+            affinity_timeout_s: 0,
+            backends: backends
+                .iter()
+                .map(|b| BackendEntry {
+                    addr: b.parse().unwrap(),
+                    weight: 1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_delta_carries_only_what_changed() {
+        let a = svc("10.96.0.1", &["10.244.0.10:80"]);
+        let b = svc("10.96.0.2", &["10.244.0.11:80"]);
+        let c = svc("10.96.0.3", &["10.244.0.12:80"]);
+        let v1 = Snapshot::new(
+            1,
+            ServiceSet {
+                services: vec![a.clone(), b.clone()],
+            },
+        );
+        let b2 = svc("10.96.0.2", &["10.244.0.11:80", "10.244.0.13:80"]);
+        let v2 = Snapshot::new(
+            2,
+            ServiceSet {
+                services: vec![a, b2.clone(), c.clone()],
+            },
+        );
+        let d = v2.delta_from(&v1);
+        assert_eq!((d.version, d.base_version), (2, 1));
+        assert_eq!(
+            d.upserts,
+            vec![pb::Service::from(&b2), pb::Service::from(&c)]
+        );
+        assert!(d.removes.is_empty());
+        let v3 = Snapshot::new(3, ServiceSet { services: vec![b2] });
+        let d = v3.delta_from(&v2);
+        assert!(d.upserts.is_empty());
+        assert_eq!(d.removes.len(), 2);
+        assert_eq!(v3.full().upserts.len(), 1);
+        assert_eq!(v3.full().base_version, 0);
+    }
+}

@@ -1,0 +1,297 @@
+//! The control plane in the lab: lacewing-controller on the underlay serving
+//! a folder of YAML, lacewing-node on every node subscribed to it.
+//!
+//! ```text
+//!        lacewing-controller 10.200.0.254:15012 (folder: <lab>/config)
+//!                 |  gRPC: versioned deltas, ACK/NACK
+//!        +--------+---------+
+//!   n0 lacewing-node   n1 lacewing-node
+//!   n0-p0 (client)     n1-p0, n1-p1 (backends, port 7000)
+//! ```
+
+use std::{
+    collections::BTreeSet,
+    ffi::OsStr,
+    fs,
+    net::IpAddr,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lacewing::lab::{Lab, LabProcess};
+use lacewing_tests::{ServiceYaml, bin, new_lab, probe, start_backend};
+
+const TARGET: u16 = 7000;
+const VIP: &str = "10.96.0.10";
+
+struct ControlLab {
+    lab: Lab,
+    folder: PathBuf,
+    controller: Option<LabProcess>,
+    _nodes: Vec<LabProcess>,
+    _backends: Vec<LabProcess>,
+}
+
+impl ControlLab {
+    /// `extra[i]`: more flags for node i's daemon.
+    fn new(extra: [&[&str]; 2]) -> Self {
+        let lab = new_lab(2, 2);
+        let folder = lab.state_dir().join("config");
+        fs::create_dir_all(&folder).unwrap();
+        let controller = lab
+            .start_controller(&bin("lacewing-controller"), &folder)
+            .unwrap();
+        let url = lab.controller_url();
+        let nodes = ["n0", "n1"]
+            .iter()
+            .zip(extra)
+            .map(|(n, extra)| {
+                let mut args: Vec<&OsStr> = vec![OsStr::new("--controller"), OsStr::new(&url)];
+                args.extend(extra.iter().map(OsStr::new));
+                lab.start_node_daemon_with(&lab.node(n).unwrap(), &bin("lacewing-node"), &args)
+                    .unwrap()
+            })
+            .collect();
+        let backends = ["n1-p0", "n1-p1"]
+            .iter()
+            .map(|p| start_backend(&lab, &lab.pod(p).unwrap(), TARGET))
+            .collect();
+        Self {
+            lab,
+            folder,
+            controller: Some(controller),
+            _nodes: nodes,
+            _backends: backends,
+        }
+    }
+
+    fn ip4(&self, pod: &str) -> IpAddr {
+        IpAddr::V4(self.lab.pod(pod).unwrap().ip4())
+    }
+
+    fn write(
+        &self,
+        file: &str,
+        name: &str,
+        vip: &str,
+        backends: &[IpAddr],
+        annotations: &[(&str, String)],
+    ) {
+        let yaml = ServiceYaml {
+            name,
+            cluster_ips: &[vip.parse().unwrap()],
+            target: TARGET,
+            backends,
+            annotations,
+            affinity_timeout_s: None,
+        }
+        .render();
+        // Write then rename, as a config tool would: the controller never
+        // reads half a file.
+        let tmp = self.folder.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).unwrap();
+        fs::rename(tmp, self.folder.join(file)).unwrap();
+    }
+
+    /// Backends that answered 20 TCP connects to `vip` from `pod`, or the errors.
+    fn reached(&self, pod: &str, vip: &str) -> Result<BTreeSet<String>, String> {
+        let p = probe(
+            &self.lab,
+            &self.lab.pod(pod).unwrap(),
+            "tcp",
+            vip.parse().unwrap(),
+            80,
+            "20",
+        );
+        if p.errors.is_empty() {
+            Ok(p.replies.into_keys().collect())
+        } else {
+            Err(format!("{:?}", p.errors))
+        }
+    }
+
+    /// Waits until every client pod on both nodes gets `expected` from `vip`.
+    fn converge(&self, vip: &str, expected: Result<&[&str], &str>, within: Duration) {
+        let deadline = Instant::now() + within;
+        let want = expected.map(|e| e.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>());
+        loop {
+            let got: Vec<_> = ["n0-p0", "n0-p1"]
+                .iter()
+                .map(|p| self.reached(p, vip))
+                .collect();
+            let ok = got.iter().all(|g| match (&want, g) {
+                (Ok(w), Ok(g)) => w == g,
+                (Err(e), Err(g)) => g.contains(e),
+                _ => false,
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vip}: wanted {want:?} from n0-p0 and n0-p1, got {got:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `lacewing status` run on the underlay, where the controller is.
+    fn status(&self) -> String {
+        let mut cmd = Command::new(bin("lacewing"));
+        cmd.args(["status", "--controller", &self.lab.controller_url()])
+            .stdout(std::process::Stdio::piped());
+        let out = self
+            .lab
+            .spawn_on_underlay(cmd)
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        assert!(out.status.success(), "lacewing status: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+#[test]
+fn services_in_the_folder_reach_every_node_and_follow_changes() {
+    let c = ControlLab::new([&[], &[]]);
+    c.write("web.yaml", "web", VIP, &[c.ip4("n1-p0")], &[]);
+    c.converge(VIP, Ok(&["n1-p0"]), Duration::from_secs(10));
+    // The client on n1 (the backend's own node) is balanced by n1's daemon.
+    assert_eq!(
+        c.reached("n1-p0", VIP),
+        Ok(BTreeSet::from(["n1-p0".to_owned()]))
+    );
+    // Changing the endpoint moves the traffic.
+    c.write("web.yaml", "web", VIP, &[c.ip4("n1-p1")], &[]);
+    c.converge(VIP, Ok(&["n1-p1"]), Duration::from_secs(10));
+    let status = c.status();
+    assert!(
+        status.matches("in sync").count() == 2 && status.contains("connected"),
+        "{status}"
+    );
+    // Deleting the Service takes it out of every node: its ClusterIP, in the
+    // service CIDR, now refuses connections.
+    fs::remove_file(c.folder.join("web.yaml")).unwrap();
+    c.converge(VIP, Err("ECONNREFUSED"), Duration::from_secs(10));
+}
+
+#[test]
+fn malformed_yaml_is_rejected_with_its_file_and_changes_nothing() {
+    let c = ControlLab::new([&[], &[]]);
+    c.write("web.yaml", "web", VIP, &[c.ip4("n1-p0")], &[]);
+    c.converge(VIP, Ok(&["n1-p0"]), Duration::from_secs(10));
+    fs::write(
+        c.folder.join("broken.yaml"),
+        "kind: Service\nmetadata: {name: x\nspec: [",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let s = c.status();
+        if s.contains("source error") || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.contains("broken.yaml") && status.contains("document 0"),
+        "the error must name the file and document:\n{status}"
+    );
+    // A well-formed file with a bad value is rejected too, with what to fix.
+    fs::remove_file(c.folder.join("broken.yaml")).unwrap();
+    c.write(
+        "bad-weight.yaml",
+        "other",
+        "10.96.0.11",
+        &[c.ip4("n1-p1")],
+        &[(
+            "lacewing.io/backend-weights",
+            format!("{}=0", c.ip4("n1-p1")),
+        )],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let status = c.status();
+    assert!(
+        status.contains("bad-weight.yaml") && status.contains("weights start at 1"),
+        "{status}"
+    );
+    // Nothing reached the nodes: the old service still works, the new one does not exist.
+    assert_eq!(
+        c.reached("n0-p0", VIP),
+        Ok(BTreeSet::from(["n1-p0".to_owned()]))
+    );
+    assert!(c.reached("n0-p0", "10.96.0.11").is_err());
+}
+
+#[test]
+fn nodes_ride_out_a_controller_outage_and_catch_up() {
+    let mut c = ControlLab::new([&[], &[]]);
+    c.write("web.yaml", "web", VIP, &[c.ip4("n1-p0")], &[]);
+    c.converge(VIP, Ok(&["n1-p0"]), Duration::from_secs(10));
+    let mut controller = c.controller.take().unwrap();
+    controller.signal(libc::SIGKILL).unwrap();
+    let _ = controller.child_mut().wait();
+    // Down for 10 s: existing services keep working; a change is made meanwhile.
+    let down = Instant::now();
+    c.write("web.yaml", "web", VIP, &[c.ip4("n1-p1")], &[]);
+    while down.elapsed() < Duration::from_secs(10) {
+        assert_eq!(
+            c.reached("n0-p0", VIP),
+            Ok(BTreeSet::from(["n1-p0".to_owned()])),
+            "traffic must keep flowing during the outage"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    c.controller = Some(
+        c.lab
+            .start_controller(&bin("lacewing-controller"), &c.folder)
+            .unwrap(),
+    );
+    c.converge(VIP, Ok(&["n1-p1"]), Duration::from_secs(15));
+}
+
+#[test]
+fn a_node_that_nacks_keeps_its_state_and_shows_in_status() {
+    // n1's Maglev map holds 1,000 entries: a table of 16,381 cannot be applied there.
+    let c = ControlLab::new([&[], &["--maglev-capacity", "1000"]]);
+    c.write("web.yaml", "web", VIP, &[c.ip4("n1-p0")], &[]);
+    c.converge(VIP, Ok(&["n1-p0"]), Duration::from_secs(10));
+    c.write(
+        "hash.yaml",
+        "hash",
+        "10.96.0.12",
+        &[c.ip4("n1-p1")],
+        &[("lacewing.io/lb-algorithm", "maglev".into())],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let s = c.status();
+        if s.lines()
+            .any(|l| l.starts_with("n1 ") && l.contains("version"))
+            || Instant::now() > deadline
+        {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let n1 = status
+        .lines()
+        .find(|l| l.starts_with("n1 "))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(
+        n1.contains("behind") && n1.contains("LW_MAGLEV"),
+        "n1 must show the NACK: {status}"
+    );
+    let n0 = status.lines().find(|l| l.starts_with("n0 ")).unwrap();
+    assert!(n0.contains("in sync"), "{status}");
+    // n0 applied it; n1 kept its previous state, where web still works.
+    assert_eq!(
+        c.reached("n0-p0", "10.96.0.12"),
+        Ok(BTreeSet::from(["n1-p1".to_owned()]))
+    );
+    assert_eq!(
+        c.reached("n1-p0", VIP),
+        Ok(BTreeSet::from(["n1-p0".to_owned()]))
+    );
+}
