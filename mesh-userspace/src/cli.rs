@@ -25,8 +25,11 @@ pub enum Command {
     /// The controller's view: each node's applied version, lag and last NACK.
     Status {
         /// The controller's gRPC address.
-        #[arg(long, default_value = "http://127.0.0.1:15012")]
-        controller: String,
+        #[arg(long, conflicts_with = "lab")]
+        controller: Option<String>,
+        /// Ask the controller of this lab (the only one up, if not named).
+        #[arg(long)]
+        lab: Option<Option<crate::lab::LabId>>,
     },
     /// Read a node's pinned maps.
     #[command(subcommand)]
@@ -64,7 +67,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Maps(cmd) => maps::run(cmd).map(|()| 0),
-        Command::Status { controller } => status::run(&controller),
+        Command::Status { controller, lab } => match (controller, lab) {
+            (Some(url), _) => status::run(&url),
+            (None, Some(lab)) => status::run_in_lab(lab),
+            (None, None) => status::run("http://127.0.0.1:15012"),
+        },
         Command::Demo => demo::run().map(|()| 0),
         Command::Bench(BenchCommand::L4 {
             sizes,

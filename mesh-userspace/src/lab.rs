@@ -23,7 +23,7 @@ use std::{
     process::{Command, Output},
 };
 
-pub use apps::{CONTROLLER_IP, CONTROLLER_PORT};
+pub use apps::{CONTROLLER_IP, CONTROLLER_PORT, Mesh};
 pub use process::LabProcess;
 pub use state::Record;
 pub use topology::{LabId, NodeSpec, PodSpec, Topology};

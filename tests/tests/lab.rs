@@ -258,6 +258,24 @@ fn the_cli_brings_a_lab_up_runs_in_it_and_takes_it_down() {
         status.contains(&lab_arg) && status.contains("n0-p1") && status.contains("10.244.0.11"),
         "{status}"
     );
+    // `lab up` also started the controller and the node daemon, subscribed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mesh = loop {
+        let out = Command::new(bin("lacewing"))
+            .args(["status", "--lab", &lab_arg])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("in sync") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        mesh.lines()
+            .any(|l| l.starts_with("n0 ") && l.contains("connected") && l.contains("in sync")),
+        "lacewing status --lab: {mesh}"
+    );
 
     let exec = Command::new(bin("lacewing"))
         .args([

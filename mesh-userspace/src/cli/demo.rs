@@ -1,5 +1,8 @@
 //! `lacewing demo`: the main job, end to end, in a fresh lab.
 //!
+//! The services come from Kubernetes YAML in the lab's config folder, served
+//! by `lacewing-controller` to a `lacewing-node` on every node.
+//!
 //! ```text
 //!   n0-p0 ──curl──▶ web.default (10.96.0.10:80, fd00:96::10:80)
 //!                     ├─▶ n0-p1:8080 (nginx)     lacewing-node on n0 and n1 send each
@@ -20,6 +23,7 @@ use crate::lab::{Lab, PodSpec, sweep};
 
 pub fn run() -> anyhow::Result<()> {
     let node_bin = sibling_binary("lacewing-node")?;
+    sibling_binary("lacewing-controller")?;
     step("bringing up a lab: 2 nodes, 2 pods each");
     let lab = Lab::new(2, 2)?;
     println!("lab {} is up", lab.id().prefix());
@@ -48,19 +52,17 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
         .map(|p| lab.start_http_server(p, 8080, &p.name()))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let services = lab.state_dir().join("services.yaml");
-    std::fs::write(&services, sample_services(&backends))?;
+    step("starting lacewing-controller on the underlay and lacewing-node on each node");
+    let bin_dir = node_bin.parent().context("binary folder")?;
+    let mesh = lab.start_mesh(bin_dir)?;
+    let services = mesh.folder.join("services.yaml");
     step(&format!(
-        "starting lacewing-node on each node with {}",
+        "writing Services and EndpointSlices to {}",
         services.display()
     ));
-    let mut daemons = Vec::new();
+    write_atomically(&services, &sample_services(&backends))?;
     for node in [&n0, &n1] {
-        let args = [std::ffi::OsStr::new("--services"), services.as_os_str()];
-        daemons.push(lab.start_node_daemon_with(node, node_bin, &args)?);
-    }
-    for node in [&n0, &n1] {
-        lab.wait_node_ready(node, Duration::from_secs(10))?;
+        wait_services(lab, node, 3)?;
     }
     print!("{}", services_table(&lab.node_bpffs_root(&n0))?);
 
@@ -117,8 +119,41 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
     let text = String::from_utf8_lossy(&dump.stdout);
     println!("{}", text.lines().take(22).collect::<Vec<_>>().join("\n"));
 
-    step("stopping the daemons (SIGTERM: programs detach, pins removed)");
-    for mut daemon in daemons {
+    step("taking n0-p1 out of web.default's EndpointSlices (editing the YAML)");
+    write_atomically(&services, &sample_services(&[&n1p0, &n1p1]))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut spread = BTreeMap::new();
+    while std::time::Instant::now() < deadline {
+        spread.clear();
+        for _ in 0..20 {
+            *spread
+                .entry(curl(lab, &n0p0, &url("10.96.0.10".parse()?))?)
+                .or_insert(0) += 1;
+        }
+        if !spread.contains_key("n0-p1") {
+            break;
+        }
+    }
+    for (backend, n) in &spread {
+        println!("  {backend:<8} {n:>3}  {}", "#".repeat(*n));
+    }
+    anyhow::ensure!(
+        !spread.contains_key("n0-p1"),
+        "traffic still reaches n0-p1 after the change"
+    );
+
+    step("lacewing status (asked on the underlay, where the controller is)");
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["status", "--controller", &lab.controller_url()]);
+    lab.spawn_on_underlay(cmd)?.child_mut().wait()?;
+
+    step("stopping the node daemons (SIGTERM: programs detach, pins removed) and the controller");
+    let crate::lab::Mesh {
+        mut controller,
+        nodes,
+        ..
+    } = mesh;
+    for mut daemon in nodes {
         let status = daemon.terminate(Duration::from_secs(5))?;
         println!("lacewing-node on {} exited: {status}", daemon.place());
         anyhow::ensure!(
@@ -127,6 +162,39 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
             daemon.place()
         );
     }
+    println!(
+        "lacewing-controller exited: {}",
+        controller.terminate(Duration::from_secs(5))?
+    );
+    Ok(())
+}
+
+/// Waits until `node`'s kernel maps hold `count` service frontends.
+fn wait_services(lab: &Lab, node: &crate::lab::NodeSpec, count: usize) -> anyhow::Result<()> {
+    let root = lab.node_bpffs_root(node);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let have = crate::node::maps::LbMaps::open(&root)
+            .ok()
+            .and_then(|m| m.services().ok())
+            .map_or(0, |s| s.len());
+        if have == count {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "node {} has {have} of {count} services after 10 s",
+            node.name()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes then renames, so the controller never reads half a file.
+fn write_atomically(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! `lacewing lab up/status/exec/down`.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::Context as _;
 use clap::Subcommand;
@@ -19,6 +19,9 @@ pub enum LabCommand {
         /// Pods per node.
         #[arg(long, default_value_t = 2)]
         pods: u8,
+        /// Only the namespaces and cgroups: no controller, no node daemons.
+        #[arg(long)]
+        bare: bool,
         /// Keep the lab only while this command runs: Ctrl-C or SIGTERM
         /// removes it (and if this process is killed, the next lab or
         /// `lacewing lab down --all` sweeps it).
@@ -53,16 +56,41 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
         LabCommand::Up {
             nodes,
             pods,
+            bare,
             foreground,
         } => {
             let lab = Lab::new(nodes, pods)?;
             print!("{}", describe(lab.id(), &lab.record()));
+            let mesh = if bare {
+                None
+            } else {
+                let bin_dir = super::sibling_binary("lacewing-node")?
+                    .parent()
+                    .map(PathBuf::from)
+                    .unwrap_or_default();
+                let mesh = lab.start_mesh(&bin_dir)?;
+                println!(
+                    "\ncontroller {} on the underlay, serving {}\nlacewing-node on every node, subscribed to it",
+                    lab.controller_url(),
+                    mesh.folder.display()
+                );
+                println!(
+                    "Put Services and EndpointSlices (YAML) in that folder; see the nodes with: lacewing status --lab {}",
+                    lab.id().prefix()
+                );
+                println!("Logs: {}", lab.state_dir().join("logs").display());
+                Some(mesh)
+            };
             if foreground {
                 println!("\nlab {} is up until Ctrl-C", lab.id().prefix());
                 std::io::Write::flush(&mut std::io::stdout())?;
                 crate::shutdown::block_until_signal()?;
+                drop(mesh);
                 lab.down()?;
                 return Ok(0);
+            }
+            if let Some(mesh) = mesh {
+                mesh.detach();
             }
             let id = lab.detach()?;
             println!(
@@ -121,7 +149,7 @@ fn status_signal(status: &std::process::ExitStatus) -> i32 {
 }
 
 /// The lab meant when none is named: the only one there is.
-fn resolve(lab: Option<LabId>) -> anyhow::Result<LabId> {
+pub fn resolve(lab: Option<LabId>) -> anyhow::Result<LabId> {
     if let Some(id) = lab {
         return Ok(id);
     }

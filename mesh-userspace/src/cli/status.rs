@@ -1,7 +1,10 @@
 //! `lacewing status`: the controller's view of the nodes (applied version,
 //! lag, connection, last NACK) and of its source.
 
-use crate::proto::pb::{StatusRequest, config_service_client::ConfigServiceClient};
+use crate::{
+    lab::{Lab, LabId},
+    proto::pb::{StatusRequest, config_service_client::ConfigServiceClient},
+};
 
 pub fn run(controller: &str) -> anyhow::Result<i32> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -47,4 +50,15 @@ pub fn run(controller: &str) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// Runs `lacewing status` again on the lab's underlay, where its controller
+/// is reachable (the machine's own namespace has no route into the lab).
+pub fn run_in_lab(lab: Option<LabId>) -> anyhow::Result<i32> {
+    let lab = Lab::open(super::lab::resolve(lab)?)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["status", "--controller", &lab.controller_url()]);
+    let mut child = lab.spawn_on_underlay(cmd)?;
+    let status = child.child_mut().wait()?;
+    Ok(status.code().unwrap_or(1))
 }

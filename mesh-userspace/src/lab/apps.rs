@@ -22,6 +22,26 @@ pub const CONTROLLER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 200, 0
 /// The controller's gRPC port.
 pub const CONTROLLER_PORT: u16 = 15012;
 
+/// The lab's control plane and node daemons, started by [`Lab::start_mesh`].
+/// Dropping it stops them.
+#[derive(Debug)]
+pub struct Mesh {
+    pub controller: LabProcess,
+    pub nodes: Vec<LabProcess>,
+    /// The YAML folder the controller serves.
+    pub folder: std::path::PathBuf,
+}
+
+impl Mesh {
+    /// Leaves the processes running after this handle (`lacewing lab up`).
+    pub fn detach(self) {
+        self.controller.detach();
+        for node in self.nodes {
+            node.detach();
+        }
+    }
+}
+
 impl Lab {
     /// Starts the `lacewing-node` binary at `bin` on `node`, attached at the
     /// node's cgroup and pinning under the lab's bpffs folder; returns once
@@ -37,6 +57,18 @@ impl Lab {
         bin: &Path,
         extra: &[&std::ffi::OsStr],
     ) -> io::Result<LabProcess> {
+        self.start_node_daemon_logged(node, bin, extra, None)
+    }
+
+    /// Starts a node daemon; its output goes to `log` when given (processes
+    /// left running by `lacewing lab up` must not hold the CLI's pipes open).
+    fn start_node_daemon_logged(
+        &self,
+        node: &NodeSpec,
+        bin: &Path,
+        extra: &[&std::ffi::OsStr],
+        log: Option<&Path>,
+    ) -> io::Result<LabProcess> {
         let root = self.node_bpffs_root(node);
         let mut cmd = Command::new(bin);
         cmd.args(extra)
@@ -46,6 +78,7 @@ impl Lab {
             .arg(self.node_cgroup(node))
             .arg("--bpffs-root")
             .arg(&root);
+        log_to(&mut cmd, log)?;
         let mut daemon = self.spawn_on_node(node, cmd)?;
         let links = links_dir(&root);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -72,12 +105,65 @@ impl Lab {
         }
     }
 
+    /// Starts the whole mesh: `lacewing-controller` on the underlay serving
+    /// the lab's config folder (see [`Lab::config_dir`]), and `lacewing-node`
+    /// on every node subscribed to it. `bin_dir` holds both binaries.
+    pub fn start_mesh(&self, bin_dir: &Path) -> io::Result<Mesh> {
+        let folder = self.config_dir();
+        fs::create_dir_all(&folder)?;
+        let logs = self.state_dir().join("logs");
+        fs::create_dir_all(&logs)?;
+        let controller = self.start_controller_logged(
+            &bin_dir.join("lacewing-controller"),
+            &folder,
+            Some(&logs.join("controller.log")),
+        )?;
+        let url = self.controller_url();
+        let nodes = self
+            .topology()
+            .nodes()
+            .map(|node| {
+                let args = [
+                    std::ffi::OsStr::new("--controller"),
+                    std::ffi::OsStr::new(&url),
+                ];
+                let log = logs.join(format!("{}.log", node.name()));
+                self.start_node_daemon_logged(
+                    &node,
+                    &bin_dir.join("lacewing-node"),
+                    &args,
+                    Some(&log),
+                )
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Mesh {
+            controller,
+            nodes,
+            folder,
+        })
+    }
+
+    /// The folder of Kubernetes YAML the lab's controller serves.
+    pub fn config_dir(&self) -> std::path::PathBuf {
+        self.state_dir().join("config")
+    }
+
     /// Starts `lacewing-controller` (the binary at `bin`) on the underlay at
     /// [`CONTROLLER_IP`], serving the YAML in `folder`; returns once it listens.
     pub fn start_controller(&self, bin: &Path, folder: &Path) -> io::Result<LabProcess> {
+        self.start_controller_logged(bin, folder, None)
+    }
+
+    fn start_controller_logged(
+        &self,
+        bin: &Path,
+        folder: &Path,
+        log: Option<&Path>,
+    ) -> io::Result<LabProcess> {
         netns::ensure_underlay_address(&self.topology().underlay_netns(), CONTROLLER_IP)?;
         let mut cmd = Command::new(bin);
         cmd.arg("--folder").arg(folder);
+        log_to(&mut cmd, log)?;
         let mut controller = self.spawn_on_underlay(cmd)?;
         controller.wait_listening(CONTROLLER_PORT, Duration::from_secs(20))?;
         Ok(controller)
@@ -166,4 +252,16 @@ http {{
 }}
 "#
     )
+}
+
+/// Sends a command's stdout and stderr to `log`, when given.
+fn log_to(cmd: &mut Command, log: Option<&Path>) -> io::Result<()> {
+    if let Some(path) = log {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        cmd.stdout(file.try_clone()?).stderr(file);
+    }
+    Ok(())
 }

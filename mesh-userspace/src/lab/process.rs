@@ -68,6 +68,14 @@ impl LabProcess {
         &mut self.child
     }
 
+    /// Lets the process outlive this handle (a lab left up by `lacewing lab
+    /// up`); the lab's teardown still ends it, through its cgroup.
+    pub fn detach(self) -> u32 {
+        let pid = self.pid();
+        std::mem::forget(self);
+        pid
+    }
+
     /// Sends `signal` (a `libc::SIG*`).
     pub fn signal(&self, signal: i32) -> io::Result<()> {
         sys::kill(self.pid(), signal)
