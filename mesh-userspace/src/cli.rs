@@ -24,7 +24,7 @@ pub enum Command {
     Lab(lab::LabCommand),
     /// The controller's view: each node's applied version, lag and last NACK.
     Status {
-        /// The controller's gRPC address.
+        /// The controller's status address (host:15014).
         #[arg(long, conflicts_with = "lab")]
         controller: Option<String>,
         /// Ask the controller of this lab (the only one up, if not named).
@@ -70,7 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Status { controller, lab } => match (controller, lab) {
             (Some(url), _) => status::run(&url),
             (None, Some(lab)) => status::run_in_lab(lab),
-            (None, None) => status::run("http://127.0.0.1:15012"),
+            (None, None) => status::run("127.0.0.1:15014"),
         },
         Command::Demo => demo::run().map(|()| 0),
         Command::Bench(BenchCommand::L4 {

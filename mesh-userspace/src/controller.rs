@@ -2,19 +2,24 @@
 //! configuration and streams it to the nodes.
 //!
 //! Now: the folder source (a directory of Kubernetes YAML, watched), the
-//! snapshot of services every node needs, and the gRPC stream on :15012 with
-//! versioned deltas, ACK/NACK and per-node applied versions. To come with the
-//! rest of the control-plane issue: the Kubernetes source, CRDs, mutual TLS
-//! with node identities, leader election, metrics on :15014.
+//! snapshot of services every node needs, the gRPC stream on :15012 with
+//! mutual TLS (a node subscribes only as the node its certificate names),
+//! versioned deltas, ACK/NACK, and per-node applied versions on :15014
+//! (`/status`, `/metrics`). To come with the rest of the control-plane issue:
+//! the Kubernetes source, CRDs and their status, leader election.
 
 pub mod config;
 pub mod folder;
 pub mod grpc;
+pub mod metrics;
 pub mod snapshot;
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::AtomicBool};
 
 pub use config::ControllerConfig;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::pki;
 
 /// What can stop the controller.
 #[derive(Debug, thiserror::Error)]
@@ -24,19 +29,74 @@ pub enum ControllerError {
         addr: std::net::SocketAddr,
         source: tonic::transport::Error,
     },
+    #[error("serving /status and /metrics on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("certificates in {dir}: {source}")]
+    Pki {
+        dir: std::path::PathBuf,
+        source: pki::PkiError,
+    },
 }
 
 /// Runs the controller until SIGTERM or SIGINT.
 pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
+    let tls = server_tls(&config).map_err(|source| ControllerError::Pki {
+        dir: config.pki_dir.clone(),
+        source,
+    })?;
     let (snapshots, source_error) = folder::watch(config.folder.clone());
-    let registry = Arc::new(grpc::Registry::new(snapshots, source_error));
-    tracing::info!(folder = %config.folder.display(), listen = %config.listen, "controller serving node configuration");
-    tonic::transport::Server::builder()
+    let registry = Arc::new(grpc::Registry::new(
+        config.trust_domain.clone(),
+        snapshots,
+        source_error,
+    ));
+
+    let mut prom = prometheus_client::registry::Registry::default();
+    metrics::register(&mut prom, Arc::clone(&registry));
+    let status_of = Arc::clone(&registry);
+    let endpoint = Arc::new(crate::http::Endpoint {
+        registry: prom,
+        ready: AtomicBool::new(true),
+        status: Some(Box::new(move || {
+            serde_json::to_string(&status_of.status()).unwrap_or_default()
+        })),
+    });
+    let http = crate::http::serve(config.http_addr, endpoint)
+        .await
+        .map_err(|source| ControllerError::Http {
+            addr: config.http_addr,
+            source,
+        })?;
+
+    tracing::info!(folder = %config.folder.display(), listen = %config.listen, "controller serving node configuration (mutual TLS)");
+    let result = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|source| ControllerError::Serve {
+            addr: config.listen,
+            source,
+        })?
         .add_service(grpc::server(registry))
         .serve_with_shutdown(config.listen, crate::shutdown::signal())
         .await
         .map_err(|source| ControllerError::Serve {
             addr: config.listen,
             source,
-        })
+        });
+    http.abort();
+    result
+}
+
+/// The CA (created on first start) and the controller's own certificate;
+/// clients must present a certificate from the same CA.
+fn server_tls(config: &ControllerConfig) -> Result<ServerTlsConfig, pki::PkiError> {
+    let ca = pki::Ca::load_or_create(&config.pki_dir.join("ca"))?;
+    let server_dir = config.pki_dir.join("controller");
+    ca.issue_controller(&server_dir, &config.server_ips)?;
+    let (ca_pem, cert, key) = pki::read_credentials(&server_dir)?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca_pem)))
 }

@@ -5,7 +5,6 @@
 
 pub mod client;
 pub mod config;
-pub mod http;
 pub mod lb;
 pub mod loader;
 pub mod maps;
@@ -45,11 +44,12 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let lb = Arc::new(Mutex::new(balancer));
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb));
-    let endpoint = Arc::new(http::Endpoint {
+    let endpoint = Arc::new(crate::http::Endpoint {
         registry,
         ready: AtomicBool::new(config.services_file.is_none() && config.controller.is_none()),
+        status: None,
     });
-    let server = http::serve(config.metrics_addr, Arc::clone(&endpoint))
+    let server = crate::http::serve(config.metrics_addr, Arc::clone(&endpoint))
         .await
         .map_err(|source| NodeError::Metrics {
             addr: config.metrics_addr,

@@ -36,6 +36,11 @@ struct ControlLab {
 impl ControlLab {
     /// `extra[i]`: more flags for node i's daemon.
     fn new(extra: [&[&str]; 2]) -> Self {
+        Self::with_certificates(extra, ["n0", "n1"])
+    }
+
+    /// `certs[i]`: whose certificate node i's daemon presents.
+    fn with_certificates(extra: [&[&str]; 2], certs: [&str; 2]) -> Self {
         let lab = new_lab(2, 2);
         let folder = lab.state_dir().join("config");
         fs::create_dir_all(&folder).unwrap();
@@ -46,8 +51,15 @@ impl ControlLab {
         let nodes = ["n0", "n1"]
             .iter()
             .zip(extra)
-            .map(|(n, extra)| {
-                let mut args: Vec<&OsStr> = vec![OsStr::new("--controller"), OsStr::new(&url)];
+            .zip(certs)
+            .map(|((n, extra), cert)| {
+                let tls = lab.node_credentials(&lab.node(cert).unwrap()).unwrap();
+                let mut args: Vec<&OsStr> = vec![
+                    OsStr::new("--controller"),
+                    OsStr::new(&url),
+                    OsStr::new("--tls-dir"),
+                    tls.as_os_str(),
+                ];
                 args.extend(extra.iter().map(OsStr::new));
                 lab.start_node_daemon_with(&lab.node(n).unwrap(), &bin("lacewing-node"), &args)
                     .unwrap()
@@ -139,7 +151,7 @@ impl ControlLab {
     /// `lacewing status` run on the underlay, where the controller is.
     fn status(&self) -> String {
         let mut cmd = Command::new(bin("lacewing"));
-        cmd.args(["status", "--controller", &self.lab.controller_url()])
+        cmd.args(["status", "--controller", &self.lab.controller_status_addr()])
             .stdout(std::process::Stdio::piped());
         let out = self
             .lab
@@ -267,10 +279,13 @@ fn a_node_that_nacks_keeps_its_state_and_shows_in_status() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         let s = c.status();
-        if s.lines()
-            .any(|l| l.starts_with("n1 ") && l.contains("version"))
-            || Instant::now() > deadline
-        {
+        let nacked = s
+            .lines()
+            .any(|l| l.starts_with("n1 ") && l.contains("LW_MAGLEV"));
+        let n0_synced = s
+            .lines()
+            .any(|l| l.starts_with("n0 ") && l.contains("in sync"));
+        if (nacked && n0_synced) || Instant::now() > deadline {
             break s;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -293,5 +308,39 @@ fn a_node_that_nacks_keeps_its_state_and_shows_in_status() {
     assert_eq!(
         c.reached("n1-p0", VIP),
         Ok(BTreeSet::from(["n1-p0".to_owned()]))
+    );
+}
+
+#[test]
+fn a_node_certificate_cannot_subscribe_as_another_node() {
+    // n1's daemon presents n0's certificate but says it is n1.
+    let c = ControlLab::with_certificates([&[], &[]], ["n0", "n0"]);
+    c.write("web.yaml", "web", VIP, &[c.ip4("n1-p0")], &[]);
+    // n0 gets the service; n1 never does, and never shows as subscribed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.reached("n0-p0", VIP) != Ok(BTreeSet::from(["n1-p0".to_owned()])) {
+        assert!(Instant::now() < deadline, "n0 never got the service");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let status = c.status();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("n0 ") && l.contains("in sync")),
+        "{status}"
+    );
+    assert!(
+        !status.lines().any(|l| l.starts_with("n1 ")),
+        "n1 must not be able to subscribe: {status}"
+    );
+    let n1 = c.lab.node_bpffs_root(&c.lab.node("n1").unwrap());
+    let services = lacewing::node::maps::LbMaps::open(&n1)
+        .unwrap()
+        .services()
+        .unwrap();
+    assert!(
+        services.is_empty(),
+        "n1 received configuration with n0's certificate: {services:?}"
     );
 }

@@ -209,12 +209,27 @@ fn the_lab_refuses_to_start_without_root_and_says_so() {
     for path in [&dir, &exe] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let out = Command::new(&exe)
-        .args(["lab", "up", "--nodes", "1", "--pods", "1"])
-        .current_dir(&dir)
-        .uid(65534)
-        .gid(65534)
-        .output();
+    // A parallel test forking right after the copy can hold the new file's
+    // write descriptor until it execs: exec then fails with ETXTBSY for a
+    // moment, so retry briefly.
+    let run = || {
+        Command::new(&exe)
+            .args(["lab", "up", "--nodes", "1", "--pods", "1"])
+            .current_dir(&dir)
+            .uid(65534)
+            .gid(65534)
+            .output()
+    };
+    let mut out = run();
+    for _ in 0..50 {
+        match &out {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(20));
+                out = run();
+            }
+            _ => break,
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
     let out = out.expect("run lacewing as nobody");
     let stderr = String::from_utf8_lossy(&out.stderr);

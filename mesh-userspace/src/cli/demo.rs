@@ -144,7 +144,7 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
 
     step("lacewing status (asked on the underlay, where the controller is)");
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["status", "--controller", &lab.controller_url()]);
+    cmd.args(["status", "--controller", &lab.controller_status_addr()]);
     lab.spawn_on_underlay(cmd)?.child_mut().wait()?;
 
     step("stopping the node daemons (SIGTERM: programs detach, pins removed) and the controller");

@@ -1,21 +1,21 @@
 //! `lacewing status`: the controller's view of the nodes (applied version,
-//! lag, connection, last NACK) and of its source.
+//! lag, connection, last NACK) and of its source, from its `/status`.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::Duration,
+};
+
+use anyhow::Context as _;
 
 use crate::{
+    controller::grpc::ControllerStatus,
     lab::{Lab, LabId},
-    proto::pb::{StatusRequest, config_service_client::ConfigServiceClient},
 };
 
 pub fn run(controller: &str) -> anyhow::Result<i32> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let status = runtime.block_on(async {
-        let mut client = ConfigServiceClient::connect(controller.to_owned())
-            .await
-            .map_err(|e| anyhow::anyhow!("connecting to the controller at {controller}: {e}"))?;
-        anyhow::Ok(client.status(StatusRequest {}).await?.into_inner())
-    })?;
+    let status = fetch(controller)?;
     println!(
         "controller {controller}: configuration version {}",
         status.version
@@ -32,24 +32,40 @@ pub fn run(controller: &str) -> anyhow::Result<i32> {
     );
     for n in &status.nodes {
         let lag = if n.applied_version == status.version {
-            "in sync".to_owned()
+            "in sync"
         } else {
-            "behind".to_owned()
+            "behind"
         };
         let nack = if n.last_nack.is_empty() {
             "-".to_owned()
         } else {
             format!("version {}: {}", n.last_nack_version, n.last_nack)
         };
+        let stream = if n.connected { "connected" } else { "gone" };
         println!(
             "{:<16} {:<10} {:>16} {:>10}  {nack}",
-            n.node,
-            if n.connected { "connected" } else { "gone" },
-            n.applied_version,
-            lag
+            n.node, stream, n.applied_version, lag
         );
     }
     Ok(0)
+}
+
+/// GET /status over plain HTTP/1.0 (read-only; no client library needed).
+fn fetch(addr: &str) -> anyhow::Result<ControllerStatus> {
+    let mut stream = TcpStream::connect(addr)
+        .with_context(|| format!("connecting to the controller at {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("the controller's reply has no body")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "the controller answered: {head}"
+    );
+    serde_json::from_str(body).context("the controller's /status is not what this CLI expects")
 }
 
 /// Runs `lacewing status` again on the lab's underlay, where its controller
@@ -57,7 +73,7 @@ pub fn run(controller: &str) -> anyhow::Result<i32> {
 pub fn run_in_lab(lab: Option<LabId>) -> anyhow::Result<i32> {
     let lab = Lab::open(super::lab::resolve(lab)?)?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["status", "--controller", &lab.controller_url()]);
+    cmd.args(["status", "--controller", &lab.controller_status_addr()]);
     let mut child = lab.spawn_on_underlay(cmd)?;
     let status = child.child_mut().wait()?;
     Ok(status.code().unwrap_or(1))

@@ -1,13 +1,18 @@
 //! `lacewing-controller` settings.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use clap::Parser;
 
-use crate::telemetry::LogFormat;
+use crate::{pki, telemetry::LogFormat};
 
 /// The gRPC port nodes subscribe on.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:15012";
+/// `/status` and `/metrics`.
+pub const DEFAULT_HTTP: &str = "0.0.0.0:15014";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,9 +24,26 @@ pub struct ControllerArgs {
     /// A folder of Kubernetes YAML (Services, EndpointSlices, ...), watched.
     #[arg(long, env = "LACEWING_FOLDER")]
     pub folder: PathBuf,
-    /// Where nodes subscribe (gRPC).
+    /// Where nodes subscribe (gRPC, mutual TLS).
     #[arg(long, env = "LACEWING_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// Where `/status` and `/metrics` are served (plain HTTP, read-only).
+    #[arg(long, env = "LACEWING_HTTP_ADDR", default_value = DEFAULT_HTTP)]
+    pub http_addr: SocketAddr,
+    /// Folder of the control-plane CA (`ca/`, created on first start) and of
+    /// the controller's certificate (`controller/`).
+    #[arg(
+        long,
+        env = "LACEWING_PKI_DIR",
+        default_value = "/var/lib/lacewing/pki"
+    )]
+    pub pki_dir: PathBuf,
+    /// Addresses nodes dial, put in the controller's certificate (besides
+    /// the name `lacewing-controller`).
+    #[arg(long, value_delimiter = ',')]
+    pub server_ip: Vec<IpAddr>,
+    #[arg(long, env = "LACEWING_TRUST_DOMAIN", default_value = pki::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
@@ -31,6 +53,10 @@ pub struct ControllerArgs {
 pub struct ControllerConfig {
     pub folder: PathBuf,
     pub listen: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub pki_dir: PathBuf,
+    pub server_ips: Vec<IpAddr>,
+    pub trust_domain: String,
 }
 
 impl ControllerArgs {
@@ -41,9 +67,19 @@ impl ControllerArgs {
                 self.folder.display()
             ));
         }
+        if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
+            return Err(format!(
+                "--trust-domain `{}` must be a name such as cluster.local",
+                self.trust_domain
+            ));
+        }
         Ok(ControllerConfig {
             folder: self.folder,
             listen: self.listen,
+            http_addr: self.http_addr,
+            pki_dir: self.pki_dir,
+            server_ips: self.server_ip,
+            trust_domain: self.trust_domain,
         })
     }
 }

@@ -1,17 +1,24 @@
 //! The `ConfigService` gRPC server: one stream per node, versioned deltas, one
 //! update in flight per node, and a record of what each node applied.
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{folder::Snapshots, snapshot::Snapshot};
-use crate::proto::pb::{
-    self, NodeMessage,
-    config_service_server::{ConfigService, ConfigServiceServer},
-    node_message::Kind,
+use crate::{
+    pki,
+    proto::pb::{
+        self, NodeMessage,
+        config_service_server::{ConfigService, ConfigServiceServer},
+        node_message::Kind,
+    },
 };
 
 /// What the controller knows of one node.
@@ -26,14 +33,40 @@ struct NodeRecord {
 
 /// Shared state of all streams.
 pub struct Registry {
+    trust_domain: String,
     snapshots: Snapshots,
     source_error: watch::Receiver<String>,
     nodes: Mutex<BTreeMap<String, NodeRecord>>,
 }
 
+/// One node as `/status` and the metrics show it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub applied_version: u64,
+    pub connected: bool,
+    pub last_nack_version: u64,
+    pub last_nack: String,
+}
+
+/// The controller's `/status`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ControllerStatus {
+    /// The configuration version the source is at (0 before its first load).
+    pub version: u64,
+    /// The source's last error; the last good configuration stays in force.
+    pub source_error: String,
+    pub nodes: Vec<NodeStatus>,
+}
+
 impl Registry {
-    pub fn new(snapshots: Snapshots, source_error: watch::Receiver<String>) -> Self {
+    pub fn new(
+        trust_domain: String,
+        snapshots: Snapshots,
+        source_error: watch::Receiver<String>,
+    ) -> Self {
         Self {
+            trust_domain,
             snapshots,
             source_error,
             nodes: Mutex::new(BTreeMap::new()),
@@ -52,6 +85,28 @@ impl Registry {
             .get(node)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Every node's applied version and last NACK.
+    pub fn status(&self) -> ControllerStatus {
+        let nodes = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, r)| NodeStatus {
+                node: name.clone(),
+                applied_version: r.applied.as_ref().map_or(0, |s| s.version),
+                connected: r.connected,
+                last_nack_version: r.last_nack_version,
+                last_nack: r.last_nack.clone(),
+            })
+            .collect();
+        ControllerStatus {
+            version: self.snapshots.borrow().as_ref().map_or(0, |s| s.version),
+            source_error: self.source_error.borrow().clone(),
+            nodes,
+        }
     }
 }
 
@@ -72,6 +127,14 @@ impl ConfigService for Server {
         &self,
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<UpdateStream>, Status> {
+        // The node's name comes from its client certificate, not from what it says.
+        let certified = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| pki::uri_sans(c)))
+            .unwrap_or_default()
+            .iter()
+            .find_map(|uri| pki::node_of_identity(&self.0.trust_domain, uri).map(str::to_owned))
+            .ok_or_else(|| Status::unauthenticated("no node identity in the client certificate"))?;
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await?.and_then(|m| m.kind) {
             Some(Kind::Hello(hello)) if !hello.node.is_empty() => hello,
@@ -81,6 +144,13 @@ impl ConfigService for Server {
                 ));
             }
         };
+        if hello.node != certified {
+            tracing::warn!(certificate = %certified, claimed = %hello.node, "refused a node subscribing under another node's name");
+            return Err(Status::permission_denied(format!(
+                "the certificate of node {certified} cannot subscribe as node {}",
+                hello.node
+            )));
+        }
         let (tx, rx) = mpsc::channel(4);
         let registry = Arc::clone(&self.0);
         tokio::spawn(async move {
@@ -93,32 +163,6 @@ impl ConfigService for Server {
             registry.update(&node, |r| r.connected = false);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn status(
-        &self,
-        _: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
-        let reg = &self.0;
-        let version = reg.snapshots.borrow().as_ref().map_or(0, |s| s.version);
-        let nodes = reg
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(name, r)| pb::NodeStatus {
-                node: name.clone(),
-                applied_version: r.applied.as_ref().map_or(0, |s| s.version),
-                connected: r.connected,
-                last_nack_version: r.last_nack_version,
-                last_nack: r.last_nack.clone(),
-            })
-            .collect();
-        Ok(Response::new(pb::StatusResponse {
-            version,
-            nodes,
-            source_error: reg.source_error.borrow().clone(),
-        }))
     }
 }
 

@@ -123,9 +123,12 @@ impl Lab {
             .topology()
             .nodes()
             .map(|node| {
+                let tls = self.node_credentials(&node)?;
                 let args = [
                     std::ffi::OsStr::new("--controller"),
                     std::ffi::OsStr::new(&url),
+                    std::ffi::OsStr::new("--tls-dir"),
+                    tls.as_os_str(),
                 ];
                 let log = logs.join(format!("{}.log", node.name()));
                 self.start_node_daemon_logged(
@@ -162,16 +165,43 @@ impl Lab {
     ) -> io::Result<LabProcess> {
         netns::ensure_underlay_address(&self.topology().underlay_netns(), CONTROLLER_IP)?;
         let mut cmd = Command::new(bin);
-        cmd.arg("--folder").arg(folder);
+        cmd.arg("--folder")
+            .arg(folder)
+            .arg("--pki-dir")
+            .arg(self.pki_dir())
+            .arg("--server-ip")
+            .arg(CONTROLLER_IP.to_string());
         log_to(&mut cmd, log)?;
         let mut controller = self.spawn_on_underlay(cmd)?;
         controller.wait_listening(CONTROLLER_PORT, Duration::from_secs(20))?;
         Ok(controller)
     }
 
+    /// The lab's control-plane CA and certificates.
+    pub fn pki_dir(&self) -> std::path::PathBuf {
+        self.state_dir().join("pki")
+    }
+
+    /// Issues `node` its certificate for the controller (from the lab's CA,
+    /// created by the controller or here) and returns the folder to pass as
+    /// `lacewing-node --tls-dir`.
+    pub fn node_credentials(&self, node: &NodeSpec) -> io::Result<std::path::PathBuf> {
+        let ca =
+            crate::pki::Ca::load_or_create(&self.pki_dir().join("ca")).map_err(io::Error::other)?;
+        let dir = self.pki_dir().join("nodes").join(node.name());
+        ca.issue_node(&dir, crate::pki::DEFAULT_TRUST_DOMAIN, &node.name())
+            .map_err(io::Error::other)?;
+        Ok(dir)
+    }
+
+    /// The controller's `/status` and `/metrics` (host:port), on the underlay.
+    pub fn controller_status_addr(&self) -> String {
+        format!("{CONTROLLER_IP}:15014")
+    }
+
     /// Where nodes reach the controller.
     pub fn controller_url(&self) -> String {
-        format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}")
+        format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}")
     }
 
     /// Waits until the node daemon on `node` answers `/readyz` (its datapath is

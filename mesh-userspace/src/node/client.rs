@@ -1,7 +1,7 @@
-//! The node's side of the configuration stream: subscribe to the controller,
-//! apply each update to the kernel maps, ACK or NACK it, and reconnect with
-//! jittered backoff. Whatever happens to the controller, the maps keep the
-//! last good configuration.
+//! The node's side of the configuration stream: subscribe to the controller
+//! over mutual TLS, apply each update to the kernel maps, ACK or NACK it, and
+//! reconnect with jittered backoff. Whatever happens to the controller, the
+//! maps keep the last good configuration.
 
 use std::{
     collections::BTreeMap,
@@ -11,10 +11,12 @@ use std::{
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use super::{http::Endpoint, lb::LoadBalancer, metrics::Metrics};
+use super::{config::Controller, lb::LoadBalancer, metrics::Metrics};
 use crate::{
     controller::snapshot::FrontendKey,
+    http::Endpoint,
     model::services::{ServiceEntry, ServiceSet},
     proto::{
         self,
@@ -34,7 +36,7 @@ struct Applied {
 
 /// Runs forever: subscribe, apply, reconnect.
 pub async fn run(
-    controller: String,
+    controller: Controller,
     node: String,
     lb: Arc<Mutex<LoadBalancer>>,
     metrics: Metrics,
@@ -44,28 +46,29 @@ pub async fn run(
     let mut backoff = BACKOFF_MIN;
     loop {
         match session(&controller, &node, &mut applied, &lb, &metrics, &endpoint).await {
-            Ok(got_updates) if got_updates => backoff = BACKOFF_MIN,
-            Ok(_) => {}
-            Err(err) => {
-                tracing::warn!(%controller, %err, "configuration stream lost; keeping the last good configuration")
-            }
+            Ok(true) => backoff = BACKOFF_MIN,
+            Ok(false) => {}
+            Err(err) => tracing::warn!(
+                controller = %controller.url,
+                %err,
+                "configuration stream lost; keeping the last good configuration"
+            ),
         }
         tokio::time::sleep(backoff.mul_f64(jitter())).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
+/// One subscription; `Ok(true)` when it delivered at least one update.
 async fn session(
-    controller: &str,
+    controller: &Controller,
     node: &str,
     applied: &mut Applied,
     lb: &Mutex<LoadBalancer>,
     metrics: &Metrics,
     endpoint: &Endpoint,
 ) -> Result<bool, String> {
-    let mut client = ConfigServiceClient::connect(controller.to_owned())
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut client = ConfigServiceClient::new(connect(controller).await?);
     let (tx, rx) = mpsc::channel(4);
     let hello = pb::Hello {
         node: node.to_owned(),
@@ -79,11 +82,15 @@ async fn session(
     let mut updates = client
         .subscribe(ReceiverStream::new(rx))
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.message().to_owned())?
         .into_inner();
-    tracing::info!(%controller, version = applied.version, "subscribed");
+    tracing::info!(controller = %controller.url, version = applied.version, "subscribed");
     let mut got = false;
-    while let Some(update) = updates.message().await.map_err(|e| e.to_string())? {
+    while let Some(update) = updates
+        .message()
+        .await
+        .map_err(|e| e.message().to_owned())?
+    {
         got = true;
         let reply = match apply(applied, &update, lb) {
             Ok(()) => {
@@ -112,6 +119,39 @@ async fn session(
             .map_err(|e| e.to_string())?;
     }
     Ok(got)
+}
+
+/// A mutual-TLS channel to the controller, with this node's certificate.
+async fn connect(controller: &Controller) -> Result<Channel, String> {
+    // Read on every attempt: rotated credentials are picked up on reconnect.
+    let (ca, cert, key) =
+        crate::pki::read_credentials(&controller.tls_dir).map_err(|e| e.to_string())?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name(controller.server_name.clone());
+    Channel::from_shared(controller.url.clone())
+        .map_err(|e| format!("controller address {}: {e}", controller.url))?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            format!("connecting to {}: {e}{cause}", controller.url)
+        })
+}
+
+/// A factor in [0.5, 1.5): spreads a fleet's reconnects after a controller
+/// restart so they do not arrive all at once.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    0.5 + f64::from(nanos % 1000) / 1000.0
 }
 
 /// Applies one update on top of what the node has; on error nothing changes.
@@ -149,14 +189,4 @@ fn apply(
         services: next,
     };
     Ok(())
-}
-
-/// A factor in [0.5, 1.5): spreads a fleet's reconnects after a controller
-/// restart so they do not arrive all at once.
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    0.5 + f64::from(nanos % 1000) / 1000.0
 }

@@ -15,6 +15,7 @@ pub const ENV_SERVICES_FILE: &str = "LACEWING_SERVICES_FILE";
 pub const ENV_METRICS_ADDR: &str = "LACEWING_METRICS_ADDR";
 pub const ENV_KEEP_DATAPATH: &str = "LACEWING_KEEP_DATAPATH";
 pub const ENV_CONTROLLER: &str = "LACEWING_CONTROLLER";
+pub const ENV_TLS_DIR: &str = "LACEWING_TLS_DIR";
 pub const ENV_SERVICE_CIDRS: &str = "LACEWING_SERVICE_CIDRS";
 /// Kubernetes' default IPv4 service CIDR, and the lab's IPv6 one.
 pub const DEFAULT_SERVICE_CIDRS: &str = "10.96.0.0/12,fd00:96::/108";
@@ -44,8 +45,15 @@ pub struct NodeArgs {
     pub services: Option<PathBuf>,
     /// The controller to subscribe to (`http://host:15012`), instead of
     /// --services.
-    #[arg(long, env = ENV_CONTROLLER, conflicts_with = "services")]
+    #[arg(long, env = ENV_CONTROLLER, conflicts_with = "services", requires = "tls_dir")]
     pub controller: Option<String>,
+    /// The node's credentials for the controller: ca.pem, cert.pem, key.pem
+    /// (a certificate naming this node).
+    #[arg(long, env = ENV_TLS_DIR)]
+    pub tls_dir: Option<PathBuf>,
+    /// The name on the controller's certificate.
+    #[arg(long, default_value = crate::pki::CONTROLLER_SERVER_NAME)]
+    pub controller_server_name: String,
     /// Entries of the Maglev table map (all Maglev services' tables together;
     /// each takes its table size). Lower it to bound memory.
     #[arg(long, env = ENV_MAGLEV_CAPACITY, default_value_t = DEFAULT_MAGLEV_CAPACITY)]
@@ -76,9 +84,17 @@ pub struct NodeConfig {
     pub services_file: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
     pub keep_datapath: bool,
-    pub controller: Option<String>,
+    pub controller: Option<Controller>,
     pub maglev_capacity: u32,
     pub service_cidrs: Vec<ServiceCidr>,
+}
+
+/// How to reach the controller.
+#[derive(Clone, Debug)]
+pub struct Controller {
+    pub url: String,
+    pub tls_dir: PathBuf,
+    pub server_name: String,
 }
 
 /// A setting that cannot be used, and what to do about it.
@@ -92,6 +108,8 @@ pub enum ConfigError {
     NotOnBpffs(PathBuf),
     #[error("cannot tell the node name: pass --node-name or set {ENV_NODE_NAME}")]
     NoNodeName,
+    #[error("--controller {0}: the controller speaks mutual TLS only; use https://host:15012")]
+    ControllerScheme(String),
     #[error("--services {0}: no such file")]
     NoServicesFile(PathBuf),
     #[error("{0}")]
@@ -118,6 +136,11 @@ impl NodeArgs {
                 .filter(|h| !h.is_empty())
                 .ok_or(ConfigError::NoNodeName)?,
         };
+        if let Some(url) = &self.controller
+            && !url.starts_with("https://")
+        {
+            return Err(ConfigError::ControllerScheme(url.clone()));
+        }
         if let Some(file) = &self.services
             && !file.is_file()
         {
@@ -130,7 +153,11 @@ impl NodeArgs {
             services_file: self.services,
             metrics_addr: self.metrics_addr,
             keep_datapath: self.keep_datapath,
-            controller: self.controller,
+            controller: self.controller.map(|url| Controller {
+                url,
+                tls_dir: self.tls_dir.unwrap_or_default(),
+                server_name: self.controller_server_name,
+            }),
             maglev_capacity: self.maglev_capacity,
             service_cidrs: self.service_cidr,
         })

@@ -9,7 +9,8 @@ use std::{
     time::Duration,
 };
 
-use super::{http::Endpoint, lb::LoadBalancer, metrics::Metrics};
+use super::{lb::LoadBalancer, metrics::Metrics};
+use crate::http::Endpoint;
 use crate::model::k8s;
 
 /// How often the file is checked for changes.

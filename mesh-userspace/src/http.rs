@@ -1,6 +1,6 @@
-//! The node's HTTP endpoint on :15020: `/metrics` (Prometheus text),
-//! `/healthz` (the process is up) and `/readyz` (the datapath is attached and
-//! the first configuration is applied).
+//! The plain HTTP endpoint of a daemon (the node's :15020, the controller's
+//! :15014): `/metrics` (Prometheus text, OpenMetrics when asked), `/healthz`
+//! (the process is up), `/readyz`, and an optional JSON `/status`.
 
 use std::{
     convert::Infallible,
@@ -27,7 +27,11 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// What the endpoint serves.
 pub struct Endpoint {
     pub registry: Registry,
+    /// The node: datapath attached and first configuration applied; the
+    /// controller: serving.
     pub ready: AtomicBool,
+    /// JSON for `/status`, if the daemon has one.
+    pub status: Option<Box<dyn Fn() -> String + Send + Sync>>,
 }
 
 /// Binds `addr` and serves until the task is dropped.
@@ -84,6 +88,10 @@ fn route<B>(endpoint: &Endpoint, req: &Request<B>) -> Response<Full<Bytes>> {
             }
         }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/status" if endpoint.status.is_some() => {
+            let json = endpoint.status.as_ref().map(|f| f()).unwrap_or_default();
+            reply(StatusCode::OK, "application/json", json)
+        }
         "/readyz" if endpoint.ready.load(Ordering::Acquire) => {
             reply(StatusCode::OK, "text/plain", "ready\n".into())
         }
@@ -95,7 +103,7 @@ fn route<B>(endpoint: &Endpoint, req: &Request<B>) -> Response<Full<Bytes>> {
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /metrics, /healthz or /readyz\n".into(),
+            "try /metrics, /healthz, /readyz or /status\n".into(),
         ),
     }
 }

@@ -1,0 +1,216 @@
+//! Certificates for the control plane: a CA kept in a folder, the
+//! controller's server certificate, and node certificates whose SPIFFE URI
+//! names the node (`spiffe://<trust-domain>/lacewing/node/<name>`). The
+//! controller lets a node subscribe only under the name its certificate holds.
+//!
+//! In the lab the lab provisions each node's certificate (as a cluster's
+//! bootstrap would mount it from a Secret); workload certificates and CSRs
+//! come with the identity issue.
+
+use std::{
+    fs, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// The trust domain until `MeshConfig` sets another.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// The name nodes check on the controller's certificate.
+pub const CONTROLLER_SERVER_NAME: &str = "lacewing-controller";
+
+/// Files of a credential folder.
+pub const CA_FILE: &str = "ca.pem";
+pub const CERT_FILE: &str = "cert.pem";
+pub const KEY_FILE: &str = "key.pem";
+const CA_KEY_FILE: &str = "ca-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The SPIFFE identity of a node.
+pub fn node_identity(trust_domain: &str, node: &str) -> String {
+    format!("spiffe://{trust_domain}/lacewing/node/{node}")
+}
+
+/// The node name in a node identity, if it is one.
+pub fn node_of_identity<'a>(trust_domain: &str, identity: &'a str) -> Option<&'a str> {
+    identity
+        .strip_prefix("spiffe://")?
+        .strip_prefix(trust_domain)?
+        .strip_prefix("/lacewing/node/")
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// The URI SANs of a DER certificate.
+pub fn uri_sans(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A CA whose key lives in a folder (created on first use, key mode 0600).
+pub struct Ca {
+    cert: Certificate,
+    key: KeyPair,
+    pem: String,
+}
+
+impl Ca {
+    pub fn load_or_create(dir: &Path) -> Result<Self, PkiError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let (cert_path, key_path) = (dir.join(CA_FILE), dir.join(CA_KEY_FILE));
+        let key = match fs::read_to_string(&key_path) {
+            Ok(pem) => KeyPair::from_pem(&pem)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let key = KeyPair::generate()?;
+                write_private(&key_path, &key.serialize_pem())?;
+                let _ = fs::remove_file(&cert_path);
+                key
+            }
+            Err(e) => return Err(io_err(&key_path)(e)),
+        };
+        // The same subject and key every time, so leaves signed by a
+        // re-created issuer verify against the stored CA certificate.
+        let cert = ca_params()?.self_signed(&key)?;
+        let pem = match fs::read_to_string(&cert_path) {
+            Ok(pem) => pem,
+            Err(_) => {
+                fs::write(&cert_path, cert.pem()).map_err(io_err(&cert_path))?;
+                cert.pem()
+            }
+        };
+        Ok(Self { cert, key, pem })
+    }
+
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// Issues a certificate into `dir` (ca.pem, cert.pem, key.pem).
+    pub fn issue(&self, dir: &Path, sans: Vec<SanType>, server: bool) -> Result<(), PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = sans;
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "lacewing");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        fs::write(dir.join(CA_FILE), &self.pem).map_err(io_err(dir))?;
+        fs::write(dir.join(CERT_FILE), cert.pem()).map_err(io_err(dir))?;
+        write_private(&dir.join(KEY_FILE), &key.serialize_pem())
+    }
+
+    /// A node's client certificate, naming it in a SPIFFE URI.
+    pub fn issue_node(&self, dir: &Path, trust_domain: &str, node: &str) -> Result<(), PkiError> {
+        let uri = node_identity(trust_domain, node).try_into()?;
+        self.issue(dir, vec![SanType::URI(uri)], false)
+    }
+
+    /// The controller's server certificate.
+    pub fn issue_controller(&self, dir: &Path, ips: &[IpAddr]) -> Result<(), PkiError> {
+        let mut sans = vec![SanType::DnsName(CONTROLLER_SERVER_NAME.try_into()?)];
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        self.issue(dir, sans, true)
+    }
+}
+
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "lacewing");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Lacewing control-plane CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+fn write_private(path: &Path, pem: &str) -> Result<(), PkiError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    io::Write::write_all(&mut f, pem.as_bytes()).map_err(io_err(path))
+}
+
+/// Reads a credential folder: (ca.pem, cert.pem, key.pem).
+pub fn read_credentials(dir: &Path) -> Result<(String, String, String), PkiError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        fs::read_to_string(&path).map_err(io_err(&path))
+    };
+    Ok((read(CA_FILE)?, read(CERT_FILE)?, read(KEY_FILE)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificates_name_their_node_and_chain_to_the_ca() {
+        let dir = std::env::temp_dir().join(format!("lacewing-pki-test-{}", std::process::id()));
+        let ca = Ca::load_or_create(&dir.join("ca")).unwrap();
+        ca.issue_node(&dir.join("n0"), DEFAULT_TRUST_DOMAIN, "n0")
+            .unwrap();
+        let (_, cert, _) = read_credentials(&dir.join("n0")).unwrap();
+        let der = pem_der(&cert);
+        let sans = uri_sans(&der);
+        assert_eq!(sans, ["spiffe://cluster.local/lacewing/node/n0"]);
+        assert_eq!(node_of_identity(DEFAULT_TRUST_DOMAIN, &sans[0]), Some("n0"));
+        assert_eq!(node_of_identity("other.domain", &sans[0]), None);
+        assert_eq!(
+            node_of_identity(DEFAULT_TRUST_DOMAIN, "spiffe://cluster.local/ns/a/sa/b"),
+            None
+        );
+        // The CA survives a restart: same certificate, same key.
+        let again = Ca::load_or_create(&dir.join("ca")).unwrap();
+        assert_eq!(again.pem(), ca.pem());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn pem_der(pem: &str) -> Vec<u8> {
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        p.contents
+    }
+}
