@@ -11,10 +11,14 @@ use std::{
 use tokio::sync::watch;
 
 use super::snapshot::Snapshot;
-use crate::model::k8s::Objects;
+use crate::model::{
+    k8s::{Objects, translate_all},
+    services::ServiceSet,
+};
 
-/// How often the folder is checked for changes.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the folder is checked for changes (names, sizes and times only:
+/// a few stat calls per file).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// The latest good snapshot (none until the folder has loaded once without
 /// error: nodes are sent nothing rather than an empty configuration), and the
@@ -26,27 +30,25 @@ pub fn watch(dir: PathBuf) -> (Snapshots, watch::Receiver<String>) {
     let (snap_tx, snap_rx) = watch::channel(None);
     let (err_tx, err_rx) = watch::channel(String::new());
     tokio::spawn(async move {
+        let mut cache = FileCache::default();
         let mut seen = None;
         let mut interval = tokio::time::interval(POLL_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
             let stamp = fingerprint(&dir);
             if seen.as_ref() == Some(&stamp) {
                 continue;
             }
-            seen = Some(stamp);
-            match load(&dir) {
+            seen = Some(stamp.clone());
+            match cache.load(&stamp) {
                 Ok(set) => {
                     err_tx.send_replace(String::new());
                     let current: Option<Arc<Snapshot>> = snap_tx.borrow().clone();
-                    let mut next = Snapshot::new(0, set);
-                    if current
-                        .as_ref()
-                        .is_some_and(|c| c.services == next.services)
-                    {
+                    let version = next_version(current.as_ref().map_or(0, |c| c.version));
+                    let Some(next) = Snapshot::next(current.as_deref(), version, set) else {
                         continue;
-                    }
-                    next.version = next_version(current.as_ref().map_or(0, |c| c.version));
+                    };
                     tracing::info!(
                         version = next.version,
                         services = next.services.len(),
@@ -62,6 +64,39 @@ pub fn watch(dir: PathBuf) -> (Snapshots, watch::Receiver<String>) {
         }
     });
     (snap_rx, err_rx)
+}
+
+/// Parsed files, re-parsed only when their size or time changes.
+#[derive(Default)]
+struct FileCache {
+    files: std::collections::BTreeMap<PathBuf, (u64, Option<SystemTime>, Objects)>,
+}
+
+impl FileCache {
+    fn load(&mut self, stamp: &[(PathBuf, u64, Option<SystemTime>)]) -> Result<ServiceSet, String> {
+        self.files
+            .retain(|path, _| stamp.iter().any(|(p, _, _)| p == path));
+        for (path, len, modified) in stamp {
+            if let Some((l, m, _)) = self.files.get(path)
+                && l == len
+                && m == modified
+            {
+                continue;
+            }
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{name}: {e}"))?;
+            let mut objects = Objects::default();
+            // A bad file leaves the cache without it, so it is read again
+            // (and reported again) until it is fixed.
+            self.files.remove(path);
+            objects
+                .add_yaml(&name, &text)
+                .map_err(|e| format!("{name}: {e}"))?;
+            self.files.insert(path.clone(), (*len, *modified, objects));
+        }
+        let parts: Vec<&Objects> = self.files.values().map(|(_, _, o)| o).collect();
+        translate_all(&parts).map_err(|e| e.to_string())
+    }
 }
 
 /// Versions increase across controller restarts too (milliseconds since the
@@ -98,17 +133,4 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
             (p, len, modified)
         })
         .collect()
-}
-
-fn load(dir: &Path) -> Result<crate::model::services::ServiceSet, String> {
-    let mut objects = Objects::default();
-    for file in yaml_files(dir) {
-        let text =
-            std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let name = file.display().to_string();
-        objects
-            .add_yaml(&name, &text)
-            .map_err(|e| format!("{name}: {e}"))?;
-    }
-    objects.translate().map_err(|e| e.to_string())
 }

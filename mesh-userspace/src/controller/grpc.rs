@@ -196,10 +196,7 @@ async fn session(
             }
             continue;
         };
-        let update = match &base {
-            Some(b) => latest.delta_from(b),
-            None => latest.full(),
-        };
+        let update = latest.update_for(base.as_deref());
         tx.send(Ok(update))
             .await
             .map_err(|_| "the node hung up".to_owned())?;

@@ -1,7 +1,7 @@
 //! What every node is sent: the services of the cluster at one version, and
 //! the delta between two versions.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use crate::{
     model::services::{Protocol, ServiceEntry, ServiceSet},
@@ -13,10 +13,13 @@ pub type FrontendKey = (SocketAddr, Protocol);
 
 /// The configuration at one version. Socket load balancing needs every
 /// service on every node, so for services a node's slice is the whole set.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub version: u64,
     pub services: BTreeMap<FrontendKey, ServiceEntry>,
+    /// The delta from the version before this one, computed once and sent
+    /// to every node that has that version (nearly all of them).
+    pub from_previous: Option<Arc<pb::ConfigUpdate>>,
 }
 
 impl Snapshot {
@@ -26,7 +29,34 @@ impl Snapshot {
             .into_iter()
             .map(|s| ((s.frontend, s.protocol), s.normalized()))
             .collect();
-        Self { version, services }
+        Self {
+            version,
+            services,
+            from_previous: None,
+        }
+    }
+
+    /// The snapshot after `previous` if `set` changes anything, with its
+    /// delta from `previous` computed once.
+    pub fn next(previous: Option<&Snapshot>, version: u64, set: ServiceSet) -> Option<Self> {
+        let mut next = Self::new(version, set);
+        match previous {
+            Some(p) if p.services == next.services => None,
+            Some(p) => {
+                next.from_previous = Some(Arc::new(next.delta_from(p)));
+                Some(next)
+            }
+            None => Some(next),
+        }
+    }
+
+    /// The update that brings a node at `base` to this snapshot.
+    pub fn update_for(&self, base: Option<&Snapshot>) -> pb::ConfigUpdate {
+        match (base, &self.from_previous) {
+            (Some(b), Some(cached)) if cached.base_version == b.version => (**cached).clone(),
+            (Some(b), _) => self.delta_from(b),
+            (None, _) => self.full(),
+        }
     }
 
     /// Everything, for a node whose state the controller does not know.

@@ -210,11 +210,27 @@ impl Objects {
 
     /// The service frontends these objects declare.
     pub fn translate(&self) -> Result<ServiceSet, K8sError> {
-        let mut set = ServiceSet::default();
-        for (origin, svc) in &self.services {
-            let its_slices = self
-                .slices
-                .get(&(svc.metadata.namespace.clone(), svc.metadata.name.clone()))
+        translate_all(&[self])
+    }
+}
+
+/// The service frontends declared by several sets of objects together (one
+/// per file: a folder re-parses only the files that changed).
+pub fn translate_all(parts: &[&Objects]) -> Result<ServiceSet, K8sError> {
+    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for part in parts {
+        for ((ns, name), list) in &part.slices {
+            slices
+                .entry((ns.as_str(), name.as_str()))
+                .or_default()
+                .extend(list.iter());
+        }
+    }
+    let mut set = ServiceSet::default();
+    for part in parts {
+        for (origin, svc) in &part.services {
+            let its_slices = slices
+                .get(&(svc.metadata.namespace.as_str(), svc.metadata.name.as_str()))
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
             let entries = translate(svc, its_slices).map_err(|e| K8sError::In {
@@ -223,12 +239,12 @@ impl Objects {
             })?;
             set.services.extend(entries);
         }
-        set.validate()?;
-        Ok(set)
     }
+    set.validate()?;
+    Ok(set)
 }
 
-fn translate(svc: &Service, slices: &[EndpointSlice]) -> Result<Vec<ServiceEntry>, K8sError> {
+fn translate(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceEntry>, K8sError> {
     let id = format!("{}/{}", svc.metadata.namespace, svc.metadata.name);
     let bad = |msg: String| K8sError::Service(id.clone(), msg);
     let ann = &svc.metadata.annotations;
