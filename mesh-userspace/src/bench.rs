@@ -2,4 +2,5 @@
 //! Lacewing against baselines in the same run and prints ratios, ending with
 //! one `RESULT` line.
 
+pub mod control_plane;
 pub mod l4;

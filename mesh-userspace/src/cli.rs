@@ -44,6 +44,19 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// A real controller serving simulated nodes over gRPC (no eBPF): full
+    /// sync time, change propagation, bytes per change, controller memory.
+    ControlPlane {
+        #[arg(long, default_value_t = 1000)]
+        nodes: u32,
+        #[arg(long, default_value_t = 10_000)]
+        services: u32,
+        #[arg(long, default_value_t = 100_000)]
+        endpoints: u32,
+        /// Single-endpoint edits to time.
+        #[arg(long, default_value_t = 20)]
+        changes: u32,
+    },
     /// Short TCP connections to a ClusterIP: Lacewing vs kube-proxy
     /// (iptables, nftables) vs a direct connect.
     L4 {
@@ -73,6 +86,30 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             (None, None) => status::run("127.0.0.1:15014"),
         },
         Command::Demo => demo::run().map(|()| 0),
+        Command::Bench(BenchCommand::ControlPlane {
+            nodes,
+            services,
+            endpoints,
+            changes,
+        }) => {
+            let opts = crate::bench::control_plane::Options {
+                nodes,
+                services,
+                endpoints,
+                changes,
+            };
+            let outcome =
+                crate::bench::control_plane::run(&sibling_binary("lacewing-controller")?, &opts)?;
+            println!(
+                "controller peak RSS {:.0} MB, CPU {:.1} s",
+                outcome.controller_rss_mb, outcome.controller_cpu_s
+            );
+            println!(
+                "{}",
+                crate::bench::control_plane::result_line(&opts, &outcome)
+            );
+            Ok(0)
+        }
         Command::Bench(BenchCommand::L4 {
             sizes,
             seconds,

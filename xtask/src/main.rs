@@ -29,9 +29,9 @@ enum Task {
     Test,
     /// setup, build, then the lab demo (`lacewing demo`) as root.
     Demo,
-    /// Benchmarks in the lab, as root: `cargo xtask bench l4`.
+    /// Benchmarks: `cargo xtask bench l4` (lab, root), `cargo xtask bench control-plane`.
     Bench {
-        /// Which benchmark: l4.
+        /// Which benchmark: l4 or control-plane.
         name: String,
         /// Extra flags for the benchmark (`-- --sizes 100,1000`).
         #[arg(last = true)]
@@ -65,10 +65,15 @@ fn demo() -> anyhow::Result<()> {
 }
 
 fn bench(name: &str, args: &[String]) -> anyhow::Result<()> {
-    anyhow::ensure!(name == "l4", "unknown benchmark `{name}`; there is: l4");
+    anyhow::ensure!(
+        name == "l4" || name == "control-plane",
+        "unknown benchmark `{name}`; there are: l4, control-plane"
+    );
     setup::run()?;
     run::build_binaries(true)?;
-    run::require_root("the benchmarks")?;
+    if name == "l4" {
+        run::require_root("the l4 benchmark (it runs in the lab)")?;
+    }
     let mut all = vec!["bench".to_owned(), name.to_owned()];
     all.extend(args.iter().cloned());
     run::cmd(run::workspace_root().join("target/release/lacewing"), all)

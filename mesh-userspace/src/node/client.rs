@@ -122,7 +122,7 @@ async fn session(
 }
 
 /// A mutual-TLS channel to the controller, with this node's certificate.
-async fn connect(controller: &Controller) -> Result<Channel, String> {
+pub async fn connect(controller: &Controller) -> Result<Channel, String> {
     // Read on every attempt: rotated credentials are picked up on reconnect.
     let (ca, cert, key) =
         crate::pki::read_credentials(&controller.tls_dir).map_err(|e| e.to_string())?;
