@@ -113,6 +113,16 @@ pub fn run(controller_bin: &Path, opts: &Options) -> anyhow::Result<Outcome> {
         runtime.block_on(measure(grpc, &folder, creds, opts, per_service, files))
     })();
     let (rss_mb, cpu_s) = usage(pid);
+    let now_kb: f64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    println!(
+        "controller RSS at the end {:.0} MB (peak {rss_mb:.0} MB)",
+        now_kb / 1024.0
+    );
     let _ = controller.kill();
     let _ = controller.wait();
     let mut outcome = result?;

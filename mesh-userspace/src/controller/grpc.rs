@@ -21,6 +21,10 @@ use crate::{
     },
 };
 
+/// Full snapshots in flight at once. Each is the whole service set (about
+/// 2.5 MB encoded at 10,000 services); deltas are not limited.
+const FULL_SYNCS_AT_ONCE: usize = 16;
+
 /// What the controller knows of one node.
 #[derive(Clone, Debug, Default)]
 struct NodeRecord {
@@ -34,6 +38,8 @@ struct NodeRecord {
 /// Shared state of all streams.
 pub struct Registry {
     trust_domain: String,
+    /// Permits for full snapshots in flight (sent, not yet acknowledged).
+    full_syncs: tokio::sync::Semaphore,
     snapshots: Snapshots,
     source_error: watch::Receiver<String>,
     nodes: Mutex<BTreeMap<String, NodeRecord>>,
@@ -70,6 +76,7 @@ impl Registry {
             snapshots,
             source_error,
             nodes: Mutex::new(BTreeMap::new()),
+            full_syncs: tokio::sync::Semaphore::new(FULL_SYNCS_AT_ONCE),
         }
     }
 
@@ -195,6 +202,20 @@ async fn session(
                 },
             }
             continue;
+        };
+        // Full snapshots are large (every service); building and sending too
+        // many at once (a fleet reconnecting) would hold them all in memory,
+        // so the permit is taken before the message is built.
+        let _permit = if base.is_none() {
+            Some(
+                registry
+                    .full_syncs
+                    .acquire()
+                    .await
+                    .map_err(|_| "shutting down".to_owned())?,
+            )
+        } else {
+            None
         };
         let update = latest.update_for(base.as_deref());
         tx.send(Ok(update))
