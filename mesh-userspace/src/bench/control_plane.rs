@@ -252,7 +252,13 @@ async fn simulated_node(
         .map_err(|e| e.to_string())?
         .into_inner();
     let mut version = 0;
-    while let Some(update) = updates.message().await.map_err(|e| e.to_string())? {
+    let mut pending: Option<pb::ConfigUpdate> = None;
+    let mut bytes = 0;
+    while let Some(piece) = updates.message().await.map_err(|e| e.to_string())? {
+        bytes += piece.encoded_len();
+        let Some(update) = client::assemble(&mut pending, piece)? else {
+            continue;
+        };
         if update.base_version != 0 && update.base_version != version {
             return Err(format!(
                 "delta on top of {} but the node has {version}",
@@ -260,7 +266,6 @@ async fn simulated_node(
             ));
         }
         version = update.version;
-        let bytes = update.encoded_len();
         tx.send(pb::NodeMessage {
             kind: Some(Kind::Ack(pb::Ack { version })),
         })
@@ -274,6 +279,7 @@ async fn simulated_node(
                 bytes,
             },
         ));
+        bytes = 0;
     }
     Ok(())
 }

@@ -218,9 +218,11 @@ async fn session(
             None
         };
         let update = latest.update_for(base.as_deref());
-        tx.send(Ok(update))
-            .await
-            .map_err(|_| "the node hung up".to_owned())?;
+        for chunk in chunks(update) {
+            tx.send(Ok(chunk))
+                .await
+                .map_err(|_| "the node hung up".to_owned())?;
+        }
         match inbound
             .message()
             .await
@@ -252,5 +254,76 @@ async fn session(
             }
             None => return Ok(()),
         }
+    }
+}
+
+/// Services per message: a full snapshot of a large cluster goes out in
+/// pieces, so no stream ever holds the whole set in its buffers.
+const SERVICES_PER_MESSAGE: usize = 256;
+
+/// Splits an update into messages of at most [`SERVICES_PER_MESSAGE`]
+/// services; every one but the last is marked `partial`.
+fn chunks(mut update: pb::ConfigUpdate) -> Vec<pb::ConfigUpdate> {
+    if update.upserts.len() <= SERVICES_PER_MESSAGE {
+        return vec![update];
+    }
+    let mut out = Vec::new();
+    let rest = std::mem::take(&mut update.upserts);
+    let mut pieces = rest.chunks(SERVICES_PER_MESSAGE).peekable();
+    while let Some(piece) = pieces.next() {
+        let last = pieces.peek().is_none();
+        out.push(pb::ConfigUpdate {
+            version: update.version,
+            base_version: update.base_version,
+            upserts: piece.to_vec(),
+            removes: if last {
+                std::mem::take(&mut update.removes)
+            } else {
+                Vec::new()
+            },
+            partial: !last,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_update_goes_in_pieces_that_reassemble_to_it() {
+        let service = |i: u32| pb::Service {
+            name: format!("s{i}"),
+            ..Default::default()
+        };
+        let update = pb::ConfigUpdate {
+            version: 7,
+            base_version: 0,
+            upserts: (0..600).map(service).collect(),
+            removes: vec![pb::ServiceKey::default()],
+            partial: false,
+        };
+        let pieces = chunks(update.clone());
+        assert_eq!(pieces.len(), 3);
+        assert!(
+            pieces[..2]
+                .iter()
+                .all(|p| p.partial && p.removes.is_empty())
+        );
+        let mut pending = None;
+        let mut whole = None;
+        for p in pieces {
+            whole = crate::node::client::assemble(&mut pending, p).unwrap();
+        }
+        assert_eq!(whole, Some(update));
+        assert_eq!(
+            chunks(pb::ConfigUpdate {
+                upserts: vec![service(1)],
+                ..Default::default()
+            })
+            .len(),
+            1
+        );
     }
 }

@@ -66,6 +66,7 @@ impl Snapshot {
             base_version: 0,
             upserts: self.services.values().map(pb::Service::from).collect(),
             removes: Vec::new(),
+            partial: false,
         }
     }
 
@@ -88,6 +89,7 @@ impl Snapshot {
             base_version: base.version,
             upserts,
             removes,
+            partial: false,
         }
     }
 }

@@ -86,11 +86,15 @@ async fn session(
         .into_inner();
     tracing::info!(controller = %controller.url, version = applied.version, "subscribed");
     let mut got = false;
-    while let Some(update) = updates
+    let mut pending: Option<pb::ConfigUpdate> = None;
+    while let Some(piece) = updates
         .message()
         .await
         .map_err(|e| e.message().to_owned())?
     {
+        let Some(update) = assemble(&mut pending, piece)? else {
+            continue;
+        };
         got = true;
         let reply = match apply(applied, &update, lb) {
             Ok(()) => {
@@ -119,6 +123,35 @@ async fn session(
             .map_err(|e| e.to_string())?;
     }
     Ok(got)
+}
+
+/// Gathers the pieces of a chunked update; the whole update once its last
+/// piece has arrived.
+pub fn assemble(
+    pending: &mut Option<pb::ConfigUpdate>,
+    piece: pb::ConfigUpdate,
+) -> Result<Option<pb::ConfigUpdate>, String> {
+    let update = match pending.take() {
+        Some(mut head) => {
+            if head.version != piece.version {
+                return Err(format!(
+                    "piece of version {} inside version {}",
+                    piece.version, head.version
+                ));
+            }
+            head.upserts.extend(piece.upserts);
+            head.removes.extend(piece.removes);
+            head.partial = piece.partial;
+            head
+        }
+        None => piece,
+    };
+    if update.partial {
+        *pending = Some(update);
+        Ok(None)
+    } else {
+        Ok(Some(update))
+    }
 }
 
 /// A mutual-TLS channel to the controller, with this node's certificate.
