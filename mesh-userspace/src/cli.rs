@@ -2,6 +2,7 @@
 
 mod demo;
 mod lab;
+mod manifests;
 mod maps;
 mod status;
 
@@ -30,6 +31,15 @@ pub enum Command {
         /// Ask the controller of this lab (the only one up, if not named).
         #[arg(long)]
         lab: Option<Option<crate::lab::LabId>>,
+    },
+    /// Write (or with --check, compare) the CRD YAML generated from the types.
+    Manifests {
+        /// Folder of the CRD files.
+        #[arg(long, default_value = "deploy/crds")]
+        out: PathBuf,
+        /// Only check that the files are current; exit 1 if not.
+        #[arg(long)]
+        check: bool,
     },
     /// Read a node's pinned maps.
     #[command(subcommand)]
@@ -80,6 +90,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Maps(cmd) => maps::run(cmd).map(|()| 0),
+        Command::Manifests { out, check } => manifests::run(&out, check),
         Command::Status { controller, lab } => match (controller, lab) {
             (Some(url), _) => status::run(&url),
             (None, Some(lab)) => status::run_in_lab(lab),

@@ -5,6 +5,7 @@
 //! The binaries in `src/bin/` stay thin; the logic lives in these modules.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod bench;
 pub mod bpffs;
 pub mod cgroup;

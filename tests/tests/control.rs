@@ -228,6 +228,22 @@ fn malformed_yaml_is_rejected_with_its_file_and_changes_nothing() {
         status.contains("bad-weight.yaml") && status.contains("weights start at 1"),
         "{status}"
     );
+    // A policy naming a Service that does not exist is rejected the same way.
+    fs::remove_file(c.folder.join("bad-weight.yaml")).unwrap();
+    fs::write(
+        c.folder.join("policy.yaml"),
+        "apiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: slow, namespace: default}\nspec: {targetRef: {name: nope}, timeout: 5s}\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = c.status();
+    assert!(
+        status.contains("policy.yaml")
+            && status.contains(
+                "TrafficPolicy default/slow names Service default/nope, which does not exist"
+            ),
+        "{status}"
+    );
     // Nothing reached the nodes: the old service still works, the new one does not exist.
     assert_eq!(
         c.reached("n0-p0", VIP),

@@ -29,6 +29,8 @@ enum Task {
     Test,
     /// setup, build, then the lab demo (`lacewing demo`) as root.
     Demo,
+    /// Regenerate deploy/crds from the Rust types.
+    Manifests,
     /// Benchmarks: `cargo xtask bench l4` (lab, root), `cargo xtask bench control-plane`.
     Bench {
         /// Which benchmark: l4 or control-plane.
@@ -46,6 +48,12 @@ fn main() {
         Task::Build { release } => run::build_binaries(release),
         Task::Test => test::run(),
         Task::Demo => demo(),
+        Task::Manifests => run::build_binaries(false).and_then(|()| {
+            run::cmd(
+                run::workspace_root().join("target/debug/lacewing"),
+                ["manifests", "--out", "deploy/crds"],
+            )
+        }),
         Task::Bench { name, args } => bench(&name, &args),
     };
     if let Err(err) = result {

@@ -65,6 +65,7 @@ pub fn run() -> anyhow::Result<()> {
     stable_components(&mut changes)?;
     bpf_linker(&mut changes)?;
     apt(&mut changes)?;
+    pypi(&mut changes)?;
     if changes.is_empty() {
         eprintln!(
             "xtask setup: everything was already present ({:.1} s)",
@@ -241,6 +242,20 @@ fn apt(changes: &mut Vec<String>) -> anyhow::Result<()> {
         )
     })?;
     changes.push(missing.join(" "));
+    Ok(())
+}
+
+/// kubernetes-validate checks generated manifests against Kubernetes'
+/// schemas, offline.
+fn pypi(changes: &mut Vec<String>) -> anyhow::Result<()> {
+    if output("python3", &["-c", "import kubernetes_validate"]).is_some() {
+        return Ok(());
+    }
+    let mut c = Command::new("python3");
+    c.args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]);
+    run::status(c)
+        .context("installing kubernetes-validate from PyPI failed: check access to pypi.org")?;
+    changes.push("kubernetes-validate".into());
     Ok(())
 }
 

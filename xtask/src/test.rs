@@ -54,8 +54,19 @@ pub fn run() -> anyhow::Result<()> {
         ],
     )?;
 
-    run::require_root("the lab tests")?;
     run::build_binaries(false)?;
+    run::cmd(
+        run::workspace_root().join("target/debug/lacewing"),
+        ["manifests", "--check", "--out", "deploy/crds"],
+    )
+    .context("deploy/crds is stale: run `cargo xtask manifests` and commit the result")?;
+    let mut validate = Command::new("python3");
+    validate
+        .args(["-m", "kubernetes_validate", "-k", KUBERNETES_VERSION])
+        .current_dir(run::workspace_root());
+    validate.args(crd_files()?);
+    run::status(validate).context("the CRDs are not valid Kubernetes objects")?;
+    run::require_root("the lab tests")?;
     let before = lab_resources();
     let summary = lab_tests()?;
     let leaked: Vec<String> = lab_resources().difference(&before).cloned().collect();
@@ -81,6 +92,21 @@ pub fn run() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The Kubernetes version the manifests are checked against.
+const KUBERNETES_VERSION: &str = "1.33.0";
+
+fn crd_files() -> anyhow::Result<Vec<String>> {
+    let dir = run::workspace_root().join("deploy/crds");
+    let mut files: Vec<String> = fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| format!("deploy/crds/{}", e.file_name().to_string_lossy()))
+        .filter(|f| f.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 #[derive(Debug, Default, PartialEq)]

@@ -39,6 +39,8 @@ pub enum K8sError {
         origin: String,
         source: Box<K8sError>,
     },
+    #[error("{0}")]
+    Policy(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +164,9 @@ pub struct Objects {
     /// Each Service with where it came from (`file: document N`).
     services: Vec<(String, Service)>,
     slices: BTreeMap<(String, String), Vec<EndpointSlice>>,
+    /// Services that policies and routes name: (origin, what names it,
+    /// namespace, service name).
+    references: Vec<(String, String, String, String)>,
 }
 
 impl Objects {
@@ -171,6 +176,7 @@ impl Objects {
     pub fn add_yaml(&mut self, origin: &str, text: &str) -> Result<(), K8sError> {
         let mut services = Vec::new();
         let mut slices = Vec::new();
+        let mut references = Vec::new();
         for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let value = serde_yaml::Value::deserialize(doc)
                 .map_err(|source| K8sError::Yaml { index, source })?;
@@ -179,13 +185,28 @@ impl Objects {
             }
             let kind: Kind = serde_yaml::from_value(value.clone())
                 .map_err(|source| K8sError::Yaml { index, source })?;
+            let at = if origin.is_empty() {
+                format!("document {index}")
+            } else {
+                format!("{origin}: document {index}")
+            };
+            let doc_err = |source| K8sError::Yaml { index, source };
             match kind.kind.as_deref() {
+                Some(
+                    kind @ ("AuthorizationPolicy" | "TrafficPolicy" | "MeshConfig" | "HTTPRoute"),
+                ) => {
+                    for (who, ns, name) in policy_references(kind, value).map_err(|e| match e {
+                        PolicyError::Yaml(source) => doc_err(source),
+                        PolicyError::Invalid(msg) => K8sError::In {
+                            origin: at.clone(),
+                            source: Box::new(K8sError::Policy(msg)),
+                        },
+                    })? {
+                        references.push((at.clone(), who, ns, name));
+                    }
+                }
                 Some("Service") => services.push((
-                    if origin.is_empty() {
-                        format!("document {index}")
-                    } else {
-                        format!("{origin}: document {index}")
-                    },
+                    at.clone(),
                     serde_yaml::from_value::<Service>(value)
                         .map_err(|source| K8sError::Yaml { index, source })?,
                 )),
@@ -197,6 +218,7 @@ impl Objects {
             }
         }
         self.services.extend(services);
+        self.references.extend(references);
         for slice in slices {
             if let Some(svc) = slice.metadata.labels.get(SERVICE_NAME_LABEL) {
                 self.slices
@@ -217,6 +239,23 @@ impl Objects {
 /// The service frontends declared by several sets of objects together (one
 /// per file: a folder re-parses only the files that changed).
 pub fn translate_all(parts: &[&Objects]) -> Result<ServiceSet, K8sError> {
+    // Policies and routes may only name Services that exist (ResolvedRefs):
+    // one that does not is rejected with the whole change, never sent.
+    let known: std::collections::BTreeSet<(&str, &str)> = parts
+        .iter()
+        .flat_map(|p| p.services.iter())
+        .map(|(_, s)| (s.metadata.namespace.as_str(), s.metadata.name.as_str()))
+        .collect();
+    for (origin, who, ns, name) in parts.iter().flat_map(|p| p.references.iter()) {
+        if !known.contains(&(ns.as_str(), name.as_str())) {
+            return Err(K8sError::In {
+                origin: origin.clone(),
+                source: Box::new(K8sError::Policy(format!(
+                    "{who} names Service {ns}/{name}, which does not exist (ResolvedRefs: False, reason BackendNotFound)"
+                ))),
+            });
+        }
+    }
     let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for part in parts {
         for ((ns, name), list) in &part.slices {
@@ -379,6 +418,91 @@ fn parse_weights(text: &str) -> Result<BTreeMap<IpAddr, u16>, String> {
         out.insert(ip, w);
     }
     Ok(out)
+}
+
+enum PolicyError {
+    Yaml(serde_yaml::Error),
+    Invalid(String),
+}
+
+/// Checks one of our policies or an HTTPRoute on its own (its schema, its
+/// identities) and returns the Services it names: (who, namespace, name).
+fn policy_references(
+    kind: &str,
+    value: serde_yaml::Value,
+) -> Result<Vec<(String, String, String)>, PolicyError> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use crate::api::{
+        authorization::{AuthorizationPolicy, check_principal},
+        mesh_config::MeshConfig,
+        traffic::TrafficPolicy,
+    };
+    let ns_of = |m: &ObjectMeta| m.namespace.clone().unwrap_or_else(default_ns);
+    let name_of = |m: &ObjectMeta| m.name.clone().unwrap_or_default();
+    match kind {
+        "AuthorizationPolicy" => {
+            let p: AuthorizationPolicy =
+                serde_yaml::from_value(value).map_err(PolicyError::Yaml)?;
+            for principal in p
+                .spec
+                .rules
+                .iter()
+                .flat_map(|r| &r.from)
+                .flat_map(|f| &f.principals)
+            {
+                check_principal(principal).map_err(|e| {
+                    PolicyError::Invalid(format!(
+                        "AuthorizationPolicy {}/{}: {e} (Accepted: False, reason InvalidPrincipal)",
+                        ns_of(&p.metadata),
+                        name_of(&p.metadata)
+                    ))
+                })?;
+            }
+            Ok(Vec::new())
+        }
+        "TrafficPolicy" => {
+            let p: TrafficPolicy = serde_yaml::from_value(value).map_err(PolicyError::Yaml)?;
+            let ns = ns_of(&p.metadata);
+            let who = format!("TrafficPolicy {ns}/{}", name_of(&p.metadata));
+            Ok(vec![(who, ns, p.spec.target_ref.name.clone())])
+        }
+        "MeshConfig" => {
+            let m: MeshConfig = serde_yaml::from_value(value).map_err(PolicyError::Yaml)?;
+            if let Some(td) = &m.spec.trust_domain
+                && (td.is_empty() || td.contains('/'))
+            {
+                return Err(PolicyError::Invalid(format!(
+                    "MeshConfig {}: trustDomain `{td}` must be a name such as cluster.local",
+                    name_of(&m.metadata)
+                )));
+            }
+            Ok(Vec::new())
+        }
+        _ => {
+            #[derive(Deserialize)]
+            struct Route {
+                metadata: Meta,
+                spec: crate::api::http_route::HttpRouteSpec,
+            }
+            let r: Route = serde_yaml::from_value(value).map_err(PolicyError::Yaml)?;
+            let ns = r.metadata.namespace.clone();
+            let who = format!("HTTPRoute {ns}/{}", r.metadata.name);
+            Ok(r.spec
+                .parent_refs
+                .iter()
+                .chain(r.spec.rules.iter().flat_map(|rule| &rule.backend_refs))
+                .filter(|b| b.is_service())
+                .map(|b| {
+                    (
+                        who.clone(),
+                        b.namespace.clone().unwrap_or_else(|| ns.clone()),
+                        b.name.clone(),
+                    )
+                })
+                .collect())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -107,3 +107,53 @@ fn bad_annotations_say_what_to_fix() {
         "{err}"
     );
 }
+
+const WEB: &str = "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n";
+
+#[test]
+fn policies_and_routes_may_only_name_services_that_exist() {
+    let ok = format!(
+        "{WEB}---\napiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: tp, namespace: shop}}\nspec: {{targetRef: {{name: web}}, timeout: 5s}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: web}}], rules: [{{backendRefs: [{{name: web, port: 80}}]}}]}}\n"
+    );
+    assert_eq!(parse(&ok).unwrap().services.len(), 1);
+
+    let missing = ok.replace("targetRef: {name: web}", "targetRef: {name: nope}");
+    let err = parse(&missing).unwrap_err().to_string();
+    assert!(
+        err.contains("document 1")
+            && err.contains("TrafficPolicy shop/tp names Service shop/nope, which does not exist"),
+        "{err}"
+    );
+
+    let route = ok.replace("backendRefs: [{name: web", "backendRefs: [{name: gone");
+    let err = parse(&route).unwrap_err().to_string();
+    assert!(
+        err.contains("HTTPRoute shop/r names Service shop/gone"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_policy_with_a_bad_identity_or_shape_is_rejected() {
+    let authz = format!(
+        "{WEB}---\napiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-all, namespace: shop}}\nspec: {{action: Deny, rules: [{{from: [{{principals: [\"spiffe://cluster.local/ns/shop\"]}}]}}]}}\n"
+    );
+    let err = parse(&authz).unwrap_err().to_string();
+    assert!(
+        err.contains("AuthorizationPolicy shop/deny-all") && err.contains("InvalidPrincipal"),
+        "{err}"
+    );
+    let good = authz.replace(
+        "spiffe://cluster.local/ns/shop\"",
+        "spiffe://cluster.local/ns/shop/sa/web\"",
+    );
+    assert!(parse(&good).is_ok());
+    let bad_shape = format!(
+        "{WEB}---\nkind: TrafficPolicy\nmetadata: {{name: tp, namespace: shop}}\nspec: {{targetRef: {{name: web}}, retries: {{attempts: lots}}}}\n"
+    );
+    let err = parse(&bad_shape).unwrap_err().to_string();
+    assert!(
+        err.contains("document 1") && err.contains("\"lots\", expected u32"),
+        "{err}"
+    );
+}
