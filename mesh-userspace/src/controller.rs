@@ -1,16 +1,18 @@
 //! `lacewing-controller`: turns what the cluster declares into each node's
 //! configuration and streams it to the nodes.
 //!
-//! Now: the folder source (a directory of Kubernetes YAML, watched), the
+//! Now: the folder source (a directory of Kubernetes YAML, watched) or the
+//! Kubernetes source (kube-rs watchers on Services and EndpointSlices), the
 //! snapshot of services every node needs, the gRPC stream on :15012 with
 //! mutual TLS (a node subscribes only as the node its certificate names),
 //! versioned deltas, ACK/NACK, and per-node applied versions on :15014
 //! (`/status`, `/metrics`). To come with the rest of the control-plane issue:
-//! the Kubernetes source, CRDs and their status, leader election.
+//! status written back to the objects, leader election.
 
 pub mod config;
 pub mod folder;
 pub mod grpc;
+pub mod kube_source;
 pub mod metrics;
 pub mod snapshot;
 
@@ -34,6 +36,8 @@ pub enum ControllerError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("connecting to the Kubernetes API: {0} (run in a cluster, or set KUBECONFIG)")]
+    Kube(kube::Error),
     #[error("certificates in {dir}: {source}")]
     Pki {
         dir: std::path::PathBuf,
@@ -47,7 +51,15 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         dir: config.pki_dir.clone(),
         source,
     })?;
-    let (snapshots, source_error) = folder::watch(config.folder.clone());
+    let (snapshots, source_error) = match &config.source {
+        config::Source::Folder(dir) => folder::watch(dir.clone()),
+        config::Source::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(ControllerError::Kube)?;
+            kube_source::watch(client)
+        }
+    };
     let registry = Arc::new(grpc::Registry::new(
         config.trust_domain.clone(),
         snapshots,
@@ -71,7 +83,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
             source,
         })?;
 
-    tracing::info!(folder = %config.folder.display(), listen = %config.listen, "controller serving node configuration (mutual TLS)");
+    tracing::info!(source = ?config.source, listen = %config.listen, "controller serving node configuration (mutual TLS)");
     let result = tonic::transport::Server::builder()
         .tls_config(tls)
         .map_err(|source| ControllerError::Serve {

@@ -22,8 +22,16 @@ pub const DEFAULT_HTTP: &str = "0.0.0.0:15014";
 )]
 pub struct ControllerArgs {
     /// A folder of Kubernetes YAML (Services, EndpointSlices, ...), watched.
-    #[arg(long, env = "LACEWING_FOLDER")]
-    pub folder: PathBuf,
+    #[arg(
+        long,
+        env = "LACEWING_FOLDER",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub folder: Option<PathBuf>,
+    /// Watch the Kubernetes API instead (in-cluster config or kubeconfig).
+    #[arg(long)]
+    pub kubernetes: bool,
     /// Where nodes subscribe (gRPC, mutual TLS).
     #[arg(long, env = "LACEWING_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
@@ -48,10 +56,17 @@ pub struct ControllerArgs {
     pub log_format: LogFormat,
 }
 
+/// Where the controller reads what the cluster declares.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Folder(PathBuf),
+    Kubernetes,
+}
+
 /// Validated settings.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
-    pub folder: PathBuf,
+    pub source: Source,
     pub listen: SocketAddr,
     pub http_addr: SocketAddr,
     pub pki_dir: PathBuf,
@@ -61,12 +76,13 @@ pub struct ControllerConfig {
 
 impl ControllerArgs {
     pub fn validate(self) -> Result<ControllerConfig, String> {
-        if !self.folder.is_dir() {
-            return Err(format!(
-                "--folder {}: no such directory",
-                self.folder.display()
-            ));
-        }
+        let source = match self.folder {
+            Some(folder) if !folder.is_dir() => {
+                return Err(format!("--folder {}: no such directory", folder.display()));
+            }
+            Some(folder) => Source::Folder(folder),
+            None => Source::Kubernetes,
+        };
         if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
             return Err(format!(
                 "--trust-domain `{}` must be a name such as cluster.local",
@@ -74,7 +90,7 @@ impl ControllerArgs {
             ));
         }
         Ok(ControllerConfig {
-            folder: self.folder,
+            source,
             listen: self.listen,
             http_addr: self.http_addr,
             pki_dir: self.pki_dir,

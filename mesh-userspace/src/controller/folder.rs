@@ -102,7 +102,7 @@ impl FileCache {
 /// Versions increase across controller restarts too (milliseconds since the
 /// epoch, or one more than the last), so a node never mistakes a new
 /// configuration for one it has.
-fn next_version(previous: u64) -> u64 {
+pub fn next_version(previous: u64) -> u64 {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -31,12 +31,20 @@ pub fn dir(id: LabId) -> PathBuf {
 
 pub fn write(record: &Record) -> io::Result<()> {
     let dir = dir(record.topology.id);
-    fs::create_dir_all(&dir)?;
     let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-    // Written whole then renamed, so a reader never sees half a record.
-    let tmp = dir.join("lab.json.tmp");
-    fs::write(&tmp, json)?;
-    fs::rename(tmp, dir.join("lab.json"))
+    if dir.is_dir() {
+        // Written whole then renamed, so a reader never sees half a record.
+        let tmp = dir.join("lab.json.tmp");
+        fs::write(&tmp, json)?;
+        return fs::rename(tmp, dir.join("lab.json"));
+    }
+    // A new lab's folder appears with its record already in it: the sweep
+    // takes a lab folder without a record for an orphan, and must never see
+    // one that is only being made.
+    let staging = Path::new(STATE_ROOT).join(format!(".new-{}", record.topology.id));
+    fs::create_dir_all(&staging)?;
+    fs::write(staging.join("lab.json"), json)?;
+    fs::rename(&staging, &dir)
 }
 
 pub fn read(id: LabId) -> io::Result<Record> {
