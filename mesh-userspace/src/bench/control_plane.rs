@@ -19,12 +19,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use prost::Message as _;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
     node::{client, config::Controller},
     pki,
-    proto::pb::{self, config_service_client::ConfigServiceClient, node_message::Kind},
+    proto::pb::{self, node_message::Kind},
 };
 
 const SERVICES_PER_FILE: u32 = 100;
@@ -235,22 +234,7 @@ async fn simulated_node(
     controller: Controller,
     acks: mpsc::UnboundedSender<(usize, Ack)>,
 ) -> Result<(), String> {
-    let mut client = ConfigServiceClient::new(client::connect(&controller).await?);
-    let (tx, rx) = mpsc::channel(4);
-    let hello = pb::Hello {
-        node: node_name(i as u32),
-        version: 0,
-    };
-    tx.send(pb::NodeMessage {
-        kind: Some(Kind::Hello(hello)),
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let mut updates = client
-        .subscribe(ReceiverStream::new(rx))
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner();
+    let (tx, mut updates) = client::subscribe(&controller, &node_name(i as u32), 0).await?;
     let mut version = 0;
     let mut pending: Option<pb::ConfigUpdate> = None;
     let mut bytes = 0;

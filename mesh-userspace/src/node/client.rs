@@ -68,22 +68,7 @@ async fn session(
     metrics: &Metrics,
     endpoint: &Endpoint,
 ) -> Result<bool, String> {
-    let mut client = ConfigServiceClient::new(connect(controller).await?);
-    let (tx, rx) = mpsc::channel(4);
-    let hello = pb::Hello {
-        node: node.to_owned(),
-        version: applied.version,
-    };
-    tx.send(pb::NodeMessage {
-        kind: Some(Kind::Hello(hello)),
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let mut updates = client
-        .subscribe(ReceiverStream::new(rx))
-        .await
-        .map_err(|e| e.message().to_owned())?
-        .into_inner();
+    let (tx, mut updates) = subscribe(controller, node, applied.version).await?;
     tracing::info!(controller = %controller.url, version = applied.version, "subscribed");
     let mut got = false;
     let mut pending: Option<pb::ConfigUpdate> = None;
@@ -123,6 +108,38 @@ async fn session(
             .map_err(|e| e.to_string())?;
     }
     Ok(got)
+}
+
+/// Opens the stream: connects, says who the node is and what version it has.
+/// Returns where to send ACKs and NACKs, and the updates.
+pub async fn subscribe(
+    controller: &Controller,
+    node: &str,
+    version: u64,
+) -> Result<
+    (
+        mpsc::Sender<pb::NodeMessage>,
+        tonic::Streaming<pb::ConfigUpdate>,
+    ),
+    String,
+> {
+    let mut client = ConfigServiceClient::new(connect(controller).await?);
+    let (tx, rx) = mpsc::channel(4);
+    let hello = pb::Hello {
+        node: node.to_owned(),
+        version,
+    };
+    tx.send(pb::NodeMessage {
+        kind: Some(Kind::Hello(hello)),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let updates = client
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| e.message().to_owned())?
+        .into_inner();
+    Ok((tx, updates))
 }
 
 /// Gathers the pieces of a chunked update; the whole update once its last
