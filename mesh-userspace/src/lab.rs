@@ -272,11 +272,6 @@ impl Lab {
             .stderr(std::process::Stdio::piped());
         self.spawn_on_node(node, cmd)?.wait_with_output()
     }
-
-    /// The file naming a namespace of this lab, for tools that take a path.
-    pub fn netns_path(name: &str) -> PathBuf {
-        netns::path(name)
-    }
 }
 
 impl Drop for Lab {

@@ -182,6 +182,35 @@ fn services_in_the_folder_reach_every_node_and_follow_changes() {
         status.matches("in sync").count() == 2 && status.contains("connected"),
         "{status}"
     );
+    // The controller's metrics name every node's applied version, and pass
+    // Prometheus' own checker.
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        &format!("http://{}/metrics", c.lab.controller_status_addr()),
+    ])
+    .stdout(std::process::Stdio::piped());
+    let metrics = c
+        .lab
+        .spawn_on_underlay(curl)
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    assert!(
+        metrics.contains("lacewing_controller_node_applied_version{node=\"n1\"}"),
+        "{metrics}"
+    );
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(checked.status.success(), "promtool: {checked:?}\n{metrics}");
     // Deleting the Service takes it out of every node: its ClusterIP, in the
     // service CIDR, now refuses connections.
     fs::remove_file(c.folder.join("web.yaml")).unwrap();
