@@ -63,6 +63,21 @@ pub struct Row {
     pub map_bytes: u64,
 }
 
+impl Row {
+    /// Lacewing's connections per second over iptables, nftables and direct.
+    pub fn ratios(&self) -> (f64, f64, f64) {
+        (
+            self.ebpf / self.iptables,
+            self.ebpf / self.nftables,
+            self.ebpf / self.direct,
+        )
+    }
+
+    pub fn map_mb(&self) -> f64 {
+        self.map_bytes as f64 / 1e6
+    }
+}
+
 pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
     let lab = Lab::new(1, 5)?;
     let node = lab.node("n0")?;
@@ -138,17 +153,15 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             "delete table ip kube-proxy\n",
         )?;
 
+        let (vs_ipt, vs_nft, vs_direct) = row.ratios();
         println!(
-            "{:>8} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>10.1}",
+            "{:>8} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {vs_ipt:>9.2} {vs_nft:>9.2} {vs_direct:>9.2} {:>10.1}",
             size,
             row.ebpf,
             row.iptables,
             row.nftables,
             row.direct,
-            row.ebpf / row.iptables,
-            row.ebpf / row.nftables,
-            row.ebpf / row.direct,
-            row.map_bytes as f64 / 1e6
+            row.map_mb()
         );
         rows.push(row);
     }
@@ -159,17 +172,15 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
 /// The closing line the issue asks for, from the largest size.
 pub fn result_line(rows: &[Row]) -> Option<String> {
     let r = rows.iter().max_by_key(|r| r.services)?;
+    let (vs_ipt, vs_nft, vs_direct) = r.ratios();
     Some(format!(
-        "RESULT l4 services={} ebpf_cps={:.0} iptables_cps={:.0} nftables_cps={:.0} direct_cps={:.0} ebpf_vs_iptables={:.2} ebpf_vs_nftables={:.2} ebpf_vs_direct={:.2} map_mem_mb={:.1}",
+        "RESULT l4 services={} ebpf_cps={:.0} iptables_cps={:.0} nftables_cps={:.0} direct_cps={:.0} ebpf_vs_iptables={vs_ipt:.2} ebpf_vs_nftables={vs_nft:.2} ebpf_vs_direct={vs_direct:.2} map_mem_mb={:.1}",
         r.services,
         r.ebpf,
         r.iptables,
         r.nftables,
         r.direct,
-        r.ebpf / r.iptables,
-        r.ebpf / r.nftables,
-        r.ebpf / r.direct,
-        r.map_bytes as f64 / 1e6
+        r.map_mb()
     ))
 }
 

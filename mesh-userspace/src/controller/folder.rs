@@ -4,13 +4,12 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use tokio::sync::watch;
 
-use super::snapshot::Snapshot;
+use super::snapshot::{Publisher, Snapshots};
 use crate::model::{
     k8s::{Objects, translate_all},
     services::ServiceSet,
@@ -20,15 +19,9 @@ use crate::model::{
 /// a few stat calls per file).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
-/// The latest good snapshot (none until the folder has loaded once without
-/// error: nodes are sent nothing rather than an empty configuration), and the
-/// source's last error (empty when good).
-pub type Snapshots = watch::Receiver<Option<Arc<Snapshot>>>;
-
 /// Starts watching `dir`.
 pub fn watch(dir: PathBuf) -> (Snapshots, watch::Receiver<String>) {
-    let (snap_tx, snap_rx) = watch::channel(None);
-    let (err_tx, err_rx) = watch::channel(String::new());
+    let (publisher, snap_rx, err_rx) = Publisher::new();
     tokio::spawn(async move {
         let mut cache = FileCache::default();
         let mut seen = None;
@@ -41,26 +34,7 @@ pub fn watch(dir: PathBuf) -> (Snapshots, watch::Receiver<String>) {
                 continue;
             }
             seen = Some(stamp.clone());
-            match cache.load(&stamp) {
-                Ok(set) => {
-                    err_tx.send_replace(String::new());
-                    let current: Option<Arc<Snapshot>> = snap_tx.borrow().clone();
-                    let version = next_version(current.as_ref().map_or(0, |c| c.version));
-                    let Some(next) = Snapshot::next(current.as_deref(), version, set) else {
-                        continue;
-                    };
-                    tracing::info!(
-                        version = next.version,
-                        services = next.services.len(),
-                        "new configuration"
-                    );
-                    snap_tx.send_replace(Some(Arc::new(next)));
-                }
-                Err(err) => {
-                    tracing::error!(%err, "the folder has an error; nodes keep the last good configuration");
-                    err_tx.send_replace(err);
-                }
-            }
+            publisher.publish(cache.load(&stamp), "folder");
         }
     });
     (snap_rx, err_rx)
@@ -97,17 +71,6 @@ impl FileCache {
         let parts: Vec<&Objects> = self.files.values().map(|(_, _, o)| o).collect();
         translate_all(&parts).map_err(|e| e.to_string())
     }
-}
-
-/// Versions increase across controller restarts too (milliseconds since the
-/// epoch, or one more than the last), so a node never mistakes a new
-/// configuration for one it has.
-pub fn next_version(previous: u64) -> u64 {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default();
-    now.max(previous + 1)
 }
 
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {

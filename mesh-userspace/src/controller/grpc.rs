@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{folder::Snapshots, snapshot::Snapshot};
+use super::snapshot::{Snapshot, Snapshots};
 use crate::{
     pki,
     proto::pb::{

@@ -2,7 +2,7 @@
 //! (re-listing after `410 Gone`, following bookmarks, as the watcher does),
 //! feeding the same translation and snapshots as the folder source.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
 use futures::{StreamExt as _, stream};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -13,7 +13,7 @@ use kube::{
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{folder::Snapshots, snapshot::Snapshot};
+use super::snapshot::{Publisher, Snapshots};
 use crate::model::k8s::{Objects, translate_all};
 
 /// The objects of one kind, by namespace and name, as the JSON the
@@ -98,8 +98,7 @@ enum Change {
 
 /// Watches the cluster through `client`; same outputs as the folder source.
 pub fn watch(client: Client) -> (Snapshots, watch::Receiver<String>) {
-    let (snap_tx, snap_rx) = watch::channel(None);
-    let (err_tx, err_rx) = watch::channel(String::new());
+    let (publisher, snap_rx, err_rx) = Publisher::new();
     tokio::spawn(async move {
         let services = watcher::watcher(
             Api::<Service>::all(client.clone()),
@@ -128,21 +127,8 @@ pub fn watch(client: Client) -> (Snapshots, watch::Receiver<String>) {
             if !changed {
                 continue;
             }
-            match cluster.translate() {
-                None => {}
-                Some(Ok(set)) => {
-                    err_tx.send_replace(String::new());
-                    let current: Option<Arc<Snapshot>> = snap_tx.borrow().clone();
-                    let version =
-                        super::folder::next_version(current.as_ref().map_or(0, |c| c.version));
-                    if let Some(next) = Snapshot::next(current.as_deref(), version, set) {
-                        snap_tx.send_replace(Some(Arc::new(next)));
-                    }
-                }
-                Some(Err(err)) => {
-                    tracing::error!(%err, "the cluster's objects do not translate; nodes keep the last good configuration");
-                    err_tx.send_replace(err);
-                }
+            if let Some(declared) = cluster.translate() {
+                publisher.publish(declared, "kubernetes");
             }
         }
     });

@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
+use tokio::sync::watch;
+
 use crate::{
     model::services::{Protocol, ServiceEntry, ServiceSet},
     proto::{self, pb},
@@ -92,6 +94,56 @@ impl Snapshot {
             partial: false,
         }
     }
+}
+
+/// The latest good snapshot (none until the source has loaded once without
+/// error: nodes are sent nothing rather than an empty configuration).
+pub type Snapshots = watch::Receiver<Option<Arc<Snapshot>>>;
+
+/// A source's two outputs, the latest good snapshot and its last error (empty
+/// when good), kept the same way whatever the source.
+pub struct Publisher {
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    errors: watch::Sender<String>,
+}
+
+impl Publisher {
+    pub fn new() -> (Self, Snapshots, watch::Receiver<String>) {
+        let (snapshots, snap_rx) = watch::channel(None);
+        let (errors, err_rx) = watch::channel(String::new());
+        (Self { snapshots, errors }, snap_rx, err_rx)
+    }
+
+    /// Publishes what the source now declares: a new version if it changes
+    /// anything; on error, the error, with the last good snapshot in force.
+    pub fn publish(&self, declared: Result<ServiceSet, String>, source: &str) {
+        match declared {
+            Ok(set) => {
+                self.errors.send_replace(String::new());
+                let current: Option<Arc<Snapshot>> = self.snapshots.borrow().clone();
+                let version = next_version(current.as_ref().map_or(0, |c| c.version));
+                if let Some(next) = Snapshot::next(current.as_deref(), version, set) {
+                    tracing::info!(%source, version = next.version, services = next.services.len(), "new configuration");
+                    self.snapshots.send_replace(Some(Arc::new(next)));
+                }
+            }
+            Err(err) => {
+                tracing::error!(%source, %err, "the source has an error; nodes keep the last good configuration");
+                self.errors.send_replace(err);
+            }
+        }
+    }
+}
+
+/// Versions increase across controller restarts too (milliseconds since the
+/// epoch, or one more than the last), so a node never mistakes a new
+/// configuration for one it has.
+fn next_version(previous: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    now.max(previous + 1)
 }
 
 #[cfg(test)]

@@ -9,7 +9,10 @@ use kube::client::Body;
 use serde_json::json;
 use tower_test::mock;
 
+use std::sync::Arc;
+
 use super::*;
+use crate::controller::snapshot::Snapshot;
 
 fn service(name: &str, ip: &str) -> serde_json::Value {
     json!({
