@@ -1,20 +1,22 @@
 //! `lacewing-controller`: turns what the cluster declares into each node's
 //! configuration and streams it to the nodes.
 //!
-//! Now: the folder source (a directory of Kubernetes YAML, watched) or the
-//! Kubernetes source (kube-rs watchers on Services and EndpointSlices), the
-//! snapshot of services every node needs, the gRPC stream on :15012 with
-//! mutual TLS (a node subscribes only as the node its certificate names),
-//! versioned deltas, ACK/NACK, and per-node applied versions on :15014
-//! (`/status`, `/metrics`). To come with the rest of the control-plane issue:
-//! status written back to the objects, leader election.
+//! The folder source (a directory of Kubernetes YAML, watched) or the
+//! Kubernetes source (kube-rs watchers), the snapshot every node needs (all
+//! services, its own workloads), the gRPC stream on :15012 with mutual TLS (a
+//! node subscribes only as the node its certificate names), versioned
+//! deltas, ACK/NACK, and per-node applied versions on :15014 (`/status`,
+//! `/metrics`). With Kubernetes, any number of replicas serve nodes and the
+//! one holding the Lease writes policy status.
 
 pub mod config;
 pub mod folder;
 pub mod grpc;
 pub mod kube_source;
+pub mod leader;
 pub mod metrics;
 pub mod snapshot;
+pub mod status;
 
 use std::sync::{Arc, atomic::AtomicBool};
 
@@ -51,13 +53,25 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         dir: config.pki_dir.clone(),
         source,
     })?;
+    // Tasks that end with the controller.
+    let mut background = Vec::new();
     let (snapshots, source_error) = match &config.source {
         config::Source::Folder(dir) => folder::watch(dir.clone()),
-        config::Source::Kubernetes => {
+        config::Source::Kubernetes {
+            lease_namespace,
+            identity,
+        } => {
             let client = kube::Client::try_default()
                 .await
                 .map_err(ControllerError::Kube)?;
-            kube_source::watch(client)
+            let (snapshots, errors, verdicts) = kube_source::watch(client.clone());
+            let (leader, election) = leader::elect(
+                client.clone(),
+                leader::LeaseConfig::new(lease_namespace.clone(), identity.clone()),
+            );
+            background.push(election);
+            background.push(tokio::spawn(status::write(client, verdicts, leader)));
+            (snapshots, errors)
         }
     };
     let registry = Arc::new(grpc::Registry::new(
@@ -98,6 +112,9 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
             source,
         });
     http.abort();
+    for task in background {
+        task.abort();
+    }
     result
 }
 

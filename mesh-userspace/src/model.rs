@@ -4,3 +4,11 @@
 
 pub mod k8s;
 pub mod services;
+pub mod workloads;
+
+/// Everything the mesh is told, from whatever source.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Declared {
+    pub services: services::ServiceSet,
+    pub workloads: Vec<workloads::Workload>,
+}

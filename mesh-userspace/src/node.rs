@@ -1,7 +1,8 @@
 //! `lacewing-node`, the per-node daemon: loads the kernel programs, pins their
 //! maps and links under its bpffs root, attaches them at the node's cgroup,
-//! keeps the service load balancer's maps in line with its input, and serves
-//! metrics and health on :15020.
+//! keeps the service load balancer's maps in line with its input, keeps the
+//! workloads scheduled on it, and serves metrics, health and `/status` on
+//! :15020.
 
 pub mod client;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod source;
+pub mod workloads;
 
 use std::sync::{Arc, Mutex, atomic::AtomicBool};
 
@@ -44,10 +46,12 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let lb = Arc::new(Mutex::new(balancer));
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb));
+    let local_workloads = Arc::new(workloads::LocalWorkloads::default());
+    let shown = (Arc::clone(&local_workloads), config.node_name.clone());
     let endpoint = Arc::new(crate::http::Endpoint {
         registry,
         ready: AtomicBool::new(config.services_file.is_none() && config.controller.is_none()),
-        status: None,
+        status: Some(Box::new(move || shown.0.status_json(&shown.1))),
     });
     let server = crate::http::serve(config.metrics_addr, Arc::clone(&endpoint))
         .await
@@ -60,6 +64,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             controller,
             config.node_name.clone(),
             Arc::clone(&lb),
+            local_workloads,
             metrics.clone(),
             Arc::clone(&endpoint),
         ))

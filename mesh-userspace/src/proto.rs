@@ -3,7 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::model::services::{Algorithm, BackendEntry, Protocol, ServiceEntry};
+use crate::model::{
+    services::{Algorithm, BackendEntry, Protocol, ServiceEntry},
+    workloads::Workload,
+};
 
 #[allow(clippy::all, missing_docs, unreachable_pub)]
 pub mod pb {
@@ -12,7 +15,7 @@ pub mod pb {
 
 /// A message that does not describe a valid service.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("bad service in update: {0}")]
+#[error("bad update: {0}")]
 pub struct BadMessage(pub String);
 
 fn ip_bytes(ip: IpAddr) -> Vec<u8> {
@@ -123,6 +126,44 @@ impl TryFrom<&pb::Service> for ServiceEntry {
             backends,
         })
     }
+}
+
+impl From<&Workload> for pb::Workload {
+    fn from(w: &Workload) -> Self {
+        Self {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            uid: w.uid.clone(),
+            service_account: w.service_account.clone(),
+            addresses: w.addresses.iter().map(|a| ip_bytes(*a)).collect(),
+            meshed: w.meshed,
+            labels: w.labels.clone().into_iter().collect(),
+        }
+    }
+}
+
+/// A workload sent to `node` (only the node's own are sent).
+pub fn workload_from(w: &pb::Workload, node: &str) -> Result<Workload, BadMessage> {
+    if w.namespace.is_empty() || w.name.is_empty() || w.service_account.is_empty() {
+        return Err(BadMessage(format!(
+            "workload `{}/{}` lacks a namespace, name or service account",
+            w.namespace, w.name
+        )));
+    }
+    Ok(Workload {
+        namespace: w.namespace.clone(),
+        name: w.name.clone(),
+        uid: w.uid.clone(),
+        node: node.to_owned(),
+        service_account: w.service_account.clone(),
+        addresses: w
+            .addresses
+            .iter()
+            .map(|a| ip_from(a))
+            .collect::<Result<_, _>>()?,
+        meshed: w.meshed,
+        labels: w.labels.clone().into_iter().collect(),
+    })
 }
 
 #[cfg(test)]

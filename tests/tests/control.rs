@@ -20,7 +20,7 @@ use std::{
 };
 
 use lacewing::lab::{Lab, LabProcess};
-use lacewing_tests::{ServiceYaml, bin, new_lab, probe, start_backend};
+use lacewing_tests::{ServiceYaml, bin, new_lab, node_http, probe, start_backend};
 
 const TARGET: u16 = 7000;
 const VIP: &str = "10.96.0.10";
@@ -215,6 +215,59 @@ fn services_in_the_folder_reach_every_node_and_follow_changes() {
     // service CIDR, now refuses connections.
     fs::remove_file(c.folder.join("web.yaml")).unwrap();
     c.converge(VIP, Err("ECONNREFUSED"), Duration::from_secs(10));
+}
+
+/// Waits until node `node`'s `/status` satisfies `want`; returns it.
+fn node_status_until(lab: &Lab, node: &str, what: &str, want: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = node_http(lab, &lab.node(node).unwrap(), "/status");
+        if want(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node}: {what}; /status:\n{status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn each_node_receives_only_its_own_workloads() {
+    let c = ControlLab::new([&[], &[]]);
+    let pod = |name: &str, ns: &str, node: &str, ip: IpAddr| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{nodeName: {node}, serviceAccountName: default}}\nstatus: {{phase: Running, podIP: \"{ip}\"}}\n"
+        )
+    };
+    let yaml = [
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {lacewing.io/mesh: enabled}}\n".to_owned(),
+        pod("web", "shop", "n1", c.ip4("n1-p0")),
+        pod("client", "default", "n0", c.ip4("n0-p0")),
+    ]
+    .join("---\n");
+    fs::write(c.folder.join("pods.yaml"), yaml).unwrap();
+    let n1 = node_status_until(&c.lab, "n1", "web listed", |s| s.contains("\"web\""));
+    assert!(!n1.contains("\"client\""), "n1 got n0's workload:\n{n1}");
+    assert!(
+        n1.contains("\"meshed\": true") && n1.contains(&c.ip4("n1-p0").to_string()),
+        "{n1}"
+    );
+    let n0 = node_status_until(&c.lab, "n0", "client listed", |s| s.contains("\"client\""));
+    assert!(!n0.contains("\"web\""), "n0 got n1's workload:\n{n0}");
+    assert!(
+        n0.contains("\"meshed\": false"),
+        "default is not meshed:\n{n0}"
+    );
+    // The pod goes away: n1 drops it; n0 is not sent anything for it.
+    fs::write(
+        c.folder.join("pods.yaml"),
+        pod("client", "default", "n0", c.ip4("n0-p0")),
+    )
+    .unwrap();
+    node_status_until(&c.lab, "n1", "web removed", |s| !s.contains("\"web\""));
+    assert!(node_http(&c.lab, &c.lab.node("n0").unwrap(), "/status").contains("\"client\""));
 }
 
 #[test]

@@ -19,6 +19,9 @@ pub struct Condition {
     pub message: String,
     #[serde(default)]
     pub observed_generation: Option<i64>,
+    /// When `status` last changed (RFC 3339); set by the status writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
 }
 
 /// The status every Lacewing policy carries.

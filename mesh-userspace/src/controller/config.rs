@@ -32,6 +32,13 @@ pub struct ControllerArgs {
     /// Watch the Kubernetes API instead (in-cluster config or kubeconfig).
     #[arg(long)]
     pub kubernetes: bool,
+    /// With --kubernetes: the namespace of the Lease that elects the replica
+    /// writing status (every replica serves nodes).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lacewing-system")]
+    pub lease_namespace: String,
+    /// With --kubernetes: this replica's name in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     /// Where nodes subscribe (gRPC, mutual TLS).
     #[arg(long, env = "LACEWING_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
@@ -60,7 +67,10 @@ pub struct ControllerArgs {
 #[derive(Clone, Debug)]
 pub enum Source {
     Folder(PathBuf),
-    Kubernetes,
+    Kubernetes {
+        lease_namespace: String,
+        identity: String,
+    },
 }
 
 /// Validated settings.
@@ -81,7 +91,13 @@ impl ControllerArgs {
                 return Err(format!("--folder {}: no such directory", folder.display()));
             }
             Some(folder) => Source::Folder(folder),
-            None => Source::Kubernetes,
+            None => Source::Kubernetes {
+                lease_namespace: self.lease_namespace,
+                identity: match self.identity {
+                    Some(id) if !id.is_empty() => id,
+                    _ => crate::sys::hostname(),
+                },
+            },
         };
         if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
             return Err(format!(

@@ -11,8 +11,8 @@ use tokio::sync::watch;
 
 use super::snapshot::{Publisher, Snapshots};
 use crate::model::{
+    Declared,
     k8s::{Objects, translate_all},
-    services::ServiceSet,
 };
 
 /// How often the folder is checked for changes (names, sizes and times only:
@@ -47,7 +47,7 @@ struct FileCache {
 }
 
 impl FileCache {
-    fn load(&mut self, stamp: &[(PathBuf, u64, Option<SystemTime>)]) -> Result<ServiceSet, String> {
+    fn load(&mut self, stamp: &[(PathBuf, u64, Option<SystemTime>)]) -> Result<Declared, String> {
         self.files
             .retain(|path, _| stamp.iter().any(|(p, _, _)| p == path));
         for (path, len, modified) in stamp {
@@ -69,7 +69,9 @@ impl FileCache {
             self.files.insert(path.clone(), (*len, *modified, objects));
         }
         let parts: Vec<&Objects> = self.files.values().map(|(_, _, o)| o).collect();
-        translate_all(&parts).map_err(|e| e.to_string())
+        translate_all(&parts)
+            .and_then(|t| t.strict())
+            .map_err(|e| e.to_string())
     }
 }
 

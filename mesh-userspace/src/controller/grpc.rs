@@ -217,7 +217,7 @@ async fn session(
         } else {
             None
         };
-        let update = latest.update_for(base.as_deref());
+        let update = latest.update_for(node, base.as_deref());
         for chunk in chunks(update) {
             tx.send(Ok(chunk))
                 .await
@@ -262,7 +262,8 @@ async fn session(
 const SERVICES_PER_MESSAGE: usize = 256;
 
 /// Splits an update into messages of at most [`SERVICES_PER_MESSAGE`]
-/// services; every one but the last is marked `partial`.
+/// services; every one but the last is marked `partial`. Removals and the
+/// node's workloads (a few dozen) ride in the last.
 fn chunks(mut update: pb::ConfigUpdate) -> Vec<pb::ConfigUpdate> {
     if update.upserts.len() <= SERVICES_PER_MESSAGE {
         return vec![update];
@@ -278,6 +279,16 @@ fn chunks(mut update: pb::ConfigUpdate) -> Vec<pb::ConfigUpdate> {
             upserts: piece.to_vec(),
             removes: if last {
                 std::mem::take(&mut update.removes)
+            } else {
+                Vec::new()
+            },
+            workload_upserts: if last {
+                std::mem::take(&mut update.workload_upserts)
+            } else {
+                Vec::new()
+            },
+            workload_removes: if last {
+                std::mem::take(&mut update.workload_removes)
             } else {
                 Vec::new()
             },
@@ -302,6 +313,8 @@ mod tests {
             base_version: 0,
             upserts: (0..600).map(service).collect(),
             removes: vec![pb::ServiceKey::default()],
+            workload_upserts: vec![pb::Workload::default()],
+            workload_removes: vec!["shop/gone".into()],
             partial: false,
         };
         let pieces = chunks(update.clone());

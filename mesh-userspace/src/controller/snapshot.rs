@@ -1,79 +1,126 @@
-//! What every node is sent: the services of the cluster at one version, and
-//! the delta between two versions.
+//! What nodes are sent: the services of the cluster (every node needs all of
+//! them) and each node's own workloads, at one version; and the delta between
+//! two versions.
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use tokio::sync::watch;
 
 use crate::{
-    model::services::{Protocol, ServiceEntry, ServiceSet},
+    model::{
+        Declared,
+        services::{Protocol, ServiceEntry},
+        workloads::{Workload, by_node},
+    },
     proto::{self, pb},
 };
 
 /// A service frontend's identity.
 pub type FrontendKey = (SocketAddr, Protocol);
 
-/// The configuration at one version. Socket load balancing needs every
-/// service on every node, so for services a node's slice is the whole set.
+/// One node's workloads, by `namespace/name`; shared between versions while
+/// they do not change, so most nodes' deltas are found empty at a glance.
+pub type NodeWorkloads = Arc<BTreeMap<String, Workload>>;
+
+/// The configuration at one version.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub version: u64,
+    /// Socket load balancing needs every service on every node, so for
+    /// services a node's slice is the whole set.
     pub services: BTreeMap<FrontendKey, ServiceEntry>,
-    /// The delta from the version before this one, computed once and sent
-    /// to every node that has that version (nearly all of them).
+    /// Workloads by node: a node's slice is its own.
+    pub workloads: BTreeMap<String, NodeWorkloads>,
+    /// The services' delta from the version before this one, computed once
+    /// and sent to every node that has that version (nearly all of them).
     pub from_previous: Option<Arc<pb::ConfigUpdate>>,
 }
 
 impl Snapshot {
-    pub fn new(version: u64, set: ServiceSet) -> Self {
-        let services = set
+    pub fn new(version: u64, declared: Declared) -> Self {
+        let services = declared
+            .services
             .services
             .into_iter()
             .map(|s| ((s.frontend, s.protocol), s.normalized()))
             .collect();
+        let workloads = by_node(declared.workloads)
+            .into_iter()
+            .map(|(node, w)| (node, Arc::new(w)))
+            .collect();
         Self {
             version,
             services,
+            workloads,
             from_previous: None,
         }
     }
 
-    /// The snapshot after `previous` if `set` changes anything, with its
-    /// delta from `previous` computed once.
-    pub fn next(previous: Option<&Snapshot>, version: u64, set: ServiceSet) -> Option<Self> {
-        let mut next = Self::new(version, set);
-        match previous {
-            Some(p) if p.services == next.services => None,
-            Some(p) => {
-                next.from_previous = Some(Arc::new(next.delta_from(p)));
-                Some(next)
+    /// The snapshot after `previous` if `declared` changes anything, with
+    /// its services' delta from `previous` computed once.
+    pub fn next(previous: Option<&Snapshot>, version: u64, declared: Declared) -> Option<Self> {
+        let mut next = Self::new(version, declared);
+        let Some(p) = previous else {
+            return Some(next);
+        };
+        for (node, mine) in &mut next.workloads {
+            if let Some(theirs) = p.workloads.get(node)
+                && theirs == mine
+            {
+                *mine = Arc::clone(theirs);
             }
-            None => Some(next),
         }
+        if p.services == next.services && p.workloads == next.workloads {
+            return None;
+        }
+        next.from_previous = Some(Arc::new(next.services_delta_from(p)));
+        Some(next)
     }
 
-    /// The update that brings a node at `base` to this snapshot.
-    pub fn update_for(&self, base: Option<&Snapshot>) -> pb::ConfigUpdate {
-        match (base, &self.from_previous) {
+    /// The update that brings `node` at `base` to this snapshot.
+    pub fn update_for(&self, node: &str, base: Option<&Snapshot>) -> pb::ConfigUpdate {
+        let mut update = match (base, &self.from_previous) {
             (Some(b), Some(cached)) if cached.base_version == b.version => (**cached).clone(),
-            (Some(b), _) => self.delta_from(b),
-            (None, _) => self.full(),
-        }
+            (Some(b), _) => self.services_delta_from(b),
+            (None, _) => self.full_services(),
+        };
+        let empty = BTreeMap::new();
+        let mine = self.workloads.get(node).map_or(&empty, |w| &**w);
+        let theirs = match base {
+            None => &empty,
+            Some(b) => match b.workloads.get(node) {
+                Some(t) if self.workloads.get(node).is_some_and(|m| Arc::ptr_eq(m, t)) => {
+                    return update;
+                }
+                Some(t) => &**t,
+                None => &empty,
+            },
+        };
+        update.workload_upserts = mine
+            .iter()
+            .filter(|(k, w)| theirs.get(*k) != Some(*w))
+            .map(|(_, w)| pb::Workload::from(w))
+            .collect();
+        update.workload_removes = theirs
+            .keys()
+            .filter(|k| !mine.contains_key(*k))
+            .cloned()
+            .collect();
+        update
     }
 
-    /// Everything, for a node whose state the controller does not know.
-    pub fn full(&self) -> pb::ConfigUpdate {
+    /// Every service, for a node whose state the controller does not know.
+    fn full_services(&self) -> pb::ConfigUpdate {
         pb::ConfigUpdate {
             version: self.version,
             base_version: 0,
             upserts: self.services.values().map(pb::Service::from).collect(),
-            removes: Vec::new(),
-            partial: false,
+            ..Default::default()
         }
     }
 
-    /// What changed from `base` to `self`: only services that differ.
-    pub fn delta_from(&self, base: &Snapshot) -> pb::ConfigUpdate {
+    /// What changed from `base` to `self` in services: only those that differ.
+    fn services_delta_from(&self, base: &Snapshot) -> pb::ConfigUpdate {
         let upserts = self
             .services
             .iter()
@@ -91,7 +138,7 @@ impl Snapshot {
             base_version: base.version,
             upserts,
             removes,
-            partial: false,
+            ..Default::default()
         }
     }
 }
@@ -116,7 +163,7 @@ impl Publisher {
 
     /// Publishes what the source now declares: a new version if it changes
     /// anything; on error, the error, with the last good snapshot in force.
-    pub fn publish(&self, declared: Result<ServiceSet, String>, source: &str) {
+    pub fn publish(&self, declared: Result<Declared, String>, source: &str) {
         match declared {
             Ok(set) => {
                 self.errors.send_replace(String::new());
@@ -168,36 +215,96 @@ mod tests {
         }
     }
 
+    fn declared(services: Vec<ServiceEntry>, workloads: Vec<Workload>) -> Declared {
+        Declared {
+            services: crate::model::services::ServiceSet { services },
+            workloads,
+        }
+    }
+
+    fn pod(name: &str, node: &str, ip: &str) -> Workload {
+        Workload {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            node: node.into(),
+            service_account: "web".into(),
+            addresses: vec![ip.parse().unwrap()],
+            meshed: true,
+            labels: Default::default(),
+        }
+    }
+
     #[test]
     fn a_delta_carries_only_what_changed() {
         let a = svc("10.96.0.1", &["10.244.0.10:80"]);
         let b = svc("10.96.0.2", &["10.244.0.11:80"]);
         let c = svc("10.96.0.3", &["10.244.0.12:80"]);
-        let v1 = Snapshot::new(
-            1,
-            ServiceSet {
-                services: vec![a.clone(), b.clone()],
-            },
-        );
+        let v1 = Snapshot::new(1, declared(vec![a.clone(), b.clone()], vec![]));
         let b2 = svc("10.96.0.2", &["10.244.0.11:80", "10.244.0.13:80"]);
-        let v2 = Snapshot::new(
+        let v2 = Snapshot::next(
+            Some(&v1),
             2,
-            ServiceSet {
-                services: vec![a, b2.clone(), c.clone()],
-            },
-        );
-        let d = v2.delta_from(&v1);
+            declared(vec![a, b2.clone(), c.clone()], vec![]),
+        )
+        .unwrap();
+        let d = v2.update_for("n0", Some(&v1));
+        assert_eq!(Some(&d), v2.from_previous.as_deref());
         assert_eq!((d.version, d.base_version), (2, 1));
         assert_eq!(
             d.upserts,
             vec![pb::Service::from(&b2), pb::Service::from(&c)]
         );
         assert!(d.removes.is_empty());
-        let v3 = Snapshot::new(3, ServiceSet { services: vec![b2] });
-        let d = v3.delta_from(&v2);
+        let v3 = Snapshot::new(3, declared(vec![b2], vec![]));
+        let d = v3.update_for("n0", Some(&v2));
         assert!(d.upserts.is_empty());
         assert_eq!(d.removes.len(), 2);
-        assert_eq!(v3.full().upserts.len(), 1);
-        assert_eq!(v3.full().base_version, 0);
+        let full = v3.update_for("n0", None);
+        assert_eq!((full.upserts.len(), full.base_version), (1, 0));
+    }
+
+    #[test]
+    fn a_node_gets_only_its_own_workloads() {
+        let v1 = Snapshot::new(
+            1,
+            declared(
+                vec![],
+                vec![pod("a", "n0", "10.244.0.10"), pod("b", "n1", "10.244.1.10")],
+            ),
+        );
+        let full = v1.update_for("n0", None);
+        assert_eq!(full.workload_upserts.len(), 1);
+        assert_eq!(full.workload_upserts[0].name, "a");
+        assert!(v1.update_for("n2", None).workload_upserts.is_empty());
+
+        // b moves away from n1; n0 is untouched and its map is shared.
+        let v2 = Snapshot::next(
+            Some(&v1),
+            2,
+            declared(
+                vec![],
+                vec![pod("a", "n0", "10.244.0.10"), pod("c", "n1", "10.244.1.11")],
+            ),
+        )
+        .unwrap();
+        assert!(Arc::ptr_eq(&v1.workloads["n0"], &v2.workloads["n0"]));
+        let d0 = v2.update_for("n0", Some(&v1));
+        assert!(d0.workload_upserts.is_empty() && d0.workload_removes.is_empty());
+        let d1 = v2.update_for("n1", Some(&v1));
+        assert_eq!(d1.workload_upserts[0].name, "c");
+        assert_eq!(d1.workload_removes, ["shop/b"]);
+        // Nothing changed: no new version.
+        assert!(
+            Snapshot::next(
+                Some(&v2),
+                3,
+                declared(
+                    vec![],
+                    vec![pod("a", "n0", "10.244.0.10"), pod("c", "n1", "10.244.1.11")]
+                )
+            )
+            .is_none()
+        );
     }
 }

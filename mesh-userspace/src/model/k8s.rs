@@ -1,5 +1,7 @@
-//! Kubernetes Services and EndpointSlices (YAML, as `kubectl get -o yaml`
-//! prints them) translated into the node's [`ServiceSet`].
+//! Kubernetes objects (YAML or JSON, as `kubectl get -o yaml` prints them)
+//! translated into the model: Services and EndpointSlices into the
+//! [`ServiceSet`], Pods, Namespaces and ServiceAccounts into workloads, our
+//! policies and HTTPRoutes into verdicts (see [`policies`]).
 //!
 //! Only the fields the load balancer uses are read. Lacewing-specific choices
 //! ride on Service annotations until `TrafficPolicy` carries them:
@@ -14,7 +16,15 @@ use std::{
 
 use serde::Deserialize;
 
-use super::services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet};
+use super::{
+    Declared,
+    services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet},
+};
+
+pub mod policies;
+mod workloads;
+
+use policies::{PolicyDoc, ServiceName, Verdict};
 
 pub const ANNOTATION_ALGORITHM: &str = "lacewing.io/lb-algorithm";
 pub const ANNOTATION_MAGLEV_SIZE: &str = "lacewing.io/maglev-table-size";
@@ -40,19 +50,23 @@ pub enum K8sError {
         source: Box<K8sError>,
     },
     #[error("{0}")]
-    Policy(String),
+    Rejected(String),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Meta {
-    name: String,
+pub struct Meta {
+    pub name: String,
     #[serde(default = "default_ns")]
-    namespace: String,
+    pub namespace: String,
     #[serde(default)]
-    labels: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     #[serde(default)]
-    annotations: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub uid: Option<String>,
+    #[serde(default)]
+    pub generation: Option<i64>,
 }
 
 fn default_ns() -> String {
@@ -148,13 +162,30 @@ struct Kind {
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Parses a multi-document YAML text of Services and EndpointSlices (other
-/// kinds are skipped) into the set of ClusterIP frontends with their ready
-/// backends.
+/// Parses a multi-document YAML text into the set of ClusterIP frontends
+/// with their ready backends; any rejected object is an error.
 pub fn parse(text: &str) -> Result<ServiceSet, K8sError> {
     let mut objects = Objects::default();
     objects.add_yaml("", text)?;
-    objects.translate()
+    Ok(translate_all(&[&objects])?.strict()?.services)
+}
+
+/// What a set of objects declares, and the verdict on each policy and route.
+#[derive(Debug, Default)]
+pub struct Translation {
+    pub declared: Declared,
+    pub verdicts: Vec<Verdict>,
+}
+
+impl Translation {
+    /// The model, if no object is rejected (the folder source's rule: one bad
+    /// object keeps the whole previous state in force).
+    pub fn strict(self) -> Result<Declared, K8sError> {
+        match self.verdicts.iter().find_map(Verdict::rejection) {
+            Some(why) => Err(K8sError::Rejected(why)),
+            None => Ok(self.declared),
+        }
+    }
 }
 
 /// Kubernetes objects gathered from one or more YAML texts, translated
@@ -164,9 +195,13 @@ pub struct Objects {
     /// Each Service with where it came from (`file: document N`).
     services: Vec<(String, Service)>,
     slices: BTreeMap<(String, String), Vec<EndpointSlice>>,
-    /// Services that policies and routes name: (origin, what names it,
-    /// namespace, service name).
-    references: Vec<(String, String, String, String)>,
+    /// Our policies and HTTPRoutes, as read.
+    policies: Vec<PolicyDoc>,
+    pods: Vec<(String, workloads::Pod)>,
+    /// Namespace labels, by namespace.
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// (namespace, name) of each ServiceAccount.
+    service_accounts: std::collections::BTreeSet<(String, String)>,
 }
 
 impl Objects {
@@ -176,7 +211,9 @@ impl Objects {
     pub fn add_yaml(&mut self, origin: &str, text: &str) -> Result<(), K8sError> {
         let mut services = Vec::new();
         let mut slices = Vec::new();
-        let mut references = Vec::new();
+        let mut policies = Vec::new();
+        let mut pods = Vec::new();
+        let mut named = Vec::new();
         for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let value = serde_yaml::Value::deserialize(doc)
                 .map_err(|source| K8sError::Yaml { index, source })?;
@@ -192,19 +229,16 @@ impl Objects {
             };
             let doc_err = |source| K8sError::Yaml { index, source };
             match kind.kind.as_deref() {
-                Some(
-                    kind @ ("AuthorizationPolicy" | "TrafficPolicy" | "MeshConfig" | "HTTPRoute"),
-                ) => {
-                    for (who, ns, name) in policy_references(kind, value).map_err(|e| match e {
-                        PolicyError::Yaml(source) => doc_err(source),
-                        PolicyError::Invalid(msg) => K8sError::In {
-                            origin: at.clone(),
-                            source: Box::new(K8sError::Policy(msg)),
-                        },
-                    })? {
-                        references.push((at.clone(), who, ns, name));
-                    }
+                Some(kind) if policies::KINDS.contains(&kind) => {
+                    policies.push(policies::read(kind, &at, value).map_err(doc_err)?);
                 }
+                Some("Pod") => {
+                    pods.push((at.clone(), serde_yaml::from_value(value).map_err(doc_err)?))
+                }
+                Some(kind @ ("Namespace" | "ServiceAccount")) => named.push((
+                    kind == "Namespace",
+                    serde_yaml::from_value::<workloads::Named>(value).map_err(doc_err)?,
+                )),
                 Some("Service") => services.push((
                     at.clone(),
                     serde_yaml::from_value::<Service>(value)
@@ -218,7 +252,16 @@ impl Objects {
             }
         }
         self.services.extend(services);
-        self.references.extend(references);
+        self.policies.extend(policies);
+        self.pods.extend(pods);
+        for (is_namespace, o) in named {
+            if is_namespace {
+                self.namespaces.insert(o.metadata.name, o.metadata.labels);
+            } else {
+                self.service_accounts
+                    .insert((o.metadata.namespace, o.metadata.name));
+            }
+        }
         for slice in slices {
             if let Some(svc) = slice.metadata.labels.get(SERVICE_NAME_LABEL) {
                 self.slices
@@ -229,33 +272,39 @@ impl Objects {
         }
         Ok(())
     }
-
-    /// The service frontends these objects declare.
-    pub fn translate(&self) -> Result<ServiceSet, K8sError> {
-        translate_all(&[self])
-    }
 }
 
-/// The service frontends declared by several sets of objects together (one
-/// per file: a folder re-parses only the files that changed).
-pub fn translate_all(parts: &[&Objects]) -> Result<ServiceSet, K8sError> {
-    // Policies and routes may only name Services that exist (ResolvedRefs):
-    // one that does not is rejected with the whole change, never sent.
+/// What several sets of objects declare together (one per file: a folder
+/// re-parses only the files that changed). Malformed Services are errors;
+/// policies and routes get verdicts (a rejected one is never sent to a node).
+pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
+    // Policies and routes may only name Services that exist (ResolvedRefs).
     let known: std::collections::BTreeSet<(&str, &str)> = parts
         .iter()
         .flat_map(|p| p.services.iter())
         .map(|(_, s)| (s.metadata.namespace.as_str(), s.metadata.name.as_str()))
         .collect();
-    for (origin, who, ns, name) in parts.iter().flat_map(|p| p.references.iter()) {
-        if !known.contains(&(ns.as_str(), name.as_str())) {
-            return Err(K8sError::In {
-                origin: origin.clone(),
-                source: Box::new(K8sError::Policy(format!(
-                    "{who} names Service {ns}/{name}, which does not exist (ResolvedRefs: False, reason BackendNotFound)"
-                ))),
-            });
-        }
+    let verdicts = parts
+        .iter()
+        .flat_map(|p| p.policies.iter())
+        .map(|doc| {
+            policies::judge(doc, |s: &ServiceName| {
+                known.contains(&(s.namespace.as_str(), s.name.as_str()))
+            })
+        })
+        .collect();
+    let mut namespaces = BTreeMap::new();
+    let mut service_accounts = std::collections::BTreeSet::new();
+    for part in parts {
+        namespaces.extend(part.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
+        service_accounts.extend(part.service_accounts.iter().cloned());
     }
+    let workloads = workloads::translate(
+        parts.iter().flat_map(|p| p.pods.iter()),
+        &namespaces,
+        &service_accounts,
+    )
+    .map_err(K8sError::Rejected)?;
     let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for part in parts {
         for ((ns, name), list) in &part.slices {
@@ -280,7 +329,13 @@ pub fn translate_all(parts: &[&Objects]) -> Result<ServiceSet, K8sError> {
         }
     }
     set.validate()?;
-    Ok(set)
+    Ok(Translation {
+        declared: Declared {
+            services: set,
+            workloads,
+        },
+        verdicts,
+    })
 }
 
 fn translate(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceEntry>, K8sError> {
@@ -418,91 +473,6 @@ fn parse_weights(text: &str) -> Result<BTreeMap<IpAddr, u16>, String> {
         out.insert(ip, w);
     }
     Ok(out)
-}
-
-enum PolicyError {
-    Yaml(serde_yaml::Error),
-    Invalid(String),
-}
-
-/// Checks one of our policies or an HTTPRoute on its own (its schema, its
-/// identities) and returns the Services it names: (who, namespace, name).
-fn policy_references(
-    kind: &str,
-    value: serde_yaml::Value,
-) -> Result<Vec<(String, String, String)>, PolicyError> {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-    use crate::api::{
-        authorization::{AuthorizationPolicy, check_principal},
-        mesh_config::MeshConfig,
-        traffic::TrafficPolicy,
-    };
-    let ns_of = |m: &ObjectMeta| m.namespace.clone().unwrap_or_else(default_ns);
-    let name_of = |m: &ObjectMeta| m.name.clone().unwrap_or_default();
-    match kind {
-        "AuthorizationPolicy" => {
-            let p: AuthorizationPolicy =
-                serde_yaml::from_value(value).map_err(PolicyError::Yaml)?;
-            for principal in p
-                .spec
-                .rules
-                .iter()
-                .flat_map(|r| &r.from)
-                .flat_map(|f| &f.principals)
-            {
-                check_principal(principal).map_err(|e| {
-                    PolicyError::Invalid(format!(
-                        "AuthorizationPolicy {}/{}: {e} (Accepted: False, reason InvalidPrincipal)",
-                        ns_of(&p.metadata),
-                        name_of(&p.metadata)
-                    ))
-                })?;
-            }
-            Ok(Vec::new())
-        }
-        "TrafficPolicy" => {
-            let p: TrafficPolicy = serde_yaml::from_value(value).map_err(PolicyError::Yaml)?;
-            let ns = ns_of(&p.metadata);
-            let who = format!("TrafficPolicy {ns}/{}", name_of(&p.metadata));
-            Ok(vec![(who, ns, p.spec.target_ref.name.clone())])
-        }
-        "MeshConfig" => {
-            let m: MeshConfig = serde_yaml::from_value(value).map_err(PolicyError::Yaml)?;
-            if let Some(td) = &m.spec.trust_domain
-                && (td.is_empty() || td.contains('/'))
-            {
-                return Err(PolicyError::Invalid(format!(
-                    "MeshConfig {}: trustDomain `{td}` must be a name such as cluster.local",
-                    name_of(&m.metadata)
-                )));
-            }
-            Ok(Vec::new())
-        }
-        _ => {
-            #[derive(Deserialize)]
-            struct Route {
-                metadata: Meta,
-                spec: crate::api::http_route::HttpRouteSpec,
-            }
-            let r: Route = serde_yaml::from_value(value).map_err(PolicyError::Yaml)?;
-            let ns = r.metadata.namespace.clone();
-            let who = format!("HTTPRoute {ns}/{}", r.metadata.name);
-            Ok(r.spec
-                .parent_refs
-                .iter()
-                .chain(r.spec.rules.iter().flat_map(|rule| &rule.backend_refs))
-                .filter(|b| b.is_service())
-                .map(|b| {
-                    (
-                        who.clone(),
-                        b.namespace.clone().unwrap_or_else(|| ns.clone()),
-                        b.name.clone(),
-                    )
-                })
-                .collect())
-        }
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use super::{config::Controller, lb::LoadBalancer, metrics::Metrics};
+use super::{config::Controller, lb::LoadBalancer, metrics::Metrics, workloads::LocalWorkloads};
 use crate::{
     controller::snapshot::FrontendKey,
     http::Endpoint,
@@ -39,13 +39,19 @@ pub async fn run(
     controller: Controller,
     node: String,
     lb: Arc<Mutex<LoadBalancer>>,
+    workloads: Arc<LocalWorkloads>,
     metrics: Metrics,
     endpoint: Arc<Endpoint>,
 ) {
     let mut applied = Applied::default();
     let mut backoff = BACKOFF_MIN;
+    let dest = Destinations {
+        lb: &lb,
+        workloads: &workloads,
+        node: &node,
+    };
     loop {
-        match session(&controller, &node, &mut applied, &lb, &metrics, &endpoint).await {
+        match session(&controller, &dest, &mut applied, &metrics, &endpoint).await {
             Ok(true) => backoff = BACKOFF_MIN,
             Ok(false) => {}
             Err(err) => tracing::warn!(
@@ -62,13 +68,12 @@ pub async fn run(
 /// One subscription; `Ok(true)` when it delivered at least one update.
 async fn session(
     controller: &Controller,
-    node: &str,
+    dest: &Destinations<'_>,
     applied: &mut Applied,
-    lb: &Mutex<LoadBalancer>,
     metrics: &Metrics,
     endpoint: &Endpoint,
 ) -> Result<bool, String> {
-    let (tx, mut updates) = subscribe(controller, node, applied.version).await?;
+    let (tx, mut updates) = subscribe(controller, dest.node, applied.version).await?;
     tracing::info!(controller = %controller.url, version = applied.version, "subscribed");
     let mut got = false;
     let mut pending: Option<pb::ConfigUpdate> = None;
@@ -81,12 +86,14 @@ async fn session(
             continue;
         };
         got = true;
-        let reply = match apply(applied, &update, lb) {
+        let reply = match apply(applied, &update, dest) {
             Ok(()) => {
                 tracing::info!(
                     version = update.version,
                     upserts = update.upserts.len(),
                     removes = update.removes.len(),
+                    workload_upserts = update.workload_upserts.len(),
+                    workload_removes = update.workload_removes.len(),
                     "update applied"
                 );
                 endpoint.ready.store(true, Ordering::Release);
@@ -158,6 +165,8 @@ pub fn assemble(
             }
             head.upserts.extend(piece.upserts);
             head.removes.extend(piece.removes);
+            head.workload_upserts.extend(piece.workload_upserts);
+            head.workload_removes.extend(piece.workload_removes);
             head.partial = piece.partial;
             head
         }
@@ -204,11 +213,18 @@ fn jitter() -> f64 {
     0.5 + f64::from(nanos % 1000) / 1000.0
 }
 
+/// Where an update goes.
+struct Destinations<'a> {
+    lb: &'a Mutex<LoadBalancer>,
+    workloads: &'a LocalWorkloads,
+    node: &'a str,
+}
+
 /// Applies one update on top of what the node has; on error nothing changes.
 fn apply(
     applied: &mut Applied,
     update: &pb::ConfigUpdate,
-    lb: &Mutex<LoadBalancer>,
+    dest: &Destinations<'_>,
 ) -> Result<(), String> {
     let mut next = if update.base_version == 0 {
         BTreeMap::new()
@@ -227,13 +243,17 @@ fn apply(
         let entry = ServiceEntry::try_from(s).map_err(|e| e.to_string())?;
         next.insert((entry.frontend, entry.protocol), entry);
     }
+    // Workloads are checked before the maps change, so a bad one changes nothing.
+    let workloads = dest.workloads.next(update, dest.node)?;
     let set = ServiceSet {
         services: next.values().cloned().collect(),
     };
-    lb.lock()
+    dest.lb
+        .lock()
         .unwrap_or_else(|p| p.into_inner())
         .apply(&set)
         .map_err(|e| e.to_string())?;
+    dest.workloads.replace(update.version, workloads);
     *applied = Applied {
         version: update.version,
         services: next,

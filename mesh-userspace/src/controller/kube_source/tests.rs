@@ -2,7 +2,10 @@
 //! realistic list and watch JSON: adds, modifications, deletions, a bookmark,
 //! and a `410 Gone` that forces a re-list. No cluster is contacted.
 
-use std::{collections::VecDeque, time::Duration};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::Duration,
+};
 
 use http::{Request, Response};
 use kube::client::Body;
@@ -59,35 +62,47 @@ fn gone() -> serde_json::Value {
             "message": "too old resource version: 1 (5)", "reason": "Expired", "code": 410}})
 }
 
-/// Serves scripted responses per kind, in order; once a kind's script is
-/// used up its requests are held open (an idle watch). Each Service response
-/// after the first waits for a permit from the test, so the test sees every
-/// state. Records the URI of every request.
+/// Serves scripted responses per kind (by plural), in order; a kind with no
+/// script gets an empty list. Once a kind's script is used up its requests
+/// are held open (an idle watch). Each Service response after the first
+/// waits for a permit from the test, so the test sees every state. Records
+/// the URI of every request.
 async fn serve(
     mut handle: mock::Handle<Request<Body>, Response<Body>>,
-    mut services: VecDeque<Response<Body>>,
-    mut slices: VecDeque<Response<Body>>,
+    mut scripts: BTreeMap<&'static str, VecDeque<Response<Body>>>,
     seen: tokio::sync::mpsc::UnboundedSender<String>,
     mut permits: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) {
     let mut held = Vec::new();
+    let mut gated = VecDeque::new();
     let mut first_service = true;
-    while let Some((req, send)) = handle.next_request().await {
+    loop {
+        let (req, send) = tokio::select! {
+            next = handle.next_request() => match next {
+                Some(next) => next,
+                None => return,
+            },
+            Some(()) = permits.recv(), if !gated.is_empty() => {
+                let (send, resp): (mock::SendResponse<Response<Body>>, Response<Body>) =
+                    gated.pop_front().expect("not empty");
+                send.send_response(resp);
+                continue;
+            }
+        };
         let uri = req.uri().to_string();
         let _ = seen.send(uri.clone());
-        let next = if uri.starts_with("/api/v1/services") {
-            let next = services.pop_front();
-            if next.is_some() && !std::mem::replace(&mut first_service, false) {
-                // Answered later, when the test says so.
-                permits.recv().await;
+        let (_, _, kind, plural) = *KINDS
+            .iter()
+            .find(|k| uri.contains(&format!("/{}?", k.3)))
+            .unwrap_or_else(|| panic!("unexpected request {uri}"));
+        let script = scripts
+            .entry(plural)
+            .or_insert_with(|| VecDeque::from([list(&format!("{kind}List"), "v1", "1", vec![])]));
+        match script.pop_front() {
+            // Answered later, when the test says so.
+            Some(resp) if plural == "services" && !std::mem::replace(&mut first_service, false) => {
+                gated.push_back((send, resp));
             }
-            next
-        } else if uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices") {
-            slices.pop_front()
-        } else {
-            panic!("unexpected request {uri}");
-        };
-        match next {
             Some(resp) => send.send_response(resp),
             None => held.push(send),
         }
@@ -164,8 +179,9 @@ async fn adds_modifications_deletions_bookmarks_and_relists_reach_the_model() {
     ]);
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     let (permit, permits) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(serve(handle, services, slices, seen_tx, permits));
-    let (mut snapshots, _errors) = watch(client);
+    let scripts = BTreeMap::from([("services", services), ("endpointslices", slices)]);
+    tokio::spawn(serve(handle, scripts, seen_tx, permits));
+    let (mut snapshots, _errors, _verdicts) = watch(client);
 
     // Initial lists, then the modification: the endpoint moved.
     until(&mut snapshots, "web's endpoint moved", |s| {
@@ -222,4 +238,133 @@ async fn adds_modifications_deletions_bookmarks_and_relists_reach_the_model() {
         lists, 2,
         "410 Gone must cause exactly one re-list: {service_reqs:?}"
     );
+}
+
+#[tokio::test]
+async fn pods_namespaces_service_accounts_and_policies_reach_the_model() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let pod = |name: &str, node: &str, ip: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "resourceVersion": "3", "labels": {"app": "web"}},
+            "spec": {"nodeName": node, "serviceAccountName": "web", "containers": [{"name": "web", "image": "nginx"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        })
+    };
+    let one = |kind: &str, api: &str, item: serde_json::Value| {
+        VecDeque::from([list(&format!("{kind}List"), api, "5", vec![item])])
+    };
+    let scripts = BTreeMap::from([
+        (
+            "services",
+            one("Service", "v1", service("web", "10.96.0.10")),
+        ),
+        (
+            "endpointslices",
+            one(
+                "EndpointSlice",
+                "discovery.k8s.io/v1",
+                slice("web", &["10.244.1.10"]),
+            ),
+        ),
+        (
+            "namespaces",
+            one(
+                "Namespace",
+                "v1",
+                json!({"metadata": {"name": "shop", "labels": {"lacewing.io/mesh": "enabled"}}}),
+            ),
+        ),
+        (
+            "serviceaccounts",
+            one(
+                "ServiceAccount",
+                "v1",
+                json!({"metadata": {"name": "web", "namespace": "shop"}}),
+            ),
+        ),
+        (
+            "pods",
+            VecDeque::from([
+                list(
+                    "PodList",
+                    "v1",
+                    "5",
+                    vec![pod("web-1", "n1", "10.244.1.10")],
+                ),
+                events(&[event("ADDED", pod("web-2", "n0", "10.244.0.10"), "6")]),
+            ]),
+        ),
+        (
+            "authorizationpolicies",
+            one(
+                "AuthorizationPolicy",
+                "lacewing.io/v1alpha1",
+                json!({
+                    "metadata": {"name": "bad", "namespace": "shop", "generation": 2},
+                    "spec": {"action": "Deny", "rules": [{"from": [{"principals": ["spiffe://cluster.local/ns/shop"]}]}]}
+                }),
+            ),
+        ),
+        (
+            "httproutes",
+            one(
+                "HTTPRoute",
+                "gateway.networking.k8s.io/v1",
+                json!({
+                    "metadata": {"name": "r", "namespace": "shop", "generation": 1},
+                    "spec": {"parentRefs": [{"kind": "Service", "name": "web"}], "rules": [{"backendRefs": [{"name": "gone", "port": 80}]}]}
+                }),
+            ),
+        ),
+    ]);
+    let (seen_tx, _seen) = tokio::sync::mpsc::unbounded_channel();
+    let (_permit, permits) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(serve(handle, scripts, seen_tx, permits));
+    let (mut snapshots, _errors, verdicts) = watch(client);
+
+    // Both pods, each in its node's slice, meshed by their namespace's label;
+    // the Service is published although two policies are rejected.
+    let s = until(&mut snapshots, "both pods", |s| s.workloads.len() == 2).await;
+    let w = &s.workloads["n1"]["shop/web-1"];
+    assert!(
+        w.meshed
+            && w.service_account == "web"
+            && w.identity("cluster.local") == "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    assert_eq!(
+        s.workloads["n0"]["shop/web-2"].addresses,
+        ["10.244.0.10".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(backends(&s, "10.96.0.10"), ["10.244.1.10:8080"]);
+
+    let verdicts = verdicts.borrow().clone();
+    let reasons: Vec<(String, Option<String>)> = verdicts
+        .iter()
+        .map(|v| (v.object.to_string(), v.rejection()))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    let why = |name: &str| {
+        reasons
+            .iter()
+            .find(|r| r.0 == name)
+            .and_then(|r| r.1.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        why("AuthorizationPolicy shop/bad").contains("Accepted: False, reason InvalidPrincipal"),
+        "{reasons:?}"
+    );
+    assert!(why("HTTPRoute shop/r").contains("names Service shop/gone, which does not exist (ResolvedRefs: False, reason BackendNotFound)"), "{reasons:?}");
+    let route = verdicts
+        .iter()
+        .find(|v| v.object.kind == "HTTPRoute")
+        .unwrap();
+    assert_eq!(
+        route.parents.len(),
+        1,
+        "one status entry for the Service parent"
+    );
+    assert_eq!(route.conditions[0].observed_generation, Some(1));
 }

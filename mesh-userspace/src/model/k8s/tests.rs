@@ -157,3 +157,83 @@ fn a_policy_with_a_bad_identity_or_shape_is_rejected() {
         "{err}"
     );
 }
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {lacewing.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, uid: u1, labels: {app: web}}
+spec: {nodeName: n1, serviceAccountName: web}
+status: {phase: Running, podIP: 10.244.1.10, podIPs: [{ip: 10.244.1.10}, {ip: "fd00:244:1::10"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: shop, labels: {lacewing.io/mesh: disabled}}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: 10.244.1.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: default}
+spec: {nodeName: n0}
+status: {phase: Running, podIP: 10.244.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: shop}
+spec: {}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: shop}
+spec: {nodeName: n1}
+status: {phase: Succeeded, podIP: 10.244.1.12}
+"#;
+
+fn workloads(text: &str) -> Result<Vec<crate::model::workloads::Workload>, K8sError> {
+    let mut objects = Objects::default();
+    objects.add_yaml("pods.yaml", text)?;
+    Ok(translate_all(&[&objects])?.strict()?.workloads)
+}
+
+#[test]
+fn pods_become_workloads_meshed_by_their_namespace() {
+    let w = workloads(PODS).unwrap();
+    let names: Vec<(&str, &str, bool)> = w
+        .iter()
+        .map(|w| (w.name.as_str(), w.node.as_str(), w.meshed))
+        .collect();
+    // Unscheduled and finished pods are not workloads.
+    assert_eq!(
+        names,
+        [
+            ("web-1", "n1", true),
+            ("opted-out", "n1", false),
+            ("other", "n0", false)
+        ]
+    );
+    assert_eq!(w[0].addresses.len(), 2);
+    assert_eq!(
+        w[0].identity("cluster.local"),
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    assert_eq!(w[1].service_account, "default");
+}
+
+#[test]
+fn a_pod_running_as_a_missing_service_account_is_rejected() {
+    let text = PODS.replace("serviceAccountName: web", "serviceAccountName: ghost");
+    let err = workloads(&text).unwrap_err().to_string();
+    assert!(
+        err.contains("pods.yaml: document 2")
+            && err.contains("Pod shop/web-1 runs as ServiceAccount ghost, which does not exist"),
+        "{err}"
+    );
+}

@@ -1,0 +1,230 @@
+//! Our policies and Gateway API HTTPRoutes: each is checked on its own (its
+//! shape, its identities) when read, and against the Services that exist when
+//! everything is translated. The outcome is a [`Verdict`] per object, with the
+//! `Accepted` and `ResolvedRefs` conditions written to its status.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+
+use super::Meta;
+use crate::api::conditions::{ACCEPTED, Condition, RESOLVED_REFS};
+
+/// The kinds handled here.
+pub const KINDS: [&str; 4] = [
+    "AuthorizationPolicy",
+    "TrafficPolicy",
+    "MeshConfig",
+    "HTTPRoute",
+];
+
+/// An object a status is written to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub kind: String,
+    /// None for cluster-scoped kinds (MeshConfig).
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+/// A Service a policy or route names, as Gateway API spells a parent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// One policy or route as read, before the Services are known.
+#[derive(Clone, Debug)]
+pub struct PolicyDoc {
+    pub object: ObjectRef,
+    /// `file: document N` or `Kind ns/name`, for messages.
+    pub origin: String,
+    pub generation: Option<i64>,
+    /// Why it is not acceptable on its own, if it is not: (reason, message).
+    pub invalid: Option<(&'static str, String)>,
+    /// The Services it names.
+    pub references: Vec<ServiceName>,
+    /// HTTPRoute parents of kind Service (GAMMA): its status has one entry each.
+    pub parents: Vec<ServiceName>,
+}
+
+/// What the controller decided about one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub object: ObjectRef,
+    pub origin: String,
+    pub generation: Option<i64>,
+    pub conditions: Vec<Condition>,
+    pub parents: Vec<ServiceName>,
+}
+
+impl Verdict {
+    /// The error to report when the object is rejected: where, what, and the
+    /// condition a cluster would show.
+    pub fn rejection(&self) -> Option<String> {
+        self.conditions
+            .iter()
+            .find(|c| c.status == "False")
+            .map(|c| {
+                format!(
+                    "{}: {} ({}: False, reason {})",
+                    self.origin, c.message, c.type_, c.reason
+                )
+            })
+    }
+}
+
+/// Reads one of our policies or an HTTPRoute from `origin`: an error if it is
+/// malformed; a [`PolicyDoc`] saying what is wrong with it if it is
+/// well-formed but wrong on its own.
+pub fn read(
+    kind: &str,
+    origin: &str,
+    value: serde_yaml::Value,
+) -> Result<PolicyDoc, serde_yaml::Error> {
+    use crate::api::{
+        authorization::{AuthorizationPolicy, check_principal},
+        mesh_config::MeshConfig,
+        traffic::TrafficPolicy,
+    };
+    let object = |m: &ObjectMeta, namespaced: bool| ObjectRef {
+        kind: kind.to_owned(),
+        namespace: namespaced.then(|| m.namespace.clone().unwrap_or_else(super::default_ns)),
+        name: m.name.clone().unwrap_or_default(),
+    };
+    let doc = |object: ObjectRef, generation| PolicyDoc {
+        object,
+        origin: origin.to_owned(),
+        generation,
+        invalid: None,
+        references: Vec::new(),
+        parents: Vec::new(),
+    };
+    match kind {
+        "AuthorizationPolicy" => {
+            let p: AuthorizationPolicy = serde_yaml::from_value(value)?;
+            let mut d = doc(object(&p.metadata, true), p.metadata.generation);
+            d.invalid = p
+                .spec
+                .rules
+                .iter()
+                .flat_map(|r| &r.from)
+                .flat_map(|f| &f.principals)
+                .find_map(|principal| check_principal(principal).err())
+                .map(|e| ("InvalidPrincipal", format!("{}: {e}", d.object)));
+            Ok(d)
+        }
+        "TrafficPolicy" => {
+            let p: TrafficPolicy = serde_yaml::from_value(value)?;
+            let mut d = doc(object(&p.metadata, true), p.metadata.generation);
+            d.references.push(ServiceName {
+                namespace: d.object.namespace.clone().unwrap_or_default(),
+                name: p.spec.target_ref.name.clone(),
+            });
+            Ok(d)
+        }
+        "MeshConfig" => {
+            let m: MeshConfig = serde_yaml::from_value(value)?;
+            let mut d = doc(object(&m.metadata, false), m.metadata.generation);
+            if let Some(td) = &m.spec.trust_domain
+                && (td.is_empty() || td.contains('/'))
+            {
+                d.invalid = Some((
+                    "InvalidTrustDomain",
+                    format!(
+                        "{}: trustDomain `{td}` must be a name such as cluster.local",
+                        d.object
+                    ),
+                ));
+            }
+            Ok(d)
+        }
+        _ => {
+            #[derive(Deserialize)]
+            struct Route {
+                metadata: Meta,
+                spec: crate::api::http_route::HttpRouteSpec,
+            }
+            let r: Route = serde_yaml::from_value(value)?;
+            let ns = r.metadata.namespace.clone();
+            let mut d = doc(
+                ObjectRef {
+                    kind: kind.to_owned(),
+                    namespace: Some(ns.clone()),
+                    name: r.metadata.name.clone(),
+                },
+                r.metadata.generation,
+            );
+            let service = |b: &crate::api::http_route::BackendRef| ServiceName {
+                namespace: b.namespace.clone().unwrap_or_else(|| ns.clone()),
+                name: b.name.clone(),
+            };
+            d.parents = r
+                .spec
+                .parent_refs
+                .iter()
+                .filter(|b| b.is_service())
+                .map(service)
+                .collect();
+            d.references = d
+                .parents
+                .iter()
+                .cloned()
+                .chain(
+                    r.spec
+                        .rules
+                        .iter()
+                        .flat_map(|rule| &rule.backend_refs)
+                        .filter(|b| b.is_service())
+                        .map(service),
+                )
+                .collect();
+            Ok(d)
+        }
+    }
+}
+
+/// The verdict on `doc` given whether each Service exists.
+pub fn judge(doc: &PolicyDoc, service_exists: impl Fn(&ServiceName) -> bool) -> Verdict {
+    let condition = |type_: &str, ok: bool, reason: &str, message: String| Condition {
+        type_: type_.to_owned(),
+        status: if ok { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: doc.generation,
+        last_transition_time: None,
+    };
+    let accepted = match &doc.invalid {
+        None => condition(ACCEPTED, true, "Accepted", String::new()),
+        Some((reason, message)) => condition(ACCEPTED, false, reason, message.clone()),
+    };
+    let missing = doc.references.iter().find(|s| !service_exists(s));
+    let resolved = match missing {
+        None => condition(RESOLVED_REFS, true, "ResolvedRefs", String::new()),
+        Some(s) => condition(
+            RESOLVED_REFS,
+            false,
+            "BackendNotFound",
+            format!(
+                "{} names Service {}/{}, which does not exist",
+                doc.object, s.namespace, s.name
+            ),
+        ),
+    };
+    Verdict {
+        object: doc.object.clone(),
+        origin: doc.origin.clone(),
+        generation: doc.generation,
+        conditions: vec![accepted, resolved],
+        parents: doc.parents.clone(),
+    }
+}
