@@ -119,6 +119,15 @@ impl KindStore {
         }
     }
 
+    /// The API server does not serve this kind: it has no objects. Whether
+    /// that changes the store.
+    pub fn absent(&mut self) -> bool {
+        let changed = !self.ready || !self.objects.is_empty();
+        self.objects.clear();
+        self.ready = true;
+        changed
+    }
+
     fn add_to(&self, objects: &mut Objects) {
         for ((ns, name), json) in &self.objects {
             let origin = format!("{} {ns}/{name}", self.types.kind);
@@ -181,6 +190,12 @@ pub fn watch(
         while let Some((index, event)) = changes.next().await {
             let changed = match event {
                 Ok(event) => cluster.stores[index].apply(event),
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(e))) if e.code == 404 => {
+                    // The kind's CRD is not installed (Gateway API is often
+                    // absent): none of it, until it appears and lists.
+                    tracing::info!(kind = KINDS[index].2, "not served by this cluster; treating as empty");
+                    cluster.stores[index].absent()
+                }
                 Err(err) => {
                     // The watcher retries by itself (with a fresh list after 410 Gone).
                     tracing::warn!(kind = KINDS[index].2, %err, "watching the cluster; retrying");

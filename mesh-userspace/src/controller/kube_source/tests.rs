@@ -57,6 +57,14 @@ fn bookmark(kind: &str, api_version: &str, rv: &str) -> serde_json::Value {
     json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv}}})
 }
 
+fn not_found() -> Response<Body> {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404});
+    let mut resp = Response::new(Body::from(serde_json::to_vec(&status).unwrap()));
+    *resp.status_mut() = http::StatusCode::NOT_FOUND;
+    resp
+}
+
 fn gone() -> serde_json::Value {
     json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": "too old resource version: 1 (5)", "reason": "Expired", "code": 410}})
@@ -318,6 +326,8 @@ async fn pods_namespaces_service_accounts_and_policies_reach_the_model() {
                 }),
             ),
         ),
+        // TrafficPolicy's CRD is not installed: 404, as the API server says.
+        ("trafficpolicies", VecDeque::from([not_found()])),
     ]);
     let (seen_tx, _seen) = tokio::sync::mpsc::unbounded_channel();
     let (_permit, permits) = tokio::sync::mpsc::unbounded_channel();
@@ -325,7 +335,8 @@ async fn pods_namespaces_service_accounts_and_policies_reach_the_model() {
     let (mut snapshots, _errors, verdicts) = watch(client);
 
     // Both pods, each in its node's slice, meshed by their namespace's label;
-    // the Service is published although two policies are rejected.
+    // the Service is published although two policies are rejected and one
+    // kind is not served at all.
     let s = until(&mut snapshots, "both pods", |s| s.workloads.len() == 2).await;
     let w = &s.workloads["n1"]["shop/web-1"];
     assert!(
