@@ -193,7 +193,10 @@ pub fn watch(
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(e))) if e.code == 404 => {
                     // The kind's CRD is not installed (Gateway API is often
                     // absent): none of it, until it appears and lists.
-                    tracing::info!(kind = KINDS[index].2, "not served by this cluster; treating as empty");
+                    tracing::info!(
+                        kind = KINDS[index].2,
+                        "not served by this cluster; treating as empty"
+                    );
                     cluster.stores[index].absent()
                 }
                 Err(err) => {
