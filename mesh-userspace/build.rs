@@ -14,9 +14,13 @@ fn main() {
         println!("cargo::error=protoc is not installed: run `cargo xtask setup`");
         return;
     }
-    if let Err(err) = tonic_build::configure()
-        .compile_protos(&["proto/lacewing/config/v1/config.proto"], &["proto"])
-    {
+    if let Err(err) = tonic_build::configure().compile_protos(
+        &[
+            "proto/lacewing/config/v1/config.proto",
+            "proto/lacewing/ca/v1/ca.proto",
+        ],
+        &["proto"],
+    ) {
         println!("cargo::error=compiling the gRPC protocol failed: {err}");
         return;
     }

@@ -44,6 +44,22 @@ pub enum Command {
     /// Read a node's pinned maps.
     #[command(subcommand)]
     Maps(maps::MapsCommand),
+    /// Ask the controller to sign a workload certificate with a node's
+    /// credentials, as the node daemon does (to check what a node may get).
+    CertRequest {
+        /// The controller (https://host:15012).
+        #[arg(long)]
+        controller: String,
+        /// The node's credentials (ca.pem, cert.pem, key.pem).
+        #[arg(long)]
+        tls_dir: PathBuf,
+        /// The pod, namespace/name.
+        #[arg(long)]
+        pod: String,
+        /// The SPIFFE identity to ask for.
+        #[arg(long)]
+        identity: String,
+    },
     /// Benchmarks in the lab (run them through `cargo xtask bench`).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -97,6 +113,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             (None, None) => status::run("127.0.0.1:15014"),
         },
         Command::Demo => demo::run().map(|()| 0),
+        Command::CertRequest {
+            controller,
+            tls_dir,
+            pod,
+            identity,
+        } => cert_request(controller, tls_dir, &pod, &identity),
         Command::Bench(BenchCommand::ControlPlane {
             nodes,
             services,
@@ -138,6 +160,43 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{line}");
             }
             Ok(0)
+        }
+    }
+}
+
+fn cert_request(url: String, tls_dir: PathBuf, pod: &str, identity: &str) -> anyhow::Result<i32> {
+    let (namespace, name) = pod
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("--pod `{pod}` is not namespace/name"))?;
+    let controller = crate::node::config::Controller {
+        url,
+        tls_dir,
+        server_name: crate::pki::CONTROLLER_SERVER_NAME.to_owned(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match runtime.block_on(crate::node::identity::request(
+        &controller,
+        identity,
+        namespace,
+        name,
+    )) {
+        Ok((svid, _)) => {
+            let left = svid
+                .not_after
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            println!(
+                "issued {} valid for {} s more",
+                svid.identity,
+                left.as_secs()
+            );
+            Ok(0)
+        }
+        Err(err) => {
+            eprintln!("refused: {err}");
+            Ok(1)
         }
     }
 }

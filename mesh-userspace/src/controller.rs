@@ -9,6 +9,7 @@
 //! `/metrics`). With Kubernetes, any number of replicas serve nodes and the
 //! one holding the Lease writes policy status.
 
+pub mod ca;
 pub mod config;
 pub mod folder;
 pub mod grpc;
@@ -49,7 +50,7 @@ pub enum ControllerError {
 
 /// Runs the controller until SIGTERM or SIGINT.
 pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
-    let tls = server_tls(&config).map_err(|source| ControllerError::Pki {
+    let (tls, ca) = server_tls(&config).map_err(|source| ControllerError::Pki {
         dir: config.pki_dir.clone(),
         source,
     })?;
@@ -74,6 +75,12 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
             (snapshots, errors)
         }
     };
+    let signer = Arc::new(ca::Signer {
+        ca,
+        trust_domain: config.trust_domain.clone(),
+        ttl: config.workload_cert_ttl,
+        snapshots: snapshots.clone(),
+    });
     let registry = Arc::new(grpc::Registry::new(
         config.trust_domain.clone(),
         snapshots,
@@ -105,6 +112,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
             source,
         })?
         .add_service(grpc::server(registry))
+        .add_service(ca::server(signer))
         .serve_with_shutdown(config.listen, crate::shutdown::signal())
         .await
         .map_err(|source| ControllerError::Serve {
@@ -120,12 +128,13 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
 
 /// The CA (created on first start) and the controller's own certificate;
 /// clients must present a certificate from the same CA.
-fn server_tls(config: &ControllerConfig) -> Result<ServerTlsConfig, pki::PkiError> {
+fn server_tls(config: &ControllerConfig) -> Result<(ServerTlsConfig, pki::Ca), pki::PkiError> {
     let ca = pki::Ca::load_or_create(&config.pki_dir.join("ca"))?;
     let server_dir = config.pki_dir.join("controller");
     ca.issue_controller(&server_dir, &config.server_ips)?;
     let (ca_pem, cert, key) = pki::read_credentials(&server_dir)?;
-    Ok(ServerTlsConfig::new()
+    let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca_pem)))
+        .client_ca_root(Certificate::from_pem(ca_pem));
+    Ok((tls, ca))
 }

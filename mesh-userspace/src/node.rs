@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod config;
+pub mod identity;
 pub mod lb;
 pub mod loader;
 pub mod maps;
@@ -47,11 +48,18 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb));
     let local_workloads = Arc::new(workloads::LocalWorkloads::default());
-    let shown = (Arc::clone(&local_workloads), config.node_name.clone());
+    let identities = Arc::new(identity::Identities::default());
+    let shown = (
+        Arc::clone(&local_workloads),
+        Arc::clone(&identities),
+        config.node_name.clone(),
+    );
     let endpoint = Arc::new(crate::http::Endpoint {
         registry,
         ready: AtomicBool::new(config.services_file.is_none() && config.controller.is_none()),
-        status: Some(Box::new(move || shown.0.status_json(&shown.1))),
+        status: Some(Box::new(move || {
+            shown.0.status_json(&shown.2, shown.1.shown())
+        })),
     });
     let server = crate::http::serve(config.metrics_addr, Arc::clone(&endpoint))
         .await
@@ -64,9 +72,18 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             controller,
             config.node_name.clone(),
             Arc::clone(&lb),
-            local_workloads,
+            Arc::clone(&local_workloads),
             metrics.clone(),
             Arc::clone(&endpoint),
+        ))
+    });
+    let certificates = config.controller.clone().map(|controller| {
+        tokio::spawn(identity::run(
+            controller,
+            config.trust_domain.clone(),
+            Arc::clone(&local_workloads),
+            Arc::clone(&identities),
+            metrics.clone(),
         ))
     });
     let watcher = config.services_file.clone().map(|path| {
@@ -85,7 +102,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     );
     crate::shutdown::signal().await;
     server.abort();
-    for task in [watcher, subscriber].into_iter().flatten() {
+    for task in [watcher, subscriber, certificates].into_iter().flatten() {
         task.abort();
     }
     if config.keep_datapath {

@@ -4,8 +4,11 @@
 //! controller lets a node subscribe only under the name its certificate holds.
 //!
 //! In the lab the lab provisions each node's certificate (as a cluster's
-//! bootstrap would mount it from a Secret); workload certificates and CSRs
-//! come with the identity issue.
+//! bootstrap would mount it from a Secret).
+//!
+//! Workload certificates (X.509 SVIDs): the node generates an ECDSA P-256
+//! key, sends a CSR naming `spiffe://<td>/ns/<ns>/sa/<sa>`, and the same CA
+//! signs it once the controller has checked the pod runs on that node.
 
 use std::{
     fs, io,
@@ -35,6 +38,39 @@ pub enum PkiError {
     Io { path: PathBuf, source: io::Error },
     #[error("certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
+    #[error("certificate request: {0}")]
+    BadRequest(String),
+}
+
+/// A workload's key and certificate, as the node keeps them.
+pub struct Svid {
+    pub identity: String,
+    pub cert_chain_pem: Vec<String>,
+    pub key_pem: String,
+    pub not_after: std::time::SystemTime,
+}
+
+/// A new ECDSA P-256 key and a CSR for `identity` signed with it.
+pub fn workload_csr(identity: &str) -> Result<(KeyPair, String), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = vec![SanType::URI(identity.try_into()?)];
+    let csr = params.serialize_request(&key)?;
+    Ok((key, csr.pem()?))
+}
+
+/// The DER of the first certificate in a PEM text.
+pub fn pem_to_der(cert_pem: &str) -> Option<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    Some(pem.contents)
+}
+
+/// The end of validity of a PEM certificate.
+pub fn not_after(cert_pem: &str) -> Option<std::time::SystemTime> {
+    let der = pem_to_der(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let secs = cert.validity().not_after.timestamp();
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).ok()?))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
@@ -135,6 +171,52 @@ impl Ca {
         write_private(&dir.join(KEY_FILE), &key.serialize_pem())
     }
 
+    /// Signs a workload's CSR for `identity`, valid for `ttl` (from a minute
+    /// ago, for clock skew). The CSR must ask for exactly that identity with
+    /// an ECDSA P-256 key; the certificate serves both ends of a tunnel.
+    pub fn sign_workload(
+        &self,
+        csr_pem: &str,
+        identity: &str,
+        ttl: std::time::Duration,
+    ) -> Result<String, PkiError> {
+        let bad = |m: String| PkiError::BadRequest(m);
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| bad(format!("not a PEM PKCS#10 request: {e}")))?;
+        if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(bad("the key must be ECDSA P-256".into()));
+        }
+        let asked: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                SanType::URI(u) => u.as_str().to_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if asked != [identity] {
+            return Err(bad(format!(
+                "it asks for {asked:?}; this pod's identity is {identity}"
+            )));
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let p = &mut csr.params;
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + ttl;
+        p.serial_number = Some(random_serial());
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::OrganizationName, "lacewing");
+        Ok(csr.signed_by(&self.cert, &self.key)?.pem())
+    }
+
     /// A node's client certificate, naming it in a SPIFFE URI.
     pub fn issue_node(&self, dir: &Path, trust_domain: &str, node: &str) -> Result<(), PkiError> {
         let uri = node_identity(trust_domain, node).try_into()?;
@@ -147,6 +229,15 @@ impl Ca {
         sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         self.issue(dir, sans, true)
     }
+}
+
+/// 16 random bytes, the high bit clear (serials are positive integers).
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system's random source works");
+    bytes[0] &= 0x7f;
+    rcgen::SerialNumber::from_slice(&bytes)
 }
 
 fn ca_params() -> Result<CertificateParams, rcgen::Error> {
@@ -206,6 +297,43 @@ mod tests {
         // The CA survives a restart: same certificate, same key.
         let again = Ca::load_or_create(&dir.join("ca")).unwrap();
         assert_eq!(again.pem(), ca.pem());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn workload_requests_are_signed_only_for_the_identity_they_name() {
+        let dir = std::env::temp_dir().join(format!("lacewing-svid-test-{}", std::process::id()));
+        let ca = Ca::load_or_create(&dir).unwrap();
+        let id = "spiffe://cluster.local/ns/shop/sa/web";
+        let (_key, csr) = workload_csr(id).unwrap();
+        let ttl = std::time::Duration::from_secs(3600);
+        let cert = ca.sign_workload(&csr, id, ttl).unwrap();
+        assert_eq!(uri_sans(&pem_der(&cert)), [id]);
+        let left = not_after(&cert)
+            .unwrap()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap();
+        assert!(
+            left > ttl - std::time::Duration::from_secs(5) && left <= ttl,
+            "{left:?}"
+        );
+        // Two signatures of one request get different serials.
+        let again = ca.sign_workload(&csr, id, ttl).unwrap();
+        let serial = |pem: &str| {
+            let der = pem_der(pem);
+            let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+            c.serial.clone()
+        };
+        assert_ne!(serial(&cert), serial(&again));
+        let err = ca
+            .sign_workload(&csr, "spiffe://cluster.local/ns/shop/sa/admin", ttl)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("this pod's identity is spiffe://cluster.local/ns/shop/sa/admin"),
+            "{err}"
+        );
+        assert!(ca.sign_workload("junk", id, ttl).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 

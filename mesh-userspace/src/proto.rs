@@ -13,6 +13,11 @@ pub mod pb {
     tonic::include_proto!("lacewing.config.v1");
 }
 
+#[allow(clippy::all, missing_docs, unreachable_pub)]
+pub mod ca_pb {
+    tonic::include_proto!("lacewing.ca.v1");
+}
+
 /// A message that does not describe a valid service.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("bad update: {0}")]

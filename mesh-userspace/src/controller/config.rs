@@ -3,6 +3,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    time::Duration,
 };
 
 use clap::Parser;
@@ -59,6 +60,10 @@ pub struct ControllerArgs {
     pub server_ip: Vec<IpAddr>,
     #[arg(long, env = "LACEWING_TRUST_DOMAIN", default_value = pki::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// Lifetime of workload certificates (`24h`, `30m`, `10s`); nodes renew
+    /// them at half of it.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
@@ -82,6 +87,29 @@ pub struct ControllerConfig {
     pub pki_dir: PathBuf,
     pub server_ips: Vec<IpAddr>,
     pub trust_domain: String,
+    pub workload_cert_ttl: Duration,
+}
+
+/// `90s`, `30m`, `24h`, `2d` (one number, one unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 30s, 10m, 24h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err(format!("`{text}` must be longer than zero"));
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 impl ControllerArgs {
@@ -112,6 +140,7 @@ impl ControllerArgs {
             pki_dir: self.pki_dir,
             server_ips: self.server_ip,
             trust_domain: self.trust_domain,
+            workload_cert_ttl: self.workload_cert_ttl,
         })
     }
 }

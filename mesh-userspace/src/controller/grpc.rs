@@ -134,14 +134,7 @@ impl ConfigService for Server {
         &self,
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<UpdateStream>, Status> {
-        // The node's name comes from its client certificate, not from what it says.
-        let certified = request
-            .peer_certs()
-            .and_then(|certs| certs.first().map(|c| pki::uri_sans(c)))
-            .unwrap_or_default()
-            .iter()
-            .find_map(|uri| pki::node_of_identity(&self.0.trust_domain, uri).map(str::to_owned))
-            .ok_or_else(|| Status::unauthenticated("no node identity in the client certificate"))?;
+        let certified = certified_node(&request, &self.0.trust_domain)?;
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await?.and_then(|m| m.kind) {
             Some(Kind::Hello(hello)) if !hello.node.is_empty() => hello,
@@ -171,6 +164,22 @@ impl ConfigService for Server {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// The node a request comes from: the name in its client certificate, never
+/// what the request says.
+#[allow(
+    clippy::result_large_err,
+    reason = "tonic handlers return Status as it is"
+)]
+pub fn certified_node<T>(request: &Request<T>, trust_domain: &str) -> Result<String, Status> {
+    request
+        .peer_certs()
+        .and_then(|certs| certs.first().map(|c| pki::uri_sans(c)))
+        .unwrap_or_default()
+        .iter()
+        .find_map(|uri| pki::node_of_identity(trust_domain, uri).map(str::to_owned))
+        .ok_or_else(|| Status::unauthenticated("no node identity in the client certificate"))
 }
 
 /// Sends the node what it lacks, one update at a time, until the stream ends.

@@ -116,6 +116,7 @@ impl Lab {
         let controller = self.start_controller_logged(
             &bin_dir.join("lacewing-controller"),
             &folder,
+            &[],
             Some(&logs.join("controller.log")),
         )?;
         let url = self.controller_url();
@@ -154,13 +155,24 @@ impl Lab {
     /// Starts `lacewing-controller` (the binary at `bin`) on the underlay at
     /// [`CONTROLLER_IP`], serving the YAML in `folder`; returns once it listens.
     pub fn start_controller(&self, bin: &Path, folder: &Path) -> io::Result<LabProcess> {
-        self.start_controller_logged(bin, folder, None)
+        self.start_controller_logged(bin, folder, &[], None)
+    }
+
+    /// [`Lab::start_controller`] with extra flags (`--workload-cert-ttl 4s`).
+    pub fn start_controller_with(
+        &self,
+        bin: &Path,
+        folder: &Path,
+        extra: &[&str],
+    ) -> io::Result<LabProcess> {
+        self.start_controller_logged(bin, folder, extra, None)
     }
 
     fn start_controller_logged(
         &self,
         bin: &Path,
         folder: &Path,
+        extra: &[&str],
         log: Option<&Path>,
     ) -> io::Result<LabProcess> {
         netns::ensure_underlay_address(&self.topology().underlay_netns(), CONTROLLER_IP)?;
@@ -170,7 +182,8 @@ impl Lab {
             .arg("--pki-dir")
             .arg(self.pki_dir())
             .arg("--server-ip")
-            .arg(CONTROLLER_IP.to_string());
+            .arg(CONTROLLER_IP.to_string())
+            .args(extra);
         log_to(&mut cmd, log)?;
         let mut controller = self.spawn_on_underlay(cmd)?;
         controller.wait_listening(CONTROLLER_PORT, Duration::from_secs(20))?;

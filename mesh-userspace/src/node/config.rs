@@ -70,6 +70,10 @@ pub struct NodeArgs {
     /// upgrades). Without it, SIGTERM detaches everything.
     #[arg(long, env = ENV_KEEP_DATAPATH)]
     pub keep_datapath: bool,
+    /// The trust domain of workload identities
+    /// (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "LACEWING_TRUST_DOMAIN", default_value = crate::pki::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     /// Log format.
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -87,6 +91,7 @@ pub struct NodeConfig {
     pub controller: Option<Controller>,
     pub maglev_capacity: u32,
     pub service_cidrs: Vec<ServiceCidr>,
+    pub trust_domain: String,
 }
 
 /// How to reach the controller.
@@ -160,6 +165,7 @@ impl NodeArgs {
             }),
             maglev_capacity: self.maglev_capacity,
             service_cidrs: self.service_cidr,
+            trust_domain: self.trust_domain,
         })
     }
 }

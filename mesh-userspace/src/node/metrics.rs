@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge},
+    metrics::{
+        counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
+    },
     registry::Registry,
 };
 
@@ -32,10 +34,18 @@ pub struct ApplyLabels {
     pub result: &'static str,
 }
 
+/// A workload identity.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
 /// Userspace metrics of the node daemon.
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
     pub config_applies: Family<ApplyLabels, Counter>,
+    pub certificate_requests: Family<ApplyLabels, Counter>,
+    pub certificate_expiry: Family<IdentityLabels, Gauge>,
 }
 
 impl Metrics {
@@ -46,8 +56,42 @@ impl Metrics {
             "Service configurations applied to the datapath, by result",
             metrics.config_applies.clone(),
         );
+        registry.register(
+            "lacewing_certificate_requests",
+            "Workload certificate requests to the controller, by result",
+            metrics.certificate_requests.clone(),
+        );
+        registry.register(
+            "lacewing_certificate_expiry_timestamp_seconds",
+            "When the current certificate of each workload identity on this node expires (Unix time)",
+            metrics.certificate_expiry.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector { lb }));
         metrics
+    }
+
+    pub fn certificate_issued(&self, identity: &str, not_after: u64) {
+        self.certificate_requests
+            .get_or_create(&ApplyLabels { result: "ok" })
+            .inc();
+        self.certificate_expiry
+            .get_or_create(&IdentityLabels {
+                identity: identity.to_owned(),
+            })
+            .set(i64::try_from(not_after).unwrap_or(i64::MAX));
+    }
+
+    pub fn certificate_failed(&self) {
+        self.certificate_requests
+            .get_or_create(&ApplyLabels { result: "error" })
+            .inc();
+    }
+
+    /// The identity has no pod on this node any more.
+    pub fn certificate_dropped(&self, identity: &str) {
+        self.certificate_expiry.remove(&IdentityLabels {
+            identity: identity.to_owned(),
+        });
     }
 
     pub fn applied(&self, ok: bool) {

@@ -11,9 +11,20 @@ use crate::{
     proto::{self, pb},
 };
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LocalWorkloads {
     state: Mutex<State>,
+    /// The applied version, for those who wait for changes.
+    version: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for LocalWorkloads {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            version: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -37,6 +48,7 @@ struct Status<'a> {
     node: &'a str,
     version: u64,
     workloads: Vec<Shown<'a>>,
+    certificates: Vec<super::identity::ShownCertificate>,
 }
 
 impl LocalWorkloads {
@@ -64,10 +76,36 @@ impl LocalWorkloads {
 
     pub fn replace(&self, version: u64, workloads: BTreeMap<String, Workload>) {
         *self.lock() = State { version, workloads };
+        self.version.send_replace(version);
+    }
+
+    /// Wakes on every applied version.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// The identities of the meshed workloads here, each with one pod that
+    /// carries it (namespace, name): what the node asks certificates for.
+    pub fn meshed_identities(&self, trust_domain: &str) -> BTreeMap<String, (String, String)> {
+        self.lock()
+            .workloads
+            .values()
+            .filter(|w| w.meshed)
+            .map(|w| {
+                (
+                    w.identity(trust_domain),
+                    (w.namespace.clone(), w.name.clone()),
+                )
+            })
+            .collect()
     }
 
     /// `/status` JSON.
-    pub fn status_json(&self, node: &str) -> String {
+    pub fn status_json(
+        &self,
+        node: &str,
+        certificates: Vec<super::identity::ShownCertificate>,
+    ) -> String {
         let state = self.lock();
         let status = Status {
             node,
@@ -83,6 +121,7 @@ impl LocalWorkloads {
                     meshed: w.meshed,
                 })
                 .collect(),
+            certificates,
         };
         serde_json::to_string_pretty(&status).unwrap_or_default()
     }
