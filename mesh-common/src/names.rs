@@ -26,6 +26,10 @@ pub const MAP_SVC_STATS: &str = "LW_SVC_STATS";
 pub const MAP_SVC_CIDRS: &str = "LW_SVC_CIDRS";
 
 /// Every map the node daemon pins.
+/// `SO_MARK` of the node daemon's own sockets ("LW"): the capture programs
+/// never redirect them.
+pub const BYPASS_MARK: u32 = 0x4c57;
+
 pub const ALL_MAPS: &[&str] = &[
     MAP_CONN_BY_PORT,
     MAP_SERVICES,

@@ -150,19 +150,21 @@ impl Ca {
         &self.pem
     }
 
-    /// Issues a certificate into `dir` (ca.pem, cert.pem, key.pem).
-    pub fn issue(&self, dir: &Path, sans: Vec<SanType>, server: bool) -> Result<(), PkiError> {
+    /// Issues a certificate into `dir` (ca.pem, cert.pem, key.pem) for
+    /// these uses.
+    pub fn issue(
+        &self,
+        dir: &Path,
+        sans: Vec<SanType>,
+        uses: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<(), PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.subject_alt_names = sans;
         params
             .distinguished_name
             .push(DnType::OrganizationName, "lacewing");
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
+        params.extended_key_usages = uses;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -217,17 +219,25 @@ impl Ca {
         Ok(csr.signed_by(&self.cert, &self.key)?.pem())
     }
 
-    /// A node's client certificate, naming it in a SPIFFE URI.
+    /// A node's certificate, naming it in a SPIFFE URI: a client of the
+    /// controller, and the server of its tunnel port.
     pub fn issue_node(&self, dir: &Path, trust_domain: &str, node: &str) -> Result<(), PkiError> {
         let uri = node_identity(trust_domain, node).try_into()?;
-        self.issue(dir, vec![SanType::URI(uri)], false)
+        self.issue(
+            dir,
+            vec![SanType::URI(uri)],
+            vec![
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ],
+        )
     }
 
     /// The controller's server certificate.
     pub fn issue_controller(&self, dir: &Path, ips: &[IpAddr]) -> Result<(), PkiError> {
         let mut sans = vec![SanType::DnsName(CONTROLLER_SERVER_NAME.try_into()?)];
         sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        self.issue(dir, sans, true)
+        self.issue(dir, sans, vec![ExtendedKeyUsagePurpose::ServerAuth])
     }
 }
 

@@ -134,3 +134,23 @@ pub fn hostname() -> String {
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "lacewing-controller".to_owned())
 }
+
+/// Sets `SO_MARK` on a socket (needs CAP_NET_ADMIN).
+pub fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
+    // SAFETY: fd is a valid open socket for the borrow's lifetime; the value
+    // pointer and length describe one u32 that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw const mark).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,71 @@
+//! The node-to-node tunnel, HBONE style: HTTP/2 CONNECT over mutual TLS 1.3
+//! on :15008. One pooled, multiplexed connection per (source identity,
+//! destination node) carries every stream between them; the CONNECT
+//! authority is the destination pod's address and `Forwarded: for=` the
+//! source pod's. The server checks the client's chain and SPIFFE identity,
+//! lets the node authorize the stream, connects to the pod and splices.
+
+pub mod client;
+pub mod metrics;
+pub mod server;
+pub mod tls;
+
+use std::net::IpAddr;
+
+/// The HBONE port.
+pub const PORT: u16 = 15008;
+
+/// Who opened a stream, as the destination node learns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The SPIFFE identity of the client certificate.
+    pub identity: String,
+    /// The source pod's address (`Forwarded: for=`), if given.
+    pub source: Option<IpAddr>,
+}
+
+/// Why a stream is not carried: the HTTP status the client gets, a short
+/// reason (a metric label), details for the log, and the policy that denied
+/// it, if one did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+    pub detail: String,
+    pub policy: Option<String>,
+}
+
+impl Refusal {
+    pub fn new(status: u16, reason: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            detail: detail.into(),
+            policy: None,
+        }
+    }
+}
+
+/// `for="<ip>"` or `for="[<ipv6>]"`, as RFC 7239 writes it.
+pub fn forwarded_for(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("for={v4}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    }
+}
+
+/// The source address of a `Forwarded` header, if it has one.
+pub fn parse_forwarded(header: &str) -> Option<IpAddr> {
+    header.split([';', ',']).find_map(|part| {
+        let value = part.trim().strip_prefix("for=")?;
+        let value = value.trim_matches('"');
+        let value = value
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .unwrap_or(value);
+        value.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests;
