@@ -9,6 +9,7 @@
 #![no_std]
 #![deny(unsafe_code)]
 
+pub mod capture;
 pub mod conn;
 pub mod lb;
 #[cfg(feature = "user")]

@@ -26,6 +26,18 @@ pub const MAP_SVC_STATS: &str = "LW_SVC_STATS";
 pub const MAP_SVC_CIDRS: &str = "LW_SVC_CIDRS";
 
 /// Every map the node daemon pins.
+/// Network namespaces of meshed pods (by netns cookie): their outbound TCP
+/// is captured.
+pub const MAP_MESHED_NETNS: &str = "LW_MESHED_NETNS";
+/// A captured socket's original destination, by socket cookie, until the
+/// connection is established.
+pub const MAP_ORIG_DST: &str = "LW_ORIG_DST";
+/// A captured connection's original destination, by (netns, client port):
+/// what the daemon reads for each accepted connection.
+pub const MAP_CAPTURED: &str = "LW_CAPTURED";
+/// The sock_ops program, attached at the node's cgroup.
+pub const SOCK_OPS_PROGRAM: &str = "lw_sockops";
+
 /// `SO_MARK` of the node daemon's own sockets ("LW"): the capture programs
 /// never redirect them.
 pub const BYPASS_MARK: u32 = 0x4c57;
@@ -40,6 +52,9 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_REVNAT,
     MAP_SVC_STATS,
     MAP_SVC_CIDRS,
+    MAP_MESHED_NETNS,
+    MAP_ORIG_DST,
+    MAP_CAPTURED,
 ];
 
 /// A cgroup `sock_addr` program: its name and its attach point.

@@ -158,7 +158,7 @@ fn backend(id: u32) -> Option<Backend> {
 /// Records that this socket's `backend` stands for `service`, for
 /// getpeername and for the source of UDP replies.
 #[inline(always)]
-fn remember(ctx: *mut core::ffi::c_void, backend: &Dest, service: &Dest) {
+pub fn remember(ctx: *mut core::ffi::c_void, backend: &Dest, service: &Dest) {
     // SAFETY: helper valid in cgroup sock_addr programs.
     let key = revnat_key(unsafe { bpf_get_socket_cookie(ctx) }, backend);
     let value = RevNat {

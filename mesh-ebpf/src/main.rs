@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod capture;
 mod lb;
 mod maps;
 mod sock_addr;

@@ -10,6 +10,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mesh_common::{
+    capture::{CapturedKey, MeshedNetns, OrigDst},
     conn::{ConnCount, ConnKey},
     lb::{
         Affinity, AffinityKey, Backend, CidrKey, RevNat, RevNatKey, Service, Slot, SlotKey,
@@ -70,3 +71,16 @@ pub fn cidr_lookup_key(family: u8, addr: [u8; 16]) -> Key<CidrKey> {
         },
     )
 }
+
+/// `names::MAP_MESHED_NETNS`: meshed pods' network namespaces, by cookie.
+#[btf_map]
+pub static LW_MESHED_NETNS: HashMap<u64, MeshedNetns, 4096> = HashMap::new();
+
+/// `names::MAP_ORIG_DST`: a captured socket's destination until established.
+#[btf_map]
+pub static LW_ORIG_DST: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+
+/// `names::MAP_CAPTURED`: a captured connection's destination, by (netns,
+/// client port), for the daemon.
+#[btf_map]
+pub static LW_CAPTURED: LruHashMap<CapturedKey, OrigDst, 65536> = LruHashMap::new();

@@ -13,6 +13,7 @@ use mesh_common::{
 };
 
 use crate::{
+    capture,
     lb::{self, Verdict},
     maps::LW_CONN_BY_PORT,
     sockaddr::{self, Dest},
@@ -29,14 +30,30 @@ const ECONNREFUSED: i32 = 111;
 pub fn lw_connect4(ctx: SockAddrContext) -> i32 {
     let dest = sockaddr::read4(&ctx);
     count_connect(&ctx, &dest);
-    apply(&ctx, &dest, sockaddr::write4)
+    connect(&ctx, &dest, sockaddr::write4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn lw_connect6(ctx: SockAddrContext) -> i32 {
     let dest = sockaddr::read6(&ctx);
     count_connect(&ctx, &dest);
-    apply(&ctx, &dest, sockaddr::write6)
+    connect(&ctx, &dest, sockaddr::write6)
+}
+
+/// A connect: load balancing, then capture if the pod is meshed (the
+/// backend is chosen once, here in the kernel, and the daemon is told it).
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest)) -> i32 {
+    if !capture::wanted(ctx, dest) {
+        return apply(ctx, dest, write);
+    }
+    let to = match lb::translate(ctx.sock_addr.cast(), dest, sockaddr::protocol(ctx)) {
+        Verdict::Pass => *dest,
+        Verdict::Translated(to) => to,
+        Verdict::Refuse => return refuse(),
+    };
+    write(ctx, &capture::redirect(ctx, dest, &to));
+    ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -78,12 +95,16 @@ fn apply(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest))
             write(ctx, &to);
             ALLOW
         }
-        Verdict::Refuse => {
-            // SAFETY: helper valid in cgroup programs; sets the syscall's error.
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
-            REJECT
-        }
+        Verdict::Refuse => refuse(),
     }
+}
+
+/// Fails the connect (or send) with ECONNREFUSED.
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: helper valid in cgroup programs; sets the syscall's error.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
 }
 
 /// Reverse translation: backend address back to the service's.

@@ -11,4 +11,6 @@ pub mod workloads;
 pub struct Declared {
     pub services: services::ServiceSet,
     pub workloads: Vec<workloads::Workload>,
+    /// Each node's addresses (`InternalIP`), where its tunnel port listens.
+    pub nodes: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
 }

@@ -4,13 +4,16 @@
 //! workloads scheduled on it, and serves metrics, health and `/status` on
 //! :15020.
 
+pub mod capture;
 pub mod client;
 pub mod config;
 pub mod identity;
+pub mod inbound;
 pub mod lb;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod outbound;
 pub mod source;
 pub mod workloads;
 
@@ -28,6 +31,8 @@ pub enum NodeError {
     Maps(#[from] aya::maps::MapError),
     #[error("{0}")]
     Apply(#[from] lb::ApplyError),
+    #[error("the mesh: {0}")]
+    Mesh(String),
     #[error(
         "serving metrics on {addr}: {source} (is another lacewing-node running? pass --metrics-addr)"
     )]
@@ -47,6 +52,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let lb = Arc::new(Mutex::new(balancer));
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb));
+    let tunnel_metrics = crate::tunnel::metrics::TunnelMetrics::new(&mut registry);
     let local_workloads = Arc::new(workloads::LocalWorkloads::default());
     let identities = Arc::new(identity::Identities::default());
     let shown = (
@@ -86,6 +92,19 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             metrics.clone(),
         ))
     });
+    let mesh = match &config.controller {
+        Some(controller) => {
+            start_mesh(
+                &config,
+                controller,
+                &local_workloads,
+                &identities,
+                tunnel_metrics,
+            )
+            .await?
+        }
+        None => Vec::new(),
+    };
     let watcher = config.services_file.clone().map(|path| {
         tokio::spawn(source::watch_file(
             path,
@@ -102,7 +121,11 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     );
     crate::shutdown::signal().await;
     server.abort();
-    for task in [watcher, subscriber, certificates].into_iter().flatten() {
+    for task in [watcher, subscriber, certificates]
+        .into_iter()
+        .flatten()
+        .chain(mesh)
+    {
         task.abort();
     }
     if config.keep_datapath {
@@ -114,4 +137,61 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     }
     tracing::info!("shutting down: detaching programs and removing pins");
     Ok(datapath.detach()?)
+}
+
+/// The tunnel server on :15008 and, with `--pod-netns-dir`, capture of the
+/// meshed pods here. The node's certificate (from `--tls-dir`) serves the
+/// tunnel; its CA is the mesh's trust bundle.
+async fn start_mesh(
+    config: &NodeConfig,
+    controller: &config::Controller,
+    local_workloads: &Arc<workloads::LocalWorkloads>,
+    identities: &Arc<identity::Identities>,
+    tunnel_metrics: crate::tunnel::metrics::TunnelMetrics,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, NodeError> {
+    use crate::tunnel;
+    let mesh_err = |e: String| NodeError::Mesh(e);
+    let (ca, cert, key) =
+        crate::pki::read_credentials(&controller.tls_dir).map_err(|e| mesh_err(e.to_string()))?;
+    let roots = tunnel::tls::roots(&ca).map_err(|e| mesh_err(e.to_string()))?;
+    let server_config = tunnel::tls::server_config(&cert, &key, Arc::clone(&roots))
+        .map_err(|e| mesh_err(e.to_string()))?;
+    let inbound = Arc::new(inbound::Inbound {
+        workloads: Arc::clone(local_workloads),
+        trust_domain: config.trust_domain.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.tunnel_addr)
+        .await
+        .map_err(|e| mesh_err(format!("tunnel port {}: {e}", config.tunnel_addr)))?;
+    let connector_inbound = Arc::clone(&inbound);
+    let connector: tunnel::server::Connector = Arc::new(move |peer, dest| {
+        let inbound = Arc::clone(&connector_inbound);
+        Box::pin(async move { inbound.connect(peer, dest).await })
+    });
+    let mut tasks = vec![tokio::spawn(tunnel::server::serve(
+        listener,
+        Arc::new(std::sync::RwLock::new(Arc::new(server_config))),
+        connector,
+        tunnel_metrics.clone(),
+    ))];
+    tracing::info!(addr = %config.tunnel_addr, "tunnel listening (HBONE, mutual TLS 1.3)");
+    if let Some(dir) = &config.pod_netns_dir {
+        let maps = capture::CaptureMaps::open(&config.bpffs_root)?;
+        let outbound = Arc::new(outbound::Outbound {
+            workloads: Arc::clone(local_workloads),
+            identities: Arc::clone(identities),
+            inbound,
+            pool: tunnel::client::Pool::new(Some(crate::net::BYPASS_MARK)),
+            roots,
+            trust_domain: config.trust_domain.clone(),
+            metrics: tunnel_metrics,
+        });
+        tasks.push(tokio::spawn(capture::run(
+            dir.clone(),
+            Arc::clone(local_workloads),
+            maps,
+            outbound,
+        )));
+    }
+    Ok(tasks)
 }

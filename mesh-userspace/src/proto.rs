@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::model::{
     services::{Algorithm, BackendEntry, Protocol, ServiceEntry},
-    workloads::Workload,
+    workloads::{PeerEntry, Workload},
 };
 
 #[allow(clippy::all, missing_docs, unreachable_pub)]
@@ -145,6 +145,36 @@ impl From<&Workload> for pb::Workload {
             labels: w.labels.clone().into_iter().collect(),
         }
     }
+}
+
+pub fn peer_of(address: IpAddr, p: &PeerEntry) -> pb::Peer {
+    pb::Peer {
+        address: ip_bytes(address),
+        namespace: p.namespace.clone(),
+        service_account: p.service_account.clone(),
+        node: p.node.clone(),
+        node_address: ip_bytes(p.node_address),
+    }
+}
+
+pub fn peer_from(p: &pb::Peer) -> Result<(IpAddr, PeerEntry), BadMessage> {
+    Ok((
+        ip_from(&p.address)?,
+        PeerEntry {
+            namespace: p.namespace.clone(),
+            service_account: p.service_account.clone(),
+            node: p.node.clone(),
+            node_address: ip_from(&p.node_address)?,
+        },
+    ))
+}
+
+pub fn address_from(bytes: &[u8]) -> Result<IpAddr, BadMessage> {
+    ip_from(bytes)
+}
+
+pub fn address_bytes(ip: IpAddr) -> Vec<u8> {
+    ip_bytes(ip)
 }
 
 /// A workload sent to `node` (only the node's own are sent).

@@ -154,3 +154,63 @@ pub fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Runs `f` on a thread that has entered the network namespace `netns`
+/// (an open `/run/netns/...` or `/proc/<pid>/ns/net`). Sockets `f` creates
+/// stay in that namespace; this thread and the caller's are untouched.
+pub fn in_netns<T: Send>(
+    netns: BorrowedFd<'_>,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    let fd = netns.as_raw_fd();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: fd is an open namespace file for the borrow's
+                // lifetime; setns changes only this (scoped) thread.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
+    })
+}
+
+/// The network namespace cookie of a socket (`SO_NETNS_COOKIE`), the same
+/// number `bpf_get_netns_cookie` returns in the kernel programs.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: fd is a valid socket; cookie and len describe a u64 buffer
+    // that outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A new, unconnected TCP socket (close-on-exec) of `family`, in the
+/// caller's network namespace.
+pub fn tcp_socket(ipv6: bool) -> io::Result<std::os::fd::OwnedFd> {
+    let domain = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}

@@ -111,7 +111,8 @@ pub struct Probe {
     pub slowest_ms: f64,
 }
 
-fn tool(name: &str) -> PathBuf {
+/// A helper script of `tests/tools`.
+pub fn tool(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tools")
         .join(name)

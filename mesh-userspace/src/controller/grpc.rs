@@ -301,6 +301,16 @@ fn chunks(mut update: pb::ConfigUpdate) -> Vec<pb::ConfigUpdate> {
             } else {
                 Vec::new()
             },
+            peer_upserts: if last {
+                std::mem::take(&mut update.peer_upserts)
+            } else {
+                Vec::new()
+            },
+            peer_removes: if last {
+                std::mem::take(&mut update.peer_removes)
+            } else {
+                Vec::new()
+            },
             partial: !last,
         });
     }
@@ -324,6 +334,8 @@ mod tests {
             removes: vec![pb::ServiceKey::default()],
             workload_upserts: vec![pb::Workload::default()],
             workload_removes: vec!["shop/gone".into()],
+            peer_upserts: vec![pb::Peer::default()],
+            peer_removes: vec![vec![10, 244, 0, 9]],
             partial: false,
         };
         let pieces = chunks(update.clone());

@@ -25,8 +25,9 @@ use crate::model::k8s::{Objects, Translation, policies::Verdict, translate_all};
 pub type Kind = (&'static str, &'static str, &'static str, &'static str);
 
 /// Everything the model reads, cluster-wide.
-pub const KINDS: [Kind; 9] = [
+pub const KINDS: [Kind; 10] = [
     ("", "v1", "Service", "services"),
+    ("", "v1", "Node", "nodes"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
     ("", "v1", "Pod", "pods"),
     ("", "v1", "Namespace", "namespaces"),

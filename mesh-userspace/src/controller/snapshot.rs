@@ -2,7 +2,11 @@
 //! them) and each node's own workloads, at one version; and the delta between
 //! two versions.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::sync::watch;
 
@@ -10,7 +14,7 @@ use crate::{
     model::{
         Declared,
         services::{Protocol, ServiceEntry},
-        workloads::{Workload, by_node},
+        workloads::{PeerEntry, Workload, by_node, peers},
     },
     proto::{self, pb},
 };
@@ -31,6 +35,9 @@ pub struct Snapshot {
     pub services: BTreeMap<FrontendKey, ServiceEntry>,
     /// Workloads by node: a node's slice is its own.
     pub workloads: BTreeMap<String, NodeWorkloads>,
+    /// Every meshed workload by address (every node needs them all, to
+    /// know where a tunnel goes).
+    pub peers: BTreeMap<IpAddr, PeerEntry>,
     /// The services' delta from the version before this one, computed once
     /// and sent to every node that has that version (nearly all of them).
     pub from_previous: Option<Arc<pb::ConfigUpdate>>,
@@ -44,6 +51,7 @@ impl Snapshot {
             .into_iter()
             .map(|s| ((s.frontend, s.protocol), s.normalized()))
             .collect();
+        let peers = peers(&declared.workloads, &declared.nodes);
         let workloads = by_node(declared.workloads)
             .into_iter()
             .map(|(node, w)| (node, Arc::new(w)))
@@ -52,6 +60,7 @@ impl Snapshot {
             version,
             services,
             workloads,
+            peers,
             from_previous: None,
         }
     }
@@ -70,10 +79,10 @@ impl Snapshot {
                 *mine = Arc::clone(theirs);
             }
         }
-        if p.services == next.services && p.workloads == next.workloads {
+        if p.services == next.services && p.workloads == next.workloads && p.peers == next.peers {
             return None;
         }
-        next.from_previous = Some(Arc::new(next.services_delta_from(p)));
+        next.from_previous = Some(Arc::new(next.shared_delta_from(p)));
         Some(next)
     }
 
@@ -81,8 +90,8 @@ impl Snapshot {
     pub fn update_for(&self, node: &str, base: Option<&Snapshot>) -> pb::ConfigUpdate {
         let mut update = match (base, &self.from_previous) {
             (Some(b), Some(cached)) if cached.base_version == b.version => (**cached).clone(),
-            (Some(b), _) => self.services_delta_from(b),
-            (None, _) => self.full_services(),
+            (Some(b), _) => self.shared_delta_from(b),
+            (None, _) => self.full_shared(),
         };
         let empty = BTreeMap::new();
         let mine = self.workloads.get(node).map_or(&empty, |w| &**w);
@@ -109,18 +118,25 @@ impl Snapshot {
         update
     }
 
-    /// Every service, for a node whose state the controller does not know.
-    fn full_services(&self) -> pb::ConfigUpdate {
+    /// Every service and peer, for a node whose state the controller does
+    /// not know.
+    fn full_shared(&self) -> pb::ConfigUpdate {
         pb::ConfigUpdate {
             version: self.version,
             base_version: 0,
             upserts: self.services.values().map(pb::Service::from).collect(),
+            peer_upserts: self
+                .peers
+                .iter()
+                .map(|(a, p)| proto::peer_of(*a, p))
+                .collect(),
             ..Default::default()
         }
     }
 
-    /// What changed from `base` to `self` in services: only those that differ.
-    fn services_delta_from(&self, base: &Snapshot) -> pb::ConfigUpdate {
+    /// What every node is sent from `base` to `self`: the services and
+    /// peers that differ.
+    fn shared_delta_from(&self, base: &Snapshot) -> pb::ConfigUpdate {
         let upserts = self
             .services
             .iter()
@@ -138,6 +154,18 @@ impl Snapshot {
             base_version: base.version,
             upserts,
             removes,
+            peer_upserts: self
+                .peers
+                .iter()
+                .filter(|(a, p)| base.peers.get(*a) != Some(*p))
+                .map(|(a, p)| proto::peer_of(*a, p))
+                .collect(),
+            peer_removes: base
+                .peers
+                .keys()
+                .filter(|a| !self.peers.contains_key(*a))
+                .map(|a| proto::address_bytes(*a))
+                .collect(),
             ..Default::default()
         }
     }
@@ -219,6 +247,7 @@ mod tests {
         Declared {
             services: crate::model::services::ServiceSet { services },
             workloads,
+            nodes: BTreeMap::new(),
         }
     }
 

@@ -190,6 +190,41 @@ impl Lab {
         Ok(controller)
     }
 
+    /// The lab as a pod network (CNI plugin) tells a node agent about its
+    /// pods: a folder with one file per pod address of `node` holding the
+    /// path of the pod's network namespace (`lacewing-node --pod-netns-dir`).
+    pub fn pod_netns_dir(&self, node: &NodeSpec) -> io::Result<std::path::PathBuf> {
+        let dir = self.state_dir().join("netns").join(node.name());
+        fs::create_dir_all(&dir)?;
+        for pod in self
+            .topology()
+            .pods()
+            .filter(|p| p.name().starts_with(&format!("{}-", node.name())))
+        {
+            let path = netns::path(&pod.netns());
+            for ip in [pod.ip4().to_string(), pod.ip6().to_string()] {
+                fs::write(dir.join(ip), path.display().to_string())?;
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Node objects for the lab's nodes (`InternalIP`: the underlay address),
+    /// as a kubelet registers them.
+    pub fn nodes_yaml(&self) -> String {
+        self.topology()
+            .nodes()
+            .map(|n| {
+                format!(
+                    "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus: {{addresses: [{{type: InternalIP, address: \"{}\"}}]}}\n",
+                    n.name(),
+                    n.underlay_ip4()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
     /// The lab's control-plane CA and certificates.
     pub fn pki_dir(&self) -> std::path::PathBuf {
         self.state_dir().join("pki")

@@ -202,6 +202,8 @@ pub struct Objects {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// (namespace, name) of each ServiceAccount.
     service_accounts: std::collections::BTreeSet<(String, String)>,
+    /// Node addresses, by node.
+    nodes: BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl Objects {
@@ -214,6 +216,7 @@ impl Objects {
         let mut policies = Vec::new();
         let mut pods = Vec::new();
         let mut named = Vec::new();
+        let mut nodes = Vec::new();
         for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let value = serde_yaml::Value::deserialize(doc)
                 .map_err(|source| K8sError::Yaml { index, source })?;
@@ -235,6 +238,9 @@ impl Objects {
                 Some("Pod") => {
                     pods.push((at.clone(), serde_yaml::from_value(value).map_err(doc_err)?))
                 }
+                Some("Node") => {
+                    nodes.push(serde_yaml::from_value::<workloads::Node>(value).map_err(doc_err)?)
+                }
                 Some(kind @ ("Namespace" | "ServiceAccount")) => named.push((
                     kind == "Namespace",
                     serde_yaml::from_value::<workloads::Named>(value).map_err(doc_err)?,
@@ -254,6 +260,10 @@ impl Objects {
         self.services.extend(services);
         self.policies.extend(policies);
         self.pods.extend(pods);
+        for node in nodes {
+            let ips = node.internal_ips();
+            self.nodes.insert(node.metadata.name, ips);
+        }
         for (is_namespace, o) in named {
             if is_namespace {
                 self.namespaces.insert(o.metadata.name, o.metadata.labels);
@@ -295,7 +305,9 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
         .collect();
     let mut namespaces = BTreeMap::new();
     let mut service_accounts = std::collections::BTreeSet::new();
+    let mut nodes = BTreeMap::new();
     for part in parts {
+        nodes.extend(part.nodes.iter().map(|(k, v)| (k.clone(), v.clone())));
         namespaces.extend(part.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
         service_accounts.extend(part.service_accounts.iter().cloned());
     }
@@ -333,6 +345,7 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
         declared: Declared {
             services: set,
             workloads,
+            nodes,
         },
         verdicts,
     })

@@ -54,3 +54,46 @@ pub fn by_node(workloads: impl IntoIterator<Item = Workload>) -> WorkloadsByNode
     }
     out
 }
+
+/// A meshed workload as every node sees it: enough to open a tunnel to it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PeerEntry {
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub node_address: IpAddr,
+}
+
+impl PeerEntry {
+    pub fn identity(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+/// Every meshed workload address on a node with a known address.
+pub fn peers<'a>(
+    workloads: impl IntoIterator<Item = &'a Workload>,
+    nodes: &BTreeMap<String, Vec<IpAddr>>,
+) -> BTreeMap<IpAddr, PeerEntry> {
+    let mut out = BTreeMap::new();
+    for w in workloads.into_iter().filter(|w| w.meshed) {
+        let Some(node_address) = nodes.get(&w.node).and_then(|a| a.first()) else {
+            continue;
+        };
+        for addr in &w.addresses {
+            out.insert(
+                *addr,
+                PeerEntry {
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
+                    node: w.node.clone(),
+                    node_address: *node_address,
+                },
+            );
+        }
+    }
+    out
+}

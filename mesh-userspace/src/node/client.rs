@@ -167,6 +167,8 @@ pub fn assemble(
             head.removes.extend(piece.removes);
             head.workload_upserts.extend(piece.workload_upserts);
             head.workload_removes.extend(piece.workload_removes);
+            head.peer_upserts.extend(piece.peer_upserts);
+            head.peer_removes.extend(piece.peer_removes);
             head.partial = piece.partial;
             head
         }
@@ -253,7 +255,7 @@ fn apply(
         .unwrap_or_else(|p| p.into_inner())
         .apply(&set)
         .map_err(|e| e.to_string())?;
-    dest.workloads.replace(update.version, workloads);
+    dest.workloads.replace(workloads);
     *applied = Applied {
         version: update.version,
         services: next,

@@ -70,6 +70,14 @@ pub struct NodeArgs {
     /// upgrades). Without it, SIGTERM detaches everything.
     #[arg(long, env = ENV_KEEP_DATAPATH)]
     pub keep_datapath: bool,
+    /// Capture meshed pods: a folder with one file per pod address holding
+    /// the path of the pod's network namespace (written by the pod network;
+    /// in the lab, by the lab).
+    #[arg(long, env = "LACEWING_POD_NETNS_DIR", requires = "controller")]
+    pub pod_netns_dir: Option<PathBuf>,
+    /// Where the tunnel (HBONE, mutual TLS) listens, with --controller.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    pub tunnel_addr: SocketAddr,
     /// The trust domain of workload identities
     /// (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`).
     #[arg(long, env = "LACEWING_TRUST_DOMAIN", default_value = crate::pki::DEFAULT_TRUST_DOMAIN)]
@@ -92,6 +100,8 @@ pub struct NodeConfig {
     pub maglev_capacity: u32,
     pub service_cidrs: Vec<ServiceCidr>,
     pub trust_domain: String,
+    pub pod_netns_dir: Option<PathBuf>,
+    pub tunnel_addr: SocketAddr,
 }
 
 /// How to reach the controller.
@@ -166,6 +176,8 @@ impl NodeArgs {
             maglev_capacity: self.maglev_capacity,
             service_cidrs: self.service_cidr,
             trust_domain: self.trust_domain,
+            pod_netns_dir: self.pod_netns_dir,
+            tunnel_addr: self.tunnel_addr,
         })
     }
 }

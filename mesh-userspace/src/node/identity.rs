@@ -50,9 +50,12 @@ pub struct ShownCertificate {
 }
 
 impl Identities {
-    /// The current certificate of `identity`, if the node holds one.
-    pub fn get(&self, identity: &str) -> Option<Arc<Svid>> {
-        self.lock().get(identity).map(|h| Arc::clone(&h.svid))
+    /// The current certificate of `identity` and its serial, if the node
+    /// holds one.
+    pub fn get(&self, identity: &str) -> Option<(Arc<Svid>, String)> {
+        self.lock()
+            .get(identity)
+            .map(|h| (Arc::clone(&h.svid), h.serial.clone()))
     }
 
     pub fn trust_bundle(&self) -> String {

@@ -14,7 +14,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSockAddr, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -75,6 +75,21 @@ pub fn links_dir(root: &Path) -> PathBuf {
     root.join("links")
 }
 
+/// Pins `link` as `links/<name>`. A pin left by a daemon that was killed is
+/// replaced, which detaches that older link only after ours is attached.
+fn pin_link(link: FdLink, name: &'static str, root: &Path) -> Result<PinnedLink, LoadError> {
+    let path = links_dir(root).join(name);
+    remove_if_exists(&path).map_err(|source| LoadError::Unpin {
+        path: path.clone(),
+        source,
+    })?;
+    link.pin(&path).map_err(|source| LoadError::PinLink {
+        name,
+        path: path.clone(),
+        source,
+    })
+}
+
 impl Datapath {
     pub fn load_and_attach(config: &NodeConfig) -> Result<Self, LoadError> {
         bpffs::ensure_mounted()?;
@@ -121,21 +136,28 @@ impl Datapath {
                 .map_err(|source| LoadError::Program { name, source })?
                 .try_into()
                 .map_err(|source| LoadError::Link { name, source })?;
-            let path = links_dir(&root).join(name);
-            // A pin left by a daemon that was killed: replace it, which detaches
-            // that older link only after ours is attached.
-            remove_if_exists(&path).map_err(|source| LoadError::Unpin {
-                path: path.clone(),
-                source,
-            })?;
-            let pinned = link.pin(&path).map_err(|source| LoadError::PinLink {
-                name,
-                path: path.clone(),
-                source,
-            })?;
-            tracing::debug!(program = name, cgroup = %config.cgroup_root.display(), pin = %path.display(), "attached");
-            links.push(pinned);
+            links.push(pin_link(link, name, &root)?);
         }
+        // sock_ops: re-keys captured connections once established.
+        let name = names::SOCK_OPS_PROGRAM;
+        let program: &mut SockOps = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| LoadError::Program { name, source })?;
+        let link_id = program
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| LoadError::Program { name, source })?;
+        let link: FdLink = program
+            .take_link(link_id)
+            .map_err(|source| LoadError::Program { name, source })?
+            .try_into()
+            .map_err(|source| LoadError::Link { name, source })?;
+        links.push(pin_link(link, name, &root)?);
+        tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len(), "attached");
         Ok(Self {
             _ebpf: ebpf,
             links,

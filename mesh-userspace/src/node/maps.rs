@@ -28,7 +28,8 @@ pub fn pin_path(root: &Path, name: &str) -> PathBuf {
     maps_dir(root).join(name)
 }
 
-fn open(root: &Path, name: &str) -> Result<Map, MapError> {
+/// Opens pinned map `name`.
+pub fn open(root: &Path, name: &str) -> Result<Map, MapError> {
     Map::from_map_data(MapData::from_pin(pin_path(root, name))?)
 }
 

@@ -1,13 +1,16 @@
-//! The workloads scheduled on this node, as the controller last sent them:
-//! the pods this node captures and whose identities it may ask for. Shown
-//! at `/status` on :15020 (like ztunnel's config dump).
+//! What the controller last sent about workloads: those scheduled on this
+//! node (the pods it captures and whose identities it may ask for) and every
+//! meshed workload's address with its node (where tunnels go). Shown at
+//! `/status` on :15020 (like ztunnel's config dump).
 
 use std::{collections::BTreeMap, sync::Mutex};
 
 use serde::Serialize;
 
+use std::net::IpAddr;
+
 use crate::{
-    model::workloads::Workload,
+    model::workloads::{PeerEntry, Workload},
     proto::{self, pb},
 };
 
@@ -27,10 +30,11 @@ impl Default for LocalWorkloads {
     }
 }
 
-#[derive(Debug, Default)]
-struct State {
+#[derive(Clone, Debug, Default)]
+pub struct State {
     version: u64,
     workloads: BTreeMap<String, Workload>,
+    peers: BTreeMap<IpAddr, PeerEntry>,
 }
 
 /// One workload as `/status` shows it.
@@ -48,35 +52,68 @@ struct Status<'a> {
     node: &'a str,
     version: u64,
     workloads: Vec<Shown<'a>>,
+    /// Meshed workloads known cluster-wide.
+    peers: usize,
     certificates: Vec<super::identity::ShownCertificate>,
 }
 
 impl LocalWorkloads {
-    /// The workloads after `update`, or why it cannot be applied; nothing
+    /// The state after `update`, or why it cannot be applied; nothing
     /// changes here until [`replace`](Self::replace).
-    pub fn next(
-        &self,
-        update: &pb::ConfigUpdate,
-        node: &str,
-    ) -> Result<BTreeMap<String, Workload>, String> {
+    pub fn next(&self, update: &pb::ConfigUpdate, node: &str) -> Result<State, String> {
         let mut next = if update.base_version == 0 {
-            BTreeMap::new()
+            State::default()
         } else {
-            self.lock().workloads.clone()
+            self.lock().clone()
         };
+        next.version = update.version;
         for key in &update.workload_removes {
-            next.remove(key);
+            next.workloads.remove(key);
         }
         for w in &update.workload_upserts {
             let w = proto::workload_from(w, node).map_err(|e| e.to_string())?;
-            next.insert(w.key(), w);
+            next.workloads.insert(w.key(), w);
+        }
+        for a in &update.peer_removes {
+            next.peers
+                .remove(&proto::address_from(a).map_err(|e| e.to_string())?);
+        }
+        for p in &update.peer_upserts {
+            let (address, peer) = proto::peer_from(p).map_err(|e| e.to_string())?;
+            next.peers.insert(address, peer);
         }
         Ok(next)
     }
 
-    pub fn replace(&self, version: u64, workloads: BTreeMap<String, Workload>) {
-        *self.lock() = State { version, workloads };
+    pub fn replace(&self, state: State) {
+        let version = state.version;
+        *self.lock() = state;
         self.version.send_replace(version);
+    }
+
+    /// The workload on this node with this address.
+    pub fn local(&self, ip: IpAddr) -> Option<Workload> {
+        self.lock()
+            .workloads
+            .values()
+            .find(|w| w.addresses.contains(&ip))
+            .cloned()
+    }
+
+    /// The meshed workload with this address, wherever it runs.
+    pub fn peer(&self, ip: IpAddr) -> Option<PeerEntry> {
+        self.lock().peers.get(&ip).cloned()
+    }
+
+    /// Meshed workloads on this node that have an address (what capture
+    /// and inbound handle).
+    pub fn meshed(&self) -> Vec<Workload> {
+        self.lock()
+            .workloads
+            .values()
+            .filter(|w| w.meshed)
+            .cloned()
+            .collect()
     }
 
     /// Wakes on every applied version.
@@ -121,6 +158,7 @@ impl LocalWorkloads {
                     meshed: w.meshed,
                 })
                 .collect(),
+            peers: state.peers.len(),
             certificates,
         };
         serde_json::to_string_pretty(&status).unwrap_or_default()

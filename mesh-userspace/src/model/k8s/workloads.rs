@@ -51,6 +51,39 @@ pub struct Named {
     pub metadata: Meta,
 }
 
+/// A Node: its name and addresses.
+#[derive(Debug, Deserialize)]
+pub struct Node {
+    pub metadata: Meta,
+    #[serde(default)]
+    status: NodeStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct NodeStatus {
+    #[serde(default)]
+    addresses: Vec<NodeAddress>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeAddress {
+    #[serde(rename = "type")]
+    type_: String,
+    address: String,
+}
+
+impl Node {
+    /// Its `InternalIP` addresses: where other nodes reach its tunnel.
+    pub fn internal_ips(&self) -> Vec<IpAddr> {
+        self.status
+            .addresses
+            .iter()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect()
+    }
+}
+
 /// The ServiceAccount every namespace has, which a pod naming none uses.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 

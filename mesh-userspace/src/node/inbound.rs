@@ -1,0 +1,70 @@
+//! Streams arriving for a pod on this node (through the tunnel, or from a
+//! meshed pod on the same node): check who is asking, authorize, connect.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::net::TcpStream;
+
+use super::workloads::LocalWorkloads;
+use crate::tunnel::{Peer, Refusal};
+
+pub struct Inbound {
+    pub workloads: Arc<LocalWorkloads>,
+    pub trust_domain: String,
+}
+
+impl Inbound {
+    /// Authorizes `peer`'s stream to `dest` and connects to the pod.
+    pub async fn connect(&self, peer: Peer, dest: SocketAddr) -> Result<TcpStream, Refusal> {
+        self.authorize(&peer, dest)?;
+        crate::net::connect_bypass(dest)
+            .await
+            .map_err(|e| Refusal::new(503, "connect_failed", format!("{dest}: {e}")))
+    }
+
+    /// The checks, without connecting: the destination is a meshed pod here;
+    /// the source address belongs to a workload with the identity the peer
+    /// proved.
+    pub fn authorize(&self, peer: &Peer, dest: SocketAddr) -> Result<(), Refusal> {
+        match self.workloads.local(dest.ip()) {
+            Some(w) if w.meshed => {}
+            Some(_) => {
+                return Err(Refusal::new(
+                    403,
+                    "destination_not_meshed",
+                    format!("{dest} is not in the mesh"),
+                ));
+            }
+            None => {
+                return Err(Refusal::new(
+                    404,
+                    "unknown_destination",
+                    format!("no pod {} on this node", dest.ip()),
+                ));
+            }
+        }
+        let Some(source) = peer.source else {
+            return Err(Refusal::new(
+                403,
+                "no_source",
+                "the stream names no source pod",
+            ));
+        };
+        let claimed = self
+            .workloads
+            .peer(source)
+            .map(|p| p.identity(&self.trust_domain));
+        if claimed.as_deref() != Some(peer.identity.as_str()) {
+            return Err(Refusal::new(
+                403,
+                "identity_mismatch",
+                format!(
+                    "the certificate says {} but source {source} is {}",
+                    peer.identity,
+                    claimed.as_deref().unwrap_or("no meshed workload")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

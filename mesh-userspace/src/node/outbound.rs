@@ -1,0 +1,157 @@
+//! Captured connections of meshed pods, from the in-pod listener to their
+//! destination (chosen by the kernel's load balancer, read from
+//! `LW_CAPTURED`): through the tunnel to a meshed pod on another node,
+//! straight to a meshed pod on this node (same checks, no TLS on the wire),
+//! or unchanged, from the pod's own network namespace, to anything else.
+
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd as _,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::{identity::Identities, inbound::Inbound, workloads::LocalWorkloads};
+use crate::{
+    model::workloads::Workload,
+    pki,
+    tunnel::{
+        self, Peer,
+        client::{Destination, Pool},
+        metrics::TunnelMetrics,
+    },
+};
+
+pub struct Outbound {
+    pub workloads: Arc<LocalWorkloads>,
+    pub identities: Arc<Identities>,
+    pub inbound: Arc<Inbound>,
+    pub pool: Pool,
+    pub roots: Arc<rustls::RootCertStore>,
+    pub trust_domain: String,
+    pub metrics: TunnelMetrics,
+}
+
+impl Outbound {
+    /// Carries one captured connection until both sides are done.
+    pub async fn handle(
+        &self,
+        source: Workload,
+        netns: Arc<File>,
+        app: TcpStream,
+        dest: SocketAddr,
+    ) {
+        let _ = app.set_nodelay(true);
+        let source_ip = source
+            .addresses
+            .iter()
+            .find(|a| a.is_ipv4() == dest.is_ipv4())
+            .or(source.addresses.first())
+            .copied();
+        let Some(source_ip) = source_ip else { return };
+        let identity = source.identity(&self.trust_domain);
+        let peer = Peer {
+            identity: identity.clone(),
+            source: Some(source_ip),
+        };
+        self.metrics.opened("outbound");
+        let counts = if self.workloads.local(dest.ip()).is_some_and(|w| w.meshed) {
+            // Same node: the destination's checks, no TLS on the wire.
+            match self.inbound.connect(peer, dest).await {
+                Ok(upstream) => splice_app(app, upstream).await,
+                Err(refusal) => {
+                    tracing::info!(%identity, %dest, reason = refusal.reason, detail = %refusal.detail, "same-node connection refused");
+                    self.metrics.refused(&refusal);
+                    reset(app);
+                    (0, 0)
+                }
+            }
+        } else if let Some(to) = self.workloads.peer(dest.ip()) {
+            match self.tunnel(&identity, source_ip, &to, dest).await {
+                Ok(upgraded) => splice_app(app, hyper_util::rt::TokioIo::new(upgraded)).await,
+                Err(err) => {
+                    tracing::info!(%identity, %dest, node = %to.node, %err, "tunnel stream failed");
+                    reset(app);
+                    (0, 0)
+                }
+            }
+        } else {
+            match connect_from(&netns, dest).await {
+                Ok(upstream) => splice_app(app, upstream).await,
+                Err(err) => {
+                    tracing::debug!(%dest, %err, "passthrough connect failed");
+                    reset(app);
+                    (0, 0)
+                }
+            }
+        };
+        self.metrics.closed("outbound", counts.0, counts.1);
+    }
+
+    async fn tunnel(
+        &self,
+        identity: &str,
+        source: IpAddr,
+        to: &crate::model::workloads::PeerEntry,
+        dest: SocketAddr,
+    ) -> Result<hyper::upgrade::Upgraded, String> {
+        let (svid, serial) = self
+            .identities
+            .get(identity)
+            .ok_or_else(|| format!("no certificate for {identity} yet"))?;
+        let destination = Destination {
+            node: SocketAddr::new(to.node_address, tunnel::PORT),
+            node_identity: pki::node_identity(&self.trust_domain, &to.node),
+            pod: dest,
+        };
+        self.pool
+            .open(
+                &svid,
+                &serial,
+                std::sync::Arc::clone(&self.roots),
+                source,
+                &destination,
+            )
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A connection to `dest` from inside the pod's network namespace, so the
+/// destination sees the pod's own address; marked so it is not captured.
+async fn connect_from(netns: &File, dest: SocketAddr) -> std::io::Result<TcpStream> {
+    let fd = crate::sys::in_netns(netns.as_fd(), || {
+        let fd = crate::sys::tcp_socket(dest.is_ipv6())?;
+        crate::sys::set_mark(fd.as_fd(), crate::net::BYPASS_MARK)?;
+        Ok(fd)
+    })?;
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+    tokio::time::timeout(Duration::from_secs(10), socket.connect(dest))
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
+/// Splices the app's connection with the other side; if the other side
+/// resets, the app's connection is reset too (not closed cleanly).
+async fn splice_app<B>(mut app: TcpStream, mut other: B) -> (u64, u64)
+where
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::io::copy_bidirectional(&mut app, &mut other).await {
+        Ok(counts) => counts,
+        Err(err) => {
+            tracing::debug!(%err, "connection reset");
+            reset(app);
+            (0, 0)
+        }
+    }
+}
+
+/// Closes with RST: the app sees the connection fail, not end.
+fn reset(app: TcpStream) {
+    let _ = app.set_zero_linger();
+    drop(app);
+}

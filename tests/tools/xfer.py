@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Transfers for the mesh tests, both ends of a TCP connection.
+
+  xfer.py serve PORT            a server (IPv4 and IPv6); per connection the
+                                first byte says what to do:
+                                B: read to EOF, then send it all back, close;
+                                R: echo each line until EOF.
+  xfer.py bulk HOST PORT MB     send MB MiB of varied bytes, half-close, read
+                                the echo; print sizes and SHA-256s.
+  xfer.py rr HOST PORT TEXT N   N request/reply round trips of a line with TEXT.
+"""
+import hashlib
+import os
+import socket
+import sys
+import threading
+
+
+def serve(port):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", port))
+    s.listen(1024)
+    while True:
+        conn, _ = s.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def handle(conn):
+    with conn:
+        mode = conn.recv(1)
+        if mode == b"B":
+            chunks = []
+            while True:
+                b = conn.recv(1 << 20)
+                if not b:
+                    break
+                chunks.append(b)
+            for c in chunks:
+                conn.sendall(c)
+        elif mode == b"R":
+            f = conn.makefile("rwb")
+            for line in f:
+                f.write(line)
+                f.flush()
+
+
+def connect(host, port):
+    return socket.create_connection((host, port), timeout=60)
+
+
+def bulk(host, port, mib):
+    seed = os.urandom(1 << 16)
+    sent = hashlib.sha256()
+    with connect(host, port) as c:
+        c.sendall(b"B")
+        reader_result = {}
+
+        def read():
+            back, n = hashlib.sha256(), 0
+            while True:
+                b = c.recv(1 << 20)
+                if not b:
+                    break
+                back.update(b)
+                n += len(b)
+            reader_result["digest"], reader_result["n"] = back.hexdigest(), n
+
+        t = threading.Thread(target=read)
+        t.start()
+        for i in range(mib * 16):
+            block = seed[i % 7:] + seed[: i % 7]
+            sent.update(block)
+            c.sendall(block)
+        c.shutdown(socket.SHUT_WR)
+        t.join()
+    print(f"sent={mib << 20} sent_sha={sent.hexdigest()} back={reader_result['n']} back_sha={reader_result['digest']}")
+
+
+def rr(host, port, text, n):
+    with connect(host, port) as c:
+        c.sendall(b"R")
+        f = c.makefile("rwb")
+        ok = 0
+        for i in range(n):
+            line = f"{text} {i}\n".encode()
+            f.write(line)
+            f.flush()
+            if f.readline() == line:
+                ok += 1
+    print(f"replies={ok}")
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "serve":
+        serve(int(sys.argv[2]))
+    elif cmd == "bulk":
+        bulk(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif cmd == "rr":
+        rr(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
