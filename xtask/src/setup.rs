@@ -49,6 +49,16 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("wrk", "the load generator of `cargo xtask bench l4`"),
     (
+        "tshark",
+        "captures on the lab's underlay: no plain text crosses between nodes",
+    ),
+    ("sslscan", "what the tunnel port offers: TLS 1.3 only"),
+    ("iperf3", "throughput in `cargo xtask bench tunnel`"),
+    (
+        "sockperf",
+        "request/reply latency in `cargo xtask bench tunnel`",
+    ),
+    (
         "iptables",
         "kube-proxy's iptables rules, a baseline of `bench l4`",
     ),
