@@ -2,6 +2,7 @@
 //! (a folder of YAML, a file, Kubernetes), and its translation from
 //! Kubernetes objects. Node configuration is built from this, once.
 
+pub mod authorization;
 pub mod k8s;
 pub mod services;
 pub mod workloads;
@@ -13,4 +14,6 @@ pub struct Declared {
     pub workloads: Vec<workloads::Workload>,
     /// Each node's addresses (`InternalIP`), where its tunnel port listens.
     pub nodes: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// Accepted AuthorizationPolicies.
+    pub policies: Vec<authorization::Policy>,
 }

@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::model::{
+    authorization::Policy,
     services::{Algorithm, BackendEntry, Protocol, ServiceEntry},
     workloads::{PeerEntry, Workload},
 };
@@ -167,6 +168,23 @@ pub fn peer_from(p: &pb::Peer) -> Result<(IpAddr, PeerEntry), BadMessage> {
             node_address: ip_from(&p.node_address)?,
         },
     ))
+}
+
+pub fn policy_of(p: &Policy) -> pb::Policy {
+    pb::Policy {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        spec_json: serde_json::to_string(&p.spec).unwrap_or_default(),
+    }
+}
+
+pub fn policy_from(p: &pb::Policy) -> Result<Policy, BadMessage> {
+    Ok(Policy {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        spec: serde_json::from_str(&p.spec_json)
+            .map_err(|e| BadMessage(format!("policy {}/{}: {e}", p.namespace, p.name)))?,
+    })
 }
 
 pub fn address_from(bytes: &[u8]) -> Result<IpAddr, BadMessage> {

@@ -117,18 +117,45 @@ impl MeshLab {
     }
 
     fn xfer(&self, pod: &str, args: &[&str]) -> String {
+        self.try_xfer(pod, args)
+            .unwrap_or_else(|err| panic!("xfer.py {args:?} in {pod}: {err}"))
+    }
+
+    /// xfer.py's output, or its error.
+    fn try_xfer(&self, pod: &str, args: &[&str]) -> Result<String, String> {
         let mut cmd = Command::new(PYTHON);
         cmd.arg(tool("xfer.py")).args(args);
         let out = self
             .lab
             .run_in_pod(&self.lab.pod(pod).unwrap(), cmd)
             .unwrap();
-        assert!(
-            out.status.success(),
-            "xfer.py {args:?} in {pod}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Writes (or with `None` removes) a file of the controller's folder.
+    fn config(&self, file: &str, yaml: Option<&str>) {
+        let path = self.lab.state_dir().join("config").join(file);
+        match yaml {
+            Some(yaml) => {
+                let tmp = path.with_extension("tmp");
+                fs::write(&tmp, yaml).unwrap();
+                fs::rename(tmp, path).unwrap();
+            }
+            None => fs::remove_file(path).unwrap(),
+        }
+    }
+
+    /// Retries `f` until it returns true.
+    fn until(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn metric(&self, node: &str, line_start: &str) -> f64 {
@@ -241,4 +268,43 @@ fn nothing_crosses_the_underlay_in_plain_text_and_only_tls_1_3_is_offered() {
             .any(|l| l.contains("Accepted") && !l.contains("TLSv1.3")),
         "only TLS 1.3 suites may be accepted:\n{scan}"
     );
+}
+
+#[test]
+fn an_authorization_policy_deny_closes_the_connection_until_it_is_removed() {
+    let m = MeshLab::new();
+    assert_eq!(
+        m.xfer("n0-p0", &["rr", VIP, "80", "before", "3"]),
+        "replies=3"
+    );
+    m.config(
+        "deny.yaml",
+        Some(
+            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: shop}\nspec: {action: Deny, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/shop/sa/client\"]}], to: [{ports: [9000]}]}]}\n",
+        ),
+    );
+    m.until("the deny takes effect", || {
+        m.try_xfer("n0-p0", &["rr", VIP, "80", "denied", "1"])
+            .is_err()
+    });
+    let denials = "lacewing_policy_denials_total{policy=\"shop/deny-client\"}";
+    assert!(m.metric("n1", denials) >= 1.0);
+    // The same-node path enforces the same policy: web-1 (sa web) may call
+    // web-0 on n1; the policy names only the client.
+    let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
+    assert_eq!(
+        m.xfer("n1-p1", &["rr", &web0, PORT, "same-node", "3"]),
+        "replies=3"
+    );
+    // A pod outside the mesh is untouched by capture and policy.
+    assert_eq!(
+        m.xfer("n0-p1", &["rr", &web0, PORT, "plain", "3"]),
+        "replies=3"
+    );
+    // Removing the policy restores access.
+    m.config("deny.yaml", None);
+    m.until("access is restored", || {
+        m.try_xfer("n0-p0", &["rr", VIP, "80", "after", "3"])
+            .is_ok()
+    });
 }

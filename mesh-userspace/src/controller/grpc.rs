@@ -311,6 +311,12 @@ fn chunks(mut update: pb::ConfigUpdate) -> Vec<pb::ConfigUpdate> {
             } else {
                 Vec::new()
             },
+            policies_replaced: last && update.policies_replaced,
+            policies: if last {
+                std::mem::take(&mut update.policies)
+            } else {
+                Vec::new()
+            },
             partial: !last,
         });
     }
@@ -336,6 +342,8 @@ mod tests {
             workload_removes: vec!["shop/gone".into()],
             peer_upserts: vec![pb::Peer::default()],
             peer_removes: vec![vec![10, 244, 0, 9]],
+            policies_replaced: true,
+            policies: vec![pb::Policy::default()],
             partial: false,
         };
         let pieces = chunks(update.clone());

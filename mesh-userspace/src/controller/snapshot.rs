@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::{
     model::{
         Declared,
+        authorization::Policy,
         services::{Protocol, ServiceEntry},
         workloads::{PeerEntry, Workload, by_node, peers},
     },
@@ -38,6 +39,8 @@ pub struct Snapshot {
     /// Every meshed workload by address (every node needs them all, to
     /// know where a tunnel goes).
     pub peers: BTreeMap<IpAddr, PeerEntry>,
+    /// Accepted AuthorizationPolicies (every node gets all; few).
+    pub policies: Vec<Policy>,
     /// The services' delta from the version before this one, computed once
     /// and sent to every node that has that version (nearly all of them).
     pub from_previous: Option<Arc<pb::ConfigUpdate>>,
@@ -61,6 +64,7 @@ impl Snapshot {
             services,
             workloads,
             peers,
+            policies: declared.policies,
             from_previous: None,
         }
     }
@@ -79,7 +83,11 @@ impl Snapshot {
                 *mine = Arc::clone(theirs);
             }
         }
-        if p.services == next.services && p.workloads == next.workloads && p.peers == next.peers {
+        if p.services == next.services
+            && p.workloads == next.workloads
+            && p.peers == next.peers
+            && p.policies == next.policies
+        {
             return None;
         }
         next.from_previous = Some(Arc::new(next.shared_delta_from(p)));
@@ -130,6 +138,8 @@ impl Snapshot {
                 .iter()
                 .map(|(a, p)| proto::peer_of(*a, p))
                 .collect(),
+            policies_replaced: true,
+            policies: self.policies.iter().map(proto::policy_of).collect(),
             ..Default::default()
         }
     }
@@ -166,6 +176,12 @@ impl Snapshot {
                 .filter(|a| !self.peers.contains_key(*a))
                 .map(|a| proto::address_bytes(*a))
                 .collect(),
+            policies_replaced: base.policies != self.policies,
+            policies: if base.policies == self.policies {
+                Vec::new()
+            } else {
+                self.policies.iter().map(proto::policy_of).collect()
+            },
             ..Default::default()
         }
     }
@@ -248,6 +264,7 @@ mod tests {
             services: crate::model::services::ServiceSet { services },
             workloads,
             nodes: BTreeMap::new(),
+            policies: Vec::new(),
         }
     }
 

@@ -294,15 +294,22 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
         .flat_map(|p| p.services.iter())
         .map(|(_, s)| (s.metadata.namespace.as_str(), s.metadata.name.as_str()))
         .collect();
-    let verdicts = parts
-        .iter()
-        .flat_map(|p| p.policies.iter())
-        .map(|doc| {
-            policies::judge(doc, |s: &ServiceName| {
-                known.contains(&(s.namespace.as_str(), s.name.as_str()))
-            })
-        })
-        .collect();
+    let mut verdicts = Vec::new();
+    let mut authorization = Vec::new();
+    for doc in parts.iter().flat_map(|p| p.policies.iter()) {
+        let verdict = policies::judge(doc, |s: &ServiceName| {
+            known.contains(&(s.namespace.as_str(), s.name.as_str()))
+        });
+        // Only accepted policies reach the nodes.
+        if let (None, Some(spec)) = (verdict.rejection(), &doc.authorization) {
+            authorization.push(super::authorization::Policy {
+                namespace: doc.object.namespace.clone().unwrap_or_default(),
+                name: doc.object.name.clone(),
+                spec: spec.clone(),
+            });
+        }
+        verdicts.push(verdict);
+    }
     let mut namespaces = BTreeMap::new();
     let mut service_accounts = std::collections::BTreeSet::new();
     let mut nodes = BTreeMap::new();
@@ -346,6 +353,7 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
             services: set,
             workloads,
             nodes,
+            policies: authorization,
         },
         verdicts,
     })

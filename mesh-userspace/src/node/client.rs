@@ -169,6 +169,8 @@ pub fn assemble(
             head.workload_removes.extend(piece.workload_removes);
             head.peer_upserts.extend(piece.peer_upserts);
             head.peer_removes.extend(piece.peer_removes);
+            head.policies_replaced |= piece.policies_replaced;
+            head.policies.extend(piece.policies);
             head.partial = piece.partial;
             head
         }

@@ -6,7 +6,10 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpStream;
 
 use super::workloads::LocalWorkloads;
-use crate::tunnel::{Peer, Refusal};
+use crate::{
+    model::authorization,
+    tunnel::{Peer, Refusal},
+};
 
 pub struct Inbound {
     pub workloads: Arc<LocalWorkloads>,
@@ -24,10 +27,10 @@ impl Inbound {
 
     /// The checks, without connecting: the destination is a meshed pod here;
     /// the source address belongs to a workload with the identity the peer
-    /// proved.
+    /// proved; the AuthorizationPolicies selecting the pod allow it.
     pub fn authorize(&self, peer: &Peer, dest: SocketAddr) -> Result<(), Refusal> {
-        match self.workloads.local(dest.ip()) {
-            Some(w) if w.meshed => {}
+        let workload = match self.workloads.local(dest.ip()) {
+            Some(w) if w.meshed => w,
             Some(_) => {
                 return Err(Refusal::new(
                     403,
@@ -42,7 +45,7 @@ impl Inbound {
                     format!("no pod {} on this node", dest.ip()),
                 ));
             }
-        }
+        };
         let Some(source) = peer.source else {
             return Err(Refusal::new(
                 403,
@@ -65,6 +68,16 @@ impl Inbound {
                 ),
             ));
         }
-        Ok(())
+        let source = authorization::Source {
+            identity: &peer.identity,
+        };
+        authorization::decide(&self.workloads.policies(), &workload, dest.port(), &source).map_err(
+            |denied| Refusal {
+                status: 403,
+                reason: "policy_denied",
+                detail: denied.reason,
+                policy: Some(denied.policy),
+            },
+        )
     }
 }

@@ -3,14 +3,20 @@
 //! meshed workload's address with its node (where tunnels go). Shown at
 //! `/status` on :15020 (like ztunnel's config dump).
 
-use std::{collections::BTreeMap, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use serde::Serialize;
 
 use std::net::IpAddr;
 
 use crate::{
-    model::workloads::{PeerEntry, Workload},
+    model::{
+        authorization::Policy,
+        workloads::{PeerEntry, Workload},
+    },
     proto::{self, pb},
 };
 
@@ -35,6 +41,7 @@ pub struct State {
     version: u64,
     workloads: BTreeMap<String, Workload>,
     peers: BTreeMap<IpAddr, PeerEntry>,
+    policies: Arc<Vec<Policy>>,
 }
 
 /// One workload as `/status` shows it.
@@ -82,6 +89,16 @@ impl LocalWorkloads {
             let (address, peer) = proto::peer_from(p).map_err(|e| e.to_string())?;
             next.peers.insert(address, peer);
         }
+        if update.policies_replaced {
+            next.policies = Arc::new(
+                update
+                    .policies
+                    .iter()
+                    .map(proto::policy_from)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?,
+            );
+        }
         Ok(next)
     }
 
@@ -98,6 +115,11 @@ impl LocalWorkloads {
             .values()
             .find(|w| w.addresses.contains(&ip))
             .cloned()
+    }
+
+    /// The AuthorizationPolicies in force.
+    pub fn policies(&self) -> Arc<Vec<Policy>> {
+        Arc::clone(&self.lock().policies)
     }
 
     /// The meshed workload with this address, wherever it runs.

@@ -55,6 +55,8 @@ pub struct PolicyDoc {
     pub references: Vec<ServiceName>,
     /// HTTPRoute parents of kind Service (GAMMA): its status has one entry each.
     pub parents: Vec<ServiceName>,
+    /// An AuthorizationPolicy's spec, which nodes enforce once accepted.
+    pub authorization: Option<crate::api::authorization::AuthorizationPolicySpec>,
 }
 
 /// What the controller decided about one object.
@@ -108,6 +110,7 @@ pub fn read(
         invalid: None,
         references: Vec::new(),
         parents: Vec::new(),
+        authorization: None,
     };
     match kind {
         "AuthorizationPolicy" => {
@@ -121,6 +124,7 @@ pub fn read(
                 .flat_map(|f| &f.principals)
                 .find_map(|principal| check_principal(principal).err())
                 .map(|e| ("InvalidPrincipal", format!("{}: {e}", d.object)));
+            d.authorization = Some(p.spec);
             Ok(d)
         }
         "TrafficPolicy" => {
