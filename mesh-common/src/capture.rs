@@ -43,6 +43,22 @@ pub struct CapturedKey {
     pub _pad: [u8; 5],
 }
 
+/// The daemon's inbound plain-text listener port inside each STRICT pod:
+/// plain connections to the pod are steered there (sk_lookup) and reset.
+pub const INBOUND_PORT: u16 = 15006;
+
+/// An address (`LW_INBOUND`: a STRICT pod's address; `LW_NODE_ADDRS`: an
+/// address of the node, whose connections to pods are never steered).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    /// Network order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(size_of::<AddrKey>() == 20);
 const _: () = assert!(size_of::<MeshedNetns>() == 8);
 const _: () = assert!(size_of::<OrigDst>() == 24);
 const _: () = assert!(size_of::<CapturedKey>() == 16);
@@ -55,4 +71,5 @@ mod pod {
     unsafe impl aya::Pod for super::MeshedNetns {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::CapturedKey {}
+    unsafe impl aya::Pod for super::AddrKey {}
 }

@@ -35,6 +35,12 @@ pub const MAP_ORIG_DST: &str = "LW_ORIG_DST";
 /// A captured connection's original destination, by (netns, client port):
 /// what the daemon reads for each accepted connection.
 pub const MAP_CAPTURED: &str = "LW_CAPTURED";
+/// STRICT pods' addresses, to the daemon's in-pod plain-text listener.
+pub const MAP_INBOUND: &str = "LW_INBOUND";
+/// The node's own addresses: its connections to pods are not steered.
+pub const MAP_NODE_ADDRS: &str = "LW_NODE_ADDRS";
+/// The sk_lookup program, attached to each STRICT pod's network namespace.
+pub const SK_LOOKUP_PROGRAM: &str = "lw_sk_lookup";
 /// The sock_ops program, attached at the node's cgroup.
 pub const SOCK_OPS_PROGRAM: &str = "lw_sockops";
 
@@ -55,6 +61,8 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_MESHED_NETNS,
     MAP_ORIG_DST,
     MAP_CAPTURED,
+    MAP_INBOUND,
+    MAP_NODE_ADDRS,
 ];
 
 /// A cgroup `sock_addr` program: its name and its attach point.

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod capture;
+mod inbound;
 mod lb;
 mod maps;
 mod sock_addr;

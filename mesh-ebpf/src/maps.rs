@@ -6,11 +6,11 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash, lpm_trie::Key},
     macros::btf_map,
 };
 use mesh_common::{
-    capture::{CapturedKey, MeshedNetns, OrigDst},
+    capture::{AddrKey, CapturedKey, MeshedNetns, OrigDst},
     conn::{ConnCount, ConnKey},
     lb::{
         Affinity, AffinityKey, Backend, CidrKey, RevNat, RevNatKey, Service, Slot, SlotKey,
@@ -84,3 +84,12 @@ pub static LW_ORIG_DST: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
 /// client port), for the daemon.
 #[btf_map]
 pub static LW_CAPTURED: LruHashMap<CapturedKey, OrigDst, 65536> = LruHashMap::new();
+
+/// `names::MAP_INBOUND`: a STRICT pod's address to the daemon's plain-text
+/// listener in that pod.
+#[btf_map]
+pub static LW_INBOUND: SockHash<AddrKey, 4096> = SockHash::new();
+
+/// `names::MAP_NODE_ADDRS`: the node's addresses.
+#[btf_map]
+pub static LW_NODE_ADDRS: HashMap<AddrKey, u32, 256> = HashMap::new();

@@ -176,7 +176,8 @@ async fn start_mesh(
     ))];
     tracing::info!(addr = %config.tunnel_addr, "tunnel listening (HBONE, mutual TLS 1.3)");
     if let Some(dir) = &config.pod_netns_dir {
-        let maps = capture::CaptureMaps::open(&config.bpffs_root)?;
+        let maps = capture::CaptureMaps::open(&config.bpffs_root, config.maglev_capacity)
+            .map_err(mesh_err)?;
         let outbound = Arc::new(outbound::Outbound {
             workloads: Arc::clone(local_workloads),
             identities: Arc::clone(identities),

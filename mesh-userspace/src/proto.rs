@@ -144,6 +144,7 @@ impl From<&Workload> for pb::Workload {
             addresses: w.addresses.iter().map(|a| ip_bytes(*a)).collect(),
             meshed: w.meshed,
             labels: w.labels.clone().into_iter().collect(),
+            strict: w.strict,
         }
     }
 }
@@ -216,6 +217,7 @@ pub fn workload_from(w: &pb::Workload, node: &str) -> Result<Workload, BadMessag
             .collect::<Result<_, _>>()?,
         meshed: w.meshed,
         labels: w.labels.clone().into_iter().collect(),
+        strict: w.strict,
     })
 }
 

@@ -214,3 +214,21 @@ pub fn tcp_socket(ipv6: bool) -> io::Result<std::os::fd::OwnedFd> {
     // SAFETY: fd was just created and is owned by nobody else.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
+
+/// Every address of this network namespace's interfaces (`ip -j addr`).
+pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let out = Command::new("ip").args(["-j", "addr", "show"]).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(io::Error::other)?;
+    Ok(json
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str()?.parse().ok())
+        .collect())
+}

@@ -308,3 +308,52 @@ fn an_authorization_policy_deny_closes_the_connection_until_it_is_removed() {
             .is_ok()
     });
 }
+
+#[test]
+fn strict_refuses_plain_text_to_meshed_pods_and_permissive_accepts_it() {
+    let m = MeshLab::new();
+    let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
+    let web0_v6 = m.lab.pod("n1-p0").unwrap().ip6().to_string();
+    // No MeshConfig: PERMISSIVE, plain text from outside the mesh is accepted.
+    assert_eq!(
+        m.xfer("n0-p1", &["rr", &web0, PORT, "plain", "2"]),
+        "replies=2"
+    );
+    let mesh_config = |body: &str| {
+        format!(
+            "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default}}\nspec: {body}\n"
+        )
+    };
+    m.config("meshconfig.yaml", Some(&mesh_config("{mtlsMode: Strict}")));
+    m.until("STRICT refuses plain text", || {
+        m.try_xfer("n0-p1", &["rr", &web0, PORT, "plain", "1"])
+            .is_err()
+    });
+    assert!(
+        m.try_xfer("n0-p1", &["rr", &web0_v6, PORT, "plain6", "1"])
+            .is_err(),
+        "IPv6 too"
+    );
+    let refused = "lacewing_tunnel_refused_total{reason=\"plaintext_strict\"}";
+    assert!(m.metric("n1", refused) >= 2.0);
+    // Meshed traffic still flows, across nodes and on the same node.
+    assert_eq!(
+        m.xfer("n0-p0", &["rr", VIP, "80", "mtls", "3"]),
+        "replies=3"
+    );
+    assert_eq!(
+        m.xfer("n1-p1", &["rr", &web0, PORT, "local", "3"]),
+        "replies=3"
+    );
+    // A per-namespace override to PERMISSIVE accepts plain text again.
+    m.config(
+        "meshconfig.yaml",
+        Some(&mesh_config(
+            "{mtlsMode: Strict, namespaces: [{namespace: shop, mtlsMode: Permissive}]}",
+        )),
+    );
+    m.until("PERMISSIVE accepts plain text", || {
+        m.try_xfer("n0-p1", &["rr", &web0, PORT, "plain", "1"])
+            .is_ok()
+    });
+}

@@ -277,6 +277,7 @@ mod tests {
             service_account: "web".into(),
             addresses: vec![ip.parse().unwrap()],
             meshed: true,
+            strict: false,
             labels: Default::default(),
         }
     }

@@ -151,6 +151,7 @@ mod tests {
             service_account: "web".into(),
             addresses: vec![],
             meshed: true,
+            strict: false,
             labels: [("app".to_owned(), "web".to_owned())].into(),
         }
     }

@@ -296,6 +296,7 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
         .collect();
     let mut verdicts = Vec::new();
     let mut authorization = Vec::new();
+    let mut mesh_config = None;
     for doc in parts.iter().flat_map(|p| p.policies.iter()) {
         let verdict = policies::judge(doc, |s: &ServiceName| {
             known.contains(&(s.namespace.as_str(), s.name.as_str()))
@@ -307,6 +308,9 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
                 name: doc.object.name.clone(),
                 spec: spec.clone(),
             });
+        }
+        if let (None, Some(spec), None) = (verdict.rejection(), &doc.mesh_config, &mesh_config) {
+            mesh_config = Some(spec.clone());
         }
         verdicts.push(verdict);
     }
@@ -322,6 +326,7 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
         parts.iter().flat_map(|p| p.pods.iter()),
         &namespaces,
         &service_accounts,
+        mesh_config.as_ref(),
     )
     .map_err(K8sError::Rejected)?;
     let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();

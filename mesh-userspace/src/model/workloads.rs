@@ -26,6 +26,8 @@ pub struct Workload {
     pub meshed: bool,
     /// Pod labels, which policy selectors match.
     pub labels: BTreeMap<String, String>,
+    /// Meshed and STRICT: plain-text connections to it are refused.
+    pub strict: bool,
 }
 
 impl Workload {

@@ -4,6 +4,11 @@
 //! which turns on the kernel's redirect. Each accepted connection's original
 //! destination is read from `LW_CAPTURED`.
 //!
+//! Each meshed pod also gets listeners on 127.0.0.1:15006 and [::1]:15006
+//! and the sk_lookup program attached to its namespace; a STRICT pod's
+//! addresses are in `LW_INBOUND`, so plain-text connections to it land on
+//! those listeners and are reset. A mode change only edits `LW_INBOUND`.
+//!
 //! The pod's network namespace comes from the pod network (a CNI plugin):
 //! a folder (`--pod-netns-dir`) with one file per pod address holding the
 //! path of its namespace. In the lab, the lab writes it.
@@ -18,9 +23,13 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use std::os::fd::AsRawFd as _;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use mesh_common::{
-    capture::{CAPTURE_OUTBOUND, CapturedKey, MeshedNetns, OUTBOUND_PORT, OrigDst},
+    capture::{
+        AddrKey, CAPTURE_OUTBOUND, CapturedKey, INBOUND_PORT, MeshedNetns, OUTBOUND_PORT, OrigDst,
+    },
     family, names,
 };
 use tokio::net::TcpListener;
@@ -31,25 +40,103 @@ use crate::model::workloads::Workload;
 /// How often the netns folder is looked at when nothing else changes.
 const LOOK_EVERY: Duration = Duration::from_millis(500);
 
-/// The capture maps, opened from their pins.
+/// The capture maps, opened from their pins, and the sk_lookup program.
 pub struct CaptureMaps {
     meshed: BpfHashMap<MapData, u64, MeshedNetns>,
     captured: BpfHashMap<MapData, CapturedKey, OrigDst>,
+    inbound: SockHash<MapData, AddrKey>,
+    node_addrs: BpfHashMap<MapData, AddrKey, u32>,
+    sk_lookup: aya::Ebpf,
 }
 
 impl CaptureMaps {
-    pub fn open(bpffs_root: &Path) -> Result<Self, aya::maps::MapError> {
-        Ok(Self {
-            meshed: open(bpffs_root, names::MAP_MESHED_NETNS)?.try_into()?,
-            captured: open(bpffs_root, names::MAP_CAPTURED)?.try_into()?,
-        })
+    pub fn open(bpffs_root: &Path, maglev_capacity: u32) -> Result<Self, String> {
+        let map_err = |e: aya::maps::MapError| e.to_string();
+        let mut maps = Self {
+            meshed: open(bpffs_root, names::MAP_MESHED_NETNS)
+                .and_then(TryInto::try_into)
+                .map_err(map_err)?,
+            captured: open(bpffs_root, names::MAP_CAPTURED)
+                .and_then(TryInto::try_into)
+                .map_err(map_err)?,
+            inbound: open(bpffs_root, names::MAP_INBOUND)
+                .and_then(TryInto::try_into)
+                .map_err(map_err)?,
+            node_addrs: open(bpffs_root, names::MAP_NODE_ADDRS)
+                .and_then(TryInto::try_into)
+                .map_err(map_err)?,
+            sk_lookup: super::loader::load_sk_lookup(bpffs_root, maglev_capacity)
+                .map_err(|e| e.to_string())?,
+        };
+        // The node's own connections to its pods (tunnel streams, probes)
+        // are never steered.
+        for ip in crate::sys::local_addresses()
+            .map_err(|e| format!("listing the node's addresses: {e}"))?
+        {
+            let _ = maps.node_addrs.insert(addr_key(ip), 1, 0);
+        }
+        Ok(maps)
+    }
+
+    fn sk_lookup(&mut self) -> &mut aya::programs::SkLookup {
+        self.sk_lookup
+            .program_mut(names::SK_LOOKUP_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded by CaptureMaps::open")
     }
 }
 
-/// One captured pod: its netns cookie and its listeners' tasks.
+fn addr_key(ip: IpAddr) -> AddrKey {
+    let (addr, family) = match ip {
+        IpAddr::V4(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            (a, family::INET as u8)
+        }
+        IpAddr::V6(v6) => (v6.octets(), family::INET6 as u8),
+    };
+    AddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    }
+}
+
+/// One captured pod: its netns cookie, its listeners' tasks, its plain-text
+/// listeners (for `LW_INBOUND`), its sk_lookup link, and whether it is
+/// STRICT now.
 struct Captured {
     cookie: u64,
+    strict: bool,
+    addresses: Vec<IpAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    plain: Vec<std::net::TcpListener>,
+    link: Option<aya::programs::sk_lookup::SkLookupLinkId>,
+}
+
+impl Captured {
+    /// Turns STRICT on or off: the pod's addresses in `LW_INBOUND`, or not.
+    fn set_strict(&mut self, strict: bool, maps: &mut CaptureMaps) -> std::io::Result<()> {
+        for ip in &self.addresses {
+            let key = addr_key(*ip);
+            if !strict {
+                let _ = maps.inbound.remove(&key);
+                continue;
+            }
+            let Some(listener) = self
+                .plain
+                .iter()
+                .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4() == ip.is_ipv4()))
+            else {
+                continue;
+            };
+            maps.inbound
+                .insert(key, listener.as_raw_fd(), 0)
+                .map_err(std::io::Error::other)?;
+        }
+        self.strict = strict;
+        Ok(())
+    }
 }
 
 impl Drop for Captured {
@@ -83,18 +170,27 @@ pub async fn run(
         captured.retain(|key, c| {
             let keep = wanted.contains_key(key);
             if !keep {
-                let _ = lock(&maps).meshed.remove(&c.cookie);
+                stop(c, &mut lock(&maps));
                 tracing::info!(pod = %key, "capture stopped");
             }
             keep
         });
+        for (key, c) in &mut captured {
+            let strict = wanted[key].0.strict;
+            if c.strict != strict {
+                match c.set_strict(strict, &mut lock(&maps)) {
+                    Ok(()) => tracing::info!(pod = %key, strict, "inbound mode changed"),
+                    Err(err) => tracing::warn!(pod = %key, %err, "cannot change the inbound mode"),
+                }
+            }
+        }
         for (key, (workload, path)) in wanted {
             if captured.contains_key(&key) {
                 continue;
             }
             match start(&workload, &path, &maps, &outbound) {
                 Ok(c) => {
-                    tracing::info!(pod = %key, netns = %path.display(), cookie = c.cookie, "capturing outbound TCP");
+                    tracing::info!(pod = %key, netns = %path.display(), cookie = c.cookie, strict = c.strict, "capturing outbound TCP");
                     captured.insert(key, c);
                 }
                 Err(err) => {
@@ -122,6 +218,15 @@ fn netns_of(dir: &Path, addresses: &[IpAddr]) -> Option<PathBuf> {
     })
 }
 
+/// Turns a pod's capture off (its listeners close with the tasks).
+fn stop(c: &mut Captured, maps: &mut CaptureMaps) {
+    let _ = maps.meshed.remove(&c.cookie);
+    let _ = c.set_strict(false, maps);
+    if let Some(link) = c.link.take() {
+        let _ = maps.sk_lookup().detach(link);
+    }
+}
+
 /// Opens the pod's listeners and turns its capture on.
 fn start(
     workload: &Workload,
@@ -130,22 +235,43 @@ fn start(
     outbound: &Arc<Outbound>,
 ) -> std::io::Result<Captured> {
     let netns = Arc::new(File::open(netns_path)?);
-    let (listeners, cookie) = crate::sys::in_netns(netns.as_fd(), || {
-        let v4 = std::net::TcpListener::bind(SocketAddr::new(
-            Ipv4Addr::LOCALHOST.into(),
-            OUTBOUND_PORT,
-        ))?;
-        let cookie = crate::sys::netns_cookie(v4.as_fd())?;
-        let mut listeners = vec![v4];
-        // IPv6 only where the pod has it.
-        if let Ok(v6) =
-            std::net::TcpListener::bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT))
-        {
-            listeners.push(v6);
-        }
-        Ok((listeners, cookie))
+    let strict = workload.strict;
+    let (listeners, plain, cookie) = crate::sys::in_netns(netns.as_fd(), || {
+        let both = |port| {
+            let v4 =
+                std::net::TcpListener::bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
+            let mut listeners = vec![v4];
+            // IPv6 only where the pod has it.
+            if let Ok(v6) =
+                std::net::TcpListener::bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port))
+            {
+                listeners.push(v6);
+            }
+            std::io::Result::Ok(listeners)
+        };
+        let listeners = both(OUTBOUND_PORT)?;
+        let cookie = crate::sys::netns_cookie(listeners[0].as_fd())?;
+        let plain = both(INBOUND_PORT)?;
+        Ok((listeners, plain, cookie))
     })?;
+    let link = Some(
+        lock(maps)
+            .sk_lookup()
+            .attach(netns.as_fd())
+            .map_err(std::io::Error::other)?,
+    );
     let mut tasks = Vec::new();
+    let mut kept = Vec::new();
+    for listener in plain {
+        kept.push(listener.try_clone()?);
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        tasks.push(tokio::spawn(refuse_plain_text(
+            listener,
+            workload.key(),
+            outbound.metrics.clone(),
+        )));
+    }
     for listener in listeners {
         listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(listener)?;
@@ -169,7 +295,36 @@ fn start(
             0,
         )
         .map_err(std::io::Error::other)?;
-    Ok(Captured { cookie, tasks })
+    let mut captured = Captured {
+        cookie,
+        strict: false,
+        addresses: workload.addresses.clone(),
+        tasks,
+        plain: kept,
+        link,
+    };
+    if let Err(err) = captured.set_strict(strict, &mut lock(maps)) {
+        stop(&mut captured, &mut lock(maps));
+        return Err(err);
+    }
+    Ok(captured)
+}
+
+/// STRICT: plain-text connections steered here are reset and counted.
+async fn refuse_plain_text(
+    listener: TcpListener,
+    pod: String,
+    metrics: crate::tunnel::metrics::TunnelMetrics,
+) {
+    loop {
+        let Ok((conn, from)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tracing::info!(%pod, %from, "refused a plain-text connection (STRICT)");
+        metrics.refused(&crate::tunnel::Refusal::new(0, "plaintext_strict", ""));
+        let _ = conn.set_zero_linger();
+    }
 }
 
 async fn accept_loop(

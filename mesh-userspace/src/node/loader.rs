@@ -75,6 +75,37 @@ pub fn links_dir(root: &Path) -> PathBuf {
     root.join("links")
 }
 
+/// Loads the object with its maps taken from (or pinned at) `root`: the
+/// programs are not loaded into the kernel until asked.
+fn load_object(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
+    let pin_paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
+        .iter()
+        .map(|&name| (name, maps::pin_path(root, name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &pin_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.map_max_entries(names::MAP_MAGLEV, maglev_capacity);
+    Ok(loader.load(EBPF_OBJECT)?)
+}
+
+/// The sk_lookup program, loaded on the pinned maps of `root` (the node's
+/// datapath must be loaded), to attach to STRICT pods' namespaces.
+pub fn load_sk_lookup(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
+    let mut ebpf = load_object(root, maglev_capacity)?;
+    let name = names::SK_LOOKUP_PROGRAM;
+    let program: &mut aya::programs::SkLookup = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })?;
+    program
+        .load()
+        .map_err(|source| LoadError::Program { name, source })?;
+    Ok(ebpf)
+}
+
 /// Pins `link` as `links/<name>`. A pin left by a daemon that was killed is
 /// replaced, which detaches that older link only after ours is attached.
 fn pin_link(link: FdLink, name: &'static str, root: &Path) -> Result<PinnedLink, LoadError> {
@@ -100,16 +131,7 @@ impl Datapath {
                 source,
             })?;
         }
-        let pin_paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
-            .iter()
-            .map(|&name| (name, maps::pin_path(&root, name)))
-            .collect();
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &pin_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        loader.map_max_entries(names::MAP_MAGLEV, config.maglev_capacity);
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let mut ebpf = load_object(&root, config.maglev_capacity)?;
 
         let cgroup = File::open(&config.cgroup_root).map_err(|source| LoadError::Cgroup {
             path: config.cgroup_root.clone(),

@@ -57,6 +57,8 @@ pub struct PolicyDoc {
     pub parents: Vec<ServiceName>,
     /// An AuthorizationPolicy's spec, which nodes enforce once accepted.
     pub authorization: Option<crate::api::authorization::AuthorizationPolicySpec>,
+    /// A MeshConfig's spec, in force once accepted.
+    pub mesh_config: Option<crate::api::mesh_config::MeshConfigSpec>,
 }
 
 /// What the controller decided about one object.
@@ -111,6 +113,7 @@ pub fn read(
         references: Vec::new(),
         parents: Vec::new(),
         authorization: None,
+        mesh_config: None,
     };
     match kind {
         "AuthorizationPolicy" => {
@@ -150,6 +153,7 @@ pub fn read(
                     ),
                 ));
             }
+            d.mesh_config = Some(m.spec);
             Ok(d)
         }
         _ => {

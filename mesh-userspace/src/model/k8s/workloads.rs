@@ -8,7 +8,10 @@ use std::{
 use serde::Deserialize;
 
 use super::Meta;
-use crate::model::workloads::{MESH_DISABLED, MESH_ENABLED, MESH_LABEL, Workload};
+use crate::{
+    api::mesh_config::{MeshConfigSpec, MtlsMode},
+    model::workloads::{MESH_DISABLED, MESH_ENABLED, MESH_LABEL, Workload},
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -84,6 +87,22 @@ impl Node {
     }
 }
 
+/// Whether meshed pods of `namespace` are STRICT: the MeshConfig's
+/// per-namespace override, else its default (STRICT); with no MeshConfig,
+/// PERMISSIVE, so enrolling a namespace breaks no plain-text client (as
+/// Istio and Linkerd default).
+fn strict(mesh_config: Option<&MeshConfigSpec>, namespace: &str) -> bool {
+    let Some(mc) = mesh_config else {
+        return false;
+    };
+    let mode = mc
+        .namespaces
+        .iter()
+        .find(|n| n.namespace == namespace)
+        .map_or(mc.mtls_mode, |n| n.mtls_mode);
+    mode == MtlsMode::Strict
+}
+
 /// The ServiceAccount every namespace has, which a pod naming none uses.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
@@ -94,6 +113,7 @@ pub fn translate<'a>(
     pods: impl Iterator<Item = &'a (String, Pod)>,
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     service_accounts: &BTreeSet<(String, String)>,
+    mesh_config: Option<&MeshConfigSpec>,
 ) -> Result<Vec<Workload>, String> {
     let mut out = Vec::new();
     for (origin, pod) in pods {
@@ -141,6 +161,7 @@ pub fn translate<'a>(
             addresses,
             meshed: ns_enabled && !pod_disabled,
             labels: meta.labels.clone(),
+            strict: ns_enabled && !pod_disabled && strict(mesh_config, &meta.namespace),
         });
     }
     Ok(out)
