@@ -26,7 +26,7 @@ struct MeshLab {
     lab: Lab,
     _controller: LabProcess,
     _nodes: Vec<LabProcess>,
-    _servers: Vec<LabProcess>,
+    servers: Vec<LabProcess>,
 }
 
 fn pod(ns: &str, name: &str, sa: &str, node: &str, ips: [String; 2]) -> String {
@@ -38,6 +38,10 @@ fn pod(ns: &str, name: &str, sa: &str, node: &str, ips: [String; 2]) -> String {
 
 impl MeshLab {
     fn new() -> Self {
+        Self::with_controller_args(&[])
+    }
+
+    fn with_controller_args(controller_args: &[&str]) -> Self {
         let lab = new_lab(2, 2);
         let folder = lab.state_dir().join("config");
         fs::create_dir_all(&folder).unwrap();
@@ -59,7 +63,7 @@ impl MeshLab {
         ];
         fs::write(folder.join("mesh.yaml"), docs.join("---\n")).unwrap();
         let controller = lab
-            .start_controller(&bin("lacewing-controller"), &folder)
+            .start_controller_with(&bin("lacewing-controller"), &folder, controller_args)
             .unwrap();
         let servers = ["n1-p0", "n1-p1"]
             .iter()
@@ -94,7 +98,7 @@ impl MeshLab {
             lab,
             _controller: controller,
             _nodes: nodes,
-            _servers: servers,
+            servers,
         };
         m.wait_for_certificate("n0", "spiffe://cluster.local/ns/shop/sa/client");
         m.wait_for_certificate("n1", "spiffe://cluster.local/ns/shop/sa/web");
@@ -114,6 +118,29 @@ impl MeshLab {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// xfer.py started in `pod`, in the background.
+    fn spawn_xfer(&self, pod: &str, args: &[&str]) -> LabProcess {
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg(tool("xfer.py"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        self.lab
+            .spawn_in_pod(&self.lab.pod(pod).unwrap(), cmd)
+            .unwrap()
+    }
+
+    /// Serials of `node`'s certificate for `identity` seen so far.
+    fn serial(&self, node: &str, identity: &str) -> Option<String> {
+        let status = node_http(&self.lab, &self.lab.node(node).unwrap(), "/status");
+        let json: serde_json::Value = serde_json::from_str(&status).ok()?;
+        json["certificates"]
+            .as_array()?
+            .iter()
+            .find(|c| c["identity"] == identity)
+            .and_then(|c| c["serial"].as_str().map(str::to_owned))
     }
 
     fn xfer(&self, pod: &str, args: &[&str]) -> String {
@@ -356,4 +383,53 @@ fn strict_refuses_plain_text_to_meshed_pods_and_permissive_accepts_it() {
         m.try_xfer("n0-p1", &["rr", &web0, PORT, "plain", "1"])
             .is_ok()
     });
+}
+
+#[test]
+fn a_long_lived_connection_survives_three_certificate_rotations() {
+    // 4-second certificates, renewed every 2 seconds.
+    let m = MeshLab::with_controller_args(&["--workload-cert-ttl", "4s"]);
+    // One connection, 60 round trips a quarter second apart (15 s).
+    let rr = m.spawn_xfer("n0-p0", &["rr", VIP, "80", "long-lived", "60", "0.25"]);
+    let mut serials = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while serials.len() < 4 && Instant::now() < deadline {
+        serials.extend(m.serial("n0", "spiffe://cluster.local/ns/shop/sa/client"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(serials.len() >= 4, "rotations seen: {serials:?}");
+    let out = rr.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "replies=60");
+}
+
+#[test]
+fn killing_the_destination_mid_stream_resets_the_client() {
+    let mut m = MeshLab::new();
+    // A transfer far longer than the test.
+    let mut bulk = m.spawn_xfer("n0-p0", &["bulk", VIP, "80", "100000"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        bulk.try_wait().unwrap().is_none(),
+        "the transfer is under way"
+    );
+    m.servers[0].terminate(Duration::ZERO).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = bulk.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client hangs after its peer died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = bulk.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "the transfer cannot have completed");
+    assert!(
+        err.contains("ConnectionResetError") || err.contains("BrokenPipeError"),
+        "the client's connection is reset: {err}"
+    );
 }

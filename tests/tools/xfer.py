@@ -7,13 +7,16 @@
                                 R: echo each line until EOF.
   xfer.py bulk HOST PORT MB     send MB MiB of varied bytes, half-close, read
                                 the echo; print sizes and SHA-256s.
-  xfer.py rr HOST PORT TEXT N   N request/reply round trips of a line with TEXT.
+  xfer.py rr HOST PORT TEXT N [PAUSE]
+                                N request/reply round trips of a line with
+                                TEXT on one connection, PAUSE seconds apart.
 """
 import hashlib
 import os
 import socket
 import sys
 import threading
+import time
 
 
 def serve(port):
@@ -78,7 +81,7 @@ def bulk(host, port, mib):
     print(f"sent={mib << 20} sent_sha={sent.hexdigest()} back={reader_result['n']} back_sha={reader_result['digest']}")
 
 
-def rr(host, port, text, n):
+def rr(host, port, text, n, pause=0.0):
     with connect(host, port) as c:
         c.sendall(b"R")
         f = c.makefile("rwb")
@@ -89,6 +92,8 @@ def rr(host, port, text, n):
             f.flush()
             if f.readline() == line:
                 ok += 1
+            if pause:
+                time.sleep(pause)
     print(f"replies={ok}")
 
 
@@ -99,4 +104,5 @@ if __name__ == "__main__":
     elif cmd == "bulk":
         bulk(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif cmd == "rr":
-        rr(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+        pause = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
+        rr(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), pause)
