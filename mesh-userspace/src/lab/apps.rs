@@ -106,13 +106,16 @@ impl Lab {
     }
 
     /// Starts the whole mesh: `lacewing-controller` on the underlay serving
-    /// the lab's config folder (see [`Lab::config_dir`]), and `lacewing-node`
-    /// on every node subscribed to it. `bin_dir` holds both binaries.
+    /// the lab's config folder (see [`Lab::config_dir`]) with the lab's Node
+    /// objects in it, and `lacewing-node` on every node subscribed to it and
+    /// capturing its meshed pods. `bin_dir` holds both binaries.
     pub fn start_mesh(&self, bin_dir: &Path) -> io::Result<Mesh> {
         let folder = self.config_dir();
         fs::create_dir_all(&folder)?;
         let logs = self.state_dir().join("logs");
         fs::create_dir_all(&logs)?;
+        // The nodes register themselves, as kubelets do.
+        fs::write(folder.join("nodes.yaml"), self.nodes_yaml())?;
         let controller = self.start_controller_logged(
             &bin_dir.join("lacewing-controller"),
             &folder,
@@ -125,11 +128,14 @@ impl Lab {
             .nodes()
             .map(|node| {
                 let tls = self.node_credentials(&node)?;
+                let netns = self.pod_netns_dir(&node)?;
                 let args = [
                     std::ffi::OsStr::new("--controller"),
                     std::ffi::OsStr::new(&url),
                     std::ffi::OsStr::new("--tls-dir"),
                     tls.as_os_str(),
+                    std::ffi::OsStr::new("--pod-netns-dir"),
+                    netns.as_os_str(),
                 ];
                 let log = logs.join(format!("{}.log", node.name()));
                 self.start_node_daemon_logged(
