@@ -83,6 +83,16 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         changes: u32,
     },
+    /// Pod to pod across nodes, no mesh vs Lacewing STRICT: iperf3
+    /// throughput, sockperf latency, node daemon memory and CPU.
+    Tunnel {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 15)]
+        seconds: u32,
+        /// Runs of each measurement; the median is kept.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
     /// Short TCP connections to a ClusterIP: Lacewing vs kube-proxy
     /// (iptables, nftables) vs a direct connect.
     L4 {
@@ -141,6 +151,30 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 "{}",
                 crate::bench::control_plane::result_line(&opts, &outcome)
             );
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Tunnel { seconds, rounds }) => {
+            let bin = sibling_binary("lacewing-node")?;
+            let dir = bin
+                .parent()
+                .ok_or_else(|| anyhow::anyhow!("{} has no folder", bin.display()))?;
+            let outcome =
+                crate::bench::tunnel::run(dir, &crate::bench::tunnel::Options { seconds, rounds })?;
+            println!(
+                "direct: {:.2} Gbit/s, ul p50 {:.1} us, p99 {:.1} us, pp {:.1} us",
+                outcome.direct.gbits,
+                outcome.direct.ul_p50_us,
+                outcome.direct.ul_p99_us,
+                outcome.direct.pp_avg_us
+            );
+            println!(
+                "mesh:   {:.2} Gbit/s, ul p50 {:.1} us, p99 {:.1} us, pp {:.1} us",
+                outcome.mesh.gbits,
+                outcome.mesh.ul_p50_us,
+                outcome.mesh.ul_p99_us,
+                outcome.mesh.pp_avg_us
+            );
+            println!("{}", crate::bench::tunnel::result_line(&outcome));
             Ok(0)
         }
         Command::Bench(BenchCommand::L4 {

@@ -15,6 +15,13 @@ use std::net::IpAddr;
 /// The HBONE port.
 pub const PORT: u16 = 15008;
 
+/// HTTP/2 flow-control windows: large enough that one stream can fill a
+/// fast link, small enough to bound what a slow reader makes us buffer.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Copy buffer per direction of a spliced stream.
+pub const COPY_BUFFER: usize = 64 << 10;
+
 /// Who opened a stream, as the destination node learns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {

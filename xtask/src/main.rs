@@ -31,7 +31,7 @@ enum Task {
     Demo,
     /// Regenerate deploy/crds from the Rust types.
     Manifests,
-    /// Benchmarks: `cargo xtask bench l4` (lab, root), `cargo xtask bench control-plane`.
+    /// Benchmarks: `cargo xtask bench l4` and `tunnel` (lab, root), `cargo xtask bench control-plane`.
     Bench {
         /// Which benchmark: l4 or control-plane.
         name: String,
@@ -74,13 +74,13 @@ fn demo() -> anyhow::Result<()> {
 
 fn bench(name: &str, args: &[String]) -> anyhow::Result<()> {
     anyhow::ensure!(
-        name == "l4" || name == "control-plane",
-        "unknown benchmark `{name}`; there are: l4, control-plane"
+        ["l4", "control-plane", "tunnel"].contains(&name),
+        "unknown benchmark `{name}`; there are: l4, control-plane, tunnel"
     );
     setup::run()?;
     run::build_binaries(true)?;
-    if name == "l4" {
-        run::require_root("the l4 benchmark (it runs in the lab)")?;
+    if name != "control-plane" {
+        run::require_root("this benchmark (it runs in the lab)")?;
     }
     let mut all = vec!["bench".to_owned(), name.to_owned()];
     all.extend(args.iter().cloned());

@@ -140,7 +140,14 @@ async fn splice_app<B>(mut app: TcpStream, mut other: B) -> (u64, u64)
 where
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional(&mut app, &mut other).await {
+    match tokio::io::copy_bidirectional_with_sizes(
+        &mut app,
+        &mut other,
+        tunnel::COPY_BUFFER,
+        tunnel::COPY_BUFFER,
+    )
+    .await
+    {
         Ok(counts) => counts,
         Err(err) => {
             tracing::debug!(%err, "connection reset");

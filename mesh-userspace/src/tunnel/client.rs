@@ -140,6 +140,8 @@ async fn connect(
         .await
         .map_err(|e| TunnelError::Handshake(dest.node, e))?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(super::STREAM_WINDOW)
+        .initial_connection_window_size(super::CONNECTION_WINDOW)
         .handshake(TokioIo::new(tls))
         .await
         .map_err(|e| TunnelError::Http(dest.node, e))?;

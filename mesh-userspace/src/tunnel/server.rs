@@ -87,6 +87,8 @@ pub async fn serve(
                 )
             });
             if let Err(err) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(super::STREAM_WINDOW)
+                .initial_connection_window_size(super::CONNECTION_WINDOW)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
@@ -158,7 +160,14 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
+    match tokio::io::copy_bidirectional_with_sizes(
+        &mut a,
+        &mut b,
+        super::COPY_BUFFER,
+        super::COPY_BUFFER,
+    )
+    .await
+    {
         Ok(counts) => counts,
         Err(err) => {
             tracing::debug!(%err, "stream reset");

@@ -1,0 +1,315 @@
+//! `lacewing bench tunnel`: pod to pod across two lab nodes, the same run
+//! measuring with no mesh (the pods' namespace not enrolled) and with
+//! Lacewing in STRICT (enrolled): iperf3 throughput (one stream), sockperf
+//! request/reply latency under load (`ul`, 5,000 messages/s, one
+//! connection) and ping-pong (`pp`), and the node daemons' memory and CPU.
+//! Each measurement runs `rounds` times; the median is kept.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, bail};
+
+use crate::lab::{Lab, LabProcess, PodSpec};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub seconds: u32,
+    pub rounds: u32,
+}
+
+/// One way of running (direct or mesh).
+#[derive(Clone, Debug, Default)]
+pub struct Figures {
+    pub gbits: f64,
+    pub ul_p50_us: f64,
+    pub ul_p99_us: f64,
+    pub pp_avg_us: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub direct: Figures,
+    pub mesh: Figures,
+    /// The larger of the two daemons' RSS at the end.
+    pub node_rss_mb: f64,
+    /// Both daemons' CPU during the mesh's `ul` run, percent of one core.
+    pub node_cpu_pct: f64,
+}
+
+const IPERF_PORT: u16 = 5201;
+const SOCKPERF_PORT: u16 = 11111;
+
+pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
+    let lab = Lab::new(2, 1)?;
+    let (client, server) = (lab.pod("n0-p0")?, lab.pod("n1-p0")?);
+    let mesh = lab.start_mesh(bin_dir)?;
+    let _servers = [
+        spawn(
+            &lab,
+            &server,
+            "iperf3",
+            &["-s", "-p", &IPERF_PORT.to_string()],
+        )?,
+        spawn(
+            &lab,
+            &server,
+            "sockperf",
+            &["sr", "--tcp", "-p", &SOCKPERF_PORT.to_string()],
+        )?,
+    ];
+    std::thread::sleep(Duration::from_secs(1));
+    let pods = |enrolled: bool| {
+        let ns = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench, labels: {{lacewing.io/mesh: {}}}}}\n",
+            if enrolled { "enabled" } else { "disabled" }
+        );
+        let pod = |name: &str, node: &str, p: &PodSpec| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{nodeName: {node}}}\nstatus: {{phase: Running, podIP: \"{}\"}}\n",
+                p.ip4()
+            )
+        };
+        [
+            ns,
+            "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {mtlsMode: Strict}\n".into(),
+            pod("client", "n0", &client),
+            pod("server", "n1", &server),
+        ]
+        .join("---\n")
+    };
+    let file = mesh.folder.join("bench.yaml");
+    std::fs::write(&file, pods(false))?;
+    std::thread::sleep(Duration::from_secs(1));
+    eprintln!(
+        "measuring with no mesh ({} s each, {} rounds)",
+        opts.seconds, opts.rounds
+    );
+    let direct = measure(&lab, &client, &server, opts, None)?;
+    std::fs::write(&file, pods(true))?;
+    wait_for_certificates(&lab)?;
+    eprintln!("measuring through the mesh (STRICT)");
+    let mut cpu = Vec::new();
+    let mesh_figures = measure(&lab, &client, &server, opts, Some((&mesh.nodes, &mut cpu)))?;
+    let node_rss_mb = mesh
+        .nodes
+        .iter()
+        .map(|n| rss_mb(n.pid()))
+        .fold(0.0, f64::max);
+    Ok(Outcome {
+        direct,
+        mesh: mesh_figures,
+        node_rss_mb,
+        node_cpu_pct: median(cpu),
+    })
+}
+
+pub fn result_line(o: &Outcome) -> String {
+    format!(
+        "RESULT tunnel throughput_ratio={:.2} rr_p50_added_us={:.0} rr_p99_added_us={:.0} node_rss_mb={:.1} node_cpu_pct_at_5000rps={:.1}",
+        o.mesh.gbits / o.direct.gbits,
+        o.mesh.ul_p50_us - o.direct.ul_p50_us,
+        o.mesh.ul_p99_us - o.direct.ul_p99_us,
+        o.node_rss_mb,
+        o.node_cpu_pct
+    )
+}
+
+fn spawn(lab: &Lab, pod: &PodSpec, program: &str, args: &[&str]) -> anyhow::Result<LabProcess> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    lab.spawn_in_pod(pod, cmd)
+        .with_context(|| format!("starting {program} (install it with `cargo xtask setup`)"))
+}
+
+fn wait_for_certificates(lab: &Lab) -> anyhow::Result<()> {
+    for node in ["n0", "n1"] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sS", "http://127.0.0.1:15020/status"]);
+            let out = lab.run_on_node(&lab.node(node)?, cmd)?;
+            if String::from_utf8_lossy(&out.stdout).contains("spiffe://") {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("node {node} got no workload certificate in 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
+
+/// Runs every measurement `rounds` times; with `daemons`, also records
+/// their CPU during each `ul` run.
+fn measure(
+    lab: &Lab,
+    client: &PodSpec,
+    server: &PodSpec,
+    opts: &Options,
+    mut daemons: Option<(&Vec<LabProcess>, &mut Vec<f64>)>,
+) -> anyhow::Result<Figures> {
+    let ip = server.ip4().to_string();
+    let secs = opts.seconds.to_string();
+    let (mut gbits, mut p50, mut p99, mut pp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..opts.rounds {
+        let out = run_in(
+            lab,
+            client,
+            "iperf3",
+            &["-c", &ip, "-p", &IPERF_PORT.to_string(), "-t", &secs, "-J"],
+        )?;
+        let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+        gbits.push(
+            json["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+                / 1e9,
+        );
+
+        let before = daemons.as_ref().map(|(d, _)| cpu_ticks(d));
+        let out = run_in(
+            lab,
+            client,
+            "sockperf",
+            &[
+                "ul",
+                "--tcp",
+                "--full-rtt",
+                "--mps",
+                "5000",
+                "--reply-every",
+                "1",
+                "-m",
+                "64",
+                "-i",
+                &ip,
+                "-p",
+                &SOCKPERF_PORT.to_string(),
+                "-t",
+                &secs,
+            ],
+        )?;
+        if let (Some(before), Some((d, cpu))) = (before, daemons.as_mut()) {
+            let used = (cpu_ticks(d) - before) as f64 / ticks_per_second();
+            cpu.push(100.0 * used / f64::from(opts.seconds));
+        }
+        p50.push(percentile(&out, "50.000")?);
+        p99.push(percentile(&out, "99.000")?);
+
+        let out = run_in(
+            lab,
+            client,
+            "sockperf",
+            &[
+                "pp",
+                "--tcp",
+                "-m",
+                "64",
+                "-i",
+                &ip,
+                "-p",
+                &SOCKPERF_PORT.to_string(),
+                "-t",
+                &secs,
+            ],
+        )?;
+        pp.push(average(&out)?);
+    }
+    let f = Figures {
+        gbits: median(gbits),
+        ul_p50_us: median(p50),
+        ul_p99_us: median(p99),
+        pp_avg_us: median(pp),
+    };
+    eprintln!(
+        "  iperf3 {:.2} Gbit/s; sockperf ul p50 {:.1} us p99 {:.1} us; pp avg {:.1} us",
+        f.gbits, f.ul_p50_us, f.ul_p99_us, f.pp_avg_us
+    );
+    Ok(f)
+}
+
+fn run_in(lab: &Lab, pod: &PodSpec, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let out = lab.run_in_pod(pod, cmd)?;
+    if !out.status.success() {
+        bail!(
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// sockperf's `---> percentile 99.000 =   123.456` (microseconds).
+fn percentile(out: &str, which: &str) -> anyhow::Result<f64> {
+    out.lines()
+        .find(|l| l.contains(&format!("percentile {which}")))
+        .and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
+        .with_context(|| format!("no percentile {which} in sockperf's output:\n{out}"))
+}
+
+/// sockperf's `avg-latency=12.345 (std-dev=...)` (microseconds).
+fn average(out: &str) -> anyhow::Result<f64> {
+    out.lines()
+        .find_map(|l| {
+            let rest = l.split("avg-latency=").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .with_context(|| format!("no avg-latency in sockperf's output:\n{out}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// utime + stime of all `daemons`, in clock ticks.
+fn cpu_ticks(daemons: &[LabProcess]) -> u64 {
+    daemons
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).ok())
+        .filter_map(|stat| {
+            // Fields after the command name, which is in parentheses.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// USER_HZ, the unit of /proc/<pid>/stat times: 100 on every Linux
+/// architecture (the kernel fixes it for userspace).
+fn ticks_per_second() -> f64 {
+    100.0
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
