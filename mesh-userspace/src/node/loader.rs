@@ -64,8 +64,8 @@ pub enum LoadError {
 /// The loaded and attached programs. Hold it for as long as the node runs.
 #[derive(Debug)]
 pub struct Datapath {
-    /// Owns the maps' and programs' file descriptors.
-    _ebpf: Ebpf,
+    /// The pinned links keep the programs attached; the object itself (its
+    /// parsed BTF and instructions) is let go once they are.
     links: Vec<PinnedLink>,
     root: PathBuf,
 }
@@ -91,7 +91,7 @@ fn load_object(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
 }
 
 /// The sk_lookup program, loaded on the pinned maps of `root` (the node's
-/// datapath must be loaded), to attach to STRICT pods' namespaces.
+/// datapath must be loaded), to attach to meshed pods' namespaces.
 pub fn load_sk_lookup(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
     let mut ebpf = load_object(root, maglev_capacity)?;
     let name = names::SK_LOOKUP_PROGRAM;
@@ -181,7 +181,6 @@ impl Datapath {
         links.push(pin_link(link, name, &root)?);
         tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len(), "attached");
         Ok(Self {
-            _ebpf: ebpf,
             links,
             root,
         })
@@ -198,7 +197,7 @@ impl Datapath {
 
     /// Detaches every program and removes every pin this daemon made.
     pub fn detach(self) -> Result<(), LoadError> {
-        let Self { _ebpf, links, root } = self;
+        let Self { links, root } = self;
         for link in links {
             // Unpinning returns the last reference; dropping it detaches.
             let link = link.unpin().map_err(|source| LoadError::Unpin {
