@@ -44,6 +44,31 @@ pub enum Command {
     /// Read a node's pinned maps.
     #[command(subcommand)]
     Maps(maps::MapsCommand),
+    /// Open one tunnel stream as a node daemon would, with the given
+    /// workload certificate, send a line and print the answer (to check what
+    /// a node's :15008 accepts).
+    TunnelProbe {
+        /// The workload certificate (PEM), its key and the trust bundle.
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        ca: PathBuf,
+        /// The destination node's tunnel address (ip:15008) and name.
+        #[arg(long)]
+        node_addr: std::net::SocketAddr,
+        #[arg(long)]
+        node: String,
+        /// The destination pod (ip:port) and the source pod's address.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        source: std::net::IpAddr,
+        /// The line to send.
+        #[arg(long, default_value = "probe")]
+        send: String,
+    },
     /// Ask the controller to sign a workload certificate with a node's
     /// credentials, as the node daemon does (to check what a node may get).
     CertRequest {
@@ -123,6 +148,39 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             (None, None) => status::run("127.0.0.1:15014"),
         },
         Command::Demo => demo::run().map(|()| 0),
+        Command::TunnelProbe {
+            cert,
+            key,
+            ca,
+            node_addr,
+            node,
+            to,
+            source,
+            send,
+        } => {
+            let probe = TunnelProbe {
+                cert,
+                key,
+                ca,
+                node_addr,
+                node,
+                to,
+                source,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            match runtime.block_on(probe.run(&send)) {
+                Ok(reply) => {
+                    println!("{reply}");
+                    Ok(0)
+                }
+                Err(err) => {
+                    eprintln!("refused: {err}");
+                    Ok(1)
+                }
+            }
+        }
         Command::CertRequest {
             controller,
             tls_dir,
@@ -232,6 +290,48 @@ fn cert_request(url: String, tls_dir: PathBuf, pod: &str, identity: &str) -> any
             eprintln!("refused: {err}");
             Ok(1)
         }
+    }
+}
+
+struct TunnelProbe {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    node_addr: std::net::SocketAddr,
+    node: String,
+    to: std::net::SocketAddr,
+    source: std::net::IpAddr,
+}
+
+impl TunnelProbe {
+    async fn run(&self, send: &str) -> anyhow::Result<String> {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        let cert = std::fs::read_to_string(&self.cert)?;
+        let svid = crate::pki::Svid {
+            identity: crate::pki::uri_sans(&crate::pki::pem_to_der(&cert).unwrap_or_default())
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
+            not_after: crate::pki::not_after(&cert).unwrap_or(std::time::UNIX_EPOCH),
+            cert_chain_pem: vec![cert],
+            key_pem: std::fs::read_to_string(&self.key)?,
+        };
+        let roots = crate::tunnel::tls::roots(&std::fs::read_to_string(&self.ca)?)?;
+        let dest = crate::tunnel::client::Destination {
+            node: self.node_addr,
+            node_identity: crate::pki::node_identity(crate::pki::DEFAULT_TRUST_DOMAIN, &self.node),
+            pod: self.to,
+        };
+        let stream = crate::tunnel::client::Pool::new(None)
+            .open(&svid, "probe", roots, self.source, &dest)
+            .await?;
+        let mut io = tokio::io::BufReader::new(hyper_util::rt::TokioIo::new(stream));
+        io.get_mut()
+            .write_all(format!("R{send}\n").as_bytes())
+            .await?;
+        let mut line = String::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), io.read_line(&mut line)).await??;
+        Ok(line.trim().to_owned())
     }
 }
 

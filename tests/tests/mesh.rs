@@ -433,3 +433,88 @@ fn killing_the_destination_mid_stream_resets_the_client() {
         "the client's connection is reset: {err}"
     );
 }
+
+#[test]
+fn the_tunnel_rejects_foreign_expired_and_mismatched_certificates() {
+    use lacewing::pki::{self, Ca};
+    let m = MeshLab::new();
+    let dir = m.lab.state_dir().join("probe");
+    fs::create_dir_all(&dir).unwrap();
+    let lab_ca = Ca::load_or_create(&m.lab.pki_dir().join("ca")).unwrap();
+    let foreign_ca = Ca::load_or_create(&dir.join("foreign-ca")).unwrap();
+    let issue = |name: &str, ca: &Ca, identity: &str, ttl: u64| {
+        let (key, csr) = pki::workload_csr(identity).unwrap();
+        let cert = ca
+            .sign_workload(&csr, identity, Duration::from_secs(ttl))
+            .unwrap();
+        fs::write(dir.join(format!("{name}.pem")), cert).unwrap();
+        fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+        name.to_owned()
+    };
+    let client = "spiffe://cluster.local/ns/shop/sa/client";
+    let good = issue("good", &lab_ca, client, 3600);
+    let foreign = issue("foreign", &foreign_ca, client, 3600);
+    let expired = issue("expired", &lab_ca, client, 1);
+    let impostor = issue(
+        "impostor",
+        &lab_ca,
+        "spiffe://cluster.local/ns/shop/sa/admin",
+        3600,
+    );
+    std::thread::sleep(Duration::from_millis(2100));
+
+    let node1 = format!("{}:15008", m.lab.node("n1").unwrap().underlay_ip4());
+    let web0 = format!("{}:{PORT}", m.lab.pod("n1-p0").unwrap().ip4());
+    let source = m.lab.pod("n0-p0").unwrap().ip4().to_string();
+    let ca = m.lab.pki_dir().join("ca").join("ca.pem");
+    let probe = |name: &str| {
+        let mut cmd = Command::new(bin("lacewing"));
+        cmd.arg("tunnel-probe")
+            .arg("--cert")
+            .arg(dir.join(format!("{name}.pem")))
+            .arg("--key")
+            .arg(dir.join(format!("{name}-key.pem")))
+            .arg("--ca")
+            .arg(&ca)
+            .args([
+                "--node-addr",
+                &node1,
+                "--node",
+                "n1",
+                "--to",
+                &web0,
+                "--source",
+                &source,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let out = m
+            .lab
+            .spawn_on_underlay(cmd)
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    // The control: the client's identity, from the client's address.
+    let (ok, text) = probe(&good);
+    assert!(ok && text.trim() == "probe", "{text}");
+    for (name, why) in [(&foreign, "another CA"), (&expired, "expired")] {
+        let (ok, text) = probe(name);
+        assert!(!ok, "a certificate from {why} must be rejected: {text}");
+    }
+    // A valid certificate whose identity is not the source pod's.
+    let (ok, text) = probe(&impostor);
+    assert!(!ok && text.contains("403"), "{text}");
+    let failures = m.metric("n1", "lacewing_tunnel_handshake_failures_total");
+    assert!(failures >= 2.0, "handshake failures counted: {failures}");
+    let mismatch = "lacewing_tunnel_refused_total{reason=\"identity_mismatch\"}";
+    assert!(m.metric("n1", mismatch) >= 1.0);
+}

@@ -180,10 +180,7 @@ impl Datapath {
             .map_err(|source| LoadError::Link { name, source })?;
         links.push(pin_link(link, name, &root)?);
         tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len(), "attached");
-        Ok(Self {
-            links,
-            root,
-        })
+        Ok(Self { links, root })
     }
 
     /// Exits leaving programs attached and maps pinned: the kernel keeps
