@@ -25,7 +25,7 @@ use crate::{
 /// meshed, the socket is not the daemon's own, the destination is not local.
 #[inline(always)]
 pub fn wanted(ctx: &SockAddrContext, dest: &Dest) -> bool {
-    if sockaddr::protocol(ctx) != PROTO_TCP || is_loopback(dest) {
+    if sockaddr::protocol(ctx) != PROTO_TCP || sockaddr::is_loopback(&dest.addr, dest.family) {
         return false;
     }
     // SAFETY: ctx->sk is always set for sock_addr programs; mark is a
@@ -66,15 +66,6 @@ pub fn redirect(ctx: &SockAddrContext, asked: &Dest, to: &Dest) -> Dest {
     }
     lb::remember(ctx.sock_addr.cast(), &listener, asked);
     listener
-}
-
-#[inline(always)]
-fn is_loopback(dest: &Dest) -> bool {
-    if dest.family == family::INET as u8 {
-        dest.addr[0] == 127
-    } else {
-        dest.addr[..15].iter().all(|b| *b == 0) && dest.addr[15] == 1
-    }
 }
 
 #[sock_ops]

@@ -7,7 +7,10 @@
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use mesh_common::{capture::AddrKey, family, lb::PROTO_TCP};
 
-use crate::maps::{LW_INBOUND, LW_NODE_ADDRS};
+use crate::{
+    maps::{LW_INBOUND, LW_NODE_ADDRS},
+    sockaddr,
+};
 
 /// sk_lookup verdict: go on with the (possibly assigned) lookup.
 const SK_PASS: u32 = 1;
@@ -28,7 +31,7 @@ pub fn lw_sk_lookup(ctx: SkLookupContext) -> u32 {
         let (l, r) = unsafe { ((*ctx.lookup).local_ip6, (*ctx.lookup).remote_ip6) };
         (key6(l), key6(r))
     };
-    if local.addr == remote.addr || is_loopback(&remote) {
+    if local.addr == remote.addr || sockaddr::is_loopback(&remote.addr, remote.family) {
         return SK_PASS;
     }
     // SAFETY: only tested for presence.
@@ -62,14 +65,5 @@ fn key6(ip: [u32; 4]) -> AddrKey {
         addr,
         family: family::INET6 as u8,
         _pad: [0; 3],
-    }
-}
-
-#[inline(always)]
-fn is_loopback(k: &AddrKey) -> bool {
-    if k.family == family::INET as u8 {
-        k.addr[0] == 127
-    } else {
-        k.addr[..15].iter().all(|b| *b == 0) && k.addr[15] == 1
     }
 }

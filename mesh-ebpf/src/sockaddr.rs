@@ -84,3 +84,14 @@ pub fn protocol(ctx: &SockAddrContext) -> u8 {
     // SAFETY: plain 4-byte context load.
     unsafe { (*ctx.sock_addr).protocol as u8 }
 }
+
+/// Whether an address (16 bytes, IPv4 in the first 4) of `fam` is a
+/// loopback address (127/8, ::1).
+#[inline(always)]
+pub fn is_loopback(addr: &[u8; 16], fam: u8) -> bool {
+    if fam == family::INET as u8 {
+        addr[0] == 127
+    } else {
+        addr[..15].iter().all(|b| *b == 0) && addr[15] == 1
+    }
+}

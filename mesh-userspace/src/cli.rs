@@ -167,19 +167,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 to,
                 source,
             };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            match runtime.block_on(probe.run(&send)) {
-                Ok(reply) => {
-                    println!("{reply}");
-                    Ok(0)
-                }
-                Err(err) => {
-                    eprintln!("refused: {err}");
-                    Ok(1)
-                }
-            }
+            report(probe.run(&send))
         }
         Command::CertRequest {
             controller,
@@ -265,25 +253,31 @@ fn cert_request(url: String, tls_dir: PathBuf, pod: &str, identity: &str) -> any
         tls_dir,
         server_name: crate::pki::CONTROLLER_SERVER_NAME.to_owned(),
     };
+    report(async {
+        let (svid, _) = crate::node::identity::request(&controller, identity, namespace, name)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let left = svid
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        Ok(format!(
+            "issued {} valid for {} s more",
+            svid.identity,
+            left.as_secs()
+        ))
+    })
+}
+
+/// Runs a one-shot check: prints its answer (exit 0) or why it was refused
+/// (exit 1).
+fn report(check: impl std::future::Future<Output = anyhow::Result<String>>) -> anyhow::Result<i32> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    match runtime.block_on(crate::node::identity::request(
-        &controller,
-        identity,
-        namespace,
-        name,
-    )) {
-        Ok((svid, _)) => {
-            let left = svid
-                .not_after
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default();
-            println!(
-                "issued {} valid for {} s more",
-                svid.identity,
-                left.as_secs()
-            );
+    match runtime.block_on(check) {
+        Ok(answer) => {
+            println!("{answer}");
             Ok(0)
         }
         Err(err) => {

@@ -260,3 +260,21 @@ pub fn node_http(lab: &Lab, node: &lacewing::lab::NodeSpec, path: &str) -> Strin
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Asserts that Prometheus' own checker accepts a `/metrics` exposition.
+pub fn assert_promtool_accepts(metrics: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (install it with `cargo xtask setup`)");
+    std::io::Write::write_all(
+        &mut promtool.stdin.take().expect("stdin"),
+        metrics.as_bytes(),
+    )
+    .expect("writing to promtool");
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(checked.status.success(), "promtool: {checked:?}\n{metrics}");
+}

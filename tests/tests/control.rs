@@ -20,7 +20,9 @@ use std::{
 };
 
 use lacewing::lab::{Lab, LabProcess};
-use lacewing_tests::{ServiceYaml, bin, new_lab, node_http, probe, start_backend};
+use lacewing_tests::{
+    ServiceYaml, assert_promtool_accepts, bin, new_lab, node_http, probe, start_backend,
+};
 
 const TARGET: u16 = 7000;
 const VIP: &str = "10.96.0.10";
@@ -201,16 +203,7 @@ fn services_in_the_folder_reach_every_node_and_follow_changes() {
         metrics.contains("lacewing_controller_node_applied_version{node=\"n1\"}"),
         "{metrics}"
     );
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(checked.status.success(), "promtool: {checked:?}\n{metrics}");
+    assert_promtool_accepts(&metrics);
     // Deleting the Service takes it out of every node: its ClusterIP, in the
     // service CIDR, now refuses connections.
     fs::remove_file(c.folder.join("web.yaml")).unwrap();

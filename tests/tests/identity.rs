@@ -17,7 +17,7 @@ use std::{
 };
 
 use lacewing::lab::{Lab, LabProcess};
-use lacewing_tests::{bin, new_lab, node_http};
+use lacewing_tests::{assert_promtool_accepts, bin, new_lab, node_http};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const API: &str = "spiffe://cluster.local/ns/shop/sa/default";
@@ -158,16 +158,7 @@ fn each_node_holds_certificates_for_its_meshed_pods_and_renews_them() {
     let metrics = node_http(&l.lab, &l.lab.node("n1").unwrap(), "/metrics");
     let line = format!("lacewing_certificate_expiry_timestamp_seconds{{identity=\"{WEB}\"}}");
     assert!(metrics.contains(&line), "{metrics}");
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(checked.status.success(), "promtool: {checked:?}");
+    assert_promtool_accepts(&metrics);
 }
 
 #[test]

@@ -22,7 +22,8 @@ use lacewing::{
     node::{lb::LoadBalancer, maps::LbMaps},
 };
 use lacewing_tests::{
-    PYTHON, Probe, ServiceYaml, bin, new_lab, node_http, parse_probe, probe, start_backend,
+    PYTHON, Probe, ServiceYaml, assert_promtool_accepts, bin, new_lab, node_http, parse_probe,
+    probe, start_backend,
 };
 
 const V4: &str = "10.96.0.10";
@@ -292,21 +293,7 @@ fn a_service_with_no_ready_backend_refuses_at_once_and_counts_it() {
         .unwrap_or_else(|| panic!("no refused counter for default/empty:tcp:\n{metrics}"));
     assert!(line.ends_with(" 5"), "{line}");
     // The exposition is valid for Prometheus' own checker.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}\n{metrics}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_promtool_accepts(&metrics);
     assert_eq!(
         node_http(&c.lab, &c.lab.node("n0").unwrap(), "/healthz").trim(),
         "ok"

@@ -121,6 +121,35 @@ fn pin_link(link: FdLink, name: &'static str, root: &Path) -> Result<PinnedLink,
     })
 }
 
+/// Loads cgroup program `$name` (of aya type `$kind`), attaches it at
+/// `$cgroup` with a BPF link and pins the link; the pinned link. A macro: the
+/// cgroup program types share these methods but no trait.
+macro_rules! attach_cgroup {
+    ($ebpf:expr, $kind:ty, $name:expr, $cgroup:expr, $root:expr) => {{
+        let name: &'static str = $name;
+        let program: &mut $kind = $ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| LoadError::Program { name, source })?;
+        // With BPF links the kernel always attaches in multi mode (other
+        // tools' programs at the same cgroup keep working) and rejects any
+        // explicit attach flag, so the mode here must be `Single` (flags 0).
+        let link_id = program
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(|source| LoadError::Program { name, source })?;
+        let link: FdLink = program
+            .take_link(link_id)
+            .map_err(|source| LoadError::Program { name, source })?
+            .try_into()
+            .map_err(|source| LoadError::Link { name, source })?;
+        pin_link(link, name, $root)?
+    }};
+}
+
 impl Datapath {
     pub fn load_and_attach(config: &NodeConfig) -> Result<Self, LoadError> {
         bpffs::ensure_mounted()?;
@@ -139,46 +168,11 @@ impl Datapath {
         })?;
         let mut links = Vec::new();
         for &names::SockAddrProgram { name, .. } in names::SOCK_ADDR_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| LoadError::Program { name, source })?;
-            // With BPF links the kernel always attaches in multi mode (other
-            // tools' programs at the same cgroup keep working) and rejects any
-            // explicit attach flag, so the mode here must be `Single` (flags 0).
-            let link_id = program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| LoadError::Program { name, source })?;
-            let link: FdLink = program
-                .take_link(link_id)
-                .map_err(|source| LoadError::Program { name, source })?
-                .try_into()
-                .map_err(|source| LoadError::Link { name, source })?;
-            links.push(pin_link(link, name, &root)?);
+            links.push(attach_cgroup!(ebpf, CgroupSockAddr, name, &cgroup, &root));
         }
         // sock_ops: re-keys captured connections once established.
         let name = names::SOCK_OPS_PROGRAM;
-        let program: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| LoadError::Program { name, source })?;
-        let link_id = program
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| LoadError::Program { name, source })?;
-        let link: FdLink = program
-            .take_link(link_id)
-            .map_err(|source| LoadError::Program { name, source })?
-            .try_into()
-            .map_err(|source| LoadError::Link { name, source })?;
-        links.push(pin_link(link, name, &root)?);
+        links.push(attach_cgroup!(ebpf, SockOps, name, &cgroup, &root));
         tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len(), "attached");
         Ok(Self { links, root })
     }
