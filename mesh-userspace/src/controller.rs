@@ -10,6 +10,7 @@
 //! one holding the Lease writes policy status.
 
 pub mod ca;
+pub mod ca_store;
 pub mod config;
 pub mod folder;
 pub mod grpc;
@@ -46,14 +47,36 @@ pub enum ControllerError {
         dir: std::path::PathBuf,
         source: pki::PkiError,
     },
+    #[error("the mesh CA: {0}")]
+    CaStore(#[from] ca_store::CaStoreError),
 }
 
 /// Runs the controller until SIGTERM or SIGINT.
 pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
-    let (tls, ca) = server_tls(&config).map_err(|source| ControllerError::Pki {
+    // The CA: a Secret in Kubernetes (shared by every replica), a file in
+    // folder mode.
+    let client = match &config.source {
+        config::Source::Kubernetes { .. } => Some(
+            kube::Client::try_default()
+                .await
+                .map_err(ControllerError::Kube)?,
+        ),
+        config::Source::Folder(_) => None,
+    };
+    let pki_err = |source| ControllerError::Pki {
         dir: config.pki_dir.clone(),
         source,
-    })?;
+    };
+    let ca = match (&config.source, &client) {
+        (
+            config::Source::Kubernetes {
+                lease_namespace, ..
+            },
+            Some(client),
+        ) => ca_store::load_or_create(client.clone(), lease_namespace).await?,
+        _ => pki::Ca::load_or_create(&config.pki_dir.join("ca")).map_err(pki_err)?,
+    };
+    let tls = server_tls(&config, &ca).map_err(pki_err)?;
     // Tasks that end with the controller.
     let mut background = Vec::new();
     let (snapshots, source_error) = match &config.source {
@@ -62,9 +85,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
             lease_namespace,
             identity,
         } => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(ControllerError::Kube)?;
+            let client = client.expect("made above for the Kubernetes source");
             let (snapshots, errors, verdicts) = kube_source::watch(client.clone());
             let (leader, election) = leader::elect(
                 client.clone(),
@@ -126,15 +147,13 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
     result
 }
 
-/// The CA (created on first start) and the controller's own certificate;
-/// clients must present a certificate from the same CA.
-fn server_tls(config: &ControllerConfig) -> Result<(ServerTlsConfig, pki::Ca), pki::PkiError> {
-    let ca = pki::Ca::load_or_create(&config.pki_dir.join("ca"))?;
+/// The controller's own certificate, from the mesh CA; clients must present
+/// a certificate from the same CA.
+fn server_tls(config: &ControllerConfig, ca: &pki::Ca) -> Result<ServerTlsConfig, pki::PkiError> {
     let server_dir = config.pki_dir.join("controller");
     ca.issue_controller(&server_dir, &config.server_ips)?;
     let (ca_pem, cert, key) = pki::read_credentials(&server_dir)?;
-    let tls = ServerTlsConfig::new()
+    Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca_pem));
-    Ok((tls, ca))
+        .client_ca_root(Certificate::from_pem(ca_pem)))
 }

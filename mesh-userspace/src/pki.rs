@@ -146,6 +146,27 @@ impl Ca {
         Ok(Self { cert, key, pem })
     }
 
+    /// A CA from its key and certificate (PEM), as kept in a Secret.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        // The same subject and key, so leaves verify against `cert_pem`.
+        let cert = ca_params()?.self_signed(&key)?;
+        Ok(Self {
+            cert,
+            key,
+            pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// A new CA: it, and its key's PEM to keep.
+    pub fn generate() -> Result<(Self, String), PkiError> {
+        let key = KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
+        let cert = ca_params()?.self_signed(&key)?;
+        let pem = cert.pem();
+        Ok((Self { cert, key, pem }, key_pem))
+    }
+
     pub fn pem(&self) -> &str {
         &self.pem
     }
