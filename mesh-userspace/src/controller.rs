@@ -9,6 +9,7 @@
 //! `/metrics`). With Kubernetes, any number of replicas serve nodes and the
 //! one holding the Lease writes policy status.
 
+pub mod bootstrap;
 pub mod ca;
 pub mod ca_store;
 pub mod config;
@@ -73,7 +74,11 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
                 lease_namespace, ..
             },
             Some(client),
-        ) => ca_store::load_or_create(client.clone(), lease_namespace).await?,
+        ) => {
+            let ca = ca_store::load_or_create(client.clone(), lease_namespace).await?;
+            ca_store::publish_root(client.clone(), lease_namespace, &ca).await?;
+            ca
+        }
         _ => pki::Ca::load_or_create(&config.pki_dir.join("ca")).map_err(pki_err)?,
     };
     let tls = server_tls(&config, &ca).map_err(pki_err)?;
@@ -85,7 +90,9 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
             lease_namespace,
             identity,
         } => {
-            let client = client.expect("made above for the Kubernetes source");
+            let client = client
+                .clone()
+                .expect("made above for the Kubernetes source");
             let (snapshots, errors, verdicts) = kube_source::watch(client.clone());
             let (leader, election) = leader::elect(
                 client.clone(),
@@ -101,6 +108,21 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         trust_domain: config.trust_domain.clone(),
         ttl: config.workload_cert_ttl,
         snapshots: snapshots.clone(),
+        bootstrap: match (&config.source, &client) {
+            (
+                config::Source::Kubernetes {
+                    lease_namespace, ..
+                },
+                Some(client),
+            ) => Some(bootstrap::TokenReviewer {
+                client: client.clone(),
+                service_account: format!(
+                    "system:serviceaccount:{lease_namespace}:{}",
+                    config.node_service_account
+                ),
+            }),
+            _ => None,
+        },
     });
     let registry = Arc::new(grpc::Registry::new(
         config.trust_domain.clone(),
@@ -153,7 +175,10 @@ fn server_tls(config: &ControllerConfig, ca: &pki::Ca) -> Result<ServerTlsConfig
     let server_dir = config.pki_dir.join("controller");
     ca.issue_controller(&server_dir, &config.server_ips)?;
     let (ca_pem, cert, key) = pki::read_credentials(&server_dir)?;
+    // Optional so a node without a certificate can bootstrap one; every
+    // other call refuses a caller without a node certificate.
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca_pem)))
+        .client_ca_root(Certificate::from_pem(ca_pem))
+        .client_auth_optional(true))
 }

@@ -4,6 +4,7 @@
 //! workloads scheduled on it, and serves metrics, health and `/status` on
 //! :15020.
 
+pub mod bootstrap;
 pub mod capture;
 pub mod client;
 pub mod config;
@@ -44,6 +45,16 @@ pub enum NodeError {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
+    if let (Some(controller), Some(bootstrap)) = (&config.controller, &config.bootstrap) {
+        bootstrap::ensure_credentials(
+            controller,
+            bootstrap,
+            &config.node_name,
+            &config.trust_domain,
+        )
+        .await
+        .map_err(NodeError::Mesh)?;
+    }
     let datapath = Datapath::load_and_attach(&config)?;
     let mut balancer = lb::LoadBalancer::reconcile(maps::LbMaps::open(&config.bpffs_root)?)?;
     balancer

@@ -51,7 +51,7 @@ pub struct Svid {
 }
 
 /// A new ECDSA P-256 key and a CSR for `identity` signed with it.
-pub fn workload_csr(identity: &str) -> Result<(KeyPair, String), PkiError> {
+pub fn new_key_and_csr(identity: &str) -> Result<(KeyPair, String), PkiError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.subject_alt_names = vec![SanType::URI(identity.try_into()?)];
@@ -188,16 +188,14 @@ impl Ca {
         params.extended_key_usages = uses;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        fs::write(dir.join(CA_FILE), &self.pem).map_err(io_err(dir))?;
-        fs::write(dir.join(CERT_FILE), cert.pem()).map_err(io_err(dir))?;
-        write_private(&dir.join(KEY_FILE), &key.serialize_pem())
+        write_credentials(dir, &self.pem, &cert.pem(), &key.serialize_pem())
     }
 
-    /// Signs a workload's CSR for `identity`, valid for `ttl` (from a minute
-    /// ago, for clock skew). The CSR must ask for exactly that identity with
-    /// an ECDSA P-256 key; the certificate serves both ends of a tunnel.
-    pub fn sign_workload(
+    /// Signs a CSR for `identity` (a workload's or a node's), valid for
+    /// `ttl` (from a minute ago, for clock skew). The CSR must ask for
+    /// exactly that identity with an ECDSA P-256 key; the certificate serves
+    /// both ends of a TLS connection.
+    pub fn sign_csr(
         &self,
         csr_pem: &str,
         identity: &str,
@@ -220,7 +218,7 @@ impl Ca {
             .collect();
         if asked != [identity] {
             return Err(bad(format!(
-                "it asks for {asked:?}; this pod's identity is {identity}"
+                "it asks for {asked:?}; the identity it may have is {identity}"
             )));
         }
         let now = time::OffsetDateTime::now_utc();
@@ -296,6 +294,14 @@ fn write_private(path: &Path, pem: &str) -> Result<(), PkiError> {
     io::Write::write_all(&mut f, pem.as_bytes()).map_err(io_err(path))
 }
 
+/// Writes a credential folder: ca.pem, cert.pem, key.pem (mode 0600).
+pub fn write_credentials(dir: &Path, ca: &str, cert: &str, key: &str) -> Result<(), PkiError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::write(dir.join(CA_FILE), ca).map_err(io_err(dir))?;
+    fs::write(dir.join(CERT_FILE), cert).map_err(io_err(dir))?;
+    write_private(&dir.join(KEY_FILE), key)
+}
+
 /// Reads a credential folder: (ca.pem, cert.pem, key.pem).
 pub fn read_credentials(dir: &Path) -> Result<(String, String, String), PkiError> {
     let read = |name: &str| {
@@ -336,9 +342,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lacewing-svid-test-{}", std::process::id()));
         let ca = Ca::load_or_create(&dir).unwrap();
         let id = "spiffe://cluster.local/ns/shop/sa/web";
-        let (_key, csr) = workload_csr(id).unwrap();
+        let (_key, csr) = new_key_and_csr(id).unwrap();
         let ttl = std::time::Duration::from_secs(3600);
-        let cert = ca.sign_workload(&csr, id, ttl).unwrap();
+        let cert = ca.sign_csr(&csr, id, ttl).unwrap();
         assert_eq!(uri_sans(&pem_der(&cert)), [id]);
         let left = not_after(&cert)
             .unwrap()
@@ -349,7 +355,7 @@ mod tests {
             "{left:?}"
         );
         // Two signatures of one request get different serials.
-        let again = ca.sign_workload(&csr, id, ttl).unwrap();
+        let again = ca.sign_csr(&csr, id, ttl).unwrap();
         let serial = |pem: &str| {
             let der = pem_der(pem);
             let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
@@ -357,14 +363,14 @@ mod tests {
         };
         assert_ne!(serial(&cert), serial(&again));
         let err = ca
-            .sign_workload(&csr, "spiffe://cluster.local/ns/shop/sa/admin", ttl)
+            .sign_csr(&csr, "spiffe://cluster.local/ns/shop/sa/admin", ttl)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("this pod's identity is spiffe://cluster.local/ns/shop/sa/admin"),
+            err.contains("the identity it may have is spiffe://cluster.local/ns/shop/sa/admin"),
             "{err}"
         );
-        assert!(ca.sign_workload("junk", id, ttl).is_err());
+        assert!(ca.sign_csr("junk", id, ttl).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 

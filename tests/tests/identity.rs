@@ -177,7 +177,7 @@ fn a_node_gets_only_the_identities_of_its_own_pods() {
     // n0 asks for its own pod but another identity: refused.
     let (ok, text) = l.request("n0", "shop/api", WEB);
     assert!(
-        !ok && text.contains(&format!("this pod's identity is {API}")),
+        !ok && text.contains(&format!("the identity it may have is {API}")),
         "{text}"
     );
 }

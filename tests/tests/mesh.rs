@@ -443,9 +443,9 @@ fn the_tunnel_rejects_foreign_expired_and_mismatched_certificates() {
     let lab_ca = Ca::load_or_create(&m.lab.pki_dir().join("ca")).unwrap();
     let foreign_ca = Ca::load_or_create(&dir.join("foreign-ca")).unwrap();
     let issue = |name: &str, ca: &Ca, identity: &str, ttl: u64| {
-        let (key, csr) = pki::workload_csr(identity).unwrap();
+        let (key, csr) = pki::new_key_and_csr(identity).unwrap();
         let cert = ca
-            .sign_workload(&csr, identity, Duration::from_secs(ttl))
+            .sign_csr(&csr, identity, Duration::from_secs(ttl))
             .unwrap();
         fs::write(dir.join(format!("{name}.pem")), cert).unwrap();
         fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();

@@ -11,7 +11,7 @@ use super::{grpc::certified_node, snapshot::Snapshots};
 use crate::{
     pki::{self, Ca},
     proto::ca_pb::{
-        CreateCertificateRequest, CreateCertificateResponse,
+        BootstrapNodeRequest, CreateCertificateRequest, CreateCertificateResponse,
         certificate_service_server::{CertificateService, CertificateServiceServer},
     },
 };
@@ -22,7 +22,13 @@ pub struct Signer {
     /// Workload certificate lifetime.
     pub ttl: Duration,
     pub snapshots: Snapshots,
+    /// How nodes prove who they are for their first certificate (in a
+    /// cluster); none in folder mode, where the lab issues node certificates.
+    pub bootstrap: Option<super::bootstrap::TokenReviewer>,
 }
+
+/// Lifetime of a node certificate from a bootstrap.
+pub const NODE_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 pub fn server(signer: Arc<Signer>) -> CertificateServiceServer<Server> {
     CertificateServiceServer::new(Server(signer))
@@ -54,7 +60,7 @@ impl CertificateService for Server {
         let identity = workload.identity(&signer.trust_domain);
         let cert = signer
             .ca
-            .sign_workload(&req.csr_pem, &identity, signer.ttl)
+            .sign_csr(&req.csr_pem, &identity, signer.ttl)
             .map_err(|e| match e {
                 pki::PkiError::BadRequest(m) => Status::invalid_argument(m),
                 other => Status::internal(other.to_string()),
@@ -64,5 +70,106 @@ impl CertificateService for Server {
             cert_chain_pem: vec![cert],
             trust_bundle_pem: signer.ca.pem().to_owned(),
         }))
+    }
+
+    async fn bootstrap_node(
+        &self,
+        request: Request<BootstrapNodeRequest>,
+    ) -> Result<Response<CreateCertificateResponse>, Status> {
+        let signer = &self.0;
+        let Some(reviewer) = &signer.bootstrap else {
+            return Err(Status::unimplemented(
+                "node bootstrap needs the Kubernetes source; give the node its certificate (--tls-dir)",
+            ));
+        };
+        let req = request.into_inner();
+        if let Err(why) = reviewer.review(&req.token, &req.node).await {
+            tracing::warn!(node = %req.node, %why, "refused a node bootstrap");
+            return Err(Status::permission_denied(why));
+        }
+        let identity = pki::node_identity(&signer.trust_domain, &req.node);
+        let cert = signer
+            .ca
+            .sign_csr(&req.csr_pem, &identity, NODE_CERT_TTL)
+            .map_err(|e| match e {
+                pki::PkiError::BadRequest(m) => Status::invalid_argument(m),
+                other => Status::internal(other.to_string()),
+            })?;
+        tracing::info!(node = %req.node, "signed a node certificate (bootstrap)");
+        Ok(Response::new(CreateCertificateResponse {
+            cert_chain_pem: vec![cert],
+            trust_bundle_pem: signer.ca.pem().to_owned(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tower_test::mock;
+
+    use super::*;
+    use crate::controller::bootstrap::TokenReviewer;
+
+    /// A signer whose TokenReviews say the token is node `bound_to`'s daemon.
+    fn signer(bound_to: &'static str) -> Arc<Signer> {
+        let (svc, mut handle) = mock::pair::<http::Request<Body>, Response<Body>>();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let mut review: Value =
+                    serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
+                        .unwrap();
+                review["status"] = json!({"authenticated": true, "user": {
+                    "username": "system:serviceaccount:lacewing-system:lacewing-node",
+                    "extra": {"authentication.kubernetes.io/node-name": [bound_to]}}});
+                let mut resp = Response::new(Body::from(serde_json::to_vec(&review).unwrap()));
+                *resp.status_mut() = StatusCode::CREATED;
+                send.send_response(resp);
+            }
+        });
+        let (ca, _) = Ca::generate().unwrap();
+        Arc::new(Signer {
+            ca,
+            trust_domain: "cluster.local".into(),
+            ttl: Duration::from_secs(60),
+            snapshots: tokio::sync::watch::channel(None).1,
+            bootstrap: Some(TokenReviewer {
+                client: kube::Client::new(svc, "default"),
+                service_account: "system:serviceaccount:lacewing-system:lacewing-node".into(),
+            }),
+        })
+    }
+
+    async fn bootstrap(signer: Arc<Signer>, node: &str, asks: &str) -> Result<String, Status> {
+        let (_, csr_pem) = pki::new_key_and_csr(asks).unwrap();
+        let resp = Server(signer)
+            .bootstrap_node(Request::new(BootstrapNodeRequest {
+                node: node.into(),
+                token: "t".into(),
+                csr_pem,
+            }))
+            .await?;
+        Ok(resp.into_inner().cert_chain_pem[0].clone())
+    }
+
+    #[tokio::test]
+    async fn a_node_bootstraps_only_its_own_identity() {
+        let n1 = "spiffe://cluster.local/lacewing/node/n1";
+        let cert = bootstrap(signer("n1"), "n1", n1).await.unwrap();
+        assert_eq!(pki::uri_sans(&pki::pem_to_der(&cert).unwrap()), [n1]);
+        // A token bound to another node.
+        let err = bootstrap(signer("n2"), "n1", n1).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        // A CSR for another identity.
+        let err = bootstrap(
+            signer("n1"),
+            "n1",
+            "spiffe://cluster.local/lacewing/node/n2",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     }
 }

@@ -31,6 +31,32 @@ pub enum CaStoreError {
     },
 }
 
+/// The ConfigMap nodes read the mesh's root certificate from (public; the
+/// key stays in the Secret), as Istio publishes `istio-ca-root-cert`.
+pub const ROOT_CONFIGMAP: &str = "lacewing-ca-root";
+
+/// Publishes the root certificate in [`ROOT_CONFIGMAP`] (server-side apply:
+/// every replica may, and the result is the same).
+pub async fn publish_root(client: Client, namespace: &str, ca: &Ca) -> Result<(), CaStoreError> {
+    let cm = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace},
+        "data": {CERT_KEY: ca.pem()},
+    });
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client, namespace)
+        .patch(
+            ROOT_CONFIGMAP,
+            &kube::api::PatchParams::apply("lacewing-controller").force(),
+            &kube::api::Patch::Apply(&cm),
+        )
+        .await
+        .map(drop)
+        .map_err(|source| CaStoreError::Api {
+            namespace: namespace.to_owned(),
+            source: Box::new(source),
+        })
+}
+
 /// The CA from the Secret, created if there is none.
 pub async fn load_or_create(client: Client, namespace: &str) -> Result<Ca, CaStoreError> {
     let api = Api::<Secret>::namespaced(client, namespace);
@@ -199,15 +225,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_root_is_published_for_nodes_without_the_key() {
+        let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (ca, key) = Ca::generate().unwrap();
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(req.method(), Method::PATCH);
+            assert!(
+                req.uri()
+                    .to_string()
+                    .starts_with("/api/v1/namespaces/lacewing-system/configmaps/lacewing-ca-root?"),
+                "{}",
+                req.uri()
+            );
+            let body: Value =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+            send.send_response(reply(StatusCode::OK, &body));
+            body
+        });
+        publish_root(Client::new(svc, "default"), "lacewing-system", &ca)
+            .await
+            .unwrap();
+        let body = server.await.unwrap();
+        assert_eq!(body["data"]["ca.pem"], ca.pem());
+        assert!(
+            !body.to_string().contains(key.trim()),
+            "the key is never published"
+        );
+    }
+
+    #[tokio::test]
     async fn a_replica_that_loses_the_race_uses_the_winners_ca() {
         let (winner, key) = Ca::generate().unwrap();
         let (ca, _) = run(None, Some(secret_of(&winner, &key))).await;
         assert_eq!(ca.pem(), winner.pem());
         // And it signs leaves that chain to the winner's certificate.
         let id = "spiffe://cluster.local/ns/shop/sa/web";
-        let (_, csr) = crate::pki::workload_csr(id).unwrap();
+        let (_, csr) = crate::pki::new_key_and_csr(id).unwrap();
         let leaf = ca
-            .sign_workload(&csr, id, std::time::Duration::from_secs(60))
+            .sign_csr(&csr, id, std::time::Duration::from_secs(60))
             .unwrap();
         let roots = crate::tunnel::tls::roots(winner.pem()).unwrap();
         let der = rustls::pki_types::CertificateDer::from(crate::pki::pem_to_der(&leaf).unwrap());

@@ -40,6 +40,10 @@ pub struct ControllerArgs {
     /// With --kubernetes: this replica's name in the Lease (the pod name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// With --kubernetes: the node daemons' ServiceAccount (in the
+    /// controller's namespace), whose tokens may bootstrap node certificates.
+    #[arg(long, default_value = "lacewing-node")]
+    pub node_service_account: String,
     /// Where nodes subscribe (gRPC, mutual TLS).
     #[arg(long, env = "LACEWING_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
@@ -88,6 +92,7 @@ pub struct ControllerConfig {
     pub server_ips: Vec<IpAddr>,
     pub trust_domain: String,
     pub workload_cert_ttl: Duration,
+    pub node_service_account: String,
 }
 
 /// `90s`, `30m`, `24h`, `2d` (one number, one unit).
@@ -141,6 +146,7 @@ impl ControllerArgs {
             server_ips: self.server_ip,
             trust_domain: self.trust_domain,
             workload_cert_ttl: self.workload_cert_ttl,
+            node_service_account: self.node_service_account,
         })
     }
 }

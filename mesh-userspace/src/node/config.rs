@@ -70,6 +70,16 @@ pub struct NodeArgs {
     /// upgrades). Without it, SIGTERM detaches everything.
     #[arg(long, env = ENV_KEEP_DATAPATH)]
     pub keep_datapath: bool,
+    /// In a cluster: the daemon's projected ServiceAccount token (audience
+    /// `lacewing`), with which it bootstraps its node certificate into
+    /// --tls-dir when that holds none.
+    #[arg(long, env = "LACEWING_BOOTSTRAP_TOKEN_FILE", requires = "ca_file")]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// The mesh's root certificate, to trust the controller when
+    /// bootstrapping (the controller publishes it in ConfigMap
+    /// `lacewing-ca-root`).
+    #[arg(long, env = "LACEWING_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Capture meshed pods: a folder with one file per pod address holding
     /// the path of the pod's network namespace (written by the pod network;
     /// in the lab, by the lab).
@@ -102,6 +112,7 @@ pub struct NodeConfig {
     pub trust_domain: String,
     pub pod_netns_dir: Option<PathBuf>,
     pub tunnel_addr: SocketAddr,
+    pub bootstrap: Option<super::bootstrap::Bootstrap>,
 }
 
 /// How to reach the controller.
@@ -178,6 +189,13 @@ impl NodeArgs {
             trust_domain: self.trust_domain,
             pod_netns_dir: self.pod_netns_dir,
             tunnel_addr: self.tunnel_addr,
+            bootstrap: self
+                .bootstrap_token_file
+                .zip(self.ca_file)
+                .map(|(token_file, ca_file)| super::bootstrap::Bootstrap {
+                    token_file,
+                    ca_file,
+                }),
         })
     }
 }

@@ -182,7 +182,7 @@ pub async fn request(
     namespace: &str,
     pod: &str,
 ) -> Result<(Svid, String), String> {
-    let (key, csr_pem) = pki::workload_csr(identity).map_err(|e| e.to_string())?;
+    let (key, csr_pem) = pki::new_key_and_csr(identity).map_err(|e| e.to_string())?;
     let mut client = CertificateServiceClient::new(super::client::connect(controller).await?);
     let resp = client
         .create_certificate(CreateCertificateRequest {

@@ -46,8 +46,8 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn svid(ca: &Ca, identity: &str, ttl: Duration) -> Svid {
-    let (key, csr) = pki::workload_csr(identity).unwrap();
-    let cert = ca.sign_workload(&csr, identity, ttl).unwrap();
+    let (key, csr) = pki::new_key_and_csr(identity).unwrap();
+    let cert = ca.sign_csr(&csr, identity, ttl).unwrap();
     Svid {
         identity: identity.to_owned(),
         not_after: pki::not_after(&cert).unwrap(),

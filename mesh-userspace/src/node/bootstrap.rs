@@ -1,0 +1,85 @@
+//! A node's first certificate, in a cluster: with no credentials in
+//! `--tls-dir` (or a certificate past half its life), the daemon makes a key,
+//! sends a CSR for its node identity with its projected ServiceAccount token
+//! (`--bootstrap-token-file`), trusting the controller through the mesh's
+//! root (`--ca-file`, published by the controller), and writes what it gets
+//! to `--tls-dir`. The key never leaves the node.
+
+use std::{path::Path, time::SystemTime};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+use super::config::Controller;
+use crate::{
+    pki,
+    proto::ca_pb::{BootstrapNodeRequest, certificate_service_client::CertificateServiceClient},
+};
+
+/// Where the bootstrap reads from.
+#[derive(Clone, Debug)]
+pub struct Bootstrap {
+    pub token_file: std::path::PathBuf,
+    pub ca_file: std::path::PathBuf,
+}
+
+/// Makes sure `controller.tls_dir` holds a usable node certificate.
+pub async fn ensure_credentials(
+    controller: &Controller,
+    bootstrap: &Bootstrap,
+    node: &str,
+    trust_domain: &str,
+) -> Result<(), String> {
+    if let Ok((_, cert, _)) = pki::read_credentials(&controller.tls_dir)
+        && still_good(&cert)
+    {
+        return Ok(());
+    }
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let token = read(&bootstrap.token_file)?;
+    let root = read(&bootstrap.ca_file)?;
+    let identity = pki::node_identity(trust_domain, node);
+    let (key, csr_pem) = pki::new_key_and_csr(&identity).map_err(|e| e.to_string())?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&root))
+        .domain_name(controller.server_name.clone());
+    let channel = Channel::from_shared(controller.url.clone())
+        .map_err(|e| format!("controller address {}: {e}", controller.url))?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", controller.url))?;
+    let resp = CertificateServiceClient::new(channel)
+        .bootstrap_node(BootstrapNodeRequest {
+            node: node.to_owned(),
+            token: token.trim().to_owned(),
+            csr_pem,
+        })
+        .await
+        .map_err(|s| format!("the controller refused the bootstrap: {}", s.message()))?
+        .into_inner();
+    let cert = resp
+        .cert_chain_pem
+        .first()
+        .ok_or("the controller sent no certificate")?;
+    pki::write_credentials(
+        &controller.tls_dir,
+        &resp.trust_bundle_pem,
+        cert,
+        &key.serialize_pem(),
+    )
+    .map_err(|e| e.to_string())?;
+    tracing::info!(%node, dir = %controller.tls_dir.display(), "node certificate bootstrapped");
+    Ok(())
+}
+
+/// Not past half its lifetime.
+fn still_good(cert_pem: &str) -> bool {
+    let Some(not_after) = pki::not_after(cert_pem) else {
+        return false;
+    };
+    let Some(left) = not_after.duration_since(SystemTime::now()).ok() else {
+        return false;
+    };
+    left > crate::controller::ca::NODE_CERT_TTL / 2
+}
