@@ -49,10 +49,13 @@ fn main() {
         Task::Test => test::run(),
         Task::Demo => demo(),
         Task::Manifests => run::build_binaries(false).and_then(|()| {
-            run::cmd(
-                run::workspace_root().join("target/debug/lacewing"),
-                ["manifests", "--out", "deploy/crds"],
-            )
+            for dir in run::CRD_DIRS {
+                run::cmd(
+                    run::workspace_root().join("target/debug/lacewing"),
+                    ["manifests", "--out", dir],
+                )?;
+            }
+            Ok(())
         }),
         Task::Bench { name, args } => bench(&name, &args),
     };

@@ -81,3 +81,10 @@ pub fn require_root(what: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Where `cargo xtask manifests` writes the CRDs: the plain folder and the
+/// Helm chart's (Helm installs `crds/` before the templates).
+pub const CRD_DIRS: [&str; 2] = ["deploy/crds", "deploy/chart/lacewing/crds"];
+
+/// The Helm chart.
+pub const CHART: &str = "deploy/chart/lacewing";

