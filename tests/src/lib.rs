@@ -278,3 +278,29 @@ pub fn assert_promtool_accepts(metrics: &str) {
     let checked = promtool.wait_with_output().expect("promtool");
     assert!(checked.status.success(), "promtool: {checked:?}\n{metrics}");
 }
+
+/// Starts `lacewing-node` on each of the lab's nodes, subscribed to the lab's
+/// controller with the node's own certificate; with `capture`, it also
+/// captures the node's meshed pods (`--pod-netns-dir`).
+pub fn start_subscribed_nodes(lab: &Lab, capture: bool) -> Vec<lacewing::lab::LabProcess> {
+    let url = lab.controller_url();
+    lab.topology()
+        .nodes()
+        .map(|node| {
+            let tls = lab.node_credentials(&node).expect("node certificate");
+            let mut args: Vec<std::ffi::OsString> = vec![
+                "--controller".into(),
+                url.clone().into(),
+                "--tls-dir".into(),
+                tls.into(),
+            ];
+            if capture {
+                args.push("--pod-netns-dir".into());
+                args.push(lab.pod_netns_dir(&node).expect("pod netns folder").into());
+            }
+            let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+            lab.start_node_daemon_with(&node, &bin("lacewing-node"), &args)
+                .expect("start lacewing-node")
+        })
+        .collect()
+}

@@ -10,14 +10,13 @@
 
 use std::{
     collections::BTreeSet,
-    ffi::OsStr,
     fs,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use lacewing::lab::{Lab, LabProcess};
-use lacewing_tests::{assert_promtool_accepts, bin, new_lab, node_http};
+use lacewing_tests::{assert_promtool_accepts, bin, new_lab, node_http, start_subscribed_nodes};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const API: &str = "spiffe://cluster.local/ns/shop/sa/default";
@@ -55,22 +54,7 @@ impl IdentityLab {
                 &["--workload-cert-ttl", "4s"],
             )
             .unwrap();
-        let url = lab.controller_url();
-        let nodes = ["n0", "n1"]
-            .iter()
-            .map(|n| {
-                let node = lab.node(n).unwrap();
-                let tls = lab.node_credentials(&node).unwrap();
-                let args = [
-                    OsStr::new("--controller"),
-                    OsStr::new(&url),
-                    OsStr::new("--tls-dir"),
-                    tls.as_os_str(),
-                ];
-                lab.start_node_daemon_with(&node, &bin("lacewing-node"), &args)
-                    .unwrap()
-            })
-            .collect();
+        let nodes = start_subscribed_nodes(&lab, false);
         Self {
             lab,
             _controller: controller,

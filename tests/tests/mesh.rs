@@ -10,14 +10,13 @@
 //! ```
 
 use std::{
-    ffi::OsStr,
     fs,
     process::Command,
     time::{Duration, Instant},
 };
 
 use lacewing::lab::{Lab, LabProcess};
-use lacewing_tests::{PYTHON, bin, new_lab, node_http, tool};
+use lacewing_tests::{PYTHON, bin, new_lab, node_http, start_subscribed_nodes, tool};
 
 const VIP: &str = "10.96.0.20";
 const PORT: &str = "9000";
@@ -75,25 +74,7 @@ impl MeshLab {
                 s
             })
             .collect();
-        let url = lab.controller_url();
-        let nodes = ["n0", "n1"]
-            .iter()
-            .map(|n| {
-                let node = lab.node(n).unwrap();
-                let tls = lab.node_credentials(&node).unwrap();
-                let netns = lab.pod_netns_dir(&node).unwrap();
-                let args = [
-                    OsStr::new("--controller"),
-                    OsStr::new(&url),
-                    OsStr::new("--tls-dir"),
-                    tls.as_os_str(),
-                    OsStr::new("--pod-netns-dir"),
-                    netns.as_os_str(),
-                ];
-                lab.start_node_daemon_with(&node, &bin("lacewing-node"), &args)
-                    .unwrap()
-            })
-            .collect();
+        let nodes = start_subscribed_nodes(&lab, true);
         let m = Self {
             lab,
             _controller: controller,

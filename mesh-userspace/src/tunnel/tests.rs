@@ -255,46 +255,22 @@ fn forwarded_round_trips_both_families() {
 
 #[tokio::test]
 async fn a_slow_reader_bounds_what_is_buffered() {
+    let s = setup("backpressure").await;
     // A destination that accepts and never reads.
-    let dir = temp_dir("backpressure");
-    let ca = Ca::load_or_create(&dir.join("ca")).unwrap();
-    ca.issue_node(&dir.join("n1"), pki::DEFAULT_TRUST_DOMAIN, "n1")
-        .unwrap();
-    let (bundle, cert, key) = pki::read_credentials(&dir.join("n1")).unwrap();
-    let roots = tls::roots(&bundle).unwrap();
-    let config = tls::server_config(&cert, &key, Arc::clone(&roots)).unwrap();
     let stuck = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let stuck_addr = stuck.local_addr().unwrap();
+    let mut dest = s.dest();
+    dest.pod = stuck.local_addr().unwrap();
     let (hold_tx, mut hold_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Ok((s, _)) = stuck.accept().await {
-            let _ = hold_tx.send(s);
+        while let Ok((conn, _)) = stuck.accept().await {
+            let _ = hold_tx.send(conn);
         }
     });
-    let connector: Connector = Arc::new(|_peer: Peer, dest: SocketAddr| {
-        async move {
-            TcpStream::connect(dest)
-                .await
-                .map_err(|e| Refusal::new(503, "connect_failed", e.to_string()))
-        }
-        .boxed()
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tunnel = listener.local_addr().unwrap();
-    tokio::spawn(server::serve(
-        listener,
-        Arc::new(std::sync::RwLock::new(Arc::new(config))),
-        connector,
-        TunnelMetrics::default(),
-    ));
-    let pool = Pool::new(None);
-    let id = svid(&ca, WEB, Duration::from_secs(3600));
-    let dest = Destination {
-        node: tunnel,
-        node_identity: pki::node_identity(pki::DEFAULT_TRUST_DOMAIN, "n1"),
-        pod: stuck_addr,
-    };
-    let upgraded = pool.open(&id, "1", roots, source(), &dest).await.unwrap();
+    let id = svid(&s.ca, WEB, Duration::from_secs(3600));
+    let upgraded = Pool::new(None)
+        .open(&id, "1", Arc::clone(&s.roots), source(), &dest)
+        .await
+        .unwrap();
     let _held = hold_rx.recv().await;
     let mut io = hyper_util::rt::TokioIo::new(upgraded);
     let block = vec![7u8; 64 << 10];
@@ -314,5 +290,4 @@ async fn a_slow_reader_bounds_what_is_buffered() {
         written > 1 << 20,
         "{written}: the stream should carry something before it blocks"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
