@@ -48,23 +48,8 @@ pub enum Command {
     /// workload certificate, send a line and print the answer (to check what
     /// a node's :15008 accepts).
     TunnelProbe {
-        /// The workload certificate (PEM), its key and the trust bundle.
-        #[arg(long)]
-        cert: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
-        #[arg(long)]
-        ca: PathBuf,
-        /// The destination node's tunnel address (ip:15008) and name.
-        #[arg(long)]
-        node_addr: std::net::SocketAddr,
-        #[arg(long)]
-        node: String,
-        /// The destination pod (ip:port) and the source pod's address.
-        #[arg(long)]
-        to: std::net::SocketAddr,
-        #[arg(long)]
-        source: std::net::IpAddr,
+        #[command(flatten)]
+        probe: Probe,
         /// The line to send.
         #[arg(long, default_value = "probe")]
         send: String,
@@ -148,27 +133,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             (None, None) => status::run("127.0.0.1:15014"),
         },
         Command::Demo => demo::run().map(|()| 0),
-        Command::TunnelProbe {
-            cert,
-            key,
-            ca,
-            node_addr,
-            node,
-            to,
-            source,
-            send,
-        } => {
-            let probe = TunnelProbe {
-                cert,
-                key,
-                ca,
-                node_addr,
-                node,
-                to,
-                source,
-            };
-            report(probe.run(&send))
-        }
+        Command::TunnelProbe { probe, send } => report(probe.run(&send)),
         Command::CertRequest {
             controller,
             tls_dir,
@@ -287,17 +252,29 @@ fn report(check: impl std::future::Future<Output = anyhow::Result<String>>) -> a
     }
 }
 
-struct TunnelProbe {
+/// One tunnel stream opened by hand.
+#[derive(Debug, clap::Args)]
+pub struct Probe {
+    /// The workload certificate (PEM), its key and the trust bundle.
+    #[arg(long)]
     cert: PathBuf,
+    #[arg(long)]
     key: PathBuf,
+    #[arg(long)]
     ca: PathBuf,
+    /// The destination node's tunnel address (ip:15008) and name.
+    #[arg(long)]
     node_addr: std::net::SocketAddr,
+    #[arg(long)]
     node: String,
+    /// The destination pod (ip:port) and the source pod's address.
+    #[arg(long)]
     to: std::net::SocketAddr,
+    #[arg(long)]
     source: std::net::IpAddr,
 }
 
-impl TunnelProbe {
+impl Probe {
     async fn run(&self, send: &str) -> anyhow::Result<String> {
         use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
         let cert = std::fs::read_to_string(&self.cert)?;
@@ -340,4 +317,13 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
         exe.display()
     );
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
+    }
 }

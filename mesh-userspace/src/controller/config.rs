@@ -150,3 +150,28 @@ impl ControllerArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::ControllerArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_read_as_operators_write_them() {
+        use std::time::Duration;
+        assert_eq!(
+            super::parse_duration("24h"),
+            Ok(Duration::from_secs(86_400))
+        );
+        assert_eq!(super::parse_duration("4s"), Ok(Duration::from_secs(4)));
+        assert!(super::parse_duration("0s").is_err());
+        assert!(
+            super::parse_duration("10x")
+                .unwrap_err()
+                .contains("s, m, h or d")
+        );
+    }
+}

@@ -199,3 +199,12 @@ impl NodeArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::NodeArgs::command().debug_assert();
+    }
+}

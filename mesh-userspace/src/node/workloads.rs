@@ -42,6 +42,8 @@ pub struct State {
     workloads: BTreeMap<String, Workload>,
     peers: BTreeMap<IpAddr, PeerEntry>,
     policies: Arc<Vec<Policy>>,
+    /// This node's workloads by address: looked up for every connection.
+    by_address: BTreeMap<IpAddr, Arc<Workload>>,
 }
 
 /// One workload as `/status` shows it.
@@ -89,6 +91,17 @@ impl LocalWorkloads {
             let (address, peer) = proto::peer_from(p).map_err(|e| e.to_string())?;
             next.peers.insert(address, peer);
         }
+        next.by_address = next
+            .workloads
+            .values()
+            .flat_map(|w| {
+                let w = Arc::new(w.clone());
+                w.addresses
+                    .clone()
+                    .into_iter()
+                    .map(move |a| (a, Arc::clone(&w)))
+            })
+            .collect();
         if update.policies_replaced {
             next.policies = Arc::new(
                 update
@@ -109,12 +122,8 @@ impl LocalWorkloads {
     }
 
     /// The workload on this node with this address.
-    pub fn local(&self, ip: IpAddr) -> Option<Workload> {
-        self.lock()
-            .workloads
-            .values()
-            .find(|w| w.addresses.contains(&ip))
-            .cloned()
+    pub fn local(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.lock().by_address.get(&ip).cloned()
     }
 
     /// The AuthorizationPolicies in force.
