@@ -272,13 +272,14 @@ fn start(
             outbound.metrics.clone(),
         )));
     }
+    let shared = Arc::new(workload.clone());
     for listener in listeners {
         listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(listener)?;
         tasks.push(tokio::spawn(accept_loop(
             listener,
             cookie,
-            workload.clone(),
+            Arc::clone(&shared),
             Arc::clone(&netns),
             Arc::clone(maps),
             Arc::clone(outbound),
@@ -330,7 +331,7 @@ async fn refuse_plain_text(
 async fn accept_loop(
     listener: TcpListener,
     cookie: u64,
-    workload: Workload,
+    workload: Arc<Workload>,
     netns: Arc<File>,
     maps: Arc<std::sync::Mutex<CaptureMaps>>,
     outbound: Arc<Outbound>,
@@ -365,8 +366,11 @@ async fn accept_loop(
             continue;
         };
         let dest = SocketAddr::new(address(&orig), orig.port);
-        let (workload, netns, outbound) =
-            (workload.clone(), Arc::clone(&netns), Arc::clone(&outbound));
+        let (workload, netns, outbound) = (
+            Arc::clone(&workload),
+            Arc::clone(&netns),
+            Arc::clone(&outbound),
+        );
         tokio::spawn(async move { outbound.handle(workload, netns, app, dest).await });
     }
 }

@@ -39,7 +39,7 @@ impl Outbound {
     /// Carries one captured connection until both sides are done.
     pub async fn handle(
         &self,
-        source: Workload,
+        source: Arc<Workload>,
         netns: Arc<File>,
         app: TcpStream,
         dest: SocketAddr,
@@ -57,38 +57,41 @@ impl Outbound {
             identity: identity.clone(),
             source: Some(source_ip),
         };
-        self.metrics.opened("outbound");
-        let counts = if self.workloads.local(dest.ip()).is_some_and(|w| w.meshed) {
+        if self.workloads.local(dest.ip()).is_some_and(|w| w.meshed) {
             // Same node: the destination's checks, no TLS on the wire.
             match self.inbound.connect(peer, dest).await {
-                Ok(upstream) => splice_app(app, upstream).await,
+                Ok(upstream) => {
+                    splice_app(app, upstream).await;
+                }
                 Err(refusal) => {
                     tracing::info!(%identity, %dest, reason = refusal.reason, detail = %refusal.detail, "same-node connection refused");
                     self.metrics.refused(&refusal);
                     reset(app);
-                    (0, 0)
                 }
             }
         } else if let Some(to) = self.workloads.peer(dest.ip()) {
             match self.tunnel(&identity, source_ip, &to, dest).await {
-                Ok(upgraded) => splice_app(app, hyper_util::rt::TokioIo::new(upgraded)).await,
+                Ok(upgraded) => {
+                    self.metrics.opened("outbound");
+                    let (up, down) = splice_app(app, hyper_util::rt::TokioIo::new(upgraded)).await;
+                    self.metrics.closed("outbound", up, down);
+                }
                 Err(err) => {
                     tracing::info!(%identity, %dest, node = %to.node, %err, "tunnel stream failed");
                     reset(app);
-                    (0, 0)
                 }
             }
         } else {
             match connect_from(&netns, dest).await {
-                Ok(upstream) => splice_app(app, upstream).await,
+                Ok(upstream) => {
+                    splice_app(app, upstream).await;
+                }
                 Err(err) => {
                     tracing::debug!(%dest, %err, "passthrough connect failed");
                     reset(app);
-                    (0, 0)
                 }
             }
-        };
-        self.metrics.closed("outbound", counts.0, counts.1);
+        }
     }
 
     async fn tunnel(
