@@ -219,7 +219,7 @@ fn cert_request(url: String, tls_dir: PathBuf, pod: &str, identity: &str) -> any
         server_name: crate::pki::CONTROLLER_SERVER_NAME.to_owned(),
     };
     report(async {
-        let (svid, _) = crate::node::identity::request(&controller, identity, namespace, name)
+        let svid = crate::node::identity::request(&controller, identity, namespace, name)
             .await
             .map_err(anyhow::Error::msg)?;
         let left = svid

@@ -32,12 +32,11 @@ struct Held {
     renew_at: SystemTime,
 }
 
-/// The certificates this node holds, by SPIFFE identity.
+/// The certificates this node holds, by SPIFFE identity. (Peers are checked
+/// against the node credentials' `ca.pem`: the one CA that signs these.)
 #[derive(Default)]
 pub struct Identities {
     held: Mutex<BTreeMap<String, Held>>,
-    /// The roots the controller last sent.
-    trust_bundle: Mutex<String>,
 }
 
 /// One certificate as `/status` shows it.
@@ -56,13 +55,6 @@ impl Identities {
         self.lock()
             .get(identity)
             .map(|h| (Arc::clone(&h.svid), h.serial.clone()))
-    }
-
-    pub fn trust_bundle(&self) -> String {
-        self.trust_bundle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     pub fn shown(&self) -> Vec<ShownCertificate> {
@@ -133,16 +125,12 @@ pub async fn run(
         for id in due {
             let (namespace, pod) = &wanted[&id];
             match request(&controller, &id, namespace, pod).await {
-                Ok((svid, bundle)) => {
+                Ok(svid) => {
                     let issued = SystemTime::now();
                     let life = svid.not_after.duration_since(issued).unwrap_or_default();
                     let serial = serial_of(&svid.cert_chain_pem[0]);
                     tracing::info!(identity = %id, %serial, lifetime_s = life.as_secs(), "workload certificate issued");
                     metrics.certificate_issued(&id, epoch_secs(svid.not_after));
-                    *identities
-                        .trust_bundle
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = bundle;
                     identities.lock().insert(
                         id,
                         Held {
@@ -181,7 +169,7 @@ pub async fn request(
     identity: &str,
     namespace: &str,
     pod: &str,
-) -> Result<(Svid, String), String> {
+) -> Result<Svid, String> {
     let (key, csr_pem) = pki::new_key_and_csr(identity).map_err(|e| e.to_string())?;
     let mut client = CertificateServiceClient::new(super::client::connect(controller).await?);
     let resp = client
@@ -201,15 +189,12 @@ pub async fn request(
     if pki::uri_sans(&pki::pem_to_der(leaf).unwrap_or_default()) != [identity] {
         return Err(format!("the certificate does not name {identity}"));
     }
-    Ok((
-        Svid {
-            identity: identity.to_owned(),
-            cert_chain_pem: resp.cert_chain_pem,
-            key_pem: key.serialize_pem(),
-            not_after,
-        },
-        resp.trust_bundle_pem,
-    ))
+    Ok(Svid {
+        identity: identity.to_owned(),
+        cert_chain_pem: resp.cert_chain_pem,
+        key_pem: key.serialize_pem(),
+        not_after,
+    })
 }
 
 fn serial_of(cert_pem: &str) -> String {
