@@ -272,6 +272,13 @@ impl Lab {
             .stderr(std::process::Stdio::piped());
         self.spawn_on_node(node, cmd)?.wait_with_output()
     }
+
+    /// Runs `cmd` on the underlay (where the controller is) to completion.
+    pub fn run_on_underlay(&self, mut cmd: Command) -> Result<Output, std::io::Error> {
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        self.spawn_on_underlay(cmd)?.wait_with_output()
+    }
 }
 
 impl Drop for Lab {

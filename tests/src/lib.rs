@@ -244,21 +244,8 @@ impl ServiceYaml<'_> {
 
 /// GETs `path` of the node daemon's :15020 endpoint from inside the node.
 pub fn node_http(lab: &Lab, node: &lacewing::lab::NodeSpec, path: &str) -> String {
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sS",
-        "--max-time",
-        "5",
-        &format!("http://127.0.0.1:15020{path}"),
-    ]);
-    let out = lab.run_on_node(node, cmd).expect("curl on node");
-    assert!(
-        out.status.success(),
-        "GET {path} on {}: {}",
-        node.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lab.node_get(node, path)
+        .unwrap_or_else(|err| panic!("{err}"))
 }
 
 /// Asserts that Prometheus' own checker accepts a `/metrics` exposition.

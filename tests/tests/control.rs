@@ -153,14 +153,8 @@ impl ControlLab {
     /// `lacewing status` run on the underlay, where the controller is.
     fn status(&self) -> String {
         let mut cmd = Command::new(bin("lacewing"));
-        cmd.args(["status", "--controller", &self.lab.controller_status_addr()])
-            .stdout(std::process::Stdio::piped());
-        let out = self
-            .lab
-            .spawn_on_underlay(cmd)
-            .unwrap()
-            .wait_with_output()
-            .unwrap();
+        cmd.args(["status", "--controller", &self.lab.controller_status_addr()]);
+        let out = self.lab.run_on_underlay(cmd).unwrap();
         assert!(out.status.success(), "lacewing status: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -190,14 +184,8 @@ fn services_in_the_folder_reach_every_node_and_follow_changes() {
     curl.args([
         "-sS",
         &format!("http://{}/metrics", c.lab.controller_status_addr()),
-    ])
-    .stdout(std::process::Stdio::piped());
-    let metrics = c
-        .lab
-        .spawn_on_underlay(curl)
-        .unwrap()
-        .wait_with_output()
-        .unwrap();
+    ]);
+    let metrics = c.lab.run_on_underlay(curl).unwrap();
     let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
     assert!(
         metrics.contains("lacewing_controller_node_applied_version{node=\"n1\"}"),

@@ -11,7 +11,7 @@
 use std::{
     collections::BTreeSet,
     fs,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -104,15 +104,8 @@ impl IdentityLab {
         cmd.args(["cert-request", "--controller", &self.lab.controller_url()])
             .arg("--tls-dir")
             .arg(tls)
-            .args(["--pod", pod, "--identity", identity])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let out = self
-            .lab
-            .spawn_on_underlay(cmd)
-            .unwrap()
-            .wait_with_output()
-            .unwrap();
+            .args(["--pod", pod, "--identity", identity]);
+        let out = self.lab.run_on_underlay(cmd).unwrap();
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

@@ -248,15 +248,8 @@ fn nothing_crosses_the_underlay_in_plain_text_and_only_tls_1_3_is_offered() {
     // What the tunnel port offers: TLS 1.3 and nothing older.
     let node1 = m.lab.node("n1").unwrap().underlay_ip4().to_string();
     let mut sslscan = Command::new("sslscan");
-    sslscan
-        .args(["--no-colour", "--no-heartbleed", &format!("{node1}:15008")])
-        .stdout(std::process::Stdio::piped());
-    let scan = m
-        .lab
-        .spawn_on_underlay(sslscan)
-        .unwrap()
-        .wait_with_output()
-        .unwrap();
+    sslscan.args(["--no-colour", "--no-heartbleed", &format!("{node1}:15008")]);
+    let scan = m.lab.run_on_underlay(sslscan).unwrap();
     let scan = String::from_utf8_lossy(&scan.stdout).into_owned();
     for old in ["SSLv2", "SSLv3", "TLSv1.0", "TLSv1.1", "TLSv1.2"] {
         assert!(
@@ -466,15 +459,8 @@ fn the_tunnel_rejects_foreign_expired_and_mismatched_certificates() {
                 &web0,
                 "--source",
                 &source,
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let out = m
-            .lab
-            .spawn_on_underlay(cmd)
-            .unwrap()
-            .wait_with_output()
-            .unwrap();
+            ]);
+        let out = m.lab.run_on_underlay(cmd).unwrap();
         (
             out.status.success(),
             format!(

@@ -127,10 +127,10 @@ fn wait_for_certificates(lab: &Lab) -> anyhow::Result<()> {
     for node in ["n0", "n1"] {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         loop {
-            let mut cmd = Command::new("curl");
-            cmd.args(["-sS", "http://127.0.0.1:15020/status"]);
-            let out = lab.run_on_node(&lab.node(node)?, cmd)?;
-            if String::from_utf8_lossy(&out.stdout).contains("spiffe://") {
+            let status = lab
+                .node_get(&lab.node(node)?, "/status")
+                .unwrap_or_default();
+            if status.contains("spiffe://") {
                 break;
             }
             if std::time::Instant::now() > deadline {

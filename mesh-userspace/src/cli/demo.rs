@@ -99,15 +99,7 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
         print!("{}", conn_table(&lab.node_bpffs_root(node))?);
     }
     step("node n0: /metrics on :15020 (service counters, read from the kernel)");
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "http://127.0.0.1:15020/metrics"]);
-    let metrics = lab.run_on_node(&n0, cmd)?;
-    for line in String::from_utf8_lossy(&metrics.stdout)
-        .lines()
-        .filter(|l| l.starts_with("lacewing_service_"))
-    {
-        println!("  {line}");
-    }
+    print_metrics(lab, "n0", "lacewing_service_")?;
     let map = lab
         .node_bpffs_root(&n0)
         .join("maps")
@@ -274,17 +266,14 @@ fn mesh_demo(
 }
 
 fn node_status(lab: &Lab, node: &str) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "http://127.0.0.1:15020/status"]);
-    let out = lab.run_on_node(&lab.node(node)?, cmd)?;
-    Ok(serde_json::from_slice(&out.stdout)?)
+    Ok(serde_json::from_str(
+        &lab.node_get(&lab.node(node)?, "/status")?,
+    )?)
 }
 
 fn print_metrics(lab: &Lab, node: &str, prefix: &str) -> anyhow::Result<()> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "http://127.0.0.1:15020/metrics"]);
-    let out = lab.run_on_node(&lab.node(node)?, cmd)?;
-    for line in String::from_utf8_lossy(&out.stdout)
+    for line in lab
+        .node_get(&lab.node(node)?, "/metrics")?
         .lines()
         .filter(|l| l.starts_with(prefix))
     {

@@ -231,6 +231,27 @@ impl Lab {
             .join("---\n")
     }
 
+    /// GETs `path` of the node daemon's :15020 endpoint (`/metrics`,
+    /// `/status`, ...) from inside `node`.
+    pub fn node_get(&self, node: &NodeSpec, path: &str) -> io::Result<String> {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:15020{path}"),
+        ]);
+        let out = self.run_on_node(node, cmd)?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "GET {path} on {}: {}",
+                node.name(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The lab's control-plane CA and certificates.
     pub fn pki_dir(&self) -> std::path::PathBuf {
         self.state_dir().join("pki")

@@ -76,6 +76,45 @@ pub fn links_dir(root: &Path) -> PathBuf {
 }
 
 /// Loads the object with its maps taken from (or pinned at) `root`: the
+/// Loads program `$name` (of aya type `$kind`) into the kernel; the
+/// program. A macro: aya's program types share these methods but no trait.
+macro_rules! load_program {
+    ($ebpf:expr, $kind:ty, $name:expr) => {{
+        let name: &'static str = $name;
+        let program: &mut $kind = $ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| LoadError::Program { name, source })?;
+        program
+    }};
+}
+
+/// Loads cgroup program `$name` (of aya type `$kind`), attaches it at
+/// `$cgroup` with a BPF link and pins the link; the pinned link. A macro: the
+/// cgroup program types share these methods but no trait.
+macro_rules! attach_cgroup {
+    ($ebpf:expr, $kind:ty, $name:expr, $cgroup:expr, $root:expr) => {{
+        let name: &'static str = $name;
+        let program = load_program!($ebpf, $kind, name);
+        // With BPF links the kernel always attaches in multi mode (other
+        // tools' programs at the same cgroup keep working) and rejects any
+        // explicit attach flag, so the mode here must be `Single` (flags 0).
+        let link_id = program
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(|source| LoadError::Program { name, source })?;
+        let link: FdLink = program
+            .take_link(link_id)
+            .map_err(|source| LoadError::Program { name, source })?
+            .try_into()
+            .map_err(|source| LoadError::Link { name, source })?;
+        pin_link(link, name, $root)?
+    }};
+}
+
 /// programs are not loaded into the kernel until asked.
 fn load_object(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
     let pin_paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
@@ -94,15 +133,7 @@ fn load_object(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
 /// datapath must be loaded), to attach to meshed pods' namespaces.
 pub fn load_sk_lookup(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
     let mut ebpf = load_object(root, maglev_capacity)?;
-    let name = names::SK_LOOKUP_PROGRAM;
-    let program: &mut aya::programs::SkLookup = ebpf
-        .program_mut(name)
-        .ok_or(LoadError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| LoadError::Program { name, source })?;
-    program
-        .load()
-        .map_err(|source| LoadError::Program { name, source })?;
+    load_program!(ebpf, aya::programs::SkLookup, names::SK_LOOKUP_PROGRAM);
     Ok(ebpf)
 }
 
@@ -119,35 +150,6 @@ fn pin_link(link: FdLink, name: &'static str, root: &Path) -> Result<PinnedLink,
         path: path.clone(),
         source,
     })
-}
-
-/// Loads cgroup program `$name` (of aya type `$kind`), attaches it at
-/// `$cgroup` with a BPF link and pins the link; the pinned link. A macro: the
-/// cgroup program types share these methods but no trait.
-macro_rules! attach_cgroup {
-    ($ebpf:expr, $kind:ty, $name:expr, $cgroup:expr, $root:expr) => {{
-        let name: &'static str = $name;
-        let program: &mut $kind = $ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| LoadError::Program { name, source })?;
-        // With BPF links the kernel always attaches in multi mode (other
-        // tools' programs at the same cgroup keep working) and rejects any
-        // explicit attach flag, so the mode here must be `Single` (flags 0).
-        let link_id = program
-            .attach($cgroup, CgroupAttachMode::Single)
-            .map_err(|source| LoadError::Program { name, source })?;
-        let link: FdLink = program
-            .take_link(link_id)
-            .map_err(|source| LoadError::Program { name, source })?
-            .try_into()
-            .map_err(|source| LoadError::Link { name, source })?;
-        pin_link(link, name, $root)?
-    }};
 }
 
 impl Datapath {
