@@ -13,6 +13,7 @@ pub mod inbound;
 pub mod lb;
 pub mod loader;
 pub mod maps;
+pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod source;
@@ -130,7 +131,11 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         bpffs = %config.bpffs_root.display(),
         "datapath attached; running until SIGTERM"
     );
+    // Loading the programs parsed the embedded object: hand that back now.
+    memory::release();
+    let trimmer = tokio::spawn(memory::run());
     crate::shutdown::signal().await;
+    trimmer.abort();
     server.abort();
     for task in [watcher, subscriber, certificates]
         .into_iter()

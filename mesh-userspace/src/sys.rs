@@ -232,3 +232,14 @@ pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
         .filter_map(|a| a["local"].as_str()?.parse().ok())
         .collect())
 }
+
+/// Asks the C allocator to return the free pages it holds to the kernel
+/// (glibc's `malloc_trim`; a no-op with other C libraries).
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointers; it only walks the allocator's
+    // own free lists, under the allocator's lock.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
