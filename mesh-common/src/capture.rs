@@ -14,7 +14,9 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub struct MeshedNetns {
     /// Bit 0: capture outbound TCP.
     pub flags: u32,
-    pub _pad: u32,
+    /// The pod's workload identity, as numbered by the daemon for the
+    /// same-node fast path (`fastpath::PairKey`); 0 when not numbered.
+    pub identity: u32,
 }
 
 pub const CAPTURE_OUTBOUND: u32 = 1;

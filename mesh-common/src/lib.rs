@@ -11,10 +11,12 @@
 
 pub mod capture;
 pub mod conn;
+pub mod fastpath;
 pub mod lb;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod names;
+pub mod splice;
 
 /// Address family numbers as the kernel reports them in `bpf_sock_addr.family`.
 pub mod family {

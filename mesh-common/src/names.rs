@@ -43,10 +43,37 @@ pub const MAP_NODE_ADDRS: &str = "LW_NODE_ADDRS";
 pub const SK_LOOKUP_PROGRAM: &str = "lw_sk_lookup";
 /// The sock_ops program, attached at the node's cgroup.
 pub const SOCK_OPS_PROGRAM: &str = "lw_sockops";
+/// The sk_msg program, attached to `LW_SPLICE`: moves each write of a
+/// local hop's socket to its peer.
+pub const SK_MSG_PROGRAM: &str = "lw_sk_msg";
+/// The app's or pod's end of local hops (sockhash, by `splice::SpliceKey`).
+pub const MAP_SPLICE: &str = "LW_SPLICE";
+/// The daemon's end of local hops (sockhash).
+pub const MAP_SPLICE_TO: &str = "LW_SPLICE_TO";
+/// Senders no longer spliced (LRU hash).
+pub const MAP_SPLICE_OFF: &str = "LW_SPLICE_OFF";
+/// Node-wide switches (`splice::Settings`): acceleration on or off.
+pub const MAP_SETTINGS: &str = "LW_SETTINGS";
+/// Per-CPU counters of sockets added to `LW_SPLICE`, by leg.
+pub const MAP_SPLICE_STATS: &str = "LW_SPLICE_STATS";
+/// Meshed pods on this node by address (`fastpath::LocalPod`).
+pub const MAP_LOCAL_PODS: &str = "LW_LOCAL_PODS";
+/// Fast-path verdicts by (source identity, destination pod).
+pub const MAP_PAIR_POLICY: &str = "LW_PAIR_POLICY";
+/// Per-CPU counters of the connect hook's fast-path decisions.
+pub const MAP_FAST_STATS: &str = "LW_FAST_STATS";
 
 /// `SO_MARK` of the node daemon's own sockets ("LW"): the capture programs
 /// never redirect them.
 pub const BYPASS_MARK: u32 = 0x4c57;
+/// `SO_MARK` of the daemon's connections to pods on its own node: not
+/// captured either, and spliced with the pod's socket when acceleration is on.
+pub const DELIVERY_MARK: u32 = 0x4c58;
+
+/// Whether `mark` is one the daemon puts on its own sockets.
+pub const fn is_daemon_mark(mark: u32) -> bool {
+    mark == BYPASS_MARK || mark == DELIVERY_MARK
+}
 
 pub const ALL_MAPS: &[&str] = &[
     MAP_CONN_BY_PORT,
@@ -63,6 +90,14 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_CAPTURED,
     MAP_INBOUND,
     MAP_NODE_ADDRS,
+    MAP_SPLICE,
+    MAP_SPLICE_TO,
+    MAP_SPLICE_OFF,
+    MAP_SETTINGS,
+    MAP_SPLICE_STATS,
+    MAP_LOCAL_PODS,
+    MAP_PAIR_POLICY,
+    MAP_FAST_STATS,
 ];
 
 /// A cgroup `sock_addr` program: its name and its attach point.

@@ -3,41 +3,48 @@
 //! program re-keys the record once the connection is established.
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::{SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    capture::{CAPTURE_OUTBOUND, CapturedKey, OUTBOUND_PORT, OrigDst},
+    capture::{CAPTURE_OUTBOUND, CapturedKey, MeshedNetns, OUTBOUND_PORT, OrigDst},
     family,
     lb::PROTO_TCP,
-    names::BYPASS_MARK,
+    names::is_daemon_mark,
 };
 
 use crate::{
     lb,
     maps::{LW_CAPTURED, LW_MESHED_NETNS, LW_ORIG_DST},
     sockaddr::{self, Dest},
+    splice,
 };
 
-/// Whether this connect is a meshed pod's TCP to be captured: its netns is
-/// meshed, the socket is not the daemon's own, the destination is not local.
+/// The pod's entry when this connect is a meshed pod's TCP to be captured:
+/// its netns is meshed, the socket is not the daemon's own, the destination
+/// is not local.
 #[inline(always)]
-pub fn wanted(ctx: &SockAddrContext, dest: &Dest) -> bool {
+pub fn wanted(ctx: &SockAddrContext, dest: &Dest) -> Option<MeshedNetns> {
     if sockaddr::protocol(ctx) != PROTO_TCP || sockaddr::is_loopback(&dest.addr, dest.family) {
-        return false;
+        return None;
     }
     // SAFETY: ctx->sk is always set for sock_addr programs; mark is a
     // readable field of a full socket.
     let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
-    if mark == BYPASS_MARK {
-        return false;
+    if is_daemon_mark(mark) {
+        return None;
     }
     // SAFETY: helper valid in cgroup sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     // SAFETY: copied out at once.
-    unsafe { LW_MESHED_NETNS.get(netns) }.is_some_and(|m| m.flags & CAPTURE_OUTBOUND != 0)
+    unsafe { LW_MESHED_NETNS.get(netns) }
+        .copied()
+        .filter(|m| m.flags & CAPTURE_OUTBOUND != 0)
 }
 
 /// Records where the socket was going (`to`, after load balancing; the app
@@ -70,8 +77,14 @@ pub fn redirect(ctx: &SockAddrContext, asked: &Dest, to: &Dest) -> Dest {
 
 #[sock_ops]
 pub fn lw_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        rekey(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            rekey(&ctx);
+            splice::established(&ctx, true);
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => splice::established(&ctx, false),
+        BPF_SOCK_OPS_STATE_CB => splice::state_changed(&ctx),
+        _ => {}
     }
     0
 }

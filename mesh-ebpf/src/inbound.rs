@@ -8,6 +8,7 @@ use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use mesh_common::{capture::AddrKey, family, lb::PROTO_TCP};
 
 use crate::{
+    fastpath,
     maps::{LW_INBOUND, LW_NODE_ADDRS},
     sockaddr,
 };
@@ -36,6 +37,11 @@ pub fn lw_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     // SAFETY: only tested for presence.
     if unsafe { LW_NODE_ADDRS.get(remote) }.is_some() {
+        return SK_PASS;
+    }
+    // A meshed pod here that the fast path let through (policy allowed the
+    // pair in the connect hook).
+    if fastpath::allowed_here(remote, local) {
         return SK_PASS;
     }
     // Not a STRICT pod (no listener for it): the normal lookup.

@@ -7,11 +7,13 @@
 #![no_main]
 
 mod capture;
+mod fastpath;
 mod inbound;
 mod lb;
 mod maps;
 mod sock_addr;
 mod sockaddr;
+mod splice;
 
 #[cfg(not(test))]
 #[panic_handler]

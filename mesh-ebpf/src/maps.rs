@@ -6,16 +6,20 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash, lpm_trie::Key},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash, lpm_trie::Key,
+    },
     macros::btf_map,
 };
 use mesh_common::{
     capture::{AddrKey, CapturedKey, MeshedNetns, OrigDst},
     conn::{ConnCount, ConnKey},
+    fastpath::{self, LocalPod, PairKey},
     lb::{
         Affinity, AffinityKey, Backend, CidrKey, RevNat, RevNatKey, Service, Slot, SlotKey,
         SvcCidr, SvcKey, SvcStats,
     },
+    splice::{STATS, Settings, SpliceKey},
 };
 
 /// Maps that may hold many entries allocate them on insert, so memory follows
@@ -93,3 +97,39 @@ pub static LW_INBOUND: SockHash<AddrKey, 4096> = SockHash::new();
 /// `names::MAP_NODE_ADDRS`: the node's addresses.
 #[btf_map]
 pub static LW_NODE_ADDRS: HashMap<AddrKey, u32, 256> = HashMap::new();
+
+/// `names::MAP_SPLICE`: the app's or pod's end of local hops; `lw_sk_msg`
+/// runs on their writes.
+#[btf_map]
+pub static LW_SPLICE: SockHash<SpliceKey, 65536> = SockHash::new();
+
+/// `names::MAP_SPLICE_TO`: the daemon's end of local hops, where writes
+/// are moved to.
+#[btf_map]
+pub static LW_SPLICE_TO: SockHash<SpliceKey, 65536> = SockHash::new();
+
+/// `names::MAP_SPLICE_OFF`: senders whose writes go the usual way for the
+/// rest of their life (they wrote the usual way once, or the daemon fell
+/// behind them).
+#[btf_map]
+pub static LW_SPLICE_OFF: LruHashMap<SpliceKey, u8, 65536> = LruHashMap::new();
+
+/// `names::MAP_SETTINGS`: the node's switches, written by the daemon.
+#[btf_map]
+pub static LW_SETTINGS: Array<Settings, 1> = Array::new();
+
+/// `names::MAP_SPLICE_STATS`: sockets added to `LW_SPLICE`, by leg.
+#[btf_map]
+pub static LW_SPLICE_STATS: PerCpuArray<u64, { STATS as usize }> = PerCpuArray::new();
+
+/// `names::MAP_LOCAL_PODS`: meshed pods on this node, by address.
+#[btf_map]
+pub static LW_LOCAL_PODS: HashMap<AddrKey, LocalPod, 16384> = HashMap::new();
+
+/// `names::MAP_PAIR_POLICY`: fast-path verdicts (`fastpath::VERDICT_*`).
+#[btf_map]
+pub static LW_PAIR_POLICY: HashMap<PairKey, u32, 262144, NO_PREALLOC> = HashMap::new();
+
+/// `names::MAP_FAST_STATS`: the connect hook's fast-path decisions.
+#[btf_map]
+pub static LW_FAST_STATS: PerCpuArray<u64, { fastpath::STATS as usize }> = PerCpuArray::new();

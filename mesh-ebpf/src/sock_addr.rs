@@ -13,7 +13,7 @@ use mesh_common::{
 };
 
 use crate::{
-    capture,
+    capture, fastpath,
     lb::{self, Verdict},
     maps::LW_CONN_BY_PORT,
     sockaddr::{self, Dest},
@@ -40,19 +40,24 @@ pub fn lw_connect6(ctx: SockAddrContext) -> i32 {
     connect(&ctx, &dest, sockaddr::write6)
 }
 
-/// A connect: load balancing, then capture if the pod is meshed (the
-/// backend is chosen once, here in the kernel, and the daemon is told it).
+/// A connect: load balancing, then for a meshed pod the same-node fast
+/// path's decision, else capture (the backend is chosen once, here in the
+/// kernel, and the daemon is told it).
 #[inline(always)]
 fn connect(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest)) -> i32 {
-    if !capture::wanted(ctx, dest) {
+    let Some(source) = capture::wanted(ctx, dest) else {
         return apply(ctx, dest, write);
-    }
+    };
     let to = match lb::translate(ctx.sock_addr.cast(), dest, sockaddr::protocol(ctx)) {
         Verdict::Pass => *dest,
         Verdict::Translated(to) => to,
         Verdict::Refuse => return refuse(),
     };
-    write(ctx, &capture::redirect(ctx, dest, &to));
+    match fastpath::decide(&source, &to) {
+        fastpath::Path::Direct => write(ctx, &to),
+        fastpath::Path::Refuse => return refuse(),
+        fastpath::Path::Daemon => write(ctx, &capture::redirect(ctx, dest, &to)),
+    }
     ALLOW
 }
 

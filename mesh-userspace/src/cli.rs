@@ -44,6 +44,20 @@ pub enum Command {
     /// Read a node's pinned maps.
     #[command(subcommand)]
     Maps(maps::MapsCommand),
+    /// Show, or turn on or off, a node's same-node acceleration (sockmap
+    /// splicing of local hops), at once and without a restart. Connections
+    /// already spliced keep working either way.
+    Acceleration {
+        /// `on` or `off`; without it, show the switch and the sockhash.
+        state: Option<maps::Switch>,
+        /// Also switch the kernel fast path (same-node pod to pod with no
+        /// daemon hop), which works only with acceleration on.
+        #[arg(long)]
+        fast_path: Option<maps::Switch>,
+        /// The node daemon's bpffs root.
+        #[arg(long, default_value_os_t = crate::bpffs::default_root())]
+        bpffs_root: PathBuf,
+    },
     /// Open one tunnel stream as a node daemon would, with the given
     /// workload certificate, send a line and print the answer (to check what
     /// a node's :15008 accepts).
@@ -126,6 +140,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Maps(cmd) => maps::run(cmd).map(|()| 0),
+        Command::Acceleration {
+            state,
+            fast_path,
+            bpffs_root,
+        } => {
+            print!("{}", maps::acceleration(&bpffs_root, state, fast_path)?);
+            Ok(0)
+        }
         Command::Manifests { out, check } => manifests::run(&out, check),
         Command::Status { controller, lab } => match (controller, lab) {
             (Some(url), _) => status::run(&url),

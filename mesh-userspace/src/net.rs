@@ -15,6 +15,12 @@ pub async fn connect_bypass(addr: SocketAddr) -> std::io::Result<TcpStream> {
     connect_marked(addr, Some(BYPASS_MARK)).await
 }
 
+/// A connection to a pod on this node: not captured either, and spliced
+/// with the pod's socket when acceleration is on.
+pub async fn connect_delivery(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    connect_marked(addr, Some(mesh_common::names::DELIVERY_MARK)).await
+}
+
 /// A TCP connection to `addr` with `SO_MARK` `mark`, if given.
 pub async fn connect_marked(addr: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {

@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod capture;
 pub mod client;
 pub mod config;
+pub mod fastpath;
 pub mod identity;
 pub mod inbound;
 pub mod lb;
@@ -17,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod source;
+pub mod splice;
 pub mod workloads;
 
 use std::sync::{Arc, Mutex, atomic::AtomicBool};
@@ -29,8 +31,10 @@ pub use loader::{Datapath, LoadError};
 pub enum NodeError {
     #[error("{0}")]
     Load(#[from] LoadError),
-    #[error("opening the pinned load balancer maps: {0}")]
+    #[error("opening the pinned maps: {0}")]
     Maps(#[from] aya::maps::MapError),
+    #[error("setting the acceleration switch: {0}")]
+    Acceleration(maps::MapOpError),
     #[error("{0}")]
     Apply(#[from] lb::ApplyError),
     #[error("the mesh: {0}")]
@@ -56,15 +60,30 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         .await
         .map_err(NodeError::Mesh)?;
     }
+    match crate::sys::raise_fd_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(err) => tracing::warn!(%err, "could not raise the open-file limit"),
+    }
     let datapath = Datapath::load_and_attach(&config)?;
     let mut balancer = lb::LoadBalancer::reconcile(maps::LbMaps::open(&config.bpffs_root)?)?;
     balancer
         .set_service_cidrs(&config.service_cidrs)
         .map_err(lb::ApplyError::Read)?;
+    let mut splice = maps::SpliceMaps::open(&config.bpffs_root)?;
+    splice
+        .set_acceleration(config.acceleration)
+        .and_then(|()| splice.set_fast_path(config.fast_path))
+        .map_err(NodeError::Acceleration)?;
     let lb = Arc::new(Mutex::new(balancer));
     let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb));
+    let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb), splice);
     let tunnel_metrics = crate::tunnel::metrics::TunnelMetrics::new(&mut registry);
+    let splice_off = Arc::new(splice::SpliceOff::open(&config.bpffs_root)?);
+    registry.register(
+        "lacewing_splice_writers_switched_off",
+        "Spliced writers the daemon switched back to plain TCP because it fell behind them (TCP then bounds what is queued)",
+        splice_off.switched_off.clone(),
+    );
     let local_workloads = Arc::new(workloads::LocalWorkloads::default());
     let identities = Arc::new(identity::Identities::default());
     let shown = (
@@ -112,6 +131,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
                 &local_workloads,
                 &identities,
                 tunnel_metrics,
+                splice_off,
             )
             .await?
         }
@@ -164,6 +184,7 @@ async fn start_mesh(
     local_workloads: &Arc<workloads::LocalWorkloads>,
     identities: &Arc<identity::Identities>,
     tunnel_metrics: crate::tunnel::metrics::TunnelMetrics,
+    splice_off: Arc<splice::SpliceOff>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, NodeError> {
     use crate::tunnel;
     let mesh_err = |e: String| NodeError::Mesh(e);
@@ -175,6 +196,7 @@ async fn start_mesh(
     let inbound = Arc::new(inbound::Inbound {
         workloads: Arc::clone(local_workloads),
         trust_domain: config.trust_domain.clone(),
+        splice_off: Some(Arc::clone(&splice_off)),
     });
     let listener = tokio::net::TcpListener::bind(config.tunnel_addr)
         .await
@@ -202,12 +224,23 @@ async fn start_mesh(
             roots,
             trust_domain: config.trust_domain.clone(),
             metrics: tunnel_metrics,
+            splice_off: Some(splice_off),
         });
+        let numbers = Arc::new(fastpath::IdentityNumbers::default());
+        let fast_maps = fastpath::FastPathMaps::open(&config.bpffs_root)
+            .map_err(|e| mesh_err(format!("opening the fast path maps: {e}")))?;
+        tasks.push(tokio::spawn(fastpath::run(
+            Arc::clone(local_workloads),
+            fast_maps,
+            Arc::clone(&numbers),
+            config.trust_domain.clone(),
+        )));
         tasks.push(tokio::spawn(capture::run(
             dir.clone(),
             Arc::clone(local_workloads),
             maps,
             outbound,
+            numbers,
         )));
     }
     Ok(tasks)

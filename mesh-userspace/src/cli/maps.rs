@@ -9,7 +9,7 @@ use crate::{
     bpffs,
     node::{
         lb::LoadBalancer,
-        maps::{ConnCounters, LbMaps},
+        maps::{ConnCounters, LbMaps, SpliceMaps},
     },
 };
 
@@ -40,6 +40,48 @@ pub fn run(cmd: MapsCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A switch position on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// Sets the acceleration switch of the daemon at `root` (when `to` is
+/// given) and reports it with the sockhash's size and counters.
+pub fn acceleration(
+    root: &Path,
+    to: Option<Switch>,
+    fast_path: Option<Switch>,
+) -> anyhow::Result<String> {
+    let mut maps = SpliceMaps::open(root).map_err(|err| {
+        anyhow::anyhow!(
+            "opening the splice maps under {}: {err} (is lacewing-node running there?)",
+            root.display()
+        )
+    })?;
+    if let Some(to) = to {
+        maps.set_acceleration(to == Switch::On)?;
+    }
+    if let Some(to) = fast_path {
+        maps.set_fast_path(to == Switch::On)?;
+    }
+    let word = |on: bool| if on { "on" } else { "off" };
+    let mut out = format!(
+        "acceleration: {}\nfast path: {}\nspliced sockets now: {}\n",
+        word(maps.acceleration()?),
+        word(maps.fast_path()?),
+        maps.sockets()
+    );
+    for (leg, n) in maps.added()? {
+        out.push_str(&format!("sockets added ({leg}): {n}\n"));
+    }
+    for (path, reason, n) in maps.decisions()? {
+        out.push_str(&format!("connects to the {path} ({reason}): {n}\n"));
+    }
+    Ok(out)
 }
 
 /// The connection counters of the daemon at `root` as a table.

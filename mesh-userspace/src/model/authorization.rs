@@ -107,6 +107,39 @@ pub fn decide(
     })
 }
 
+/// The verdict for `source` to `dest` when it is the same on every port
+/// and no L7 condition applies to `dest` (what the kernel's same-node fast
+/// path may decide alone); `None` when only a per-connection decision can
+/// tell. `Some(true)` allows, `Some(false)` denies.
+pub fn any_port_verdict(policies: &[Policy], dest: &Workload, source: &Source<'_>) -> Option<bool> {
+    let rules = || {
+        policies
+            .iter()
+            .filter(|p| p.selects(dest))
+            .flat_map(|p| &p.spec.rules)
+    };
+    let l7 = |r: &Rule| {
+        !r.when.is_empty()
+            || r.to
+                .iter()
+                .any(|op| !op.methods.is_empty() || !op.paths.is_empty())
+    };
+    if rules().any(l7) {
+        return None;
+    }
+    let mut ports: Vec<u16> = rules()
+        .flat_map(|r| &r.to)
+        .flat_map(|op| op.ports.iter().copied())
+        .collect();
+    // One port no rule names stands for all such ports.
+    ports.extend((1..=u16::MAX).find(|p| !ports.contains(p)));
+    let mut verdicts = ports
+        .iter()
+        .map(|&port| decide(policies, dest, port, source).is_ok());
+    let first = verdicts.next()?;
+    verdicts.all(|v| v == first).then_some(first)
+}
+
 /// Whether `rule` matches; an L7 condition counts as a match only in a DENY.
 fn matches(rule: &Rule, port: u16, source: &Source<'_>, action: Action) -> bool {
     let l7_matches = action == Action::Deny;
@@ -197,5 +230,35 @@ mod tests {
         assert!(decide(&[allow_get], &web(), 80, &src).is_err());
         let deny_path = policy("{action: Deny, rules: [{to: [{paths: [/admin]}]}]}");
         assert!(decide(&[deny_path], &web(), 80, &src).is_err());
+    }
+
+    #[test]
+    fn the_kernel_decides_alone_only_what_no_port_or_l7_rule_splits() {
+        let src = Source { identity: CLIENT };
+        let verdict = |policies: &[Policy], identity| {
+            any_port_verdict(policies, &web(), &Source { identity })
+        };
+        assert_eq!(verdict(&[], CLIENT), Some(true), "no policy allows");
+        let deny_client = policy(
+            "{action: Deny, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/shop/sa/client\"]}]}]}",
+        );
+        assert_eq!(
+            verdict(std::slice::from_ref(&deny_client), CLIENT),
+            Some(false)
+        );
+        assert_eq!(
+            verdict(std::slice::from_ref(&deny_client), OTHER),
+            Some(true)
+        );
+        // A rule on one port splits the verdict by port: the daemon decides.
+        let deny_80 = policy("{action: Deny, rules: [{to: [{ports: [80]}]}]}");
+        assert_eq!(verdict(std::slice::from_ref(&deny_80), CLIENT), None);
+        assert!(decide(std::slice::from_ref(&deny_80), &web(), 81, &src).is_ok());
+        // An allow on every named port and nothing else is still split.
+        let allow_80 = policy("{action: Allow, rules: [{to: [{ports: [80]}]}]}");
+        assert_eq!(verdict(&[allow_80], CLIENT), None);
+        // Any L7 condition: the daemon decides.
+        let allow_get = policy("{action: Allow, rules: [{to: [{methods: [GET]}]}]}");
+        assert_eq!(verdict(&[allow_get], CLIENT), None);
     }
 }

@@ -34,7 +34,12 @@ use mesh_common::{
 };
 use tokio::net::TcpListener;
 
-use super::{maps::open, outbound::Outbound, workloads::LocalWorkloads};
+use super::{
+    fastpath::IdentityNumbers,
+    maps::{addr_key, open},
+    outbound::Outbound,
+    workloads::LocalWorkloads,
+};
 use crate::model::workloads::Workload;
 
 /// How often the netns folder is looked at when nothing else changes.
@@ -83,22 +88,6 @@ impl CaptureMaps {
             .program_mut(names::SK_LOOKUP_PROGRAM)
             .and_then(|p| p.try_into().ok())
             .expect("loaded by CaptureMaps::open")
-    }
-}
-
-fn addr_key(ip: IpAddr) -> AddrKey {
-    let (addr, family) = match ip {
-        IpAddr::V4(v4) => {
-            let mut a = [0u8; 16];
-            a[..4].copy_from_slice(&v4.octets());
-            (a, family::INET as u8)
-        }
-        IpAddr::V6(v6) => (v6.octets(), family::INET6 as u8),
-    };
-    AddrKey {
-        addr,
-        family,
-        _pad: [0; 3],
     }
 }
 
@@ -153,6 +142,7 @@ pub async fn run(
     workloads: Arc<LocalWorkloads>,
     maps: CaptureMaps,
     outbound: Arc<Outbound>,
+    numbers: Arc<IdentityNumbers>,
 ) {
     let maps = Arc::new(std::sync::Mutex::new(maps));
     let mut captured: BTreeMap<String, Captured> = BTreeMap::new();
@@ -188,7 +178,8 @@ pub async fn run(
             if captured.contains_key(&key) {
                 continue;
             }
-            match start(&workload, &path, &maps, &outbound) {
+            let identity = numbers.number(&workload.identity(&outbound.trust_domain));
+            match start(&workload, identity, &path, &maps, &outbound) {
                 Ok(c) => {
                     tracing::info!(pod = %key, netns = %path.display(), cookie = c.cookie, strict = c.strict, "capturing outbound TCP");
                     captured.insert(key, c);
@@ -230,6 +221,7 @@ fn stop(c: &mut Captured, maps: &mut CaptureMaps) {
 /// Opens the pod's listeners and turns its capture on.
 fn start(
     workload: &Workload,
+    identity: u32,
     netns_path: &Path,
     maps: &Arc<std::sync::Mutex<CaptureMaps>>,
     outbound: &Arc<Outbound>,
@@ -291,7 +283,7 @@ fn start(
             cookie,
             MeshedNetns {
                 flags: CAPTURE_OUTBOUND,
-                _pad: 0,
+                identity,
             },
             0,
         )
@@ -371,7 +363,9 @@ async fn accept_loop(
             Arc::clone(&netns),
             Arc::clone(&outbound),
         );
-        tokio::spawn(async move { outbound.handle(workload, netns, app, dest).await });
+        tokio::spawn(async move {
+            outbound.handle(workload, netns, cookie, app, dest).await;
+        });
     }
 }
 

@@ -19,6 +19,8 @@ pub const ENV_TLS_DIR: &str = "LACEWING_TLS_DIR";
 pub const ENV_SERVICE_CIDRS: &str = "LACEWING_SERVICE_CIDRS";
 /// Kubernetes' default IPv4 service CIDR, and the lab's IPv6 one.
 pub const DEFAULT_SERVICE_CIDRS: &str = "10.96.0.0/12,fd00:96::/108";
+pub const ENV_ACCELERATION: &str = "LACEWING_ACCELERATION";
+pub const ENV_FAST_PATH: &str = "LACEWING_FAST_PATH";
 pub const ENV_MAGLEV_CAPACITY: &str = "LACEWING_MAGLEV_CAPACITY";
 /// The kernel object's own size of `LW_MAGLEV`.
 pub const DEFAULT_MAGLEV_CAPACITY: u32 = 1 << 20;
@@ -92,6 +94,18 @@ pub struct NodeArgs {
     /// (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`).
     #[arg(long, env = "LACEWING_TRUST_DOMAIN", default_value = crate::pki::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// Same-node acceleration: splice the sockets of local hops (app to
+    /// daemon inside a pod, daemon to a pod here) through a sockhash, so
+    /// their bytes skip the TCP/IP stack. `false` is the escape hatch; at
+    /// run time, `lacewing acceleration on|off` flips it without restarting.
+    #[arg(long, env = ENV_ACCELERATION, default_value_t = true, action = clap::ArgAction::Set)]
+    pub acceleration: bool,
+    /// The kernel fast path (with --acceleration): a meshed pod's connection
+    /// to a meshed pod on this node goes straight to it, with no daemon hop,
+    /// when L4 policy alone decides the pair (allowed, or refused at
+    /// connect). `false` keeps every connection through the daemon.
+    #[arg(long, env = ENV_FAST_PATH, default_value_t = true, action = clap::ArgAction::Set)]
+    pub fast_path: bool,
     /// Log format.
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -113,6 +127,8 @@ pub struct NodeConfig {
     pub pod_netns_dir: Option<PathBuf>,
     pub tunnel_addr: SocketAddr,
     pub bootstrap: Option<super::bootstrap::Bootstrap>,
+    pub acceleration: bool,
+    pub fast_path: bool,
 }
 
 /// How to reach the controller.
@@ -189,6 +205,8 @@ impl NodeArgs {
             trust_domain: self.trust_domain,
             pod_netns_dir: self.pod_netns_dir,
             tunnel_addr: self.tunnel_addr,
+            acceleration: self.acceleration,
+            fast_path: self.fast_path,
             bootstrap: self
                 .bootstrap_token_file
                 .zip(self.ca_file)

@@ -5,7 +5,10 @@ use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
-use super::workloads::LocalWorkloads;
+use super::{
+    splice::{SpliceOff, Watch, writer_key},
+    workloads::LocalWorkloads,
+};
 use crate::{
     model::authorization,
     tunnel::{Peer, Refusal},
@@ -14,15 +17,30 @@ use crate::{
 pub struct Inbound {
     pub workloads: Arc<LocalWorkloads>,
     pub trust_domain: String,
+    /// With acceleration: where the daemon switches off a pod that writes
+    /// faster than it can pass on.
+    pub splice_off: Option<Arc<SpliceOff>>,
+}
+
+/// A connection to a pod here, and the watch on the pod's writes into it
+/// (spliced when acceleration is on).
+pub struct Delivery {
+    pub stream: TcpStream,
+    pub watch: Option<Arc<Watch>>,
 }
 
 impl Inbound {
     /// Authorizes `peer`'s stream to `dest` and connects to the pod.
-    pub async fn connect(&self, peer: Peer, dest: SocketAddr) -> Result<TcpStream, Refusal> {
+    pub async fn connect(&self, peer: Peer, dest: SocketAddr) -> Result<Delivery, Refusal> {
         self.authorize(&peer, dest)?;
-        crate::net::connect_bypass(dest)
+        let stream = crate::net::connect_delivery(dest)
             .await
-            .map_err(|e| Refusal::new(503, "connect_failed", format!("{dest}: {e}")))
+            .map_err(|e| Refusal::new(503, "connect_failed", format!("{dest}: {e}")))?;
+        let watch = self.splice_off.as_ref().and_then(|off| {
+            let (local, peer) = (stream.local_addr().ok()?, stream.peer_addr().ok()?);
+            Some(Watch::new(writer_key(local, peer, 0), Arc::clone(off)))
+        });
+        Ok(Delivery { stream, watch })
     }
 
     /// The checks, without connecting: the destination is a meshed pod here;

@@ -13,9 +13,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::SockHash,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
         links::{FdLink, LinkError, PinnedLink},
+        sk_msg::SkMsgLink,
     },
 };
 use mesh_common::names;
@@ -39,6 +41,8 @@ pub enum LoadError {
     Load(#[from] aya::EbpfError),
     #[error("the eBPF object has no program `{0}`: rebuild lacewing-node")]
     MissingProgram(&'static str),
+    #[error("the eBPF object has no map `{0}`: rebuild lacewing-node")]
+    MissingMap(&'static str),
     #[error("program `{name}`: {source}")]
     Program {
         name: &'static str,
@@ -57,6 +61,11 @@ pub enum LoadError {
         path: PathBuf,
         source: aya::pin::PinError,
     },
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("removing pins under {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
 }
@@ -67,6 +76,9 @@ pub struct Datapath {
     /// The pinned links keep the programs attached; the object itself (its
     /// parsed BTF and instructions) is let go once they are.
     links: Vec<PinnedLink>,
+    /// sk_msg is attached to the `LW_SPLICE` map, not through a link; the
+    /// attachment lives as long as the (pinned) map unless detached.
+    splice: SkMsgLink,
     root: PathBuf,
 }
 
@@ -137,6 +149,32 @@ pub fn load_sk_lookup(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadErr
     Ok(ebpf)
 }
 
+/// Loads the sk_msg program and attaches it to `LW_SPLICE` (replacing the
+/// one a kept datapath left there).
+fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<SkMsgLink, LoadError> {
+    let map_err = |source| LoadError::Map {
+        name: names::MAP_SPLICE,
+        source,
+    };
+    let map = ebpf
+        .map(names::MAP_SPLICE)
+        .ok_or(LoadError::MissingMap(names::MAP_SPLICE))?;
+    let sockets: SockHash<_, mesh_common::splice::SpliceKey> =
+        SockHash::try_from(map).map_err(map_err)?;
+    let fd = sockets
+        .fd()
+        .try_clone()
+        .map_err(|e| map_err(aya::maps::MapError::from(e)))?;
+    let name = names::SK_MSG_PROGRAM;
+    let program = load_program!(ebpf, SkMsg, name);
+    let id = program
+        .attach(&fd)
+        .map_err(|source| LoadError::Program { name, source })?;
+    program
+        .take_link(id)
+        .map_err(|source| LoadError::Program { name, source })
+}
+
 /// Pins `link` as `links/<name>`. A pin left by a daemon that was killed is
 /// replaced, which detaches that older link only after ours is attached.
 fn pin_link(link: FdLink, name: &'static str, root: &Path) -> Result<PinnedLink, LoadError> {
@@ -175,13 +213,20 @@ impl Datapath {
         // sock_ops: re-keys captured connections once established.
         let name = names::SOCK_OPS_PROGRAM;
         links.push(attach_cgroup!(ebpf, SockOps, name, &cgroup, &root));
-        tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len(), "attached");
-        Ok(Self { links, root })
+        let splice = attach_sk_msg(&mut ebpf)?;
+        tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len() + 1, "attached");
+        Ok(Self {
+            links,
+            splice,
+            root,
+        })
     }
 
     /// Exits leaving programs attached and maps pinned: the kernel keeps
     /// balancing until the next daemon replaces the pins.
     pub fn keep(self) {
+        // Not detached on drop: the map keeps the program attached.
+        std::mem::forget(self.splice);
         for link in self.links {
             // Dropping a pinned link closes our descriptor; the pin keeps it.
             drop(FdLink::from(link));
@@ -190,7 +235,12 @@ impl Datapath {
 
     /// Detaches every program and removes every pin this daemon made.
     pub fn detach(self) -> Result<(), LoadError> {
-        let Self { links, root } = self;
+        let Self {
+            links,
+            splice,
+            root,
+        } = self;
+        drop(splice);
         for link in links {
             // Unpinning returns the last reference; dropping it detaches.
             let link = link.unpin().map_err(|source| LoadError::Unpin {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Pod,
     maps::{
-        HashMap, Map, MapData, MapError, PerCpuHashMap,
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -16,7 +16,25 @@ use mesh_common::{
         Backend, CIDR_KEY_HEADER_BITS, CidrKey, Service, Slot, SlotKey, SvcCidr, SvcKey, SvcStats,
     },
     names,
+    splice::{self, Settings, SpliceKey},
 };
+
+/// The key of an address in `LW_NODE_ADDRS`, `LW_INBOUND`, `LW_LOCAL_PODS`.
+pub fn addr_key(ip: std::net::IpAddr) -> mesh_common::capture::AddrKey {
+    let (addr, family) = match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            (a, mesh_common::family::INET as u8)
+        }
+        std::net::IpAddr::V6(v6) => (v6.octets(), mesh_common::family::INET6 as u8),
+    };
+    mesh_common::capture::AddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    }
+}
 
 /// Where maps are pinned below a bpffs root.
 pub fn maps_dir(root: &Path) -> PathBuf {
@@ -277,5 +295,102 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
+    }
+}
+
+/// The node's acceleration switch, and what the splice programs did.
+pub struct SpliceMaps {
+    settings: Array<MapData, Settings>,
+    stats: PerCpuArray<MapData, u64>,
+    fast_stats: PerCpuArray<MapData, u64>,
+    sockets: SockHash<MapData, SpliceKey>,
+    daemon_sockets: SockHash<MapData, SpliceKey>,
+}
+
+impl SpliceMaps {
+    /// Opens the pinned maps of the daemon whose bpffs root is `root`.
+    pub fn open(root: &Path) -> Result<Self, MapError> {
+        Ok(Self {
+            settings: Array::try_from(open(root, names::MAP_SETTINGS)?)?,
+            stats: PerCpuArray::try_from(open(root, names::MAP_SPLICE_STATS)?)?,
+            fast_stats: PerCpuArray::try_from(open(root, names::MAP_FAST_STATS)?)?,
+            sockets: SockHash::try_from(open(root, names::MAP_SPLICE)?)?,
+            daemon_sockets: SockHash::try_from(open(root, names::MAP_SPLICE_TO)?)?,
+        })
+    }
+
+    /// Turns acceleration on or off for connections established from now
+    /// on; sockets already spliced go on reading what was moved to them.
+    pub fn set_acceleration(&mut self, on: bool) -> Result<(), MapOpError> {
+        self.set_flag(splice::ACCELERATION, on)
+    }
+
+    /// Turns the kernel fast path on or off for connects from now on
+    /// (it also needs acceleration on).
+    pub fn set_fast_path(&mut self, on: bool) -> Result<(), MapOpError> {
+        self.set_flag(splice::FAST_PATH, on)
+    }
+
+    fn set_flag(&mut self, flag: u32, on: bool) -> Result<(), MapOpError> {
+        let mut settings = self.settings().unwrap_or_default();
+        if on {
+            settings.flags |= flag;
+        } else {
+            settings.flags &= !flag;
+        }
+        self.settings
+            .set(splice::SETTINGS_INDEX, settings, 0)
+            .map_err(ctx(names::MAP_SETTINGS, "update"))
+    }
+
+    pub fn acceleration(&self) -> Result<bool, MapOpError> {
+        Ok(self.settings()?.flags & splice::ACCELERATION != 0)
+    }
+
+    /// Whether the fast path is switched on (it works only with
+    /// acceleration on too).
+    pub fn fast_path(&self) -> Result<bool, MapOpError> {
+        Ok(self.settings()?.flags & splice::FAST_PATH != 0)
+    }
+
+    /// The connect hook's fast-path decisions: (path, reason, count).
+    pub fn decisions(&self) -> Result<Vec<(&'static str, &'static str, u64)>, MapOpError> {
+        mesh_common::fastpath::STAT_NAMES
+            .iter()
+            .map(|&(index, path, reason)| {
+                let per_cpu = self
+                    .fast_stats
+                    .get(&index, 0)
+                    .map_err(ctx(names::MAP_FAST_STATS, "lookup"))?;
+                Ok((path, reason, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    fn settings(&self) -> Result<Settings, MapOpError> {
+        self.settings
+            .get(&splice::SETTINGS_INDEX, 0)
+            .map_err(ctx(names::MAP_SETTINGS, "lookup"))
+    }
+
+    /// Sockets added to the sockhash, by leg name, summed over CPUs.
+    pub fn added(&self) -> Result<Vec<(&'static str, u64)>, MapOpError> {
+        splice::STAT_NAMES
+            .iter()
+            .map(|&(index, leg)| {
+                let per_cpu = self
+                    .stats
+                    .get(&index, 0)
+                    .map_err(ctx(names::MAP_SPLICE_STATS, "lookup"))?;
+                Ok((leg, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Sockets in the two sockhashes now (apps' and pods' ends, the
+    /// daemon's ends).
+    pub fn sockets(&self) -> usize {
+        self.sockets.keys().filter(Result::is_ok).count()
+            + self.daemon_sockets.keys().filter(Result::is_ok).count()
     }
 }

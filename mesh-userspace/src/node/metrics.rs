@@ -49,7 +49,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(registry: &mut Registry, lb: Arc<Mutex<LoadBalancer>>) -> Self {
+    pub fn new(
+        registry: &mut Registry,
+        lb: Arc<Mutex<LoadBalancer>>,
+        splice: super::maps::SpliceMaps,
+    ) -> Self {
         let metrics = Self::default();
         registry.register(
             "lacewing_config_applies",
@@ -66,7 +70,7 @@ impl Metrics {
             "When the current certificate of each workload identity on this node expires (Unix time)",
             metrics.certificate_expiry.clone(),
         );
-        registry.register_collector(Box::new(KernelCollector { lb }));
+        registry.register_collector(Box::new(KernelCollector { lb, splice }));
         metrics
     }
 
@@ -106,6 +110,21 @@ impl Metrics {
 /// Reads the kernel's per-service counters at scrape time.
 struct KernelCollector {
     lb: Arc<Mutex<LoadBalancer>>,
+    splice: super::maps::SpliceMaps,
+}
+
+/// The `leg` label of splice counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LegLabels {
+    leg: &'static str,
+}
+
+/// Labels of the fast path's decisions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    /// `kernel` (decided by the connect hook) or `daemon` (sent to it).
+    path: &'static str,
+    reason: &'static str,
 }
 
 impl std::fmt::Debug for KernelCollector {
@@ -175,6 +194,64 @@ impl Collector for KernelCollector {
         )?;
         for (labels, s) in &rows {
             ConstGauge::new(s.backends as i64).encode(backends.encode_family(labels)?)?;
+        }
+        drop(backends);
+        self.encode_splice(&mut encoder)
+    }
+}
+
+impl KernelCollector {
+    fn encode_splice(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, on) in [
+            (
+                "lacewing_acceleration_enabled",
+                "1 when same-node acceleration (sockmap splicing of local hops) is on",
+                self.splice.acceleration(),
+            ),
+            (
+                "lacewing_fast_path_enabled",
+                "1 when the kernel fast path (same-node pod to pod, no daemon hop) is switched on; it also needs acceleration",
+                self.splice.fast_path(),
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::from(on.unwrap_or(false)));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let gauge = ConstGauge::new(self.splice.sockets() as i64);
+        gauge.encode(encoder.encode_descriptor(
+            "lacewing_splice_sockets",
+            "Sockets in the splice sockhash now (both ends of each local hop)",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        match self.splice.added() {
+            Ok(rows) => {
+                let mut family = encoder.encode_descriptor(
+                    "lacewing_splice_sockets_added",
+                    "Sockets added to the splice sockhash, by leg (capture: app and in-pod listener; delivery: daemon and pod here; map_full: refused)",
+                    None,
+                    prometheus_client::metrics::MetricType::Counter,
+                )?;
+                for (leg, n) in rows {
+                    ConstCounter::new(n).encode(family.encode_family(&LegLabels { leg })?)?;
+                }
+            }
+            Err(err) => tracing::warn!(%err, "reading splice counters for /metrics"),
+        }
+        match self.splice.decisions() {
+            Ok(rows) => {
+                let mut family = encoder.encode_descriptor(
+                    "lacewing_fast_path_decisions",
+                    "Meshed pods' connects by where the kernel sent them (kernel: straight to a pod here, or refused; daemon: through the node daemon) and why",
+                    None,
+                    prometheus_client::metrics::MetricType::Counter,
+                )?;
+                for (path, reason, n) in rows {
+                    ConstCounter::new(n)
+                        .encode(family.encode_family(&DecisionLabels { path, reason })?)?;
+                }
+            }
+            Err(err) => tracing::warn!(%err, "reading fast path counters for /metrics"),
         }
         Ok(())
     }

@@ -14,7 +14,12 @@ use std::{
 
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{identity::Identities, inbound::Inbound, workloads::LocalWorkloads};
+use super::{
+    identity::Identities,
+    inbound::Inbound,
+    splice::{SpliceOff, Unread, Watch, Watched, writer_key},
+    workloads::LocalWorkloads,
+};
 use crate::{
     model::workloads::Workload,
     pki,
@@ -33,6 +38,9 @@ pub struct Outbound {
     pub roots: Arc<rustls::RootCertStore>,
     pub trust_domain: String,
     pub metrics: TunnelMetrics,
+    /// With acceleration: where the daemon switches off an app that writes
+    /// faster than it can pass on.
+    pub splice_off: Option<Arc<SpliceOff>>,
 }
 
 impl Outbound {
@@ -41,10 +49,19 @@ impl Outbound {
         &self,
         source: Arc<Workload>,
         netns: Arc<File>,
+        netns_cookie: u64,
         app: TcpStream,
         dest: SocketAddr,
     ) {
         let _ = app.set_nodelay(true);
+        // The app's writes reach `app` spliced (when acceleration is on).
+        let watch = self.splice_off.as_ref().and_then(|off| {
+            let (local, peer) = (app.local_addr().ok()?, app.peer_addr().ok()?);
+            Some(Watch::new(
+                writer_key(local, peer, netns_cookie),
+                Arc::clone(off),
+            ))
+        });
         let source_ip = source
             .addresses
             .iter()
@@ -61,7 +78,7 @@ impl Outbound {
             // Same node: the destination's checks, no TLS on the wire.
             match self.inbound.connect(peer, dest).await {
                 Ok(upstream) => {
-                    splice_app(app, upstream).await;
+                    splice_app(app, watch, upstream.stream, upstream.watch).await;
                 }
                 Err(refusal) => {
                     tracing::info!(%identity, %dest, reason = refusal.reason, detail = %refusal.detail, "same-node connection refused");
@@ -73,7 +90,8 @@ impl Outbound {
             match self.tunnel(&identity, source_ip, &to, dest).await {
                 Ok(upgraded) => {
                     self.metrics.opened("outbound");
-                    let (up, down) = splice_app(app, hyper_util::rt::TokioIo::new(upgraded)).await;
+                    let tunnel = hyper_util::rt::TokioIo::new(upgraded);
+                    let (up, down) = splice_app(app, watch, tunnel, None).await;
                     self.metrics.closed("outbound", up, down);
                 }
                 Err(err) => {
@@ -84,7 +102,7 @@ impl Outbound {
         } else {
             match connect_from(&netns, dest).await {
                 Ok(upstream) => {
-                    splice_app(app, upstream).await;
+                    splice_app(app, watch, upstream, None).await;
                 }
                 Err(err) => {
                     tracing::debug!(%dest, %err, "passthrough connect failed");
@@ -138,22 +156,34 @@ async fn connect_from(netns: &File, dest: SocketAddr) -> std::io::Result<TcpStre
 }
 
 /// Splices the app's connection with the other side; if the other side
-/// resets, the app's connection is reset too (not closed cleanly).
-async fn splice_app<B>(mut app: TcpStream, mut other: B) -> (u64, u64)
+/// resets, the app's connection is reset too (not closed cleanly). The
+/// watches are on spliced writers into each side (the app's; a pod's here).
+async fn splice_app<B>(
+    mut app: TcpStream,
+    app_watch: Option<Arc<Watch>>,
+    other: B,
+    other_watch: Option<Arc<Watch>>,
+) -> (u64, u64)
 where
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unread + Unpin,
 {
+    let mut other = Watched::new(other, other_watch.clone(), app_watch.clone());
+    let mut app_side = Watched::new(&mut app, app_watch, other_watch);
     match tokio::io::copy_bidirectional_with_sizes(
-        &mut app,
+        &mut app_side,
         &mut other,
         tunnel::COPY_BUFFER,
         tunnel::COPY_BUFFER,
     )
     .await
     {
-        Ok(counts) => counts,
+        Ok(counts) => {
+            tracing::debug!(up = counts.0, down = counts.1, "connection done");
+            counts
+        }
         Err(err) => {
             tracing::debug!(%err, "connection reset");
+            drop(app_side);
             reset(app);
             (0, 0)
         }

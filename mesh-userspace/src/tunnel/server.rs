@@ -10,17 +10,18 @@ use futures::future::BoxFuture;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{Peer, Refusal, metrics::TunnelMetrics, parse_forwarded, tls};
+use crate::node::{inbound::Delivery, splice::Watched};
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Authorizes a stream and connects to its destination.
 pub type Connector =
-    Arc<dyn Fn(Peer, SocketAddr) -> BoxFuture<'static, Result<TcpStream, Refusal>> + Send + Sync>;
+    Arc<dyn Fn(Peer, SocketAddr) -> BoxFuture<'static, Result<Delivery, Refusal>> + Send + Sync>;
 
 /// Serves the tunnel on `listener` until the task is dropped. `tls` is read
 /// for every handshake, so a renewed node certificate takes effect at once.
@@ -140,7 +141,13 @@ async fn stream_request(
     metrics.opened("inbound");
     tokio::spawn(async move {
         let (to_dest, to_source) = match hyper::upgrade::on(req).await {
-            Ok(upgraded) => splice(TokioIo::new(upgraded), upstream).await,
+            Ok(upgraded) => {
+                // The pod's spliced writes are watched: its replies must not
+                // outrun the tunnel.
+                let tunnel = Watched::new(TokioIo::new(upgraded), None, upstream.watch.clone());
+                let pod = Watched::new(upstream.stream, upstream.watch, None);
+                splice(tunnel, pod).await
+            }
             Err(err) => {
                 tracing::debug!(%err, "tunnel stream upgrade failed");
                 (0, 0)

@@ -89,9 +89,13 @@ async fn setup(tag: &str) -> Setup {
                     format!("{:?} is not {WEB}", peer.source),
                 ));
             }
-            TcpStream::connect(dest)
+            let stream = TcpStream::connect(dest)
                 .await
-                .map_err(|e| Refusal::new(503, "connect_failed", e.to_string()))
+                .map_err(|e| Refusal::new(503, "connect_failed", e.to_string()))?;
+            Ok(crate::node::inbound::Delivery {
+                stream,
+                watch: None,
+            })
         }
         .boxed()
     });

@@ -1,0 +1,277 @@
+//! Same-node acceleration (see `mesh_common::splice`): sock_ops adds the
+//! sockets of local hops when they are established, the app's or pod's end
+//! to `LW_SPLICE` and the daemon's end to `LW_SPLICE_TO`; `lw_sk_msg`
+//! (attached to `LW_SPLICE`) moves each write of the former straight into
+//! the daemon's receive queue.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_FIN_WAIT1},
+    helpers::{bpf_get_netns_cookie, bpf_map_delete_elem},
+    macros::sk_msg,
+    programs::{SkMsgContext, SockOpsContext},
+};
+use mesh_common::{
+    capture::{AddrKey, OUTBOUND_PORT},
+    family,
+    names::DELIVERY_MARK,
+    splice::{
+        ACCELERATION, SETTINGS_INDEX, STAT_CAPTURE_LEG, STAT_DELIVERY_LEG, STAT_MAP_FULL, SpliceKey,
+    },
+};
+
+use crate::maps::{
+    LW_MESHED_NETNS, LW_NODE_ADDRS, LW_SETTINGS, LW_SPLICE, LW_SPLICE_OFF, LW_SPLICE_STATS,
+    LW_SPLICE_TO,
+};
+
+/// sk_msg verdict: deliver (to the peer if a redirect was set, else as usual).
+const SK_PASS: u32 = 1;
+/// What `bpf_msg_redirect_hash` returns when it set the redirect.
+const SK_PASS_LONG: i64 = 1;
+
+/// Whether the node's acceleration switch is on.
+#[inline(always)]
+fn enabled() -> bool {
+    LW_SETTINGS
+        .get(SETTINGS_INDEX)
+        .is_some_and(|s| s.flags & ACCELERATION != 0)
+}
+
+#[inline(always)]
+fn count(stat: u32) {
+    if let Some(c) = LW_SPLICE_STATS.get_ptr_mut(stat) {
+        // SAFETY: a per-CPU slot, only this CPU writes it.
+        unsafe { *c += 1 };
+    }
+}
+
+/// The connection as one socket sees it. Fields are those sock_ops and
+/// sk_msg contexts share; IPv4-mapped IPv6 is keyed as IPv4 so a dual-stack
+/// socket finds a plain IPv4 peer.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn key(
+    fam: u32,
+    local4: u32,
+    remote4: u32,
+    local6: [u32; 4],
+    remote6: [u32; 4],
+    local_port: u32,
+    remote_port_be: u32,
+) -> SpliceKey {
+    let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+    let (family, local, remote) = if fam == u32::from(family::INET) {
+        (family::INET, [local4, 0, 0, 0], [remote4, 0, 0, 0])
+    } else if local6[0] == 0 && local6[1] == 0 && local6[2] == mapped {
+        (family::INET, [local6[3], 0, 0, 0], [remote6[3], 0, 0, 0])
+    } else {
+        (family::INET6, local6, remote6)
+    };
+    SpliceKey {
+        netns_cookie: 0,
+        local,
+        remote,
+        local_port: local_port as u16,
+        // Both contexts give the remote port in network order in the upper
+        // 16 bits (the kernel shifts it there on little-endian machines).
+        remote_port: u16::from_be((remote_port_be >> 16) as u16),
+        family: family as u8,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn is_loopback(k: &SpliceKey) -> bool {
+    if k.family == family::INET as u8 {
+        k.remote[0].to_ne_bytes()[0] == 127
+    } else {
+        k.remote[0] == 0
+            && k.remote[1] == 0
+            && k.remote[2] == 0
+            && k.remote[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    }
+}
+
+#[inline(always)]
+fn addr_key(k: &SpliceKey) -> AddrKey {
+    let mut addr = [0u8; 16];
+    addr[0..4].copy_from_slice(&k.remote[0].to_ne_bytes());
+    addr[4..8].copy_from_slice(&k.remote[1].to_ne_bytes());
+    addr[8..12].copy_from_slice(&k.remote[2].to_ne_bytes());
+    addr[12..16].copy_from_slice(&k.remote[3].to_ne_bytes());
+    AddrKey {
+        addr,
+        family: k.family,
+        _pad: [0; 3],
+    }
+}
+
+/// Which map a local hop's socket goes in.
+enum Role {
+    /// An app's or pod's socket: its writes are moved to the daemon.
+    Sender,
+    /// The daemon's socket: it receives them (its own writes go the usual
+    /// way, where TCP bounds what a slow reader makes anyone buffer).
+    Daemon,
+}
+
+/// Called by sock_ops when a connection is established (`active`: we
+/// connected). Adds the socket if it is one end of a local hop.
+#[inline(always)]
+pub fn established(ctx: &SockOpsContext, active: bool) {
+    if !enabled() {
+        return;
+    }
+    let ops = ctx.ops;
+    let mut k = ops_key(ctx);
+    // SAFETY: helper valid in sock_ops programs.
+    let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
+    // SAFETY: only tested for presence.
+    let meshed = unsafe { LW_MESHED_NETNS.get(netns) }.is_some();
+    let (stat, role) = if is_loopback(&k) {
+        // The capture leg: the app's socket to the in-pod listener (a
+        // sender), or the listener's accepted socket (the daemon's).
+        let listener_port = if active { k.remote_port } else { k.local_port };
+        if !meshed || listener_port != OUTBOUND_PORT {
+            return;
+        }
+        k.netns_cookie = netns;
+        (
+            STAT_CAPTURE_LEG,
+            if active { Role::Sender } else { Role::Daemon },
+        )
+    } else if active {
+        // The daemon's connection to a pod here.
+        // SAFETY: `sk` is a full socket in the established callbacks, checked
+        // for null; `mark` is a readable field of it.
+        let mark = unsafe {
+            let sk = (*ops).__bindgen_anon_2.sk;
+            if sk.is_null() {
+                return;
+            }
+            (*sk).mark
+        };
+        if mark != DELIVERY_MARK {
+            return;
+        }
+        (STAT_DELIVERY_LEG, Role::Daemon)
+    } else {
+        // A meshed pod's end of a connection from the node (the daemon).
+        // SAFETY: only tested for presence.
+        if !meshed || unsafe { LW_NODE_ADDRS.get(addr_key(&k)) }.is_none() {
+            return;
+        }
+        (STAT_DELIVERY_LEG, Role::Sender)
+    };
+    if let Role::Sender = role {
+        // A new connection on a reused tuple starts spliced.
+        let _ = LW_SPLICE_OFF.remove(k);
+        // Told of its state changes: it leaves the map when it half-closes.
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+    // SAFETY: `ops` is this program's context.
+    let added = match role {
+        Role::Sender => LW_SPLICE.update(&mut k, unsafe { &mut *ops }, u64::from(BPF_ANY)),
+        // SAFETY: as above.
+        Role::Daemon => LW_SPLICE_TO.update(&mut k, unsafe { &mut *ops }, u64::from(BPF_ANY)),
+    };
+    match added {
+        Ok(()) => count(stat),
+        Err(_) => count(STAT_MAP_FULL),
+    }
+}
+
+/// The socket's key as sock_ops sees it (without the netns cookie).
+#[inline(always)]
+fn ops_key(ctx: &SockOpsContext) -> SpliceKey {
+    let ops = ctx.ops;
+    // SAFETY: plain loads of the program's own context; the IPv6 fields are
+    // read only for IPv6 sockets.
+    unsafe {
+        let fam = (*ops).family;
+        let (l6, r6) = if fam == u32::from(family::INET6) {
+            ((*ops).local_ip6, (*ops).remote_ip6)
+        } else {
+            ([0; 4], [0; 4])
+        };
+        key(
+            fam,
+            (*ops).local_ip4,
+            (*ops).remote_ip4,
+            l6,
+            r6,
+            (*ops).local_port,
+            (*ops).remote_port,
+        )
+    }
+}
+
+/// Called by sock_ops on a sender's state change. When the app (or pod)
+/// half-closes, its socket leaves `LW_SPLICE`: it has nothing more to
+/// write, and a socket in a sockmap reads through the kernel's sockmap
+/// receive path, whose blocking reads return early once its FIN is
+/// acknowledged (an app blocked in recv() after shutdown(SHUT_WR) would see
+/// a false end of stream). Nothing is ever moved into a sender, so leaving
+/// loses nothing.
+#[inline(always)]
+pub fn state_changed(ctx: &SockOpsContext) {
+    if ctx.arg(1) != BPF_TCP_FIN_WAIT1 {
+        return;
+    }
+    let mut k = ops_key(ctx);
+    if is_loopback(&k) {
+        // SAFETY: helper valid in sock_ops programs.
+        k.netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    }
+    // SAFETY: the map pointer is the map's own definition and `k` lives on
+    // the stack for the call; sock_ops may delete from a sockhash.
+    unsafe {
+        bpf_map_delete_elem(
+            core::ptr::from_ref(&LW_SPLICE).cast_mut().cast(),
+            core::ptr::from_ref(&k).cast(),
+        );
+    }
+}
+
+#[sk_msg]
+pub fn lw_sk_msg(ctx: SkMsgContext) -> u32 {
+    let msg = ctx.msg;
+    // SAFETY: plain loads of the program's own context; the IPv6 fields are
+    // read only for IPv6 sockets.
+    let mut k = unsafe {
+        let fam = (*msg).family;
+        let (l6, r6) = if fam == u32::from(family::INET6) {
+            ((*msg).local_ip6, (*msg).remote_ip6)
+        } else {
+            ([0; 4], [0; 4])
+        };
+        key(
+            fam,
+            (*msg).local_ip4,
+            (*msg).remote_ip4,
+            l6,
+            r6,
+            (*msg).local_port,
+            (*msg).remote_port,
+        )
+    };
+    if is_loopback(&k) {
+        // SAFETY: helper valid in sk_msg programs (Linux 5.15+).
+        k.netns_cookie = unsafe { bpf_get_netns_cookie(msg.cast()) };
+    }
+    // SAFETY: only tested for presence.
+    if unsafe { LW_SPLICE_OFF.get(k) }.is_some() {
+        return SK_PASS;
+    }
+    // The daemon reads moved bytes before those that came the usual way, so
+    // once a socket has written the usual way it must never be moved again:
+    // switched off (even if switched on again later), or its peer not (yet)
+    // in the map, it stays off for good.
+    let mut peer = k.peer();
+    if !enabled()
+        || LW_SPLICE_TO.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) != SK_PASS_LONG
+    {
+        let _ = LW_SPLICE_OFF.insert(k, 1, 0);
+    }
+    SK_PASS
+}
