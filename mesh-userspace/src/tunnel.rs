@@ -21,6 +21,10 @@ pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// Copy buffer per direction of a spliced stream.
 pub const COPY_BUFFER: usize = 64 << 10;
+/// Streams one tunnel connection may carry at once (hyper's default is 200,
+/// which would stall the 201st connection between two pods' nodes). Flow
+/// control still bounds what they buffer: `CONNECTION_WINDOW` in all.
+pub const MAX_STREAMS: u32 = 1 << 16;
 
 /// Who opened a stream, as the destination node learns it.
 #[derive(Clone, Debug, PartialEq, Eq)]

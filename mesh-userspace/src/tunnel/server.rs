@@ -90,6 +90,7 @@ pub async fn serve(
             if let Err(err) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .initial_stream_window_size(super::STREAM_WINDOW)
                 .initial_connection_window_size(super::CONNECTION_WINDOW)
+                .max_concurrent_streams(super::MAX_STREAMS)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
