@@ -4,4 +4,5 @@
 
 pub mod control_plane;
 pub mod l4;
+pub mod local;
 pub mod tunnel;

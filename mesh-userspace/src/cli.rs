@@ -117,6 +117,16 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
+    /// Pod to pod on one node, four ways: no mesh, acceleration off,
+    /// daemon hops spliced (sockmap), kernel fast path.
+    Local {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 15)]
+        seconds: u32,
+        /// Runs of each measurement; the median is kept.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
     /// Short TCP connections to a ClusterIP: Lacewing vs kube-proxy
     /// (iptables, nftables) vs a direct connect.
     L4 {
@@ -184,6 +194,27 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 "{}",
                 crate::bench::control_plane::result_line(&opts, &outcome)
             );
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Local { seconds, rounds }) => {
+            let bin = sibling_binary("lacewing-node")?;
+            let dir = bin
+                .parent()
+                .ok_or_else(|| anyhow::anyhow!("{} has no folder", bin.display()))?;
+            let o =
+                crate::bench::local::run(dir, &crate::bench::tunnel::Options { seconds, rounds })?;
+            for (name, f) in [
+                ("no mesh", &o.no_mesh),
+                ("acceleration off", &o.off),
+                ("sockmap", &o.sockmap),
+                ("fast path", &o.fast_path),
+            ] {
+                println!(
+                    "{name:>16}: {:.2} Gbit/s, ul p50 {:.1} us, p99 {:.1} us, pp {:.1} us",
+                    f.gbits, f.ul_p50_us, f.ul_p99_us, f.pp_avg_us
+                );
+            }
+            println!("{}", crate::bench::local::result_line(&o));
             Ok(0)
         }
         Command::Bench(BenchCommand::Tunnel { seconds, rounds }) => {

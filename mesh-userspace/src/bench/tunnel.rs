@@ -43,50 +43,17 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     let lab = Lab::new(2, 1)?;
     let (client, server) = (lab.pod("n0-p0")?, lab.pod("n1-p0")?);
     let mesh = lab.start_mesh(bin_dir)?;
-    let _servers = [
-        spawn(
-            &lab,
-            &server,
-            "iperf3",
-            &["-s", "-p", &IPERF_PORT.to_string()],
-        )?,
-        spawn(
-            &lab,
-            &server,
-            "sockperf",
-            &["sr", "--tcp", "-p", &SOCKPERF_PORT.to_string()],
-        )?,
-    ];
-    std::thread::sleep(Duration::from_secs(1));
-    let pods = |enrolled: bool| {
-        let ns = format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench, labels: {{lacewing.io/mesh: {}}}}}\n",
-            if enrolled { "enabled" } else { "disabled" }
-        );
-        let pod = |name: &str, node: &str, p: &PodSpec| {
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{nodeName: {node}}}\nstatus: {{phase: Running, podIP: \"{}\"}}\n",
-                p.ip4()
-            )
-        };
-        [
-            ns,
-            "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {mtlsMode: Strict}\n".into(),
-            pod("client", "n0", &client),
-            pod("server", "n1", &server),
-        ]
-        .join("---\n")
-    };
+    let _servers = start_servers(&lab, &server)?;
     let file = mesh.folder.join("bench.yaml");
-    std::fs::write(&file, pods(false))?;
+    std::fs::write(&file, pods_yaml(false, (&client, "n0"), (&server, "n1")))?;
     std::thread::sleep(Duration::from_secs(1));
     eprintln!(
         "measuring with no mesh ({} s each, {} rounds)",
         opts.seconds, opts.rounds
     );
     let direct = measure(&lab, &client, &server, opts, None)?;
-    std::fs::write(&file, pods(true))?;
-    wait_for_certificates(&lab)?;
+    std::fs::write(&file, pods_yaml(true, (&client, "n0"), (&server, "n1")))?;
+    wait_for_certificates(&lab, &["n0", "n1"])?;
     eprintln!("measuring through the mesh (STRICT)");
     let mut cpu = Vec::new();
     let mesh_figures = measure(&lab, &client, &server, opts, Some((&mesh.nodes, &mut cpu)))?;
@@ -114,6 +81,52 @@ pub fn result_line(o: &Outcome) -> String {
     )
 }
 
+/// iperf3 and sockperf servers in `server`, given a second to listen.
+pub(super) fn start_servers(lab: &Lab, server: &PodSpec) -> anyhow::Result<Vec<LabProcess>> {
+    let servers = vec![
+        spawn(
+            lab,
+            server,
+            "iperf3",
+            &["-s", "-p", &IPERF_PORT.to_string()],
+        )?,
+        spawn(
+            lab,
+            server,
+            "sockperf",
+            &["sr", "--tcp", "-p", &SOCKPERF_PORT.to_string()],
+        )?,
+    ];
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(servers)
+}
+
+/// The bench namespace (enrolled in the mesh, STRICT, or not) with a
+/// client and a server pod on the given nodes.
+pub(super) fn pods_yaml(
+    enrolled: bool,
+    client: (&PodSpec, &str),
+    server: (&PodSpec, &str),
+) -> String {
+    let ns = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench, labels: {{lacewing.io/mesh: {}}}}}\n",
+        if enrolled { "enabled" } else { "disabled" }
+    );
+    let pod = |name: &str, (p, node): (&PodSpec, &str)| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{nodeName: {node}}}\nstatus: {{phase: Running, podIP: \"{}\"}}\n",
+            p.ip4()
+        )
+    };
+    [
+        ns,
+        "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {mtlsMode: Strict}\n".into(),
+        pod("client", client),
+        pod("server", server),
+    ]
+    .join("---\n")
+}
+
 fn spawn(lab: &Lab, pod: &PodSpec, program: &str, args: &[&str]) -> anyhow::Result<LabProcess> {
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -123,8 +136,8 @@ fn spawn(lab: &Lab, pod: &PodSpec, program: &str, args: &[&str]) -> anyhow::Resu
         .with_context(|| format!("starting {program} (install it with `cargo xtask setup`)"))
 }
 
-fn wait_for_certificates(lab: &Lab) -> anyhow::Result<()> {
-    for node in ["n0", "n1"] {
+pub(super) fn wait_for_certificates(lab: &Lab, nodes: &[&str]) -> anyhow::Result<()> {
+    for &node in nodes {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         loop {
             let status = lab
@@ -144,7 +157,7 @@ fn wait_for_certificates(lab: &Lab) -> anyhow::Result<()> {
 
 /// Runs every measurement `rounds` times; with `daemons`, also records
 /// their CPU during each `ul` run.
-fn measure(
+pub(super) fn measure(
     lab: &Lab,
     client: &PodSpec,
     server: &PodSpec,
