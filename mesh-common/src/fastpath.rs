@@ -1,7 +1,8 @@
 //! The same-node fast path: a meshed pod's connect to a meshed pod on the
 //! same node goes straight to it, with no daemon hop, when the node's L4
-//! policy alone decides the pair (see `splice` for how its two sockets are
-//! then spliced). The connect hook decides from two maps the daemon keeps:
+//! policy alone decides the pair; the connection is then exactly the
+//! no-mesh path (not spliced: see `splice` for why only writes toward the
+//! daemon are). The connect hook decides from two maps the daemon keeps:
 //! the meshed pods here by address (`LW_LOCAL_PODS`, with their identity's
 //! number) and the verdict for each (source identity, destination pod)
 //! pair that does not depend on the port or on L7 (`LW_PAIR_POLICY`). No

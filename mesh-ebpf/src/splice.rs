@@ -27,7 +27,7 @@ use crate::maps::{
 /// sk_msg verdict: deliver (to the peer if a redirect was set, else as usual).
 const SK_PASS: u32 = 1;
 /// What `bpf_msg_redirect_hash` returns when it set the redirect.
-const SK_PASS_LONG: i64 = 1;
+const REDIRECT_SET: i64 = 1;
 
 /// Whether the node's acceleration switch is on.
 #[inline(always)]
@@ -269,7 +269,7 @@ pub fn lw_sk_msg(ctx: SkMsgContext) -> u32 {
     // in the map, it stays off for good.
     let mut peer = k.peer();
     if !enabled()
-        || LW_SPLICE_TO.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) != SK_PASS_LONG
+        || LW_SPLICE_TO.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) != REDIRECT_SET
     {
         let _ = LW_SPLICE_OFF.insert(k, 1, 0);
     }

@@ -210,8 +210,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 ("fast path", &o.fast_path),
             ] {
                 println!(
-                    "{name:>16}: {:.2} Gbit/s, ul p50 {:.1} us, p99 {:.1} us, pp {:.1} us",
-                    f.gbits, f.ul_p50_us, f.ul_p99_us, f.pp_avg_us
+                    "{name:>16}: {:.2} Gbit/s, pp p50 {:.1} us, p99 {:.1} us; ul p50 {:.1} us, p99 {:.1} us",
+                    f.gbits, f.pp_p50_us, f.pp_p99_us, f.ul_p50_us, f.ul_p99_us
                 );
             }
             println!("{}", crate::bench::local::result_line(&o));

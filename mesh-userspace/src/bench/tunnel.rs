@@ -24,6 +24,9 @@ pub struct Figures {
     pub ul_p50_us: f64,
     pub ul_p99_us: f64,
     pub pp_avg_us: f64,
+    /// Ping-pong percentiles (sockperf's pp latency: half the round trip).
+    pub pp_p50_us: f64,
+    pub pp_p99_us: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -167,6 +170,7 @@ pub(super) fn measure(
     let ip = server.ip4().to_string();
     let secs = opts.seconds.to_string();
     let (mut gbits, mut p50, mut p99, mut pp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut pp50, mut pp99) = (Vec::new(), Vec::new());
     for _ in 0..opts.rounds {
         let out = run_in(
             lab,
@@ -230,16 +234,20 @@ pub(super) fn measure(
             ],
         )?;
         pp.push(average(&out)?);
+        pp50.push(percentile(&out, "50.000")?);
+        pp99.push(percentile(&out, "99.000")?);
     }
     let f = Figures {
         gbits: median(gbits),
         ul_p50_us: median(p50),
         ul_p99_us: median(p99),
         pp_avg_us: median(pp),
+        pp_p50_us: median(pp50),
+        pp_p99_us: median(pp99),
     };
     eprintln!(
-        "  iperf3 {:.2} Gbit/s; sockperf ul p50 {:.1} us p99 {:.1} us; pp avg {:.1} us",
-        f.gbits, f.ul_p50_us, f.ul_p99_us, f.pp_avg_us
+        "  iperf3 {:.2} Gbit/s; sockperf ul p50 {:.1} us p99 {:.1} us; pp avg {:.1} us p50 {:.1} us p99 {:.1} us",
+        f.gbits, f.ul_p50_us, f.ul_p99_us, f.pp_avg_us, f.pp_p50_us, f.pp_p99_us
     );
     Ok(f)
 }

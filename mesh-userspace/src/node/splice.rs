@@ -18,7 +18,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, SockHash};
 use mesh_common::{family, names, splice::SpliceKey};
 use prometheus_client::metrics::counter::Counter;
 use std::future::Future as _;
@@ -31,25 +31,35 @@ use super::maps::open;
 /// behind it.
 const FULL_READS_BEHIND: u32 = 8;
 
-/// `LW_SPLICE_OFF`, and a count of the writers the daemon switched off.
+/// `LW_SPLICE_OFF` and `LW_SPLICE`, and a count of the writers the daemon
+/// switched off.
 pub struct SpliceOff {
-    map: Mutex<BpfHashMap<MapData, SpliceKey, u8>>,
+    maps: Mutex<(BpfHashMap<MapData, SpliceKey, u8>, SockHash<MapData, SpliceKey>)>,
     pub switched_off: Counter,
 }
 
 impl SpliceOff {
     pub fn open(root: &Path) -> Result<Self, MapError> {
         Ok(Self {
-            map: Mutex::new(BpfHashMap::try_from(open(root, names::MAP_SPLICE_OFF)?)?),
+            maps: Mutex::new((
+                BpfHashMap::try_from(open(root, names::MAP_SPLICE_OFF)?)?,
+                SockHash::try_from(open(root, names::MAP_SPLICE)?)?,
+            )),
             switched_off: Counter::default(),
         })
     }
 
+    /// Switches the writer off, then takes it out of `LW_SPLICE`: its
+    /// writes then skip the sk_msg program too (plain TCP, full speed).
+    /// Nothing is ever moved into a writer, so leaving loses nothing.
     fn switch_off(&self, key: &SpliceKey) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        match map.insert(key, 1, 0) {
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let (off, writers) = &mut *maps;
+        match off.insert(key, 1, 0) {
             Ok(()) => {
                 self.switched_off.inc();
+                // Already gone if it half-closed or closed.
+                let _ = writers.remove(key);
             }
             Err(err) => tracing::warn!(%err, "switching a spliced writer off"),
         }
