@@ -838,6 +838,6 @@ fn a_fast_writer_into_a_spliced_hop_cannot_make_the_kernel_queue_without_bound()
     assert!(
         most_pages * 4096 < 256 << 20,
         "TCP memory reached {} MiB",
-        most_pages * 4096 >> 20
+        (most_pages * 4096) >> 20
     );
 }

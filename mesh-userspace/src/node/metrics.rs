@@ -195,7 +195,6 @@ impl Collector for KernelCollector {
         for (labels, s) in &rows {
             ConstGauge::new(s.backends as i64).encode(backends.encode_family(labels)?)?;
         }
-        drop(backends);
         self.encode_splice(&mut encoder)
     }
 }

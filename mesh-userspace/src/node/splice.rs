@@ -34,17 +34,23 @@ const FULL_READS_BEHIND: u32 = 8;
 /// `LW_SPLICE_OFF` and `LW_SPLICE`, and a count of the writers the daemon
 /// switched off.
 pub struct SpliceOff {
-    maps: Mutex<(BpfHashMap<MapData, SpliceKey, u8>, SockHash<MapData, SpliceKey>)>,
+    maps: Mutex<OffMaps>,
     pub switched_off: Counter,
+}
+
+/// `LW_SPLICE_OFF` and `LW_SPLICE`, written together.
+struct OffMaps {
+    off: BpfHashMap<MapData, SpliceKey, u8>,
+    writers: SockHash<MapData, SpliceKey>,
 }
 
 impl SpliceOff {
     pub fn open(root: &Path) -> Result<Self, MapError> {
         Ok(Self {
-            maps: Mutex::new((
-                BpfHashMap::try_from(open(root, names::MAP_SPLICE_OFF)?)?,
-                SockHash::try_from(open(root, names::MAP_SPLICE)?)?,
-            )),
+            maps: Mutex::new(OffMaps {
+                off: BpfHashMap::try_from(open(root, names::MAP_SPLICE_OFF)?)?,
+                writers: SockHash::try_from(open(root, names::MAP_SPLICE)?)?,
+            }),
             switched_off: Counter::default(),
         })
     }
@@ -54,7 +60,7 @@ impl SpliceOff {
     /// Nothing is ever moved into a writer, so leaving loses nothing.
     fn switch_off(&self, key: &SpliceKey) {
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-        let (off, writers) = &mut *maps;
+        let OffMaps { off, writers } = &mut *maps;
         match off.insert(key, 1, 0) {
             Ok(()) => {
                 self.switched_off.inc();
