@@ -181,29 +181,38 @@ pub fn established(ctx: &SockOpsContext, active: bool) {
     }
 }
 
+/// The key of the socket behind a `bpf_sock_ops` or `sk_msg_md` pointer
+/// (without the netns cookie): both contexts have the same tuple fields.
+/// A macro, as the two context types share fields but no trait.
+macro_rules! context_key {
+    ($ctx:expr) => {{
+        let c = $ctx;
+        // SAFETY: plain loads of the program's own context; the IPv6 fields
+        // are read only for IPv6 sockets.
+        unsafe {
+            let fam = (*c).family;
+            let (l6, r6) = if fam == u32::from(family::INET6) {
+                ((*c).local_ip6, (*c).remote_ip6)
+            } else {
+                ([0; 4], [0; 4])
+            };
+            key(
+                fam,
+                (*c).local_ip4,
+                (*c).remote_ip4,
+                l6,
+                r6,
+                (*c).local_port,
+                (*c).remote_port,
+            )
+        }
+    }};
+}
+
 /// The socket's key as sock_ops sees it (without the netns cookie).
 #[inline(always)]
 fn ops_key(ctx: &SockOpsContext) -> SpliceKey {
-    let ops = ctx.ops;
-    // SAFETY: plain loads of the program's own context; the IPv6 fields are
-    // read only for IPv6 sockets.
-    unsafe {
-        let fam = (*ops).family;
-        let (l6, r6) = if fam == u32::from(family::INET6) {
-            ((*ops).local_ip6, (*ops).remote_ip6)
-        } else {
-            ([0; 4], [0; 4])
-        };
-        key(
-            fam,
-            (*ops).local_ip4,
-            (*ops).remote_ip4,
-            l6,
-            r6,
-            (*ops).local_port,
-            (*ops).remote_port,
-        )
-    }
+    context_key!(ctx.ops)
 }
 
 /// Called by sock_ops on a sender's state change. When the app (or pod)
@@ -236,25 +245,7 @@ pub fn state_changed(ctx: &SockOpsContext) {
 #[sk_msg]
 pub fn lw_sk_msg(ctx: SkMsgContext) -> u32 {
     let msg = ctx.msg;
-    // SAFETY: plain loads of the program's own context; the IPv6 fields are
-    // read only for IPv6 sockets.
-    let mut k = unsafe {
-        let fam = (*msg).family;
-        let (l6, r6) = if fam == u32::from(family::INET6) {
-            ((*msg).local_ip6, (*msg).remote_ip6)
-        } else {
-            ([0; 4], [0; 4])
-        };
-        key(
-            fam,
-            (*msg).local_ip4,
-            (*msg).remote_ip4,
-            l6,
-            r6,
-            (*msg).local_port,
-            (*msg).remote_port,
-        )
-    };
+    let mut k = context_key!(msg);
     if is_loopback(&k) {
         // SAFETY: helper valid in sk_msg programs (Linux 5.15+).
         k.netns_cookie = unsafe { bpf_get_netns_cookie(msg.cast()) };

@@ -6,7 +6,7 @@ mod manifests;
 mod maps;
 mod status;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
@@ -197,12 +197,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Bench(BenchCommand::Local { seconds, rounds }) => {
-            let bin = sibling_binary("lacewing-node")?;
-            let dir = bin
-                .parent()
-                .ok_or_else(|| anyhow::anyhow!("{} has no folder", bin.display()))?;
+            let dir = binaries_dir()?;
             let o =
-                crate::bench::local::run(dir, &crate::bench::tunnel::Options { seconds, rounds })?;
+                crate::bench::local::run(&dir, &crate::bench::tunnel::Options { seconds, rounds })?;
             for (name, f) in [
                 ("no mesh", &o.no_mesh),
                 ("acceleration off", &o.off),
@@ -218,12 +215,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Bench(BenchCommand::Tunnel { seconds, rounds }) => {
-            let bin = sibling_binary("lacewing-node")?;
-            let dir = bin
-                .parent()
-                .ok_or_else(|| anyhow::anyhow!("{} has no folder", bin.display()))?;
-            let outcome =
-                crate::bench::tunnel::run(dir, &crate::bench::tunnel::Options { seconds, rounds })?;
+            let dir = binaries_dir()?;
+            let outcome = crate::bench::tunnel::run(
+                &dir,
+                &crate::bench::tunnel::Options { seconds, rounds },
+            )?;
             println!(
                 "direct: {:.2} Gbit/s, ul p50 {:.1} us, p99 {:.1} us, pp {:.1} us",
                 outcome.direct.gbits,
@@ -360,6 +356,14 @@ impl Probe {
 }
 
 /// A sibling binary of the running one (`lacewing-node` next to `lacewing`).
+/// The folder of the lacewing binaries (where `lacewing-node` is).
+fn binaries_dir() -> anyhow::Result<PathBuf> {
+    let bin = sibling_binary("lacewing-node")?;
+    bin.parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow::anyhow!("{} has no folder", bin.display()))
+}
+
 pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name(name);
