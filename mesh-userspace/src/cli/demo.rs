@@ -139,7 +139,7 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
         "traffic still reaches n0-p1 after the change"
     );
 
-    mesh_demo(lab, &mesh.folder, &n0p0, &n0p1, &n1p0)?;
+    mesh_demo(lab, &mesh.folder, &n0p0, &n0p1, &n1p0, &n1p1)?;
 
     step("lacewing status (asked on the underlay, where the controller is)");
     let mut cmd = Command::new(std::env::current_exe()?);
@@ -169,15 +169,18 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// The mesh part: identities, a STRICT cross-node call, a refused plain
-/// call, a policy deny.
+/// call, a policy deny, a same-node call on the kernel fast path.
 fn mesh_demo(
     lab: &Lab,
     folder: &std::path::Path,
     client: &PodSpec,
     plain: &PodSpec,
     web: &PodSpec,
+    peer: &PodSpec,
 ) -> anyhow::Result<()> {
-    step("enrolling namespace shop in the mesh, STRICT: n0-p0 runs as sa client, n1-p0 as sa web");
+    step(
+        "enrolling namespace shop in the mesh, STRICT: n0-p0 runs as sa client, n1-p0 and n1-p1 as sa web",
+    );
     let pod = |name: &str, sa: &str, node: &str, p: &PodSpec| {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIPs: [{{ip: \"{}\"}}, {{ip: \"{}\"}}]}}\n",
@@ -192,6 +195,7 @@ fn mesh_demo(
         "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {mtlsMode: Strict}\n".to_owned(),
         pod("client", "client", "n0", client),
         pod("web", "web", "n1", web),
+        pod("web-peer", "web", "n1", peer),
     ]
     .join("---\n");
     write_atomically(&folder.join("mesh.yaml"), &yaml)?;
@@ -262,6 +266,16 @@ fn mesh_demo(
         std::thread::sleep(Duration::from_millis(200));
     }
     println!("  policy removed: {}", curl(lab, client, &web_url)?);
+
+    step(
+        "n1-p1 (shop/web) to n1-p0 on the same node: the kernel fast path (policy decided at connect, no daemon hop)",
+    );
+    println!("  answer: {}", curl(lab, peer, &web_url)?);
+    print_metrics(
+        lab,
+        "n1",
+        "lacewing_fast_path_decisions_total{path=\"kernel\"",
+    )?;
     Ok(())
 }
 
