@@ -171,6 +171,13 @@ pub(super) fn measure(
     let secs = opts.seconds.to_string();
     let (mut gbits, mut p50, mut p99, mut pp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut pp50, mut pp99) = (Vec::new(), Vec::new());
+    let port = SOCKPERF_PORT.to_string();
+    // One connection to the server pod for `secs` seconds.
+    let sockperf = |mode: &[&str]| {
+        let mut args = mode.to_vec();
+        args.extend(["-i", &ip, "-p", &port, "-t", &secs]);
+        run_in(lab, client, "sockperf", &args)
+    };
     for _ in 0..opts.rounds {
         let out = run_in(
             lab,
@@ -187,28 +194,17 @@ pub(super) fn measure(
         );
 
         let before = daemons.as_ref().map(|(d, _)| cpu_ticks(d));
-        let out = run_in(
-            lab,
-            client,
-            "sockperf",
-            &[
-                "ul",
-                "--tcp",
-                "--full-rtt",
-                "--mps",
-                "5000",
-                "--reply-every",
-                "1",
-                "-m",
-                "64",
-                "-i",
-                &ip,
-                "-p",
-                &SOCKPERF_PORT.to_string(),
-                "-t",
-                &secs,
-            ],
-        )?;
+        let out = sockperf(&[
+            "ul",
+            "--tcp",
+            "--full-rtt",
+            "--mps",
+            "5000",
+            "--reply-every",
+            "1",
+            "-m",
+            "64",
+        ])?;
         if let (Some(before), Some((d, cpu))) = (before, daemons.as_mut()) {
             let used = (cpu_ticks(d) - before) as f64 / ticks_per_second();
             cpu.push(100.0 * used / f64::from(opts.seconds));
@@ -216,23 +212,7 @@ pub(super) fn measure(
         p50.push(percentile(&out, "50.000")?);
         p99.push(percentile(&out, "99.000")?);
 
-        let out = run_in(
-            lab,
-            client,
-            "sockperf",
-            &[
-                "pp",
-                "--tcp",
-                "-m",
-                "64",
-                "-i",
-                &ip,
-                "-p",
-                &SOCKPERF_PORT.to_string(),
-                "-t",
-                &secs,
-            ],
-        )?;
+        let out = sockperf(&["pp", "--tcp", "-m", "64"])?;
         pp.push(average(&out)?);
         pp50.push(percentile(&out, "50.000")?);
         pp99.push(percentile(&out, "99.000")?);
