@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpStream;
 
 use super::{
-    splice::{SpliceOff, Watch, writer_key},
+    splice::{SpliceOff, Watch},
     workloads::LocalWorkloads,
 };
 use crate::{
@@ -36,10 +36,7 @@ impl Inbound {
         let stream = crate::net::connect_delivery(dest)
             .await
             .map_err(|e| Refusal::new(503, "connect_failed", format!("{dest}: {e}")))?;
-        let watch = self.splice_off.as_ref().and_then(|off| {
-            let (local, peer) = (stream.local_addr().ok()?, stream.peer_addr().ok()?);
-            Some(Watch::new(writer_key(local, peer, 0), Arc::clone(off)))
-        });
+        let watch = Watch::on(self.splice_off.as_ref(), &stream, 0);
         Ok(Delivery { stream, watch })
     }
 

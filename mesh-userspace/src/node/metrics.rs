@@ -216,13 +216,9 @@ impl KernelCollector {
             let gauge = ConstGauge::new(i64::from(on.unwrap_or(false)));
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
-        let gauge = ConstGauge::new(self.splice.sockets() as i64);
-        gauge.encode(encoder.encode_descriptor(
-            "lacewing_splice_sockets",
-            "Sockets in the splice sockhash now (both ends of each local hop)",
-            None,
-            gauge.metric_type(),
-        )?)?;
+        // No gauge of the sockets spliced now: counting them walks both
+        // sockhashes, a syscall per entry, on the daemon's only thread.
+        // `lacewing acceleration` and bpftool show it on demand.
         match self.splice.added() {
             Ok(rows) => {
                 let mut family = encoder.encode_descriptor(

@@ -17,7 +17,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use super::{
     identity::Identities,
     inbound::Inbound,
-    splice::{SpliceOff, Unread, Watch, Watched, writer_key},
+    splice::{SpliceOff, Unread, Watch, Watched},
     workloads::LocalWorkloads,
 };
 use crate::{
@@ -55,13 +55,7 @@ impl Outbound {
     ) {
         let _ = app.set_nodelay(true);
         // The app's writes reach `app` spliced (when acceleration is on).
-        let watch = self.splice_off.as_ref().and_then(|off| {
-            let (local, peer) = (app.local_addr().ok()?, app.peer_addr().ok()?);
-            Some(Watch::new(
-                writer_key(local, peer, netns_cookie),
-                Arc::clone(off),
-            ))
-        });
+        let watch = Watch::on(self.splice_off.as_ref(), &app, netns_cookie);
         let source_ip = source
             .addresses
             .iter()

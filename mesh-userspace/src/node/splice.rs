@@ -75,7 +75,7 @@ impl SpliceOff {
 /// The key the kernel gives the writer at the other end of the daemon's
 /// socket (`local`, `peer` as the daemon sees them). Loopback hops carry
 /// the namespace's cookie (`netns`).
-pub fn writer_key(local: SocketAddr, peer: SocketAddr, netns: u64) -> SpliceKey {
+fn writer_key(local: SocketAddr, peer: SocketAddr, netns: u64) -> SpliceKey {
     let ((fam, writer), (_, daemon)) = (words(peer.ip()), words(local.ip()));
     SpliceKey {
         netns_cookie: if peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback() {
@@ -114,13 +114,21 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub fn new(key: SpliceKey, off: Arc<SpliceOff>) -> Arc<Self> {
-        Arc::new(Self {
-            key,
-            off,
+    /// The watch on the writer at the other end of the daemon's `socket`
+    /// (`netns`: the namespace's cookie, for loopback hops); none without
+    /// acceleration maps or when the socket has no addresses any more.
+    pub fn on(
+        off: Option<&Arc<SpliceOff>>,
+        socket: &tokio::net::TcpStream,
+        netns: u64,
+    ) -> Option<Arc<Self>> {
+        let (local, peer) = (socket.local_addr().ok()?, socket.peer_addr().ok()?);
+        Some(Arc::new(Self {
+            key: writer_key(local, peer, netns),
+            off: Arc::clone(off?),
             full_reads: AtomicU32::new(0),
             tripped: AtomicBool::new(false),
-        })
+        }))
     }
 
     fn trip(&self, why: &'static str) {
