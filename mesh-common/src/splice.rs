@@ -57,6 +57,46 @@ impl SpliceKey {
     }
 }
 
+// The userspace side of a splice key: the daemon names the writer at the
+// other end of one of its sockets with exactly the key the kernel gave it.
+use core::net::{IpAddr, SocketAddr};
+
+/// The key the kernel gives the writer at the other end of the daemon's
+/// socket (`local`, `peer` as the daemon sees them). Loopback hops carry
+/// the namespace's cookie (`netns`).
+pub fn writer_key(local: SocketAddr, peer: SocketAddr, netns: u64) -> SpliceKey {
+    let ((fam, writer), (_, daemon)) = (addr_words(peer.ip()), addr_words(local.ip()));
+    SpliceKey {
+        netns_cookie: if peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback() {
+            netns
+        } else {
+            0
+        },
+        local: writer,
+        remote: daemon,
+        local_port: peer.port(),
+        remote_port: local.port(),
+        family: fam as u8,
+        _pad: [0; 3],
+    }
+}
+
+/// An address as the kernel's context words (network order, read natively),
+/// IPv4-mapped IPv6 as IPv4.
+pub fn addr_words(ip: IpAddr) -> (u16, [u32; 4]) {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => (
+            crate::family::INET,
+            [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        ),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            (crate::family::INET6, [w(0), w(4), w(8), w(12)])
+        }
+    }
+}
+
 /// `LW_SETTINGS` index of the node's switches ([`Settings`]).
 pub const SETTINGS_INDEX: u32 = 0;
 
@@ -98,4 +138,39 @@ mod pod {
     // every bit pattern is a valid value.
     unsafe impl aya::Pod for super::SpliceKey {}
     unsafe impl aya::Pod for super::Settings {}
+}
+
+#[cfg(test)]
+mod writer_key_tests {
+    use super::*;
+
+    #[test]
+    fn writer_keys_match_what_the_kernel_sees() {
+        // The daemon's in-pod socket: 127.0.0.1:15001, peer 127.0.0.1:40000.
+        let k = writer_key(
+            "127.0.0.1:15001".parse().unwrap(),
+            "127.0.0.1:40000".parse().unwrap(),
+            77,
+        );
+        assert_eq!(k.netns_cookie, 77);
+        assert_eq!(k.local[0].to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!((k.local_port, k.remote_port), (40000, 15001));
+        assert_eq!(k.family, crate::family::INET as u8);
+        // A delivery: node 10.244.1.1:50000 to pod 10.244.1.10:9000.
+        let k = writer_key(
+            "10.244.1.1:50000".parse().unwrap(),
+            "10.244.1.10:9000".parse().unwrap(),
+            77,
+        );
+        assert_eq!(k.netns_cookie, 0, "not a loopback hop");
+        assert_eq!(k.local[0].to_ne_bytes(), [10, 244, 1, 10]);
+        assert_eq!(k.remote[0].to_ne_bytes(), [10, 244, 1, 1]);
+        // IPv4-mapped peers are keyed as IPv4, as the kernel program does.
+        let mapped = writer_key(
+            "[::ffff:10.244.1.1]:50000".parse().unwrap(),
+            "[::ffff:10.244.1.10]:9000".parse().unwrap(),
+            0,
+        );
+        assert_eq!(mapped, k);
+    }
 }

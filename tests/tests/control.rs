@@ -414,7 +414,7 @@ fn a_node_certificate_cannot_subscribe_as_another_node() {
         "n1 must not be able to subscribe: {status}"
     );
     let n1 = c.lab.node_bpffs_root(&c.lab.node("n1").unwrap());
-    let services = lacewing::node::maps::LbMaps::open(&n1)
+    let services = lacewing_node::maps::LbMaps::open(&n1)
         .unwrap()
         .services()
         .unwrap();

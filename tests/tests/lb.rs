@@ -16,11 +16,9 @@ use std::{
     time::Duration,
 };
 
-use lacewing::{
-    lab::{Lab, LabProcess, NodeSpec},
-    model::services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet},
-    node::{lb::LoadBalancer, maps::LbMaps},
-};
+use lacewing::lab::{Lab, LabProcess, NodeSpec};
+use lacewing_core::model::services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet};
+use lacewing_node::{lb::LoadBalancer, maps::LbMaps};
 use lacewing_tests::{
     PYTHON, Probe, ServiceYaml, assert_promtool_accepts, bin, new_lab, node_http, parse_probe,
     probe, start_backend,

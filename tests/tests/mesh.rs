@@ -424,7 +424,7 @@ fn killing_the_destination_mid_stream_resets_the_client() {
 
 #[test]
 fn the_tunnel_rejects_foreign_expired_and_mismatched_certificates() {
-    use lacewing::pki::{self, Ca};
+    use lacewing_core::pki::{self, Ca};
     let m = MeshLab::new();
     let dir = m.lab.state_dir().join("probe");
     fs::create_dir_all(&dir).unwrap();

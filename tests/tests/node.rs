@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, process::Command, time::Duration};
 
-use lacewing::node::maps::ConnCounters;
+use lacewing_node::maps::ConnCounters;
 use lacewing_tests::{bin, curl, new_lab, run_in, url};
 use mesh_common::{conn::ConnKey, family, names};
 

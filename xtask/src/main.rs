@@ -1,6 +1,7 @@
 //! Project tasks, run as `cargo xtask <task>`: `setup` installs what a fresh
 //! machine lacks, `test` runs every check CI runs, `demo` runs the main job.
 
+mod layers;
 mod run;
 mod setup;
 mod test;

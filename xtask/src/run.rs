@@ -60,9 +60,16 @@ pub fn show(c: &Command) -> String {
         .join(" ")
 }
 
+/// The crates of the three binaries.
+pub const BINARY_PACKAGES: [&str; 3] = ["lacewing-node", "lacewing-controller", "lacewing"];
+
 /// Builds the three binaries.
 pub fn build_binaries(release: bool) -> anyhow::Result<()> {
-    let mut args = vec!["build", "--package", "mesh-userspace", "--bins"];
+    let mut args = vec!["build"];
+    for package in BINARY_PACKAGES {
+        args.extend(["--package", package]);
+    }
+    args.push("--bins");
     if release {
         args.push("--release");
     }

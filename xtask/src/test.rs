@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{run, setup};
+use crate::{layers, run, setup};
 
 pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
@@ -41,16 +41,18 @@ pub fn run() -> anyhow::Result<()> {
             "warnings",
         ],
     )?;
+    layers::check()?;
+    // Every host crate's unit tests: all default members but the lab tests.
     run::cmd(
         "cargo",
         [
             "test",
-            "--package",
-            "mesh-common",
-            "--package",
-            "mesh-userspace",
-            "--package",
-            "xtask",
+            "--workspace",
+            "--exclude",
+            "lacewing-tests",
+            "--exclude",
+            "mesh-ebpf",
+            "--no-fail-fast",
         ],
     )?;
 

@@ -1,0 +1,449 @@
+//! `bench l4`: short TCP connections to a ClusterIP while N services of 10
+//! backends each are configured, four ways in one run:
+//!
+//! - `ebpf`: Lacewing's connect-time programs (`lacewing-node --services`);
+//! - `iptables`: the rules kube-proxy writes in iptables mode (KUBE-SERVICES,
+//!   KUBE-SVC-* with `statistic --mode random`, KUBE-SEP-* DNAT), legacy
+//!   iptables, in the node's namespace;
+//! - `nftables`: the rules kube-proxy writes in nftables mode (a verdict map
+//!   from ClusterIP . protocol . port to a service chain, `numgen random`);
+//! - `direct`: connects straight to a backend, no load balancer.
+//!
+//! ```text
+//!   n0-p0 direct   ─┐
+//!   n0-p1 ebpf     ─┤ wrk, Connection: close
+//!   n0-p2 iptables ─┼──▶ n0 ──▶ n0-p4 (nginx on 10 addresses)
+//!   n0-p3 nftables ─┘
+//! ```
+//!
+//! Each way has its own client pod: the server keeps TIME_WAIT sockets per
+//! client address and port, and a client that reaches the same backend once
+//! directly and once through DNAT would trip over them (different TCP
+//! timestamp offsets), stalling on SYN retransmits that belong to no way.
+//! For the same reason the target service keeps one address at every size.
+//! Its rule sits in the middle of KUBE-SERVICES (kube-proxy's order is
+//! arbitrary; the middle is the average case). The other services point at
+//! addresses nothing listens on; they are never connected to. Each figure is
+//! the best of `rounds` measurements.
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    net::Ipv4Addr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::lab::{Lab, NodeSpec, PodSpec};
+
+const BACKENDS_PER_SERVICE: u32 = 10;
+const SERVICE_PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+
+/// Settings of one run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub sizes: Vec<u32>,
+    pub seconds: u32,
+    pub connections: u32,
+    pub rounds: u32,
+}
+
+/// Connections per second of each way, at one size.
+#[derive(Clone, Debug, Default)]
+pub struct Row {
+    pub services: u32,
+    pub ebpf: f64,
+    pub iptables: f64,
+    pub nftables: f64,
+    pub direct: f64,
+    pub map_bytes: u64,
+}
+
+impl Row {
+    /// Lacewing's connections per second over iptables, nftables and direct.
+    pub fn ratios(&self) -> (f64, f64, f64) {
+        (
+            self.ebpf / self.iptables,
+            self.ebpf / self.nftables,
+            self.ebpf / self.direct,
+        )
+    }
+
+    pub fn map_mb(&self) -> f64 {
+        self.map_bytes as f64 / 1e6
+    }
+}
+
+pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
+    let lab = Lab::new(1, 5)?;
+    let node = lab.node("n0")?;
+    let (direct, ebpf, ipt, nft) = (
+        lab.pod("n0-p0")?,
+        lab.pod("n0-p1")?,
+        lab.pod("n0-p2")?,
+        lab.pod("n0-p3")?,
+    );
+    let server = lab.pod("n0-p4")?;
+    let backends = add_backend_addresses(&lab, &node, &server)?;
+    let _nginx = lab.start_http_server(&server, BACKEND_PORT, "ok")?;
+    println!(
+        "bench l4: wrk -c{} for {} s per measurement, best of {}; target service has {} backends; sizes {:?}",
+        opts.connections, opts.seconds, opts.rounds, BACKENDS_PER_SERVICE, opts.sizes
+    );
+    println!(
+        "{:>8} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9} {:>9} {:>10}",
+        "services",
+        "ebpf_cps",
+        "iptables_cps",
+        "nftables_cps",
+        "direct_cps",
+        "vs_ipt",
+        "vs_nft",
+        "vs_direct",
+        "map_mb"
+    );
+    let mut rows = Vec::new();
+    for &size in &opts.sizes {
+        let target = size / 2;
+        let target_ip = TARGET_IP;
+        let mut row = Row {
+            services: size,
+            ..Row::default()
+        };
+        row.direct = best_of(opts, || wrk(&lab, &direct, backends[0], BACKEND_PORT, opts))?;
+
+        // Lacewing.
+        let file = lab.state_dir().join(format!("bench-{size}.yaml"));
+        std::fs::write(&file, services_yaml(size, target, &backends))?;
+        let args = [std::ffi::OsStr::new("--services"), file.as_os_str()];
+        let mut daemon = lab.start_node_daemon_with(&node, node_bin, &args)?;
+        lab.wait_node_ready(&node, Duration::from_secs(120))
+            .with_context(|| format!("applying {size} services"))?;
+        row.ebpf = best_of(opts, || wrk(&lab, &ebpf, target_ip, SERVICE_PORT, opts))?;
+        row.map_bytes = map_bytes(&lab.node_bpffs_root(&node))?;
+        daemon.terminate(Duration::from_secs(10))?;
+
+        // kube-proxy, iptables mode.
+        let rules = iptables_rules(size, target, &backends);
+        netns_stdin(&node.netns(), "iptables-legacy-restore", &[], &rules)?;
+        row.iptables = best_of(opts, || wrk(&lab, &ipt, target_ip, SERVICE_PORT, opts))?;
+        netns_stdin(
+            &node.netns(),
+            "iptables-legacy-restore",
+            &[],
+            "*nat\nCOMMIT\n",
+        )?;
+
+        // kube-proxy, nftables mode.
+        netns_stdin(
+            &node.netns(),
+            "nft",
+            &["-f", "-"],
+            &nft_rules(size, target, &backends),
+        )?;
+        row.nftables = best_of(opts, || wrk(&lab, &nft, target_ip, SERVICE_PORT, opts))?;
+        netns_stdin(
+            &node.netns(),
+            "nft",
+            &["-f", "-"],
+            "delete table ip kube-proxy\n",
+        )?;
+
+        let (vs_ipt, vs_nft, vs_direct) = row.ratios();
+        println!(
+            "{:>8} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {vs_ipt:>9.2} {vs_nft:>9.2} {vs_direct:>9.2} {:>10.1}",
+            size,
+            row.ebpf,
+            row.iptables,
+            row.nftables,
+            row.direct,
+            row.map_mb()
+        );
+        rows.push(row);
+    }
+    lab.down()?;
+    Ok(rows)
+}
+
+/// The closing line the issue asks for, from the largest size.
+pub fn result_line(rows: &[Row]) -> Option<String> {
+    let r = rows.iter().max_by_key(|r| r.services)?;
+    let (vs_ipt, vs_nft, vs_direct) = r.ratios();
+    Some(format!(
+        "RESULT l4 services={} ebpf_cps={:.0} iptables_cps={:.0} nftables_cps={:.0} direct_cps={:.0} ebpf_vs_iptables={vs_ipt:.2} ebpf_vs_nftables={vs_nft:.2} ebpf_vs_direct={vs_direct:.2} map_mem_mb={:.1}",
+        r.services,
+        r.ebpf,
+        r.iptables,
+        r.nftables,
+        r.direct,
+        r.map_mb()
+    ))
+}
+
+/// Gives the server pod 10 more addresses (10.244.0.100-109), routed by the
+/// node, so the target service has 10 real backends.
+fn add_backend_addresses(
+    lab: &Lab,
+    node: &NodeSpec,
+    server: &PodSpec,
+) -> anyhow::Result<Vec<Ipv4Addr>> {
+    let addrs: Vec<Ipv4Addr> = (0..BACKENDS_PER_SERVICE)
+        .map(|i| Ipv4Addr::new(10, 244, 0, 100 + i as u8))
+        .collect();
+    let pod_script: String = addrs
+        .iter()
+        .map(|a| format!("addr add {a}/32 dev eth0\n"))
+        .collect();
+    let node_script: String = addrs
+        .iter()
+        .map(|a| format!("route add {a}/32 dev {}\n", server.node_if()))
+        .collect();
+    netns_stdin(&server.netns(), "ip", &["-batch", "-"], &pod_script)?;
+    netns_stdin(&node.netns(), "ip", &["-batch", "-"], &node_script)?;
+    let _ = lab;
+    Ok(addrs)
+}
+
+/// The target service's address, the same at every size.
+const TARGET_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 255, 1);
+
+/// Address of service `i` of a run whose target is `target`.
+fn service_ip_of(i: u32, target: u32) -> Ipv4Addr {
+    if i == target {
+        TARGET_IP
+    } else {
+        service_ip(i)
+    }
+}
+
+fn service_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+fn best_of(
+    opts: &Options,
+    mut measure: impl FnMut() -> anyhow::Result<f64>,
+) -> anyhow::Result<f64> {
+    let mut best = 0.0f64;
+    for _ in 0..opts.rounds.max(1) {
+        best = best.max(measure()?);
+    }
+    Ok(best)
+}
+
+/// Backends of a service that is not the target: addresses nothing uses.
+fn fake_backend(service: u32, j: u32) -> Ipv4Addr {
+    let n = service * BACKENDS_PER_SERVICE + j;
+    Ipv4Addr::new(10, 250 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
+}
+
+fn backends_of(i: u32, target: u32, real: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    if i == target {
+        real.to_vec()
+    } else {
+        (0..BACKENDS_PER_SERVICE)
+            .map(|j| fake_backend(i, j))
+            .collect()
+    }
+}
+
+fn services_yaml(size: u32, target: u32, real: &[Ipv4Addr]) -> String {
+    let mut out = String::new();
+    for i in 0..size {
+        let eps: String = backends_of(i, target, real)
+            .iter()
+            .map(|b| format!("  - addresses: [\"{b}\"]\n"))
+            .collect();
+        let _ = write!(
+            out,
+            "kind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: {SERVICE_PORT}, protocol: TCP}}]\n---\nkind: EndpointSlice\naddressType: IPv4\nmetadata: {{name: s{i}-a, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\nports: [{{name: http, port: {BACKEND_PORT}, protocol: TCP}}]\nendpoints:\n{eps}---\n",
+            ip = service_ip_of(i, target),
+        );
+    }
+    out
+}
+
+/// kube-proxy's iptables-mode NAT rules for `size` services.
+fn iptables_rules(size: u32, target: u32, real: &[Ipv4Addr]) -> String {
+    let mut chains = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n",
+    );
+    let mut rules = String::from(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    for i in 0..size {
+        let svc = format!("KUBE-SVC-{i:016X}");
+        let _ = writeln!(chains, ":{svc} - [0:0]");
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"bench/s{i}:http cluster IP\" -m tcp --dport {SERVICE_PORT} -j {svc}",
+            service_ip_of(i, target)
+        );
+        let backends = backends_of(i, target, real);
+        let n = backends.len();
+        for (j, b) in backends.iter().enumerate() {
+            let sep = format!("KUBE-SEP-{i:011X}{j:05X}");
+            let _ = writeln!(chains, ":{sep} - [0:0]");
+            if j + 1 < n {
+                let p = 1.0 / (n - j) as f64;
+                let _ = writeln!(
+                    rules,
+                    "-A {svc} -m comment --comment \"bench/s{i}:http -> {b}:{BACKEND_PORT}\" -m statistic --mode random --probability {p:.11} -j {sep}"
+                );
+            } else {
+                let _ = writeln!(
+                    rules,
+                    "-A {svc} -m comment --comment \"bench/s{i}:http -> {b}:{BACKEND_PORT}\" -j {sep}"
+                );
+            }
+            let _ = writeln!(
+                rules,
+                "-A {sep} -p tcp -m comment --comment \"bench/s{i}:http\" -m tcp -j DNAT --to-destination {b}:{BACKEND_PORT}"
+            );
+        }
+    }
+    format!("{chains}{rules}COMMIT\n")
+}
+
+/// kube-proxy's nftables-mode rules: one verdict-map lookup per new
+/// connection, then a random pick among the service's endpoint chains.
+fn nft_rules(size: u32, target: u32, real: &[Ipv4Addr]) -> String {
+    let mut out = String::from("table ip kube-proxy {\n");
+    let mut elements = Vec::new();
+    for i in 0..size {
+        let backends = backends_of(i, target, real);
+        let mut vmap = Vec::new();
+        for (j, b) in backends.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "  chain endpoint-{i}-{j} {{\n    meta l4proto tcp dnat to {b}:{BACKEND_PORT}\n  }}"
+            );
+            vmap.push(format!("{j} : goto endpoint-{i}-{j}"));
+        }
+        let _ = writeln!(
+            out,
+            "  chain service-{i} {{\n    numgen random mod {} vmap {{ {} }}\n  }}",
+            backends.len(),
+            vmap.join(", ")
+        );
+        elements.push(format!(
+            "{} . tcp . {SERVICE_PORT} : goto service-{i}",
+            service_ip_of(i, target)
+        ));
+    }
+    let _ = writeln!(
+        out,
+        "  map service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict; elements = {{ {} }} }}",
+        elements.join(", ")
+    );
+    out.push_str(
+        "  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n",
+    );
+    out.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority -100; policy accept;\n    jump services\n  }\n");
+    out.push_str("  chain nat-output {\n    type nat hook output priority -100; policy accept;\n    jump services\n  }\n}\n");
+    out
+}
+
+/// Runs wrk in `client` against ip:port with `Connection: close` (one TCP
+/// connection per request) and returns requests, i.e. connections, per second.
+fn wrk(
+    lab: &Lab,
+    client: &PodSpec,
+    ip: Ipv4Addr,
+    port: u16,
+    opts: &Options,
+) -> anyhow::Result<f64> {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t",
+        "1",
+        "-c",
+        &opts.connections.to_string(),
+        "-d",
+        &format!("{}s", opts.seconds),
+    ])
+    .args(["-H", "Connection: close", &format!("http://{ip}:{port}/")]);
+    let out = lab
+        .run_in_pod(client, cmd)
+        .context("running wrk (install it with `cargo xtask setup`)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if std::env::var_os("LACEWING_BENCH_VERBOSE").is_some() {
+        eprintln!("wrk {ip}:{port}:\n{text}");
+    }
+    if !out.status.success() || text.contains("Socket errors") && !text.contains("connect 0,") {
+        bail!(
+            "wrk against {ip}:{port} failed or had connect errors:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+}
+
+/// Sum of the kernel's memory accounting (`bytes_memlock`) of the pinned maps.
+fn map_bytes(root: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for name in mesh_common::names::ALL_MAPS {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(lacewing_node::maps::pin_path(root, name))
+            .output()
+            .context("running bpftool")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("bpftool map show {name}"))?;
+        total += v["bytes_memlock"].as_u64().unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// Runs `program args` in the named namespace with `input` on stdin.
+fn netns_stdin(netns: &str, program: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, program])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program} in {netns}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{program} in {netns} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_proxy_rules_have_one_portal_per_service_and_a_dnat_per_backend() {
+        let real: Vec<Ipv4Addr> = (0..10)
+            .map(|i| Ipv4Addr::new(10, 244, 0, 100 + i))
+            .collect();
+        let ipt = iptables_rules(3, 1, &real);
+        assert_eq!(ipt.matches("-A KUBE-SERVICES").count(), 3);
+        assert_eq!(ipt.matches("-j DNAT").count(), 30);
+        assert!(ipt.contains("--to-destination 10.244.0.105:8080"));
+        let nft = nft_rules(3, 1, &real);
+        assert_eq!(nft.matches("dnat to").count(), 30);
+        assert!(nft.contains("10.96.255.1 . tcp . 80 : goto service-1"));
+        let ids: std::collections::HashSet<_> = (0..20_000).map(service_ip).collect();
+        assert_eq!(ids.len(), 20_000, "service addresses must be distinct");
+    }
+}

@@ -1,0 +1,15 @@
+//! `lacewing`: the command line (lab, maps, demo).
+
+use clap::Parser as _;
+
+fn main() {
+    lacewing_sys::telemetry::init(lacewing_sys::telemetry::LogFormat::Text);
+    let cli = lacewing::cli::Cli::parse();
+    match lacewing::cli::run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}

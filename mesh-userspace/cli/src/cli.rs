@@ -1,0 +1,391 @@
+//! The `lacewing` command line: the lab, map inspection, and the demo.
+
+mod demo;
+mod lab;
+mod manifests;
+mod maps;
+mod status;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+/// Lacewing: an eBPF-accelerated, sidecarless service mesh.
+#[derive(Debug, Parser)]
+#[command(name = "lacewing", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a local cluster in network namespaces (root).
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
+    /// The controller's view: each node's applied version, lag and last NACK.
+    Status {
+        /// The controller's status address (host:15014).
+        #[arg(long, conflicts_with = "lab")]
+        controller: Option<String>,
+        /// Ask the controller of this lab (the only one up, if not named).
+        #[arg(long)]
+        lab: Option<Option<crate::lab::LabId>>,
+    },
+    /// Write (or with --check, compare) the CRD YAML generated from the types.
+    Manifests {
+        /// Folder of the CRD files.
+        #[arg(long, default_value = "deploy/crds")]
+        out: PathBuf,
+        /// Only check that the files are current; exit 1 if not.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Read a node's pinned maps.
+    #[command(subcommand)]
+    Maps(maps::MapsCommand),
+    /// Show, or turn on or off, a node's same-node acceleration (sockmap
+    /// splicing of local hops), at once and without a restart. Connections
+    /// already spliced keep working either way.
+    Acceleration {
+        /// `on` or `off`; without it, show the switch and the sockhash.
+        state: Option<maps::Switch>,
+        /// Also switch the kernel fast path (same-node pod to pod with no
+        /// daemon hop), which works only with acceleration on.
+        #[arg(long)]
+        fast_path: Option<maps::Switch>,
+        /// The node daemon's bpffs root.
+        #[arg(long, default_value_os_t = lacewing_sys::bpffs::default_root())]
+        bpffs_root: PathBuf,
+    },
+    /// Open one tunnel stream as a node daemon would, with the given
+    /// workload certificate, send a line and print the answer (to check what
+    /// a node's :15008 accepts).
+    TunnelProbe {
+        #[command(flatten)]
+        probe: Probe,
+        /// The line to send.
+        #[arg(long, default_value = "probe")]
+        send: String,
+    },
+    /// Ask the controller to sign a workload certificate with a node's
+    /// credentials, as the node daemon does (to check what a node may get).
+    CertRequest {
+        /// The controller (https://host:15012).
+        #[arg(long)]
+        controller: String,
+        /// The node's credentials (ca.pem, cert.pem, key.pem).
+        #[arg(long)]
+        tls_dir: PathBuf,
+        /// The pod, namespace/name.
+        #[arg(long)]
+        pod: String,
+        /// The SPIFFE identity to ask for.
+        #[arg(long)]
+        identity: String,
+    },
+    /// Benchmarks in the lab (run them through `cargo xtask bench`).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Bring up a 2-node lab, run the node daemon on each node, make
+    /// connections from pods, print what the kernel counted, tear down.
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// A real controller serving simulated nodes over gRPC (no eBPF): full
+    /// sync time, change propagation, bytes per change, controller memory.
+    ControlPlane {
+        #[arg(long, default_value_t = 1000)]
+        nodes: u32,
+        #[arg(long, default_value_t = 10_000)]
+        services: u32,
+        #[arg(long, default_value_t = 100_000)]
+        endpoints: u32,
+        /// Single-endpoint edits to time.
+        #[arg(long, default_value_t = 20)]
+        changes: u32,
+    },
+    /// Pod to pod across nodes, no mesh vs Lacewing STRICT: iperf3
+    /// throughput, sockperf latency, node daemon memory and CPU.
+    Tunnel {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 15)]
+        seconds: u32,
+        /// Runs of each measurement; the median is kept.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
+    /// Pod to pod on one node, four ways: no mesh, acceleration off,
+    /// daemon hops spliced (sockmap), kernel fast path.
+    Local {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 15)]
+        seconds: u32,
+        /// Runs of each measurement; the median is kept.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
+    /// Short TCP connections to a ClusterIP: Lacewing vs kube-proxy
+    /// (iptables, nftables) vs a direct connect.
+    L4 {
+        /// Numbers of configured services (10 backends each).
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        sizes: Vec<u32>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Concurrent wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+        /// Measurements per figure; the best is kept.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
+}
+
+/// Runs the parsed command; the exit code to return.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Lab(cmd) => lab::run(cmd),
+        Command::Maps(cmd) => maps::run(cmd).map(|()| 0),
+        Command::Acceleration {
+            state,
+            fast_path,
+            bpffs_root,
+        } => {
+            print!("{}", maps::acceleration(&bpffs_root, state, fast_path)?);
+            Ok(0)
+        }
+        Command::Manifests { out, check } => manifests::run(&out, check),
+        Command::Status { controller, lab } => match (controller, lab) {
+            (Some(url), _) => status::run(&url),
+            (None, Some(lab)) => status::run_in_lab(lab),
+            (None, None) => status::run("127.0.0.1:15014"),
+        },
+        Command::Demo => demo::run().map(|()| 0),
+        Command::TunnelProbe { probe, send } => report(probe.run(&send)),
+        Command::CertRequest {
+            controller,
+            tls_dir,
+            pod,
+            identity,
+        } => cert_request(controller, tls_dir, &pod, &identity),
+        Command::Bench(BenchCommand::ControlPlane {
+            nodes,
+            services,
+            endpoints,
+            changes,
+        }) => {
+            let opts = crate::bench::control_plane::Options {
+                nodes,
+                services,
+                endpoints,
+                changes,
+            };
+            let outcome =
+                crate::bench::control_plane::run(&sibling_binary("lacewing-controller")?, &opts)?;
+            println!(
+                "controller peak RSS {:.0} MB, CPU {:.1} s",
+                outcome.controller_rss_mb, outcome.controller_cpu_s
+            );
+            println!(
+                "{}",
+                crate::bench::control_plane::result_line(&opts, &outcome)
+            );
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Local { seconds, rounds }) => {
+            let dir = binaries_dir()?;
+            let o =
+                crate::bench::local::run(&dir, &crate::bench::tunnel::Options { seconds, rounds })?;
+            for (name, f) in [
+                ("no mesh", &o.no_mesh),
+                ("acceleration off", &o.off),
+                ("sockmap", &o.sockmap),
+                ("fast path", &o.fast_path),
+            ] {
+                println!(
+                    "{name:>16}: {:.2} Gbit/s, pp p50 {:.1} us, p99 {:.1} us; ul p50 {:.1} us, p99 {:.1} us",
+                    f.gbits, f.pp_p50_us, f.pp_p99_us, f.ul_p50_us, f.ul_p99_us
+                );
+            }
+            println!("{}", crate::bench::local::result_line(&o));
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Tunnel { seconds, rounds }) => {
+            let dir = binaries_dir()?;
+            let outcome = crate::bench::tunnel::run(
+                &dir,
+                &crate::bench::tunnel::Options { seconds, rounds },
+            )?;
+            println!(
+                "direct: {:.2} Gbit/s, ul p50 {:.1} us, p99 {:.1} us, pp {:.1} us",
+                outcome.direct.gbits,
+                outcome.direct.ul_p50_us,
+                outcome.direct.ul_p99_us,
+                outcome.direct.pp_avg_us
+            );
+            println!(
+                "mesh:   {:.2} Gbit/s, ul p50 {:.1} us, p99 {:.1} us, pp {:.1} us",
+                outcome.mesh.gbits,
+                outcome.mesh.ul_p50_us,
+                outcome.mesh.ul_p99_us,
+                outcome.mesh.pp_avg_us
+            );
+            println!("{}", crate::bench::tunnel::result_line(&outcome));
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::L4 {
+            sizes,
+            seconds,
+            connections,
+            rounds,
+        }) => {
+            let opts = crate::bench::l4::Options {
+                sizes,
+                seconds,
+                connections,
+                rounds,
+            };
+            let rows = crate::bench::l4::run(&sibling_binary("lacewing-node")?, &opts)?;
+            if let Some(line) = crate::bench::l4::result_line(&rows) {
+                println!("{line}");
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn cert_request(url: String, tls_dir: PathBuf, pod: &str, identity: &str) -> anyhow::Result<i32> {
+    let (namespace, name) = pod
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("--pod `{pod}` is not namespace/name"))?;
+    let controller = lacewing_node::config::Controller {
+        url,
+        tls_dir,
+        server_name: lacewing_core::pki::CONTROLLER_SERVER_NAME.to_owned(),
+    };
+    report(async {
+        let svid = lacewing_node::identity::request(&controller, identity, namespace, name)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let left = svid
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        Ok(format!(
+            "issued {} valid for {} s more",
+            svid.identity,
+            left.as_secs()
+        ))
+    })
+}
+
+/// Runs a one-shot check: prints its answer (exit 0) or why it was refused
+/// (exit 1).
+fn report(check: impl std::future::Future<Output = anyhow::Result<String>>) -> anyhow::Result<i32> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match runtime.block_on(check) {
+        Ok(answer) => {
+            println!("{answer}");
+            Ok(0)
+        }
+        Err(err) => {
+            eprintln!("refused: {err}");
+            Ok(1)
+        }
+    }
+}
+
+/// One tunnel stream opened by hand.
+#[derive(Debug, clap::Args)]
+pub struct Probe {
+    /// The workload certificate (PEM), its key and the trust bundle.
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    ca: PathBuf,
+    /// The destination node's tunnel address (ip:15008) and name.
+    #[arg(long)]
+    node_addr: std::net::SocketAddr,
+    #[arg(long)]
+    node: String,
+    /// The destination pod (ip:port) and the source pod's address.
+    #[arg(long)]
+    to: std::net::SocketAddr,
+    #[arg(long)]
+    source: std::net::IpAddr,
+}
+
+impl Probe {
+    async fn run(&self, send: &str) -> anyhow::Result<String> {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        let cert = std::fs::read_to_string(&self.cert)?;
+        let svid = lacewing_core::pki::Svid {
+            identity: lacewing_core::pki::uri_sans(
+                &lacewing_core::pki::pem_to_der(&cert).unwrap_or_default(),
+            )
+            .into_iter()
+            .next()
+            .unwrap_or_default(),
+            not_after: lacewing_core::pki::not_after(&cert).unwrap_or(std::time::UNIX_EPOCH),
+            cert_chain_pem: vec![cert],
+            key_pem: std::fs::read_to_string(&self.key)?,
+        };
+        let roots = lacewing_tunnel::tls::roots(&std::fs::read_to_string(&self.ca)?)?;
+        let dest = lacewing_tunnel::client::Destination {
+            node: self.node_addr,
+            node_identity: lacewing_core::pki::node_identity(
+                lacewing_core::pki::DEFAULT_TRUST_DOMAIN,
+                &self.node,
+            ),
+            pod: self.to,
+        };
+        let stream = lacewing_tunnel::client::Pool::new(None)
+            .open(&svid, "probe", roots, self.source, &dest)
+            .await?;
+        let mut io = tokio::io::BufReader::new(hyper_util::rt::TokioIo::new(stream));
+        io.get_mut()
+            .write_all(format!("R{send}\n").as_bytes())
+            .await?;
+        let mut line = String::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), io.read_line(&mut line)).await??;
+        Ok(line.trim().to_owned())
+    }
+}
+
+/// A sibling binary of the running one (`lacewing-node` next to `lacewing`).
+/// The folder of the lacewing binaries (where `lacewing-node` is).
+fn binaries_dir() -> anyhow::Result<PathBuf> {
+    let bin = sibling_binary("lacewing-node")?;
+    bin.parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow::anyhow!("{} has no folder", bin.display()))
+}
+
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} not found next to {}: build the workspace (`cargo build`)",
+        name,
+        exe.display()
+    );
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,150 @@
+//! `lacewing maps ...`: what a node's kernel programs recorded.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use mesh_common::family;
+
+use lacewing_node::{
+    lb::LoadBalancer,
+    maps::{ConnCounters, LbMaps, SpliceMaps},
+};
+use lacewing_sys::bpffs;
+
+#[derive(Debug, Subcommand)]
+pub enum MapsCommand {
+    /// Connections counted per destination port.
+    Conns {
+        /// The node daemon's bpffs root.
+        #[arg(long, default_value_os_t = bpffs::default_root())]
+        bpffs_root: PathBuf,
+    },
+    /// Service frontends, their backends and counters, as the kernel has them.
+    Services {
+        /// The node daemon's bpffs root.
+        #[arg(long, default_value_os_t = bpffs::default_root())]
+        bpffs_root: PathBuf,
+    },
+}
+
+pub fn run(cmd: MapsCommand) -> anyhow::Result<()> {
+    match cmd {
+        MapsCommand::Conns { bpffs_root } => {
+            print!("{}", conn_table(&bpffs_root)?);
+            Ok(())
+        }
+        MapsCommand::Services { bpffs_root } => {
+            print!("{}", services_table(&bpffs_root)?);
+            Ok(())
+        }
+    }
+}
+
+/// A switch position on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// Sets the acceleration switch of the daemon at `root` (when `to` is
+/// given) and reports it with the sockhash's size and counters.
+pub fn acceleration(
+    root: &Path,
+    to: Option<Switch>,
+    fast_path: Option<Switch>,
+) -> anyhow::Result<String> {
+    let mut maps = SpliceMaps::open(root).map_err(|err| {
+        anyhow::anyhow!(
+            "opening the splice maps under {}: {err} (is lacewing-node running there?)",
+            root.display()
+        )
+    })?;
+    if let Some(to) = to {
+        maps.set_acceleration(to == Switch::On)?;
+    }
+    if let Some(to) = fast_path {
+        maps.set_fast_path(to == Switch::On)?;
+    }
+    let word = |on: bool| if on { "on" } else { "off" };
+    let mut out = format!(
+        "acceleration: {}\nfast path: {}\nspliced sockets now: {}\n",
+        word(maps.acceleration()?),
+        word(maps.fast_path()?),
+        maps.sockets()
+    );
+    for (leg, n) in maps.added()? {
+        out.push_str(&format!("sockets added ({leg}): {n}\n"));
+    }
+    for (path, reason, n) in maps.decisions()? {
+        out.push_str(&format!("connects to the {path} ({reason}): {n}\n"));
+    }
+    Ok(out)
+}
+
+/// The connection counters of the daemon at `root` as a table.
+pub fn conn_table(root: &Path) -> anyhow::Result<String> {
+    let counters = ConnCounters::open(root).map_err(|err| {
+        anyhow::anyhow!(
+            "opening the counter map under {}: {err} (is lacewing-node running there?)",
+            root.display()
+        )
+    })?;
+    let mut out = format!(
+        "{:<8} {:<6} {:<6} {:>10}\n",
+        "PORT", "FAMILY", "PROTO", "CONNECTS"
+    );
+    for (key, connects) in counters.snapshot()? {
+        let fam = match key.family {
+            family::INET => "ipv4",
+            family::INET6 => "ipv6",
+            _ => "other",
+        };
+        let proto = match key.protocol {
+            6 => "tcp".to_owned(),
+            17 => "udp".to_owned(),
+            p => p.to_string(),
+        };
+        out.push_str(&format!(
+            "{:<8} {:<6} {:<6} {:>10}\n",
+            key.dst_port, fam, proto, connects
+        ));
+    }
+    Ok(out)
+}
+
+/// The services of the daemon at `root` as a table, read from its pinned maps.
+pub fn services_table(root: &Path) -> anyhow::Result<String> {
+    let maps = LbMaps::open(root).map_err(|err| {
+        anyhow::anyhow!(
+            "opening the service maps under {}: {err} (is lacewing-node running there?)",
+            root.display()
+        )
+    })?;
+    let lb = LoadBalancer::inspect(maps)?;
+    let mut out = format!(
+        "{:<24} {:<5} {:<8} {:>8} {:>10} {:>8}  BACKENDS\n",
+        "FRONTEND", "PROTO", "ALGO", "AFFINITY", "CONNECTS", "REFUSED"
+    );
+    for s in lb.describe()? {
+        out.push_str(&format!(
+            "{:<24} {:<5} {:<8} {:>8} {:>10} {:>8}  {}\n",
+            s.frontend.to_string(),
+            s.protocol.to_string(),
+            s.algorithm,
+            if s.affinity_timeout_s == 0 {
+                "-".to_owned()
+            } else {
+                format!("{}s", s.affinity_timeout_s)
+            },
+            s.stats.connects,
+            s.stats.refused,
+            if s.backends.is_empty() {
+                "(none: refused)".to_owned()
+            } else {
+                s.backends.join(" ")
+            }
+        ));
+    }
+    Ok(out)
+}

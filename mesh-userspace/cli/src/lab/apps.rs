@@ -1,0 +1,372 @@
+//! What runs in a lab: the node daemon on a node, and real applications in
+//! pods (an nginx HTTP server that answers every request with a fixed body).
+
+use std::{
+    fs, io,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use mesh_common::names;
+
+use super::netns;
+use super::{
+    Lab, LabProcess,
+    topology::{NodeSpec, PodSpec},
+};
+use lacewing_node::loader::links_dir;
+
+/// The control plane's address on the underlay bridge (nodes are .1 and up).
+pub const CONTROLLER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 200, 0, 254);
+/// The controller's gRPC port.
+pub const CONTROLLER_PORT: u16 = 15012;
+
+/// The lab's control plane and node daemons, started by [`Lab::start_mesh`].
+/// Dropping it stops them.
+#[derive(Debug)]
+pub struct Mesh {
+    pub controller: LabProcess,
+    pub nodes: Vec<LabProcess>,
+    /// The YAML folder the controller serves.
+    pub folder: std::path::PathBuf,
+}
+
+impl Mesh {
+    /// Leaves the processes running after this handle (`lacewing lab up`).
+    pub fn detach(self) {
+        self.controller.detach();
+        for node in self.nodes {
+            node.detach();
+        }
+    }
+}
+
+impl Lab {
+    /// Starts the `lacewing-node` binary at `bin` on `node`, attached at the
+    /// node's cgroup and pinning under the lab's bpffs folder; returns once
+    /// every program is attached (its link is pinned).
+    pub fn start_node_daemon(&self, node: &NodeSpec, bin: &Path) -> io::Result<LabProcess> {
+        self.start_node_daemon_with(node, bin, &[])
+    }
+
+    /// [`Lab::start_node_daemon`] with extra flags (`--services FILE`, ...).
+    pub fn start_node_daemon_with(
+        &self,
+        node: &NodeSpec,
+        bin: &Path,
+        extra: &[&std::ffi::OsStr],
+    ) -> io::Result<LabProcess> {
+        self.start_node_daemon_logged(node, bin, extra, None)
+    }
+
+    /// Starts a node daemon; its output goes to `log` when given (processes
+    /// left running by `lacewing lab up` must not hold the CLI's pipes open).
+    fn start_node_daemon_logged(
+        &self,
+        node: &NodeSpec,
+        bin: &Path,
+        extra: &[&std::ffi::OsStr],
+        log: Option<&Path>,
+    ) -> io::Result<LabProcess> {
+        let root = self.node_bpffs_root(node);
+        let mut cmd = Command::new(bin);
+        cmd.args(extra)
+            .arg("--node-name")
+            .arg(node.name())
+            .arg("--cgroup-root")
+            .arg(self.node_cgroup(node))
+            .arg("--bpffs-root")
+            .arg(&root);
+        log_to(&mut cmd, log)?;
+        let mut daemon = self.spawn_on_node(node, cmd)?;
+        let links = links_dir(&root);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = daemon.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "lacewing-node on {} exited before attaching: {status}",
+                    node.name()
+                )));
+            }
+            if names::SOCK_ADDR_PROGRAMS
+                .iter()
+                .all(|p| links.join(p.name).exists())
+            {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("lacewing-node on {} did not attach in 20 s", node.name()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the whole mesh: `lacewing-controller` on the underlay serving
+    /// the lab's config folder (see [`Lab::config_dir`]) with the lab's Node
+    /// objects in it, and `lacewing-node` on every node subscribed to it and
+    /// capturing its meshed pods. `bin_dir` holds both binaries.
+    pub fn start_mesh(&self, bin_dir: &Path) -> io::Result<Mesh> {
+        let folder = self.config_dir();
+        fs::create_dir_all(&folder)?;
+        let logs = self.state_dir().join("logs");
+        fs::create_dir_all(&logs)?;
+        // The nodes register themselves, as kubelets do.
+        fs::write(folder.join("nodes.yaml"), self.nodes_yaml())?;
+        let controller = self.start_controller_logged(
+            &bin_dir.join("lacewing-controller"),
+            &folder,
+            &[],
+            Some(&logs.join("controller.log")),
+        )?;
+        let url = self.controller_url();
+        let nodes = self
+            .topology()
+            .nodes()
+            .map(|node| {
+                let tls = self.node_credentials(&node)?;
+                let netns = self.pod_netns_dir(&node)?;
+                let args = [
+                    std::ffi::OsStr::new("--controller"),
+                    std::ffi::OsStr::new(&url),
+                    std::ffi::OsStr::new("--tls-dir"),
+                    tls.as_os_str(),
+                    std::ffi::OsStr::new("--pod-netns-dir"),
+                    netns.as_os_str(),
+                ];
+                let log = logs.join(format!("{}.log", node.name()));
+                self.start_node_daemon_logged(
+                    &node,
+                    &bin_dir.join("lacewing-node"),
+                    &args,
+                    Some(&log),
+                )
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Mesh {
+            controller,
+            nodes,
+            folder,
+        })
+    }
+
+    /// The folder of Kubernetes YAML the lab's controller serves.
+    pub fn config_dir(&self) -> std::path::PathBuf {
+        self.state_dir().join("config")
+    }
+
+    /// Starts `lacewing-controller` (the binary at `bin`) on the underlay at
+    /// [`CONTROLLER_IP`], serving the YAML in `folder`; returns once it listens.
+    pub fn start_controller(&self, bin: &Path, folder: &Path) -> io::Result<LabProcess> {
+        self.start_controller_logged(bin, folder, &[], None)
+    }
+
+    /// [`Lab::start_controller`] with extra flags (`--workload-cert-ttl 4s`).
+    pub fn start_controller_with(
+        &self,
+        bin: &Path,
+        folder: &Path,
+        extra: &[&str],
+    ) -> io::Result<LabProcess> {
+        self.start_controller_logged(bin, folder, extra, None)
+    }
+
+    fn start_controller_logged(
+        &self,
+        bin: &Path,
+        folder: &Path,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> io::Result<LabProcess> {
+        netns::ensure_underlay_address(&self.topology().underlay_netns(), CONTROLLER_IP)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--folder")
+            .arg(folder)
+            .arg("--pki-dir")
+            .arg(self.pki_dir())
+            .arg("--server-ip")
+            .arg(CONTROLLER_IP.to_string())
+            .args(extra);
+        log_to(&mut cmd, log)?;
+        let mut controller = self.spawn_on_underlay(cmd)?;
+        controller.wait_listening(CONTROLLER_PORT, Duration::from_secs(20))?;
+        Ok(controller)
+    }
+
+    /// The lab as a pod network (CNI plugin) tells a node agent about its
+    /// pods: a folder with one file per pod address of `node` holding the
+    /// path of the pod's network namespace (`lacewing-node --pod-netns-dir`).
+    pub fn pod_netns_dir(&self, node: &NodeSpec) -> io::Result<std::path::PathBuf> {
+        let dir = self.state_dir().join("netns").join(node.name());
+        fs::create_dir_all(&dir)?;
+        for pod in self
+            .topology()
+            .pods()
+            .filter(|p| p.name().starts_with(&format!("{}-", node.name())))
+        {
+            let path = netns::path(&pod.netns());
+            for ip in [pod.ip4().to_string(), pod.ip6().to_string()] {
+                fs::write(dir.join(ip), path.display().to_string())?;
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Node objects for the lab's nodes (`InternalIP`: the underlay address),
+    /// as a kubelet registers them.
+    pub fn nodes_yaml(&self) -> String {
+        self.topology()
+            .nodes()
+            .map(|n| {
+                format!(
+                    "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus: {{addresses: [{{type: InternalIP, address: \"{}\"}}]}}\n",
+                    n.name(),
+                    n.underlay_ip4()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    /// GETs `path` of the node daemon's :15020 endpoint (`/metrics`,
+    /// `/status`, ...) from inside `node`.
+    pub fn node_get(&self, node: &NodeSpec, path: &str) -> io::Result<String> {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:15020{path}"),
+        ]);
+        let out = self.run_on_node(node, cmd)?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "GET {path} on {}: {}",
+                node.name(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The lab's control-plane CA and certificates.
+    pub fn pki_dir(&self) -> std::path::PathBuf {
+        self.state_dir().join("pki")
+    }
+
+    /// Issues `node` its certificate for the controller (from the lab's CA,
+    /// created by the controller or here) and returns the folder to pass as
+    /// `lacewing-node --tls-dir`.
+    pub fn node_credentials(&self, node: &NodeSpec) -> io::Result<std::path::PathBuf> {
+        let ca = lacewing_core::pki::Ca::load_or_create(&self.pki_dir().join("ca"))
+            .map_err(io::Error::other)?;
+        let dir = self.pki_dir().join("nodes").join(node.name());
+        ca.issue_node(&dir, lacewing_core::pki::DEFAULT_TRUST_DOMAIN, &node.name())
+            .map_err(io::Error::other)?;
+        Ok(dir)
+    }
+
+    /// The controller's `/status` and `/metrics` (host:port), on the underlay.
+    pub fn controller_status_addr(&self) -> String {
+        format!("{CONTROLLER_IP}:15014")
+    }
+
+    /// Where nodes reach the controller.
+    pub fn controller_url(&self) -> String {
+        format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}")
+    }
+
+    /// Waits until the node daemon on `node` answers `/readyz` (its datapath is
+    /// attached and its first configuration applied), asking from inside the node.
+    pub fn wait_node_ready(&self, node: &NodeSpec, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sf", "--max-time", "1", "http://127.0.0.1:15020/readyz"]);
+            if self.run_on_node(node, cmd)?.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "lacewing-node on {} not ready after {timeout:?}",
+                        node.name()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts nginx in `pod`, listening on `port` (IPv4 and IPv6), answering
+    /// `body` to every request; returns once it is listening.
+    pub fn start_http_server(
+        &self,
+        pod: &PodSpec,
+        port: u16,
+        body: &str,
+    ) -> io::Result<LabProcess> {
+        let dir = self
+            .state_dir()
+            .join(format!("nginx-{}-{port}", pod.name()));
+        fs::create_dir_all(&dir)?;
+        let conf = dir.join("nginx.conf");
+        fs::write(&conf, nginx_conf(&dir, port, body))?;
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf);
+        let mut server = self.spawn_in_pod(pod, cmd)?;
+        server.wait_listening(port, Duration::from_secs(10))?;
+        Ok(server)
+    }
+}
+
+/// One process (no master, no daemon) so the lab can stop it by its pid; all
+/// paths inside the lab's own folder.
+fn nginx_conf(dir: &Path, port: u16, body: &str) -> String {
+    let d = dir.display();
+    let body = body.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 100000;
+    server {{
+        listen 0.0.0.0:{port} reuseport;
+        listen [::]:{port} ipv6only=on reuseport;
+        default_type text/plain;
+        location / {{ return 200 "{body}\n"; }}
+    }}
+}}
+"#
+    )
+}
+
+/// Sends a command's stdout and stderr to `log`, when given.
+fn log_to(cmd: &mut Command, log: Option<&Path>) -> io::Result<()> {
+    if let Some(path) = log {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        cmd.stdout(file.try_clone()?).stderr(file);
+    }
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! `lacewing-controller`: turns what the cluster declares into each node's
+//! configuration and streams it to the nodes.
+//!
+//! The folder source (a directory of Kubernetes YAML, watched) or the
+//! Kubernetes source (kube-rs watchers), the snapshot every node needs (all
+//! services, its own workloads), the gRPC stream on :15012 with mutual TLS (a
+//! node subscribes only as the node its certificate names), versioned
+//! deltas, ACK/NACK, and per-node applied versions on :15014 (`/status`,
+//! `/metrics`). With Kubernetes, any number of replicas serve nodes and the
+//! one holding the Lease writes policy status.
+
+pub mod bootstrap;
+pub mod ca;
+pub mod ca_store;
+pub mod config;
+pub mod folder;
+pub mod grpc;
+pub mod kube_source;
+pub mod leader;
+pub mod metrics;
+pub mod snapshot;
+pub mod status;
+
+use std::sync::{Arc, atomic::AtomicBool};
+
+pub use config::ControllerConfig;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use lacewing_core::pki;
+
+/// What can stop the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("serving gRPC on {addr}: {source}")]
+    Serve {
+        addr: std::net::SocketAddr,
+        source: tonic::transport::Error,
+    },
+    #[error("serving /status and /metrics on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to the Kubernetes API: {0} (run in a cluster, or set KUBECONFIG)")]
+    Kube(kube::Error),
+    #[error("certificates in {dir}: {source}")]
+    Pki {
+        dir: std::path::PathBuf,
+        source: pki::PkiError,
+    },
+    #[error("the mesh CA: {0}")]
+    CaStore(#[from] ca_store::CaStoreError),
+}
+
+/// Runs the controller until SIGTERM or SIGINT.
+pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
+    // The CA: a Secret in Kubernetes (shared by every replica), a file in
+    // folder mode.
+    let client = match &config.source {
+        config::Source::Kubernetes { .. } => Some(
+            kube::Client::try_default()
+                .await
+                .map_err(ControllerError::Kube)?,
+        ),
+        config::Source::Folder(_) => None,
+    };
+    let pki_err = |source| ControllerError::Pki {
+        dir: config.pki_dir.clone(),
+        source,
+    };
+    let ca = match (&config.source, &client) {
+        (
+            config::Source::Kubernetes {
+                lease_namespace, ..
+            },
+            Some(client),
+        ) => {
+            let ca = ca_store::load_or_create(client.clone(), lease_namespace).await?;
+            ca_store::publish_root(client.clone(), lease_namespace, &ca).await?;
+            ca
+        }
+        _ => pki::Ca::load_or_create(&config.pki_dir.join("ca")).map_err(pki_err)?,
+    };
+    let tls = server_tls(&config, &ca).map_err(pki_err)?;
+    // Tasks that end with the controller.
+    let mut background = Vec::new();
+    let (snapshots, source_error) = match &config.source {
+        config::Source::Folder(dir) => folder::watch(dir.clone()),
+        config::Source::Kubernetes {
+            lease_namespace,
+            identity,
+        } => {
+            let client = client
+                .clone()
+                .expect("made above for the Kubernetes source");
+            let (snapshots, errors, verdicts) = kube_source::watch(client.clone());
+            let (leader, election) = leader::elect(
+                client.clone(),
+                leader::LeaseConfig::new(lease_namespace.clone(), identity.clone()),
+            );
+            background.push(election);
+            background.push(tokio::spawn(status::write(client, verdicts, leader)));
+            (snapshots, errors)
+        }
+    };
+    let signer = Arc::new(ca::Signer {
+        ca,
+        trust_domain: config.trust_domain.clone(),
+        ttl: config.workload_cert_ttl,
+        snapshots: snapshots.clone(),
+        bootstrap: match (&config.source, &client) {
+            (
+                config::Source::Kubernetes {
+                    lease_namespace, ..
+                },
+                Some(client),
+            ) => Some(bootstrap::TokenReviewer {
+                client: client.clone(),
+                service_account: format!(
+                    "system:serviceaccount:{lease_namespace}:{}",
+                    config.node_service_account
+                ),
+            }),
+            _ => None,
+        },
+    });
+    let registry = Arc::new(grpc::Registry::new(
+        config.trust_domain.clone(),
+        snapshots,
+        source_error,
+    ));
+
+    let mut prom = prometheus_client::registry::Registry::default();
+    metrics::register(&mut prom, Arc::clone(&registry));
+    let status_of = Arc::clone(&registry);
+    let endpoint = Arc::new(lacewing_sys::http::Endpoint {
+        registry: prom,
+        ready: AtomicBool::new(true),
+        status: Some(Box::new(move || {
+            serde_json::to_string(&status_of.status()).unwrap_or_default()
+        })),
+    });
+    let http = lacewing_sys::http::serve(config.http_addr, endpoint)
+        .await
+        .map_err(|source| ControllerError::Http {
+            addr: config.http_addr,
+            source,
+        })?;
+
+    tracing::info!(source = ?config.source, listen = %config.listen, "controller serving node configuration (mutual TLS)");
+    let result = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|source| ControllerError::Serve {
+            addr: config.listen,
+            source,
+        })?
+        .add_service(grpc::server(registry))
+        .add_service(ca::server(signer))
+        .serve_with_shutdown(config.listen, lacewing_sys::shutdown::signal())
+        .await
+        .map_err(|source| ControllerError::Serve {
+            addr: config.listen,
+            source,
+        });
+    http.abort();
+    for task in background {
+        task.abort();
+    }
+    result
+}
+
+/// The controller's own certificate, from the mesh CA; clients must present
+/// a certificate from the same CA.
+fn server_tls(config: &ControllerConfig, ca: &pki::Ca) -> Result<ServerTlsConfig, pki::PkiError> {
+    let server_dir = config.pki_dir.join("controller");
+    ca.issue_controller(&server_dir, &config.server_ips)?;
+    let (ca_pem, cert, key) = pki::read_credentials(&server_dir)?;
+    // Optional so a node without a certificate can bootstrap one; every
+    // other call refuses a caller without a node certificate.
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca_pem))
+        .client_auth_optional(true))
+}

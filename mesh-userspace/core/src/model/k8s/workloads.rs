@@ -1,0 +1,166 @@
+//! Pods, Namespaces and ServiceAccounts, translated into [`Workload`]s.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use serde::Deserialize;
+
+use super::Meta;
+use crate::api::mesh_config::{MeshConfigSpec, MtlsMode};
+use crate::model::workloads::{MESH_DISABLED, MESH_ENABLED, MESH_LABEL, Workload};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    pub metadata: Meta,
+    #[serde(default)]
+    spec: PodSpec,
+    #[serde(default)]
+    status: PodStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpec {
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    service_account_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodStatus {
+    #[serde(default)]
+    phase: Option<String>,
+    // Kubernetes spells these with a capital IP, which camelCase does not.
+    #[serde(default, rename = "podIP")]
+    pod_ip: Option<IpAddr>,
+    #[serde(default, rename = "podIPs")]
+    pod_ips: Vec<PodIp>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PodIp {
+    ip: IpAddr,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Named {
+    pub metadata: Meta,
+}
+
+/// A Node: its name and addresses.
+#[derive(Debug, Deserialize)]
+pub struct Node {
+    pub metadata: Meta,
+    #[serde(default)]
+    status: NodeStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct NodeStatus {
+    #[serde(default)]
+    addresses: Vec<NodeAddress>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeAddress {
+    #[serde(rename = "type")]
+    type_: String,
+    address: String,
+}
+
+impl Node {
+    /// Its `InternalIP` addresses: where other nodes reach its tunnel.
+    pub fn internal_ips(&self) -> Vec<IpAddr> {
+        self.status
+            .addresses
+            .iter()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect()
+    }
+}
+
+/// Whether meshed pods of `namespace` are STRICT: the MeshConfig's
+/// per-namespace override, else its default (STRICT); with no MeshConfig,
+/// PERMISSIVE, so enrolling a namespace breaks no plain-text client (as
+/// Istio and Linkerd default).
+fn strict(mesh_config: Option<&MeshConfigSpec>, namespace: &str) -> bool {
+    let Some(mc) = mesh_config else {
+        return false;
+    };
+    let mode = mc
+        .namespaces
+        .iter()
+        .find(|n| n.namespace == namespace)
+        .map_or(mc.mtls_mode, |n| n.mtls_mode);
+    mode == MtlsMode::Strict
+}
+
+/// The ServiceAccount every namespace has, which a pod naming none uses.
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// The workloads these pods make: scheduled, not finished, with an address.
+/// A pod naming a ServiceAccount that is not declared is an error (the API
+/// server's admission refuses such a pod), reported by `origin`.
+pub fn translate<'a>(
+    pods: impl Iterator<Item = &'a (String, Pod)>,
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    service_accounts: &BTreeSet<(String, String)>,
+    mesh_config: Option<&MeshConfigSpec>,
+) -> Result<Vec<Workload>, String> {
+    let mut out = Vec::new();
+    for (origin, pod) in pods {
+        let meta = &pod.metadata;
+        let Some(node) = pod.spec.node_name.clone() else {
+            continue; // not scheduled yet
+        };
+        if matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            continue;
+        }
+        let mut addresses: Vec<IpAddr> = pod.status.pod_ips.iter().map(|p| p.ip).collect();
+        if addresses.is_empty() {
+            addresses.extend(pod.status.pod_ip);
+        }
+        if addresses.is_empty() {
+            continue; // not started yet: nothing to route to or capture
+        }
+        let sa = pod
+            .spec
+            .service_account_name
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned());
+        if sa != DEFAULT_SERVICE_ACCOUNT
+            && !service_accounts.contains(&(meta.namespace.clone(), sa.clone()))
+        {
+            return Err(format!(
+                "{origin}: Pod {}/{} runs as ServiceAccount {sa}, which does not exist in namespace {}",
+                meta.namespace, meta.name, meta.namespace
+            ));
+        }
+        let ns_enabled = namespaces
+            .get(&meta.namespace)
+            .and_then(|labels| labels.get(MESH_LABEL))
+            .is_some_and(|v| v == MESH_ENABLED);
+        let pod_disabled = meta
+            .labels
+            .get(MESH_LABEL)
+            .is_some_and(|v| v == MESH_DISABLED);
+        out.push(Workload {
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            uid: meta.uid.clone().unwrap_or_default(),
+            node,
+            service_account: sa,
+            addresses,
+            meshed: ns_enabled && !pod_disabled,
+            labels: meta.labels.clone(),
+            strict: ns_enabled && !pod_disabled && strict(mesh_config, &meta.namespace),
+        });
+    }
+    Ok(out)
+}

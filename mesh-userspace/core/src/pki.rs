@@ -1,0 +1,395 @@
+//! Certificates for the control plane: a CA kept in a folder, the
+//! controller's server certificate, and node certificates whose SPIFFE URI
+//! names the node (`spiffe://<trust-domain>/lacewing/node/<name>`). The
+//! controller lets a node subscribe only under the name its certificate holds.
+//!
+//! In the lab the lab provisions each node's certificate (as a cluster's
+//! bootstrap would mount it from a Secret).
+//!
+//! Workload certificates (X.509 SVIDs): the node generates an ECDSA P-256
+//! key, sends a CSR naming `spiffe://<td>/ns/<ns>/sa/<sa>`, and the same CA
+//! signs it once the controller has checked the pod runs on that node.
+
+use std::{
+    fs, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// The trust domain until `MeshConfig` sets another.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// The name nodes check on the controller's certificate.
+pub const CONTROLLER_SERVER_NAME: &str = "lacewing-controller";
+
+/// Files of a credential folder.
+pub const CA_FILE: &str = "ca.pem";
+pub const CERT_FILE: &str = "cert.pem";
+pub const KEY_FILE: &str = "key.pem";
+const CA_KEY_FILE: &str = "ca-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("certificate request: {0}")]
+    BadRequest(String),
+}
+
+/// A workload's key and certificate, as the node keeps them.
+pub struct Svid {
+    pub identity: String,
+    pub cert_chain_pem: Vec<String>,
+    pub key_pem: String,
+    pub not_after: std::time::SystemTime,
+}
+
+/// The private key stays out of logs and panics.
+impl std::fmt::Debug for Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svid")
+            .field("identity", &self.identity)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A new ECDSA P-256 key and a CSR for `identity` signed with it.
+pub fn new_key_and_csr(identity: &str) -> Result<(KeyPair, String), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = vec![SanType::URI(identity.try_into()?)];
+    let csr = params.serialize_request(&key)?;
+    Ok((key, csr.pem()?))
+}
+
+/// The DER of the first certificate in a PEM text.
+pub fn pem_to_der(cert_pem: &str) -> Option<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    Some(pem.contents)
+}
+
+/// The end of validity of a PEM certificate.
+pub fn not_after(cert_pem: &str) -> Option<std::time::SystemTime> {
+    let der = pem_to_der(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let secs = cert.validity().not_after.timestamp();
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Lifetime of a node certificate from a bootstrap: the controller signs
+/// for this long, and a node renews when less than half is left.
+pub const NODE_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// The SPIFFE identity of a node.
+pub fn node_identity(trust_domain: &str, node: &str) -> String {
+    format!("spiffe://{trust_domain}/lacewing/node/{node}")
+}
+
+/// The node name in a node identity, if it is one.
+pub fn node_of_identity<'a>(trust_domain: &str, identity: &'a str) -> Option<&'a str> {
+    identity
+        .strip_prefix("spiffe://")?
+        .strip_prefix(trust_domain)?
+        .strip_prefix("/lacewing/node/")
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// The URI SANs of a DER certificate.
+pub fn uri_sans(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A CA whose key lives in a folder (created on first use, key mode 0600).
+pub struct Ca {
+    cert: Certificate,
+    key: KeyPair,
+    pem: String,
+}
+
+impl Ca {
+    pub fn load_or_create(dir: &Path) -> Result<Self, PkiError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let (cert_path, key_path) = (dir.join(CA_FILE), dir.join(CA_KEY_FILE));
+        let key = match fs::read_to_string(&key_path) {
+            Ok(pem) => KeyPair::from_pem(&pem)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let key = KeyPair::generate()?;
+                write_private(&key_path, &key.serialize_pem())?;
+                let _ = fs::remove_file(&cert_path);
+                key
+            }
+            Err(e) => return Err(io_err(&key_path)(e)),
+        };
+        // The same subject and key every time, so leaves signed by a
+        // re-created issuer verify against the stored CA certificate.
+        let cert = ca_params()?.self_signed(&key)?;
+        let pem = match fs::read_to_string(&cert_path) {
+            Ok(pem) => pem,
+            Err(_) => {
+                fs::write(&cert_path, cert.pem()).map_err(io_err(&cert_path))?;
+                cert.pem()
+            }
+        };
+        Ok(Self { cert, key, pem })
+    }
+
+    /// A CA from its key and certificate (PEM), as kept in a Secret.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        // The same subject and key, so leaves verify against `cert_pem`.
+        let cert = ca_params()?.self_signed(&key)?;
+        Ok(Self {
+            cert,
+            key,
+            pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// A new CA: it, and its key's PEM to keep.
+    pub fn generate() -> Result<(Self, String), PkiError> {
+        let key = KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
+        let cert = ca_params()?.self_signed(&key)?;
+        let pem = cert.pem();
+        Ok((Self { cert, key, pem }, key_pem))
+    }
+
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// Issues a certificate into `dir` (ca.pem, cert.pem, key.pem) for
+    /// these uses.
+    pub fn issue(
+        &self,
+        dir: &Path,
+        sans: Vec<SanType>,
+        uses: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<(), PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = sans;
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "lacewing");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = uses;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        write_credentials(dir, &self.pem, &cert.pem(), &key.serialize_pem())
+    }
+
+    /// Signs a CSR for `identity` (a workload's or a node's), valid for
+    /// `ttl` (from a minute ago, for clock skew). The CSR must ask for
+    /// exactly that identity with an ECDSA P-256 key; the certificate serves
+    /// both ends of a TLS connection.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &str,
+        ttl: std::time::Duration,
+    ) -> Result<String, PkiError> {
+        let bad = |m: String| PkiError::BadRequest(m);
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| bad(format!("not a PEM PKCS#10 request: {e}")))?;
+        if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(bad("the key must be ECDSA P-256".into()));
+        }
+        let asked: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                SanType::URI(u) => u.as_str().to_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if asked != [identity] {
+            return Err(bad(format!(
+                "it asks for {asked:?}; the identity it may have is {identity}"
+            )));
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let p = &mut csr.params;
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + ttl;
+        p.serial_number = Some(random_serial());
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::OrganizationName, "lacewing");
+        Ok(csr.signed_by(&self.cert, &self.key)?.pem())
+    }
+
+    /// A node's certificate, naming it in a SPIFFE URI: a client of the
+    /// controller, and the server of its tunnel port.
+    pub fn issue_node(&self, dir: &Path, trust_domain: &str, node: &str) -> Result<(), PkiError> {
+        let uri = node_identity(trust_domain, node).try_into()?;
+        self.issue(
+            dir,
+            vec![SanType::URI(uri)],
+            vec![
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ],
+        )
+    }
+
+    /// The controller's server certificate.
+    pub fn issue_controller(&self, dir: &Path, ips: &[IpAddr]) -> Result<(), PkiError> {
+        let mut sans = vec![SanType::DnsName(CONTROLLER_SERVER_NAME.try_into()?)];
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        self.issue(dir, sans, vec![ExtendedKeyUsagePurpose::ServerAuth])
+    }
+}
+
+/// 16 random bytes, the high bit clear (serials are positive integers).
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system's random source works");
+    bytes[0] &= 0x7f;
+    rcgen::SerialNumber::from_slice(&bytes)
+}
+
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "lacewing");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Lacewing control-plane CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+fn write_private(path: &Path, pem: &str) -> Result<(), PkiError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    io::Write::write_all(&mut f, pem.as_bytes()).map_err(io_err(path))
+}
+
+/// Writes a credential folder: ca.pem, cert.pem, key.pem (mode 0600).
+pub fn write_credentials(dir: &Path, ca: &str, cert: &str, key: &str) -> Result<(), PkiError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::write(dir.join(CA_FILE), ca).map_err(io_err(dir))?;
+    fs::write(dir.join(CERT_FILE), cert).map_err(io_err(dir))?;
+    write_private(&dir.join(KEY_FILE), key)
+}
+
+/// Reads a credential folder: (ca.pem, cert.pem, key.pem).
+pub fn read_credentials(dir: &Path) -> Result<(String, String, String), PkiError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        fs::read_to_string(&path).map_err(io_err(&path))
+    };
+    Ok((read(CA_FILE)?, read(CERT_FILE)?, read(KEY_FILE)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificates_name_their_node_and_chain_to_the_ca() {
+        let dir = std::env::temp_dir().join(format!("lacewing-pki-test-{}", std::process::id()));
+        let ca = Ca::load_or_create(&dir.join("ca")).unwrap();
+        ca.issue_node(&dir.join("n0"), DEFAULT_TRUST_DOMAIN, "n0")
+            .unwrap();
+        let (_, cert, _) = read_credentials(&dir.join("n0")).unwrap();
+        let der = pem_der(&cert);
+        let sans = uri_sans(&der);
+        assert_eq!(sans, ["spiffe://cluster.local/lacewing/node/n0"]);
+        assert_eq!(node_of_identity(DEFAULT_TRUST_DOMAIN, &sans[0]), Some("n0"));
+        assert_eq!(node_of_identity("other.domain", &sans[0]), None);
+        assert_eq!(
+            node_of_identity(DEFAULT_TRUST_DOMAIN, "spiffe://cluster.local/ns/a/sa/b"),
+            None
+        );
+        // The CA survives a restart: same certificate, same key.
+        let again = Ca::load_or_create(&dir.join("ca")).unwrap();
+        assert_eq!(again.pem(), ca.pem());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn workload_requests_are_signed_only_for_the_identity_they_name() {
+        let dir = std::env::temp_dir().join(format!("lacewing-svid-test-{}", std::process::id()));
+        let ca = Ca::load_or_create(&dir).unwrap();
+        let id = "spiffe://cluster.local/ns/shop/sa/web";
+        let (_key, csr) = new_key_and_csr(id).unwrap();
+        let ttl = std::time::Duration::from_secs(3600);
+        let cert = ca.sign_csr(&csr, id, ttl).unwrap();
+        assert_eq!(uri_sans(&pem_der(&cert)), [id]);
+        let left = not_after(&cert)
+            .unwrap()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap();
+        assert!(
+            left > ttl - std::time::Duration::from_secs(5) && left <= ttl,
+            "{left:?}"
+        );
+        // Two signatures of one request get different serials.
+        let again = ca.sign_csr(&csr, id, ttl).unwrap();
+        let serial = |pem: &str| {
+            let der = pem_der(pem);
+            let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+            c.serial.clone()
+        };
+        assert_ne!(serial(&cert), serial(&again));
+        let err = ca
+            .sign_csr(&csr, "spiffe://cluster.local/ns/shop/sa/admin", ttl)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the identity it may have is spiffe://cluster.local/ns/shop/sa/admin"),
+            "{err}"
+        );
+        assert!(ca.sign_csr("junk", id, ttl).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn pem_der(pem: &str) -> Vec<u8> {
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        p.contents
+    }
+}

@@ -1,0 +1,395 @@
+//! Capture of meshed pods on this node: for each one, listeners on
+//! 127.0.0.1:15001 and [::1]:15001 inside the pod's network namespace (as
+//! ztunnel's in-pod mode does) and its netns cookie in `LW_MESHED_NETNS`,
+//! which turns on the kernel's redirect. Each accepted connection's original
+//! destination is read from `LW_CAPTURED`.
+//!
+//! Each meshed pod also gets listeners on 127.0.0.1:15006 and [::1]:15006
+//! and the sk_lookup program attached to its namespace; a STRICT pod's
+//! addresses are in `LW_INBOUND`, so plain-text connections to it land on
+//! those listeners and are reset. A mode change only edits `LW_INBOUND`.
+//!
+//! The pod's network namespace comes from the pod network (a CNI plugin):
+//! a folder (`--pod-netns-dir`) with one file per pod address holding the
+//! path of its namespace. In the lab, the lab writes it.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use std::os::fd::AsRawFd as _;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
+use mesh_common::{
+    capture::{
+        AddrKey, CAPTURE_OUTBOUND, CapturedKey, INBOUND_PORT, MeshedNetns, OUTBOUND_PORT, OrigDst,
+    },
+    family, names,
+};
+use tokio::net::TcpListener;
+
+use lacewing_proxy::{Proxy, outbound::Captured as CapturedConn};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    fastpath::IdentityNumbers,
+    maps::{addr_key, open},
+    workloads::LocalWorkloads,
+};
+use lacewing_core::model::workloads::Workload;
+
+/// How often the netns folder is looked at when nothing else changes.
+const LOOK_EVERY: Duration = Duration::from_millis(500);
+
+/// Why capture cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("opening the capture maps under the bpffs root: {0} (is the datapath loaded?)")]
+    Maps(#[from] aya::maps::MapError),
+    #[error("loading the sk_lookup program: {0}")]
+    SkLookup(#[from] crate::loader::LoadError),
+    #[error("listing the node's addresses: {0}")]
+    Addresses(std::io::Error),
+}
+
+/// The capture maps, opened from their pins, and the sk_lookup program.
+pub struct CaptureMaps {
+    meshed: BpfHashMap<MapData, u64, MeshedNetns>,
+    captured: BpfHashMap<MapData, CapturedKey, OrigDst>,
+    inbound: SockHash<MapData, AddrKey>,
+    node_addrs: BpfHashMap<MapData, AddrKey, u32>,
+    sk_lookup: aya::Ebpf,
+}
+
+impl CaptureMaps {
+    pub fn open(bpffs_root: &Path, maglev_capacity: u32) -> Result<Self, CaptureError> {
+        let mut maps = Self {
+            meshed: open(bpffs_root, names::MAP_MESHED_NETNS).and_then(TryInto::try_into)?,
+            captured: open(bpffs_root, names::MAP_CAPTURED).and_then(TryInto::try_into)?,
+            inbound: open(bpffs_root, names::MAP_INBOUND).and_then(TryInto::try_into)?,
+            node_addrs: open(bpffs_root, names::MAP_NODE_ADDRS).and_then(TryInto::try_into)?,
+            sk_lookup: super::loader::load_sk_lookup(bpffs_root, maglev_capacity)?,
+        };
+        // The node's own connections to its pods (tunnel streams, probes)
+        // are never steered.
+        for ip in lacewing_sys::os::local_addresses().map_err(CaptureError::Addresses)? {
+            let _ = maps.node_addrs.insert(addr_key(ip), 1, 0);
+        }
+        Ok(maps)
+    }
+
+    fn sk_lookup(&mut self) -> &mut aya::programs::SkLookup {
+        self.sk_lookup
+            .program_mut(names::SK_LOOKUP_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded by CaptureMaps::open")
+    }
+}
+
+/// One captured pod: its netns cookie, its listeners' tasks, its plain-text
+/// listeners (for `LW_INBOUND`), its sk_lookup link, and whether it is
+/// STRICT now.
+struct Captured {
+    cookie: u64,
+    strict: bool,
+    addresses: Vec<IpAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    plain: Vec<std::net::TcpListener>,
+    link: Option<aya::programs::sk_lookup::SkLookupLinkId>,
+}
+
+impl Captured {
+    /// Turns STRICT on or off: the pod's addresses in `LW_INBOUND`, or not.
+    fn set_strict(&mut self, strict: bool, maps: &mut CaptureMaps) -> std::io::Result<()> {
+        for ip in &self.addresses {
+            let key = addr_key(*ip);
+            if !strict {
+                let _ = maps.inbound.remove(&key);
+                continue;
+            }
+            let Some(listener) = self
+                .plain
+                .iter()
+                .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4() == ip.is_ipv4()))
+            else {
+                continue;
+            };
+            maps.inbound
+                .insert(key, listener.as_raw_fd(), 0)
+                .map_err(std::io::Error::other)?;
+        }
+        self.strict = strict;
+        Ok(())
+    }
+}
+
+impl Drop for Captured {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Keeps capture in line with the meshed pods on this node, until `drain`
+/// is cancelled: then every pod's listeners close (new connections are
+/// refused), while the connections already accepted go on.
+pub async fn run(
+    netns_dir: PathBuf,
+    workloads: Arc<LocalWorkloads>,
+    maps: CaptureMaps,
+    proxy: Arc<Proxy>,
+    numbers: Arc<IdentityNumbers>,
+    drain: CancellationToken,
+) {
+    let maps = Arc::new(std::sync::Mutex::new(maps));
+    let mut captured: BTreeMap<String, Captured> = BTreeMap::new();
+    let mut changes = workloads.watch();
+    loop {
+        changes.borrow_and_update();
+        let wanted: BTreeMap<String, (Workload, PathBuf)> = workloads
+            .meshed()
+            .into_iter()
+            .filter_map(|w| {
+                let path = netns_of(&netns_dir, &w.addresses)?;
+                Some((w.key(), (w, path)))
+            })
+            .collect();
+        captured.retain(|key, c| {
+            let keep = wanted.contains_key(key);
+            if !keep {
+                stop(c, &mut lock(&maps));
+                tracing::info!(pod = %key, "capture stopped");
+            }
+            keep
+        });
+        for (key, c) in &mut captured {
+            let strict = wanted[key].0.strict;
+            if c.strict != strict {
+                match c.set_strict(strict, &mut lock(&maps)) {
+                    Ok(()) => tracing::info!(pod = %key, strict, "inbound mode changed"),
+                    Err(err) => tracing::warn!(pod = %key, %err, "cannot change the inbound mode"),
+                }
+            }
+        }
+        for (key, (workload, path)) in wanted {
+            if captured.contains_key(&key) {
+                continue;
+            }
+            let identity = numbers.number(&workload.identity(&proxy.outbound.trust_domain));
+            match start(&workload, identity, &path, &maps, &proxy) {
+                Ok(c) => {
+                    tracing::info!(pod = %key, netns = %path.display(), cookie = c.cookie, strict = c.strict, "capturing outbound TCP");
+                    captured.insert(key, c);
+                }
+                Err(err) => {
+                    tracing::warn!(pod = %key, netns = %path.display(), %err, "cannot capture");
+                }
+            }
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            () = tokio::time::sleep(LOOK_EVERY) => {}
+            () = drain.cancelled() => break,
+        }
+    }
+    // The listeners close with their tasks; capture stays on in the kernel
+    // until the datapath is detached, so new connections are refused at
+    // once instead of waiting in a backlog nobody accepts.
+    let count = captured.len();
+    captured.clear();
+    tracing::info!(pods = count, "capture listeners closed for the drain");
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The netns path the pod network recorded for any of these addresses.
+fn netns_of(dir: &Path, addresses: &[IpAddr]) -> Option<PathBuf> {
+    addresses.iter().find_map(|a| {
+        let text = std::fs::read_to_string(dir.join(a.to_string())).ok()?;
+        let path = PathBuf::from(text.trim());
+        path.exists().then_some(path)
+    })
+}
+
+/// Turns a pod's capture off (its listeners close with the tasks).
+fn stop(c: &mut Captured, maps: &mut CaptureMaps) {
+    let _ = maps.meshed.remove(&c.cookie);
+    let _ = c.set_strict(false, maps);
+    if let Some(link) = c.link.take() {
+        let _ = maps.sk_lookup().detach(link);
+    }
+}
+
+/// Opens the pod's listeners and turns its capture on.
+fn start(
+    workload: &Workload,
+    identity: u32,
+    netns_path: &Path,
+    maps: &Arc<std::sync::Mutex<CaptureMaps>>,
+    proxy: &Arc<Proxy>,
+) -> std::io::Result<Captured> {
+    let netns = Arc::new(File::open(netns_path)?);
+    let strict = workload.strict;
+    let (listeners, plain, cookie) = lacewing_sys::os::in_netns(netns.as_fd(), || {
+        let both = |port| {
+            let v4 =
+                std::net::TcpListener::bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
+            let mut listeners = vec![v4];
+            // IPv6 only where the pod has it.
+            if let Ok(v6) =
+                std::net::TcpListener::bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port))
+            {
+                listeners.push(v6);
+            }
+            std::io::Result::Ok(listeners)
+        };
+        let listeners = both(OUTBOUND_PORT)?;
+        let cookie = lacewing_sys::os::netns_cookie(listeners[0].as_fd())?;
+        let plain = both(INBOUND_PORT)?;
+        Ok((listeners, plain, cookie))
+    })?;
+    let link = Some(
+        lock(maps)
+            .sk_lookup()
+            .attach(netns.as_fd())
+            .map_err(std::io::Error::other)?,
+    );
+    let mut tasks = Vec::new();
+    let mut kept = Vec::new();
+    for listener in plain {
+        kept.push(listener.try_clone()?);
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        tasks.push(tokio::spawn(refuse_plain_text(
+            listener,
+            workload.key(),
+            proxy.metrics.clone(),
+        )));
+    }
+    let shared = Arc::new(workload.clone());
+    for listener in listeners {
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            cookie,
+            Arc::clone(&shared),
+            Arc::clone(&netns),
+            Arc::clone(maps),
+            Arc::clone(proxy),
+        )));
+    }
+    lock(maps)
+        .meshed
+        .insert(
+            cookie,
+            MeshedNetns {
+                flags: CAPTURE_OUTBOUND,
+                identity,
+            },
+            0,
+        )
+        .map_err(std::io::Error::other)?;
+    let mut captured = Captured {
+        cookie,
+        strict: false,
+        addresses: workload.addresses.clone(),
+        tasks,
+        plain: kept,
+        link,
+    };
+    if let Err(err) = captured.set_strict(strict, &mut lock(maps)) {
+        stop(&mut captured, &mut lock(maps));
+        return Err(err);
+    }
+    Ok(captured)
+}
+
+/// STRICT: plain-text connections steered here are reset and counted.
+async fn refuse_plain_text(
+    listener: TcpListener,
+    pod: String,
+    metrics: lacewing_tunnel::metrics::TunnelMetrics,
+) {
+    loop {
+        let Ok((conn, from)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tracing::info!(%pod, %from, "refused a plain-text connection (STRICT)");
+        metrics.refused(&lacewing_tunnel::Refusal::new(0, "plaintext_strict", ""));
+        let _ = conn.set_zero_linger();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    cookie: u64,
+    workload: Arc<Workload>,
+    netns: Arc<File>,
+    maps: Arc<std::sync::Mutex<CaptureMaps>>,
+    proxy: Arc<Proxy>,
+) {
+    loop {
+        let (app, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::warn!(%err, pod = %workload.key(), "accepting a captured connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let key = CapturedKey {
+            netns_cookie: cookie,
+            port: from.port(),
+            family: if from.is_ipv4() {
+                family::INET as u8
+            } else {
+                family::INET6 as u8
+            },
+            _pad: [0; 5],
+        };
+        let orig = {
+            let mut maps = lock(&maps);
+            let orig = maps.captured.get(&key, 0).ok();
+            let _ = maps.captured.remove(&key);
+            orig
+        };
+        let Some(orig) = orig else {
+            tracing::debug!(pod = %workload.key(), %from, "a connection to the capture port that was not captured");
+            continue;
+        };
+        let dest = SocketAddr::new(address(&orig), orig.port);
+        let conn = CapturedConn {
+            source: Arc::clone(&workload),
+            netns: Arc::clone(&netns),
+            netns_cookie: cookie,
+            app,
+            dest,
+        };
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move { proxy.outbound.handle(conn).await });
+    }
+}
+
+fn address(orig: &OrigDst) -> IpAddr {
+    if orig.family == family::INET as u8 {
+        IpAddr::V4(Ipv4Addr::new(
+            orig.addr[0],
+            orig.addr[1],
+            orig.addr[2],
+            orig.addr[3],
+        ))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(orig.addr))
+    }
+}

@@ -1,0 +1,248 @@
+//! `lacewing-node` settings: flags with environment fallbacks, then validation
+//! with an error that says what to fix.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+use lacewing_core::model::services::ServiceCidr;
+use lacewing_sys::bpffs;
+use lacewing_sys::cgroup;
+use lacewing_sys::telemetry::LogFormat;
+
+/// Environment names, as in the DaemonSet manifest.
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+pub const ENV_CGROUP_ROOT: &str = "LACEWING_CGROUP_ROOT";
+pub const ENV_BPFFS_ROOT: &str = "LACEWING_BPFFS_ROOT";
+pub const ENV_SERVICES_FILE: &str = "LACEWING_SERVICES_FILE";
+pub const ENV_METRICS_ADDR: &str = "LACEWING_METRICS_ADDR";
+pub const ENV_KEEP_DATAPATH: &str = "LACEWING_KEEP_DATAPATH";
+pub const ENV_CONTROLLER: &str = "LACEWING_CONTROLLER";
+pub const ENV_TLS_DIR: &str = "LACEWING_TLS_DIR";
+pub const ENV_SERVICE_CIDRS: &str = "LACEWING_SERVICE_CIDRS";
+/// Kubernetes' default IPv4 service CIDR, and the lab's IPv6 one.
+pub const DEFAULT_SERVICE_CIDRS: &str = "10.96.0.0/12,fd00:96::/108";
+pub const ENV_ACCELERATION: &str = "LACEWING_ACCELERATION";
+pub const ENV_FAST_PATH: &str = "LACEWING_FAST_PATH";
+pub const ENV_MAGLEV_CAPACITY: &str = "LACEWING_MAGLEV_CAPACITY";
+pub const ENV_DRAIN_TIMEOUT: &str = "LACEWING_DRAIN_TIMEOUT";
+/// How long SIGTERM lets open connections finish (Kubernetes' default
+/// terminationGracePeriodSeconds is 30 s; the chart gives the pod more).
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "30s";
+/// The kernel object's own size of `LW_MAGLEV`.
+pub const DEFAULT_MAGLEV_CAPACITY: u32 = 1 << 20;
+/// Metrics and health, on every address (Prometheus scrapes the node IP).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+
+/// Command-line flags of `lacewing-node`.
+#[derive(Debug, Parser)]
+#[command(name = "lacewing-node", version, about = "Lacewing's per-node daemon")]
+pub struct NodeArgs {
+    /// This node's name (the DaemonSet passes spec.nodeName). Default: hostname.
+    #[arg(long, env = ENV_NODE_NAME)]
+    pub node_name: Option<String>,
+    /// cgroup v2 directory to attach the programs at. Default: the cgroup v2
+    /// root, read from /proc/self/mountinfo, as on a real node.
+    #[arg(long, env = ENV_CGROUP_ROOT)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Folder on bpffs where maps and links are pinned.
+    #[arg(long, env = ENV_BPFFS_ROOT, default_value_os_t = bpffs::default_root())]
+    pub bpffs_root: PathBuf,
+    /// A file of Kubernetes Services and EndpointSlices (YAML) to balance,
+    /// re-read when it changes. (The controller's stream replaces it.)
+    #[arg(long, env = ENV_SERVICES_FILE)]
+    pub services: Option<PathBuf>,
+    /// The controller to subscribe to (`http://host:15012`), instead of
+    /// --services.
+    #[arg(long, env = ENV_CONTROLLER, conflicts_with = "services", requires = "tls_dir")]
+    pub controller: Option<String>,
+    /// The node's credentials for the controller: ca.pem, cert.pem, key.pem
+    /// (a certificate naming this node).
+    #[arg(long, env = ENV_TLS_DIR)]
+    pub tls_dir: Option<PathBuf>,
+    /// The name on the controller's certificate.
+    #[arg(long, default_value = lacewing_core::pki::CONTROLLER_SERVER_NAME)]
+    pub controller_server_name: String,
+    /// Entries of the Maglev table map (all Maglev services' tables together;
+    /// each takes its table size). Lower it to bound memory.
+    #[arg(long, env = ENV_MAGLEV_CAPACITY, default_value_t = DEFAULT_MAGLEV_CAPACITY)]
+    pub maglev_capacity: u32,
+    /// The cluster's service CIDRs: a connect to an address in them that is
+    /// no service is refused (a deleted or unallocated ClusterIP).
+    #[arg(long, env = ENV_SERVICE_CIDRS, value_delimiter = ',', default_value = DEFAULT_SERVICE_CIDRS)]
+    pub service_cidr: Vec<ServiceCidr>,
+    /// Address of the metrics and health endpoint.
+    #[arg(long, env = ENV_METRICS_ADDR, default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// On SIGTERM, leave the programs attached and the maps pinned, so service
+    /// load balancing goes on until the next lacewing-node takes over (rolling
+    /// upgrades). Without it, SIGTERM detaches everything.
+    #[arg(long, env = ENV_KEEP_DATAPATH)]
+    pub keep_datapath: bool,
+    /// In a cluster: the daemon's projected ServiceAccount token (audience
+    /// `lacewing`), with which it bootstraps its node certificate into
+    /// --tls-dir when that holds none.
+    #[arg(long, env = "LACEWING_BOOTSTRAP_TOKEN_FILE", requires = "ca_file")]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// The mesh's root certificate, to trust the controller when
+    /// bootstrapping (the controller publishes it in ConfigMap
+    /// `lacewing-ca-root`).
+    #[arg(long, env = "LACEWING_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Capture meshed pods: a folder with one file per pod address holding
+    /// the path of the pod's network namespace (written by the pod network;
+    /// in the lab, by the lab).
+    #[arg(long, env = "LACEWING_POD_NETNS_DIR", requires = "controller")]
+    pub pod_netns_dir: Option<PathBuf>,
+    /// Where the tunnel (HBONE, mutual TLS) listens, with --controller.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    pub tunnel_addr: SocketAddr,
+    /// The trust domain of workload identities
+    /// (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "LACEWING_TRUST_DOMAIN", default_value = lacewing_core::pki::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Same-node acceleration: splice the sockets of local hops (app to
+    /// daemon inside a pod, daemon to a pod here) through a sockhash, so
+    /// their bytes skip the TCP/IP stack. `false` is the escape hatch; at
+    /// run time, `lacewing acceleration on|off` flips it without restarting.
+    #[arg(long, env = ENV_ACCELERATION, default_value_t = true, action = clap::ArgAction::Set)]
+    pub acceleration: bool,
+    /// The kernel fast path (with --acceleration): a meshed pod's connection
+    /// to a meshed pod on this node goes straight to it, with no daemon hop,
+    /// when L4 policy alone decides the pair (allowed, or refused at
+    /// connect). `false` keeps every connection through the daemon.
+    #[arg(long, env = ENV_FAST_PATH, default_value_t = true, action = clap::ArgAction::Set)]
+    pub fast_path: bool,
+    /// On SIGTERM: stop accepting, send GOAWAY on tunnel connections, and
+    /// let established connections finish for up to this long (`30s`,
+    /// `2m`); then close what is left and exit.
+    #[arg(long, env = ENV_DRAIN_TIMEOUT, default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = lacewing_core::duration::parse)]
+    pub drain_timeout: Duration,
+    /// How long a new pod's first connection waits for the pod's
+    /// certificate while the node is getting it, before it is refused.
+    #[arg(long, env = "LACEWING_CERTIFICATE_WAIT", default_value = "5s", value_parser = lacewing_core::duration::parse)]
+    pub certificate_wait: Duration,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// Validated settings.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_name: String,
+    pub cgroup_root: PathBuf,
+    pub bpffs_root: PathBuf,
+    pub services_file: Option<PathBuf>,
+    pub metrics_addr: SocketAddr,
+    pub keep_datapath: bool,
+    pub controller: Option<Controller>,
+    pub maglev_capacity: u32,
+    pub service_cidrs: Vec<ServiceCidr>,
+    pub trust_domain: String,
+    pub pod_netns_dir: Option<PathBuf>,
+    pub tunnel_addr: SocketAddr,
+    pub bootstrap: Option<super::bootstrap::Bootstrap>,
+    pub acceleration: bool,
+    pub fast_path: bool,
+    pub drain_timeout: Duration,
+    pub certificate_wait: Duration,
+}
+
+/// How to reach the controller.
+#[derive(Clone, Debug)]
+pub struct Controller {
+    pub url: String,
+    pub tls_dir: PathBuf,
+    pub server_name: String,
+}
+
+/// A setting that cannot be used, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no cgroup v2 filesystem is mounted; mount one or pass --cgroup-root")]
+    NoCgroup2,
+    #[error("--cgroup-root {0} is not a cgroup v2 directory (it has no cgroup.procs)")]
+    NotACgroup(PathBuf),
+    #[error("--bpffs-root {0} is not below the bpffs mount {mount}", mount = bpffs::MOUNT_POINT)]
+    NotOnBpffs(PathBuf),
+    #[error("cannot tell the node name: pass --node-name or set {ENV_NODE_NAME}")]
+    NoNodeName,
+    #[error("--controller {0}: the controller speaks mutual TLS only; use https://host:15012")]
+    ControllerScheme(String),
+    #[error("--services {0}: no such file")]
+    NoServicesFile(PathBuf),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl NodeArgs {
+    pub fn validate(self) -> Result<NodeConfig, ConfigError> {
+        let cgroup_root = match self.cgroup_root {
+            Some(path) => path,
+            None => cgroup::cgroup2_mount()?.ok_or(ConfigError::NoCgroup2)?,
+        };
+        if !cgroup_root.join("cgroup.procs").is_file() {
+            return Err(ConfigError::NotACgroup(cgroup_root));
+        }
+        if !self.bpffs_root.starts_with(bpffs::MOUNT_POINT) {
+            return Err(ConfigError::NotOnBpffs(self.bpffs_root));
+        }
+        let node_name = match self.node_name {
+            Some(name) if !name.is_empty() => name,
+            _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .ok_or(ConfigError::NoNodeName)?,
+        };
+        if let Some(url) = &self.controller
+            && !url.starts_with("https://")
+        {
+            return Err(ConfigError::ControllerScheme(url.clone()));
+        }
+        if let Some(file) = &self.services
+            && !file.is_file()
+        {
+            return Err(ConfigError::NoServicesFile(file.clone()));
+        }
+        Ok(NodeConfig {
+            node_name,
+            cgroup_root,
+            bpffs_root: self.bpffs_root,
+            services_file: self.services,
+            metrics_addr: self.metrics_addr,
+            keep_datapath: self.keep_datapath,
+            controller: self.controller.map(|url| Controller {
+                url,
+                tls_dir: self.tls_dir.unwrap_or_default(),
+                server_name: self.controller_server_name,
+            }),
+            maglev_capacity: self.maglev_capacity,
+            service_cidrs: self.service_cidr,
+            trust_domain: self.trust_domain,
+            pod_netns_dir: self.pod_netns_dir,
+            tunnel_addr: self.tunnel_addr,
+            acceleration: self.acceleration,
+            fast_path: self.fast_path,
+            drain_timeout: self.drain_timeout,
+            certificate_wait: self.certificate_wait,
+            bootstrap: self
+                .bootstrap_token_file
+                .zip(self.ca_file)
+                .map(|(token_file, ca_file)| super::bootstrap::Bootstrap {
+                    token_file,
+                    ca_file,
+                }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::NodeArgs::command().debug_assert();
+    }
+}

@@ -1,0 +1,305 @@
+//! Loading the embedded eBPF object, pinning its maps and links, attaching the
+//! programs at the node's cgroup, and detaching them again.
+//!
+//! Pins: `<bpffs-root>/maps/<MAP>` and `<bpffs-root>/links/<program>`. Maps are
+//! pinned by path through the loader, so a restarted daemon reuses the maps of
+//! the one before it instead of starting empty.
+
+use std::{
+    fs::{self, File},
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::SockHash,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        links::{FdLink, LinkError, PinnedLink},
+        sk_msg::SkMsgLink,
+    },
+};
+use mesh_common::names;
+
+use super::{config::NodeConfig, maps};
+use lacewing_sys::bpffs;
+
+/// The kernel object built from `mesh-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lacewing"));
+
+/// What went wrong while loading or unloading, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Bpffs(#[from] bpffs::BpffsError),
+    #[error("preparing pin folder {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error(
+        "loading the eBPF object: {0} (is the kernel built with BPF and BTF, and are we root?)"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no program `{0}`: rebuild lacewing-node")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map `{0}`: rebuild lacewing-node")]
+    MissingMap(&'static str),
+    #[error("program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program `{name}`: {source}")]
+    Link {
+        name: &'static str,
+        source: LinkError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("pinning link of `{name}` at {path}: {source}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("removing pins under {path}: {source}")]
+    Unpin { path: PathBuf, source: io::Error },
+}
+
+/// The loaded and attached programs. Hold it for as long as the node runs.
+#[derive(Debug)]
+pub struct Datapath {
+    /// The pinned links keep the programs attached; the object itself (its
+    /// parsed BTF and instructions) is let go once they are.
+    links: Vec<PinnedLink>,
+    /// sk_msg is attached to the `LW_SPLICE` map, not through a link; the
+    /// attachment lives as long as the (pinned) map unless detached.
+    splice: SkMsgLink,
+    root: PathBuf,
+}
+
+/// Where links are pinned below a bpffs root.
+pub fn links_dir(root: &Path) -> PathBuf {
+    root.join("links")
+}
+
+/// Loads the object with its maps taken from (or pinned at) `root`: the
+/// Loads program `$name` (of aya type `$kind`) into the kernel; the
+/// program. A macro: aya's program types share these methods but no trait.
+macro_rules! load_program {
+    ($ebpf:expr, $kind:ty, $name:expr) => {{
+        let name: &'static str = $name;
+        let program: &mut $kind = $ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| LoadError::Program { name, source })?;
+        program
+    }};
+}
+
+/// Loads cgroup program `$name` (of aya type `$kind`), attaches it at
+/// `$cgroup` with a BPF link and pins the link; the pinned link. A macro: the
+/// cgroup program types share these methods but no trait.
+macro_rules! attach_cgroup {
+    ($ebpf:expr, $kind:ty, $name:expr, $cgroup:expr, $root:expr) => {{
+        let name: &'static str = $name;
+        let program = load_program!($ebpf, $kind, name);
+        // With BPF links the kernel always attaches in multi mode (other
+        // tools' programs at the same cgroup keep working) and rejects any
+        // explicit attach flag, so the mode here must be `Single` (flags 0).
+        let link_id = program
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(|source| LoadError::Program { name, source })?;
+        let link: FdLink = program
+            .take_link(link_id)
+            .map_err(|source| LoadError::Program { name, source })?
+            .try_into()
+            .map_err(|source| LoadError::Link { name, source })?;
+        pin_link(link, name, $root)?
+    }};
+}
+
+/// programs are not loaded into the kernel until asked.
+fn load_object(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
+    let pin_paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
+        .iter()
+        .map(|&name| (name, maps::pin_path(root, name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &pin_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.map_max_entries(names::MAP_MAGLEV, maglev_capacity);
+    Ok(loader.load(EBPF_OBJECT)?)
+}
+
+/// The sk_lookup program, loaded on the pinned maps of `root` (the node's
+/// datapath must be loaded), to attach to meshed pods' namespaces.
+pub fn load_sk_lookup(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
+    let mut ebpf = load_object(root, maglev_capacity)?;
+    load_program!(ebpf, aya::programs::SkLookup, names::SK_LOOKUP_PROGRAM);
+    Ok(ebpf)
+}
+
+/// Loads the sk_msg program and attaches it to `LW_SPLICE` (replacing the
+/// one a kept datapath left there).
+fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<SkMsgLink, LoadError> {
+    let map_err = |source| LoadError::Map {
+        name: names::MAP_SPLICE,
+        source,
+    };
+    let map = ebpf
+        .map(names::MAP_SPLICE)
+        .ok_or(LoadError::MissingMap(names::MAP_SPLICE))?;
+    let sockets: SockHash<_, mesh_common::splice::SpliceKey> =
+        SockHash::try_from(map).map_err(map_err)?;
+    let fd = sockets
+        .fd()
+        .try_clone()
+        .map_err(|e| map_err(aya::maps::MapError::from(e)))?;
+    let name = names::SK_MSG_PROGRAM;
+    let program = load_program!(ebpf, SkMsg, name);
+    let id = program
+        .attach(&fd)
+        .map_err(|source| LoadError::Program { name, source })?;
+    program
+        .take_link(id)
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+/// Pins `link` as `links/<name>`. A pin left by a daemon that was killed is
+/// replaced, which detaches that older link only after ours is attached.
+fn pin_link(link: FdLink, name: &'static str, root: &Path) -> Result<PinnedLink, LoadError> {
+    let path = links_dir(root).join(name);
+    remove_if_exists(&path).map_err(|source| LoadError::Unpin {
+        path: path.clone(),
+        source,
+    })?;
+    link.pin(&path).map_err(|source| LoadError::PinLink {
+        name,
+        path: path.clone(),
+        source,
+    })
+}
+
+impl Datapath {
+    pub fn load_and_attach(config: &NodeConfig) -> Result<Self, LoadError> {
+        bpffs::ensure_mounted()?;
+        let root = config.bpffs_root.clone();
+        for dir in [maps::maps_dir(&root), links_dir(&root)] {
+            fs::create_dir_all(&dir).map_err(|source| LoadError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut ebpf = load_object(&root, config.maglev_capacity)?;
+
+        let cgroup = File::open(&config.cgroup_root).map_err(|source| LoadError::Cgroup {
+            path: config.cgroup_root.clone(),
+            source,
+        })?;
+        let mut links = Vec::new();
+        for &names::SockAddrProgram { name, .. } in names::SOCK_ADDR_PROGRAMS {
+            links.push(attach_cgroup!(ebpf, CgroupSockAddr, name, &cgroup, &root));
+        }
+        // sock_ops: re-keys captured connections once established.
+        let name = names::SOCK_OPS_PROGRAM;
+        links.push(attach_cgroup!(ebpf, SockOps, name, &cgroup, &root));
+        let splice = attach_sk_msg(&mut ebpf)?;
+        tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len() + 1, "attached");
+        Ok(Self {
+            links,
+            splice,
+            root,
+        })
+    }
+
+    /// Exits leaving programs attached and maps pinned: the kernel keeps
+    /// balancing until the next daemon replaces the pins.
+    pub fn keep(self) {
+        // Not detached on drop: the map keeps the program attached.
+        std::mem::forget(self.splice);
+        for link in self.links {
+            // Dropping a pinned link closes our descriptor; the pin keeps it.
+            drop(FdLink::from(link));
+        }
+    }
+
+    /// Detaches every program and removes every pin this daemon made.
+    pub fn detach(self) -> Result<(), LoadError> {
+        let Self {
+            links,
+            splice,
+            root,
+        } = self;
+        drop(splice);
+        for link in links {
+            // Unpinning returns the last reference; dropping it detaches.
+            let link = link.unpin().map_err(|source| LoadError::Unpin {
+                path: links_dir(&root),
+                source,
+            })?;
+            drop(link);
+        }
+        for name in names::ALL_MAPS {
+            let path = maps::pin_path(&root, name);
+            remove_if_exists(&path).map_err(|source| LoadError::Unpin { path, source })?;
+        }
+        for dir in [maps::maps_dir(&root), links_dir(&root), root.clone()] {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                // Someone else's pins in the same root: leave them and the folder.
+                Err(err) if err.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+                Err(source) => return Err(LoadError::Unpin { path: dir, source }),
+            }
+        }
+        tracing::info!(root = %root.display(), "detached; pins removed");
+        Ok(())
+    }
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every name userspace looks up is in the compiled object, so a rename on
+    /// one side fails here instead of at load time on a node.
+    #[test]
+    fn embedded_object_has_every_named_program_and_map() {
+        let obj = aya_obj_names(super::EBPF_OBJECT);
+        let programs = mesh_common::names::SOCK_ADDR_PROGRAMS
+            .iter()
+            .map(|p| &p.name);
+        for name in programs.chain(mesh_common::names::ALL_MAPS) {
+            assert!(
+                obj.iter().any(|n| n == name),
+                "object lacks `{name}`; it has {obj:?}"
+            );
+        }
+    }
+
+    /// Symbol names in the ELF, read with a tiny parser to avoid loading (which
+    /// needs root) in a unit test.
+    fn aya_obj_names(elf: &[u8]) -> Vec<String> {
+        // Symbols are NUL-terminated strings in .strtab; listing every printable
+        // run is enough to check presence.
+        elf.split(|&b| b == 0)
+            .filter(|s| !s.is_empty() && s.iter().all(|b| b.is_ascii_graphic()))
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    }
+}

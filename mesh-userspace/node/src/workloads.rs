@@ -1,0 +1,199 @@
+//! What the controller last sent about workloads: those scheduled on this
+//! node (the pods it captures and whose identities it may ask for) and every
+//! meshed workload's address with its node (where tunnels go). Shown at
+//! `/status` on :15020 (like ztunnel's config dump).
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use serde::Serialize;
+
+use std::net::IpAddr;
+
+use lacewing_core::model::{
+    authorization::Policy,
+    workloads::{PeerEntry, Workload},
+};
+use lacewing_core::proto::{self, pb};
+
+#[derive(Debug)]
+pub struct LocalWorkloads {
+    state: Mutex<State>,
+    /// The applied version, for those who wait for changes.
+    version: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for LocalWorkloads {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            version: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    version: u64,
+    workloads: BTreeMap<String, Workload>,
+    peers: BTreeMap<IpAddr, PeerEntry>,
+    policies: Arc<Vec<Policy>>,
+    /// This node's workloads by address: looked up for every connection.
+    by_address: BTreeMap<IpAddr, Arc<Workload>>,
+}
+
+/// One workload as `/status` shows it.
+#[derive(Serialize)]
+struct Shown<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    service_account: &'a str,
+    addresses: &'a [std::net::IpAddr],
+    meshed: bool,
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    node: &'a str,
+    version: u64,
+    workloads: Vec<Shown<'a>>,
+    /// Meshed workloads known cluster-wide.
+    peers: usize,
+    certificates: Vec<super::identity::ShownCertificate>,
+}
+
+impl LocalWorkloads {
+    /// The state after `update`, or why it cannot be applied; nothing
+    /// changes here until [`replace`](Self::replace).
+    pub fn next(&self, update: &pb::ConfigUpdate, node: &str) -> Result<State, String> {
+        let mut next = if update.base_version == 0 {
+            State::default()
+        } else {
+            self.lock().clone()
+        };
+        next.version = update.version;
+        for key in &update.workload_removes {
+            next.workloads.remove(key);
+        }
+        for w in &update.workload_upserts {
+            let w = proto::workload_from(w, node).map_err(|e| e.to_string())?;
+            next.workloads.insert(w.key(), w);
+        }
+        for a in &update.peer_removes {
+            next.peers
+                .remove(&proto::address_from(a).map_err(|e| e.to_string())?);
+        }
+        for p in &update.peer_upserts {
+            let (address, peer) = proto::peer_from(p).map_err(|e| e.to_string())?;
+            next.peers.insert(address, peer);
+        }
+        next.by_address = next
+            .workloads
+            .values()
+            .flat_map(|w| {
+                let w = Arc::new(w.clone());
+                w.addresses
+                    .clone()
+                    .into_iter()
+                    .map(move |a| (a, Arc::clone(&w)))
+            })
+            .collect();
+        if update.policies_replaced {
+            next.policies = Arc::new(
+                update
+                    .policies
+                    .iter()
+                    .map(proto::policy_from)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        Ok(next)
+    }
+
+    pub fn replace(&self, state: State) {
+        let version = state.version;
+        *self.lock() = state;
+        self.version.send_replace(version);
+    }
+
+    /// The workload on this node with this address.
+    pub fn local(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.lock().by_address.get(&ip).cloned()
+    }
+
+    /// The AuthorizationPolicies in force.
+    pub fn policies(&self) -> Arc<Vec<Policy>> {
+        Arc::clone(&self.lock().policies)
+    }
+
+    /// The meshed workload with this address, wherever it runs.
+    pub fn peer(&self, ip: IpAddr) -> Option<PeerEntry> {
+        self.lock().peers.get(&ip).cloned()
+    }
+
+    /// Meshed workloads on this node that have an address (what capture
+    /// and inbound handle).
+    pub fn meshed(&self) -> Vec<Workload> {
+        self.lock()
+            .workloads
+            .values()
+            .filter(|w| w.meshed)
+            .cloned()
+            .collect()
+    }
+
+    /// Wakes on every applied version.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// The identities of the meshed workloads here, each with one pod that
+    /// carries it (namespace, name): what the node asks certificates for.
+    pub fn meshed_identities(&self, trust_domain: &str) -> BTreeMap<String, (String, String)> {
+        self.lock()
+            .workloads
+            .values()
+            .filter(|w| w.meshed)
+            .map(|w| {
+                (
+                    w.identity(trust_domain),
+                    (w.namespace.clone(), w.name.clone()),
+                )
+            })
+            .collect()
+    }
+
+    /// `/status` JSON.
+    pub fn status_json(
+        &self,
+        node: &str,
+        certificates: Vec<super::identity::ShownCertificate>,
+    ) -> String {
+        let state = self.lock();
+        let status = Status {
+            node,
+            version: state.version,
+            workloads: state
+                .workloads
+                .values()
+                .map(|w| Shown {
+                    namespace: &w.namespace,
+                    name: &w.name,
+                    service_account: &w.service_account,
+                    addresses: &w.addresses,
+                    meshed: w.meshed,
+                })
+                .collect(),
+            peers: state.peers.len(),
+            certificates,
+        };
+        serde_json::to_string_pretty(&status).unwrap_or_default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,246 @@
+//! Captured connections of meshed pods, from the in-pod listener to their
+//! destination (chosen by the kernel's load balancer): through the tunnel
+//! to a meshed pod on another node, straight to a meshed pod on this node
+//! (same checks, no TLS on the wire), or unchanged, from the pod's own
+//! network namespace, to anything else.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use lacewing_core::{
+    model::workloads::{PeerEntry, Workload},
+    pki,
+};
+use lacewing_tunnel::{
+    self as tunnel, Peer,
+    client::{Destination, Pool},
+    metrics::TunnelMetrics,
+};
+use tokio::net::TcpStream;
+
+use crate::{
+    inbound::Inbound,
+    registry::{Direction, Registry},
+    sockets::{PodNetns, SocketFactory},
+    splice::{Piped, Unread, Watch, Watched, pipe, reset},
+    state::{Certificate, StateView},
+};
+
+/// How long a pod's connection waits for the certificate of its identity
+/// when the node is still getting it (a pod that just started), before it
+/// is refused.
+pub const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
+
+/// Where a captured connection goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// A meshed pod on this node: the inbound checks, no TLS on the wire.
+    SameNode,
+    /// A meshed pod on another node: through the tunnel to that node.
+    Tunnel(PeerEntry),
+    /// Anything else: unchanged, from the pod's own network namespace.
+    PassThrough,
+}
+
+/// Why a tunnel stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error(
+        "no certificate for {identity} after {waited:?}: is the controller reachable and does it sign for this node?"
+    )]
+    NoCertificate { identity: String, waited: Duration },
+    #[error(transparent)]
+    Open(#[from] tunnel::client::TunnelError),
+}
+
+/// A captured connection, as the capture listener hands it over.
+pub struct Captured {
+    /// The pod that opened it.
+    pub source: Arc<Workload>,
+    pub netns: PodNetns,
+    pub netns_cookie: u64,
+    pub app: TcpStream,
+    /// The original destination (after the kernel's load balancing).
+    pub dest: SocketAddr,
+}
+
+pub struct Outbound {
+    pub state: Arc<dyn StateView>,
+    pub sockets: Arc<dyn SocketFactory>,
+    pub inbound: Arc<Inbound>,
+    pub registry: Arc<Registry>,
+    pub pool: Pool,
+    pub roots: Arc<rustls::RootCertStore>,
+    pub trust_domain: String,
+    pub metrics: TunnelMetrics,
+    pub certificate_wait: Duration,
+}
+
+impl Outbound {
+    /// Where a connection to `dest` goes.
+    pub fn route(&self, dest: SocketAddr) -> Route {
+        if self.state.local(dest.ip()).is_some_and(|w| w.meshed) {
+            Route::SameNode
+        } else if let Some(to) = self.state.peer(dest.ip()) {
+            Route::Tunnel(to)
+        } else {
+            Route::PassThrough
+        }
+    }
+
+    /// Carries one captured connection until both sides are done.
+    pub async fn handle(&self, conn: Captured) {
+        let Captured {
+            source,
+            netns,
+            netns_cookie,
+            app,
+            dest,
+        } = conn;
+        let _ = app.set_nodelay(true);
+        // The app's writes reach `app` spliced (when acceleration is on).
+        let watch = self.sockets.watch(&app, netns_cookie);
+        let Some(source_ip) = source_address(&source, dest) else {
+            return;
+        };
+        let identity = source.identity(&self.trust_domain);
+        let peer = Peer {
+            identity: identity.clone(),
+            source: Some(source_ip),
+        };
+        match self.route(dest) {
+            Route::SameNode => match self.inbound.connect(peer, dest).await {
+                // Registered inbound: this node's policy is re-checked on it.
+                Ok(upstream) => {
+                    let closed = upstream.registered.closed.clone();
+                    splice_app(app, watch, upstream.stream, upstream.watch, &closed).await;
+                }
+                Err(refusal) => {
+                    tracing::info!(%identity, %dest, reason = refusal.reason, detail = %refusal.detail, "same-node connection refused");
+                    self.metrics.refused(&refusal);
+                    reset(app);
+                }
+            },
+            Route::Tunnel(to) => match self.tunnel(&identity, source_ip, &to, dest).await {
+                Ok(upgraded) => {
+                    let registered = self.registry.register(peer, dest, Direction::Outbound);
+                    self.metrics.opened("outbound");
+                    let tunnel = hyper_util::rt::TokioIo::new(upgraded);
+                    let (up, down) = splice_app(app, watch, tunnel, None, &registered.closed).await;
+                    self.metrics.closed("outbound", up, down);
+                }
+                Err(err) => {
+                    tracing::info!(%identity, %dest, node = %to.node, %err, "tunnel stream failed");
+                    reset(app);
+                }
+            },
+            Route::PassThrough => match self.sockets.connect_from(&netns, dest).await {
+                Ok(upstream) => {
+                    let registered = self.registry.register(peer, dest, Direction::Outbound);
+                    splice_app(app, watch, upstream, None, &registered.closed).await;
+                }
+                Err(err) => {
+                    tracing::debug!(%dest, %err, "passthrough connect failed");
+                    reset(app);
+                }
+            },
+        }
+    }
+
+    /// The certificate of `identity`; when the node is still getting it (a
+    /// pod that just started), waits for it up to `certificate_wait`.
+    pub async fn certificate(&self, identity: &str) -> Result<Certificate, OutboundError> {
+        let mut changes = self.state.certificate_changes();
+        let wait = async {
+            loop {
+                changes.borrow_and_update();
+                if let Some(certificate) = self.state.certificate(identity) {
+                    return Some(certificate);
+                }
+                if changes.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(self.certificate_wait, wait)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| OutboundError::NoCertificate {
+                identity: identity.to_owned(),
+                waited: self.certificate_wait,
+            })
+    }
+
+    async fn tunnel(
+        &self,
+        identity: &str,
+        source: IpAddr,
+        to: &PeerEntry,
+        dest: SocketAddr,
+    ) -> Result<hyper::upgrade::Upgraded, OutboundError> {
+        let (svid, serial) = self.certificate(identity).await?;
+        let destination = Destination {
+            node: SocketAddr::new(to.node_address, tunnel::PORT),
+            node_identity: pki::node_identity(&self.trust_domain, &to.node),
+            pod: dest,
+        };
+        Ok(self
+            .pool
+            .open(
+                &svid,
+                &serial,
+                Arc::clone(&self.roots),
+                source,
+                &destination,
+            )
+            .await?)
+    }
+}
+
+/// The pod's address of the destination's family (its first otherwise).
+fn source_address(source: &Workload, dest: SocketAddr) -> Option<IpAddr> {
+    source
+        .addresses
+        .iter()
+        .find(|a| a.is_ipv4() == dest.is_ipv4())
+        .or(source.addresses.first())
+        .copied()
+}
+
+/// Splices the app's connection with the other side; if the other side
+/// resets, or the registry closes the connection, the app's connection is
+/// reset too (not closed cleanly). The watches are on spliced writers into
+/// each side (the app's; a pod's here).
+async fn splice_app<B>(
+    mut app: TcpStream,
+    app_watch: Option<Arc<Watch>>,
+    other: B,
+    other_watch: Option<Arc<Watch>>,
+    closed: &tokio_util::sync::CancellationToken,
+) -> (u64, u64)
+where
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unread + Unpin,
+{
+    let mut other = Watched::new(other, other_watch.clone(), app_watch.clone());
+    let mut app_side = Watched::new(&mut app, app_watch, other_watch);
+    match pipe(&mut app_side, &mut other, closed).await {
+        Piped::Done(up, down) => {
+            tracing::debug!(up, down, "connection done");
+            (up, down)
+        }
+        ended @ (Piped::Reset | Piped::Closed) => {
+            tracing::debug!(?ended, "connection reset");
+            drop(app_side);
+            drop(other);
+            reset(app);
+            (0, 0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

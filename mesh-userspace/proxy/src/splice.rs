@@ -1,0 +1,273 @@
+//! Copying through the daemon when a hop is spliced (same-node
+//! acceleration, see `mesh_common::splice`). Writes an app or pod makes
+//! toward the daemon are moved by the kernel straight into the daemon
+//! socket's receive queue, where no TCP window stops the writer. So each
+//! such socket is watched: when the daemon falls behind (its reads keep
+//! coming back full, or the other side cannot take what it reads), the
+//! writer is switched off through [`SplicedWriters`], and from then on TCP's
+//! own flow control bounds what is queued.
+
+use std::{
+    future::Future as _,
+    io,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use mesh_common::splice::SpliceKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+/// Reads that fill the whole buffer in a row before the writer is switched
+/// off: the daemon is then this many buffers (of
+/// [`lacewing_tunnel::COPY_BUFFER`]) behind it.
+const FULL_READS_BEHIND: u32 = 8;
+
+/// Where spliced writers are switched back to plain TCP (the node's
+/// `LW_SPLICE_OFF` map).
+pub trait SplicedWriters: Send + Sync {
+    fn switch_off(&self, key: &SpliceKey);
+}
+
+/// One spliced writer the daemon reads from.
+pub struct Watch {
+    key: SpliceKey,
+    off: Arc<dyn SplicedWriters>,
+    full_reads: AtomicU32,
+    tripped: AtomicBool,
+}
+
+impl Watch {
+    /// The watch on the writer keyed `key` (see
+    /// [`mesh_common::splice::writer_key`]), switched off through `off`.
+    pub fn new(key: SpliceKey, off: Arc<dyn SplicedWriters>) -> Arc<Self> {
+        Arc::new(Self {
+            key,
+            off,
+            full_reads: AtomicU32::new(0),
+            tripped: AtomicBool::new(false),
+        })
+    }
+
+    fn trip(&self, why: &'static str) {
+        if !self.tripped.swap(true, Ordering::Relaxed) {
+            tracing::debug!(
+                why,
+                port = self.key.local_port,
+                "spliced writer switched off"
+            );
+            self.off.switch_off(&self.key);
+        }
+    }
+
+    fn read(&self, filled_whole_buffer: bool) {
+        if !filled_whole_buffer {
+            self.full_reads.store(0, Ordering::Relaxed);
+        } else if self.full_reads.fetch_add(1, Ordering::Relaxed) + 1 >= FULL_READS_BEHIND {
+            self.trip("reads keep filling the buffer");
+        }
+    }
+}
+
+/// A stream the daemon copies through: `reading` watches the writer whose
+/// bytes arrive on it; `writing` is tripped when this stream cannot take
+/// bytes read from that writer's socket.
+///
+/// Half-closing a socket that receives spliced writes first switches the
+/// writer off and waits until what was moved to it is read: once the
+/// writer's FIN closes the socket (it then goes to TIME_WAIT), the kernel
+/// drops moved bytes not yet read, though it keeps those TCP delivered.
+pub struct Watched<S> {
+    inner: S,
+    reading: Option<Arc<Watch>>,
+    writing: Option<Arc<Watch>>,
+    retry: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Watched<S> {
+    pub fn new(inner: S, reading: Option<Arc<Watch>>, writing: Option<Arc<Watch>>) -> Self {
+        Self {
+            inner,
+            reading,
+            writing,
+            retry: None,
+        }
+    }
+
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// Whether bytes wait to be read on a stream (without reading them).
+pub trait Unread {
+    fn poll_unread(&self, cx: &mut Context<'_>) -> bool;
+}
+
+impl Unread for tokio::net::TcpStream {
+    fn poll_unread(&self, cx: &mut Context<'_>) -> bool {
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        matches!(self.poll_peek(cx, &mut buf), Poll::Ready(Ok(n)) if n > 0)
+    }
+}
+
+impl Unread for &mut tokio::net::TcpStream {
+    fn poll_unread(&self, cx: &mut Context<'_>) -> bool {
+        (**self).poll_unread(cx)
+    }
+}
+
+/// A tunnel stream never receives spliced writes.
+impl<T> Unread for hyper_util::rt::TokioIo<T> {
+    fn poll_unread(&self, _: &mut Context<'_>) -> bool {
+        false
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let room = buf.remaining();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(watch)) = (&polled, &self.reading) {
+            let n = buf.filled().len() - before;
+            watch.read(n > 0 && n == room);
+        }
+        polled
+    }
+}
+
+impl Unread for tokio::io::DuplexStream {
+    fn poll_unread(&self, _: &mut Context<'_>) -> bool {
+        false
+    }
+}
+
+impl<S: AsyncWrite + Unread + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let (Poll::Pending, Some(watch)) = (&polled, &self.writing) {
+            watch.trip("the other side is not taking bytes");
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(watch) = &self.reading {
+            watch.trip("half-close");
+            // Bytes moved before the switch are still queued: let the
+            // other direction read them first, looking again shortly.
+            while self.inner.poll_unread(cx) {
+                let retry = self.retry.get_or_insert_with(|| {
+                    Box::pin(tokio::time::sleep(std::time::Duration::from_millis(1)))
+                });
+                if retry.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.retry = None;
+            }
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How a [`pipe`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piped {
+    /// Both sides finished; bytes carried (a to b, b to a).
+    Done(u64, u64),
+    /// One side failed (a reset): the caller resets the other.
+    Reset,
+    /// The registry closed the connection (policy, end of drain).
+    Closed,
+}
+
+/// Copies both ways until both sides are done, passing half-closes on, or
+/// until `closed` is cancelled. Buffers are bounded: a slow reader slows
+/// the writer.
+pub async fn pipe<A, B>(a: &mut A, b: &mut B, closed: &CancellationToken) -> Piped
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        a,
+        b,
+        lacewing_tunnel::COPY_BUFFER,
+        lacewing_tunnel::COPY_BUFFER,
+    );
+    tokio::select! {
+        copied = copy => match copied {
+            Ok((ab, ba)) => Piped::Done(ab, ba),
+            Err(err) => {
+                tracing::debug!(%err, "connection reset");
+                Piped::Reset
+            }
+        },
+        () = closed.cancelled() => Piped::Closed,
+    }
+}
+
+/// Closes with RST: the other end sees the connection fail, not end.
+pub fn reset(stream: tokio::net::TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<SpliceKey>>);
+
+    impl SplicedWriters for Recorded {
+        fn switch_off(&self, key: &SpliceKey) {
+            self.0.lock().unwrap().push(*key);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writer_is_switched_off_once_the_daemon_falls_behind() {
+        let off = Arc::new(Recorded::default());
+        let key = SpliceKey {
+            local_port: 4000,
+            ..Default::default()
+        };
+        let watch = Watch::new(key, Arc::clone(&off) as Arc<dyn SplicedWriters>);
+        let (mut writer, reader) = tokio::io::duplex(1 << 20);
+        let mut watched = Watched::new(reader, Some(watch), None);
+        let mut buf = [0u8; 16];
+        // Short reads keep the count at zero.
+        writer.write_all(&[1; 8]).await.unwrap();
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 8);
+        assert!(off.0.lock().unwrap().is_empty());
+        // Eight reads in a row that fill the buffer switch it off, once.
+        writer.write_all(&[2; 16 * 12]).await.unwrap();
+        for _ in 0..12 {
+            watched.read_exact(&mut buf).await.unwrap();
+        }
+        assert_eq!(*off.0.lock().unwrap(), vec![key]);
+    }
+}

@@ -1,0 +1,280 @@
+//! The few system calls the standard library does not wrap, fenced in one place.
+//!
+//! Every `unsafe` block of the crate lives here, each with its `SAFETY:` note;
+//! callers get safe functions with `io::Result`.
+#![allow(unsafe_code)]
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    path::Path,
+    process::Command,
+};
+
+/// Whether the process runs with effective uid 0.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Sends `signal` to the process `pid`. `ESRCH` (already gone) is not an error.
+pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: kill takes plain integers; a pid we did not start is never passed
+    // (callers read pids from the lab's own cgroups or from their own children).
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        err if err.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        err => Err(err),
+    }
+}
+
+/// Whether a process with this pid exists.
+pub fn process_exists(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Makes `cmd`, once spawned, join the cgroup whose `cgroup.procs` is open as
+/// `cgroup_procs`, then enter the network namespace open as `netns`, before it
+/// execs. Both descriptors must stay open until `spawn` returns.
+pub fn enter_before_exec(cmd: &mut Command, cgroup_procs: BorrowedFd<'_>, netns: BorrowedFd<'_>) {
+    use std::os::unix::process::CommandExt as _;
+    let cgroup_procs: RawFd = cgroup_procs.as_raw_fd();
+    let netns: RawFd = netns.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (write, setns) on descriptors the parent
+    // keeps open across the spawn; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Writing "0" to cgroup.procs moves the writing process itself.
+            if libc::write(cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Mounts a bpffs at `target`.
+pub fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let target = path_cstring(target)?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call;
+    // no data argument is passed.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Checks that the `bpf()` system call works by creating (and closing) a
+/// one-entry array map, the smallest thing every kernel with BPF can do.
+pub fn probe_bpf_syscall() -> io::Result<()> {
+    // Layout of the BPF_MAP_CREATE part of `union bpf_attr` (first four u32s).
+    #[repr(C)]
+    struct MapCreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u8; 112],
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        rest: [0; 112],
+    };
+    // SAFETY: attr is a valid, zero-padded bpf_attr of the size we pass.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreateAttr,
+            size_of::<MapCreateAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned to us by the kernel and nothing else owns it.
+    unsafe { libc::close(fd as RawFd) };
+    Ok(())
+}
+
+fn path_cstring(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// This machine's (or pod's) host name, as the kernel has it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "lacewing-controller".to_owned())
+}
+
+/// Sets `SO_MARK` on a socket (needs CAP_NET_ADMIN).
+pub fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
+    // SAFETY: fd is a valid open socket for the borrow's lifetime; the value
+    // pointer and length describe one u32 that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw const mark).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Runs `f` with the calling thread inside the network namespace `netns`
+/// (an open `/run/netns/...` or `/proc/<pid>/ns/net`), then puts the thread
+/// back where it was. Sockets `f` creates stay in that namespace.
+///
+/// No thread is started: `setns` moves only the calling thread, and it is
+/// moved back before this returns, so the daemon's one runtime thread pays
+/// two system calls per pass-through connection instead of a thread spawn
+/// and a blocking join. `f` must not await or block (it is a plain closure).
+pub fn in_netns<T>(netns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    // This thread's own namespace, to come back to; opened per call so a
+    // thread that was itself moved (a test's pod thread) comes back home.
+    let home = std::fs::File::open("/proc/thread-self/ns/net")?;
+    // SAFETY: netns is an open namespace file for the borrow's lifetime;
+    // setns changes only the calling thread.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let result = f();
+    // SAFETY: home is an open namespace file owned by this frame.
+    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // Going on in a pod's namespace would open every later socket of
+        // this thread there: nothing safe is left to do.
+        let err = io::Error::last_os_error();
+        panic!("cannot return to the daemon's network namespace: {err}");
+    }
+    result
+}
+
+/// The network namespace cookie of a socket (`SO_NETNS_COOKIE`), the same
+/// number `bpf_get_netns_cookie` returns in the kernel programs.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: fd is a valid socket; cookie and len describe a u64 buffer
+    // that outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A new, unconnected TCP socket (close-on-exec) of `family`, in the
+/// caller's network namespace.
+pub fn tcp_socket(ipv6: bool) -> io::Result<std::os::fd::OwnedFd> {
+    let domain = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// Every address of this network namespace's interfaces (`ip -j addr`).
+pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let out = Command::new("ip").args(["-j", "addr", "show"]).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(io::Error::other)?;
+    Ok(json
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str()?.parse().ok())
+        .collect())
+}
+
+/// Asks the C allocator to return the free pages it holds to the kernel
+/// (glibc's `malloc_trim`; a no-op with other C libraries).
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointers; it only walks the allocator's
+    // own free lists, under the allocator's lock.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Raises this process's open-file limit as far as the kernel allows
+/// (`fs.nr_open`, which root may use): every connection the node daemon
+/// carries holds two sockets, and 1024 would cap a node at a few hundred.
+/// Returns the new soft limit.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for the call to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(limit.rlim_max);
+    for wanted in [ceiling.max(limit.rlim_max), limit.rlim_max] {
+        let raised = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: wanted,
+        };
+        // SAFETY: plain struct argument; failure leaves the limit as it was.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
+            return Ok(wanted);
+        }
+    }
+    Ok(limit.rlim_cur)
+}

@@ -1,0 +1,155 @@
+//! The tunnel's client side: one HTTP/2 connection per (source identity and
+//! its current certificate, destination node), shared by every stream
+//! between them; a closed one is replaced on next use. After a certificate
+//! renewal new streams open a new connection; the old one lives until its
+//! streams end, so rotation drops nothing.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::{forwarded_for, tls};
+use lacewing_core::pki::Svid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("TLS with {0}: {1}")]
+    Handshake(SocketAddr, std::io::Error),
+    #[error("HTTP/2 with {0}: {1}")]
+    Http(SocketAddr, hyper::Error),
+    #[error("{0} refused the stream to {1}: {2}")]
+    Refused(SocketAddr, SocketAddr, StatusCode),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// Where a stream goes.
+#[derive(Clone, Debug)]
+pub struct Destination {
+    /// The destination node's tunnel address (`<node ip>:15008`).
+    pub node: SocketAddr,
+    /// The SPIFFE identity the node's certificate must carry.
+    pub node_identity: String,
+    /// The pod address the stream is for.
+    pub pod: SocketAddr,
+}
+
+type Key = (String, String, SocketAddr);
+
+pub struct Pool {
+    connections: Mutex<HashMap<Key, SendRequest<Empty<Bytes>>>>,
+    /// `SO_MARK` for the pool's sockets (the daemon's bypass mark).
+    mark: Option<u32>,
+}
+
+impl Pool {
+    pub fn new(mark: Option<u32>) -> Self {
+        Self {
+            connections: Mutex::default(),
+            mark,
+        }
+    }
+
+    /// Open connections (one per source identity and destination node).
+    pub fn connections(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| !s.is_closed())
+            .count()
+    }
+
+    /// Opens a stream from `source` (a pod carrying `svid`'s identity) to
+    /// `dest`, over a pooled connection or a new one.
+    pub async fn open(
+        &self,
+        svid: &Svid,
+        serial: &str,
+        roots: Arc<rustls::RootCertStore>,
+        source: IpAddr,
+        dest: &Destination,
+    ) -> Result<Upgraded, TunnelError> {
+        let key = (svid.identity.clone(), serial.to_owned(), dest.node);
+        let pooled = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match pooled {
+            Some(sender) => sender,
+            None => {
+                let sender = connect(svid, roots, dest, self.mark).await?;
+                let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+                // Connections of an older certificate of this identity are
+                // no longer handed out.
+                conns.retain(|k, s| !(s.is_closed() || (k.0 == key.0 && k.2 == key.2)));
+                conns.insert(key, sender.clone());
+                sender
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|e| TunnelError::Http(dest.node, e))?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(dest.pod.to_string())
+            .header("forwarded", forwarded_for(source))
+            .body(Empty::new())
+            .expect("a CONNECT request is well-formed");
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| TunnelError::Http(dest.node, e))?;
+        if resp.status() != StatusCode::OK {
+            return Err(TunnelError::Refused(dest.node, dest.pod, resp.status()));
+        }
+        hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| TunnelError::Http(dest.node, e))
+    }
+}
+
+/// A new mutual-TLS HTTP/2 connection to the destination node.
+async fn connect(
+    svid: &Svid,
+    roots: Arc<rustls::RootCertStore>,
+    dest: &Destination,
+    mark: Option<u32>,
+) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+    let config = tls::client_config(svid, roots, dest.node_identity.clone())?;
+    let tcp = lacewing_sys::net::connect_marked(dest.node, mark)
+        .await
+        .map_err(|e| TunnelError::Connect(dest.node, e))?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(dest.node.ip().into()), tcp)
+        .await
+        .map_err(|e| TunnelError::Handshake(dest.node, e))?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(super::STREAM_WINDOW)
+        .initial_connection_window_size(super::CONNECTION_WINDOW)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| TunnelError::Http(dest.node, e))?;
+    let node = dest.node;
+    tokio::spawn(async move {
+        if let Err(err) = conn.await {
+            tracing::debug!(%node, %err, "tunnel connection ended");
+        }
+    });
+    Ok(sender)
+}

@@ -1,0 +1,297 @@
+//! The tunnel in one process over loopback: real TLS 1.3, real HTTP/2
+//! CONNECT, a real TCP echo server as the destination pod.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::FutureExt as _;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+use super::{
+    Peer, Refusal,
+    client::{Destination, Pool, TunnelError},
+    metrics::{ReasonLabels, TunnelMetrics},
+    server::{self, Connector},
+    tls,
+};
+use lacewing_core::pki::{self, Ca, Svid};
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const SOURCE: &str = "10.244.0.10";
+
+struct Setup {
+    dir: PathBuf,
+    ca: Ca,
+    roots: Arc<rustls::RootCertStore>,
+    tunnel: SocketAddr,
+    echo: SocketAddr,
+    metrics: TunnelMetrics,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("lacewing-tunnel-{tag}-{}", std::process::id()))
+}
+
+fn svid(ca: &Ca, identity: &str, ttl: Duration) -> Svid {
+    let (key, csr) = pki::new_key_and_csr(identity).unwrap();
+    let cert = ca.sign_csr(&csr, identity, ttl).unwrap();
+    Svid {
+        identity: identity.to_owned(),
+        not_after: pki::not_after(&cert).unwrap(),
+        cert_chain_pem: vec![cert],
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// An echo server (the destination pod) and the tunnel server of node n1,
+/// which refuses a stream whose source address is not `SOURCE` with WEB.
+async fn setup(tag: &str) -> Setup {
+    let dir = temp_dir(tag);
+    let ca = Ca::load_or_create(&dir.join("ca")).unwrap();
+    ca.issue_node(&dir.join("n1"), pki::DEFAULT_TRUST_DOMAIN, "n1")
+        .unwrap();
+    let (bundle, cert, key) = pki::read_credentials(&dir.join("n1")).unwrap();
+    let roots = tls::roots(&bundle).unwrap();
+    let config = tls::server_config(&cert, &key, Arc::clone(&roots)).unwrap();
+
+    let echo_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo = echo_listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = echo_listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+
+    let connector: Connector = Arc::new(|peer: Peer, dest: SocketAddr| {
+        async move {
+            if peer.source != Some(SOURCE.parse().unwrap()) || peer.identity != WEB {
+                return Err(Refusal::new(
+                    403,
+                    "identity_mismatch",
+                    format!("{:?} is not {WEB}", peer.source),
+                ));
+            }
+            let stream = TcpStream::connect(dest)
+                .await
+                .map_err(|e| Refusal::new(503, "connect_failed", e.to_string()))?;
+            let carry: server::Carry =
+                Box::new(move |tunnel| server::splice(tunnel, stream).boxed());
+            Ok(carry)
+        }
+        .boxed()
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tunnel = listener.local_addr().unwrap();
+    let metrics = TunnelMetrics::default();
+    tokio::spawn(server::serve(
+        listener,
+        Arc::new(std::sync::RwLock::new(Arc::new(config))),
+        connector,
+        metrics.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    Setup {
+        dir,
+        ca,
+        roots,
+        tunnel,
+        echo,
+        metrics,
+    }
+}
+
+impl Setup {
+    fn dest(&self) -> Destination {
+        Destination {
+            node: self.tunnel,
+            node_identity: pki::node_identity(pki::DEFAULT_TRUST_DOMAIN, "n1"),
+            pod: self.echo,
+        }
+    }
+
+    fn handshake_failures(&self, reason: &str) -> u64 {
+        self.metrics
+            .handshake_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .get()
+    }
+}
+
+fn source() -> IpAddr {
+    SOURCE.parse().unwrap()
+}
+
+#[tokio::test]
+async fn bytes_cross_both_ways_with_half_close_over_one_pooled_connection() {
+    let s = setup("bytes").await;
+    let pool = Pool::new(None);
+    let id = svid(&s.ca, WEB, Duration::from_secs(3600));
+    for round in 0..3 {
+        let upgraded = pool
+            .open(&id, "1", Arc::clone(&s.roots), source(), &s.dest())
+            .await
+            .unwrap();
+        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+        let payload: Vec<u8> = (0..256 * 1024).map(|i| (i * 7 + round) as u8).collect();
+        io.write_all(&payload).await.unwrap();
+        // Half-close: the echo server sees EOF, answers everything, closes.
+        io.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        io.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back.len(), payload.len());
+        assert!(back == payload, "round {round}: bytes differ");
+    }
+    assert_eq!(pool.connections(), 1, "three streams, one connection");
+}
+
+#[tokio::test]
+async fn a_source_that_is_not_its_identity_is_refused() {
+    let s = setup("mismatch").await;
+    let pool = Pool::new(None);
+    let other = svid(
+        &s.ca,
+        "spiffe://cluster.local/ns/shop/sa/admin",
+        Duration::from_secs(3600),
+    );
+    let err = pool
+        .open(&other, "1", Arc::clone(&s.roots), source(), &s.dest())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TunnelError::Refused(_, _, code) if code == 403),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn certificates_from_another_ca_or_expired_are_rejected_in_the_handshake() {
+    let s = setup("rejects").await;
+    let pool = Pool::new(None);
+    // Another CA.
+    let other_dir = temp_dir("other-ca");
+    let other_ca = Ca::load_or_create(&other_dir).unwrap();
+    let foreign = svid(&other_ca, WEB, Duration::from_secs(3600));
+    let _ = std::fs::remove_dir_all(&other_dir);
+    assert!(
+        pool.open(&foreign, "1", Arc::clone(&s.roots), source(), &s.dest())
+            .await
+            .is_err()
+    );
+    // Expired (valid for one second, used after two).
+    let short = svid(&s.ca, WEB, Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(
+        pool.open(&short, "2", Arc::clone(&s.roots), source(), &s.dest())
+            .await
+            .is_err()
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another Lacewing cluster's CA has our CA's name, so the chain is built
+    // and its signature fails to verify.
+    assert_eq!(s.handshake_failures("bad_signature"), 1);
+    assert_eq!(s.handshake_failures("expired"), 1);
+    // A server that is not the node the client meant is refused by the client.
+    let mut wrong = s.dest();
+    wrong.node_identity = pki::node_identity(pki::DEFAULT_TRUST_DOMAIN, "n2");
+    let good = svid(&s.ca, WEB, Duration::from_secs(3600));
+    let err = pool
+        .open(&good, "3", Arc::clone(&s.roots), source(), &wrong)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("lacewing/node/n2"), "{err}");
+}
+
+#[tokio::test]
+async fn tls_1_2_is_refused() {
+    let s = setup("tls12").await;
+    let id = svid(&s.ca, WEB, Duration::from_secs(3600));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(tls::certs(s.ca.pem()).unwrap());
+    let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            tls::certs(&id.cert_chain_pem[0]).unwrap(),
+            tls::key(&id.key_pem).unwrap(),
+        )
+        .unwrap();
+    let tcp = TcpStream::connect(s.tunnel).await.unwrap();
+    let result = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::IpAddress(s.tunnel.ip().into()),
+            tcp,
+        )
+        .await;
+    assert!(result.is_err(), "a TLS 1.2 handshake must fail");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.handshake_failures("incompatible"), 1);
+}
+
+#[test]
+fn forwarded_round_trips_both_families() {
+    for ip in ["10.244.0.10", "fd00:244::10"] {
+        let ip: IpAddr = ip.parse().unwrap();
+        assert_eq!(super::parse_forwarded(&super::forwarded_for(ip)), Some(ip));
+    }
+    assert_eq!(super::parse_forwarded("by=x"), None);
+}
+
+#[tokio::test]
+async fn a_slow_reader_bounds_what_is_buffered() {
+    let s = setup("backpressure").await;
+    // A destination that accepts and never reads.
+    let stuck = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut dest = s.dest();
+    dest.pod = stuck.local_addr().unwrap();
+    let (hold_tx, mut hold_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = stuck.accept().await {
+            let _ = hold_tx.send(conn);
+        }
+    });
+    let id = svid(&s.ca, WEB, Duration::from_secs(3600));
+    let upgraded = Pool::new(None)
+        .open(&id, "1", Arc::clone(&s.roots), source(), &dest)
+        .await
+        .unwrap();
+    let _held = hold_rx.recv().await;
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    let block = vec![7u8; 64 << 10];
+    let mut written = 0usize;
+    // Write until a write has made no progress for half a second.
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), io.write(&block)).await {
+        written += n;
+        assert!(written < 256 << 20, "256 MiB accepted without a reader");
+    }
+    // The HTTP/2 windows (4 MiB stream), the copy buffer and the kernel's
+    // socket buffers: bounded, whatever the sender does.
+    assert!(
+        written < 32 << 20,
+        "{written} bytes buffered for a reader that never reads"
+    );
+    assert!(
+        written > 1 << 20,
+        "{written}: the stream should carry something before it blocks"
+    );
+}
