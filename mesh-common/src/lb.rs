@@ -160,6 +160,26 @@ pub struct SvcStats {
     pub refused: u64,
 }
 
+#[cfg(test)]
+mod maglev_flow_tests {
+    use super::maglev_flow;
+
+    #[test]
+    fn a_bound_source_is_the_flow_whatever_the_socket() {
+        let src = [u32::from_ne_bytes([10, 244, 0, 5]), 0, 0, 0];
+        assert_eq!(maglev_flow(src, 40_000, 1), maglev_flow(src, 40_000, 99));
+        assert_ne!(maglev_flow(src, 40_000, 1), maglev_flow(src, 40_001, 1));
+        let other = [u32::from_ne_bytes([10, 244, 0, 6]), 0, 0, 0];
+        assert_ne!(maglev_flow(src, 40_000, 1), maglev_flow(other, 40_000, 1));
+    }
+
+    #[test]
+    fn an_unbound_socket_is_its_own_flow() {
+        assert_eq!(maglev_flow([0; 4], 0, 7), 7);
+        assert_ne!(maglev_flow([0; 4], 0, 7), maglev_flow([0; 4], 0, 8));
+    }
+}
+
 const _: () = assert!(size_of::<SvcKey>() == 20);
 const _: () = assert!(size_of::<Service>() == 24);
 const _: () = assert!(size_of::<SlotKey>() == 12);
@@ -181,6 +201,23 @@ pub const fn mix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// The flow a Maglev service hashes for a socket. A socket bound to a source
+/// port before it connects (or sends) is the flow (source address, source
+/// port): the same flow reaches the same backend from any socket, and keeps
+/// it while that backend stays. An unbound socket has no port yet when
+/// connect() runs, so it is a flow of its own (its cookie). `src` is the
+/// bound address as the kernel's context words (IPv4 in the first).
+#[inline(always)]
+pub const fn maglev_flow(src: [u32; 4], src_port: u32, socket_cookie: u64) -> u64 {
+    if src_port == 0 {
+        return socket_cookie;
+    }
+    let addr = mix64(((src[0] as u64) << 32) | src[1] as u64)
+        ^ mix64(((src[2] as u64) << 32) | src[3] as u64);
+    // The top bit keeps tuple flows apart from cookies (which count up from 1).
+    mix64(addr ^ src_port as u64) | (1 << 63)
 }
 
 /// The Maglev table index of a flow: the same in kernel and userspace.

@@ -6,11 +6,8 @@
 
 use mesh_common::{
     capture::{AddrKey, MeshedNetns},
-    fastpath::{
-        DECIDED_ALLOW, DECIDED_DENY, PairKey, TO_DAEMON_NO_IDENTITY, TO_DAEMON_NOT_LOCAL,
-        TO_DAEMON_POLICY, TO_DAEMON_SWITCHED_OFF, VERDICT_ALLOW, VERDICT_DENY,
-    },
-    splice::{ACCELERATION, FAST_PATH, SETTINGS_INDEX},
+    fastpath::{PairKey, VERDICT_ALLOW},
+    splice::SETTINGS_INDEX,
 };
 
 use crate::{
@@ -18,15 +15,7 @@ use crate::{
     sockaddr::Dest,
 };
 
-/// Where a meshed pod's connection goes.
-pub enum Path {
-    /// Straight to the destination pod.
-    Direct,
-    /// Nowhere: policy denies it.
-    Refuse,
-    /// Through the daemon's in-pod listener.
-    Daemon,
-}
+pub use mesh_common::fastpath::Path;
 
 #[inline(always)]
 fn count(stat: u32) {
@@ -45,49 +34,27 @@ fn addr_key(to: &Dest) -> AddrKey {
     }
 }
 
-/// Decides for a connection from the pod of `source` to `to`.
+/// Decides for a connection from the pod of `source` to `to`
+/// ([`mesh_common::fastpath::decide`] over this node's maps), counted.
 #[inline(always)]
 pub fn decide(source: &MeshedNetns, to: &Dest) -> Path {
     let dest = addr_key(to);
-    // SAFETY: only tested for presence.
-    if unsafe { LW_LOCAL_PODS.get(dest) }.is_none() {
-        count(TO_DAEMON_NOT_LOCAL);
-        return Path::Daemon;
-    }
-    let on = ACCELERATION | FAST_PATH;
-    if !LW_SETTINGS
-        .get(SETTINGS_INDEX)
-        .is_some_and(|s| s.flags & on == on)
-    {
-        count(TO_DAEMON_SWITCHED_OFF);
-        return Path::Daemon;
-    }
-    if source.identity == 0 {
-        count(TO_DAEMON_NO_IDENTITY);
-        return Path::Daemon;
-    }
-    pair(source.identity, dest)
-}
-
-/// The pair's verdict, counted.
-#[inline(always)]
-fn pair(src_identity: u32, dest: AddrKey) -> Path {
-    let key = PairKey { dest, src_identity };
-    // SAFETY: copied out at once.
-    match unsafe { LW_PAIR_POLICY.get(key) }.copied() {
-        Some(VERDICT_ALLOW) => {
-            count(DECIDED_ALLOW);
-            Path::Direct
-        }
-        Some(VERDICT_DENY) => {
-            count(DECIDED_DENY);
-            Path::Refuse
-        }
-        _ => {
-            count(TO_DAEMON_POLICY);
-            Path::Daemon
-        }
-    }
+    let (path, stat) = mesh_common::fastpath::decide(
+        // SAFETY: only tested for presence.
+        || unsafe { LW_LOCAL_PODS.get(dest) }.is_some(),
+        || LW_SETTINGS.get(SETTINGS_INDEX).map_or(0, |s| s.flags),
+        source.identity,
+        || {
+            let key = PairKey {
+                dest,
+                src_identity: source.identity,
+            };
+            // SAFETY: copied out at once.
+            unsafe { LW_PAIR_POLICY.get(key) }.copied()
+        },
+    );
+    count(stat);
+    path
 }
 
 /// For sk_lookup in a STRICT pod: whether a plain connection from `remote`

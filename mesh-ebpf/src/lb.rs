@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{
 };
 use mesh_common::lb::{
     ALG_MAGLEV, Affinity, AffinityKey, Backend, PROTO_TCP, PROTO_UDP, RevNat, RevNatKey, Service,
-    SlotKey, SvcKey, SvcStats, UNALLOCATED_SVC_ID, maglev_index,
+    SlotKey, SvcKey, SvcStats, UNALLOCATED_SVC_ID, maglev_flow, maglev_index,
 };
 
 use crate::{
@@ -127,6 +127,28 @@ fn pick(ctx: *mut core::ffi::c_void, svc: &Service) -> Option<Backend> {
     Some(b)
 }
 
+/// The socket's bound source address (context words) and port (0 when not
+/// bound yet), read from the `bpf_sock` of the sock_addr context.
+#[inline(always)]
+fn bound_source(ctx: *mut core::ffi::c_void) -> ([u32; 4], u32) {
+    let sa = ctx.cast::<aya_ebpf::bindings::bpf_sock_addr>();
+    // SAFETY: ctx is the program's bpf_sock_addr; its `sk` is the socket
+    // (PTR_TO_SOCKET for these hooks), whose fields are plain loads.
+    unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return ([0; 4], 0);
+        }
+        let port = (*sk).src_port;
+        if (*sk).family == u32::from(mesh_common::family::INET) {
+            ([(*sk).src_ip4, 0, 0, 0], port)
+        } else {
+            let ip6 = (*sk).src_ip6;
+            ([ip6[0], ip6[1], ip6[2], ip6[3]], port)
+        }
+    }
+}
+
 /// A backend id from the service's live slot generation.
 #[inline(always)]
 fn select(ctx: *mut core::ffi::c_void, svc: &Service) -> Option<u32> {
@@ -137,9 +159,11 @@ fn select(ctx: *mut core::ffi::c_void, svc: &Service) -> Option<u32> {
     };
     // SAFETY (both lookups): the value is copied out at once.
     let slot = if svc.algorithm == ALG_MAGLEV {
-        // The flow is the socket: the same socket always maps to one entry.
-        // SAFETY: helper valid in cgroup sock_addr programs.
-        let flow = unsafe { bpf_get_socket_cookie(ctx) };
+        let (src, src_port) = bound_source(ctx);
+        let flow = maglev_flow(src, src_port, {
+            // SAFETY: helper valid in cgroup sock_addr programs.
+            unsafe { bpf_get_socket_cookie(ctx) }
+        });
         unsafe { LW_MAGLEV.get(key(maglev_index(flow, svc.id, svc.count))) }.copied()
     } else {
         // SAFETY: helper without preconditions.

@@ -45,53 +45,6 @@ fn count(stat: u32) {
     }
 }
 
-/// The connection as one socket sees it. Fields are those sock_ops and
-/// sk_msg contexts share; IPv4-mapped IPv6 is keyed as IPv4 so a dual-stack
-/// socket finds a plain IPv4 peer.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn key(
-    fam: u32,
-    local4: u32,
-    remote4: u32,
-    local6: [u32; 4],
-    remote6: [u32; 4],
-    local_port: u32,
-    remote_port_be: u32,
-) -> SpliceKey {
-    let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-    let (family, local, remote) = if fam == u32::from(family::INET) {
-        (family::INET, [local4, 0, 0, 0], [remote4, 0, 0, 0])
-    } else if local6[0] == 0 && local6[1] == 0 && local6[2] == mapped {
-        (family::INET, [local6[3], 0, 0, 0], [remote6[3], 0, 0, 0])
-    } else {
-        (family::INET6, local6, remote6)
-    };
-    SpliceKey {
-        netns_cookie: 0,
-        local,
-        remote,
-        local_port: local_port as u16,
-        // Both contexts give the remote port in network order in the upper
-        // 16 bits (the kernel shifts it there on little-endian machines).
-        remote_port: u16::from_be((remote_port_be >> 16) as u16),
-        family: family as u8,
-        _pad: [0; 3],
-    }
-}
-
-#[inline(always)]
-fn is_loopback(k: &SpliceKey) -> bool {
-    if k.family == family::INET as u8 {
-        k.remote[0].to_ne_bytes()[0] == 127
-    } else {
-        k.remote[0] == 0
-            && k.remote[1] == 0
-            && k.remote[2] == 0
-            && k.remote[3] == u32::from_ne_bytes([0, 0, 0, 1])
-    }
-}
-
 #[inline(always)]
 fn addr_key(k: &SpliceKey) -> AddrKey {
     let mut addr = [0u8; 16];
@@ -128,7 +81,7 @@ pub fn established(ctx: &SockOpsContext, active: bool) {
     let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
     // SAFETY: only tested for presence.
     let meshed = unsafe { LW_MESHED_NETNS.get(netns) }.is_some();
-    let (stat, role) = if is_loopback(&k) {
+    let (stat, role) = if k.is_loopback() {
         // The capture leg: the app's socket to the in-pod listener (a
         // sender), or the listener's accepted socket (the daemon's).
         let listener_port = if active { k.remote_port } else { k.local_port };
@@ -196,7 +149,7 @@ macro_rules! context_key {
             } else {
                 ([0; 4], [0; 4])
             };
-            key(
+            SpliceKey::from_context(
                 fam,
                 (*c).local_ip4,
                 (*c).remote_ip4,
@@ -228,7 +181,7 @@ pub fn state_changed(ctx: &SockOpsContext) {
         return;
     }
     let mut k = ops_key(ctx);
-    if is_loopback(&k) {
+    if k.is_loopback() {
         // SAFETY: helper valid in sock_ops programs.
         k.netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
     }
@@ -246,7 +199,7 @@ pub fn state_changed(ctx: &SockOpsContext) {
 pub fn lw_sk_msg(ctx: SkMsgContext) -> u32 {
     let msg = ctx.msg;
     let mut k = context_key!(msg);
-    if is_loopback(&k) {
+    if k.is_loopback() {
         // SAFETY: helper valid in sk_msg programs (Linux 5.15+).
         k.netns_cookie = unsafe { bpf_get_netns_cookie(msg.cast()) };
     }

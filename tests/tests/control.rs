@@ -151,6 +151,35 @@ impl ControlLab {
     }
 
     /// `lacewing status` run on the underlay, where the controller is.
+    /// The sum of the controller's metric lines that start with `line_start`.
+    fn controller_metric(&self, line_start: &str) -> f64 {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "5"]).arg(format!(
+            "http://{}/metrics",
+            self.lab.controller_status_addr()
+        ));
+        let out = self.lab.run_on_underlay(cmd).unwrap();
+        assert!(out.status.success(), "controller /metrics: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(line_start))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// `lacewing status` until `f` holds for it (10 s at most).
+    fn status_until(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status();
+            if f(&status) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "timed out: {what}:\n{status}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn status(&self) -> String {
         let mut cmd = Command::new(bin("lacewing"));
         cmd.args(["status", "--controller", &self.lab.controller_status_addr()]);
@@ -285,28 +314,24 @@ fn malformed_yaml_is_rejected_with_its_file_and_changes_nothing() {
             format!("{}=0", c.ip4("n1-p1")),
         )],
     );
-    std::thread::sleep(Duration::from_millis(500));
-    let status = c.status();
-    assert!(
-        status.contains("bad-weight.yaml") && status.contains("weights start at 1"),
-        "{status}"
-    );
+    c.status_until("the bad weight is rejected", |status| {
+        status.contains("bad-weight.yaml") && status.contains("weights start at 1")
+    });
+    // Rejected means not sent: its service reaches no node.
+    assert!(c.reached("n0-p0", "10.96.0.11").is_err());
     // A policy naming a Service that does not exist is rejected the same way.
     fs::remove_file(c.folder.join("bad-weight.yaml")).unwrap();
     fs::write(
         c.folder.join("policy.yaml"),
-        "apiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: slow, namespace: default}\nspec: {targetRef: {name: nope}, timeout: 5s}\n",
+        "apiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: slow, namespace: default}\nspec: {targetRef: {name: nope}}\n",
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let status = c.status();
-    assert!(
+    c.status_until("the policy is rejected", |status| {
         status.contains("policy.yaml")
             && status.contains(
-                "TrafficPolicy default/slow names Service default/nope, which does not exist"
-            ),
-        "{status}"
-    );
+                "TrafficPolicy default/slow names Service default/nope, which does not exist",
+            )
+    });
     // Nothing reached the nodes: the old service still works, the new one does not exist.
     assert_eq!(
         c.reached("n0-p0", VIP),
@@ -401,7 +426,13 @@ fn a_node_certificate_cannot_subscribe_as_another_node() {
         assert!(Instant::now() < deadline, "n0 never got the service");
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // The controller refuses n1's subscription, and counts it.
+    let refused = "lacewing_controller_subscriptions_refused_total{reason=\"node_mismatch\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.controller_metric(refused) < 1.0 {
+        assert!(Instant::now() < deadline, "the controller never refused n1");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let status = c.status();
     assert!(
         status

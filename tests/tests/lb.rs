@@ -8,12 +8,13 @@
 //! ```
 
 use std::{
+    collections::BTreeMap,
     ffi::OsStr,
     fs,
     net::IpAddr,
     path::PathBuf,
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lacewing::lab::{Lab, LabProcess, NodeSpec};
@@ -21,7 +22,7 @@ use lacewing_core::model::services::{Algorithm, BackendEntry, Protocol, ServiceE
 use lacewing_node::{lb::LoadBalancer, maps::LbMaps};
 use lacewing_tests::{
     PYTHON, Probe, ServiceYaml, assert_promtool_accepts, bin, new_lab, node_http, parse_probe,
-    probe, start_backend,
+    probe, run_in, start_backend, tool,
 };
 
 const V4: &str = "10.96.0.10";
@@ -62,6 +63,36 @@ impl Cluster {
             c.daemons.push(d);
         }
         c
+    }
+
+    /// Rewrites the services file and waits until both daemons applied it.
+    fn rewrite(&self, yaml: &str) {
+        let applied = |c: &Self| -> Vec<f64> {
+            ["n0", "n1"]
+                .iter()
+                .map(|n| {
+                    node_http(&c.lab, &c.lab.node(n).unwrap(), "/metrics")
+                        .lines()
+                        .filter(|l| l.starts_with("lacewing_config_applies_total{result=\"ok\"}"))
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .sum()
+                })
+                .collect()
+        };
+        let before = applied(self);
+        fs::write(&self.file, yaml).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = applied(self);
+            if now.iter().zip(&before).all(|(n, b)| n > b) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemons did not apply the new file: {before:?} -> {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn start_daemon(&self, node: &NodeSpec, extra: &[&str]) -> LabProcess {
@@ -184,8 +215,7 @@ fn clients_on_two_nodes_spread_over_three_backends_tcp_udp_v4_v6() {
         annotations: &[("lacewing.io/backend-weights", weights)],
         affinity_timeout_s: None,
     };
-    fs::write(&c.file, yaml.render()).unwrap();
-    std::thread::sleep(Duration::from_millis(600));
+    c.rewrite(&yaml.render());
     let weighted = [("n0-p1", 0.25), ("n1-p1", 0.5), ("n1-p2", 0.25)];
     for client in ["n0-p0", "n1-p0"] {
         let pod = c.lab.pod(client).unwrap();
@@ -259,6 +289,110 @@ fn maglev_spreads_and_session_affinity_sticks_then_expires() {
         seen.extend(p.replies.keys().cloned());
     }
     assert!(seen.len() > 1, "affinity never expired: always {seen:?}");
+}
+
+/// `lbprobe.py flows`: the backend each of `n` flows (source ports from
+/// `first`) reached.
+fn flows(lab: &Lab, pod: &str, host: &str, n: u16, first: u16) -> BTreeMap<u16, String> {
+    let script = tool("lbprobe.py");
+    let out = run_in(
+        lab,
+        &lab.pod(pod).unwrap(),
+        PYTHON,
+        &[
+            script.to_str().unwrap(),
+            "flows",
+            host,
+            "80",
+            &n.to_string(),
+            &first.to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "lbprobe flows: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+    v["flows"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(port, backend)| {
+            (
+                port.parse().unwrap(),
+                backend
+                    .as_str()
+                    .unwrap_or_else(|| panic!("flow {port}: {v}"))
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn maglev_keeps_each_flow_on_its_backend_and_moves_a_third_when_one_of_three_goes() {
+    let maglev = |_: &Lab, backends: &[IpAddr]| {
+        ServiceYaml {
+            name: "hash",
+            cluster_ips: &cluster_ips(),
+            target: TARGET,
+            backends,
+            annotations: &[("lacewing.io/lb-algorithm", "maglev".into())],
+            affinity_timeout_s: None,
+        }
+        .render()
+    };
+    let c = Cluster::new(|lab| maglev(lab, &backends_of(lab)));
+    const FLOWS: u16 = 300;
+    let first = flows(&c.lab, "n0-p0", V4, FLOWS, 41_000);
+    assert_eq!(first.len(), usize::from(FLOWS));
+    // The same flows again, from new sockets: each reaches the same backend
+    // (random balancing would move about two thirds of them).
+    let again = flows(&c.lab, "n0-p0", V4, FLOWS, 41_000);
+    assert_eq!(first, again, "a flow changed backend with nothing changed");
+    let on = |map: &BTreeMap<u16, String>, b: &str| map.values().filter(|v| *v == b).count();
+    for b in ["n0-p1", "n1-p1", "n1-p2"] {
+        let share = on(&first, b) as f64 / f64::from(FLOWS);
+        assert!(
+            (share - 1.0 / 3.0).abs() <= SPREAD_TOLERANCE,
+            "{b} got {share:.2}"
+        );
+    }
+    // n1-p2 goes: its flows move, the others stay where they were.
+    let remaining: Vec<IpAddr> = ["n0-p1", "n1-p1"]
+        .iter()
+        .flat_map(|p| {
+            let pod = c.lab.pod(p).unwrap();
+            [IpAddr::V4(pod.ip4()), IpAddr::V6(pod.ip6())]
+        })
+        .collect();
+    c.rewrite(&maglev(&c.lab, &remaining));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = flows(&c.lab, "n0-p0", V4, FLOWS, 41_000);
+        if on(&now, "n1-p2") == 0 {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "n1-p2 still gets flows: {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let moved: Vec<u16> = first
+        .iter()
+        .filter(|(port, b)| after[*port] != **b)
+        .map(|(port, _)| *port)
+        .collect();
+    let moved_from_others = moved.iter().filter(|p| first[*p] != "n1-p2").count();
+    assert!(
+        moved_from_others * 20 <= usize::from(FLOWS),
+        "{moved_from_others} flows left a backend that stayed (Maglev moves only about those of the backend that went)"
+    );
+    let share = moved.len() as f64 / f64::from(FLOWS);
+    assert!(
+        (share - 1.0 / 3.0).abs() <= SPREAD_TOLERANCE,
+        "{share:.2} of flows moved; about 1/3 should"
+    );
 }
 
 #[test]

@@ -24,7 +24,7 @@ const PORT: &str = "9000";
 struct MeshLab {
     lab: Lab,
     _controller: LabProcess,
-    _nodes: Vec<LabProcess>,
+    nodes: Vec<LabProcess>,
     servers: Vec<LabProcess>,
 }
 
@@ -41,6 +41,12 @@ impl MeshLab {
     }
 
     fn with_controller_args(controller_args: &[&str]) -> Self {
+        Self::build(controller_args, true)
+    }
+
+    /// With `plain`, n0-p1 is the plain pod; without it, n0-p1 is in no
+    /// configuration yet (a pod about to start).
+    fn build(controller_args: &[&str], plain: bool) -> Self {
         let lab = new_lab(2, 2);
         let folder = lab.state_dir().join("config");
         fs::create_dir_all(&folder).unwrap();
@@ -54,12 +60,17 @@ impl MeshLab {
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n".into(),
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: client, namespace: shop}\n".into(),
             pod("shop", "client", "client", "n0", ips("n0-p0")),
-            pod("default", "plain", "default", "n0", ips("n0-p1")),
+            if plain {
+                pod("default", "plain", "default", "n0", ips("n0-p1"))
+            } else {
+                String::new()
+            },
             pod("shop", "web-0", "web", "n1", ips("n1-p0")),
             pod("shop", "web-1", "web", "n1", ips("n1-p1")),
             format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{clusterIP: {VIP}, ports: [{{name: tcp, port: 80, targetPort: {PORT}}}]}}\n"),
             format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v4, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: tcp, port: {PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{}\"]}}]\n", ips("n1-p0")[0]),
         ];
+        let docs: Vec<String> = docs.into_iter().filter(|d| !d.is_empty()).collect();
         fs::write(folder.join("mesh.yaml"), docs.join("---\n")).unwrap();
         let controller = lab
             .start_controller_with(&bin("lacewing-controller"), &folder, controller_args)
@@ -78,7 +89,7 @@ impl MeshLab {
         let m = Self {
             lab,
             _controller: controller,
-            _nodes: nodes,
+            nodes,
             servers,
         };
         m.wait_for_certificate("n0", "spiffe://cluster.local/ns/shop/sa/client");
@@ -228,7 +239,10 @@ fn nothing_crosses_the_underlay_in_plain_text_and_only_tls_1_3_is_offered() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let capture = m.lab.spawn_on_underlay(tshark).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // tshark writes the capture file's header once it is capturing.
+    poll("tshark is capturing", Duration::from_secs(10), || {
+        fs::metadata(&pcap).ok().filter(|f| f.len() > 0).map(drop)
+    });
     // The meshed client's marker goes through the tunnel; the plain pod's
     // goes in the clear (which shows the capture sees payloads at all).
     let out = m.xfer("n0-p0", &["rr", VIP, "80", "LACEWING-SECRET-MARKER", "20"]);
@@ -320,7 +334,7 @@ fn an_authorization_policy_deny_closes_the_connection_until_it_is_removed() {
     m.config("deny.yaml", None);
     m.until("access is restored", || {
         m.try_xfer("n0-p0", &["rr", VIP, "80", "after", "3"])
-            .is_ok()
+            .is_ok_and(|out| out == "replies=3")
     });
 }
 
@@ -369,7 +383,7 @@ fn strict_refuses_plain_text_to_meshed_pods_and_permissive_accepts_it() {
     );
     m.until("PERMISSIVE accepts plain text", || {
         m.try_xfer("n0-p1", &["rr", &web0, PORT, "plain", "1"])
-            .is_ok()
+            .is_ok_and(|out| out == "replies=1")
     });
 }
 
@@ -396,7 +410,10 @@ fn killing_the_destination_mid_stream_resets_the_client() {
     let mut m = MeshLab::new();
     // A transfer far longer than the test.
     let mut bulk = m.spawn_xfer("n0-p0", &["bulk", VIP, "80", "100000"]);
-    std::thread::sleep(Duration::from_secs(1));
+    let inbound = "lacewing_tunnel_streams_opened_total{direction=\"inbound\"}";
+    poll("the transfer reaches n1", Duration::from_secs(10), || {
+        (m.metric("n1", inbound) >= 1.0).then_some(())
+    });
     assert!(
         bulk.try_wait().unwrap().is_none(),
         "the transfer is under way"
@@ -449,7 +466,11 @@ fn the_tunnel_rejects_foreign_expired_and_mismatched_certificates() {
         "spiffe://cluster.local/ns/shop/sa/admin",
         3600,
     );
-    std::thread::sleep(Duration::from_millis(2100));
+    // Wait (by the clock, not by a guess) until the 1 s certificate is past.
+    let expired_at = pki::not_after(&fs::read_to_string(dir.join("expired.pem")).unwrap()).unwrap();
+    while std::time::SystemTime::now() <= expired_at + Duration::from_millis(100) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let node1 = format!("{}:15008", m.lab.node("n1").unwrap().underlay_ip4());
     let web0 = format!("{}:{PORT}", m.lab.pod("n1-p0").unwrap().ip4());
@@ -487,17 +508,29 @@ fn the_tunnel_rejects_foreign_expired_and_mismatched_certificates() {
     // The control: the client's identity, from the client's address.
     let (ok, text) = probe(&good);
     assert!(ok && text.trim() == "probe", "{text}");
-    for (name, why) in [(&foreign, "another CA"), (&expired, "expired")] {
+    let failures = |reason: &str| {
+        m.metric(
+            "n1",
+            &format!("lacewing_tunnel_handshake_failures_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    // Each is refused for its own reason, and counted under it.
+    for (name, reason) in [(&foreign, "unknown_issuer"), (&expired, "expired")] {
+        let before = failures(reason);
         let (ok, text) = probe(name);
-        assert!(!ok, "a certificate from {why} must be rejected: {text}");
+        assert!(!ok, "the {name} certificate must be rejected: {text}");
+        assert_eq!(
+            failures(reason),
+            before + 1.0,
+            "the {name} certificate is counted as {reason}: {text}"
+        );
     }
     // A valid certificate whose identity is not the source pod's.
+    let mismatch = "lacewing_tunnel_refused_total{reason=\"identity_mismatch\"}";
+    let before = m.metric("n1", mismatch);
     let (ok, text) = probe(&impostor);
     assert!(!ok && text.contains("403"), "{text}");
-    let failures = m.metric("n1", "lacewing_tunnel_handshake_failures_total");
-    assert!(failures >= 2.0, "handshake failures counted: {failures}");
-    let mismatch = "lacewing_tunnel_refused_total{reason=\"identity_mismatch\"}";
-    assert!(m.metric("n1", mismatch) >= 1.0);
+    assert_eq!(m.metric("n1", mismatch), before + 1.0);
 }
 
 // Same-node acceleration: web-1 and web-0 are both meshed on n1. By default
@@ -761,15 +794,26 @@ fn acceleration_turns_off_and_on_under_traffic_without_losing_a_connection() {
     m.switch_acceleration("n1", "on", "off");
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
     // Two long conversations started with acceleration on (spliced) ...
+    let opened = |m: &MeshLab| m.metric("n1", "lacewing_connections_opened_total");
+    let before = opened(&m);
     let spliced = m.spawn_xfer("n1-p1", &["rr", &web0, PORT, "on-then-off", "60", "0.05"]);
     let bulk = m.spawn_xfer("n1-p1", &["bulk", &web0, PORT, "200"]);
-    std::thread::sleep(Duration::from_millis(500));
+    poll(
+        "both connections are carried",
+        Duration::from_secs(10),
+        || (opened(&m) >= before + 2.0).then_some(()),
+    );
     m.switch_acceleration("n1", "off", "off");
     assert_eq!(m.metric("n1", "lacewing_acceleration_enabled"), 0.0);
     // ... and one started while it is off (not spliced).
     let capture = m.added("n1", "capture");
+    let before = opened(&m);
     let plain = m.spawn_xfer("n1-p1", &["rr", &web0, PORT, "off-then-on", "60", "0.05"]);
-    std::thread::sleep(Duration::from_millis(1000));
+    poll(
+        "the new connection is carried",
+        Duration::from_secs(10),
+        || (opened(&m) >= before + 1.0).then_some(()),
+    );
     assert_eq!(
         m.added("n1", "capture"),
         capture,
@@ -801,11 +845,13 @@ fn a_fast_writer_into_a_spliced_hop_cannot_make_the_kernel_queue_without_bound()
     let m = MeshLab::new();
     let mut iperf = Command::new("iperf3");
     iperf.args(["-s", "-p", "5201"]);
-    let _server = m
+    let mut server = m
         .lab
         .spawn_in_pod(&m.lab.pod("n1-p0").unwrap(), iperf)
         .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    server
+        .wait_listening(5201, Duration::from_secs(10))
+        .unwrap();
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
     // The client writes far faster than the tunnel carries: its writes are
     // spliced into the daemon's socket, where no TCP window stops it.
@@ -814,11 +860,16 @@ fn a_fast_writer_into_a_spliced_hop_cannot_make_the_kernel_queue_without_bound()
         for _ in 0..10 {
             std::thread::sleep(Duration::from_millis(300));
             let stat = fs::read_to_string("/proc/net/sockstat").unwrap();
+            // `TCP: inuse 5 orphan 0 tw 0 alloc 7 mem 1`: pages in use.
             let pages = stat
                 .lines()
                 .find(|l| l.starts_with("TCP:"))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .unwrap_or(0);
+                .and_then(|l| {
+                    let fields: Vec<&str> = l.split_whitespace().collect();
+                    let at = fields.iter().position(|f| *f == "mem")?;
+                    fields.get(at + 1)?.parse::<u64>().ok()
+                })
+                .unwrap_or_else(|| panic!("no TCP memory in /proc/net/sockstat:\n{stat}"));
             most = most.max(pages);
         }
         most
@@ -839,5 +890,193 @@ fn a_fast_writer_into_a_spliced_hop_cannot_make_the_kernel_queue_without_bound()
         most_pages * 4096 < 256 << 20,
         "TCP memory reached {} MiB",
         (most_pages * 4096) >> 20
+    );
+}
+
+/// Polls `f` every 50 ms until it gives a value, for at most `limit`.
+fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_transfer_in_flight_when_the_destination_daemon_gets_sigterm_completes_and_it_exits_0() {
+    let mut m = MeshLab::new();
+    // 100 MiB at 25 MiB/s: four seconds on the wire, each way.
+    let bulk = m.spawn_xfer("n0-p0", &["bulk", VIP, "80", "100", "25"]);
+    let inbound = "lacewing_tunnel_streams_opened_total{direction=\"inbound\"}";
+    poll(
+        "the transfer is under way through n1",
+        Duration::from_secs(10),
+        || (m.metric("n1", inbound) >= 1.0).then_some(()),
+    );
+    // Bytes are still moving when n1 is told to stop.
+    std::thread::sleep(Duration::from_millis(500));
+    m.nodes[1].signal(libc::SIGTERM).unwrap();
+    let signalled = Instant::now();
+    // The default drain timeout is 30 s.
+    let status = poll("lacewing-node on n1 exits", Duration::from_secs(35), || {
+        m.nodes[1].try_wait().unwrap()
+    });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "lacewing-node exits 0 after draining"
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(30),
+        "within the drain timeout"
+    );
+    let out = bulk.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(field(&text, "sent"), (100u64 << 20).to_string(), "{text}");
+    assert_eq!(field(&text, "back"), field(&text, "sent"), "{text}");
+    assert_eq!(field(&text, "back_sha"), field(&text, "sent_sha"), "{text}");
+}
+
+#[test]
+fn an_established_connection_is_closed_within_a_second_of_a_deny_naming_its_source() {
+    let m = MeshLab::new();
+    // One connection, a round trip every 0.1 s for 30 s.
+    let mut rr = m.spawn_xfer("n0-p0", &["rr", VIP, "80", "long-lived", "300", "0.1"]);
+    let inbound = "lacewing_tunnel_streams_opened_total{direction=\"inbound\"}";
+    poll("the connection reaches n1", Duration::from_secs(10), || {
+        (m.metric("n1", inbound) >= 1.0).then_some(())
+    });
+    let version = |m: &MeshLab| -> u64 {
+        let status = node_http(&m.lab, &m.lab.node("n1").unwrap(), "/status");
+        let json: serde_json::Value = serde_json::from_str(&status).unwrap();
+        json["version"].as_u64().unwrap()
+    };
+    let before = version(&m);
+    m.config(
+        "deny.yaml",
+        Some(
+            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: shop}\nspec: {action: Deny, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/shop/sa/client\"]}]}]}\n",
+        ),
+    );
+    // When n1 applies the policy, and when the client's connection ends.
+    let mut applied = None;
+    let ended = poll(
+        "the client's connection ends",
+        Duration::from_secs(10),
+        || {
+            if applied.is_none() && version(&m) != before {
+                applied = Some(Instant::now());
+            }
+            rr.try_wait()
+                .unwrap()
+                .map(|status| (status, Instant::now()))
+        },
+    );
+    let applied = applied.unwrap_or(ended.1);
+    assert!(
+        ended.1.saturating_duration_since(applied) < Duration::from_secs(1),
+        "closed {:?} after n1 applied the policy",
+        ended.1.saturating_duration_since(applied)
+    );
+    let out = rr.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !ended.0.success(),
+        "the connection cannot have finished its 300 round trips"
+    );
+    assert!(
+        err.contains("ConnectionResetError") || err.contains("BrokenPipeError"),
+        "the client's connection is reset: {err}"
+    );
+    let denials = "lacewing_policy_denials_total{policy=\"shop/deny-client\"}";
+    assert_eq!(
+        m.metric("n1", denials),
+        1.0,
+        "the one closed connection is counted"
+    );
+}
+
+#[test]
+fn a_new_pods_first_connection_waits_for_its_certificate_instead_of_being_reset() {
+    let m = MeshLab::build(&[], false);
+    let n0 = m.lab.node("n0").unwrap();
+    // New connections from n0 to the controller are refused, so the
+    // certificate of the new pod cannot be issued yet; the configuration
+    // stream (established) goes on.
+    let nft = |script: &str| {
+        let file = m.lab.state_dir().join("hold.nft");
+        fs::write(&file, script).unwrap();
+        let mut cmd = Command::new("nft");
+        cmd.arg("-f").arg(&file);
+        let out = m.lab.run_on_node(&n0, cmd).unwrap();
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    nft(
+        "table inet lwhold { chain out { type filter hook output priority 0; tcp dport 15012 ct state new reject with tcp reset; } }",
+    );
+    let late = m.lab.pod("n0-p1").unwrap();
+    m.config(
+        "late.yaml",
+        Some(
+            &[
+                "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: late, namespace: shop}\n"
+                    .to_owned(),
+                pod(
+                    "shop",
+                    "late",
+                    "late",
+                    "n0",
+                    [late.ip4().to_string(), late.ip6().to_string()],
+                ),
+            ]
+            .join("---\n"),
+        ),
+    );
+    // n0 captures the new pod, and has tried and failed to get its
+    // certificate.
+    poll("n0 captures the new pod", Duration::from_secs(10), || {
+        (m.metric("n0", "lacewing_captured_pods") == 2.0).then_some(())
+    });
+    let failed = "lacewing_certificate_requests_total{result=\"error\"}";
+    poll(
+        "n0's certificate request is refused",
+        Duration::from_secs(10),
+        || (m.metric("n0", failed) >= 1.0).then_some(()),
+    );
+    let outbound = "lacewing_tunnel_streams_opened_total{direction=\"outbound\"}";
+    let opened_before = m.metric("n0", outbound);
+    // The pod's first connection, while it has no certificate.
+    let rr = m.spawn_xfer("n0-p1", &["rr", VIP, "80", "first", "3"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let late_id = "spiffe://cluster.local/ns/shop/sa/late";
+    assert!(m.serial("n0", late_id).is_none(), "no certificate yet");
+    nft("delete table inet lwhold");
+    let out = rr.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "replies=3",
+        "the first connection succeeds: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(m.serial("n0", late_id).is_some());
+    assert_eq!(
+        m.metric("n0", outbound),
+        opened_before + 1.0,
+        "it went through the tunnel"
     );
 }

@@ -5,6 +5,8 @@
   lbprobe.py udp  HOST PORT N      N unconnected sendto/recvfrom; reply and sender
   lbprobe.py udpc HOST PORT N      N connected UDP sockets; reply and getpeername()
   lbprobe.py loop HOST PORT STOPFILE   connects until STOPFILE exists
+  lbprobe.py flows HOST PORT N SPORT   N connects, each bound first to source
+                                   port SPORT+i; the reply of each flow
 """
 import errno
 import json
@@ -59,6 +61,31 @@ def one_udp(connected):
     finally:
         s.close()
 
+
+def one_flow(sport):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    # Close with RST: the same flow can connect again at once (no TIME_WAIT).
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.settimeout(3)
+    try:
+        s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", sport))
+        s.connect((host, port))
+        reply = s.recv(64).decode().strip()
+        replies[reply] += 1
+        return reply
+    except OSError as e:
+        errors[errno.errorcode.get(e.errno, str(e))] += 1
+        return None
+    finally:
+        s.close()
+
+
+if mode == "flows":
+    n, first = int(sys.argv[4]), int(sys.argv[5])
+    flows = {str(first + i): one_flow(first + i) for i in range(n)}
+    print(json.dumps({"n": n, "replies": replies, "peers": peers, "errors": errors,
+                      "slowest_ms": 0, "flows": flows}))
+    sys.exit(0)
 
 if mode == "loop":
     stop = sys.argv[4]

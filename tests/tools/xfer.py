@@ -5,11 +5,14 @@
                                 first byte says what to do:
                                 B: read to EOF, then send it all back, close;
                                 R: echo each line until EOF.
-  xfer.py bulk HOST PORT MB     send MB MiB of varied bytes, half-close, read
+  xfer.py bulk HOST PORT MB [MIBPS]
+                                send MB MiB of varied bytes (at most MIBPS
+                                MiB a second, if given), half-close, read
                                 the echo; print sizes and SHA-256s.
   xfer.py rr HOST PORT TEXT N [PAUSE]
                                 N request/reply round trips of a line with
-                                TEXT on one connection, PAUSE seconds apart.
+                                TEXT on one connection, PAUSE seconds apart;
+                                exits 1 when a reply is missing or wrong.
 """
 import hashlib
 import os
@@ -53,8 +56,9 @@ def connect(host, port):
     return socket.create_connection((host, port), timeout=60)
 
 
-def bulk(host, port, mib):
+def bulk(host, port, mib, mibps=0.0):
     seed = os.urandom(1 << 16)
+    started = time.monotonic()
     sent = hashlib.sha256()
     with connect(host, port) as c:
         c.sendall(b"B")
@@ -76,6 +80,11 @@ def bulk(host, port, mib):
             block = seed[i % 7:] + seed[: i % 7]
             sent.update(block)
             c.sendall(block)
+            if mibps:
+                # Each 64 KiB block is 1/16 MiB: keep to the pace.
+                ahead = (i + 1) / 16 / mibps - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
         c.shutdown(socket.SHUT_WR)
         t.join()
     print(f"sent={mib << 20} sent_sha={sent.hexdigest()} back={reader_result['n']} back_sha={reader_result['digest']}")
@@ -95,6 +104,8 @@ def rr(host, port, text, n, pause=0.0):
             if pause:
                 time.sleep(pause)
     print(f"replies={ok}")
+    if ok != n:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
@@ -102,7 +113,8 @@ if __name__ == "__main__":
     if cmd == "serve":
         serve(int(sys.argv[2]))
     elif cmd == "bulk":
-        bulk(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        mibps = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+        bulk(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), mibps)
     elif cmd == "rr":
         pause = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
         rr(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), pause)

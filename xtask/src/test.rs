@@ -166,16 +166,19 @@ struct Summary {
     ignored: u32,
 }
 
-/// Runs the end-to-end crate, echoing its output and adding up its
-/// `test result:` lines.
+/// Runs the end-to-end crate (every test, even after a failure), echoing
+/// its output and adding up its `test result:` lines; fails when a lab test
+/// in the tree did not run and pass.
 fn lab_tests() -> anyhow::Result<Summary> {
+    let expected = lab_tests_in_tree()?;
     let mut cmd = Command::new("cargo");
-    cmd.args(["test", "--package", "lacewing-tests"])
+    cmd.args(["test", "--package", "lacewing-tests", "--no-fail-fast"])
         .current_dir(run::workspace_root())
         .stdout(Stdio::piped());
     eprintln!("xtask: $ {}", run::show(&cmd));
     let mut child = cmd.spawn().context("could not start cargo test")?;
     let mut summary = Summary::default();
+    let mut passed = BTreeSet::new();
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
         println!("{line}");
@@ -184,12 +187,59 @@ fn lab_tests() -> anyhow::Result<Summary> {
             summary.failed += s.failed;
             summary.ignored += s.ignored;
         }
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... ok"))
+        {
+            passed.insert(name.to_owned());
+        }
     }
     let status = child.wait()?;
     if !status.success() {
         bail!("lab tests failed ({status}); see the output above");
     }
+    let missing: Vec<&String> = expected.difference(&passed).collect();
+    if !missing.is_empty() {
+        bail!(
+            "lab tests in tests/tests/ that did not run and pass: {missing:?} (a test that silently disappears fails CI)"
+        );
+    }
+    eprintln!(
+        "xtask: all {} lab tests in the tree ran and passed",
+        expected.len()
+    );
     Ok(summary)
+}
+
+/// The `#[test]` functions of `tests/tests/*.rs`.
+fn lab_tests_in_tree() -> anyhow::Result<BTreeSet<String>> {
+    let dir = run::workspace_root().join("tests/tests");
+    let mut names = BTreeSet::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            names.extend(test_functions(&fs::read_to_string(&path)?));
+        }
+    }
+    anyhow::ensure!(!names.is_empty(), "no lab test found in {}", dir.display());
+    Ok(names)
+}
+
+/// Names of the functions marked `#[test]` in a source file.
+fn test_functions(source: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut marked = false;
+    for line in source.lines().map(str::trim) {
+        if line == "#[test]" {
+            marked = true;
+        } else if marked && let Some(rest) = line.strip_prefix("fn ") {
+            names.extend(rest.split('(').next().map(str::to_owned));
+            marked = false;
+        } else if marked && !line.starts_with("#[") {
+            marked = false;
+        }
+    }
+    names
 }
 
 /// `test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...`
@@ -235,6 +285,13 @@ fn lab_resources() -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_test_functions_of_a_file() {
+        let source =
+            "#[test]\nfn one() {}\n\nfn helper() {}\n#[test]\n#[should_panic]\nfn two() {}\n";
+        assert_eq!(test_functions(source), ["one", "two"]);
+    }
 
     #[test]
     fn adds_up_libtest_results() {

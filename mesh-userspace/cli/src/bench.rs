@@ -6,3 +6,52 @@ pub mod control_plane;
 pub mod l4;
 pub mod local;
 pub mod tunnel;
+
+use anyhow::Context as _;
+
+use crate::lab::Lab;
+
+/// The sum of `node`'s metric lines (on :15020) that start with
+/// `line_start`; an error when the metrics cannot be read, so a benchmark
+/// never mistakes a failed read for a zero.
+pub(crate) fn node_metric(lab: &Lab, node: &str, line_start: &str) -> anyhow::Result<f64> {
+    let text = lab
+        .node_get(&lab.node(node)?, "/metrics")
+        .with_context(|| format!("reading {node}'s metrics"))?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Runs `measure` and checks that the counter `line_start` on `node` moved
+/// by at least `at_least` (or, with 0, did not move at all): the benchmark
+/// measured the path it names.
+pub(crate) fn on_path<T>(
+    lab: &Lab,
+    node: &str,
+    line_start: &str,
+    at_least: f64,
+    what: &str,
+    measure: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let before = node_metric(lab, node, line_start)?;
+    let out = measure()?;
+    let moved = node_metric(lab, node, line_start)? - before;
+    let ok = if at_least == 0.0 {
+        moved == 0.0
+    } else {
+        moved >= at_least
+    };
+    anyhow::ensure!(
+        ok,
+        "{what}: {line_start} on {node} moved by {moved}, expected {}: the run did not take the path it names",
+        if at_least == 0.0 {
+            "0".to_owned()
+        } else {
+            format!("at least {at_least}")
+        }
+    );
+    Ok(out)
+}

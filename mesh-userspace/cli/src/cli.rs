@@ -268,9 +268,7 @@ fn cert_request(url: String, tls_dir: PathBuf, pod: &str, identity: &str) -> any
         server_name: lacewing_core::pki::CONTROLLER_SERVER_NAME.to_owned(),
     };
     report(async {
-        let svid = lacewing_node::identity::request(&controller, identity, namespace, name)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let svid = lacewing_node::identity::request(&controller, identity, namespace, name).await?;
         let left = svid
             .not_after
             .duration_since(std::time::SystemTime::now())

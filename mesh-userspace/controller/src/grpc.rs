@@ -7,6 +7,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -41,6 +45,13 @@ pub struct Registry {
     snapshots: Snapshots,
     source_error: watch::Receiver<String>,
     nodes: Mutex<BTreeMap<String, NodeRecord>>,
+    /// Subscriptions refused, by reason (`lacewing_controller_subscriptions_refused`).
+    pub refused: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 /// One node as `/status` and the metrics show it.
@@ -75,6 +86,7 @@ impl Registry {
             source_error,
             nodes: Mutex::new(BTreeMap::new()),
             full_syncs: tokio::sync::Semaphore::new(FULL_SYNCS_AT_ONCE),
+            refused: Family::default(),
         }
     }
 
@@ -144,6 +156,12 @@ impl ConfigService for Server {
         };
         if hello.node != certified {
             tracing::warn!(certificate = %certified, claimed = %hello.node, "refused a node subscribing under another node's name");
+            self.0
+                .refused
+                .get_or_create(&ReasonLabels {
+                    reason: "node_mismatch",
+                })
+                .inc();
             return Err(Status::permission_denied(format!(
                 "the certificate of node {certified} cannot subscribe as node {}",
                 hello.node
@@ -176,7 +194,7 @@ pub fn certified_node<T>(request: &Request<T>, trust_domain: &str) -> Result<Str
         .and_then(|certs| certs.first().map(|c| pki::uri_sans(c)))
         .unwrap_or_default()
         .iter()
-        .find_map(|uri| pki::node_of_identity(trust_domain, uri).map(str::to_owned))
+        .find_map(|uri| pki::node_of_identity(trust_domain, uri))
         .ok_or_else(|| Status::unauthenticated("no node identity in the client certificate"))
 }
 

@@ -1,6 +1,7 @@
 //! The Kubernetes source: kube-rs watchers on every kind the model reads
 //! (re-listing after `410 Gone`, following bookmarks, as the watcher does),
-//! kept in stores and fed to the same translation as the folder source.
+//! kept in stores of objects already read into the model's terms, and fed
+//! to the same translation as the folder source.
 //!
 //! Unlike the folder source, one bad object does not hold back the rest of
 //! the cluster: a rejected policy or route is left out (and its status says
@@ -62,17 +63,26 @@ pub fn api_resource((group, version, kind, plural): Kind) -> ApiResource {
     }
 }
 
-/// The objects of one kind, by namespace and name, as the JSON the
-/// translation reads (Kubernetes JSON is YAML too).
+/// The objects of one kind, by namespace and name, each read into the
+/// model's terms once, when its event arrives (a translation then only
+/// gathers them; nothing is parsed again). An object's `resourceVersion`
+/// tells an unchanged re-list item from a changed one.
 #[derive(Debug)]
 pub struct KindStore {
     types: TypeMeta,
-    objects: BTreeMap<(String, String), String>,
+    objects: BTreeMap<(String, String), Stored>,
     /// Objects of a re-list in progress; swapped in at its end, so a re-list
     /// never shows a half-empty cluster.
-    relist: Option<BTreeMap<(String, String), String>>,
+    relist: Option<BTreeMap<(String, String), Stored>>,
     /// Whether a first full list has completed.
     pub ready: bool,
+}
+
+/// One object as the model read it, and the version it was read at.
+#[derive(Debug)]
+struct Stored {
+    version: Option<String>,
+    read: Objects,
 }
 
 impl KindStore {
@@ -89,22 +99,44 @@ impl KindStore {
         }
     }
 
+    /// Reads one object into the model's terms; `None` (with a warning)
+    /// for an object the API server should never have accepted.
+    fn read(&self, mut o: DynamicObject) -> Option<Stored> {
+        let version = o.resource_version();
+        let origin = format!(
+            "{} {}/{}",
+            self.types.kind,
+            o.namespace().unwrap_or_default(),
+            o.name_any()
+        );
+        // List items come without their kind; the model needs it.
+        o.types = Some(self.types.clone());
+        let mut read = Objects::default();
+        let json = serde_json::to_string(&o).ok()?;
+        match read.add_yaml(&origin, &json) {
+            Ok(()) => Some(Stored { version, read }),
+            Err(err) => {
+                tracing::warn!(%err, "skipping an object the model cannot read");
+                None
+            }
+        }
+    }
+
     /// Applies one watcher event; whether the store's contents changed.
     pub fn apply(&mut self, event: Event<DynamicObject>) -> bool {
         let key = |o: &DynamicObject| (o.namespace().unwrap_or_default(), o.name_any());
-        // List items come without their kind; the translation needs it.
-        let json = |mut o: DynamicObject| {
-            o.types = Some(self.types.clone());
-            serde_json::to_string(&o).unwrap_or_default()
-        };
         match event {
             Event::Init => {
                 self.relist = Some(BTreeMap::new());
                 false
             }
             Event::InitApply(o) => {
-                let (k, v) = (key(&o), json(o));
-                self.relist.get_or_insert_with(BTreeMap::new).insert(k, v);
+                let k = key(&o);
+                if let Some(stored) = self.read(o) {
+                    self.relist
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(k, stored);
+                }
                 false
             }
             Event::InitDone => {
@@ -113,8 +145,18 @@ impl KindStore {
                 true
             }
             Event::Apply(o) => {
-                let (k, v) = (key(&o), json(o));
-                self.objects.insert(k, v.clone()).as_deref() != Some(v.as_str())
+                let k = key(&o);
+                let version = o.resource_version();
+                if version.is_some() && self.objects.get(&k).is_some_and(|s| s.version == version) {
+                    return false;
+                }
+                match self.read(o) {
+                    Some(stored) => {
+                        self.objects.insert(k, stored);
+                        true
+                    }
+                    None => self.objects.remove(&k).is_some(),
+                }
             }
             Event::Delete(o) => self.objects.remove(&key(&o)).is_some(),
         }
@@ -129,13 +171,8 @@ impl KindStore {
         changed
     }
 
-    fn add_to(&self, objects: &mut Objects) {
-        for ((ns, name), json) in &self.objects {
-            let origin = format!("{} {ns}/{name}", self.types.kind);
-            if let Err(err) = objects.add_yaml(&origin, json) {
-                tracing::warn!(%err, "skipping an object the model cannot read");
-            }
-        }
+    fn parts(&self) -> impl Iterator<Item = &Objects> {
+        self.objects.values().map(|s| &s.read)
     }
 }
 
@@ -160,11 +197,8 @@ impl Cluster {
         if !self.stores.iter().all(|s| s.ready) {
             return None;
         }
-        let mut objects = Objects::default();
-        for store in &self.stores {
-            store.add_to(&mut objects);
-        }
-        Some(translate_all(&[&objects]).map_err(|e| e.to_string()))
+        let parts: Vec<&Objects> = self.stores.iter().flat_map(KindStore::parts).collect();
+        Some(translate_all(&parts).map_err(|e| e.to_string()))
     }
 }
 

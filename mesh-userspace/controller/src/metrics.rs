@@ -18,6 +18,11 @@ struct NodeLabels {
 }
 
 pub fn register(registry: &mut Registry, nodes: Arc<grpc::Registry>) {
+    registry.register(
+        "lacewing_controller_subscriptions_refused",
+        "Node subscriptions the controller refused, by reason",
+        nodes.refused.clone(),
+    );
     registry.register_collector(Box::new(NodesCollector(nodes)));
 }
 

@@ -1,8 +1,8 @@
 //! Writes the verdict on each policy and route back to its status, from the
 //! leader only (see [`super::leader`]): `Accepted` and `ResolvedRefs`
-//! conditions on our CRDs; on an HTTPRoute, one `status.parents` entry per
-//! Service parent under our controller name, keeping other controllers'
-//! entries. A status is written when it differs from what this replica last
+//! conditions on our CRDs, by server-side apply; on an HTTPRoute, one
+//! `status.parents` entry per Service parent under our controller name,
+//! keeping other controllers' entries. A status is written when it differs from what this replica last
 //! wrote; a new leader writes everything once.
 
 use std::{collections::HashMap, time::Duration};
@@ -10,7 +10,7 @@ use std::{collections::HashMap, time::Duration};
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, chrono::Utc};
 use kube::{
     Api, Client,
-    api::{DynamicObject, Patch, PatchParams},
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -63,13 +63,17 @@ pub async fn write(
     }
 }
 
-fn api_for(client: &Client, object: &ObjectRef) -> Option<Api<DynamicObject>> {
+/// Our field manager in server-side apply.
+pub const FIELD_MANAGER: &str = "lacewing-controller";
+
+fn api_for(client: &Client, object: &ObjectRef) -> Option<(Api<DynamicObject>, ApiResource)> {
     let kind = KINDS.into_iter().find(|k| k.2 == object.kind)?;
     let ar = api_resource(kind);
-    Some(match &object.namespace {
+    let api = match &object.namespace {
         Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
         None => Api::all_with(client.clone(), &ar),
-    })
+    };
+    Some((api, ar))
 }
 
 /// Conditions as written, stamped with the time of this write.
@@ -86,7 +90,7 @@ fn stamped(conditions: &[Condition]) -> Vec<Value> {
 }
 
 async fn patch(client: &Client, verdict: &Verdict) -> Result<(), kube::Error> {
-    let Some(api) = api_for(client, &verdict.object) else {
+    let Some((api, ar)) = api_for(client, &verdict.object) else {
         return Ok(());
     };
     let name = &verdict.object.name;
@@ -114,8 +118,25 @@ async fn patch(client: &Client, verdict: &Verdict) -> Result<(), kube::Error> {
             "status": {"parents": parents},
         })
     } else {
-        json!({"status": {"conditions": conditions}})
+        // Our CRDs' status is ours alone: server-side apply as its one
+        // field manager (forced, so a new leader takes the fields over).
+        let body = json!({
+            "apiVersion": ar.api_version,
+            "kind": ar.kind,
+            "metadata": {"name": name},
+            "status": {"conditions": conditions},
+        });
+        return api
+            .patch_status(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map(drop);
     };
+    // `status.parents` of a route is one atomic list shared with gateways'
+    // controllers: a merge patch guarded by the resourceVersion just read.
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
         .await
         .map(drop)

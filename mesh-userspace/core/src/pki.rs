@@ -22,7 +22,7 @@ use rcgen::{
 };
 
 /// The trust domain until `MeshConfig` sets another.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub use crate::identity::DEFAULT_TRUST_DOMAIN;
 /// The name nodes check on the controller's certificate.
 pub const CONTROLLER_SERVER_NAME: &str = "lacewing-controller";
 
@@ -96,16 +96,18 @@ pub const NODE_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(30
 
 /// The SPIFFE identity of a node.
 pub fn node_identity(trust_domain: &str, node: &str) -> String {
-    format!("spiffe://{trust_domain}/lacewing/node/{node}")
+    crate::identity::Identity::node(trust_domain, node).to_string()
 }
 
 /// The node name in a node identity, if it is one.
-pub fn node_of_identity<'a>(trust_domain: &str, identity: &'a str) -> Option<&'a str> {
-    identity
-        .strip_prefix("spiffe://")?
-        .strip_prefix(trust_domain)?
-        .strip_prefix("/lacewing/node/")
-        .filter(|n| !n.is_empty() && !n.contains('/'))
+pub fn node_of_identity(trust_domain: &str, identity: &str) -> Option<String> {
+    match identity.parse::<crate::identity::Identity>().ok()? {
+        crate::identity::Identity::Node {
+            trust_domain: td,
+            node,
+        } if td == trust_domain => Some(node),
+        _ => None,
+    }
 }
 
 /// The URI SANs of a DER certificate.
@@ -339,7 +341,10 @@ mod tests {
         let der = pem_der(&cert);
         let sans = uri_sans(&der);
         assert_eq!(sans, ["spiffe://cluster.local/lacewing/node/n0"]);
-        assert_eq!(node_of_identity(DEFAULT_TRUST_DOMAIN, &sans[0]), Some("n0"));
+        assert_eq!(
+            node_of_identity(DEFAULT_TRUST_DOMAIN, &sans[0]).as_deref(),
+            Some("n0")
+        );
         assert_eq!(node_of_identity("other.domain", &sans[0]), None);
         assert_eq!(
             node_of_identity(DEFAULT_TRUST_DOMAIN, "spiffe://cluster.local/ns/a/sa/b"),

@@ -146,6 +146,7 @@ pub async fn run(
     maps: CaptureMaps,
     proxy: Arc<Proxy>,
     numbers: Arc<IdentityNumbers>,
+    captured_pods: prometheus_client::metrics::gauge::Gauge,
     drain: CancellationToken,
 ) {
     let maps = Arc::new(std::sync::Mutex::new(maps));
@@ -193,6 +194,7 @@ pub async fn run(
                 }
             }
         }
+        captured_pods.set(i64::try_from(captured.len()).unwrap_or(i64::MAX));
         tokio::select! {
             _ = changes.changed() => {}
             () = tokio::time::sleep(LOOK_EVERY) => {}
@@ -204,6 +206,7 @@ pub async fn run(
     // once instead of waiting in a backlog nobody accepts.
     let count = captured.len();
     captured.clear();
+    captured_pods.set(0);
     tracing::info!(pods = count, "capture listeners closed for the drain");
 }
 

@@ -25,6 +25,44 @@ use lacewing_sys::http::Endpoint;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Why the configuration stream stopped (the node keeps its configuration
+/// and reconnects).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("reading this node's credentials: {0} (check --tls-dir)")]
+    Credentials(#[source] lacewing_core::pki::PkiError),
+    #[error("the controller address {url} is not a URI: {source}")]
+    Address {
+        url: String,
+        source: tonic::codegen::http::uri::InvalidUri,
+    },
+    #[error("connecting to {url}: {source}{cause} (is the controller running and reachable?)")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+        cause: String,
+    },
+    #[error("the controller refused the stream: {0}")]
+    Refused(String),
+    #[error("the stream broke: {0}")]
+    Broken(String),
+    #[error(transparent)]
+    Pieces(#[from] lacewing_core::proto::chunks::ChunkError),
+}
+
+/// Why an update cannot be applied: the NACK's text, and nothing changes.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(
+        "delta on top of version {base} but this node has {have}: the controller must send a full update"
+    )]
+    Base { base: u64, have: u64 },
+    #[error(transparent)]
+    Message(#[from] proto::BadMessage),
+    #[error(transparent)]
+    Apply(#[from] super::lb::ApplyError),
+}
+
 /// What the node has applied: the version and the services it stands for.
 #[derive(Debug, Default)]
 struct Applied {
@@ -70,7 +108,7 @@ async fn session(
     applied: &mut Applied,
     metrics: &Metrics,
     endpoint: &Endpoint,
-) -> Result<bool, String> {
+) -> Result<bool, StreamError> {
     let (tx, mut updates) = subscribe(controller, dest.node, applied.version).await?;
     tracing::info!(controller = %controller.url, version = applied.version, "subscribed");
     let mut got = false;
@@ -78,11 +116,9 @@ async fn session(
     while let Some(piece) = updates
         .message()
         .await
-        .map_err(|e| e.message().to_owned())?
+        .map_err(|e| StreamError::Broken(e.message().to_owned()))?
     {
-        let Some(update) = lacewing_core::proto::chunks::assemble(&mut pending, piece)
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(update) = lacewing_core::proto::chunks::assemble(&mut pending, piece)? else {
             continue;
         };
         got = true;
@@ -105,14 +141,14 @@ async fn session(
                 tracing::error!(version = update.version, %error, "update rejected; keeping the previous configuration");
                 Kind::Nack(pb::Nack {
                     version: update.version,
-                    error,
+                    error: error.to_string(),
                 })
             }
         };
         metrics.applied(matches!(reply, Kind::Ack(_)));
         tx.send(pb::NodeMessage { kind: Some(reply) })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| StreamError::Broken("the stream closed".to_owned()))?;
     }
     Ok(got)
 }
@@ -128,7 +164,7 @@ pub async fn subscribe(
         mpsc::Sender<pb::NodeMessage>,
         tonic::Streaming<pb::ConfigUpdate>,
     ),
-    String,
+    StreamError,
 > {
     let mut client = ConfigServiceClient::new(connect(controller).await?);
     let (tx, rx) = mpsc::channel(4);
@@ -140,36 +176,41 @@ pub async fn subscribe(
         kind: Some(Kind::Hello(hello)),
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| StreamError::Broken("the stream closed".to_owned()))?;
     let updates = client
         .subscribe(ReceiverStream::new(rx))
         .await
-        .map_err(|e| e.message().to_owned())?
+        .map_err(|e| StreamError::Refused(e.message().to_owned()))?
         .into_inner();
     Ok((tx, updates))
 }
 
 /// A mutual-TLS channel to the controller, with this node's certificate.
-pub async fn connect(controller: &Controller) -> Result<Channel, String> {
+pub async fn connect(controller: &Controller) -> Result<Channel, StreamError> {
     // Read on every attempt: rotated credentials are picked up on reconnect.
-    let (ca, cert, key) =
-        lacewing_core::pki::read_credentials(&controller.tls_dir).map_err(|e| e.to_string())?;
+    let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)
+        .map_err(StreamError::Credentials)?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key))
         .domain_name(controller.server_name.clone());
+    let connect_error = |source: tonic::transport::Error| StreamError::Connect {
+        url: controller.url.clone(),
+        cause: std::error::Error::source(&source)
+            .map(|s| format!(": {s}"))
+            .unwrap_or_default(),
+        source,
+    };
     Channel::from_shared(controller.url.clone())
-        .map_err(|e| format!("controller address {}: {e}", controller.url))?
+        .map_err(|source| StreamError::Address {
+            url: controller.url.clone(),
+            source,
+        })?
         .tls_config(tls)
-        .map_err(|e| e.to_string())?
+        .map_err(connect_error)?
         .connect()
         .await
-        .map_err(|e| {
-            let cause = std::error::Error::source(&e)
-                .map(|s| format!(": {s}"))
-                .unwrap_or_default();
-            format!("connecting to {}: {e}{cause}", controller.url)
-        })
+        .map_err(connect_error)
 }
 
 /// A factor in [0.5, 1.5): spreads a fleet's reconnects after a controller
@@ -194,22 +235,22 @@ fn apply(
     applied: &mut Applied,
     update: &pb::ConfigUpdate,
     dest: &Destinations<'_>,
-) -> Result<(), String> {
+) -> Result<(), UpdateError> {
     let mut next = if update.base_version == 0 {
         BTreeMap::new()
     } else if update.base_version == applied.version {
         applied.services.clone()
     } else {
-        return Err(format!(
-            "delta on top of version {} but this node has {}",
-            update.base_version, applied.version
-        ));
+        return Err(UpdateError::Base {
+            base: update.base_version,
+            have: applied.version,
+        });
     };
     for key in &update.removes {
-        next.remove(&proto::key_from(key).map_err(|e| e.to_string())?);
+        next.remove(&proto::key_from(key)?);
     }
     for s in &update.upserts {
-        let entry = ServiceEntry::try_from(s).map_err(|e| e.to_string())?;
+        let entry = ServiceEntry::try_from(s)?;
         next.insert((entry.frontend, entry.protocol), entry);
     }
     // Workloads are checked before the maps change, so a bad one changes nothing.
@@ -220,8 +261,7 @@ fn apply(
     dest.lb
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .apply(&set)
-        .map_err(|e| e.to_string())?;
+        .apply(&set)?;
     dest.workloads.replace(workloads);
     *applied = Applied {
         version: update.version,

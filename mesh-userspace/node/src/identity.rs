@@ -182,14 +182,31 @@ pub async fn run(
     }
 }
 
+/// Why a workload certificate could not be had (the node retries).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("making a key: {0}")]
+    Key(#[from] pki::PkiError),
+    #[error(transparent)]
+    Controller(#[from] super::client::StreamError),
+    #[error("the controller refused: {code}: {message}")]
+    Refused { code: tonic::Code, message: String },
+    #[error("the controller sent no certificate")]
+    Empty,
+    #[error("the controller sent an unreadable certificate")]
+    Unreadable,
+    #[error("the certificate the controller sent does not name {0}")]
+    WrongIdentity(String),
+}
+
 /// Asks the controller to sign a new key for `identity`, carried by `pod`.
 pub async fn request(
     controller: &Controller,
     identity: &str,
     namespace: &str,
     pod: &str,
-) -> Result<Svid, String> {
-    let (key, csr_pem) = pki::new_key_and_csr(identity).map_err(|e| e.to_string())?;
+) -> Result<Svid, RequestError> {
+    let (key, csr_pem) = pki::new_key_and_csr(identity)?;
     let mut client = CertificateServiceClient::new(super::client::connect(controller).await?);
     let resp = client
         .create_certificate(CreateCertificateRequest {
@@ -198,15 +215,15 @@ pub async fn request(
             csr_pem,
         })
         .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .map_err(|s| RequestError::Refused {
+            code: s.code(),
+            message: s.message().to_owned(),
+        })?
         .into_inner();
-    let leaf = resp
-        .cert_chain_pem
-        .first()
-        .ok_or("the controller sent no certificate")?;
-    let not_after = pki::not_after(leaf).ok_or("the controller sent an unreadable certificate")?;
+    let leaf = resp.cert_chain_pem.first().ok_or(RequestError::Empty)?;
+    let not_after = pki::not_after(leaf).ok_or(RequestError::Unreadable)?;
     if pki::uri_sans(&pki::pem_to_der(leaf).unwrap_or_default()) != [identity] {
-        return Err(format!("the certificate does not name {identity}"));
+        return Err(RequestError::WrongIdentity(identity.to_owned()));
     }
     Ok(Svid {
         identity: identity.to_owned(),

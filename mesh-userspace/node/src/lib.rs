@@ -92,6 +92,8 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb), splice);
     let tunnel_metrics = lacewing_tunnel::metrics::TunnelMetrics::new(&mut registry);
+    let connections = Arc::new(lacewing_proxy::registry::Registry::default());
+    metrics::register_connections(&mut registry, Arc::clone(&connections));
     let splice_off = Arc::new(splice::SpliceOff::open(&config.bpffs_root)?);
     registry.register(
         "lacewing_splice_writers_switched_off",
@@ -143,10 +145,14 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             start_mesh(
                 &config,
                 controller,
-                &local_workloads,
-                &identities,
-                tunnel_metrics,
-                splice_off,
+                MeshParts {
+                    workloads: Arc::clone(&local_workloads),
+                    identities: Arc::clone(&identities),
+                    tunnel_metrics,
+                    splice_off,
+                    captured_pods: metrics.captured_pods.clone(),
+                    connections,
+                },
                 &drain,
             )
             .await?,
@@ -199,13 +205,18 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
 async fn start_mesh(
     config: &NodeConfig,
     controller: &config::Controller,
-    local_workloads: &Arc<workloads::LocalWorkloads>,
-    identities: &Arc<identity::Identities>,
-    tunnel_metrics: lacewing_tunnel::metrics::TunnelMetrics,
-    splice_off: Arc<splice::SpliceOff>,
+    parts: MeshParts,
     drain: &CancellationToken,
 ) -> Result<Mesh, NodeError> {
     use lacewing_tunnel as tunnel;
+    let MeshParts {
+        workloads: local_workloads,
+        identities,
+        tunnel_metrics,
+        splice_off,
+        captured_pods,
+        connections,
+    } = parts;
     let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)
         .map_err(|e| NodeError::Credentials(e.to_string()))?;
     let roots = tunnel::tls::roots(&ca).map_err(|e| NodeError::Credentials(e.to_string()))?;
@@ -219,12 +230,13 @@ async fn start_mesh(
             certificate_wait: config.certificate_wait,
         },
         Arc::new(view::NodeView {
-            workloads: Arc::clone(local_workloads),
-            identities: Arc::clone(identities),
+            workloads: Arc::clone(&local_workloads),
+            identities,
         }),
         Arc::new(sockets::NodeSockets {
             splice_off: Some(splice_off),
         }),
+        connections,
         tunnel_metrics.clone(),
     ));
     let listener = tokio::net::TcpListener::bind(config.tunnel_addr)
@@ -251,17 +263,18 @@ async fn start_mesh(
         let numbers = Arc::new(fastpath::IdentityNumbers::default());
         let fast_maps = fastpath::FastPathMaps::open(&config.bpffs_root)?;
         tasks.push(tokio::spawn(fastpath::run(
-            Arc::clone(local_workloads),
+            Arc::clone(&local_workloads),
             fast_maps,
             Arc::clone(&numbers),
             config.trust_domain.clone(),
         )));
         tasks.push(tokio::spawn(capture::run(
             dir.clone(),
-            Arc::clone(local_workloads),
+            local_workloads,
             maps,
             Arc::clone(&proxy),
             numbers,
+            captured_pods,
             drain.clone(),
         )));
     }
@@ -270,6 +283,16 @@ async fn start_mesh(
         tunnel,
         tasks,
     })
+}
+
+/// What the mesh is built from: the node's state and the metrics it feeds.
+struct MeshParts {
+    workloads: Arc<workloads::LocalWorkloads>,
+    identities: Arc<identity::Identities>,
+    tunnel_metrics: lacewing_tunnel::metrics::TunnelMetrics,
+    splice_off: Arc<splice::SpliceOff>,
+    captured_pods: prometheus_client::metrics::gauge::Gauge,
+    connections: Arc<lacewing_proxy::registry::Registry>,
 }
 
 /// The running mesh: its proxy (and registry), the tunnel server, and the

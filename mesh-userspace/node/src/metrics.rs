@@ -46,6 +46,8 @@ pub struct Metrics {
     pub config_applies: Family<ApplyLabels, Counter>,
     pub certificate_requests: Family<ApplyLabels, Counter>,
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
+    /// Meshed pods whose outbound TCP this node captures now.
+    pub captured_pods: Gauge,
 }
 
 impl Metrics {
@@ -59,6 +61,11 @@ impl Metrics {
             "lacewing_config_applies",
             "Service configurations applied to the datapath, by result",
             metrics.config_applies.clone(),
+        );
+        registry.register(
+            "lacewing_captured_pods",
+            "Meshed pods on this node whose connections the daemon captures now",
+            metrics.captured_pods.clone(),
         );
         registry.register(
             "lacewing_certificate_requests",
@@ -247,6 +254,48 @@ impl KernelCollector {
                 }
             }
             Err(err) => tracing::warn!(%err, "reading fast path counters for /metrics"),
+        }
+        Ok(())
+    }
+}
+
+/// The proxy's live connections, read from its registry at scrape time.
+pub fn register_connections(
+    registry: &mut Registry,
+    connections: Arc<lacewing_proxy::registry::Registry>,
+) {
+    registry.register_collector(Box::new(ConnectionsCollector(connections)));
+}
+
+#[derive(Debug)]
+struct ConnectionsCollector(Arc<lacewing_proxy::registry::Registry>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+impl Collector for ConnectionsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let open = ConstGauge::new(i64::try_from(self.0.len()).unwrap_or(i64::MAX));
+        open.encode(encoder.encode_descriptor(
+            "lacewing_connections_open",
+            "Connections the daemon carries now (a drain waits for them)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?)?;
+        let mut opened = encoder.encode_descriptor(
+            "lacewing_connections_opened",
+            "Connections the daemon has carried, by direction (inbound: delivered to a pod here)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for direction in lacewing_proxy::registry::Direction::ALL {
+            ConstCounter::new(self.0.opened(direction)).encode(opened.encode_family(
+                &DirectionLabels {
+                    direction: direction.label(),
+                },
+            )?)?;
         }
         Ok(())
     }

@@ -64,9 +64,20 @@ pub async fn watch_file(
     }
 }
 
-fn apply(bytes: &[u8], lb: &Mutex<LoadBalancer>) -> Result<super::lb::ApplyReport, String> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "the file is not UTF-8".to_owned())?;
-    let set = k8s::parse(text).map_err(|e| e.to_string())?;
+/// Why a services file is not applied (the previous one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("the file is not UTF-8: save it as UTF-8 YAML")]
+    NotUtf8,
+    #[error(transparent)]
+    Parse(#[from] k8s::K8sError),
+    #[error(transparent)]
+    Apply(#[from] super::lb::ApplyError),
+}
+
+fn apply(bytes: &[u8], lb: &Mutex<LoadBalancer>) -> Result<super::lb::ApplyReport, FileError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| FileError::NotUtf8)?;
+    let set = k8s::parse(text)?;
     let mut lb = lb.lock().unwrap_or_else(|p| p.into_inner());
-    lb.apply(&set).map_err(|e| e.to_string())
+    Ok(lb.apply(&set)?)
 }

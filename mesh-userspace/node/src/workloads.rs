@@ -67,7 +67,7 @@ struct Status<'a> {
 impl LocalWorkloads {
     /// The state after `update`, or why it cannot be applied; nothing
     /// changes here until [`replace`](Self::replace).
-    pub fn next(&self, update: &pb::ConfigUpdate, node: &str) -> Result<State, String> {
+    pub fn next(&self, update: &pb::ConfigUpdate, node: &str) -> Result<State, proto::BadMessage> {
         let mut next = if update.base_version == 0 {
             State::default()
         } else {
@@ -78,15 +78,14 @@ impl LocalWorkloads {
             next.workloads.remove(key);
         }
         for w in &update.workload_upserts {
-            let w = proto::workload_from(w, node).map_err(|e| e.to_string())?;
+            let w = proto::workload_from(w, node)?;
             next.workloads.insert(w.key(), w);
         }
         for a in &update.peer_removes {
-            next.peers
-                .remove(&proto::address_from(a).map_err(|e| e.to_string())?);
+            next.peers.remove(&proto::address_from(a)?);
         }
         for p in &update.peer_upserts {
-            let (address, peer) = proto::peer_from(p).map_err(|e| e.to_string())?;
+            let (address, peer) = proto::peer_from(p)?;
             next.peers.insert(address, peer);
         }
         next.by_address = next
@@ -106,8 +105,7 @@ impl LocalWorkloads {
                     .policies
                     .iter()
                     .map(proto::policy_from)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| e.to_string())?,
+                    .collect::<Result<_, _>>()?,
             );
         }
         Ok(next)

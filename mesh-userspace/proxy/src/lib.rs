@@ -57,13 +57,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The services over `state` and `sockets`, registering their
+    /// connections in `registry` (which the node's metrics read).
     pub fn new(
         config: ProxyConfig,
         state: Arc<dyn StateView>,
         sockets: Arc<dyn SocketFactory>,
+        registry: Arc<Registry>,
         metrics: TunnelMetrics,
     ) -> Self {
-        let registry = Arc::new(Registry::default());
         let inbound = Arc::new(Inbound {
             state: Arc::clone(&state),
             sockets: Arc::clone(&sockets),

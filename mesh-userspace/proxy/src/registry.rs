@@ -13,7 +13,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use lacewing_tunnel::{Peer, Refusal};
@@ -50,6 +53,8 @@ pub struct Registry {
     live: Mutex<Live>,
     /// The number of live connections, for those who wait for zero.
     count: watch::Sender<usize>,
+    /// Connections registered so far: inbound, outbound.
+    opened: [AtomicU64; 2],
 }
 
 impl Default for Registry {
@@ -57,8 +62,28 @@ impl Default for Registry {
         Self {
             live: Mutex::default(),
             count: watch::channel(0).0,
+            opened: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
+}
+
+impl Direction {
+    /// The `direction` label of metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+
+    const fn index(self) -> usize {
+        match self {
+            Self::Inbound => 0,
+            Self::Outbound => 1,
+        }
+    }
+
+    pub const ALL: [Self; 2] = [Self::Inbound, Self::Outbound];
 }
 
 /// A connection's place in the registry: held for as long as it lives.
@@ -101,6 +126,7 @@ impl Registry {
         direction: Direction,
     ) -> Registered {
         let close = CancellationToken::new();
+        self.opened[direction.index()].fetch_add(1, Ordering::Relaxed);
         let mut live = self.lock();
         live.next += 1;
         let id = live.next;
@@ -154,6 +180,11 @@ impl Registry {
             entry.close.cancel();
         }
         live.entries.len()
+    }
+
+    /// Connections registered so far in `direction`.
+    pub fn opened(&self, direction: Direction) -> u64 {
+        self.opened[direction.index()].load(Ordering::Relaxed)
     }
 
     /// Live connections now.

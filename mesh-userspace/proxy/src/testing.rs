@@ -69,6 +69,7 @@ pub fn proxy(state: Arc<Fixed>, certificate_wait: Duration) -> Proxy {
         },
         state,
         Arc::new(Plain),
+        Arc::default(),
         TunnelMetrics::default(),
     )
 }

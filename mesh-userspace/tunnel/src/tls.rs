@@ -188,9 +188,10 @@ struct IdentityMismatch {
 /// certificate names, if it names one.
 pub fn workload_identity(cert: &CertificateDer<'_>) -> Option<String> {
     pki::uri_sans(cert).into_iter().find(|uri| {
-        uri.strip_prefix("spiffe://")
-            .map(|rest| rest.split('/').collect::<Vec<_>>())
-            .is_some_and(|p| p.len() == 5 && p[1] == "ns" && p[3] == "sa")
+        matches!(
+            uri.parse::<lacewing_core::identity::Identity>(),
+            Ok(lacewing_core::identity::Identity::Workload { .. })
+        )
     })
 }
 

@@ -232,7 +232,9 @@ async fn simulated_node(
     controller: Controller,
     acks: mpsc::UnboundedSender<(usize, Ack)>,
 ) -> Result<(), String> {
-    let (tx, mut updates) = client::subscribe(&controller, &node_name(i as u32), 0).await?;
+    let (tx, mut updates) = client::subscribe(&controller, &node_name(i as u32), 0)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut version = 0;
     let mut pending: Option<pb::ConfigUpdate> = None;
     let mut bytes = 0;

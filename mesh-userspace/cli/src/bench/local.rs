@@ -10,9 +10,20 @@
 
 use std::{path::Path, time::Duration};
 
-use super::tunnel::{Figures, Options, measure, pods_yaml, start_servers, wait_for_certificates};
+use super::{
+    on_path,
+    tunnel::{Figures, Options, measure, pods_yaml, start_servers, wait_for_certificates},
+};
 use crate::lab::Lab;
 use lacewing_node::maps::SpliceMaps;
+
+/// Connections the daemon carried (through it, no fast path).
+const CARRIED: &str = "lacewing_connections_opened_total";
+/// Sockets of the capture leg spliced through sockmap.
+const SPLICED_CAPTURE: &str = "lacewing_splice_sockets_added_total{leg=\"capture\"}";
+/// Connects the kernel sent straight to the pod.
+const KERNEL_ALLOWED: &str =
+    "lacewing_fast_path_decisions_total{path=\"kernel\",reason=\"allowed\"}";
 
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -31,19 +42,31 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     std::fs::write(&file, pods_yaml(false, (&client, "n0"), (&server, "n0")))?;
     std::thread::sleep(Duration::from_secs(1));
     eprintln!("no mesh ({} s each, {} rounds)", opts.seconds, opts.rounds);
-    let no_mesh = measure(&lab, &client, &server, opts, None)?;
+    // iperf3 and two sockperf runs a round: one connection each.
+    let connections = f64::from(3 * opts.rounds);
+    let no_mesh = on_path(&lab, "n0", CARRIED, 0.0, "no mesh", || {
+        measure(&lab, &client, &server, opts, None)
+    })?;
     std::fs::write(&file, pods_yaml(true, (&client, "n0"), (&server, "n0")))?;
     wait_for_certificates(&lab, &["n0"])?;
     let mut switches = SpliceMaps::open(&lab.node_bpffs_root(&lab.node("n0")?))?;
-    let mut way = |name: &str, acceleration: bool, fast_path: bool| {
+    // Each way, and the counter that shows it took that path.
+    let mut way = |name: &str, acceleration: bool, fast_path: bool, counter: &str| {
         switches.set_acceleration(acceleration)?;
         switches.set_fast_path(fast_path)?;
         eprintln!("{name}");
-        measure(&lab, &client, &server, opts, None)
+        on_path(&lab, "n0", counter, connections, name, || {
+            measure(&lab, &client, &server, opts, None)
+        })
     };
-    let off = way("mesh, acceleration off", false, false)?;
-    let sockmap = way("mesh, daemon hops spliced (sockmap)", true, false)?;
-    let fast_path = way("mesh, kernel fast path", true, true)?;
+    let off = way("mesh, acceleration off", false, false, CARRIED)?;
+    let sockmap = way(
+        "mesh, daemon hops spliced (sockmap)",
+        true,
+        false,
+        SPLICED_CAPTURE,
+    )?;
+    let fast_path = way("mesh, kernel fast path", true, true, KERNEL_ALLOWED)?;
     Ok(Outcome {
         no_mesh,
         off,

@@ -9,6 +9,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
 
+use super::{node_metric, on_path};
 use crate::lab::{Lab, LabProcess, PodSpec};
 
 #[derive(Clone, Debug)]
@@ -40,6 +41,10 @@ pub struct Outcome {
 }
 
 const IPERF_PORT: u16 = 5201;
+/// Tunnel streams the client's node opened, and bytes the server's node
+/// delivered: the mesh run's path.
+const STREAMS_OUT: &str = "lacewing_tunnel_streams_opened_total{direction=\"outbound\"}";
+const BYTES_IN: &str = "lacewing_tunnel_bytes_total{direction=\"inbound\",flow=\"to_destination\"}";
 const SOCKPERF_PORT: u16 = 11111;
 
 pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
@@ -54,16 +59,32 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
         "measuring with no mesh ({} s each, {} rounds)",
         opts.seconds, opts.rounds
     );
-    let direct = measure(&lab, &client, &server, opts, None)?;
+    let direct = on_path(&lab, "n0", STREAMS_OUT, 0.0, "no mesh", || {
+        measure(&lab, &client, &server, opts, None)
+    })?;
     std::fs::write(&file, pods_yaml(true, (&client, "n0"), (&server, "n1")))?;
     wait_for_certificates(&lab, &["n0", "n1"])?;
     eprintln!("measuring through the mesh (STRICT)");
     let mut cpu = Vec::new();
-    let mesh_figures = measure(&lab, &client, &server, opts, Some((&mesh.nodes, &mut cpu)))?;
+    let bytes_before = node_metric(&lab, "n1", BYTES_IN)?;
+    // iperf3 and two sockperf runs a round, each a tunnel stream.
+    let streams = f64::from(3 * opts.rounds);
+    let mesh_figures = on_path(&lab, "n0", STREAMS_OUT, streams, "mesh", || {
+        measure(&lab, &client, &server, opts, Some((&mesh.nodes, &mut cpu)))
+    })?;
+    // At least what iperf3 moved at the rate it measured, for its seconds.
+    let carried = node_metric(&lab, "n1", BYTES_IN)? - bytes_before;
+    let expected = mesh_figures.gbits * 1e9 / 8.0 * f64::from(opts.seconds) * 0.5;
+    anyhow::ensure!(
+        carried >= expected,
+        "the tunnel carried {carried} bytes into n1, less than half what iperf3 measured ({expected}): the mesh run did not go through it"
+    );
     let node_rss_mb = mesh
         .nodes
         .iter()
         .map(|n| rss_mb(n.pid()))
+        .collect::<anyhow::Result<Vec<f64>>>()?
+        .into_iter()
         .fold(0.0, f64::max);
     Ok(Outcome {
         direct,
@@ -186,14 +207,16 @@ pub(super) fn measure(
             &["-c", &ip, "-p", &IPERF_PORT.to_string(), "-t", &secs, "-J"],
         )?;
         let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
-        gbits.push(
-            json["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap_or(0.0)
-                / 1e9,
-        );
+        let bits = json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .filter(|b| *b > 0.0)
+            .with_context(|| format!("iperf3 measured no throughput:\n{out}"))?;
+        gbits.push(bits / 1e9);
 
-        let before = daemons.as_ref().map(|(d, _)| cpu_ticks(d));
+        let before = match &daemons {
+            Some((d, _)) => Some(cpu_ticks(d)?),
+            None => None,
+        };
         let out = sockperf(&[
             "ul",
             "--tcp",
@@ -206,7 +229,7 @@ pub(super) fn measure(
             "64",
         ])?;
         if let (Some(before), Some((d, cpu))) = (before, daemons.as_mut()) {
-            let used = (cpu_ticks(d) - before) as f64 / ticks_per_second();
+            let used = (cpu_ticks(d)? - before) as f64 / ticks_per_second();
             cpu.push(100.0 * used / f64::from(opts.seconds));
         }
         p50.push(percentile(&out, "50.000")?);
@@ -282,15 +305,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// utime + stime of all `daemons`, in clock ticks.
-fn cpu_ticks(daemons: &[LabProcess]) -> u64 {
+fn cpu_ticks(daemons: &[LabProcess]) -> anyhow::Result<u64> {
     daemons
         .iter()
-        .filter_map(|d| std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).ok())
-        .filter_map(|stat| {
+        .map(|d| {
+            let path = format!("/proc/{}/stat", d.pid());
+            let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
             // Fields after the command name, which is in parentheses.
-            let rest = stat.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            let ticks = stat.rsplit_once(')').and_then(|(_, rest)| {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            });
+            ticks.with_context(|| format!("no CPU times in {path}: {stat}"))
         })
         .sum()
 }
@@ -301,16 +327,13 @@ fn ticks_per_second() -> f64 {
     100.0
 }
 
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .with_context(|| format!("no VmRSS in {path}"))
 }

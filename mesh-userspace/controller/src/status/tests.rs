@@ -88,6 +88,12 @@ async fn serve(
                         "status": {"parents": [{"controllerName": "example.com/gateway", "parentRef": {"name": "gw"}, "conditions": []}]}}),
             ),
             (&Method::PATCH, p @ (AUTHZ | ROUTE)) => {
+                // How it was written, beside what.
+                let mut body = body;
+                body["__request"] = json!({
+                    "contentType": parts.headers.get("content-type").and_then(|v| v.to_str().ok()),
+                    "query": parts.uri.query(),
+                });
                 s.writes
                     .push((replica.to_owned(), p.to_owned(), body.clone()));
                 reply(StatusCode::OK, &json!({"metadata": {"name": "x"}}))
@@ -222,6 +228,18 @@ async fn one_leader_writes_status_and_another_takes_over_when_it_stops() {
         .find(|w| w.0 == AUTHZ)
         .expect("authz status")
         .1;
+    // Server-side apply, as the controller's own field manager.
+    assert_eq!(
+        authz["__request"]["contentType"],
+        "application/apply-patch+yaml"
+    );
+    let query = authz["__request"]["query"].as_str().unwrap_or_default();
+    assert!(
+        query.contains("fieldManager=lacewing-controller") && query.contains("force=true"),
+        "{query}"
+    );
+    assert_eq!(authz["apiVersion"], "lacewing.io/v1alpha1");
+    assert_eq!(authz["kind"], "AuthorizationPolicy");
     let conditions = authz["status"]["conditions"].as_array().unwrap();
     assert_eq!(conditions[0]["type"], "Accepted");
     assert_eq!(conditions[0]["status"], "False");

@@ -89,16 +89,16 @@ pub struct HeaderMatch {
 
 /// Why a principal is not a SPIFFE workload identity, if it is not one.
 pub fn check_principal(principal: &str) -> Result<(), String> {
+    use crate::identity::{Identity, IdentityError};
     if principal == "*" {
         return Ok(());
     }
-    let rest = principal
-        .strip_prefix("spiffe://")
-        .ok_or_else(|| format!("principal `{principal}` must start with spiffe://"))?;
-    let parts: Vec<&str> = rest.split('/').collect();
-    match parts.as_slice() {
-        [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Ok(()),
-        _ => Err(format!(
+    match principal.parse::<Identity>() {
+        Ok(Identity::Workload { .. }) => Ok(()),
+        Err(IdentityError::NotSpiffe(_)) => {
+            Err(format!("principal `{principal}` must start with spiffe://"))
+        }
+        Ok(Identity::Node { .. }) | Err(IdentityError::Shape(_)) => Err(format!(
             "principal `{principal}` is not spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>"
         )),
     }

@@ -42,13 +42,13 @@ pub struct Source<'a> {
 }
 
 impl Source<'_> {
-    fn namespace(&self) -> Option<&str> {
-        let rest = self.identity.strip_prefix("spiffe://")?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        match parts.as_slice() {
-            [_, "ns", ns, "sa", _] => Some(ns),
-            _ => None,
-        }
+    /// The workload's namespace, from its typed identity.
+    fn namespace(&self) -> Option<String> {
+        self.identity
+            .parse::<crate::identity::Identity>()
+            .ok()?
+            .namespace()
+            .map(str::to_owned)
     }
 }
 
@@ -152,7 +152,7 @@ fn matches(rule: &Rule, port: u16, source: &Source<'_>, action: Action) -> bool 
                 && (f.namespaces.is_empty()
                     || source
                         .namespace()
-                        .is_some_and(|ns| f.namespaces.iter().any(|n| n == ns)))
+                        .is_some_and(|ns| f.namespaces.contains(&ns)))
         });
     let to = rule.to.is_empty()
         || rule.to.iter().any(|op| {

@@ -38,10 +38,8 @@ impl Workload {
 
     /// The SPIFFE ID of its service account.
     pub fn identity(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
+        crate::identity::Identity::workload(trust_domain, &self.namespace, &self.service_account)
+            .to_string()
     }
 }
 
@@ -68,10 +66,8 @@ pub struct PeerEntry {
 
 impl PeerEntry {
     pub fn identity(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
+        crate::identity::Identity::workload(trust_domain, &self.namespace, &self.service_account)
+            .to_string()
     }
 }
 

@@ -59,6 +59,10 @@ pub struct PolicyDoc {
     pub authorization: Option<crate::api::authorization::AuthorizationPolicySpec>,
     /// A MeshConfig's spec, in force once accepted.
     pub mesh_config: Option<crate::api::mesh_config::MeshConfigSpec>,
+    /// Fields set that the data path does not act on yet (`spec.timeout`):
+    /// the object is not accepted while it has any, so its status never
+    /// claims what no node does.
+    pub unsupported: Vec<String>,
 }
 
 /// What the controller decided about one object.
@@ -75,9 +79,11 @@ impl Verdict {
     /// The error to report when the object is rejected: where, what, and the
     /// condition a cluster would show.
     pub fn rejection(&self) -> Option<String> {
-        self.conditions
-            .iter()
-            .find(|c| c.status == "False")
+        // A broken reference or shape first: it is what to fix first.
+        let failed = || self.conditions.iter().filter(|c| c.status == "False");
+        failed()
+            .find(|c| c.reason != UNSUPPORTED)
+            .or_else(|| failed().next())
             .map(|c| {
                 format!(
                     "{}: {} ({}: False, reason {})",
@@ -114,6 +120,7 @@ pub fn read(
         parents: Vec::new(),
         authorization: None,
         mesh_config: None,
+        unsupported: Vec::new(),
     };
     match kind {
         "AuthorizationPolicy" => {
@@ -127,6 +134,7 @@ pub fn read(
                 .flat_map(|f| &f.principals)
                 .find_map(|principal| check_principal(principal).err())
                 .map(|e| ("InvalidPrincipal", format!("{}: {e}", d.object)));
+            d.unsupported = unsupported_authorization(&p.spec);
             d.authorization = Some(p.spec);
             Ok(d)
         }
@@ -137,6 +145,7 @@ pub fn read(
                 namespace: d.object.namespace.clone().unwrap_or_default(),
                 name: p.spec.target_ref.name.clone(),
             });
+            d.unsupported = unsupported_traffic(&p.spec);
             Ok(d)
         }
         "MeshConfig" => {
@@ -152,6 +161,11 @@ pub fn read(
                         d.object
                     ),
                 ));
+            }
+            if m.spec.trust_domain.is_some() && d.invalid.is_none() {
+                // The trust domain is the controller's and the nodes'
+                // (--trust-domain): one set here would not change them.
+                d.unsupported.push("spec.trustDomain".to_owned());
             }
             d.mesh_config = Some(m.spec);
             Ok(d)
@@ -196,9 +210,56 @@ pub fn read(
                         .map(service),
                 )
                 .collect();
+            if !r.spec.rules.is_empty() {
+                d.unsupported.push("spec.rules".to_owned());
+            }
             Ok(d)
         }
     }
+}
+
+/// The `Accepted=False` reason of an object that sets a field no node acts
+/// on yet.
+pub const UNSUPPORTED: &str = "Unsupported";
+
+/// The TrafficPolicy fields set beyond its target: none is enforced yet.
+fn unsupported_traffic(spec: &crate::api::traffic::TrafficPolicySpec) -> Vec<String> {
+    [
+        ("spec.timeout", spec.timeout.is_some()),
+        ("spec.retries", spec.retries.is_some()),
+        ("spec.circuitBreaker", spec.circuit_breaker.is_some()),
+        ("spec.outlierDetection", spec.outlier_detection.is_some()),
+        ("spec.rateLimit", spec.rate_limit.is_some()),
+        ("spec.fault", spec.fault.is_some()),
+        ("spec.loadBalancer", spec.load_balancer.is_some()),
+        ("spec.sessionAffinity", spec.session_affinity.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, set)| *set)
+    .map(|(field, _)| field.to_owned())
+    .collect()
+}
+
+/// The L7 conditions of an AuthorizationPolicy (methods, paths, `when`):
+/// nodes decide at L4 only, so far.
+fn unsupported_authorization(
+    spec: &crate::api::authorization::AuthorizationPolicySpec,
+) -> Vec<String> {
+    let mut fields = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        for (j, op) in rule.to.iter().enumerate() {
+            if !op.methods.is_empty() {
+                fields.push(format!("spec.rules[{i}].to[{j}].methods"));
+            }
+            if !op.paths.is_empty() {
+                fields.push(format!("spec.rules[{i}].to[{j}].paths"));
+            }
+        }
+        if !rule.when.is_empty() {
+            fields.push(format!("spec.rules[{i}].when"));
+        }
+    }
+    fields
 }
 
 /// The verdict on `doc` given whether each Service exists.
@@ -212,7 +273,22 @@ pub fn judge(doc: &PolicyDoc, service_exists: impl Fn(&ServiceName) -> bool) -> 
         last_transition_time: None,
     };
     let accepted = match &doc.invalid {
-        None => condition(ACCEPTED, true, "Accepted", String::new()),
+        None if doc.unsupported.is_empty() => condition(ACCEPTED, true, "Accepted", String::new()),
+        None => condition(
+            ACCEPTED,
+            false,
+            UNSUPPORTED,
+            format!(
+                "{}: {} not enforced by the data path yet; it is not applied until {} removed",
+                doc.object,
+                doc.unsupported.join(", "),
+                if doc.unsupported.len() == 1 {
+                    "that field is"
+                } else {
+                    "those fields are"
+                }
+            ),
+        ),
         Some((reason, message)) => condition(ACCEPTED, false, reason, message.clone()),
     };
     let missing = doc.references.iter().find(|s| !service_exists(s));

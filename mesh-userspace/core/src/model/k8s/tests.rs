@@ -113,7 +113,7 @@ const WEB: &str = "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: 
 #[test]
 fn policies_and_routes_may_only_name_services_that_exist() {
     let ok = format!(
-        "{WEB}---\napiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: tp, namespace: shop}}\nspec: {{targetRef: {{name: web}}, timeout: 5s}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: web}}], rules: [{{backendRefs: [{{name: web, port: 80}}]}}]}}\n"
+        "{WEB}---\napiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: tp, namespace: shop}}\nspec: {{targetRef: {{name: web}}}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: web}}]}}\n"
     );
     assert_eq!(parse(&ok).unwrap().services.len(), 1);
 
@@ -125,12 +125,41 @@ fn policies_and_routes_may_only_name_services_that_exist() {
         "{err}"
     );
 
-    let route = ok.replace("backendRefs: [{name: web", "backendRefs: [{name: gone");
+    let route = ok.replace(
+        "parentRefs: [{kind: Service, name: web}]}",
+        "parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: gone, port: 80}]}]}",
+    );
     let err = parse(&route).unwrap_err().to_string();
     assert!(
         err.contains("HTTPRoute shop/r names Service shop/gone"),
         "{err}"
     );
+}
+
+#[test]
+fn fields_no_node_acts_on_yet_are_rejected_as_unsupported_naming_them() {
+    let cases = [
+        (
+            "apiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: tp, namespace: shop}\nspec: {targetRef: {name: web}, timeout: 5s, retries: {attempts: 2}}\n",
+            "TrafficPolicy shop/tp: spec.timeout, spec.retries not enforced by the data path yet; it is not applied until those fields are removed (Accepted: False, reason Unsupported)",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80, weight: 90}]}]}\n",
+            "HTTPRoute shop/r: spec.rules not enforced by the data path yet; it is not applied until that field is removed (Accepted: False, reason Unsupported)",
+        ),
+        (
+            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop}\nspec: {action: Allow, rules: [{to: [{ports: [80], methods: [GET]}]}]}\n",
+            "AuthorizationPolicy shop/get-only: spec.rules[0].to[0].methods not enforced by the data path yet; it is not applied until that field is removed (Accepted: False, reason Unsupported)",
+        ),
+        (
+            "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {trustDomain: example.org, mtlsMode: Strict}\n",
+            "MeshConfig default: spec.trustDomain not enforced by the data path yet; it is not applied until that field is removed (Accepted: False, reason Unsupported)",
+        ),
+    ];
+    for (doc, expected) in cases {
+        let err = parse(&format!("{WEB}---\n{doc}")).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+    }
 }
 
 #[test]
