@@ -131,20 +131,31 @@ fn pick(ctx: *mut core::ffi::c_void, svc: &Service) -> Option<Backend> {
 /// bound yet), read from the `bpf_sock` of the sock_addr context.
 #[inline(always)]
 fn bound_source(ctx: *mut core::ffi::c_void) -> ([u32; 4], u32) {
+    use core::ptr::{addr_of, read_volatile};
     let sa = ctx.cast::<aya_ebpf::bindings::bpf_sock_addr>();
     // SAFETY: ctx is the program's bpf_sock_addr; its `sk` is the socket
-    // (PTR_TO_SOCKET for these hooks), whose fields are plain loads.
+    // (PTR_TO_SOCKET for these hooks). The verifier allows only loads at a
+    // constant offset from it (no pointer arithmetic), so each field is read
+    // with its own volatile load, the compiler cannot fold them into a
+    // computed address.
     unsafe {
-        let sk = (*sa).__bindgen_anon_1.sk;
+        let sk = read_volatile(addr_of!((*sa).__bindgen_anon_1.sk));
         if sk.is_null() {
             return ([0; 4], 0);
         }
-        let port = (*sk).src_port;
-        if (*sk).family == u32::from(mesh_common::family::INET) {
-            ([(*sk).src_ip4, 0, 0, 0], port)
+        let family = read_volatile(addr_of!((*sk).family));
+        let port = read_volatile(addr_of!((*sk).src_port));
+        let ip4 = read_volatile(addr_of!((*sk).src_ip4));
+        let ip6 = [
+            read_volatile(addr_of!((*sk).src_ip6[0])),
+            read_volatile(addr_of!((*sk).src_ip6[1])),
+            read_volatile(addr_of!((*sk).src_ip6[2])),
+            read_volatile(addr_of!((*sk).src_ip6[3])),
+        ];
+        if family == u32::from(mesh_common::family::INET) {
+            ([ip4, 0, 0, 0], port)
         } else {
-            let ip6 = (*sk).src_ip6;
-            ([ip6[0], ip6[1], ip6[2], ip6[3]], port)
+            (ip6, port)
         }
     }
 }

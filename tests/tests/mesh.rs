@@ -1027,7 +1027,7 @@ fn a_new_pods_first_connection_waits_for_its_certificate_instead_of_being_reset(
         );
     };
     nft(
-        "table inet lwhold { chain out { type filter hook output priority 0; tcp dport 15012 ct state new reject with tcp reset; } }",
+        "table inet lwhold {\n  chain out {\n    type filter hook output priority 0;\n    tcp dport 15012 ct state new reject with tcp reset\n  }\n}\n",
     );
     let late = m.lab.pod("n0-p1").unwrap();
     m.config(
