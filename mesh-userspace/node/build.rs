@@ -39,15 +39,4 @@ fn check_toolchain() -> Result<(), &'static str> {
     Ok(())
 }
 
-fn on_path(tool: &str) -> bool {
-    let cargo_bin = env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
-        .map(|home| home.join("bin"));
-    env::var_os("PATH")
-        .map(|path| env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain(cargo_bin)
-        .any(|dir| dir.join(tool).is_file())
-}
+include!("../build-support/on_path.rs");

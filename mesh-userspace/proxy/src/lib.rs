@@ -19,14 +19,16 @@
 //! pushed here.
 #![forbid(unsafe_code)]
 
+#[cfg(test)]
+mod fixtures;
 pub mod inbound;
 pub mod outbound;
 pub mod registry;
 pub mod sockets;
 pub mod splice;
 pub mod state;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 
 use std::{sync::Arc, time::Duration};
 

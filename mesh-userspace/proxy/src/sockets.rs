@@ -30,26 +30,3 @@ pub trait SocketFactory: Send + Sync + 'static {
     /// (`netns_cookie` for loopback hops); `None` without acceleration.
     fn watch(&self, socket: &TcpStream, netns_cookie: u64) -> Option<Arc<Watch>>;
 }
-
-/// Plain sockets in the caller's namespace, no marks, no acceleration:
-/// for tests without root.
-#[derive(Debug, Default)]
-pub struct Plain;
-
-impl SocketFactory for Plain {
-    fn connect_from(
-        &self,
-        _netns: &PodNetns,
-        dest: SocketAddr,
-    ) -> BoxFuture<'static, io::Result<TcpStream>> {
-        Box::pin(TcpStream::connect(dest))
-    }
-
-    fn connect_delivery(&self, dest: SocketAddr) -> BoxFuture<'static, io::Result<TcpStream>> {
-        Box::pin(TcpStream::connect(dest))
-    }
-
-    fn watch(&self, _socket: &TcpStream, _netns_cookie: u64) -> Option<Arc<Watch>> {
-        None
-    }
-}

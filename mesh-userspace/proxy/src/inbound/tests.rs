@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use lacewing_tunnel::Peer;
 
-use crate::{state::Fixed, testing::*};
+use crate::{fixtures::*, testing::Fixed};
 
 /// web-0 (10.244.1.10) is meshed here; db-0 (10.244.1.11) is here but not
 /// meshed; 10.244.0.5 is shop/client on n0, 10.244.0.6 other/x on n0.

@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use super::{Captured, OutboundError, Route};
-use crate::{state::Fixed, testing::*};
+use crate::{fixtures::*, testing::Fixed};
 
 #[test]
 fn the_route_follows_where_the_destination_runs() {
