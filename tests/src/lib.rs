@@ -4,6 +4,8 @@
 //! These tests need root. Where they cannot run they fail, saying why; they
 //! never skip.
 
+pub mod mesh_lab;
+
 use std::{
     path::PathBuf,
     process::{Command, Output},

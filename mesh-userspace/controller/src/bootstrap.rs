@@ -18,9 +18,26 @@ pub struct TokenReviewer {
     pub service_account: String,
 }
 
+/// Why a bootstrap token does not prove the node daemon on a node.
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error(
+        "TokenReview failed: {0} (does the controller's ServiceAccount have the system:auth-delegator role?)"
+    )]
+    Api(#[from] kube::Error),
+    #[error("the token is not valid: {0}")]
+    Invalid(String),
+    #[error("the token is {got}'s, not the node daemon's ({want})")]
+    WrongAccount { got: String, want: String },
+    #[error(
+        "the token is bound to node {bound:?}, not {node} (is it a pod-bound projected token, Kubernetes 1.30+?)"
+    )]
+    WrongNode { bound: Vec<String>, node: String },
+}
+
 impl TokenReviewer {
     /// Whether `token` proves it comes from the node daemon on `node`.
-    pub async fn review(&self, token: &str, node: &str) -> Result<(), String> {
+    pub async fn review(&self, token: &str, node: &str) -> Result<(), ReviewError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -30,31 +47,28 @@ impl TokenReviewer {
         };
         let reviewed = Api::<TokenReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| format!("TokenReview failed: {e}"))?;
+            .await?;
         let status = reviewed.status.unwrap_or_default();
         if status.authenticated != Some(true) {
-            return Err(format!(
-                "the token is not valid: {}",
-                status.error.unwrap_or_default()
-            ));
+            return Err(ReviewError::Invalid(status.error.unwrap_or_default()));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
         if username != self.service_account {
-            return Err(format!(
-                "the token is {username}'s, not the node daemon's ({})",
-                self.service_account
-            ));
+            return Err(ReviewError::WrongAccount {
+                got: username,
+                want: self.service_account.clone(),
+            });
         }
         let bound: Vec<String> = user
             .extra
             .and_then(|mut e| e.remove(NODE_NAME_EXTRA))
             .unwrap_or_default();
         if bound != [node] {
-            return Err(format!(
-                "the token is bound to node {bound:?}, not {node} (is it a pod-bound projected token, Kubernetes 1.30+?)"
-            ));
+            return Err(ReviewError::WrongNode {
+                bound,
+                node: node.to_owned(),
+            });
         }
         Ok(())
     }
@@ -71,7 +85,7 @@ mod tests {
 
     /// A mock API server answering one TokenReview with `status`; checks the
     /// request asks for our audience.
-    async fn reviewed(status: Value) -> Result<(), String> {
+    async fn reviewed(status: Value) -> Result<(), ReviewError> {
         let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         tokio::spawn(async move {
             let (req, send) = handle.next_request().await.unwrap();
@@ -107,16 +121,18 @@ mod tests {
     #[tokio::test]
     async fn only_the_node_daemons_token_bound_to_that_node_passes() {
         let sa = "system:serviceaccount:lacewing-system:lacewing-node";
-        assert_eq!(reviewed(user(sa, "n1")).await, Ok(()));
-        let err = reviewed(user(sa, "n2")).await.unwrap_err();
+        assert!(reviewed(user(sa, "n1")).await.is_ok());
+        let err = reviewed(user(sa, "n2")).await.unwrap_err().to_string();
         assert!(err.contains("bound to node [\"n2\"], not n1"), "{err}");
         let err = reviewed(user("system:serviceaccount:default:app", "n1"))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not the node daemon's"), "{err}");
         let err = reviewed(json!({"authenticated": false, "error": "token expired"}))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("token expired"), "{err}");
     }
 }

@@ -82,7 +82,7 @@ impl CertificateService for Server {
         let req = request.into_inner();
         if let Err(why) = reviewer.review(&req.token, &req.node).await {
             tracing::warn!(node = %req.node, %why, "refused a node bootstrap");
-            return Err(Status::permission_denied(why));
+            return Err(Status::permission_denied(why.to_string()));
         }
         let identity = pki::node_identity(&signer.trust_domain, &req.node);
         let cert = signer

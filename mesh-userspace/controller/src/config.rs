@@ -98,11 +98,20 @@ pub struct ControllerConfig {
 
 pub use lacewing_core::duration::parse as parse_duration;
 
+/// A setting that cannot be used, and what to do about it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--folder {}: no such directory", .0.display())]
+    NoFolder(std::path::PathBuf),
+    #[error("--trust-domain `{0}` must be a name such as cluster.local")]
+    TrustDomain(String),
+}
+
 impl ControllerArgs {
-    pub fn validate(self) -> Result<ControllerConfig, String> {
+    pub fn validate(self) -> Result<ControllerConfig, ConfigError> {
         let source = match self.folder {
             Some(folder) if !folder.is_dir() => {
-                return Err(format!("--folder {}: no such directory", folder.display()));
+                return Err(ConfigError::NoFolder(folder));
             }
             Some(folder) => Source::Folder(folder),
             None => Source::Kubernetes {
@@ -114,10 +123,7 @@ impl ControllerArgs {
             },
         };
         if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
-            return Err(format!(
-                "--trust-domain `{}` must be a name such as cluster.local",
-                self.trust_domain
-            ));
+            return Err(ConfigError::TrustDomain(self.trust_domain));
         }
         Ok(ControllerConfig {
             source,

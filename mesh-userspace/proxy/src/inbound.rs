@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use crate::{
     registry::{Direction, Registered, Registry},
     sockets::SocketFactory,
-    splice::{Piped, Watch, Watched, pipe, reset},
+    splice::{End, Watch, Watched, pipe, reset},
     state::StateView,
 };
 
@@ -139,13 +139,11 @@ async fn carry(tunnel: TunnelStream, delivery: Delivery) -> (u64, u64) {
     // the tunnel.
     let mut tunnel = Watched::new(tunnel, None, watch.clone());
     let mut pod = Watched::new(stream, watch, None);
-    match pipe(&mut tunnel, &mut pod, &registered.closed).await {
-        Piped::Done(to_dest, to_source) => (to_dest, to_source),
-        Piped::Reset | Piped::Closed => {
-            reset(pod.into_inner());
-            (0, 0)
-        }
+    let piped = pipe(&mut tunnel, &mut pod, &registered.closed).await;
+    if piped.end != End::Done {
+        reset(pod.into_inner());
     }
+    (piped.a_to_b, piped.b_to_a)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use crate::{
     inbound::Inbound,
     registry::{Direction, Registry},
     sockets::{PodNetns, SocketFactory},
-    splice::{Piped, Unread, Watch, Watched, pipe, reset},
+    splice::{End, Unread, Watch, Watched, pipe, reset},
     state::{Certificate, StateView},
 };
 
@@ -227,19 +227,14 @@ where
 {
     let mut other = Watched::new(other, other_watch.clone(), app_watch.clone());
     let mut app_side = Watched::new(&mut app, app_watch, other_watch);
-    match pipe(&mut app_side, &mut other, closed).await {
-        Piped::Done(up, down) => {
-            tracing::debug!(up, down, "connection done");
-            (up, down)
-        }
-        ended @ (Piped::Reset | Piped::Closed) => {
-            tracing::debug!(?ended, "connection reset");
-            drop(app_side);
-            drop(other);
-            reset(app);
-            (0, 0)
-        }
+    let piped = pipe(&mut app_side, &mut other, closed).await;
+    tracing::debug!(up = piped.a_to_b, down = piped.b_to_a, end = ?piped.end, "connection done");
+    if piped.end != End::Done {
+        drop(app_side);
+        drop(other);
+        reset(app);
     }
+    (piped.a_to_b, piped.b_to_a)
 }
 
 #[cfg(test)]

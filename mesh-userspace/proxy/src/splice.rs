@@ -190,13 +190,23 @@ impl<S: AsyncWrite + Unread + Unpin> AsyncWrite for Watched<S> {
 
 /// How a [`pipe`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Piped {
-    /// Both sides finished; bytes carried (a to b, b to a).
-    Done(u64, u64),
+pub enum End {
+    /// Both sides finished.
+    Done,
     /// One side failed (a reset): the caller resets the other.
     Reset,
     /// The registry closed the connection (policy, end of drain).
     Closed,
+}
+
+/// What a [`pipe`] carried, however it ended: bytes read from `a` (passed
+/// to `b`) and from `b` (passed to `a`). A reset connection's bytes count
+/// too, so the byte metrics do not lose what reset streams carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piped {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+    pub end: End,
 }
 
 /// Copies both ways until both sides are done, passing half-closes on, or
@@ -207,21 +217,67 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let copy = tokio::io::copy_bidirectional_with_sizes(
-        a,
-        b,
-        lacewing_tunnel::COPY_BUFFER,
-        lacewing_tunnel::COPY_BUFFER,
-    );
-    tokio::select! {
-        copied = copy => match copied {
-            Ok((ab, ba)) => Piped::Done(ab, ba),
-            Err(err) => {
-                tracing::debug!(%err, "connection reset");
-                Piped::Reset
-            }
-        },
-        () = closed.cancelled() => Piped::Closed,
+    let mut a = Counted { inner: a, read: 0 };
+    let mut b = Counted { inner: b, read: 0 };
+    let end = {
+        let copy = tokio::io::copy_bidirectional_with_sizes(
+            &mut a,
+            &mut b,
+            lacewing_tunnel::COPY_BUFFER,
+            lacewing_tunnel::COPY_BUFFER,
+        );
+        tokio::select! {
+            copied = copy => match copied {
+                Ok(_) => End::Done,
+                Err(err) => {
+                    tracing::debug!(%err, "connection reset");
+                    End::Reset
+                }
+            },
+            () = closed.cancelled() => End::Closed,
+        }
+    };
+    Piped {
+        a_to_b: a.read,
+        b_to_a: b.read,
+        end,
+    }
+}
+
+/// A stream that counts the bytes read from it.
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    read: u64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
@@ -246,6 +302,25 @@ mod tests {
         fn switch_off(&self, key: &SpliceKey) {
             self.0.lock().unwrap().push(*key);
         }
+    }
+
+    #[tokio::test]
+    async fn a_reset_connection_still_counts_what_it_carried() {
+        let (mut app, mut a) = tokio::io::duplex(1 << 16);
+        let (mut b, mut pod) = tokio::io::duplex(1 << 16);
+        let closed = CancellationToken::new();
+        let piping = tokio::spawn(async move { pipe(&mut a, &mut b, &closed).await });
+        app.write_all(&[7; 1000]).await.unwrap();
+        let mut got = [0u8; 1000];
+        pod.read_exact(&mut got).await.unwrap();
+        pod.write_all(b"ok").await.unwrap();
+        let mut ok = [0u8; 2];
+        app.read_exact(&mut ok).await.unwrap();
+        // The pod's side goes away without a clean end.
+        drop(pod);
+        app.write_all(&[1; 10]).await.unwrap();
+        let piped = piping.await.unwrap();
+        assert_eq!((piped.a_to_b >= 1000, piped.b_to_a), (true, 2), "{piped:?}");
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use lacewing_controller::{self as controller, config::ControllerArgs};
 async fn main() -> anyhow::Result<()> {
     let args = ControllerArgs::parse();
     lacewing_sys::telemetry::init(args.log_format);
-    let config = args.validate().map_err(anyhow::Error::msg)?;
+    let config = args.validate()?;
     controller::run(config).await?;
     Ok(())
 }

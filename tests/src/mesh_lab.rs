@@ -1,0 +1,310 @@
+//! The mesh lab the mesh and lifecycle tests share: a controller watching a
+//! folder, two nodes with capture, and xfer.py servers.
+//!
+//! ```text
+//!   namespace shop (lacewing.io/mesh=enabled)      namespace default
+//!   n0-p0 client (sa client)                        n0-p1 plain (not meshed)
+//!   n1-p0 web (sa web), n1-p1 web (sa web): xfer.py servers on 9000
+//!   Service shop/web 10.96.0.20:80 -> n1-p0:9000
+//! ```
+
+use std::{
+    fs,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lacewing::lab::{Lab, LabProcess};
+
+use crate::{PYTHON, bin, new_lab, node_http, start_subscribed_nodes, tool};
+
+pub const VIP: &str = "10.96.0.20";
+
+pub const PORT: &str = "9000";
+
+pub struct MeshLab {
+    pub lab: Lab,
+    _controller: LabProcess,
+    pub nodes: Vec<LabProcess>,
+    pub servers: Vec<LabProcess>,
+}
+
+pub fn pod(ns: &str, name: &str, sa: &str, node: &str, ips: [String; 2]) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{phase: Running, podIPs: [{{ip: \"{}\"}}, {{ip: \"{}\"}}]}}\n",
+        ips[0], ips[1]
+    )
+}
+
+impl MeshLab {
+    #[expect(
+        clippy::new_without_default,
+        reason = "a lab is made on purpose, never as a default value"
+    )]
+    pub fn new() -> Self {
+        Self::with_controller_args(&[])
+    }
+
+    pub fn with_controller_args(controller_args: &[&str]) -> Self {
+        Self::build(controller_args, true)
+    }
+
+    /// With `plain`, n0-p1 is the plain pod; without it, n0-p1 is in no
+    /// configuration yet (a pod about to start).
+    pub fn build(controller_args: &[&str], plain: bool) -> Self {
+        let lab = new_lab(2, 2);
+        let folder = lab.state_dir().join("config");
+        fs::create_dir_all(&folder).unwrap();
+        let ips = |p: &str| {
+            let p = lab.pod(p).unwrap();
+            [p.ip4().to_string(), p.ip6().to_string()]
+        };
+        let docs = [
+            lab.nodes_yaml(),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {lacewing.io/mesh: enabled}}\n".into(),
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n".into(),
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: client, namespace: shop}\n".into(),
+            pod("shop", "client", "client", "n0", ips("n0-p0")),
+            if plain {
+                pod("default", "plain", "default", "n0", ips("n0-p1"))
+            } else {
+                String::new()
+            },
+            pod("shop", "web-0", "web", "n1", ips("n1-p0")),
+            pod("shop", "web-1", "web", "n1", ips("n1-p1")),
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{clusterIP: {VIP}, ports: [{{name: tcp, port: 80, targetPort: {PORT}}}]}}\n"),
+            format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v4, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: tcp, port: {PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{}\"]}}]\n", ips("n1-p0")[0]),
+        ];
+        let docs: Vec<String> = docs.into_iter().filter(|d| !d.is_empty()).collect();
+        fs::write(folder.join("mesh.yaml"), docs.join("---\n")).unwrap();
+        let controller = lab
+            .start_controller_with(&bin("lacewing-controller"), &folder, controller_args)
+            .unwrap();
+        let servers = ["n1-p0", "n1-p1"]
+            .iter()
+            .map(|p| {
+                let mut cmd = Command::new(PYTHON);
+                cmd.arg(tool("xfer.py")).args(["serve", PORT]);
+                let mut s = lab.spawn_in_pod(&lab.pod(p).unwrap(), cmd).unwrap();
+                s.wait_listening(9000, Duration::from_secs(10)).unwrap();
+                s
+            })
+            .collect();
+        let nodes = start_subscribed_nodes(&lab, true);
+        let m = Self {
+            lab,
+            _controller: controller,
+            nodes,
+            servers,
+        };
+        m.wait_for_certificate("n0", "spiffe://cluster.local/ns/shop/sa/client");
+        m.wait_for_certificate("n1", "spiffe://cluster.local/ns/shop/sa/web");
+        m
+    }
+
+    pub fn wait_for_certificate(&self, node: &str, identity: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let status = node_http(&self.lab, &self.lab.node(node).unwrap(), "/status");
+            if status.contains(identity) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{node} has no certificate for {identity}:\n{status}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// xfer.py started in `pod`, in the background.
+    pub fn spawn_xfer(&self, pod: &str, args: &[&str]) -> LabProcess {
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg(tool("xfer.py"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        self.lab
+            .spawn_in_pod(&self.lab.pod(pod).unwrap(), cmd)
+            .unwrap()
+    }
+
+    /// Serials of `node`'s certificate for `identity` seen so far.
+    pub fn serial(&self, node: &str, identity: &str) -> Option<String> {
+        let status = node_http(&self.lab, &self.lab.node(node).unwrap(), "/status");
+        let json: serde_json::Value = serde_json::from_str(&status).ok()?;
+        json["certificates"]
+            .as_array()?
+            .iter()
+            .find(|c| c["identity"] == identity)
+            .and_then(|c| c["serial"].as_str().map(str::to_owned))
+    }
+
+    pub fn xfer(&self, pod: &str, args: &[&str]) -> String {
+        self.try_xfer(pod, args)
+            .unwrap_or_else(|err| panic!("xfer.py {args:?} in {pod}: {err}"))
+    }
+
+    /// xfer.py's output, or its error.
+    pub fn try_xfer(&self, pod: &str, args: &[&str]) -> Result<String, String> {
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg(tool("xfer.py")).args(args);
+        let out = self
+            .lab
+            .run_in_pod(&self.lab.pod(pod).unwrap(), cmd)
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Writes (or with `None` removes) a file of the controller's folder.
+    pub fn config(&self, file: &str, yaml: Option<&str>) {
+        let path = self.lab.state_dir().join("config").join(file);
+        match yaml {
+            Some(yaml) => {
+                let tmp = path.with_extension("tmp");
+                fs::write(&tmp, yaml).unwrap();
+                fs::rename(tmp, path).unwrap();
+            }
+            None => fs::remove_file(path).unwrap(),
+        }
+    }
+
+    /// Retries `f` until it returns true.
+    pub fn until(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn metric(&self, node: &str, line_start: &str) -> f64 {
+        let metrics = node_http(&self.lab, &self.lab.node(node).unwrap(), "/metrics");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(line_start))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// `tool` (in tests/tools) started in `pod`, listening on `port`.
+    pub fn serve_tool(&self, pod: &str, tool_name: &str, args: &[&str], port: u16) -> LabProcess {
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg(tool(tool_name)).args(args);
+        let mut server = self
+            .lab
+            .spawn_in_pod(&self.lab.pod(pod).unwrap(), cmd)
+            .unwrap();
+        server
+            .wait_listening(port, Duration::from_secs(10))
+            .unwrap();
+        server
+    }
+
+    /// `tool`'s output in `pod`; panics with its stderr if it failed.
+    pub fn run_tool(&self, pod: &str, tool_name: &str, args: &[&str]) -> String {
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg(tool(tool_name)).args(args);
+        let out = self
+            .lab
+            .run_in_pod(&self.lab.pod(pod).unwrap(), cmd)
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool_name} {args:?} in {pod}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Entries in `node`'s two splice sockhashes, as bpftool lists them.
+    pub fn spliced_sockets(&self, node: &str) -> usize {
+        ["LW_SPLICE", "LW_SPLICE_TO"]
+            .iter()
+            .map(|map| self.map_entries(node, map))
+            .sum()
+    }
+
+    pub fn map_entries(&self, node: &str, name: &str) -> usize {
+        let map = self
+            .lab
+            .node_bpffs_root(&self.lab.node(node).unwrap())
+            .join("maps")
+            .join(name);
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&map)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bpftool map dump {}: {}",
+            map.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        entries.as_array().unwrap().len()
+    }
+
+    pub fn added(&self, node: &str, leg: &str) -> f64 {
+        self.metric(
+            node,
+            &format!("lacewing_splice_sockets_added_total{{leg=\"{leg}\"}}"),
+        )
+    }
+
+    /// `lacewing acceleration on|off --fast-path on|off` on `node`.
+    pub fn switch_acceleration(&self, node: &str, state: &str, fast_path: &str) {
+        let root = self.lab.node_bpffs_root(&self.lab.node(node).unwrap());
+        let out = Command::new(bin("lacewing"))
+            .args([
+                "acceleration",
+                state,
+                "--fast-path",
+                fast_path,
+                "--bpffs-root",
+            ])
+            .arg(root)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(&format!("acceleration: {state}")),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn decisions(&self, node: &str, path: &str, reason: &str) -> f64 {
+        self.metric(
+            node,
+            &format!("lacewing_fast_path_decisions_total{{path=\"{path}\",reason=\"{reason}\"}}"),
+        )
+    }
+}
+
+/// Polls `f` every 50 ms until it gives a value, for at most `limit`.
+pub fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of `name=` in xfer.py's output.
+pub fn field<'a>(text: &'a str, name: &str) -> &'a str {
+    text.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {name} in `{text}`"))
+}

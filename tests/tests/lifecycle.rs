@@ -1,0 +1,196 @@
+//! The node daemon's connections over its life and the policy's: a drain on
+//! SIGTERM lets an established transfer finish, a policy that starts
+//! denying a source closes its established connection, and a new pod's
+//! first connection waits for its certificate.
+//!
+//! ```text
+//!   namespace shop (lacewing.io/mesh=enabled)
+//!   n0-p0 client (sa client)        n0-p1 late (sa late, added by a test)
+//!   n1-p0 web (sa web), n1-p1 web (sa web): xfer.py servers on 9000
+//!   Service shop/web 10.96.0.20:80 -> n1-p0:9000
+//!   the controller on the underlay (10.200.0.254:15012)
+//! ```
+
+use std::{
+    fs,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lacewing_tests::{
+    mesh_lab::{MeshLab, VIP, field, pod, poll},
+    node_http,
+};
+
+#[test]
+fn a_transfer_in_flight_when_the_destination_daemon_gets_sigterm_completes_and_it_exits_0() {
+    let mut m = MeshLab::new();
+    // 100 MiB at 25 MiB/s: four seconds on the wire, each way.
+    let bulk = m.spawn_xfer("n0-p0", &["bulk", VIP, "80", "100", "25"]);
+    let inbound = "lacewing_tunnel_streams_opened_total{direction=\"inbound\"}";
+    poll(
+        "the transfer is under way through n1",
+        Duration::from_secs(10),
+        || (m.metric("n1", inbound) >= 1.0).then_some(()),
+    );
+    // Bytes are still moving when n1 is told to stop.
+    std::thread::sleep(Duration::from_millis(500));
+    m.nodes[1].signal(libc::SIGTERM).unwrap();
+    let signalled = Instant::now();
+    // The default drain timeout is 30 s.
+    let status = poll("lacewing-node on n1 exits", Duration::from_secs(35), || {
+        m.nodes[1].try_wait().unwrap()
+    });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "lacewing-node exits 0 after draining"
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(30),
+        "within the drain timeout"
+    );
+    let out = bulk.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(field(&text, "sent"), (100u64 << 20).to_string(), "{text}");
+    assert_eq!(field(&text, "back"), field(&text, "sent"), "{text}");
+    assert_eq!(field(&text, "back_sha"), field(&text, "sent_sha"), "{text}");
+}
+
+#[test]
+fn an_established_connection_is_closed_within_a_second_of_a_deny_naming_its_source() {
+    let m = MeshLab::new();
+    // One connection, a round trip every 0.1 s for 30 s.
+    let mut rr = m.spawn_xfer("n0-p0", &["rr", VIP, "80", "long-lived", "300", "0.1"]);
+    let inbound = "lacewing_tunnel_streams_opened_total{direction=\"inbound\"}";
+    poll("the connection reaches n1", Duration::from_secs(10), || {
+        (m.metric("n1", inbound) >= 1.0).then_some(())
+    });
+    let version = |m: &MeshLab| -> u64 {
+        let status = node_http(&m.lab, &m.lab.node("n1").unwrap(), "/status");
+        let json: serde_json::Value = serde_json::from_str(&status).unwrap();
+        json["version"].as_u64().unwrap()
+    };
+    let before = version(&m);
+    m.config(
+        "deny.yaml",
+        Some(
+            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: shop}\nspec: {action: Deny, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/shop/sa/client\"]}]}]}\n",
+        ),
+    );
+    // When n1 applies the policy, and when the client's connection ends.
+    let mut applied = None;
+    let ended = poll(
+        "the client's connection ends",
+        Duration::from_secs(10),
+        || {
+            if applied.is_none() && version(&m) != before {
+                applied = Some(Instant::now());
+            }
+            rr.try_wait()
+                .unwrap()
+                .map(|status| (status, Instant::now()))
+        },
+    );
+    let applied = applied.unwrap_or(ended.1);
+    assert!(
+        ended.1.saturating_duration_since(applied) < Duration::from_secs(1),
+        "closed {:?} after n1 applied the policy",
+        ended.1.saturating_duration_since(applied)
+    );
+    let out = rr.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !ended.0.success(),
+        "the connection cannot have finished its 300 round trips"
+    );
+    assert!(
+        err.contains("ConnectionResetError") || err.contains("BrokenPipeError"),
+        "the client's connection is reset: {err}"
+    );
+    let denials = "lacewing_policy_denials_total{policy=\"shop/deny-client\"}";
+    assert_eq!(
+        m.metric("n1", denials),
+        1.0,
+        "the one closed connection is counted"
+    );
+}
+
+#[test]
+fn a_new_pods_first_connection_waits_for_its_certificate_instead_of_being_reset() {
+    let m = MeshLab::build(&[], false);
+    let n0 = m.lab.node("n0").unwrap();
+    // New connections from n0 to the controller are refused, so the
+    // certificate of the new pod cannot be issued yet; the configuration
+    // stream (established) goes on.
+    let nft = |script: &str| {
+        let file = m.lab.state_dir().join("hold.nft");
+        fs::write(&file, script).unwrap();
+        let mut cmd = Command::new("nft");
+        cmd.arg("-f").arg(&file);
+        let out = m.lab.run_on_node(&n0, cmd).unwrap();
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    nft(
+        "table inet lwhold {\n  chain out {\n    type filter hook output priority 0;\n    tcp dport 15012 ct state new reject with tcp reset\n  }\n}\n",
+    );
+    let late = m.lab.pod("n0-p1").unwrap();
+    m.config(
+        "late.yaml",
+        Some(
+            &[
+                "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: late, namespace: shop}\n"
+                    .to_owned(),
+                pod(
+                    "shop",
+                    "late",
+                    "late",
+                    "n0",
+                    [late.ip4().to_string(), late.ip6().to_string()],
+                ),
+            ]
+            .join("---\n"),
+        ),
+    );
+    // n0 captures the new pod, and has tried and failed to get its
+    // certificate.
+    poll("n0 captures the new pod", Duration::from_secs(10), || {
+        (m.metric("n0", "lacewing_captured_pods") == 2.0).then_some(())
+    });
+    let failed = "lacewing_certificate_requests_total{result=\"error\"}";
+    poll(
+        "n0's certificate request is refused",
+        Duration::from_secs(10),
+        || (m.metric("n0", failed) >= 1.0).then_some(()),
+    );
+    let outbound = "lacewing_tunnel_streams_opened_total{direction=\"outbound\"}";
+    let opened_before = m.metric("n0", outbound);
+    // The pod's first connection, while it has no certificate.
+    let rr = m.spawn_xfer("n0-p1", &["rr", VIP, "80", "first", "3"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let late_id = "spiffe://cluster.local/ns/shop/sa/late";
+    assert!(m.serial("n0", late_id).is_none(), "no certificate yet");
+    nft("delete table inet lwhold");
+    let out = rr.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "replies=3",
+        "the first connection succeeds: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(m.serial("n0", late_id).is_some());
+    assert_eq!(
+        m.metric("n0", outbound),
+        opened_before + 1.0,
+        "it went through the tunnel"
+    );
+}
