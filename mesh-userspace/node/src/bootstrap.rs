@@ -7,20 +7,13 @@
 
 use std::{path::Path, time::SystemTime};
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig};
 
-use super::config::Controller;
+use super::config::{Bootstrap, Controller};
 use lacewing_core::pki;
 use lacewing_core::proto::ca_pb::{
     BootstrapNodeRequest, certificate_service_client::CertificateServiceClient,
 };
-
-/// Where the bootstrap reads from.
-#[derive(Clone, Debug)]
-pub struct Bootstrap {
-    pub token_file: std::path::PathBuf,
-    pub ca_file: std::path::PathBuf,
-}
 
 /// Why the node could not get its first certificate.
 #[derive(Debug, thiserror::Error)]
@@ -32,18 +25,8 @@ pub enum BootstrapError {
     },
     #[error("making the node key: {0}")]
     Key(#[source] pki::PkiError),
-    #[error("the controller address {url} is not a URI: {source}")]
-    Address {
-        url: String,
-        source: tonic::codegen::http::uri::InvalidUri,
-    },
-    #[error(
-        "connecting to the controller at {url}: {source} (is it running and is --ca-file its root?)"
-    )]
-    Connect {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    #[error(transparent)]
+    Channel(#[from] super::channel::ChannelError),
     #[error(
         "the controller refused the bootstrap: {0} (is the token this node's ServiceAccount's?)"
     )]
@@ -82,20 +65,7 @@ pub async fn ensure_credentials(
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&root))
         .domain_name(controller.server_name.clone());
-    let connect_error = |source| BootstrapError::Connect {
-        url: controller.url.clone(),
-        source,
-    };
-    let channel = Channel::from_shared(controller.url.clone())
-        .map_err(|source| BootstrapError::Address {
-            url: controller.url.clone(),
-            source,
-        })?
-        .tls_config(tls)
-        .map_err(connect_error)?
-        .connect()
-        .await
-        .map_err(connect_error)?;
+    let channel = super::channel::open(&controller.url, tls).await?;
     let resp = CertificateServiceClient::new(channel)
         .bootstrap_node(BootstrapNodeRequest {
             node: node.to_owned(),

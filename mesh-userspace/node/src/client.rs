@@ -11,7 +11,6 @@ use std::{
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::{config::Controller, lb::LoadBalancer, metrics::Metrics, workloads::LocalWorkloads};
 use lacewing_core::model::services::FrontendKey;
@@ -29,19 +28,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// and reconnects).
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    #[error("reading this node's credentials: {0} (check --tls-dir)")]
-    Credentials(#[source] lacewing_core::pki::PkiError),
-    #[error("the controller address {url} is not a URI: {source}")]
-    Address {
-        url: String,
-        source: tonic::codegen::http::uri::InvalidUri,
-    },
-    #[error("connecting to {url}: {source}{cause} (is the controller running and reachable?)")]
-    Connect {
-        url: String,
-        source: tonic::transport::Error,
-        cause: String,
-    },
+    #[error(transparent)]
+    Channel(#[from] super::channel::ChannelError),
     #[error("the controller refused the stream: {0}")]
     Refused(String),
     #[error("the stream broke: {0}")]
@@ -166,7 +154,7 @@ pub async fn subscribe(
     ),
     StreamError,
 > {
-    let mut client = ConfigServiceClient::new(connect(controller).await?);
+    let mut client = ConfigServiceClient::new(super::channel::connect(controller).await?);
     let (tx, rx) = mpsc::channel(4);
     let hello = pb::Hello {
         node: node.to_owned(),
@@ -183,34 +171,6 @@ pub async fn subscribe(
         .map_err(|e| StreamError::Refused(e.message().to_owned()))?
         .into_inner();
     Ok((tx, updates))
-}
-
-/// A mutual-TLS channel to the controller, with this node's certificate.
-pub async fn connect(controller: &Controller) -> Result<Channel, StreamError> {
-    // Read on every attempt: rotated credentials are picked up on reconnect.
-    let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)
-        .map_err(StreamError::Credentials)?;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .identity(Identity::from_pem(cert, key))
-        .domain_name(controller.server_name.clone());
-    let connect_error = |source: tonic::transport::Error| StreamError::Connect {
-        url: controller.url.clone(),
-        cause: std::error::Error::source(&source)
-            .map(|s| format!(": {s}"))
-            .unwrap_or_default(),
-        source,
-    };
-    Channel::from_shared(controller.url.clone())
-        .map_err(|source| StreamError::Address {
-            url: controller.url.clone(),
-            source,
-        })?
-        .tls_config(tls)
-        .map_err(connect_error)?
-        .connect()
-        .await
-        .map_err(connect_error)
 }
 
 /// A factor in [0.5, 1.5): spreads a fleet's reconnects after a controller

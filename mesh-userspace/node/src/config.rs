@@ -142,11 +142,18 @@ pub struct NodeConfig {
     pub trust_domain: String,
     pub pod_netns_dir: Option<PathBuf>,
     pub tunnel_addr: SocketAddr,
-    pub bootstrap: Option<super::bootstrap::Bootstrap>,
+    pub bootstrap: Option<Bootstrap>,
     pub acceleration: bool,
     pub fast_path: bool,
     pub drain_timeout: Duration,
     pub certificate_wait: Duration,
+}
+
+/// Where the node bootstrap (`super::bootstrap`) reads from.
+#[derive(Clone, Debug)]
+pub struct Bootstrap {
+    pub token_file: std::path::PathBuf,
+    pub ca_file: std::path::PathBuf,
 }
 
 /// How to reach the controller.
@@ -230,7 +237,7 @@ impl NodeArgs {
             bootstrap: self
                 .bootstrap_token_file
                 .zip(self.ca_file)
-                .map(|(token_file, ca_file)| super::bootstrap::Bootstrap {
+                .map(|(token_file, ca_file)| Bootstrap {
                     token_file,
                     ca_file,
                 }),

@@ -188,7 +188,7 @@ pub enum RequestError {
     #[error("making a key: {0}")]
     Key(#[from] pki::PkiError),
     #[error(transparent)]
-    Controller(#[from] super::client::StreamError),
+    Controller(#[from] super::channel::ChannelError),
     #[error("the controller refused: {code}: {message}")]
     Refused { code: tonic::Code, message: String },
     #[error("the controller sent no certificate")]
@@ -207,7 +207,7 @@ pub async fn request(
     pod: &str,
 ) -> Result<Svid, RequestError> {
     let (key, csr_pem) = pki::new_key_and_csr(identity)?;
-    let mut client = CertificateServiceClient::new(super::client::connect(controller).await?);
+    let mut client = CertificateServiceClient::new(super::channel::connect(controller).await?);
     let resp = client
         .create_certificate(CreateCertificateRequest {
             namespace: namespace.to_owned(),

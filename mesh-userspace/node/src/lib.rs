@@ -6,6 +6,7 @@
 
 pub mod bootstrap;
 pub mod capture;
+pub mod channel;
 pub mod client;
 pub mod config;
 pub mod fastpath;

@@ -55,13 +55,14 @@ struct Shown<'a> {
 }
 
 #[derive(Serialize)]
-struct Status<'a> {
+struct Status<'a, C> {
     node: &'a str,
     version: u64,
     workloads: Vec<Shown<'a>>,
     /// Meshed workloads known cluster-wide.
     peers: usize,
-    certificates: Vec<super::identity::ShownCertificate>,
+    /// The certificates the node holds (the identity manager's to show).
+    certificates: C,
 }
 
 impl LocalWorkloads {
@@ -165,11 +166,7 @@ impl LocalWorkloads {
     }
 
     /// `/status` JSON.
-    pub fn status_json(
-        &self,
-        node: &str,
-        certificates: Vec<super::identity::ShownCertificate>,
-    ) -> String {
+    pub fn status_json(&self, node: &str, certificates: impl Serialize) -> String {
         let state = self.lock();
         let status = Status {
             node,
