@@ -4,8 +4,8 @@
 //!
 //! Every map type here is `#[repr(C)]`, `Copy`, has explicit padding and a
 //! size assertion, so the kernel and userspace agree on the layout byte for
-//! byte. The crate is `no_std`; the `user` feature adds `aya::Pod` impls and
-//! the userspace-only builders (the Maglev table).
+//! byte. The crate is `no_std`; the `alloc` feature adds the userspace-only
+//! builders (the Maglev table), and `user` adds `aya::Pod` impls as well.
 #![no_std]
 #![deny(unsafe_code)]
 
@@ -13,7 +13,7 @@ pub mod capture;
 pub mod conn;
 pub mod fastpath;
 pub mod lb;
-#[cfg(feature = "user")]
+#[cfg(feature = "alloc")]
 pub mod maglev;
 pub mod names;
 pub mod splice;

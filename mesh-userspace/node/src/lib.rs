@@ -1,8 +1,11 @@
 //! `lacewing-node`, the per-node daemon: loads the kernel programs, pins their
 //! maps and links under its bpffs root, attaches them at the node's cgroup,
 //! keeps the service load balancer's maps in line with its input, keeps the
-//! workloads scheduled on it, and serves metrics, health and `/status` on
-//! :15020.
+//! workloads scheduled on it and their certificates (the state store the
+//! proxy reads through [`view::NodeView`]), captures meshed pods, runs the
+//! tunnel server and the [`lacewing_proxy::Proxy`] over the node's sockets
+//! ([`sockets::NodeSockets`]), and serves metrics, health and `/status` on
+//! :15020. On SIGTERM it drains (see [`run`]) before it exits.
 
 pub mod bootstrap;
 pub mod capture;
@@ -64,7 +67,9 @@ pub enum NodeError {
     },
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
+/// Runs the daemon until SIGTERM or SIGINT, then drains: no new
+/// connections, GOAWAY on the tunnel's, and up to `--drain-timeout` for the
+/// established ones before the rest are reset.
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     if let (Some(controller), Some(bootstrap)) = (&config.controller, &config.bootstrap) {
         bootstrap::ensure_credentials(

@@ -139,11 +139,12 @@ async fn carry(tunnel: TunnelStream, delivery: Delivery) -> (u64, u64) {
     // the tunnel.
     let mut tunnel = Watched::new(tunnel, None, watch.clone());
     let mut pod = Watched::new(stream, watch, None);
-    let piped = pipe(&mut tunnel, &mut pod, &registered.closed).await;
-    if piped.end != End::Done {
+    let end = pipe(&mut tunnel, &mut pod, &registered.closed).await;
+    let carried = (tunnel.bytes_read(), pod.bytes_read());
+    if end != End::Done {
         reset(pod.into_inner());
     }
-    (piped.a_to_b, piped.b_to_a)
+    carried
 }
 
 #[cfg(test)]

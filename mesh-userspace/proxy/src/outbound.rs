@@ -227,14 +227,15 @@ where
 {
     let mut other = Watched::new(other, other_watch.clone(), app_watch.clone());
     let mut app_side = Watched::new(&mut app, app_watch, other_watch);
-    let piped = pipe(&mut app_side, &mut other, closed).await;
-    tracing::debug!(up = piped.a_to_b, down = piped.b_to_a, end = ?piped.end, "connection done");
-    if piped.end != End::Done {
+    let end = pipe(&mut app_side, &mut other, closed).await;
+    let (up, down) = (app_side.bytes_read(), other.bytes_read());
+    tracing::debug!(up, down, ?end, "connection done");
+    if end != End::Done {
         drop(app_side);
         drop(other);
         reset(app);
     }
-    (piped.a_to_b, piped.b_to_a)
+    (up, down)
 }
 
 #[cfg(test)]

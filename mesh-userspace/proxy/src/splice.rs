@@ -86,6 +86,8 @@ pub struct Watched<S> {
     reading: Option<Arc<Watch>>,
     writing: Option<Arc<Watch>>,
     retry: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes read from `inner` so far (what the copy passed on from it).
+    read: u64,
 }
 
 impl<S> Watched<S> {
@@ -95,11 +97,17 @@ impl<S> Watched<S> {
             reading,
             writing,
             retry: None,
+            read: 0,
         }
     }
 
     pub fn into_inner(self) -> S {
         self.inner
+    }
+
+    /// Bytes read from the stream so far, however the copy ended.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
     }
 }
 
@@ -138,9 +146,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         let room = buf.remaining();
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(watch)) = (&polled, &self.reading) {
+        if let Poll::Ready(Ok(())) = &polled {
             let n = buf.filled().len() - before;
-            watch.read(n > 0 && n == room);
+            self.read += n as u64;
+            if let Some(watch) = &self.reading {
+                watch.read(n > 0 && n == room);
+            }
         }
         polled
     }
@@ -199,85 +210,30 @@ pub enum End {
     Closed,
 }
 
-/// What a [`pipe`] carried, however it ended: bytes read from `a` (passed
-/// to `b`) and from `b` (passed to `a`). A reset connection's bytes count
-/// too, so the byte metrics do not lose what reset streams carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Piped {
-    pub a_to_b: u64,
-    pub b_to_a: u64,
-    pub end: End,
-}
-
 /// Copies both ways until both sides are done, passing half-closes on, or
 /// until `closed` is cancelled. Buffers are bounded: a slow reader slows
-/// the writer.
-pub async fn pipe<A, B>(a: &mut A, b: &mut B, closed: &CancellationToken) -> Piped
+/// the writer. What was carried is counted by the [`Watched`] sides (a
+/// reset connection's bytes count too).
+pub async fn pipe<A, B>(a: &mut A, b: &mut B, closed: &CancellationToken) -> End
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut a = Counted { inner: a, read: 0 };
-    let mut b = Counted { inner: b, read: 0 };
-    let end = {
-        let copy = tokio::io::copy_bidirectional_with_sizes(
-            &mut a,
-            &mut b,
-            lacewing_tunnel::COPY_BUFFER,
-            lacewing_tunnel::COPY_BUFFER,
-        );
-        tokio::select! {
-            copied = copy => match copied {
-                Ok(_) => End::Done,
-                Err(err) => {
-                    tracing::debug!(%err, "connection reset");
-                    End::Reset
-                }
-            },
-            () = closed.cancelled() => End::Closed,
-        }
-    };
-    Piped {
-        a_to_b: a.read,
-        b_to_a: b.read,
-        end,
-    }
-}
-
-/// A stream that counts the bytes read from it.
-struct Counted<'a, S> {
-    inner: &'a mut S,
-    read: u64,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        a,
+        b,
+        lacewing_tunnel::COPY_BUFFER,
+        lacewing_tunnel::COPY_BUFFER,
+    );
+    tokio::select! {
+        copied = copy => match copied {
+            Ok(_) => End::Done,
+            Err(err) => {
+                tracing::debug!(%err, "connection reset");
+                End::Reset
+            }
+        },
+        () = closed.cancelled() => End::Closed,
     }
 }
 
@@ -306,10 +262,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_connection_still_counts_what_it_carried() {
-        let (mut app, mut a) = tokio::io::duplex(1 << 16);
-        let (mut b, mut pod) = tokio::io::duplex(1 << 16);
+        let (mut app, a) = tokio::io::duplex(1 << 16);
+        let (b, mut pod) = tokio::io::duplex(1 << 16);
         let closed = CancellationToken::new();
-        let piping = tokio::spawn(async move { pipe(&mut a, &mut b, &closed).await });
+        let piping = tokio::spawn(async move {
+            let (mut a, mut b) = (Watched::new(a, None, None), Watched::new(b, None, None));
+            let end = pipe(&mut a, &mut b, &closed).await;
+            (end, a.bytes_read(), b.bytes_read())
+        });
         app.write_all(&[7; 1000]).await.unwrap();
         let mut got = [0u8; 1000];
         pod.read_exact(&mut got).await.unwrap();
@@ -319,8 +279,10 @@ mod tests {
         // The pod's side goes away without a clean end.
         drop(pod);
         app.write_all(&[1; 10]).await.unwrap();
-        let piped = piping.await.unwrap();
-        assert_eq!((piped.a_to_b >= 1000, piped.b_to_a), (true, 2), "{piped:?}");
+        let (end, a_to_b, b_to_a) = piping.await.unwrap();
+        assert_eq!(end, End::Reset);
+        assert!(a_to_b >= 1000, "{a_to_b}");
+        assert_eq!(b_to_a, 2);
     }
 
     #[tokio::test]
