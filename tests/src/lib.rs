@@ -251,6 +251,16 @@ pub fn node_http(lab: &Lab, node: &lacewing::lab::NodeSpec, path: &str) -> Strin
 }
 
 /// Asserts that Prometheus' own checker accepts a `/metrics` exposition.
+/// The sum of the values of the Prometheus text lines that start with
+/// `line_start` (a metric name, with labels to pick one series).
+pub fn metric_sum(exposition: &str, line_start: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn assert_promtool_accepts(metrics: &str) {
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

@@ -184,11 +184,7 @@ impl MeshLab {
 
     pub fn metric(&self, node: &str, line_start: &str) -> f64 {
         let metrics = node_http(&self.lab, &self.lab.node(node).unwrap(), "/metrics");
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(line_start))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        crate::metric_sum(&metrics, line_start)
     }
 
     /// `tool` (in tests/tools) started in `pod`, listening on `port`.

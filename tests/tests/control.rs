@@ -160,11 +160,7 @@ impl ControlLab {
         ));
         let out = self.lab.run_on_underlay(cmd).unwrap();
         assert!(out.status.success(), "controller /metrics: {out:?}");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with(line_start))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        lacewing_tests::metric_sum(&String::from_utf8_lossy(&out.stdout), line_start)
     }
 
     /// `lacewing status` until `f` holds for it (10 s at most).

@@ -21,8 +21,8 @@ use lacewing::lab::{Lab, LabProcess, NodeSpec};
 use lacewing_core::model::services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet};
 use lacewing_node::{lb::LoadBalancer, maps::LbMaps};
 use lacewing_tests::{
-    PYTHON, Probe, ServiceYaml, assert_promtool_accepts, bin, new_lab, node_http, parse_probe,
-    probe, run_in, start_backend, tool,
+    PYTHON, Probe, ServiceYaml, assert_promtool_accepts, bin, metric_sum, new_lab, node_http,
+    parse_probe, probe, run_in, start_backend, tool,
 };
 
 const V4: &str = "10.96.0.10";
@@ -71,11 +71,10 @@ impl Cluster {
             ["n0", "n1"]
                 .iter()
                 .map(|n| {
-                    node_http(&c.lab, &c.lab.node(n).unwrap(), "/metrics")
-                        .lines()
-                        .filter(|l| l.starts_with("lacewing_config_applies_total{result=\"ok\"}"))
-                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                        .sum()
+                    metric_sum(
+                        &node_http(&c.lab, &c.lab.node(n).unwrap(), "/metrics"),
+                        "lacewing_config_applies_total{result=\"ok\"}",
+                    )
                 })
                 .collect()
         };

@@ -97,6 +97,9 @@ fn an_established_connection_is_closed_within_a_second_of_a_deny_naming_its_sour
                 .map(|status| (status, Instant::now()))
         },
     );
+    // The policy did reach n1 (a connection ending for another reason would
+    // not do); seen at the latest when the connection ended.
+    assert_ne!(version(&m), before, "n1 never applied the policy");
     let applied = applied.unwrap_or(ended.1);
     assert!(
         ended.1.saturating_duration_since(applied) < Duration::from_secs(1),

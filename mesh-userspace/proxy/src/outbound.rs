@@ -153,6 +153,10 @@ impl Outbound {
     /// The certificate of `identity`; when the node is still getting it (a
     /// pod that just started), waits for it up to `certificate_wait`.
     pub async fn certificate(&self, identity: &str) -> Result<Certificate, OutboundError> {
+        // The usual case, on every tunnel connection: the node holds it.
+        if let Some(certificate) = self.state.certificate(identity) {
+            return Ok(certificate);
+        }
         let mut changes = self.state.certificate_changes();
         let wait = async {
             loop {

@@ -157,12 +157,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     }
 }
 
-impl Unread for tokio::io::DuplexStream {
-    fn poll_unread(&self, _: &mut Context<'_>) -> bool {
-        false
-    }
-}
-
 impl<S: AsyncWrite + Unread + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -250,6 +244,12 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    impl Unread for tokio::io::DuplexStream {
+        fn poll_unread(&self, _: &mut Context<'_>) -> bool {
+            false
+        }
+    }
 
     #[derive(Default)]
     struct Recorded(Mutex<Vec<SpliceKey>>);

@@ -164,17 +164,24 @@ pub fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
 /// two system calls per pass-through connection instead of a thread spawn
 /// and a blocking join. `f` must not await or block (it is a plain closure).
 pub fn in_netns<T>(netns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-    // This thread's own namespace, to come back to; opened per call so a
-    // thread that was itself moved (a test's pod thread) comes back home.
-    let home = std::fs::File::open("/proc/thread-self/ns/net")?;
+    thread_local! {
+        // This thread's own namespace, to come back to: opened once per
+        // thread (every call leaves the thread where it found it), not on
+        // every pass-through connection.
+        static HOME: io::Result<std::fs::File> = std::fs::File::open("/proc/thread-self/ns/net");
+    }
+    let home = HOME.with(|home| match home {
+        Ok(file) => Ok(file.as_raw_fd()),
+        Err(err) => Err(io::Error::new(err.kind(), err.to_string())),
+    })?;
     // SAFETY: netns is an open namespace file for the borrow's lifetime;
     // setns changes only the calling thread.
     if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let result = f();
-    // SAFETY: home is an open namespace file owned by this frame.
-    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+    // SAFETY: home is this thread's namespace file, open for the thread's life.
+    if unsafe { libc::setns(home, libc::CLONE_NEWNET) } != 0 {
         // Going on in a pod's namespace would open every later socket of
         // this thread there: nothing safe is left to do.
         let err = io::Error::last_os_error();

@@ -187,28 +187,3 @@ async fn stream_request(
     });
     Ok(status(200))
 }
-
-/// Copies both ways until both sides are done, passing half-closes on; on
-/// an error (a reset) both sides are dropped at once, which resets the
-/// other end too. Returns the bytes carried (to the destination, to the
-/// source). Buffers are bounded: a slow reader slows the writer.
-pub async fn splice<A, B>(mut a: A, mut b: B) -> (u64, u64)
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    match tokio::io::copy_bidirectional_with_sizes(
-        &mut a,
-        &mut b,
-        super::COPY_BUFFER,
-        super::COPY_BUFFER,
-    )
-    .await
-    {
-        Ok(counts) => counts,
-        Err(err) => {
-            tracing::debug!(%err, "stream reset");
-            (0, 0)
-        }
-    }
-}

@@ -92,8 +92,7 @@ async fn setup(tag: &str) -> Setup {
             let stream = TcpStream::connect(dest)
                 .await
                 .map_err(|e| Refusal::new(503, "connect_failed", e.to_string()))?;
-            let carry: server::Carry =
-                Box::new(move |tunnel| server::splice(tunnel, stream).boxed());
+            let carry: server::Carry = Box::new(move |tunnel| splice(tunnel, stream).boxed());
             Ok(carry)
         }
         .boxed()
@@ -294,4 +293,27 @@ async fn a_slow_reader_bounds_what_is_buffered() {
         written > 1 << 20,
         "{written}: the stream should carry something before it blocks"
     );
+}
+
+/// The test connector's carry: copies both ways until both sides are done
+/// (the node's carry is the proxy's, with watches and the registry).
+async fn splice<A, B>(mut a: A, mut b: B) -> (u64, u64)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::io::copy_bidirectional_with_sizes(
+        &mut a,
+        &mut b,
+        crate::COPY_BUFFER,
+        crate::COPY_BUFFER,
+    )
+    .await
+    {
+        Ok(counts) => counts,
+        Err(err) => {
+            tracing::debug!(%err, "stream reset");
+            (0, 0)
+        }
+    }
 }
