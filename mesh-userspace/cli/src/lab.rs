@@ -33,8 +33,8 @@ pub use topology::{LabId, NodeSpec, PodSpec, Topology};
 pub enum LabError {
     #[error("the lab cannot start on this machine; missing:\n  - {}", .0.join("\n  - "))]
     Preflight(Vec<String>),
-    #[error("{0}")]
-    Topology(String),
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
     #[error("no lab {0}: `lacewing lab status` lists the labs on this machine")]
     NotFound(String),
     #[error("{what} lab has no {kind} `{name}`; it has: {have}")]
@@ -48,8 +48,8 @@ pub enum LabError {
     Build { id: String, source: std::io::Error },
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("removing {0}")]
-    Teardown(String),
+    #[error(transparent)]
+    Teardown(#[from] sweep::TeardownError),
 }
 
 /// A running lab. Dropping it removes everything it made, unless it was

@@ -154,11 +154,18 @@ mod tests {
             Ok(Duration::from_secs(86_400))
         );
         assert_eq!(super::parse_duration("4s"), Ok(Duration::from_secs(4)));
-        assert!(super::parse_duration("0s").is_err());
-        assert!(
-            super::parse_duration("10x")
-                .unwrap_err()
-                .contains("s, m, h or d")
+        use lacewing_core::duration::DurationError;
+        assert_eq!(
+            super::parse_duration("0s"),
+            Err(DurationError::Zero("0s".to_owned()))
+        );
+        assert_eq!(
+            super::parse_duration("10x").unwrap_err().to_string(),
+            "`10x`: the unit must be s, m, h or d"
+        );
+        assert_eq!(
+            super::parse_duration("99999999999999999d"),
+            Err(DurationError::TooLong("99999999999999999d".to_owned()))
         );
     }
 }

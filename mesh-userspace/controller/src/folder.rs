@@ -9,7 +9,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::snapshot::{Publisher, Snapshots};
+use super::snapshot::{Publisher, Snapshots, SourceError};
 use lacewing_core::model::{
     Declared,
     k8s::{Objects, translate_all},
@@ -47,7 +47,10 @@ struct FileCache {
 }
 
 impl FileCache {
-    fn load(&mut self, stamp: &[(PathBuf, u64, Option<SystemTime>)]) -> Result<Declared, String> {
+    fn load(
+        &mut self,
+        stamp: &[(PathBuf, u64, Option<SystemTime>)],
+    ) -> Result<Declared, SourceError> {
         self.files
             .retain(|path, _| stamp.iter().any(|(p, _, _)| p == path));
         for (path, len, modified) in stamp {
@@ -58,20 +61,21 @@ impl FileCache {
                 continue;
             }
             let name = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|e| format!("{name}: {e}"))?;
+            let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
+                file: name.clone(),
+                source,
+            })?;
             let mut objects = Objects::default();
             // A bad file leaves the cache without it, so it is read again
             // (and reported again) until it is fixed.
             self.files.remove(path);
             objects
                 .add_yaml(&name, &text)
-                .map_err(|e| format!("{name}: {e}"))?;
+                .map_err(|source| SourceError::File { file: name, source })?;
             self.files.insert(path.clone(), (*len, *modified, objects));
         }
         let parts: Vec<&Objects> = self.files.values().map(|(_, _, o)| o).collect();
-        translate_all(&parts)
-            .and_then(|t| t.strict())
-            .map_err(|e| e.to_string())
+        Ok(translate_all(&parts).and_then(|t| t.strict())?)
     }
 }
 

@@ -198,13 +198,28 @@ pub fn certified_node<T>(request: &Request<T>, trust_domain: &str) -> Result<Str
         .ok_or_else(|| Status::unauthenticated("no node identity in the client certificate"))
 }
 
+/// Why a node's stream ended other than by the node closing it.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("the configuration source stopped (the controller is shutting down)")]
+    SourceStopped,
+    #[error("the controller is shutting down")]
+    ShuttingDown,
+    #[error("the node hung up")]
+    HungUp,
+    #[error("the node's stream failed: {0}")]
+    Node(Box<Status>),
+    #[error("the node sent {got} where an Ack or Nack of version {version} belongs")]
+    Unexpected { version: u64, got: String },
+}
+
 /// Sends the node what it lacks, one update at a time, until the stream ends.
 async fn session(
     registry: &Registry,
     hello: &pb::Hello,
     inbound: &mut Streaming<NodeMessage>,
     tx: &mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let node = hello.node.as_str();
     // A delta needs a base both sides agree on: what this controller saw the
     // node acknowledge, if the node says it still has exactly that.
@@ -219,11 +234,11 @@ async fn session(
         else {
             // Nothing new: wait for a change, or for the node to go away.
             tokio::select! {
-                changed = snapshots.changed() => changed.map_err(|_| "the source stopped".to_owned())?,
+                changed = snapshots.changed() => changed.map_err(|_| SessionError::SourceStopped)?,
                 msg = inbound.message() => match msg {
                     Ok(Some(_)) => continue,
                     Ok(None) => return Ok(()),
-                    Err(status) => return Err(status.to_string()),
+                    Err(status) => return Err(SessionError::Node(Box::new(status))),
                 },
             }
             continue;
@@ -237,21 +252,19 @@ async fn session(
                     .full_syncs
                     .acquire()
                     .await
-                    .map_err(|_| "shutting down".to_owned())?,
+                    .map_err(|_| SessionError::ShuttingDown)?,
             )
         } else {
             None
         };
         let update = latest.update_for(node, base.as_deref());
         for chunk in lacewing_core::proto::chunks::split(update) {
-            tx.send(Ok(chunk))
-                .await
-                .map_err(|_| "the node hung up".to_owned())?;
+            tx.send(Ok(chunk)).await.map_err(|_| SessionError::HungUp)?;
         }
         match inbound
             .message()
             .await
-            .map_err(|s| s.to_string())?
+            .map_err(|s| SessionError::Node(Box::new(s)))?
             .and_then(|m| m.kind)
         {
             Some(Kind::Ack(ack)) if ack.version == latest.version => {
@@ -269,13 +282,13 @@ async fn session(
                 snapshots
                     .changed()
                     .await
-                    .map_err(|_| "the source stopped".to_owned())?;
+                    .map_err(|_| SessionError::SourceStopped)?;
             }
             Some(other) => {
-                return Err(format!(
-                    "expected Ack or Nack of version {}, got {other:?}",
-                    latest.version
-                ));
+                return Err(SessionError::Unexpected {
+                    version: latest.version,
+                    got: format!("{other:?}"),
+                });
             }
             None => return Ok(()),
         }

@@ -1,7 +1,8 @@
-//! The Kubernetes source: kube-rs watchers on every kind the model reads
-//! (re-listing after `410 Gone`, following bookmarks, as the watcher does),
-//! kept in stores of objects already read into the model's terms, and fed
-//! to the same translation as the folder source.
+//! The Kubernetes source: a typed kube-rs watcher on every kind the model
+//! reads (`k8s-openapi` objects and our CRD types; re-listing after `410
+//! Gone`, following bookmarks, as the watcher does), kept in stores of
+//! objects already read into the model's terms, and fed to the same
+//! translation as the folder source.
 //!
 //! Unlike the folder source, one bad object does not hold back the rest of
 //! the cluster: a rejected policy or route is left out (and its status says
@@ -10,17 +11,20 @@
 
 use std::collections::BTreeMap;
 
-use futures::{StreamExt as _, stream};
+use futures::{StreamExt as _, stream, stream::BoxStream};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
-    Api, Client, ResourceExt as _,
-    api::{ApiResource, DynamicObject},
-    core::TypeMeta,
+    Api, Client, Resource,
+    api::ApiResource,
     runtime::watcher::{self, Event},
 };
+use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::snapshot::{Publisher, Snapshots};
-use lacewing_core::model::k8s::{Objects, Translation, policies::Verdict, translate_all};
+use lacewing_core::model::k8s::{
+    K8sError, Objects, Translation, Typed, policies::Verdict, translate_all,
+};
 
 /// A kind the controller watches: (group, version, kind, plural).
 pub type Kind = (&'static str, &'static str, &'static str, &'static str);
@@ -64,12 +68,13 @@ pub fn api_resource((group, version, kind, plural): Kind) -> ApiResource {
 }
 
 /// The objects of one kind, by namespace and name, each read into the
-/// model's terms once, when its event arrives (a translation then only
-/// gathers them; nothing is parsed again). An object's `resourceVersion`
-/// tells an unchanged re-list item from a changed one.
+/// model's terms once, from the typed object its event carries (a
+/// translation then only gathers them; nothing is parsed again). An
+/// object's `resourceVersion` tells an unchanged re-list item from a
+/// changed one.
 #[derive(Debug)]
 pub struct KindStore {
-    types: TypeMeta,
+    kind: &'static str,
     objects: BTreeMap<(String, String), Stored>,
     /// Objects of a re-list in progress; swapped in at its end, so a re-list
     /// never shows a half-empty cluster.
@@ -85,14 +90,13 @@ struct Stored {
     read: Objects,
 }
 
+/// A watcher event of any kind, its object typed.
+pub type TypedEvent = Event<(ObjectMeta, Typed)>;
+
 impl KindStore {
     pub fn new(kind: Kind) -> Self {
-        let ar = api_resource(kind);
         Self {
-            types: TypeMeta {
-                api_version: ar.api_version,
-                kind: ar.kind,
-            },
+            kind: kind.2,
             objects: BTreeMap::new(),
             relist: None,
             ready: false,
@@ -101,20 +105,19 @@ impl KindStore {
 
     /// Reads one object into the model's terms; `None` (with a warning)
     /// for an object the API server should never have accepted.
-    fn read(&self, mut o: DynamicObject) -> Option<Stored> {
-        let version = o.resource_version();
+    fn read(&self, meta: &ObjectMeta, object: Typed) -> Option<Stored> {
         let origin = format!(
             "{} {}/{}",
-            self.types.kind,
-            o.namespace().unwrap_or_default(),
-            o.name_any()
+            self.kind,
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default()
         );
-        // List items come without their kind; the model needs it.
-        o.types = Some(self.types.clone());
         let mut read = Objects::default();
-        let json = serde_json::to_string(&o).ok()?;
-        match read.add_yaml(&origin, &json) {
-            Ok(()) => Some(Stored { version, read }),
+        match read.add_typed(&origin, object) {
+            Ok(()) => Some(Stored {
+                version: meta.resource_version.clone(),
+                read,
+            }),
             Err(err) => {
                 tracing::warn!(%err, "skipping an object the model cannot read");
                 None
@@ -123,19 +126,23 @@ impl KindStore {
     }
 
     /// Applies one watcher event; whether the store's contents changed.
-    pub fn apply(&mut self, event: Event<DynamicObject>) -> bool {
-        let key = |o: &DynamicObject| (o.namespace().unwrap_or_default(), o.name_any());
+    pub fn apply(&mut self, event: TypedEvent) -> bool {
+        let key = |m: &ObjectMeta| {
+            (
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        };
         match event {
             Event::Init => {
                 self.relist = Some(BTreeMap::new());
                 false
             }
-            Event::InitApply(o) => {
-                let k = key(&o);
-                if let Some(stored) = self.read(o) {
+            Event::InitApply((meta, o)) => {
+                if let Some(stored) = self.read(&meta, o) {
                     self.relist
                         .get_or_insert_with(BTreeMap::new)
-                        .insert(k, stored);
+                        .insert(key(&meta), stored);
                 }
                 false
             }
@@ -144,13 +151,14 @@ impl KindStore {
                 self.ready = true;
                 true
             }
-            Event::Apply(o) => {
-                let k = key(&o);
-                let version = o.resource_version();
-                if version.is_some() && self.objects.get(&k).is_some_and(|s| s.version == version) {
+            Event::Apply((meta, o)) => {
+                let k = key(&meta);
+                let version = &meta.resource_version;
+                if version.is_some() && self.objects.get(&k).is_some_and(|s| &s.version == version)
+                {
                     return false;
                 }
-                match self.read(o) {
+                match self.read(&meta, o) {
                     Some(stored) => {
                         self.objects.insert(k, stored);
                         true
@@ -158,7 +166,7 @@ impl KindStore {
                     None => self.objects.remove(&k).is_some(),
                 }
             }
-            Event::Delete(o) => self.objects.remove(&key(&o)).is_some(),
+            Event::Delete((meta, _)) => self.objects.remove(&key(&meta)).is_some(),
         }
     }
 
@@ -174,6 +182,55 @@ impl KindStore {
     fn parts(&self) -> impl Iterator<Item = &Objects> {
         self.objects.values().map(|s| &s.read)
     }
+}
+
+/// The watcher of one kind, typed as `K`, its events carrying the model's
+/// [`Typed`] (made by `wrap`) and tagged with the kind's index in [`KINDS`].
+fn watch_kind<K>(
+    client: &Client,
+    index: usize,
+    wrap: fn(K) -> Typed,
+) -> BoxStream<'static, (usize, Result<TypedEvent, watcher::Error>)>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    debug_assert_eq!(
+        K::kind(&()),
+        KINDS[index].2,
+        "KINDS and the watchers disagree"
+    );
+    let typed = move |o: K| (o.meta().clone(), wrap(o));
+    watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .map(move |event| {
+            let event = event.map(|e| match e {
+                Event::Init => Event::Init,
+                Event::InitApply(o) => Event::InitApply(typed(o)),
+                Event::InitDone => Event::InitDone,
+                Event::Apply(o) => Event::Apply(typed(o)),
+                Event::Delete(o) => Event::Delete(typed(o)),
+            });
+            (index, event)
+        })
+        .boxed()
+}
+
+/// One typed watcher per kind of [`KINDS`], in its order.
+fn watchers(
+    client: &Client,
+) -> Vec<BoxStream<'static, (usize, Result<TypedEvent, watcher::Error>)>> {
+    use lacewing_core::model::k8s::policies::Policy;
+    vec![
+        watch_kind(client, 0, Typed::Service),
+        watch_kind(client, 1, Typed::Node),
+        watch_kind(client, 2, Typed::EndpointSlice),
+        watch_kind(client, 3, Typed::Pod),
+        watch_kind(client, 4, Typed::Namespace),
+        watch_kind(client, 5, Typed::ServiceAccount),
+        watch_kind(client, 6, |p| Typed::Policy(Policy::Authorization(p))),
+        watch_kind(client, 7, |p| Typed::Policy(Policy::Traffic(p))),
+        watch_kind(client, 8, |p| Typed::Policy(Policy::Mesh(p))),
+        watch_kind(client, 9, |p| Typed::Policy(Policy::Route(p))),
+    ]
 }
 
 /// Every watched kind's store.
@@ -193,12 +250,12 @@ impl Default for Cluster {
 impl Cluster {
     /// The model and the verdicts on policies, once every kind has been
     /// listed.
-    pub fn translate(&self) -> Option<Result<Translation, String>> {
+    pub fn translate(&self) -> Option<Result<Translation, K8sError>> {
         if !self.stores.iter().all(|s| s.ready) {
             return None;
         }
         let parts: Vec<&Objects> = self.stores.iter().flat_map(KindStore::parts).collect();
-        Some(translate_all(&parts).map_err(|e| e.to_string()))
+        Some(translate_all(&parts))
     }
 }
 
@@ -214,13 +271,7 @@ pub fn watch(
     let (publisher, snap_rx, err_rx) = Publisher::new();
     let (verdicts_tx, verdicts_rx) = watch::channel(Vec::new());
     tokio::spawn(async move {
-        let watchers = KINDS.iter().enumerate().map(|(index, kind)| {
-            let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource(*kind));
-            watcher::watcher(api, watcher::Config::default())
-                .map(move |event| (index, event))
-                .boxed()
-        });
-        let mut changes = stream::select_all(watchers);
+        let mut changes = stream::select_all(watchers(&client));
         let mut cluster = Cluster::default();
         while let Some((index, event)) = changes.next().await {
             let changed = match event {
@@ -256,7 +307,7 @@ pub fn watch(
                     });
                     publisher.publish(Ok(translation.declared), "kubernetes");
                 }
-                Some(Err(err)) => publisher.publish(Err(err), "kubernetes"),
+                Some(Err(err)) => publisher.publish(Err(err.into()), "kubernetes"),
             }
         }
     });

@@ -184,6 +184,23 @@ impl Snapshot {
 /// error: nodes are sent nothing rather than an empty configuration).
 pub type Snapshots = watch::Receiver<Option<Arc<Snapshot>>>;
 
+/// Why a source has no new configuration: what to fix, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {source}")]
+    File {
+        file: String,
+        source: lacewing_core::model::k8s::K8sError,
+    },
+    #[error(transparent)]
+    Model(#[from] lacewing_core::model::k8s::K8sError),
+}
+
 /// A source's two outputs, the latest good snapshot and its last error (empty
 /// when good), kept the same way whatever the source.
 pub struct Publisher {
@@ -200,7 +217,7 @@ impl Publisher {
 
     /// Publishes what the source now declares: a new version if it changes
     /// anything; on error, the error, with the last good snapshot in force.
-    pub fn publish(&self, declared: Result<Declared, String>, source: &str) {
+    pub fn publish(&self, declared: Result<Declared, SourceError>, source: &str) {
         match declared {
             Ok(set) => {
                 self.errors.send_replace(String::new());
@@ -213,7 +230,7 @@ impl Publisher {
             }
             Err(err) => {
                 tracing::error!(%source, %err, "the source has an error; nodes keep the last good configuration");
-                self.errors.send_replace(err);
+                self.errors.send_replace(err.to_string());
             }
         }
     }

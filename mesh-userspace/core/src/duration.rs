@@ -2,24 +2,40 @@
 
 use std::time::Duration;
 
+/// A duration that cannot be read, and how to write it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("`{0}` is not a duration such as 30s, 10m, 24h")]
+    NotANumber(String),
+    #[error("`{0}`: the unit must be s, m, h or d")]
+    Unit(String),
+    #[error("`{0}` must be longer than zero")]
+    Zero(String),
+    #[error("`{0}` is longer than any timer can wait")]
+    TooLong(String),
+}
+
 /// `90s`, `30m`, `24h`, `2d` (one number, one unit).
-pub fn parse(text: &str) -> Result<Duration, String> {
+pub fn parse(text: &str) -> Result<Duration, DurationError> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (n, unit) = text.split_at(split);
     let n: u64 = n
         .parse()
-        .map_err(|_| format!("`{text}` is not a duration such as 30s, 10m, 24h"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+        .map_err(|_| DurationError::NotANumber(text.to_owned()))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(DurationError::Unit(text.to_owned())),
     };
+    let secs = n
+        .checked_mul(scale)
+        .ok_or_else(|| DurationError::TooLong(text.to_owned()))?;
     if secs == 0 {
-        return Err(format!("`{text}` must be longer than zero"));
+        return Err(DurationError::Zero(text.to_owned()));
     }
     Ok(Duration::from_secs(secs))
 }

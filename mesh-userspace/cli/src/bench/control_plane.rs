@@ -231,32 +231,27 @@ async fn simulated_node(
     i: usize,
     controller: Controller,
     acks: mpsc::UnboundedSender<(usize, Ack)>,
-) -> Result<(), String> {
-    let (tx, mut updates) = client::subscribe(&controller, &node_name(i as u32), 0)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> anyhow::Result<()> {
+    let (tx, mut updates) = client::subscribe(&controller, &node_name(i as u32), 0).await?;
     let mut version = 0;
     let mut pending: Option<pb::ConfigUpdate> = None;
     let mut bytes = 0;
-    while let Some(piece) = updates.message().await.map_err(|e| e.to_string())? {
+    while let Some(piece) = updates.message().await? {
         bytes += piece.encoded_len();
-        let Some(update) = lacewing_core::proto::chunks::assemble(&mut pending, piece)
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(update) = lacewing_core::proto::chunks::assemble(&mut pending, piece)? else {
             continue;
         };
         if update.base_version != 0 && update.base_version != version {
-            return Err(format!(
+            anyhow::bail!(
                 "delta on top of {} but the node has {version}",
                 update.base_version
-            ));
+            );
         }
         version = update.version;
         tx.send(pb::NodeMessage {
             kind: Some(Kind::Ack(pb::Ack { version })),
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         let _ = acks.send((
             i,
             Ack {

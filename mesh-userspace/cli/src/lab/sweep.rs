@@ -43,11 +43,19 @@ pub fn bpffs_dir(id: LabId) -> PathBuf {
     Path::new(bpffs::MOUNT_POINT).join(id.prefix())
 }
 
+/// The steps of a teardown that failed (the others were done).
+#[derive(Debug, thiserror::Error)]
+#[error("removing lab {lab}: {}; run `lacewing lab down --all` again, or remove what is named by hand", steps.join("; "))]
+pub struct TeardownError {
+    pub lab: String,
+    pub steps: Vec<String>,
+}
+
 /// Removes everything lab `id` has: its processes (killed by the pids in its
 /// cgroups), cgroups, pins, namespaces and record. Idempotent, and it goes on
 /// past a failing step so one error does not leave the rest behind; the errors
 /// are returned together.
-pub fn teardown(id: LabId) -> Result<(), String> {
+pub fn teardown(id: LabId) -> Result<(), TeardownError> {
     let mut errors = Vec::new();
     match cgroup::cgroup2_mount() {
         Ok(Some(cg2)) => {
@@ -75,7 +83,10 @@ pub fn teardown(id: LabId) -> Result<(), String> {
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(format!("lab {}: {}", id.prefix(), errors.join("; ")))
+        Err(TeardownError {
+            lab: id.prefix(),
+            steps: errors,
+        })
     }
 }
 

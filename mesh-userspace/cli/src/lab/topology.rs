@@ -112,6 +112,15 @@ impl From<LabId> for String {
 }
 
 /// A lab's shape: its id and how many nodes and pods it has.
+/// A lab size out of range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyError {
+    #[error("a lab has 1 to {MAX_NODES} nodes, not {0}")]
+    Nodes(u8),
+    #[error("a node has 0 to {MAX_PODS} pods, not {0}")]
+    Pods(u8),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Topology {
     pub id: LabId,
@@ -121,14 +130,12 @@ pub struct Topology {
 
 impl Topology {
     /// Checks the size; `Err` says what range is allowed.
-    pub fn new(id: LabId, nodes: u8, pods_per_node: u8) -> Result<Self, String> {
+    pub fn new(id: LabId, nodes: u8, pods_per_node: u8) -> Result<Self, TopologyError> {
         if nodes == 0 || nodes > MAX_NODES {
-            return Err(format!("a lab has 1 to {MAX_NODES} nodes, not {nodes}"));
+            return Err(TopologyError::Nodes(nodes));
         }
         if pods_per_node > MAX_PODS {
-            return Err(format!(
-                "a node has 0 to {MAX_PODS} pods, not {pods_per_node}"
-            ));
+            return Err(TopologyError::Pods(pods_per_node));
         }
         Ok(Self {
             id,
@@ -329,8 +336,16 @@ mod tests {
 
     #[test]
     fn sizes_are_checked() {
-        assert!(Topology::new(LabId::random(), 0, 1).is_err());
-        assert!(Topology::new(LabId::random(), 201, 1).is_err());
+        assert_eq!(
+            Topology::new(LabId::random(), 0, 1),
+            Err(TopologyError::Nodes(0))
+        );
+        assert_eq!(
+            Topology::new(LabId::random(), 201, 1)
+                .unwrap_err()
+                .to_string(),
+            format!("a lab has 1 to {MAX_NODES} nodes, not 201")
+        );
         assert!(Topology::new(LabId::random(), 1, 0).is_ok());
     }
 }

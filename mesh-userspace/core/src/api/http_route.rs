@@ -2,9 +2,20 @@
 //! reads, GAMMA style: a route whose parentRef is a Service applies to
 //! traffic to that Service. (The CRD is Gateway API's own, not ours.)
 
+use kube::CustomResource;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `HttpRoute` is the typed object the Kubernetes source watches. Its CRD is
+/// Gateway API's, so no schema of ours is generated for it.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "HTTPRoute",
+    root = "HttpRoute",
+    namespaced,
+    schema = "disabled"
+)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteSpec {
     #[serde(default)]

@@ -14,6 +14,10 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use k8s_openapi::{
+    api::{core::v1 as corev1, discovery::v1 as discoveryv1},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde::Deserialize;
 
 use super::{
@@ -41,7 +45,18 @@ pub enum K8sError {
         source: serde_yaml::Error,
     },
     #[error("Service {0}: {1}")]
-    Service(String, String),
+    Service(String, FieldError),
+    #[error("{origin}: {source}")]
+    Field { origin: String, source: FieldError },
+    #[error(
+        "{origin}: Pod {namespace}/{pod} runs as ServiceAccount {account}, which does not exist in namespace {namespace}"
+    )]
+    MissingServiceAccount {
+        origin: String,
+        namespace: String,
+        pod: String,
+        account: String,
+    },
     #[error("{0}")]
     Invalid(#[from] super::services::InvalidService),
     #[error("{origin}: {source}")]
@@ -51,6 +66,32 @@ pub enum K8sError {
     },
     #[error("{0}")]
     Rejected(String),
+}
+
+/// A field of a Service, an EndpointSlice or a Pod that the model cannot
+/// use, and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("{field} {value} is not a port number from 1 to 65535")]
+    Port { field: &'static str, value: i32 },
+    #[error("{field}: `{value}` is not an IP address")]
+    Address { field: &'static str, value: String },
+    #[error("protocol `{0}` is not one of TCP, UDP, SCTP")]
+    Protocol(String),
+    #[error("sessionAffinity `{0}` is not one of None, ClientIP")]
+    Affinity(String),
+    #[error("lacewing.io/lb-algorithm: `{0}` is not one of random, maglev")]
+    Algorithm(String),
+    #[error("lacewing.io/maglev-table-size: `{0}` is not a number")]
+    MaglevSize(String),
+    #[error("lacewing.io/backend-weights: `{0}` is not address=weight")]
+    WeightPair(String),
+    #[error("lacewing.io/backend-weights: `{0}` is not an IP address")]
+    WeightAddress(String),
+    #[error("lacewing.io/backend-weights: weight `{0}` is not a number from 1 to 65535")]
+    WeightNumber(String),
+    #[error("lacewing.io/backend-weights: weight of {0} is 0; weights start at 1")]
+    ZeroWeight(IpAddr),
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +203,113 @@ struct Kind {
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+// The typed objects of the Kubernetes API, read into the model's terms. Only
+// what the model uses is copied; numbers the API types wider than the model
+// (ports as i32) are checked here.
+
+impl From<&ObjectMeta> for Meta {
+    fn from(m: &ObjectMeta) -> Self {
+        Self {
+            name: m.name.clone().unwrap_or_default(),
+            namespace: m.namespace.clone().unwrap_or_else(default_ns),
+            labels: m.labels.clone().unwrap_or_default(),
+            annotations: m.annotations.clone().unwrap_or_default(),
+            uid: m.uid.clone(),
+            generation: m.generation,
+        }
+    }
+}
+
+/// A port number the API holds as an i32.
+pub(crate) fn port_number(field: &'static str, value: i32) -> Result<u16, FieldError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(FieldError::Port { field, value })
+}
+
+impl TryFrom<&corev1::Service> for Service {
+    type Error = FieldError;
+
+    fn try_from(s: &corev1::Service) -> Result<Self, FieldError> {
+        let spec = s.spec.clone().unwrap_or_default();
+        Ok(Self {
+            metadata: Meta::from(&s.metadata),
+            spec: ServiceSpec {
+                cluster_ip: spec.cluster_ip,
+                cluster_ips: spec.cluster_ips.unwrap_or_default(),
+                ports: spec
+                    .ports
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| {
+                        Ok(ServicePort {
+                            port: port_number("spec.ports[].port", p.port)?,
+                            name: p.name,
+                            protocol: p.protocol,
+                        })
+                    })
+                    .collect::<Result<_, FieldError>>()?,
+                session_affinity: spec.session_affinity,
+                session_affinity_config: spec.session_affinity_config.map(|c| AffinityConfig {
+                    client_ip: c.client_ip.map(|c| ClientIpConfig {
+                        timeout_seconds: c.timeout_seconds.and_then(|t| u32::try_from(t).ok()),
+                    }),
+                }),
+            },
+        })
+    }
+}
+
+impl TryFrom<&discoveryv1::EndpointSlice> for EndpointSlice {
+    type Error = FieldError;
+
+    fn try_from(s: &discoveryv1::EndpointSlice) -> Result<Self, FieldError> {
+        let endpoints = s
+            .endpoints
+            .iter()
+            .map(|e| {
+                Ok(Endpoint {
+                    addresses: e
+                        .addresses
+                        .iter()
+                        .map(|a| {
+                            a.parse().map_err(|_| FieldError::Address {
+                                field: "endpoints[].addresses",
+                                value: a.clone(),
+                            })
+                        })
+                        .collect::<Result<_, FieldError>>()?,
+                    conditions: Conditions {
+                        ready: e.conditions.as_ref().and_then(|c| c.ready),
+                    },
+                })
+            })
+            .collect::<Result<_, FieldError>>()?;
+        let ports = s
+            .ports
+            .iter()
+            .flatten()
+            // A port without a number means "all ports": nothing a
+            // ClusterIP frontend can map to.
+            .filter_map(|p| Some((p, p.port?)))
+            .map(|(p, port)| {
+                Ok(EndpointPort {
+                    port: port_number("ports[].port", port)?,
+                    name: p.name.clone(),
+                    protocol: p.protocol.clone(),
+                })
+            })
+            .collect::<Result<_, FieldError>>()?;
+        Ok(Self {
+            metadata: Meta::from(&s.metadata),
+            address_type: s.address_type.clone(),
+            endpoints,
+            ports,
+        })
+    }
+}
+
 /// Parses a multi-document YAML text into the set of ClusterIP frontends
 /// with their ready backends; any rejected object is an error.
 pub fn parse(text: &str) -> Result<ServiceSet, K8sError> {
@@ -206,81 +354,124 @@ pub struct Objects {
     nodes: BTreeMap<String, Vec<IpAddr>>,
 }
 
+/// One object as the model reads it, before it joins an [`Objects`].
+enum Doc {
+    Service(String, Service),
+    Slice(EndpointSlice),
+    Policy(PolicyDoc),
+    Pod(String, workloads::Pod),
+    Node(workloads::Node),
+    /// A Namespace (true) or a ServiceAccount.
+    Named(bool, workloads::Named),
+}
+
+/// One object of a kind the model reads, typed as the Kubernetes API serves
+/// it: what the Kubernetes source's watchers yield (no JSON text in between).
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one object at a time, moved straight into the model's terms"
+)]
+#[derive(Debug)]
+pub enum Typed {
+    Service(corev1::Service),
+    EndpointSlice(discoveryv1::EndpointSlice),
+    Pod(corev1::Pod),
+    Node(corev1::Node),
+    Namespace(corev1::Namespace),
+    ServiceAccount(corev1::ServiceAccount),
+    Policy(policies::Policy),
+}
+
 impl Objects {
     /// Adds every document of a multi-document YAML text from `origin` (a
     /// file name, for messages); nothing of the text is added when one
     /// document is bad.
     pub fn add_yaml(&mut self, origin: &str, text: &str) -> Result<(), K8sError> {
-        let mut services = Vec::new();
-        let mut slices = Vec::new();
-        let mut policies = Vec::new();
-        let mut pods = Vec::new();
-        let mut named = Vec::new();
-        let mut nodes = Vec::new();
+        let mut docs = Vec::new();
         for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = serde_yaml::Value::deserialize(doc)
-                .map_err(|source| K8sError::Yaml { index, source })?;
+            let doc_err = |source| K8sError::Yaml { index, source };
+            let value = serde_yaml::Value::deserialize(doc).map_err(doc_err)?;
             if value.is_null() {
                 continue;
             }
-            let kind: Kind = serde_yaml::from_value(value.clone())
-                .map_err(|source| K8sError::Yaml { index, source })?;
+            let kind: Kind = serde_yaml::from_value(value.clone()).map_err(doc_err)?;
             let at = if origin.is_empty() {
                 format!("document {index}")
             } else {
                 format!("{origin}: document {index}")
             };
-            let doc_err = |source| K8sError::Yaml { index, source };
-            match kind.kind.as_deref() {
+            docs.push(match kind.kind.as_deref() {
                 Some(kind) if policies::KINDS.contains(&kind) => {
-                    policies.push(policies::read(kind, &at, value).map_err(doc_err)?);
+                    Doc::Policy(policies::read(kind, &at, value).map_err(doc_err)?)
                 }
-                Some("Pod") => {
-                    pods.push((at.clone(), serde_yaml::from_value(value).map_err(doc_err)?))
-                }
-                Some("Node") => {
-                    nodes.push(serde_yaml::from_value::<workloads::Node>(value).map_err(doc_err)?)
-                }
-                Some(kind @ ("Namespace" | "ServiceAccount")) => named.push((
+                Some("Pod") => Doc::Pod(at, serde_yaml::from_value(value).map_err(doc_err)?),
+                Some("Node") => Doc::Node(serde_yaml::from_value(value).map_err(doc_err)?),
+                Some(kind @ ("Namespace" | "ServiceAccount")) => Doc::Named(
                     kind == "Namespace",
-                    serde_yaml::from_value::<workloads::Named>(value).map_err(doc_err)?,
-                )),
-                Some("Service") => services.push((
-                    at.clone(),
-                    serde_yaml::from_value::<Service>(value)
-                        .map_err(|source| K8sError::Yaml { index, source })?,
-                )),
-                Some("EndpointSlice") => slices.push(
-                    serde_yaml::from_value::<EndpointSlice>(value)
-                        .map_err(|source| K8sError::Yaml { index, source })?,
+                    serde_yaml::from_value(value).map_err(doc_err)?,
                 ),
-                _ => {}
+                Some("Service") => {
+                    Doc::Service(at, serde_yaml::from_value(value).map_err(doc_err)?)
+                }
+                Some("EndpointSlice") => {
+                    Doc::Slice(serde_yaml::from_value(value).map_err(doc_err)?)
+                }
+                _ => continue,
+            });
+        }
+        for doc in docs {
+            self.insert(doc);
+        }
+        Ok(())
+    }
+
+    /// Adds one typed object from `origin` (`Kind namespace/name`, for
+    /// messages); an error names the field the model cannot use.
+    pub fn add_typed(&mut self, origin: &str, object: Typed) -> Result<(), K8sError> {
+        let at = |source| K8sError::Field {
+            origin: origin.to_owned(),
+            source,
+        };
+        let doc = match object {
+            Typed::Service(s) => {
+                Doc::Service(origin.to_owned(), Service::try_from(&s).map_err(at)?)
             }
-        }
-        self.services.extend(services);
-        self.policies.extend(policies);
-        self.pods.extend(pods);
-        for node in nodes {
-            let ips = node.internal_ips();
-            self.nodes.insert(node.metadata.name, ips);
-        }
-        for (is_namespace, o) in named {
-            if is_namespace {
+            Typed::EndpointSlice(s) => Doc::Slice(EndpointSlice::try_from(&s).map_err(at)?),
+            Typed::Pod(p) => Doc::Pod(origin.to_owned(), workloads::Pod::try_from(&p).map_err(at)?),
+            Typed::Node(n) => Doc::Node(workloads::Node::from(&n)),
+            Typed::Namespace(n) => Doc::Named(true, workloads::Named::from(&n.metadata)),
+            Typed::ServiceAccount(a) => Doc::Named(false, workloads::Named::from(&a.metadata)),
+            Typed::Policy(p) => Doc::Policy(policies::doc(origin, p)),
+        };
+        self.insert(doc);
+        Ok(())
+    }
+
+    fn insert(&mut self, doc: Doc) {
+        match doc {
+            Doc::Service(at, s) => self.services.push((at, s)),
+            Doc::Policy(p) => self.policies.push(p),
+            Doc::Pod(at, p) => self.pods.push((at, p)),
+            Doc::Node(node) => {
+                let ips = node.internal_ips();
+                self.nodes.insert(node.metadata.name, ips);
+            }
+            Doc::Named(true, o) => {
                 self.namespaces.insert(o.metadata.name, o.metadata.labels);
-            } else {
+            }
+            Doc::Named(false, o) => {
                 self.service_accounts
                     .insert((o.metadata.namespace, o.metadata.name));
             }
-        }
-        for slice in slices {
-            if let Some(svc) = slice.metadata.labels.get(SERVICE_NAME_LABEL) {
-                self.slices
-                    .entry((slice.metadata.namespace.clone(), svc.clone()))
-                    .or_default()
-                    .push(slice);
+            Doc::Slice(slice) => {
+                if let Some(svc) = slice.metadata.labels.get(SERVICE_NAME_LABEL) {
+                    self.slices
+                        .entry((slice.metadata.namespace.clone(), svc.clone()))
+                        .or_default()
+                        .push(slice);
+                }
             }
         }
-        Ok(())
     }
 }
 
@@ -327,8 +518,7 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
         &namespaces,
         &service_accounts,
         mesh_config.as_ref(),
-    )
-    .map_err(K8sError::Rejected)?;
+    )?;
     let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for part in parts {
         for ((ns, name), list) in &part.slices {
@@ -366,24 +556,20 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
 
 fn translate(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceEntry>, K8sError> {
     let id = format!("{}/{}", svc.metadata.namespace, svc.metadata.name);
-    let bad = |msg: String| K8sError::Service(id.clone(), msg);
+    let bad = |e: FieldError| K8sError::Service(id.clone(), e);
     let ann = &svc.metadata.annotations;
     let algorithm = match ann.get(ANNOTATION_ALGORITHM).map(String::as_str) {
         None | Some("random") => Algorithm::Random,
         Some("maglev") => match ann.get(ANNOTATION_MAGLEV_SIZE) {
             None => Algorithm::maglev_default(),
             Some(size) => Algorithm::Maglev {
-                table_size: size.parse().map_err(|_| {
-                    bad(format!(
-                        "{ANNOTATION_MAGLEV_SIZE}: `{size}` is not a number"
-                    ))
-                })?,
+                table_size: size
+                    .parse()
+                    .map_err(|_| bad(FieldError::MaglevSize(size.clone())))?,
             },
         },
         Some(other) => {
-            return Err(bad(format!(
-                "{ANNOTATION_ALGORITHM}: `{other}` is not one of random, maglev"
-            )));
+            return Err(bad(FieldError::Algorithm(other.to_owned())));
         }
     };
     let weights = parse_weights(
@@ -391,7 +577,7 @@ fn translate(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceEntr
             .map(String::as_str)
             .unwrap_or(""),
     )
-    .map_err(|e| bad(format!("{ANNOTATION_WEIGHTS}: {e}")))?;
+    .map_err(bad)?;
     let affinity_timeout_s = match svc.spec.session_affinity.as_deref() {
         Some("ClientIP") => svc
             .spec
@@ -402,9 +588,7 @@ fn translate(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceEntr
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S),
         None | Some("None") => 0,
         Some(other) => {
-            return Err(bad(format!(
-                "sessionAffinity `{other}` is not one of None, ClientIP"
-            )));
+            return Err(bad(FieldError::Affinity(other.to_owned())));
         }
     };
     let mut ips: Vec<&str> = svc.spec.cluster_ips.iter().map(String::as_str).collect();
@@ -416,9 +600,12 @@ fn translate(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceEntr
         if ip.is_empty() || ip == "None" {
             continue; // headless: nothing to balance
         }
-        let ip: IpAddr = ip
-            .parse()
-            .map_err(|_| bad(format!("clusterIP `{ip}` is not an IP address")))?;
+        let ip: IpAddr = ip.parse().map_err(|_| {
+            bad(FieldError::Address {
+                field: "spec.clusterIP",
+                value: ip.to_owned(),
+            })
+        })?;
         let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
         for port in &svc.spec.ports {
             let protocol = protocol(port.protocol.as_deref()).map_err(bad)?;
@@ -466,12 +653,12 @@ fn translate(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceEntr
 
 /// TCP and UDP are balanced; SCTP is skipped (the kernel hooks see it, but we
 /// have no use for it yet).
-fn protocol(p: Option<&str>) -> Result<Option<Protocol>, String> {
+fn protocol(p: Option<&str>) -> Result<Option<Protocol>, FieldError> {
     match p {
         None | Some("TCP") => Ok(Some(Protocol::Tcp)),
         Some("UDP") => Ok(Some(Protocol::Udp)),
         Some("SCTP") => Ok(None),
-        Some(other) => Err(format!("protocol `{other}` is not one of TCP, UDP, SCTP")),
+        Some(other) => Err(FieldError::Protocol(other.to_owned())),
     }
 }
 
@@ -479,22 +666,22 @@ fn protocol_or_tcp(p: Option<&str>) -> &str {
     p.unwrap_or("TCP")
 }
 
-fn parse_weights(text: &str) -> Result<BTreeMap<IpAddr, u16>, String> {
+fn parse_weights(text: &str) -> Result<BTreeMap<IpAddr, u16>, FieldError> {
     let mut out = BTreeMap::new();
     for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (ip, w) = pair
             .split_once('=')
-            .ok_or_else(|| format!("`{pair}` is not address=weight"))?;
+            .ok_or_else(|| FieldError::WeightPair(pair.to_owned()))?;
         let ip: IpAddr = ip
             .trim()
             .parse()
-            .map_err(|_| format!("`{ip}` is not an IP address"))?;
+            .map_err(|_| FieldError::WeightAddress(ip.trim().to_owned()))?;
         let w: u16 = w
             .trim()
             .parse()
-            .map_err(|_| format!("weight `{w}` is not a number from 1 to 65535"))?;
+            .map_err(|_| FieldError::WeightNumber(w.trim().to_owned()))?;
         if w == 0 {
-            return Err(format!("weight of {ip} is 0; weights start at 1"));
+            return Err(FieldError::ZeroWeight(ip));
         }
         out.insert(ip, w);
     }

@@ -196,21 +196,42 @@ pub struct ServiceCidr {
     pub prefix: u8,
 }
 
+/// A service CIDR that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("`{0}` is not a CIDR such as 10.96.0.0/12")]
+    Shape(String),
+    #[error("`{addr}` in `{cidr}` is not an IP address")]
+    Address { addr: String, cidr: String },
+    #[error("prefix `{prefix}` in `{cidr}` must be 0 to {max}")]
+    Prefix {
+        prefix: String,
+        cidr: String,
+        max: u8,
+    },
+}
+
 impl std::str::FromStr for ServiceCidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Self, CidrError> {
         let (addr, prefix) = s
             .split_once('/')
-            .ok_or_else(|| format!("`{s}` is not a CIDR such as 10.96.0.0/12"))?;
-        let addr: std::net::IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{addr}` in `{s}` is not an IP address"))?;
+            .ok_or_else(|| CidrError::Shape(s.to_owned()))?;
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| CidrError::Address {
+            addr: addr.to_owned(),
+            cidr: s.to_owned(),
+        })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= max)
-            .ok_or_else(|| format!("prefix `{prefix}` in `{s}` must be 0 to {max}"))?;
+        let prefix: u8 =
+            prefix
+                .parse()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| CidrError::Prefix {
+                    prefix: prefix.to_owned(),
+                    cidr: s.to_owned(),
+                    max,
+                })?;
         Ok(Self { addr, prefix })
     }
 }

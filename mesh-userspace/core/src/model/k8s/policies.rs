@@ -4,10 +4,14 @@
 //! `Accepted` and `ResolvedRefs` conditions written to its status.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
 
-use super::Meta;
-use crate::api::conditions::{ACCEPTED, Condition, RESOLVED_REFS};
+use crate::api::{
+    authorization::{AuthorizationPolicy, check_principal},
+    conditions::{ACCEPTED, Condition, RESOLVED_REFS},
+    http_route::HttpRoute,
+    mesh_config::MeshConfig,
+    traffic::TrafficPolicy,
+};
 
 /// The kinds handled here.
 pub const KINDS: [&str; 4] = [
@@ -93,18 +97,43 @@ impl Verdict {
     }
 }
 
-/// Reads one of our policies or an HTTPRoute from `origin`: an error if it is
-/// malformed; a [`PolicyDoc`] saying what is wrong with it if it is
-/// well-formed but wrong on its own.
+/// One of our policies or an HTTPRoute, typed.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one object at a time, moved straight into the model's terms"
+)]
+#[derive(Debug)]
+pub enum Policy {
+    Authorization(AuthorizationPolicy),
+    Traffic(TrafficPolicy),
+    Mesh(MeshConfig),
+    Route(HttpRoute),
+}
+
+/// Reads one of our policies or an HTTPRoute (a YAML document of `kind`)
+/// from `origin`: an error if it is malformed; a [`PolicyDoc`] saying what
+/// is wrong with it if it is well-formed but wrong on its own.
 pub fn read(
     kind: &str,
     origin: &str,
     value: serde_yaml::Value,
 ) -> Result<PolicyDoc, serde_yaml::Error> {
-    use crate::api::{
-        authorization::{AuthorizationPolicy, check_principal},
-        mesh_config::MeshConfig,
-        traffic::TrafficPolicy,
+    let policy = match kind {
+        "AuthorizationPolicy" => Policy::Authorization(serde_yaml::from_value(value)?),
+        "TrafficPolicy" => Policy::Traffic(serde_yaml::from_value(value)?),
+        "MeshConfig" => Policy::Mesh(serde_yaml::from_value(value)?),
+        _ => Policy::Route(serde_yaml::from_value(value)?),
+    };
+    Ok(doc(origin, policy))
+}
+
+/// What one policy or route says on its own, read from `origin`.
+pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
+    let kind = match &policy {
+        Policy::Authorization(_) => "AuthorizationPolicy",
+        Policy::Traffic(_) => "TrafficPolicy",
+        Policy::Mesh(_) => "MeshConfig",
+        Policy::Route(_) => "HTTPRoute",
     };
     let object = |m: &ObjectMeta, namespaced: bool| ObjectRef {
         kind: kind.to_owned(),
@@ -122,9 +151,8 @@ pub fn read(
         mesh_config: None,
         unsupported: Vec::new(),
     };
-    match kind {
-        "AuthorizationPolicy" => {
-            let p: AuthorizationPolicy = serde_yaml::from_value(value)?;
+    match policy {
+        Policy::Authorization(p) => {
             let mut d = doc(object(&p.metadata, true), p.metadata.generation);
             d.invalid = p
                 .spec
@@ -136,20 +164,18 @@ pub fn read(
                 .map(|e| ("InvalidPrincipal", format!("{}: {e}", d.object)));
             d.unsupported = unsupported_authorization(&p.spec);
             d.authorization = Some(p.spec);
-            Ok(d)
+            d
         }
-        "TrafficPolicy" => {
-            let p: TrafficPolicy = serde_yaml::from_value(value)?;
+        Policy::Traffic(p) => {
             let mut d = doc(object(&p.metadata, true), p.metadata.generation);
             d.references.push(ServiceName {
                 namespace: d.object.namespace.clone().unwrap_or_default(),
                 name: p.spec.target_ref.name.clone(),
             });
             d.unsupported = unsupported_traffic(&p.spec);
-            Ok(d)
+            d
         }
-        "MeshConfig" => {
-            let m: MeshConfig = serde_yaml::from_value(value)?;
+        Policy::Mesh(m) => {
             let mut d = doc(object(&m.metadata, false), m.metadata.generation);
             if let Some(td) = &m.spec.trust_domain
                 && (td.is_empty() || td.contains('/'))
@@ -168,24 +194,12 @@ pub fn read(
                 d.unsupported.push("spec.trustDomain".to_owned());
             }
             d.mesh_config = Some(m.spec);
-            Ok(d)
+            d
         }
-        _ => {
-            #[derive(Deserialize)]
-            struct Route {
-                metadata: Meta,
-                spec: crate::api::http_route::HttpRouteSpec,
-            }
-            let r: Route = serde_yaml::from_value(value)?;
-            let ns = r.metadata.namespace.clone();
-            let mut d = doc(
-                ObjectRef {
-                    kind: kind.to_owned(),
-                    namespace: Some(ns.clone()),
-                    name: r.metadata.name.clone(),
-                },
-                r.metadata.generation,
-            );
+        Policy::Route(r) => {
+            let object = object(&r.metadata, true);
+            let ns = object.namespace.clone().unwrap_or_default();
+            let mut d = doc(object, r.metadata.generation);
             let service = |b: &crate::api::http_route::BackendRef| ServiceName {
                 namespace: b.namespace.clone().unwrap_or_else(|| ns.clone()),
                 name: b.name.clone(),
@@ -213,7 +227,7 @@ pub fn read(
             if !r.spec.rules.is_empty() {
                 d.unsupported.push("spec.rules".to_owned());
             }
-            Ok(d)
+            d
         }
     }
 }

@@ -266,3 +266,53 @@ fn a_pod_running_as_a_missing_service_account_is_rejected() {
         "{err}"
     );
 }
+
+/// The Kubernetes source's typed objects, as the API serves them.
+fn typed(text: &str) -> Objects {
+    let mut objects = Objects::default();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize(doc).unwrap();
+        let kind: Kind = serde_yaml::from_value(value.clone()).unwrap();
+        let object = match kind.kind.as_deref() {
+            Some("Service") => Typed::Service(serde_yaml::from_value(value).unwrap()),
+            Some("EndpointSlice") => Typed::EndpointSlice(serde_yaml::from_value(value).unwrap()),
+            _ => continue,
+        };
+        objects.add_typed("typed", object).unwrap();
+    }
+    objects
+}
+
+#[test]
+fn typed_objects_read_as_their_yaml_does() {
+    let from_yaml = parse(YAML).unwrap();
+    let from_typed = translate_all(&[&typed(YAML)]).unwrap().strict().unwrap();
+    assert_eq!(from_typed.services, from_yaml);
+}
+
+#[test]
+fn typed_objects_out_of_the_models_range_say_which_field() {
+    let mut service: corev1::Service = serde_yaml::from_str(
+        "metadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 70000}]}",
+    )
+    .unwrap();
+    let err = Objects::default()
+        .add_typed("Service shop/web", Typed::Service(service.clone()))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Service shop/web: spec.ports[].port 70000 is not a port number from 1 to 65535"
+    );
+    service.spec.as_mut().unwrap().ports = None;
+    let slice: discoveryv1::EndpointSlice = serde_yaml::from_str(
+        "metadata: {name: web-1, namespace: shop}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.300]}]",
+    )
+    .unwrap();
+    let err = Objects::default()
+        .add_typed("EndpointSlice shop/web-1", Typed::EndpointSlice(slice))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "EndpointSlice shop/web-1: endpoints[].addresses: `10.0.0.300` is not an IP address"
+    );
+}

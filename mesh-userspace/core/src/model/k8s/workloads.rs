@@ -5,9 +5,10 @@ use std::{
     net::IpAddr,
 };
 
+use k8s_openapi::{api::core::v1 as corev1, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde::Deserialize;
 
-use super::Meta;
+use super::{FieldError, K8sError, Meta};
 use crate::api::mesh_config::{MeshConfigSpec, MtlsMode};
 use crate::model::workloads::{MESH_DISABLED, MESH_ENABLED, MESH_LABEL, Workload};
 
@@ -85,6 +86,74 @@ impl Node {
     }
 }
 
+impl TryFrom<&corev1::Pod> for Pod {
+    type Error = FieldError;
+
+    fn try_from(p: &corev1::Pod) -> Result<Self, FieldError> {
+        let ip = |field: &'static str, a: &str| {
+            a.parse().map_err(|_| FieldError::Address {
+                field,
+                value: a.to_owned(),
+            })
+        };
+        let spec = p.spec.as_ref();
+        let status = p.status.as_ref();
+        Ok(Self {
+            metadata: Meta::from(&p.metadata),
+            spec: PodSpec {
+                node_name: spec.and_then(|s| s.node_name.clone()),
+                service_account_name: spec.and_then(|s| s.service_account_name.clone()),
+            },
+            status: PodStatus {
+                phase: status.and_then(|s| s.phase.clone()),
+                pod_ip: status
+                    .and_then(|s| s.pod_ip.as_deref())
+                    .map(|a| ip("status.podIP", a))
+                    .transpose()?,
+                pod_ips: status
+                    .and_then(|s| s.pod_ips.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|a| {
+                        Ok(PodIp {
+                            ip: ip("status.podIPs[].ip", &a.ip)?,
+                        })
+                    })
+                    .collect::<Result<_, FieldError>>()?,
+            },
+        })
+    }
+}
+
+impl From<&ObjectMeta> for Named {
+    fn from(m: &ObjectMeta) -> Self {
+        Self {
+            metadata: Meta::from(m),
+        }
+    }
+}
+
+impl From<&corev1::Node> for Node {
+    fn from(n: &corev1::Node) -> Self {
+        Self {
+            metadata: Meta::from(&n.metadata),
+            status: NodeStatus {
+                addresses: n
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.addresses.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|a| NodeAddress {
+                        type_: a.type_.clone(),
+                        address: a.address.clone(),
+                    })
+                    .collect(),
+            },
+        }
+    }
+}
+
 /// Whether meshed pods of `namespace` are STRICT: the MeshConfig's
 /// per-namespace override, else its default (STRICT); with no MeshConfig,
 /// PERMISSIVE, so enrolling a namespace breaks no plain-text client (as
@@ -112,7 +181,7 @@ pub fn translate<'a>(
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     service_accounts: &BTreeSet<(String, String)>,
     mesh_config: Option<&MeshConfigSpec>,
-) -> Result<Vec<Workload>, String> {
+) -> Result<Vec<Workload>, K8sError> {
     let mut out = Vec::new();
     for (origin, pod) in pods {
         let meta = &pod.metadata;
@@ -137,10 +206,12 @@ pub fn translate<'a>(
         if sa != DEFAULT_SERVICE_ACCOUNT
             && !service_accounts.contains(&(meta.namespace.clone(), sa.clone()))
         {
-            return Err(format!(
-                "{origin}: Pod {}/{} runs as ServiceAccount {sa}, which does not exist in namespace {}",
-                meta.namespace, meta.name, meta.namespace
-            ));
+            return Err(K8sError::MissingServiceAccount {
+                origin: origin.clone(),
+                namespace: meta.namespace.clone(),
+                pod: meta.name.clone(),
+                account: sa,
+            });
         }
         let ns_enabled = namespaces
             .get(&meta.namespace)
