@@ -1,6 +1,7 @@
 //! The node daemon's connections over its life and the policy's: a drain on
 //! SIGTERM lets an established transfer finish, a policy that starts
-//! denying a source closes its established connection, and a new pod's
+//! denying a source closes its established connection (through the daemon,
+//! or straight through the kernel's fast path), and a new pod's
 //! first connection waits for its certificate.
 //!
 //! ```text
@@ -18,7 +19,7 @@ use std::{
 };
 
 use lacewing_tests::{
-    mesh_lab::{MeshLab, VIP, field, pod, poll},
+    mesh_lab::{MeshLab, PORT, VIP, field, pod, poll},
     node_http,
 };
 
@@ -62,34 +63,39 @@ fn a_transfer_in_flight_when_the_destination_daemon_gets_sigterm_completes_and_i
     assert_eq!(field(&text, "back_sha"), field(&text, "sent_sha"), "{text}");
 }
 
-#[test]
-fn an_established_connection_is_closed_within_a_second_of_a_deny_naming_its_source() {
-    let m = MeshLab::new();
-    // One connection, a round trip every 0.1 s for 30 s.
-    let mut rr = m.spawn_xfer("n0-p0", &["rr", VIP, "80", "long-lived", "300", "0.1"]);
-    let inbound = "lacewing_tunnel_streams_opened_total{direction=\"inbound\"}";
-    poll("the connection reaches n1", Duration::from_secs(10), || {
-        (m.metric("n1", inbound) >= 1.0).then_some(())
-    });
-    let version = |m: &MeshLab| -> u64 {
-        let status = node_http(&m.lab, &m.lab.node("n1").unwrap(), "/status");
-        let json: serde_json::Value = serde_json::from_str(&status).unwrap();
-        json["version"].as_u64().unwrap()
-    };
-    let before = version(&m);
+/// The configuration version `node` has applied.
+fn applied_version(m: &MeshLab, node: &str) -> u64 {
+    let status = node_http(&m.lab, &m.lab.node(node).unwrap(), "/status");
+    let json: serde_json::Value = serde_json::from_str(&status).unwrap();
+    json["version"].as_u64().unwrap()
+}
+
+/// Writes `policy` (denying `principal`, in namespace shop) and asserts
+/// that `rr`'s connection fails (with one of the Python `errors`) within a
+/// second of `node` applying it, and is counted there as one denial by the
+/// policy.
+fn deny_closes_within_a_second(
+    m: &MeshLab,
+    node: &str,
+    mut rr: lacewing::lab::LabProcess,
+    policy: &str,
+    principal: &str,
+    errors: &[&str],
+) {
+    let before = applied_version(m, node);
     m.config(
-        "deny.yaml",
-        Some(
-            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: shop}\nspec: {action: Deny, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/shop/sa/client\"]}]}]}\n",
-        ),
+        &format!("{policy}.yaml"),
+        Some(&format!(
+            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {policy}, namespace: shop}}\nspec: {{action: Deny, rules: [{{from: [{{principals: [\"{principal}\"]}}]}}]}}\n"
+        )),
     );
-    // When n1 applies the policy, and when the client's connection ends.
+    // When the node applies the policy, and when the connection ends.
     let mut applied = None;
     let ended = poll(
         "the client's connection ends",
         Duration::from_secs(10),
         || {
-            if applied.is_none() && version(&m) != before {
+            if applied.is_none() && applied_version(m, node) != before {
                 applied = Some(Instant::now());
             }
             rr.try_wait()
@@ -97,13 +103,17 @@ fn an_established_connection_is_closed_within_a_second_of_a_deny_naming_its_sour
                 .map(|status| (status, Instant::now()))
         },
     );
-    // The policy did reach n1 (a connection ending for another reason would
-    // not do); seen at the latest when the connection ended.
-    assert_ne!(version(&m), before, "n1 never applied the policy");
+    // The policy did reach the node (a connection ending for another
+    // reason would not do); seen at the latest when the connection ended.
+    assert_ne!(
+        applied_version(m, node),
+        before,
+        "{node} never applied the policy"
+    );
     let applied = applied.unwrap_or(ended.1);
     assert!(
         ended.1.saturating_duration_since(applied) < Duration::from_secs(1),
-        "closed {:?} after n1 applied the policy",
+        "closed {:?} after {node} applied the policy",
         ended.1.saturating_duration_since(applied)
     );
     let out = rr.wait_with_output().unwrap();
@@ -113,14 +123,63 @@ fn an_established_connection_is_closed_within_a_second_of_a_deny_naming_its_sour
         "the connection cannot have finished its 300 round trips"
     );
     assert!(
-        err.contains("ConnectionResetError") || err.contains("BrokenPipeError"),
-        "the client's connection is reset: {err}"
+        errors.iter().any(|e| err.contains(e)),
+        "the client's connection fails with one of {errors:?}: {err}"
     );
-    let denials = "lacewing_policy_denials_total{policy=\"shop/deny-client\"}";
+    let denials = format!("lacewing_policy_denials_total{{policy=\"shop/{policy}\"}}");
     assert_eq!(
-        m.metric("n1", denials),
+        m.metric(node, &denials),
         1.0,
         "the one closed connection is counted"
+    );
+}
+
+#[test]
+fn an_established_connection_is_closed_within_a_second_of_a_deny_naming_its_source() {
+    let m = MeshLab::new();
+    // One connection, a round trip every 0.1 s for 30 s.
+    let rr = m.spawn_xfer("n0-p0", &["rr", VIP, "80", "long-lived", "300", "0.1"]);
+    let inbound = "lacewing_tunnel_streams_opened_total{direction=\"inbound\"}";
+    poll("the connection reaches n1", Duration::from_secs(10), || {
+        (m.metric("n1", inbound) >= 1.0).then_some(())
+    });
+    deny_closes_within_a_second(
+        &m,
+        "n1",
+        rr,
+        "deny-client",
+        "spiffe://cluster.local/ns/shop/sa/client",
+        // The daemon resets the client's connection.
+        &["ConnectionResetError", "BrokenPipeError"],
+    );
+}
+
+#[test]
+fn a_fast_path_connection_is_closed_within_a_second_of_a_deny_naming_its_source() {
+    let m = MeshLab::new();
+    // n1-p1 to n1-p0, both on n1: the kernel lets it straight through, so
+    // the daemon never holds it.
+    let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
+    let allowed = m.decisions("n1", "kernel", "allowed");
+    let rr = m.spawn_xfer("n1-p1", &["rr", &web0, PORT, "long-lived", "300", "0.1"]);
+    poll(
+        "the connection takes the fast path",
+        Duration::from_secs(10),
+        || (m.decisions("n1", "kernel", "allowed") > allowed).then_some(()),
+    );
+    assert_eq!(
+        m.metric("n1", "lacewing_connections_open "),
+        0.0,
+        "no connection through the daemon"
+    );
+    deny_closes_within_a_second(
+        &m,
+        "n1",
+        rr,
+        "deny-web",
+        "spiffe://cluster.local/ns/shop/sa/web",
+        // The kernel aborts the client's own socket (as `ss -K` does).
+        &["ConnectionAbortedError"],
     );
 }
 

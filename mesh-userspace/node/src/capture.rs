@@ -96,6 +96,8 @@ impl CaptureMaps {
 /// listeners (for `LW_INBOUND`), its sk_lookup link, and whether it is
 /// STRICT now.
 struct Captured {
+    workload: Arc<Workload>,
+    netns: Arc<File>,
     cookie: u64,
     strict: bool,
     addresses: Vec<IpAddr>,
@@ -152,8 +154,9 @@ pub async fn run(
     let maps = Arc::new(std::sync::Mutex::new(maps));
     let mut captured: BTreeMap<String, Captured> = BTreeMap::new();
     let mut changes = workloads.watch();
+    let mut rechecked = None;
     loop {
-        changes.borrow_and_update();
+        let version = *changes.borrow_and_update();
         let wanted: BTreeMap<String, (Workload, PathBuf)> = workloads
             .meshed()
             .into_iter()
@@ -195,6 +198,16 @@ pub async fn run(
             }
         }
         captured_pods.set(i64::try_from(captured.len()).unwrap_or(i64::MAX));
+        if rechecked != Some(version) {
+            // Policies may have changed: what the fast path let through
+            // is decided again (a few netlink calls per pod).
+            rechecked = Some(version);
+            for (key, c) in &captured {
+                if let Err(err) = super::fastpath::close_denied(&c.workload, &c.netns, &proxy) {
+                    tracing::warn!(pod = %key, %err, "cannot re-check the pod's fast-path connections");
+                }
+            }
+        }
         tokio::select! {
             _ = changes.changed() => {}
             () = tokio::time::sleep(LOOK_EVERY) => {}
@@ -303,6 +316,8 @@ fn start(
         )
         .map_err(std::io::Error::other)?;
     let mut captured = Captured {
+        workload: Arc::clone(&shared),
+        netns,
         cookie,
         strict: false,
         addresses: workload.addresses.clone(),

@@ -150,3 +150,73 @@ pub async fn run(
         }
     }
 }
+
+/// Closes (resets) the connections `pod` opened straight to another meshed
+/// pod of this node that the policies in force now refuse: the kernel's
+/// fast path let them through at connect, so they never reached the daemon
+/// and the registry's re-check cannot see them. Each is found in the pod's
+/// network namespace (`netns`) by the kernel's socket diagnostics, decided
+/// as the daemon decides a new connection, logged and counted as a denial.
+/// Connections through the daemon are not here: the kernel pointed them at
+/// the in-pod listener (loopback), and the registry re-checks them.
+pub fn close_denied(
+    pod: &lacewing_core::model::workloads::Workload,
+    netns: &std::fs::File,
+    proxy: &lacewing_proxy::Proxy,
+) -> std::io::Result<usize> {
+    use lacewing_sys::diag::{self, TCP_ESTABLISHED, TCP_LISTEN};
+    use std::os::fd::AsFd as _;
+    let inbound = &proxy.inbound;
+    let sockets = lacewing_sys::os::in_netns(netns.as_fd(), || {
+        diag::tcp_sockets(&[TCP_ESTABLISHED, TCP_LISTEN])
+    })?;
+    // A connection the pod accepted is decided by its client's node (the
+    // client's policies name the client): only the pod's own are checked.
+    let listening: BTreeSet<u16> = sockets
+        .iter()
+        .filter(|s| s.state == TCP_LISTEN)
+        .map(|s| s.local.port())
+        .collect();
+    let identity = pod.identity(&inbound.trust_domain);
+    let mut closed = 0;
+    for socket in sockets.iter().filter(|s| s.state == TCP_ESTABLISHED) {
+        let (local, remote) = (canonical(socket.local), canonical(socket.remote));
+        if listening.contains(&local.port())
+            || pod.addresses.contains(&remote.ip())
+            || !inbound.state.local(remote.ip()).is_some_and(|w| w.meshed)
+        {
+            continue;
+        }
+        let peer = lacewing_tunnel::Peer {
+            identity: identity.clone(),
+            source: Some(local.ip()),
+        };
+        let Err(refusal) = inbound.authorize(&peer, remote) else {
+            continue;
+        };
+        match lacewing_sys::os::in_netns(netns.as_fd(), || diag::destroy(socket)) {
+            Ok(()) => {
+                tracing::info!(
+                    %identity,
+                    source = %local,
+                    dest = %remote,
+                    reason = refusal.reason,
+                    policy = ?refusal.policy,
+                    path = "kernel",
+                    "established connection closed: the policy now denies it"
+                );
+                proxy.metrics.refused(&refusal);
+                closed += 1;
+            }
+            Err(err) => {
+                tracing::warn!(source = %local, dest = %remote, %err, "cannot close a connection the policy now denies");
+            }
+        }
+    }
+    Ok(closed)
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}

@@ -1,11 +1,13 @@
 //! The host edges Lacewing's daemons share: the system calls the standard
 //! library does not wrap ([`os`], the only module with `unsafe`), sockets the
-//! mesh must not capture ([`net`]), cgroup v2 and bpffs paths, signals,
+//! mesh must not capture ([`net`]), the TCP sockets of a network namespace
+//! ([`diag`]: listed and closed, as `ss -K` does), cgroup v2 and bpffs paths, signals,
 //! logging, and the plain HTTP endpoint for metrics and health ([`http`]).
 #![deny(unsafe_code)]
 
 pub mod bpffs;
 pub mod cgroup;
+pub mod diag;
 pub mod http;
 pub mod net;
 pub mod os;

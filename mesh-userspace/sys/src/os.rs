@@ -227,6 +227,24 @@ pub fn tcp_socket(ipv6: bool) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
+/// A netlink socket (close-on-exec) of `protocol` (`NETLINK_SOCK_DIAG`...),
+/// bound to the caller's network namespace for its whole life.
+pub fn netlink_socket(protocol: i32) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
 /// Every address of this network namespace's interfaces (`ip -j addr`).
 pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
     let out = Command::new("ip").args(["-j", "addr", "show"]).output()?;
