@@ -4,6 +4,7 @@
 
 pub mod authorization;
 pub mod k8s;
+pub mod routes;
 pub mod services;
 pub mod workloads;
 

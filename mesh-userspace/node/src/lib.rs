@@ -49,7 +49,9 @@ pub enum NodeError {
     #[error("{0}")]
     Bootstrap(#[from] bootstrap::BootstrapError),
     #[error("reading this node's credentials: {0} (check --tls-dir)")]
-    Credentials(String),
+    Credentials(#[from] lacewing_core::pki::PkiError),
+    #[error("this node's credentials cannot serve the tunnel: {0} (check --tls-dir)")]
+    TunnelCredentials(#[from] lacewing_tunnel::tls::TlsError),
     #[error("{0}")]
     Capture(#[from] capture::CaptureError),
     #[error("listening on {what} {addr}: {source} (is another lacewing-node running?)")]
@@ -223,11 +225,9 @@ async fn start_mesh(
         captured_pods,
         connections,
     } = parts;
-    let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)
-        .map_err(|e| NodeError::Credentials(e.to_string()))?;
-    let roots = tunnel::tls::roots(&ca).map_err(|e| NodeError::Credentials(e.to_string()))?;
-    let server_config = tunnel::tls::server_config(&cert, &key, Arc::clone(&roots))
-        .map_err(|e| NodeError::Credentials(e.to_string()))?;
+    let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)?;
+    let roots = tunnel::tls::roots(&ca)?;
+    let server_config = tunnel::tls::server_config(&cert, &key, Arc::clone(&roots))?;
     let proxy = Arc::new(Proxy::new(
         ProxyConfig {
             trust_domain: config.trust_domain.clone(),

@@ -55,6 +55,9 @@ pub struct PolicyDoc {
     pub generation: Option<i64>,
     /// Why it is not acceptable on its own, if it is not: (reason, message).
     pub invalid: Option<(&'static str, String)>,
+    /// A reference of a kind that cannot be followed (`ResolvedRefs=False`
+    /// with this reason and message).
+    pub bad_reference: Option<(&'static str, String)>,
     /// The Services it names.
     pub references: Vec<ServiceName>,
     /// HTTPRoute parents of kind Service (GAMMA): its status has one entry each.
@@ -145,6 +148,7 @@ pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
         origin: origin.to_owned(),
         generation,
         invalid: None,
+        bad_reference: None,
         references: Vec::new(),
         parents: Vec::new(),
         authorization: None,
@@ -224,6 +228,20 @@ pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
                         .map(service),
                 )
                 .collect();
+            // Rules are checked (and compiled) here, so a route that no node
+            // could apply is refused with Gateway API's reason.
+            let id = crate::model::routes::RouteId {
+                namespace: ns.clone(),
+                name: d.object.name.clone(),
+            };
+            if let Err(e) = crate::model::routes::compile(&id, &r.spec) {
+                let problem = (e.reason(), format!("{}: {e}", d.object));
+                if e.is_reference() {
+                    d.bad_reference = Some(problem);
+                } else {
+                    d.invalid = Some(problem);
+                }
+            }
             if !r.spec.rules.is_empty() {
                 d.unsupported.push("spec.rules".to_owned());
             }
@@ -306,9 +324,10 @@ pub fn judge(doc: &PolicyDoc, service_exists: impl Fn(&ServiceName) -> bool) -> 
         Some((reason, message)) => condition(ACCEPTED, false, reason, message.clone()),
     };
     let missing = doc.references.iter().find(|s| !service_exists(s));
-    let resolved = match missing {
-        None => condition(RESOLVED_REFS, true, "ResolvedRefs", String::new()),
-        Some(s) => condition(
+    let resolved = match (&doc.bad_reference, missing) {
+        (Some((reason, message)), _) => condition(RESOLVED_REFS, false, reason, message.clone()),
+        (None, None) => condition(RESOLVED_REFS, true, "ResolvedRefs", String::new()),
+        (None, Some(s)) => condition(
             RESOLVED_REFS,
             false,
             "BackendNotFound",

@@ -316,3 +316,34 @@ fn typed_objects_out_of_the_models_range_say_which_field() {
         "EndpointSlice shop/web-1: endpoints[].addresses: `10.0.0.300` is not an IP address"
     );
 }
+
+#[test]
+fn a_route_no_node_could_apply_is_refused_with_gateway_api_reasons() {
+    let route = |rules: &str| {
+        let yaml = format!(
+            "{WEB}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: web}}], rules: [{rules}]}}\n"
+        );
+        let mut objects = Objects::default();
+        objects.add_yaml("routes.yaml", &yaml).unwrap();
+        let translation = translate_all(&[&objects]).unwrap();
+        let conditions = &translation.verdicts[0].conditions;
+        conditions
+            .iter()
+            .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        route("{matches: [{path: {type: RegularExpression, value: '/v[0-9'}}]}")[0]
+            .lines()
+            .next()
+            .unwrap(),
+        "Accepted=False UnsupportedValue: HTTPRoute shop/r: rules[0]: path match `/v[0-9` is not a valid regular expression: regex parse error:"
+    );
+    assert_eq!(
+        route("{backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: web}]}"),
+        [
+            "Accepted=False Unsupported: HTTPRoute shop/r: spec.rules not enforced by the data path yet; it is not applied until that field is removed",
+            "ResolvedRefs=False InvalidKind: HTTPRoute shop/r: rules[0]: backendRef web is a ServiceImport; only Services can be backends",
+        ]
+    );
+}
