@@ -8,6 +8,7 @@ use futures::FutureExt as _;
 use lacewing_core::model::{authorization, workloads::Workload};
 use lacewing_tunnel::{
     Peer, Refusal,
+    metrics::TunnelMetrics,
     server::{Carry, TunnelStream},
 };
 use tokio::net::TcpStream;
@@ -24,6 +25,8 @@ pub struct Inbound {
     pub sockets: Arc<dyn SocketFactory>,
     pub registry: Arc<Registry>,
     pub trust_domain: String,
+    /// Where refused requests are counted.
+    pub metrics: TunnelMetrics,
 }
 
 /// A connection to a pod here, the watch on the pod's writes into it
@@ -32,24 +35,35 @@ pub struct Delivery {
     pub stream: TcpStream,
     pub watch: Option<Arc<Watch>>,
     pub registered: Registered,
+    /// Whether its HTTP requests are decided one by one (an
+    /// AuthorizationPolicy with L7 conditions selects the pod).
+    pub per_request: bool,
+    pub peer: Peer,
+    pub dest: SocketAddr,
 }
 
 impl Inbound {
     /// Authorizes `peer`'s stream to `dest`, connects to the pod and
     /// registers the connection (so a policy change can close it).
     pub async fn connect(&self, peer: Peer, dest: SocketAddr) -> Result<Delivery, Refusal> {
-        self.authorize(&peer, dest)?;
+        let workload = self.authorize(&peer, dest)?;
+        let per_request = authorization::needs_requests(&self.state.policies(), &workload);
         let stream = self
             .sockets
             .connect_delivery(dest)
             .await
             .map_err(|e| Refusal::new(503, "connect_failed", format!("{dest}: {e}")))?;
         let watch = self.sockets.watch(&stream, 0);
-        let registered = self.registry.register(peer, dest, Direction::Inbound);
+        let registered = self
+            .registry
+            .register(peer.clone(), dest, Direction::Inbound);
         Ok(Delivery {
             stream,
             watch,
             registered,
+            per_request,
+            peer,
+            dest,
         })
     }
 
@@ -57,6 +71,25 @@ impl Inbound {
     /// the source address belongs to a workload with the identity the peer
     /// proved; the AuthorizationPolicies selecting the pod allow it.
     pub fn authorize(&self, peer: &Peer, dest: SocketAddr) -> Result<Arc<Workload>, Refusal> {
+        self.decide(peer, dest, None)
+    }
+
+    /// The checks for one HTTP request on an allowed connection.
+    pub fn authorize_request(
+        &self,
+        peer: &Peer,
+        dest: SocketAddr,
+        request: &authorization::Request<'_>,
+    ) -> Result<Arc<Workload>, Refusal> {
+        self.decide(peer, dest, Some(request))
+    }
+
+    fn decide(
+        &self,
+        peer: &Peer,
+        dest: SocketAddr,
+        request: Option<&authorization::Request<'_>>,
+    ) -> Result<Arc<Workload>, Refusal> {
         let workload = match self.state.local(dest.ip()) {
             Some(w) if w.meshed => w,
             Some(_) => {
@@ -99,14 +132,19 @@ impl Inbound {
         let source = authorization::Source {
             identity: &peer.identity,
         };
-        authorization::decide(&self.state.policies(), &workload, dest.port(), &source).map_err(
-            |denied| Refusal {
-                status: 403,
-                reason: "policy_denied",
-                detail: denied.reason,
-                policy: Some(denied.policy),
-            },
-        )?;
+        authorization::decide(
+            &self.state.policies(),
+            &workload,
+            dest.port(),
+            &source,
+            request,
+        )
+        .map_err(|denied| Refusal {
+            status: 403,
+            reason: "policy_denied",
+            detail: denied.reason,
+            policy: Some(denied.policy),
+        })?;
         Ok(workload)
     }
 
@@ -118,11 +156,61 @@ impl Inbound {
             let inbound = Arc::clone(&inbound);
             async move {
                 let delivery = inbound.connect(peer, dest).await?;
-                let carry: Carry = Box::new(move |tunnel| carry(tunnel, delivery).boxed());
+                let carry: Carry = Box::new(move |tunnel| {
+                    async move {
+                        if delivery.per_request {
+                            inbound.serve_requests(tunnel, None, delivery).await
+                        } else {
+                            carry(tunnel, delivery).await
+                        }
+                    }
+                    .boxed()
+                });
                 Ok(carry)
             }
             .boxed()
         })
+    }
+}
+
+impl Inbound {
+    /// Serves a delivery whose requests are decided one by one
+    /// ([`crate::l7`]), from `client` (whose spliced writes `client_watch`
+    /// watches, for a same-node app); the bytes read from each side.
+    pub async fn serve_requests<C>(
+        self: &Arc<Self>,
+        client: C,
+        client_watch: Option<Arc<Watch>>,
+        delivery: Delivery,
+    ) -> (u64, u64)
+    where
+        C: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + crate::splice::Unread
+            + Unpin
+            + Send
+            + 'static,
+    {
+        let Delivery {
+            stream,
+            watch,
+            registered,
+            peer,
+            dest,
+            ..
+        } = delivery;
+        crate::l7::serve(
+            client,
+            client_watch,
+            stream,
+            watch,
+            peer,
+            dest,
+            Arc::clone(self),
+            self.metrics.clone(),
+            &registered.closed,
+        )
+        .await
     }
 }
 
@@ -134,6 +222,7 @@ async fn carry(tunnel: TunnelStream, delivery: Delivery) -> (u64, u64) {
         stream,
         watch,
         registered,
+        ..
     } = delivery;
     // The pod's spliced writes are watched: its replies must not outrun
     // the tunnel.

@@ -7,6 +7,8 @@
 //!   carried;
 //! - [`outbound::Outbound`]: a captured connection goes through the tunnel,
 //!   to a pod on this node through [`inbound::Inbound`], or unchanged;
+//! - [`l7`]: HTTP requests to a pod that an L7 AuthorizationPolicy
+//!   selects, decided one by one;
 //! - [`registry::Registry`]: every live connection, so a policy change
 //!   closes what it now denies and a drain waits for what is open;
 //! - [`splice`]: copying both ways, watching spliced writers.
@@ -22,6 +24,7 @@
 #[cfg(test)]
 mod fixtures;
 pub mod inbound;
+pub mod l7;
 pub mod outbound;
 pub mod registry;
 pub mod sockets;
@@ -73,6 +76,7 @@ impl Proxy {
             sockets: Arc::clone(&sockets),
             registry: Arc::clone(&registry),
             trust_domain: config.trust_domain.clone(),
+            metrics: metrics.clone(),
         });
         let outbound = Arc::new(Outbound {
             state,

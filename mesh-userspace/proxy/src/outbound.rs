@@ -114,6 +114,9 @@ impl Outbound {
         match self.route(dest) {
             Route::SameNode => match self.inbound.connect(peer, dest).await {
                 // Registered inbound: this node's policy is re-checked on it.
+                Ok(upstream) if upstream.per_request => {
+                    self.inbound.serve_requests(app, watch, upstream).await;
+                }
                 Ok(upstream) => {
                     let closed = upstream.registered.closed.clone();
                     splice_app(app, watch, upstream.stream, upstream.watch, &closed).await;

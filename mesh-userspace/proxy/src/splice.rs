@@ -88,6 +88,8 @@ pub struct Watched<S> {
     retry: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Bytes read from `inner` so far (what the copy passed on from it).
     read: u64,
+    /// The same count, for a reader that hands the stream away (HTTP).
+    shared: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl<S> Watched<S> {
@@ -98,7 +100,15 @@ impl<S> Watched<S> {
             writing,
             retry: None,
             read: 0,
+            shared: None,
         }
+    }
+
+    /// Also counts the bytes read into `counter`, which outlives the
+    /// stream (an HTTP connection owns its stream to the end).
+    pub fn counted(mut self, counter: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.shared = Some(counter);
+        self
     }
 
     pub fn into_inner(self) -> S {
@@ -149,6 +159,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         if let Poll::Ready(Ok(())) = &polled {
             let n = buf.filled().len() - before;
             self.read += n as u64;
+            if let Some(shared) = &self.shared {
+                shared.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             if let Some(watch) = &self.reading {
                 watch.read(n > 0 && n == room);
             }

@@ -166,7 +166,6 @@ pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
                 .flat_map(|f| &f.principals)
                 .find_map(|principal| check_principal(principal).err())
                 .map(|e| ("InvalidPrincipal", format!("{}: {e}", d.object)));
-            d.unsupported = unsupported_authorization(&p.spec);
             d.authorization = Some(p.spec);
             d
         }
@@ -270,28 +269,6 @@ fn unsupported_traffic(spec: &crate::api::traffic::TrafficPolicySpec) -> Vec<Str
     .filter(|(_, set)| *set)
     .map(|(field, _)| field.to_owned())
     .collect()
-}
-
-/// The L7 conditions of an AuthorizationPolicy (methods, paths, `when`):
-/// nodes decide at L4 only, so far.
-fn unsupported_authorization(
-    spec: &crate::api::authorization::AuthorizationPolicySpec,
-) -> Vec<String> {
-    let mut fields = Vec::new();
-    for (i, rule) in spec.rules.iter().enumerate() {
-        for (j, op) in rule.to.iter().enumerate() {
-            if !op.methods.is_empty() {
-                fields.push(format!("spec.rules[{i}].to[{j}].methods"));
-            }
-            if !op.paths.is_empty() {
-                fields.push(format!("spec.rules[{i}].to[{j}].paths"));
-            }
-        }
-        if !rule.when.is_empty() {
-            fields.push(format!("spec.rules[{i}].when"));
-        }
-    }
-    fields
 }
 
 /// The verdict on `doc` given whether each Service exists.

@@ -148,10 +148,6 @@ fn fields_no_node_acts_on_yet_are_rejected_as_unsupported_naming_them() {
             "HTTPRoute shop/r: spec.rules not enforced by the data path yet; it is not applied until that field is removed (Accepted: False, reason Unsupported)",
         ),
         (
-            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop}\nspec: {action: Allow, rules: [{to: [{ports: [80], methods: [GET]}]}]}\n",
-            "AuthorizationPolicy shop/get-only: spec.rules[0].to[0].methods not enforced by the data path yet; it is not applied until that field is removed (Accepted: False, reason Unsupported)",
-        ),
-        (
             "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {trustDomain: example.org, mtlsMode: Strict}\n",
             "MeshConfig default: spec.trustDomain not enforced by the data path yet; it is not applied until that field is removed (Accepted: False, reason Unsupported)",
         ),
@@ -160,6 +156,10 @@ fn fields_no_node_acts_on_yet_are_rejected_as_unsupported_naming_them() {
         let err = parse(&format!("{WEB}---\n{doc}")).unwrap_err().to_string();
         assert!(err.contains(expected), "{err}");
     }
+    // L7 conditions of an AuthorizationPolicy are enforced (per request, at
+    // the destination): accepted.
+    let l7 = "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop}\nspec: {action: Allow, rules: [{to: [{ports: [80], methods: [GET], paths: [/api/*]}], when: [{header: x-env, values: [prod]}]}]}\n";
+    assert!(parse(&format!("{WEB}---\n{l7}")).is_ok());
 }
 
 #[test]

@@ -1,0 +1,112 @@
+//! L7 in the node daemons, with real HTTP clients and servers: an
+//! AuthorizationPolicy with L7 conditions is decided per request at the
+//! destination, and a refused request leaves its connection usable.
+//!
+//! ```text
+//!   namespace shop (lacewing.io/mesh=enabled)
+//!   n0-p0 client (sa client)
+//!   n1-p0 web (sa web): httpd.py on 8080; n1-p1 web (sa web)
+//! ```
+
+use lacewing_tests::{mesh_lab::MeshLab, run_in};
+
+const HTTP_PORT: u16 = 8080;
+
+/// Three requests from `pod` on one keep-alive connection to `ip`: GET,
+/// DELETE, GET. Each prints its status and whether it opened a connection;
+/// the DELETE also prints its response headers.
+fn get_delete_get(m: &MeshLab, pod: &str, ip: &str) -> String {
+    let base = format!("http://{ip}:{HTTP_PORT}");
+    let write = "%{http_code} connects=%{num_connects}\n";
+    let out = run_in(
+        &m.lab,
+        &m.lab.pod(pod).unwrap(),
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            write,
+            &format!("{base}/items"),
+            "--next",
+            "-sS",
+            "--max-time",
+            "5",
+            "-X",
+            "DELETE",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-w",
+            write,
+            &format!("{base}/items/1"),
+            "--next",
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            write,
+            &format!("{base}/items/2"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).replace('\r', "")
+}
+
+#[test]
+fn an_l7_policy_refuses_a_delete_and_keeps_the_connection_for_the_next_get() {
+    let m = MeshLab::new();
+    let _httpd = m.serve_tool("n1-p0", "httpd.py", &[&HTTP_PORT.to_string()], HTTP_PORT);
+    let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
+    m.config(
+        "get-only.yaml",
+        Some(
+            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop}\nspec: {action: Allow, rules: [{to: [{methods: [GET, HEAD]}]}]}\n",
+        ),
+    );
+    let mut out = String::new();
+    m.until("n1 decides requests by method", || {
+        out = get_delete_get(&m, "n0-p0", &web0);
+        out.contains("403")
+    });
+    // Across nodes: GET answered, DELETE refused by name, the next GET
+    // answered on the same connection (curl opened one).
+    let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines[0], "200 connects=1", "{out}");
+    assert_eq!(lines[1], "HTTP/1.1 403 Forbidden", "{out}");
+    assert!(
+        lines.contains(&"x-lacewing-denied-by: shop/get-only"),
+        "{out}"
+    );
+    assert_eq!(lines[lines.len() - 2], "403 connects=0", "{out}");
+    assert_eq!(lines[lines.len() - 1], "200 connects=0", "{out}");
+    let denials = "lacewing_policy_denials_total{policy=\"shop/get-only\"}";
+    assert_eq!(
+        m.metric("n1", denials),
+        1.0,
+        "the one refused request is counted"
+    );
+
+    // On one node (the kernel sends L7-policed pairs through the daemon):
+    // the same answers, counted on n1 too.
+    let out = get_delete_get(&m, "n1-p1", &web0);
+    let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines[0], "200 connects=1", "{out}");
+    assert!(
+        lines.contains(&"x-lacewing-denied-by: shop/get-only"),
+        "{out}"
+    );
+    assert_eq!(lines[lines.len() - 2], "403 connects=0", "{out}");
+    assert_eq!(lines[lines.len() - 1], "200 connects=0", "{out}");
+    assert_eq!(m.metric("n1", denials), 2.0);
+}
