@@ -5,6 +5,10 @@
 //! - sendmsg4/6: unconnected UDP sends, translated per datagram.
 //! - recvmsg4/6: UDP replies appear to come from the service address.
 //! - getpeername4/6: the application sees the service address as its peer.
+//!
+//! The IPv6 hooks read an IPv4-mapped address as IPv4 and write IPv4
+//! results back mapped, so a dual-stack socket dialling IPv4 is balanced,
+//! captured and reverse-translated as an IPv4 socket is.
 
 use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
 use mesh_common::{
@@ -35,9 +39,9 @@ pub fn lw_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn lw_connect6(ctx: SockAddrContext) -> i32 {
-    let dest = sockaddr::read6(&ctx);
+    let dest = sockaddr::read6_unmapped(&ctx);
     count_connect(&ctx, &dest);
-    connect(&ctx, &dest, sockaddr::write6)
+    connect(&ctx, &dest, sockaddr::write6_mapped)
 }
 
 /// A connect: load balancing, then for a meshed pod the same-node fast
@@ -68,7 +72,11 @@ pub fn lw_sendmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn lw_sendmsg6(ctx: SockAddrContext) -> i32 {
-    apply(&ctx, &sockaddr::read6(&ctx), sockaddr::write6)
+    apply(
+        &ctx,
+        &sockaddr::read6_unmapped(&ctx),
+        sockaddr::write6_mapped,
+    )
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -78,7 +86,11 @@ pub fn lw_recvmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn lw_recvmsg6(ctx: SockAddrContext) -> i32 {
-    unapply(&ctx, &sockaddr::read6(&ctx), sockaddr::write6)
+    unapply(
+        &ctx,
+        &sockaddr::read6_unmapped(&ctx),
+        sockaddr::write6_mapped,
+    )
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -88,7 +100,11 @@ pub fn lw_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn lw_getpeername6(ctx: SockAddrContext) -> i32 {
-    unapply(&ctx, &sockaddr::read6(&ctx), sockaddr::write6)
+    unapply(
+        &ctx,
+        &sockaddr::read6_unmapped(&ctx),
+        sockaddr::write6_mapped,
+    )
 }
 
 /// Forward translation: service address to backend.

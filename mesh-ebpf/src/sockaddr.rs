@@ -54,6 +54,49 @@ pub fn read6(ctx: &SockAddrContext) -> Dest {
     }
 }
 
+/// `read6`, with an IPv4-mapped address (`::ffff:a.b.c.d`, a dual-stack
+/// socket dialling IPv4, as gRPC's C core and Java do) read as the IPv4
+/// address it maps: services, pods and policies are keyed by IPv4, and a
+/// mapped address must meet the same load balancing and capture.
+#[inline(always)]
+pub fn read6_unmapped(ctx: &SockAddrContext) -> Dest {
+    let dest = read6(ctx);
+    let a = &dest.addr;
+    if a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&a[12..16]);
+        Dest {
+            addr,
+            port: dest.port,
+            family: family::INET as u8,
+        }
+    } else {
+        dest
+    }
+}
+
+/// `write6`, with an IPv4 destination written IPv4-mapped (the socket is
+/// IPv6; [`read6_unmapped`] read its address as IPv4).
+#[inline(always)]
+pub fn write6_mapped(ctx: &SockAddrContext, to: &Dest) {
+    if to.family == family::INET as u8 {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..16].copy_from_slice(&to.addr[..4]);
+        write6(
+            ctx,
+            &Dest {
+                addr,
+                port: to.port,
+                family: family::INET6 as u8,
+            },
+        );
+    } else {
+        write6(ctx, to);
+    }
+}
+
 #[inline(always)]
 pub fn write4(ctx: &SockAddrContext, to: &Dest) {
     let ip = u32::from_ne_bytes([to.addr[0], to.addr[1], to.addr[2], to.addr[3]]);

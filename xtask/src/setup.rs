@@ -76,6 +76,7 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker(&mut changes)?;
     apt(&mut changes)?;
     pypi(&mut changes)?;
+    grpc_python(&mut changes)?;
     helm(&mut changes)?;
     if changes.is_empty() {
         eprintln!(
@@ -322,6 +323,43 @@ fn pypi(changes: &mut Vec<String>) -> anyhow::Result<()> {
     run::status(c)
         .context("installing kubernetes-validate from PyPI failed: check access to pypi.org")?;
     changes.push("kubernetes-validate".into());
+    Ok(())
+}
+
+/// Where the gRPC test tools find grpcio (`tests/tools/grpcsvc.py` adds it
+/// to its path): the lab runs Debian's python3, which has no pip of its own.
+pub const GRPC_PYDEPS: &str = "target/pydeps";
+
+/// grpcio and its health service (the real gRPC client and server of the L7
+/// tests), built for the lab's python3.
+fn grpc_python(changes: &mut Vec<String>) -> anyhow::Result<()> {
+    let dir = run::workspace_root().join(GRPC_PYDEPS);
+    if dir.join("grpc_health").is_dir() && dir.join("grpc").is_dir() {
+        return Ok(());
+    }
+    let version = output(
+        "/usr/bin/python3",
+        &[
+            "-c",
+            "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')",
+        ],
+    )
+    .context("the lab's /usr/bin/python3 is missing")?;
+    let mut c = Command::new("python3");
+    c.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--only-binary=:all:",
+        "--python-version",
+        version.trim(),
+        "--target",
+    ])
+    .arg(&dir)
+    .args(["grpcio", "grpcio-health-checking"]);
+    run::status(c).context("installing grpcio from PyPI failed: check access to pypi.org")?;
+    changes.push("grpcio (for the gRPC tests)".into());
     Ok(())
 }
 
