@@ -124,13 +124,16 @@ fn an_l7_policy_refuses_a_grpc_method_with_permission_denied_on_one_channel() {
         GRPC_PORT,
     );
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
-    let call = || {
-        m.run_tool(
-            "n0-p0",
-            "grpcsvc.py",
-            &["call", &web0, &GRPC_PORT.to_string()],
-        )
-    };
+    // Also a Service in front of it, dialled by its ClusterIP.
+    m.config(
+        "grpc-service.yaml",
+        Some(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: items, namespace: shop}}\nspec: {{clusterIP: {GRPC_VIP}, ports: [{{name: grpc, port: {GRPC_PORT}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: items-v4, namespace: shop, labels: {{kubernetes.io/service-name: items}}}}\naddressType: IPv4\nports: [{{name: grpc, port: {GRPC_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{web0}\"]}}]\n"
+        )),
+    );
+    let call_to =
+        |to: &str| m.run_tool("n0-p0", "grpcsvc.py", &["call", to, &GRPC_PORT.to_string()]);
+    let call = || call_to(&web0);
     // Through the mesh, before any policy: every call answered, over h2c,
     // on one tunnel stream. (grpcio dials IPv4 from a dual-stack socket, as
     // an IPv4-mapped address: it must be meshed all the same.)
@@ -168,5 +171,13 @@ fn an_l7_policy_refuses_a_grpc_method_with_permission_denied_on_one_channel() {
             "lacewing_policy_denials_total{policy=\"shop/no-delete\"}"
         ),
         1.0
+    ); // Through the Service (its file was written before the policy's, so
+    // the node that applied the policy has it): balanced in the kernel (the
+    // mapped ClusterIP too), tunnelled, decided the same way.
+    let before = m.metric("n1", streams);
+    assert_eq!(
+        call_to(GRPC_VIP),
+        "Get OK Get:1\nDelete PERMISSION_DENIED shop/no-delete\nCheck OK SERVING\nGet OK Get:1"
     );
+    assert_eq!(m.metric("n1", streams) - before, 1.0, "through the tunnel");
 }
