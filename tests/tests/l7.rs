@@ -96,6 +96,16 @@ fn an_l7_policy_refuses_a_delete_and_keeps_the_connection_for_the_next_get() {
         1.0,
         "the one refused request is counted"
     );
+    // An upgrade the policy allows (a GET) is switched by the pod and
+    // carries bytes both ways through the tunnel.
+    assert_eq!(
+        m.run_tool(
+            "n0-p0",
+            "upgrade.py",
+            &[&web0, &HTTP_PORT.to_string(), "20"]
+        ),
+        "101 echoed=20"
+    );
 
     // On one node (the kernel sends L7-policed pairs through the daemon):
     // the same answers, counted on n1 too.

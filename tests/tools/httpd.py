@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """An HTTP/1.1 server for L7 tests: answers every request on PORT (IPv4 and
 IPv6, keep-alive) with 200 and a body of "<METHOD> <PATH>", and counts the
-requests it answered in the `x-served` response header."""
+requests it answered in the `x-served` response header. A request with
+`Upgrade: echo` is switched (101) and every byte sent after it comes back."""
 import http.server
 import socket
 import sys
@@ -17,6 +18,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def answer(self):
         global served
+        if self.headers.get("upgrade") == "echo":
+            self.send_response(101)
+            self.send_header("connection", "Upgrade")
+            self.send_header("upgrade", "echo")
+            self.end_headers()
+            self.wfile.flush()
+            while data := self.connection.recv(65536):
+                self.connection.sendall(data)
+            self.close_connection = True
+            return
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)

@@ -6,6 +6,10 @@
 //! it holds to it. A refused request does not end the connection: the next
 //! one on it is decided again.
 //!
+//! An upgrade the policies allow (WebSocket, or any `Upgrade:`) is passed
+//! to the pod, and once it answers `101 Switching Protocols` the two
+//! upgraded streams are spliced until either ends.
+//!
 //! A refusal is 403 with `x-lacewing-denied-by: <namespace>/<policy>`; to a
 //! gRPC client (`content-type: application/grpc...`) it is gRPC's
 //! PERMISSION_DENIED (HTTP 200, `grpc-status: 7`, no body), with the same
@@ -54,6 +58,9 @@ enum Upstream {
 
 /// What one connection's requests share.
 struct Connection {
+    /// Cancelled when the registry closes the connection; ends an upgraded
+    /// stream too.
+    closed: CancellationToken,
     inbound: Arc<Inbound>,
     metrics: TunnelMetrics,
     peer: Peer,
@@ -89,6 +96,7 @@ where
         .counted(Arc::clone(&from_client));
     let pod = Watched::new(pod, pod_watch, client_watch).counted(Arc::clone(&from_pod));
     let connection = Arc::new(Connection {
+        closed: closed.clone(),
         inbound,
         metrics,
         peer,
@@ -101,7 +109,7 @@ where
         async move { Ok::<_, std::convert::Infallible>(connection.handle(req).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let serving = builder.serve_connection(TokioIo::new(client), service);
+    let serving = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     tokio::select! {
         ended = serving => {
             if let Err(err) = ended {
@@ -117,7 +125,7 @@ where
 }
 
 impl Connection {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let denied = {
             let request = authorization::Request {
                 method: req.method().as_str(),
@@ -143,8 +151,32 @@ impl Connection {
             self.metrics.refused(&refusal);
             return refused(&req, &refusal);
         }
+        // An upgrade (WebSocket...) allowed here: once the pod switches
+        // protocols, the two upgraded streams are spliced.
+        let upgrade = req
+            .headers()
+            .contains_key(http::header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut req));
         match self.forward(req).await {
-            Ok(resp) => resp.map(http_body_util::BodyExt::boxed),
+            Ok(mut resp) => {
+                if let Some(client) = upgrade
+                    && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let pod = hyper::upgrade::on(&mut resp);
+                    let closed = self.closed.clone();
+                    tokio::spawn(async move {
+                        let (Ok(client), Ok(pod)) = tokio::join!(client, pod) else {
+                            return;
+                        };
+                        let (mut client, mut pod) = (TokioIo::new(client), TokioIo::new(pod));
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut pod) => {}
+                            () = closed.cancelled() => {}
+                        }
+                    });
+                }
+                resp.map(http_body_util::BodyExt::boxed)
+            }
             Err(err) => {
                 tracing::info!(dest = %self.dest, %err, "the pod did not answer a request");
                 status(StatusCode::BAD_GATEWAY)
@@ -171,7 +203,7 @@ impl Connection {
                     Ok::<_, hyper::Error>(Upstream::Http2(send))
                 } else {
                     let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
-                    tokio::spawn(conn);
+                    tokio::spawn(conn.with_upgrades());
                     Ok(Upstream::Http1(tokio::sync::Mutex::new(send)))
                 }
             })
