@@ -315,6 +315,7 @@ impl Mesh {
     /// for open connections to end, up to `timeout`, then closes the rest.
     async fn drain(self, timeout: Duration) {
         let registry = &self.proxy.registry;
+        let deadline = tokio::time::Instant::now() + timeout;
         let open = registry.len();
         tracing::info!(
             open,
@@ -332,7 +333,11 @@ impl Mesh {
         } else {
             tracing::info!("drained: every connection ended");
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.tunnel).await;
+        // The tunnel's connections close once their last stream has ended
+        // and what they still buffer is sent (GOAWAY, then a graceful
+        // close): exiting before would cut the tail of a finished transfer.
+        let tail = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+        let _ = tokio::time::timeout_at(tail, self.tunnel).await;
         for task in self.tasks {
             task.abort();
         }
