@@ -34,6 +34,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("iputils-ping", "reachability tests"),
     ("curl", "the HTTP client in demos and tests"),
+    (
+        "nghttp2-client",
+        "h2load, the HTTP/2 load generator of the L7 tests",
+    ),
     ("nginx", "the HTTP server in demos and tests"),
     (
         "python3",

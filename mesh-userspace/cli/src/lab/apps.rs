@@ -310,12 +310,28 @@ impl Lab {
         port: u16,
         body: &str,
     ) -> io::Result<LabProcess> {
+        self.start_nginx(pod, port, body, false)
+    }
+
+    /// As [`Lab::start_http_server`], speaking HTTP/2 without TLS (h2c,
+    /// prior knowledge) instead of HTTP/1.1.
+    pub fn start_h2c_server(&self, pod: &PodSpec, port: u16, body: &str) -> io::Result<LabProcess> {
+        self.start_nginx(pod, port, body, true)
+    }
+
+    fn start_nginx(
+        &self,
+        pod: &PodSpec,
+        port: u16,
+        body: &str,
+        http2: bool,
+    ) -> io::Result<LabProcess> {
         let dir = self
             .state_dir()
             .join(format!("nginx-{}-{port}", pod.name()));
         fs::create_dir_all(&dir)?;
         let conf = dir.join("nginx.conf");
-        fs::write(&conf, nginx_conf(&dir, port, body))?;
+        fs::write(&conf, nginx_conf(&dir, port, body, http2))?;
         let mut cmd = Command::new("nginx");
         cmd.arg("-e")
             .arg(dir.join("error.log"))
@@ -331,8 +347,9 @@ impl Lab {
 
 /// One process (no master, no daemon) so the lab can stop it by its pid; all
 /// paths inside the lab's own folder.
-fn nginx_conf(dir: &Path, port: u16, body: &str) -> String {
+fn nginx_conf(dir: &Path, port: u16, body: &str, http2: bool) -> String {
     let d = dir.display();
+    let h2 = if http2 { " http2" } else { "" };
     let body = body.replace('\\', "\\\\").replace('"', "\\\"");
     format!(
         r#"daemon off;
@@ -349,8 +366,8 @@ http {{
     scgi_temp_path {d}/scgi;
     keepalive_requests 100000;
     server {{
-        listen 0.0.0.0:{port} reuseport;
-        listen [::]:{port} ipv6only=on reuseport;
+        listen 0.0.0.0:{port} reuseport{h2};
+        listen [::]:{port} ipv6only=on reuseport{h2};
         default_type text/plain;
         location / {{ return 200 "{body}\n"; }}
     }}
