@@ -184,23 +184,24 @@ impl Connection {
         }
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error> {
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ForwardError> {
         let http2 = req.version() == http::Version::HTTP_2;
         let upstream = self
             .upstream
             .get_or_try_init(|| async {
+                // Taken by the first request; gone if its handshake failed.
                 let pod = self
                     .pod
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .take()
-                    .expect("the pod's socket is taken once, by the first request");
+                    .ok_or(ForwardError::PodConnectionLost)?;
                 let io = TokioIo::new(pod);
                 if http2 {
                     let (send, conn) =
                         hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
                     tokio::spawn(conn);
-                    Ok::<_, hyper::Error>(Upstream::Http2(send))
+                    Ok::<_, ForwardError>(Upstream::Http2(send))
                 } else {
                     let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
                     tokio::spawn(conn.with_upgrades());
@@ -208,15 +209,24 @@ impl Connection {
                 }
             })
             .await?;
-        match upstream {
-            Upstream::Http2(send) => send.clone().send_request(req).await,
+        Ok(match upstream {
+            Upstream::Http2(send) => send.clone().send_request(req).await?,
             Upstream::Http1(send) => {
                 let mut send = send.lock().await;
                 send.ready().await?;
-                send.send_request(req).await
+                send.send_request(req).await?
             }
-        }
+        })
     }
+}
+
+/// Why a request did not reach the pod (the client gets 502).
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("the connection to the pod failed earlier on this connection")]
+    PodConnectionLost,
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
 }
 
 /// The answer to a refused request: gRPC's form to a gRPC client, else 403.
