@@ -12,6 +12,16 @@ use lacewing_tests::{mesh_lab::MeshLab, run_in};
 
 const HTTP_PORT: u16 = 8080;
 
+/// Writes the AuthorizationPolicy `name` of namespace shop with `spec` (YAML).
+fn authorization_policy(m: &MeshLab, name: &str, spec: &str) {
+    m.config(
+        &format!("{name}.yaml"),
+        Some(&format!(
+            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n"
+        )),
+    );
+}
+
 /// Three requests from `pod` on one keep-alive connection to `ip`: GET,
 /// DELETE, GET. Each prints its status and whether it opened a connection;
 /// the DELETE also prints its response headers.
@@ -68,11 +78,10 @@ fn an_l7_policy_refuses_a_delete_and_keeps_the_connection_for_the_next_get() {
     let m = MeshLab::new();
     let _httpd = m.serve_tool("n1-p0", "httpd.py", &[&HTTP_PORT.to_string()], HTTP_PORT);
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
-    m.config(
-        "get-only.yaml",
-        Some(
-            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop}\nspec: {action: Allow, rules: [{to: [{methods: [GET, HEAD]}]}]}\n",
-        ),
+    authorization_policy(
+        &m,
+        "get-only",
+        "{action: Allow, rules: [{to: [{methods: [GET, HEAD]}]}]}",
     );
     let mut out = String::new();
     m.until("n1 decides requests by method", || {
@@ -158,11 +167,10 @@ fn an_l7_policy_refuses_a_grpc_method_with_permission_denied_on_one_channel() {
         1.0,
         "one channel, one tunnel stream"
     );
-    m.config(
-        "no-delete.yaml",
-        Some(
-            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec: {action: Deny, rules: [{to: [{paths: [/shop.Items/Delete]}]}]}\n",
-        ),
+    authorization_policy(
+        &m,
+        "no-delete",
+        "{action: Deny, rules: [{to: [{paths: [/shop.Items/Delete]}]}]}",
     );
     let mut out = String::new();
     m.until("n1 decides gRPC calls by path", || {
@@ -203,11 +211,10 @@ fn an_l7_policy_decides_h2c_requests_from_curl_and_h2load() {
         .start_h2c_server(&web0_pod, H2C_PORT, "web-0")
         .unwrap();
     let web0 = web0_pod.ip4().to_string();
-    m.config(
-        "get-only.yaml",
-        Some(
-            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop}\nspec: {action: Allow, rules: [{to: [{methods: [GET]}]}]}\n",
-        ),
+    authorization_policy(
+        &m,
+        "get-only",
+        "{action: Allow, rules: [{to: [{methods: [GET]}]}]}",
     );
     let url = format!("http://{web0}:{H2C_PORT}/items");
     // One request per curl: curl 7.88 cannot reuse nginx 1.22's h2c

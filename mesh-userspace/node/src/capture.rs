@@ -399,10 +399,8 @@ async fn accept_loop(
     }
 }
 
-/// The original destination's address. An IPv4-mapped IPv6 address (a
-/// dual-stack socket dialling an IPv4 address, as gRPC's C core and Java
-/// do) is the IPv4 address it maps: it names the same pod, and routing by
-/// it must find that pod (else the connection would leave unmeshed).
+/// The original destination's address. (An IPv4-mapped destination was
+/// already recorded as IPv4 by the connect6 hook.)
 fn address(orig: &OrigDst) -> IpAddr {
     if orig.family == family::INET as u8 {
         IpAddr::V4(Ipv4Addr::new(
@@ -412,6 +410,6 @@ fn address(orig: &OrigDst) -> IpAddr {
             orig.addr[3],
         ))
     } else {
-        IpAddr::V6(Ipv6Addr::from(orig.addr)).to_canonical()
+        IpAddr::V6(Ipv6Addr::from(orig.addr))
     }
 }

@@ -74,16 +74,6 @@ impl Inbound {
         self.decide(peer, dest, None)
     }
 
-    /// The checks for one HTTP request on an allowed connection.
-    pub fn authorize_request(
-        &self,
-        peer: &Peer,
-        dest: SocketAddr,
-        request: &authorization::Request<'_>,
-    ) -> Result<Arc<Workload>, Refusal> {
-        self.decide(peer, dest, Some(request))
-    }
-
     fn decide(
         &self,
         peer: &Peer,
@@ -206,11 +196,24 @@ impl Inbound {
             watch,
             peer,
             dest,
-            Arc::clone(self),
+            Arc::clone(self) as Arc<dyn crate::l7::DecideRequest>,
             self.metrics.clone(),
             &registered.closed,
         )
         .await
+    }
+}
+
+impl crate::l7::DecideRequest for Inbound {
+    fn decide_request(
+        &self,
+        peer: &Peer,
+        dest: SocketAddr,
+        request: &authorization::Request<'_>,
+    ) -> Result<(), Refusal> {
+        // The same checks as the connection's, with the request's method,
+        // path and headers.
+        self.decide(peer, dest, Some(request)).map(drop)
     }
 }
 

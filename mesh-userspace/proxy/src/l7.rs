@@ -37,10 +37,18 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    inbound::Inbound,
-    splice::{Unread, Watch, Watched},
-};
+use crate::splice::{Unread, Watch, Watched};
+
+/// Who decides each request (the inbound checks, for the proxy): the peer,
+/// the destination and the request, to its refusal if refused.
+pub trait DecideRequest: Send + Sync + 'static {
+    fn decide_request(
+        &self,
+        peer: &Peer,
+        dest: SocketAddr,
+        request: &authorization::Request<'_>,
+    ) -> Result<(), Refusal>;
+}
 
 /// The header that names the policy that refused a request.
 pub const DENIED_BY: &str = "x-lacewing-denied-by";
@@ -61,7 +69,7 @@ struct Connection {
     /// Cancelled when the registry closes the connection; ends an upgraded
     /// stream too.
     closed: CancellationToken,
-    inbound: Arc<Inbound>,
+    decide: Arc<dyn DecideRequest>,
     metrics: TunnelMetrics,
     peer: Peer,
     dest: SocketAddr,
@@ -84,7 +92,7 @@ pub async fn serve<C>(
     pod_watch: Option<Arc<Watch>>,
     peer: Peer,
     dest: SocketAddr,
-    inbound: Arc<Inbound>,
+    decide: Arc<dyn DecideRequest>,
     metrics: TunnelMetrics,
     closed: &CancellationToken,
 ) -> (u64, u64)
@@ -97,7 +105,7 @@ where
     let pod = Watched::new(pod, pod_watch, client_watch).counted(Arc::clone(&from_pod));
     let connection = Arc::new(Connection {
         closed: closed.clone(),
-        inbound,
+        decide,
         metrics,
         peer,
         dest,
@@ -132,8 +140,8 @@ impl Connection {
                 path: req.uri().path(),
                 headers: req.headers(),
             };
-            self.inbound
-                .authorize_request(&self.peer, self.dest, &request)
+            self.decide
+                .decide_request(&self.peer, self.dest, &request)
                 .err()
         };
         if let Some(refusal) = denied {
