@@ -11,7 +11,10 @@ use futures::future::BoxFuture;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpListener,
+};
 use tokio_rustls::TlsAcceptor;
 
 use tokio_util::sync::CancellationToken;
@@ -69,7 +72,7 @@ pub async fn serve(
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
                     .await
                     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-            let stream = match accepted {
+            let mut stream = match accepted {
                 Ok(stream) => stream,
                 Err(err) => {
                     let reason = tls::failure_reason(&err);
@@ -107,24 +110,27 @@ pub async fn serve(
                     metrics.clone(),
                 )
             });
-            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .initial_stream_window_size(super::STREAM_WINDOW)
-                .initial_connection_window_size(super::CONNECTION_WINDOW)
-                .max_concurrent_streams(super::MAX_STREAMS)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                () = drain.cancelled() => {
-                    // GOAWAY: the client opens no new stream here; the open
-                    // ones go on until they end.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            let ended = {
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .initial_stream_window_size(super::STREAM_WINDOW)
+                    .initial_connection_window_size(super::CONNECTION_WINDOW)
+                    .max_concurrent_streams(super::MAX_STREAMS)
+                    .serve_connection(TokioIo::new(&mut stream), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    ended = connection.as_mut() => ended,
+                    () = drain.cancelled() => {
+                        // GOAWAY: the client opens no new stream here; the
+                        // open ones go on until they end.
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
                 }
             };
             if let Err(err) = ended {
                 tracing::debug!(%from, %err, "tunnel connection ended");
             }
+            linger(&mut stream).await;
         });
     }
     connections.close();
@@ -133,6 +139,23 @@ pub async fn serve(
         "tunnel draining: GOAWAY sent, no new connections"
     );
     connections.wait().await;
+}
+
+/// How long a closed tunnel connection waits for its peer to close too.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Closes our side of an ended connection, then reads (and drops) what the
+/// peer still sends until it closes too, for at most [`LINGER`]. Closing a
+/// socket with unread bytes (a late WINDOW_UPDATE, the peer's GOAWAY) makes
+/// Linux answer with a reset, and a reset makes the peer discard what it has
+/// received but not yet read: the tail of the last stream would be lost.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = stream.shutdown().await;
+    let mut scratch = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 fn status(code: u16) -> Response<Empty<Bytes>> {
