@@ -49,8 +49,15 @@ pub struct Service {
     pub algorithm: u32,
     /// ClientIP session affinity timeout in seconds; 0 disables affinity.
     pub affinity_timeout_s: u32,
-    pub _pad: u32,
+    /// [`SVC_L7`], or 0.
+    pub flags: u32,
 }
+
+/// `Service.flags`: HTTP routes apply to this frontend. A meshed pod's
+/// connect is not balanced: it is captured with the frontend itself as the
+/// original destination, and the node daemon picks a backend per request.
+/// Other clients are balanced as usual.
+pub const SVC_L7: u32 = 1;
 
 /// One entry of a service's backend list (random) or Maglev table.
 #[repr(C)]

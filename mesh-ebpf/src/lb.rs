@@ -6,8 +6,8 @@ use aya_ebpf::helpers::{
     bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
 };
 use mesh_common::lb::{
-    ALG_MAGLEV, Affinity, AffinityKey, Backend, PROTO_TCP, PROTO_UDP, RevNat, RevNatKey, Service,
-    SlotKey, SvcKey, SvcStats, UNALLOCATED_SVC_ID, maglev_flow, maglev_index,
+    ALG_MAGLEV, Affinity, AffinityKey, Backend, PROTO_TCP, PROTO_UDP, RevNat, RevNatKey, SVC_L7,
+    Service, SlotKey, SvcKey, SvcStats, UNALLOCATED_SVC_ID, maglev_flow, maglev_index,
 };
 
 use crate::{
@@ -26,11 +26,15 @@ pub enum Verdict {
     Translated(Dest),
     /// A service with no ready backend: fail at once, as kube-proxy's REJECT.
     Refuse,
+    /// A service with HTTP routes, dialled by a meshed pod: not balanced
+    /// here; captured with the frontend as its destination.
+    Routed,
 }
 
-/// Looks `dest` up as a service and picks a backend for socket `ctx`.
+/// Looks `dest` up as a service and picks a backend for socket `ctx`
+/// (`meshed`: the socket is a meshed pod's, which routes apply to).
 #[inline(always)]
-pub fn translate(ctx: *mut core::ffi::c_void, dest: &Dest, proto: u8) -> Verdict {
+pub fn translate(ctx: *mut core::ffi::c_void, dest: &Dest, proto: u8, meshed: bool) -> Verdict {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Verdict::Pass;
     }
@@ -47,6 +51,10 @@ pub fn translate(ctx: *mut core::ffi::c_void, dest: &Dest, proto: u8) -> Verdict
         let Some(svc) = (unsafe { LW_SERVICES.get(key) }).copied() else {
             return unallocated(dest);
         };
+        if meshed && svc.flags & SVC_L7 != 0 {
+            count(svc.id, true);
+            return Verdict::Routed;
+        }
         if svc.count == 0 {
             count(svc.id, false);
             return Verdict::Refuse;

@@ -46,16 +46,21 @@ pub fn lw_connect6(ctx: SockAddrContext) -> i32 {
 
 /// A connect: load balancing, then for a meshed pod the same-node fast
 /// path's decision, else capture (the backend is chosen once, here in the
-/// kernel, and the daemon is told it).
+/// kernel, and the daemon is told it). A meshed pod's connect to a Service
+/// with HTTP routes is captured unbalanced: its daemon routes each request.
 #[inline(always)]
 fn connect(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest)) -> i32 {
     let Some(source) = capture::wanted(ctx, dest) else {
         return apply(ctx, dest, write);
     };
-    let to = match lb::translate(ctx.sock_addr.cast(), dest, sockaddr::protocol(ctx)) {
+    let to = match lb::translate(ctx.sock_addr.cast(), dest, sockaddr::protocol(ctx), true) {
         Verdict::Pass => *dest,
         Verdict::Translated(to) => to,
         Verdict::Refuse => return refuse(),
+        Verdict::Routed => {
+            write(ctx, &capture::redirect(ctx, dest, dest));
+            return ALLOW;
+        }
     };
     match fastpath::decide(&source, &to) {
         fastpath::Path::Direct => write(ctx, &to),
@@ -110,8 +115,9 @@ pub fn lw_getpeername6(ctx: SockAddrContext) -> i32 {
 /// Forward translation: service address to backend.
 #[inline(always)]
 fn apply(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest)) -> i32 {
-    match lb::translate(ctx.sock_addr.cast(), dest, sockaddr::protocol(ctx)) {
-        Verdict::Pass => ALLOW,
+    match lb::translate(ctx.sock_addr.cast(), dest, sockaddr::protocol(ctx), false) {
+        // `Routed` is only for meshed sockets.
+        Verdict::Pass | Verdict::Routed => ALLOW,
         Verdict::Translated(to) => {
             write(ctx, &to);
             ALLOW

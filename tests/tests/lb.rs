@@ -79,7 +79,11 @@ impl Cluster {
                 .collect()
         };
         let before = applied(self);
-        fs::write(&self.file, yaml).unwrap();
+        // Whole or not at all: the daemons poll the file, and one that read
+        // it half-written would apply (and count) what it saw.
+        let tmp = self.file.with_extension("tmp");
+        fs::write(&tmp, yaml).unwrap();
+        fs::rename(&tmp, &self.file).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let now = applied(self);

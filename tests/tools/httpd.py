@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
 """An HTTP/1.1 server for L7 tests: answers every request on PORT (IPv4 and
-IPv6, keep-alive) with 200 and a body of "<METHOD> <PATH>", and counts the
-requests it answered in the `x-served` response header. A request with
-`Upgrade: echo` is switched (101) and every byte sent after it comes back."""
+IPv6, keep-alive) with 200 and a body of "<METHOD> <PATH>" (after NAME and a
+space when given), then one line per `x-` request header and the Host, and
+counts the requests it answered in the `x-served` response header. A request
+with `Upgrade: echo` is switched (101) and every byte sent after it comes
+back. A path under /delay/<ms> is answered after that many milliseconds; the
+first request under /flaky is answered 503, the later ones 200.
+
+  httpd.py PORT [NAME]"""
 import http.server
 import socket
 import sys
 import threading
+import time
 
 port = int(sys.argv[1])
+name = sys.argv[2] + " " if len(sys.argv) > 2 else ""
 served = 0
+flaky_failed = False
 lock = threading.Lock()
 
 
@@ -17,7 +25,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def answer(self):
-        global served
+        global served, flaky_failed
         if self.headers.get("upgrade") == "echo":
             self.send_response(101)
             self.send_header("connection", "Upgrade")
@@ -31,11 +39,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
+        if self.path.startswith("/delay/"):
+            time.sleep(int(self.path.split("/")[2]) / 1000)
+        status = 200
         with lock:
             served += 1
             count = served
-        body = f"{self.command} {self.path}\n".encode()
-        self.send_response(200)
+            if self.path.startswith("/flaky") and not flaky_failed:
+                flaky_failed = True
+                status = 503
+        lines = [f"{name}{self.command} {self.path}"]
+        lines += [f"{k.lower()}: {v}" for k, v in self.headers.items() if k.lower().startswith("x-")]
+        lines.append(f"host: {self.headers.get('host', '')}")
+        body = ("\n".join(lines) + "\n").encode()
+        self.send_response(status)
         self.send_header("content-length", str(len(body)))
         self.send_header("x-served", str(count))
         self.end_headers()

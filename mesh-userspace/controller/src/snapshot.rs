@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use lacewing_core::model::{
     Declared,
     authorization::Policy,
+    routes::AcceptedRoute,
     services::ServiceEntry,
     workloads::{PeerEntry, Workload, by_node, peers},
 };
@@ -34,6 +35,8 @@ pub struct Snapshot {
     pub peers: BTreeMap<IpAddr, PeerEntry>,
     /// Accepted AuthorizationPolicies (every node gets all; few).
     pub policies: Vec<Policy>,
+    /// Accepted HTTPRoutes (every node gets all: any node may run a client).
+    pub routes: Vec<AcceptedRoute>,
     /// The services' delta from the version before this one, computed once
     /// and sent to every node that has that version (nearly all of them).
     pub from_previous: Option<Arc<pb::ConfigUpdate>>,
@@ -58,6 +61,7 @@ impl Snapshot {
             workloads,
             peers,
             policies: declared.policies,
+            routes: declared.routes,
             from_previous: None,
         }
     }
@@ -80,6 +84,7 @@ impl Snapshot {
             && p.workloads == next.workloads
             && p.peers == next.peers
             && p.policies == next.policies
+            && p.routes == next.routes
         {
             return None;
         }
@@ -133,6 +138,8 @@ impl Snapshot {
                 .collect(),
             policies_replaced: true,
             policies: self.policies.iter().map(proto::policy_of).collect(),
+            routes_replaced: true,
+            routes: self.routes.iter().map(proto::route_of).collect(),
             ..Default::default()
         }
     }
@@ -174,6 +181,12 @@ impl Snapshot {
                 Vec::new()
             } else {
                 self.policies.iter().map(proto::policy_of).collect()
+            },
+            routes_replaced: base.routes != self.routes,
+            routes: if base.routes == self.routes {
+                Vec::new()
+            } else {
+                self.routes.iter().map(proto::route_of).collect()
             },
             ..Default::default()
         }
@@ -275,6 +288,7 @@ mod tests {
             workloads,
             nodes: BTreeMap::new(),
             policies: Vec::new(),
+            routes: Vec::new(),
         }
     }
 

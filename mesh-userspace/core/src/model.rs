@@ -17,4 +17,6 @@ pub struct Declared {
     pub nodes: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
     /// Accepted AuthorizationPolicies.
     pub policies: Vec<authorization::Policy>,
+    /// Accepted HTTPRoutes.
+    pub routes: Vec<routes::AcceptedRoute>,
 }

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::model::{
     authorization::Policy,
+    routes::AcceptedRoute,
     services::{Algorithm, BackendEntry, Protocol, ServiceEntry},
     workloads::{PeerEntry, Workload},
 };
@@ -187,6 +188,25 @@ pub fn policy_from(p: &pb::Policy) -> Result<Policy, BadMessage> {
         name: p.name.clone(),
         spec: serde_json::from_str(&p.spec_json)
             .map_err(|e| BadMessage(format!("policy {}/{}: {e}", p.namespace, p.name)))?,
+    })
+}
+
+pub fn route_of(r: &AcceptedRoute) -> pb::Route {
+    pb::Route {
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+        created: r.created,
+        spec_json: serde_json::to_string(&r.spec).expect("a route spec serializes"),
+    }
+}
+
+pub fn route_from(r: &pb::Route) -> Result<AcceptedRoute, BadMessage> {
+    Ok(AcceptedRoute {
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+        created: r.created,
+        spec: serde_json::from_str(&r.spec_json)
+            .map_err(|e| BadMessage(format!("route {}/{}: {e}", r.namespace, r.name)))?,
     })
 }
 

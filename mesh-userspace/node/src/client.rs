@@ -14,7 +14,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{config::Controller, lb::LoadBalancer, metrics::Metrics, workloads::LocalWorkloads};
 use lacewing_core::model::services::FrontendKey;
-use lacewing_core::model::services::{ServiceEntry, ServiceSet};
+use lacewing_core::model::{
+    routes::RouteTable,
+    services::{Protocol, ServiceEntry, ServiceSet, svc_key},
+};
 use lacewing_core::proto::{
     self,
     pb::{self, config_service_client::ConfigServiceClient, node_message::Kind},
@@ -214,14 +217,22 @@ fn apply(
         next.insert((entry.frontend, entry.protocol), entry);
     }
     // Workloads are checked before the maps change, so a bad one changes nothing.
-    let workloads = dest.workloads.next(update, dest.node)?;
+    let mut workloads = dest.workloads.next(update, dest.node)?;
+    let table = RouteTable::build(workloads.routes(), next.values());
     let set = ServiceSet {
         services: next.values().cloned().collect(),
     };
-    dest.lb
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .apply(&set)?;
+    {
+        let mut lb = dest.lb.lock().unwrap_or_else(|p| p.into_inner());
+        lb.set_routed(
+            table
+                .frontends()
+                .map(|(addr, _)| svc_key(*addr, Protocol::Tcp))
+                .collect(),
+        );
+        lb.apply(&set)?;
+    }
+    workloads.table = Arc::new(table);
     dest.workloads.replace(workloads);
     *applied = Applied {
         version: update.version,

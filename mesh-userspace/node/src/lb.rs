@@ -19,7 +19,7 @@ use std::{
 };
 
 use mesh_common::{
-    lb::{ALG_MAGLEV, ALG_RANDOM, Backend, Service, SvcKey, SvcStats},
+    lb::{ALG_MAGLEV, ALG_RANDOM, Backend, SVC_L7, Service, SvcKey, SvcStats},
     maglev,
 };
 
@@ -57,6 +57,8 @@ struct Installed {
     id: u32,
     generation: u32,
     count: u32,
+    /// `Service.flags` as installed.
+    flags: u32,
     /// Backend id of each backend, by address.
     backend_ids: BTreeMap<SocketAddr, u32>,
 }
@@ -93,6 +95,9 @@ pub struct ServiceView {
 pub struct LoadBalancer {
     maps: LbMaps,
     installed: BTreeMap<SvcKey, Installed>,
+    /// Frontends with HTTP routes: meshed pods' connects to them are
+    /// captured unbalanced ([`SVC_L7`]).
+    routed: BTreeSet<SvcKey>,
     service_ids: IdPool,
     backend_ids: IdPool,
 }
@@ -176,6 +181,7 @@ impl LoadBalancer {
                     id: svc.id,
                     generation: svc.generation,
                     count: svc.count,
+                    flags: svc.flags,
                     backend_ids: ids,
                 },
             );
@@ -188,6 +194,11 @@ impl LoadBalancer {
         Ok((
             Self {
                 maps,
+                routed: installed
+                    .iter()
+                    .filter(|(_, i)| i.flags & SVC_L7 != 0)
+                    .map(|(k, _)| *k)
+                    .collect(),
                 installed,
                 service_ids,
                 backend_ids,
@@ -217,7 +228,24 @@ impl LoadBalancer {
             match self.installed.get_mut(key) {
                 Some(inst) if inst.spec.same_datapath(entry) => {
                     inst.spec.name.clone_from(&entry.name);
-                    report.unchanged += 1;
+                    let flags = flags_of(&self.routed, key);
+                    if inst.flags == flags {
+                        report.unchanged += 1;
+                    } else {
+                        // Only the flags: the same slots, a new value.
+                        let value = Service {
+                            flags,
+                            ..service_value(inst)
+                        };
+                        self.maps
+                            .put_service(key, &value)
+                            .map_err(|source| ApplyError::Map {
+                                service: entry.name.clone(),
+                                source,
+                            })?;
+                        inst.flags = flags;
+                        report.updated += 1;
+                    }
                 }
                 Some(_) => {
                     self.install(*key, &entry.normalized())?;
@@ -288,17 +316,15 @@ impl LoadBalancer {
             return Err(map_err(source));
         }
         // 3. Commit.
-        let value = Service {
+        let installed = Installed {
+            spec: entry.clone(),
             id,
-            count: slots.len() as u32,
             generation,
-            algorithm: match entry.algorithm {
-                Algorithm::Random => ALG_RANDOM,
-                Algorithm::Maglev { .. } => ALG_MAGLEV,
-            },
-            affinity_timeout_s: entry.affinity_timeout_s,
-            _pad: 0,
+            count: slots.len() as u32,
+            flags: flags_of(&self.routed, &key),
+            backend_ids: ids,
         };
+        let value = service_value(&installed);
         self.maps.put_service(&key, &value).map_err(map_err)?;
         // 4. Old generation and unused backends.
         if let Some(o) = &old {
@@ -306,23 +332,20 @@ impl LoadBalancer {
                 .delete_slots(o.table(), id, o.generation, o.count)
                 .map_err(map_err)?;
             for (addr, &bid) in &o.backend_ids {
-                if !ids.contains_key(addr) {
+                if !installed.backend_ids.contains_key(addr) {
                     self.maps.delete_backend(bid).map_err(map_err)?;
                     self.backend_ids.give(bid);
                 }
             }
         }
-        self.installed.insert(
-            key,
-            Installed {
-                spec: entry.clone(),
-                id,
-                generation,
-                count: value.count,
-                backend_ids: ids,
-            },
-        );
+        self.installed.insert(key, installed);
         Ok(())
+    }
+
+    /// Sets which frontends have HTTP routes; the next [`apply`](Self::apply)
+    /// writes the change.
+    pub fn set_routed(&mut self, routed: BTreeSet<SvcKey>) {
+        self.routed = routed;
     }
 
     fn remove(&mut self, key: &SvcKey) -> Result<(), ApplyError> {
@@ -518,6 +541,25 @@ fn spec_from_maps(
         affinity_timeout_s: svc.affinity_timeout_s,
         backends: list,
     })
+}
+
+/// The kernel's value of an installed service.
+fn service_value(i: &Installed) -> Service {
+    Service {
+        id: i.id,
+        count: i.count,
+        generation: i.generation,
+        algorithm: match i.spec.algorithm {
+            Algorithm::Random => ALG_RANDOM,
+            Algorithm::Maglev { .. } => ALG_MAGLEV,
+        },
+        affinity_timeout_s: i.spec.affinity_timeout_s,
+        flags: i.flags,
+    }
+}
+
+fn flags_of(routed: &BTreeSet<SvcKey>, key: &SvcKey) -> u32 {
+    if routed.contains(key) { SVC_L7 } else { 0 }
 }
 
 /// Ids from 1 up, reusing freed ones first.

@@ -100,6 +100,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb), splice);
     let tunnel_metrics = lacewing_tunnel::metrics::TunnelMetrics::new(&mut registry);
+    let request_metrics = lacewing_proxy::router::metrics::RequestMetrics::new(&mut registry);
     let connections = Arc::new(lacewing_proxy::registry::Registry::default());
     metrics::register_connections(&mut registry, Arc::clone(&connections));
     let splice_off = Arc::new(splice::SpliceOff::open(&config.bpffs_root)?);
@@ -157,6 +158,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
                     workloads: Arc::clone(&local_workloads),
                     identities: Arc::clone(&identities),
                     tunnel_metrics,
+                    request_metrics,
                     splice_off,
                     captured_pods: metrics.captured_pods.clone(),
                     connections,
@@ -221,6 +223,7 @@ async fn start_mesh(
         workloads: local_workloads,
         identities,
         tunnel_metrics,
+        request_metrics,
         splice_off,
         captured_pods,
         connections,
@@ -244,6 +247,7 @@ async fn start_mesh(
         }),
         connections,
         tunnel_metrics.clone(),
+        request_metrics,
     ));
     let listener = tokio::net::TcpListener::bind(config.tunnel_addr)
         .await
@@ -296,6 +300,7 @@ struct MeshParts {
     workloads: Arc<workloads::LocalWorkloads>,
     identities: Arc<identity::Identities>,
     tunnel_metrics: lacewing_tunnel::metrics::TunnelMetrics,
+    request_metrics: lacewing_proxy::router::metrics::RequestMetrics,
     splice_off: Arc<splice::SpliceOff>,
     captured_pods: prometheus_client::metrics::gauge::Gauge,
     connections: Arc<lacewing_proxy::registry::Registry>,

@@ -31,6 +31,10 @@ impl StateView for NodeView {
         self.workloads.policies()
     }
 
+    fn routes(&self) -> Arc<lacewing_core::model::routes::RouteTable> {
+        self.workloads.routes()
+    }
+
     fn certificate(&self, identity: &str) -> Option<Certificate> {
         self.identities.get(identity)
     }

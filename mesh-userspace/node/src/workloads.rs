@@ -14,6 +14,7 @@ use std::net::IpAddr;
 
 use lacewing_core::model::{
     authorization::Policy,
+    routes::{AcceptedRoute, RouteTable},
     workloads::{PeerEntry, Workload},
 };
 use lacewing_core::proto::{self, pb};
@@ -40,6 +41,11 @@ pub struct State {
     workloads: BTreeMap<String, Workload>,
     peers: BTreeMap<IpAddr, PeerEntry>,
     policies: Arc<Vec<Policy>>,
+    /// Accepted HTTPRoutes, as sent.
+    routes: Arc<Vec<AcceptedRoute>>,
+    /// The routes over the services, by frontend: built by the caller of
+    /// [`LocalWorkloads::next`], which holds the services.
+    pub table: Arc<RouteTable>,
     /// This node's workloads by address: looked up for every connection.
     by_address: BTreeMap<IpAddr, Arc<Workload>>,
 }
@@ -63,6 +69,13 @@ struct Status<'a, C> {
     peers: usize,
     /// The certificates the node holds (the identity manager's to show).
     certificates: C,
+}
+
+impl State {
+    /// The HTTPRoutes of this state.
+    pub fn routes(&self) -> &[AcceptedRoute] {
+        &self.routes
+    }
 }
 
 impl LocalWorkloads {
@@ -100,6 +113,15 @@ impl LocalWorkloads {
                     .map(move |a| (a, Arc::clone(&w)))
             })
             .collect();
+        if update.routes_replaced {
+            next.routes = Arc::new(
+                update
+                    .routes
+                    .iter()
+                    .map(proto::route_from)
+                    .collect::<Result<_, _>>()?,
+            );
+        }
         if update.policies_replaced {
             next.policies = Arc::new(
                 update
@@ -126,6 +148,11 @@ impl LocalWorkloads {
     /// The AuthorizationPolicies in force.
     pub fn policies(&self) -> Arc<Vec<Policy>> {
         Arc::clone(&self.lock().policies)
+    }
+
+    /// The HTTP routes in force, by frontend.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        Arc::clone(&self.lock().table)
     }
 
     /// The meshed workload with this address, wherever it runs.

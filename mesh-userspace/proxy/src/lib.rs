@@ -9,6 +9,9 @@
 //!   to a pod on this node through [`inbound::Inbound`], or unchanged;
 //! - [`l7`]: HTTP requests to a pod that an L7 AuthorizationPolicy
 //!   selects, decided one by one;
+//! - [`router`]: HTTP requests to a Service that HTTPRoutes bind, routed
+//!   one by one at the source (rules, filters, weights, per-request
+//!   balancing, timeouts, retries, mirrors);
 //! - [`registry::Registry`]: every live connection, so a policy change
 //!   closes what it now denies and a drain waits for what is open;
 //! - [`splice`]: copying both ways, watching spliced writers.
@@ -27,6 +30,7 @@ pub mod inbound;
 pub mod l7;
 pub mod outbound;
 pub mod registry;
+pub mod router;
 pub mod sockets;
 pub mod splice;
 pub mod state;
@@ -70,6 +74,7 @@ impl Proxy {
         sockets: Arc<dyn SocketFactory>,
         registry: Arc<Registry>,
         metrics: TunnelMetrics,
+        requests: router::metrics::RequestMetrics,
     ) -> Self {
         let inbound = Arc::new(Inbound {
             state: Arc::clone(&state),
@@ -88,6 +93,7 @@ impl Proxy {
             trust_domain: config.trust_domain,
             metrics: metrics.clone(),
             certificate_wait: config.certificate_wait,
+            router: router::Router::new(requests),
         });
         Self {
             inbound,

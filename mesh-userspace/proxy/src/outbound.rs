@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use crate::{
     inbound::Inbound,
     registry::{Direction, Registry},
+    router,
     sockets::{PodNetns, SocketFactory},
     splice::{End, Unread, Watch, Watched, pipe, reset},
     state::{Certificate, StateView},
@@ -77,6 +78,8 @@ pub struct Outbound {
     pub trust_domain: String,
     pub metrics: TunnelMetrics,
     pub certificate_wait: Duration,
+    /// Routed (L7) connections' shared state: pools, latencies, metrics.
+    pub router: crate::router::Router,
 }
 
 impl Outbound {
@@ -92,13 +95,13 @@ impl Outbound {
     }
 
     /// Carries one captured connection until both sides are done.
-    pub async fn handle(&self, conn: Captured) {
+    pub async fn handle(self: &Arc<Self>, conn: Captured) {
         let Captured {
             source,
             netns,
             netns_cookie,
             app,
-            dest,
+            mut dest,
         } = conn;
         let _ = app.set_nodelay(true);
         // The app's writes reach `app` spliced (when acceleration is on).
@@ -111,6 +114,32 @@ impl Outbound {
             identity: identity.clone(),
             source: Some(source_ip),
         };
+        // A Service frontend that routes bind: the kernel left it
+        // unbalanced, for each request to be routed here.
+        let table = self.state.routes();
+        if let Some(frontend) = table.frontend(dest) {
+            let frontend = frontend.clone();
+            if frontend.routes.applies(frontend.port, &source.namespace)
+                && router::sniff(&app).await
+            {
+                let registered = self.registry.register(peer, dest, Direction::Outbound);
+                tokio::select! {
+                    () = router::serve(self, app, source, netns, source_ip, frontend, Arc::clone(&table)) => {}
+                    () = registered.closed.cancelled() => {}
+                }
+                return;
+            }
+            // No route for this client (or not HTTP): one endpoint for the
+            // connection, as the kernel would have balanced it.
+            match router::pick_l4(&table, &frontend) {
+                Some(endpoint) => dest = endpoint,
+                None => {
+                    tracing::info!(%identity, %dest, "no ready endpoint for a routed Service");
+                    reset(app);
+                    return;
+                }
+            }
+        }
         match self.route(dest) {
             Route::SameNode => match self.inbound.connect(peer, dest).await {
                 // Registered inbound: this node's policy is re-checked on it.
@@ -150,6 +179,54 @@ impl Outbound {
                     reset(app);
                 }
             },
+        }
+    }
+
+    /// A stream from `source` to `endpoint` for routed requests, carried as
+    /// a captured connection to it would be: through the tunnel, through
+    /// the inbound checks to a pod here, or from the pod's namespace.
+    pub async fn open(
+        &self,
+        source: &Workload,
+        netns: &PodNetns,
+        source_ip: IpAddr,
+        endpoint: SocketAddr,
+    ) -> std::io::Result<Box<dyn router::Io>> {
+        let identity = source.identity(&self.trust_domain);
+        let peer = Peer {
+            identity: identity.clone(),
+            source: Some(source_ip),
+        };
+        let refused =
+            |what: String| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, what);
+        match self.route(endpoint) {
+            Route::SameNode => {
+                let upstream = self
+                    .inbound
+                    .connect(peer, endpoint)
+                    .await
+                    .map_err(|r| refused(format!("{}: {}", r.reason, r.detail)))?;
+                if upstream.per_request {
+                    // The pod's L7 policy decides each request: it reads
+                    // them from one end of a pipe we write to.
+                    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                    let inbound = Arc::clone(&self.inbound);
+                    tokio::spawn(async move {
+                        inbound.serve_requests(theirs, None, upstream).await;
+                    });
+                    Ok(Box::new(ours))
+                } else {
+                    Ok(Box::new(upstream.stream))
+                }
+            }
+            Route::Tunnel(to) => {
+                let upgraded = self
+                    .tunnel(&identity, source_ip, &to, endpoint)
+                    .await
+                    .map_err(|e| refused(e.to_string()))?;
+                Ok(Box::new(hyper_util::rt::TokioIo::new(upgraded)))
+            }
+            Route::PassThrough => Ok(Box::new(self.sockets.connect_from(netns, endpoint).await?)),
         }
     }
 

@@ -126,6 +126,14 @@ pub trait Unread {
     fn poll_unread(&self, cx: &mut Context<'_>) -> bool;
 }
 
+/// An in-process pipe (the router's to a pod's per-request checks) is
+/// never spliced: nothing is ever queued behind it.
+impl Unread for tokio::io::DuplexStream {
+    fn poll_unread(&self, _: &mut Context<'_>) -> bool {
+        false
+    }
+}
+
 impl Unread for tokio::net::TcpStream {
     fn poll_unread(&self, cx: &mut Context<'_>) -> bool {
         let mut byte = [0u8; 1];
@@ -257,12 +265,6 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-
-    impl Unread for tokio::io::DuplexStream {
-        fn poll_unread(&self, _: &mut Context<'_>) -> bool {
-            false
-        }
-    }
 
     #[derive(Default)]
     struct Recorded(Mutex<Vec<SpliceKey>>);

@@ -9,6 +9,7 @@ use std::{net::IpAddr, sync::Arc};
 use lacewing_core::{
     model::{
         authorization::Policy,
+        routes::RouteTable,
         workloads::{PeerEntry, Workload},
     },
     pki::Svid,
@@ -27,6 +28,8 @@ pub trait StateView: Send + Sync + 'static {
     fn peer(&self, ip: IpAddr) -> Option<PeerEntry>;
     /// The AuthorizationPolicies in force.
     fn policies(&self) -> Arc<Vec<Policy>>;
+    /// The HTTP routes in force, by Service frontend.
+    fn routes(&self) -> Arc<RouteTable>;
     /// The certificate the node holds for `identity` (a SPIFFE ID).
     fn certificate(&self, identity: &str) -> Option<Certificate>;
     /// Wakes on every applied configuration version (workloads, policies).

@@ -24,6 +24,7 @@ pub struct Fixed {
     pub locals: Vec<Arc<Workload>>,
     pub peers: Vec<(IpAddr, PeerEntry)>,
     pub policies: std::sync::Mutex<Arc<Vec<Policy>>>,
+    pub routes: std::sync::Mutex<Arc<lacewing_core::model::routes::RouteTable>>,
     pub certificates: std::sync::Mutex<Vec<(String, Certificate)>>,
     pub config: watch::Sender<u64>,
     pub certs: watch::Sender<u64>,
@@ -39,6 +40,7 @@ impl Fixed {
             locals: locals.into_iter().map(Arc::new).collect(),
             peers,
             policies: std::sync::Mutex::new(Arc::new(policies)),
+            routes: std::sync::Mutex::default(),
             certificates: std::sync::Mutex::default(),
             config: watch::channel(1).0,
             certs: watch::channel(0).0,
@@ -78,6 +80,10 @@ impl StateView for Fixed {
 
     fn policies(&self) -> Arc<Vec<Policy>> {
         Arc::clone(&self.policies.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn routes(&self) -> Arc<lacewing_core::model::routes::RouteTable> {
+        Arc::clone(&self.routes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn certificate(&self, identity: &str) -> Option<Certificate> {

@@ -487,6 +487,7 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
         .collect();
     let mut verdicts = Vec::new();
     let mut authorization = Vec::new();
+    let mut routes = Vec::new();
     let mut mesh_config = None;
     for doc in parts.iter().flat_map(|p| p.policies.iter()) {
         let verdict = policies::judge(doc, |s: &ServiceName| {
@@ -499,6 +500,9 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
                 name: doc.object.name.clone(),
                 spec: spec.clone(),
             });
+        }
+        if let (None, Some(route)) = (verdict.rejection(), &doc.route) {
+            routes.push((**route).clone());
         }
         if let (None, Some(spec), None) = (verdict.rejection(), &doc.mesh_config, &mesh_config) {
             mesh_config = Some(spec.clone());
@@ -549,6 +553,7 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
             workloads,
             nodes,
             policies: authorization,
+            routes,
         },
         verdicts,
     })

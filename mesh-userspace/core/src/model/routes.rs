@@ -29,6 +29,142 @@ use crate::api::http_route::{
     HttpValueMatch, PathModifier,
 };
 
+/// An accepted HTTPRoute, as the controller sends it to every node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptedRoute {
+    pub namespace: String,
+    pub name: String,
+    /// Creation time (Unix seconds; 0 when unknown, as in a folder): older
+    /// routes win ties.
+    pub created: i64,
+    pub spec: HttpRouteSpec,
+}
+
+/// A Service (namespace, name) routes bind to.
+pub type ServiceId = (String, String);
+
+/// The routes of every Service that has any, compiled. A route that does
+/// not compile is left out (the controller never accepts one).
+pub fn table(routes: &[AcceptedRoute]) -> std::collections::BTreeMap<ServiceId, ServiceRoutes> {
+    let mut table: std::collections::BTreeMap<ServiceId, ServiceRoutes> = Default::default();
+    for route in routes {
+        let id = RouteId {
+            namespace: route.namespace.clone(),
+            name: route.name.clone(),
+        };
+        let Ok(rules) = compile(&id, &route.spec) else {
+            continue;
+        };
+        for parent in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
+            let namespace = parent
+                .namespace
+                .clone()
+                .unwrap_or_else(|| route.namespace.clone());
+            let consumer = (namespace != route.namespace).then(|| route.namespace.clone());
+            table
+                .entry((namespace, parent.name.clone()))
+                .or_default()
+                .add(rules.clone(), parent.port, consumer, route.created);
+        }
+    }
+    table
+}
+
+/// A Service frontend that routes apply to, as a node routes it.
+#[derive(Clone, Debug)]
+pub struct Frontend {
+    pub service: ServiceId,
+    /// The Service port dialled.
+    pub port: u16,
+    pub routes: std::sync::Arc<ServiceRoutes>,
+}
+
+/// What a node routes by: the frontends with routes, and the endpoints of
+/// every TCP Service port (what `backendRefs` name).
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    frontends: std::collections::HashMap<std::net::SocketAddr, Frontend>,
+    endpoints:
+        std::collections::HashMap<(ServiceId, u16), Vec<crate::model::services::BackendEntry>>,
+}
+
+impl RouteTable {
+    /// The table for `routes` over `services` (their entries name them
+    /// `namespace/name:port`).
+    pub fn build<'a>(
+        routes: &[AcceptedRoute],
+        services: impl IntoIterator<Item = &'a crate::model::services::ServiceEntry>,
+    ) -> Self {
+        let by_service: std::collections::BTreeMap<ServiceId, std::sync::Arc<ServiceRoutes>> =
+            table(routes)
+                .into_iter()
+                .map(|(k, v)| (k, std::sync::Arc::new(v)))
+                .collect();
+        let mut out = Self::default();
+        for entry in services {
+            if entry.protocol != crate::model::services::Protocol::Tcp {
+                continue;
+            }
+            let Some((service, port)) = service_port(&entry.name) else {
+                continue;
+            };
+            let port = port.unwrap_or(entry.frontend.port());
+            if let Some(routes) = by_service.get(&service)
+                && routes.binds_port(port)
+            {
+                out.frontends.insert(
+                    entry.frontend,
+                    Frontend {
+                        service: service.clone(),
+                        port,
+                        routes: std::sync::Arc::clone(routes),
+                    },
+                );
+            }
+            out.endpoints
+                .entry((service, port))
+                .or_default()
+                .extend(entry.backends.iter().copied());
+        }
+        for list in out.endpoints.values_mut() {
+            list.sort();
+            list.dedup();
+        }
+        out
+    }
+
+    /// The routes of the frontend `addr` dialled, if it has any.
+    pub fn frontend(&self, addr: std::net::SocketAddr) -> Option<&Frontend> {
+        self.frontends.get(&addr)
+    }
+
+    /// Every routed frontend.
+    pub fn frontends(&self) -> impl Iterator<Item = (&std::net::SocketAddr, &Frontend)> {
+        self.frontends.iter()
+    }
+
+    /// The ready endpoints of a Service port (both families).
+    pub fn endpoints(
+        &self,
+        service: &ServiceId,
+        port: u16,
+    ) -> &[crate::model::services::BackendEntry] {
+        self.endpoints
+            .get(&(service.clone(), port))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// `namespace/name:port` as ((namespace, name), port).
+fn service_port(name: &str) -> Option<(ServiceId, Option<u16>)> {
+    let (ns, rest) = name.split_once('/')?;
+    let (svc, port) = match rest.rsplit_once(':') {
+        Some((svc, port)) => (svc, port.parse().ok()),
+        None => (rest, None),
+    };
+    Some(((ns.to_owned(), svc.to_owned()), port))
+}
+
 /// A route (namespace, name) a rule belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RouteId {
@@ -709,6 +845,13 @@ impl ServiceRoutes {
         }
         let rules = &self.rules;
         self.order.sort_by(|a, b| precedence(rules, a, b));
+    }
+
+    /// Whether any route binds `port` (for some clients).
+    pub fn binds_port(&self, port: u16) -> bool {
+        self.binding
+            .iter()
+            .any(|(_, p)| p.is_none_or(|p| p == port))
     }
 
     /// Whether any route applies to clients of `namespace` dialling `port`:

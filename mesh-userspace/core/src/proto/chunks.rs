@@ -36,6 +36,8 @@ pub fn assemble(
             head.peer_removes.extend(piece.peer_removes);
             head.policies_replaced |= piece.policies_replaced;
             head.policies.extend(piece.policies);
+            head.routes_replaced |= piece.routes_replaced;
+            head.routes.extend(piece.routes);
             head.partial = piece.partial;
             head
         }
@@ -100,6 +102,12 @@ pub fn split(mut update: pb::ConfigUpdate) -> Vec<pb::ConfigUpdate> {
             } else {
                 Vec::new()
             },
+            routes_replaced: last && update.routes_replaced,
+            routes: if last {
+                std::mem::take(&mut update.routes)
+            } else {
+                Vec::new()
+            },
             partial: !last,
         });
     }
@@ -127,6 +135,8 @@ mod tests {
             peer_removes: vec![vec![10, 244, 0, 9]],
             policies_replaced: true,
             policies: vec![pb::Policy::default()],
+            routes_replaced: true,
+            routes: vec![pb::Route::default()],
             partial: false,
         };
         let pieces = split(update.clone());

@@ -66,6 +66,8 @@ pub struct PolicyDoc {
     pub authorization: Option<crate::api::authorization::AuthorizationPolicySpec>,
     /// A MeshConfig's spec, in force once accepted.
     pub mesh_config: Option<crate::api::mesh_config::MeshConfigSpec>,
+    /// An HTTPRoute, which nodes apply once accepted.
+    pub route: Option<Box<crate::model::routes::AcceptedRoute>>,
     /// Fields set that the data path does not act on yet (`spec.timeout`):
     /// the object is not accepted while it has any, so its status never
     /// claims what no node does.
@@ -153,6 +155,7 @@ pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
         parents: Vec::new(),
         authorization: None,
         mesh_config: None,
+        route: None,
         unsupported: Vec::new(),
     };
     match policy {
@@ -241,9 +244,16 @@ pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
                     d.invalid = Some(problem);
                 }
             }
-            if !r.spec.rules.is_empty() {
-                d.unsupported.push("spec.rules".to_owned());
-            }
+            d.route = Some(Box::new(crate::model::routes::AcceptedRoute {
+                namespace: ns,
+                name: d.object.name.clone(),
+                created: r
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(0, |t| t.0.timestamp()),
+                spec: r.spec,
+            }));
             d
         }
     }

@@ -144,10 +144,6 @@ fn fields_no_node_acts_on_yet_are_rejected_as_unsupported_naming_them() {
             "TrafficPolicy shop/tp: spec.timeout, spec.retries not enforced by the data path yet; it is not applied until those fields are removed (Accepted: False, reason Unsupported)",
         ),
         (
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80, weight: 90}]}]}\n",
-            "HTTPRoute shop/r: spec.rules not enforced by the data path yet; it is not applied until that field is removed (Accepted: False, reason Unsupported)",
-        ),
-        (
             "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {trustDomain: example.org, mtlsMode: Strict}\n",
             "MeshConfig default: spec.trustDomain not enforced by the data path yet; it is not applied until that field is removed (Accepted: False, reason Unsupported)",
         ),
@@ -160,6 +156,9 @@ fn fields_no_node_acts_on_yet_are_rejected_as_unsupported_naming_them() {
     // the destination): accepted.
     let l7 = "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop}\nspec: {action: Allow, rules: [{to: [{ports: [80], methods: [GET], paths: [/api/*]}], when: [{header: x-env, values: [prod]}]}]}\n";
     assert!(parse(&format!("{WEB}---\n{l7}")).is_ok());
+    // So are HTTPRoutes' rules (routed per request, at the source).
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80, weight: 90}]}]}\n";
+    assert!(parse(&format!("{WEB}---\n{route}")).is_ok());
 }
 
 #[test]
@@ -342,8 +341,16 @@ fn a_route_no_node_could_apply_is_refused_with_gateway_api_reasons() {
     assert_eq!(
         route("{backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: web}]}"),
         [
-            "Accepted=False Unsupported: HTTPRoute shop/r: spec.rules not enforced by the data path yet; it is not applied until that field is removed",
+            "Accepted=True Accepted: ",
             "ResolvedRefs=False InvalidKind: HTTPRoute shop/r: rules[0]: backendRef web is a ServiceImport; only Services can be backends",
+        ]
+    );
+    // A route the nodes apply: accepted, its references resolved.
+    assert_eq!(
+        route("{backendRefs: [{name: web, port: 80, weight: 90}]}"),
+        [
+            "Accepted=True Accepted: ",
+            "ResolvedRefs=True ResolvedRefs: "
         ]
     );
 }

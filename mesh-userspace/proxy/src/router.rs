@@ -1,0 +1,870 @@
+//! The source side of L7: a meshed pod's connection to a Service frontend
+//! that HTTPRoutes bind (the kernel captured it unbalanced, with the
+//! ClusterIP as its destination) is read as HTTP, and each request is
+//! routed on its own: the rule Gateway API's precedence picks, its filters,
+//! a backend Service by weight, an endpoint of it by power of two choices
+//! over peak-EWMA latency ([`balance`]), timeouts and retries. Requests go
+//! out over pooled connections (hyper-util's client, one pool per source
+//! pod and protocol, keyed by endpoint), each connection opened as any
+//! captured connection is: through the tunnel, to a pod on this node
+//! through the inbound checks, or straight from the pod's namespace.
+//!
+//! A connection whose first bytes are not HTTP (or that sends nothing in
+//! [`SNIFF_TIMEOUT`], as a server-first protocol would) is carried at L4 to
+//! one endpoint, as the kernel would have balanced it, and counted.
+//!
+//! Errors the mesh makes are answered in gRPC form to gRPC clients
+//! (`content-type: application/grpc...`: HTTP 200 with `grpc-status`) and
+//! in HTTP form to others, each with `x-lacewing-error` saying why.
+
+pub mod balance;
+pub mod metrics;
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection},
+    },
+    rt::{TokioExecutor, TokioIo},
+};
+use lacewing_core::model::{
+    routes::{
+        self as model, Filter, Frontend, RequestView, RouteTable, Rule, modify_headers,
+        redirect_location, rewrite_path,
+    },
+    services::BackendEntry,
+    workloads::Workload,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use crate::{outbound::Outbound, sockets::PodNetns};
+
+/// How long a routed connection may stay silent before it is taken for a
+/// server-first protocol and carried at L4.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(300);
+/// Request bodies up to this size are kept for a retry; a larger one is
+/// sent once, never retried.
+pub const RETRY_BODY_LIMIT: usize = 64 * 1024;
+/// How long a pooled connection to an endpoint stays open unused.
+pub const POOL_IDLE: Duration = Duration::from_secs(90);
+/// The header on answers the mesh made itself, saying why.
+pub const ERROR_HEADER: &str = "x-lacewing-error";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Bodies in both directions.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A stream to an endpoint, whatever carries it.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// One pod's pooled clients, for HTTP/1.1 and for HTTP/2.
+struct Clients {
+    http1: Client<Dialer, Body>,
+    http2: Client<Dialer, Body>,
+}
+
+/// The router's state: pooled clients per source pod, endpoint latencies,
+/// request metrics.
+pub struct Router {
+    clients: Mutex<HashMap<String, Arc<Clients>>>,
+    pub balancer: balance::Balancer,
+    pub metrics: metrics::RequestMetrics,
+}
+
+impl Router {
+    pub fn new(metrics: metrics::RequestMetrics) -> Self {
+        Self {
+            clients: Mutex::default(),
+            balancer: balance::Balancer::default(),
+            metrics,
+        }
+    }
+
+    fn clients(
+        &self,
+        outbound: &Arc<Outbound>,
+        source: &Arc<Workload>,
+        netns: &PodNetns,
+        source_ip: IpAddr,
+    ) -> Arc<Clients> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        // Keyed by pod: a pod's pool dials from its own namespace and
+        // address, and ends when the pod does (its uid changes).
+        let key = format!("{}/{}/{}", source.namespace, source.name, source.uid);
+        Arc::clone(clients.entry(key).or_insert_with(|| {
+            let dialer = Dialer {
+                outbound: Arc::clone(outbound),
+                source: Arc::clone(source),
+                netns: Arc::clone(netns),
+                source_ip,
+            };
+            let mut h1 = Client::builder(TokioExecutor::new());
+            h1.pool_timer(hyper_util::rt::TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE);
+            let mut h2 = Client::builder(TokioExecutor::new());
+            h2.pool_timer(hyper_util::rt::TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE)
+                .http2_only(true);
+            Arc::new(Clients {
+                http1: h1.build(dialer.clone()),
+                http2: h2.build(dialer),
+            })
+        }))
+    }
+}
+
+/// Opens connections to endpoints for one source pod (hyper-util's
+/// connector); the URI's authority is the endpoint.
+#[derive(Clone)]
+struct Dialer {
+    outbound: Arc<Outbound>,
+    source: Arc<Workload>,
+    netns: PodNetns,
+    source_ip: IpAddr,
+}
+
+impl tower_service::Service<Uri> for Dialer {
+    type Response = Conn;
+    type Error = io::Error;
+    type Future = BoxFuture<'static, io::Result<Conn>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let dialer = self.clone();
+        Box::pin(async move {
+            let endpoint: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an endpoint"))?;
+            let stream = dialer
+                .outbound
+                .open(&dialer.source, &dialer.netns, dialer.source_ip, endpoint)
+                .await?;
+            Ok(Conn(TokioIo::new(stream)))
+        })
+    }
+}
+
+/// A connection to an endpoint, as hyper-util's client holds it.
+pub struct Conn(TokioIo<Box<dyn Io>>);
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Whether `first` (a connection's first bytes) starts an HTTP/1 request
+/// or the HTTP/2 preface.
+pub fn looks_like_http(first: &[u8]) -> bool {
+    if first.starts_with(b"PRI * HTTP/2") {
+        return true;
+    }
+    let token = first.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    (3..=7).contains(&token) && first.get(token) == Some(&b' ')
+}
+
+/// Whether a routed connection speaks HTTP: its first bytes, within
+/// [`SNIFF_TIMEOUT`] (silence is a server-first protocol: not HTTP).
+pub async fn sniff(app: &TcpStream) -> bool {
+    let mut first = [0u8; 16];
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, app.peek(&mut first)).await;
+        match peeked {
+            Ok(Ok(n)) if n >= first.len() || (n > 0 && first[..n].contains(&b' ')) => {
+                return looks_like_http(&first[..n]);
+            }
+            // Fewer bytes than a request line's first word: wait for more.
+            Ok(Ok(n)) if n > 0 => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => return false,
+        }
+    }
+}
+
+/// What one routed connection's requests share.
+struct Session {
+    outbound: Arc<Outbound>,
+    clients: Arc<Clients>,
+    source: Arc<Workload>,
+    frontend: Frontend,
+    table: Arc<RouteTable>,
+}
+
+/// Serves a routed connection's HTTP until the client is done.
+pub async fn serve(
+    outbound: &Arc<Outbound>,
+    app: TcpStream,
+    source: Arc<Workload>,
+    netns: PodNetns,
+    source_ip: IpAddr,
+    frontend: Frontend,
+    table: Arc<RouteTable>,
+) {
+    let clients = outbound
+        .router
+        .clients(outbound, &source, &netns, source_ip);
+    let session = Arc::new(Session {
+        outbound: Arc::clone(outbound),
+        clients,
+        source,
+        frontend,
+        table,
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let session = Arc::clone(&session);
+        async move { Ok::<_, std::convert::Infallible>(session.handle(req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(err) = builder
+        .serve_connection_with_upgrades(TokioIo::new(app), service)
+        .await
+    {
+        tracing::debug!(%err, "routed connection ended");
+    }
+}
+
+/// Why the mesh answered a request itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    NoRoute,
+    NoBackend,
+    Timeout,
+    Unavailable,
+}
+
+impl Failure {
+    fn status(self) -> StatusCode {
+        match self {
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::NoBackend | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// gRPC's code for it: UNIMPLEMENTED, UNAVAILABLE, DEADLINE_EXCEEDED.
+    fn grpc(self) -> &'static str {
+        match self {
+            Self::NoRoute => "12",
+            Self::NoBackend | Self::Unavailable => "14",
+            Self::Timeout => "4",
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Self::NoRoute => "no_route",
+            Self::NoBackend => "no_backend",
+            Self::Timeout => "timeout",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The mesh's own answer for `failure`, in gRPC form to a gRPC client.
+fn failure_response(failure: Failure, grpc: bool) -> Response<Body> {
+    let mut resp = if grpc {
+        let mut r = Response::new(full(Bytes::new()));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static(failure.grpc()));
+        h.insert("grpc-message", HeaderValue::from_static(failure.reason()));
+        r
+    } else {
+        let mut r = Response::new(full(format!("{}\n", failure.reason())));
+        *r.status_mut() = failure.status();
+        r
+    };
+    resp.headers_mut()
+        .insert(ERROR_HEADER, HeaderValue::from_static(failure.reason()));
+    resp
+}
+
+/// Hop-by-hop headers: never forwarded (HTTP/2 forbids them).
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    for name in HOP_BY_HOP {
+        if keep_upgrade && (name == "connection" || name == "upgrade") {
+            continue;
+        }
+        if name == "te"
+            && headers
+                .get("te")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        {
+            continue;
+        }
+        headers.remove(name);
+    }
+}
+
+/// A request body: kept whole (replayable) or streamed once.
+enum ReqBody {
+    Buffered(Bytes),
+    Stream(Body),
+    /// A stream already sent: nothing to replay.
+    Spent,
+}
+
+impl ReqBody {
+    /// Reads up to [`RETRY_BODY_LIMIT`]; past it, what was read and the
+    /// rest go on as one stream (not retried).
+    async fn read(body: Incoming) -> Self {
+        let mut body = body;
+        let mut kept = bytes::BytesMut::new();
+        let mut trailers = None;
+        loop {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        kept.extend_from_slice(&data);
+                        if kept.len() > RETRY_BODY_LIMIT {
+                            let head = futures::stream::iter([Ok::<_, BoxError>(Frame::data(
+                                kept.freeze(),
+                            ))]);
+                            let rest =
+                                http_body_util::BodyStream::new(body.map_err(BoxError::from));
+                            let stream = futures::StreamExt::chain(head, rest);
+                            return Self::Stream(BodyExt::boxed(http_body_util::StreamBody::new(
+                                stream,
+                            )));
+                        }
+                    }
+                    Err(frame) => {
+                        trailers = frame.into_trailers().ok();
+                    }
+                },
+                Some(Err(err)) => {
+                    return Self::Stream(
+                        http_body_util::StreamBody::new(futures::stream::iter([Err::<
+                            Frame<Bytes>,
+                            BoxError,
+                        >(
+                            err.into()
+                        )]))
+                        .boxed(),
+                    );
+                }
+            }
+        }
+        match trailers {
+            // Trailers on a request (gRPC does not send them): not replayed.
+            Some(t) => {
+                let frames = [
+                    Ok::<_, BoxError>(Frame::data(kept.freeze())),
+                    Ok(Frame::trailers(t)),
+                ];
+                Self::Stream(http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed())
+            }
+            None => Self::Buffered(kept.freeze()),
+        }
+    }
+
+    /// A body for one attempt; `None` when it was streamed already.
+    fn take(&mut self) -> Option<Body> {
+        match std::mem::replace(self, Self::Spent) {
+            Self::Buffered(b) => {
+                *self = Self::Buffered(b.clone());
+                Some(full(b))
+            }
+            Self::Stream(s) => Some(s),
+            Self::Spent => None,
+        }
+    }
+}
+
+impl Session {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let (resp, route) = self.route(req, grpc).await;
+        let grpc_status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_default();
+        self.outbound.router.metrics.record(
+            &self.source,
+            &self.frontend,
+            &route,
+            resp.status().as_u16(),
+            &grpc_status,
+            started.elapsed(),
+        );
+        resp
+    }
+
+    /// The response to one request, and the route (`namespace/name`, or
+    /// empty) that chose it.
+    async fn route(&self, req: Request<Incoming>, grpc: bool) -> (Response<Body>, String) {
+        let (mut parts, body) = req.into_parts();
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().map(str::to_owned);
+        let selected = self.frontend.routes.select(
+            self.frontend.port,
+            &self.source.namespace,
+            &RequestView {
+                method: &parts.method,
+                path: &path,
+                query: query.as_deref(),
+                headers: &parts.headers,
+            },
+        );
+        let Some((rule, matched)) = selected else {
+            return (failure_response(Failure::NoRoute, grpc), String::new());
+        };
+        let route = rule.route.to_string();
+        let rule = rule.clone();
+        let matched = matched.clone();
+        let mut response_modifiers = Vec::new();
+        let mut mirrors = Vec::new();
+        let mut path = path;
+        for filter in &rule.filters {
+            match filter {
+                Filter::RequestHeaders(m) => modify_headers(&mut parts.headers, m),
+                Filter::ResponseHeaders(m) => response_modifiers.push(m.clone()),
+                Filter::Redirect(r) => {
+                    let host = host_of(&parts);
+                    let (host, port) = split_host_port(&host);
+                    let location = redirect_location(
+                        r,
+                        &matched,
+                        "http",
+                        &host,
+                        port,
+                        &path,
+                        query.as_deref(),
+                    );
+                    let mut resp = Response::new(full(Bytes::new()));
+                    *resp.status_mut() =
+                        StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+                    if let Ok(v) = HeaderValue::from_str(&location) {
+                        resp.headers_mut().insert(header::LOCATION, v);
+                    }
+                    return (resp, route);
+                }
+                Filter::Rewrite {
+                    hostname,
+                    path: rewrite,
+                } => {
+                    if let Some(h) = hostname
+                        && let Ok(v) = HeaderValue::from_str(h)
+                    {
+                        parts.headers.insert(header::HOST, v);
+                    }
+                    if let Some(rw) = rewrite {
+                        path = rewrite_path(&path, rw, &matched);
+                    }
+                }
+                Filter::Mirror { backend, fraction } => mirrors.push((backend.clone(), *fraction)),
+            }
+        }
+        let deadline = request_deadline(&rule, &parts.headers);
+        let body = ReqBody::read(body).await;
+        let mut body = body;
+        let forwarded = async {
+            self.mirror(&mirrors, &parts, &path, query.as_deref(), &body);
+            self.forward(&rule, &mut parts, &path, query.as_deref(), &mut body, grpc)
+                .await
+        };
+        let mut resp = match deadline {
+            Some(limit) => match tokio::time::timeout(limit, forwarded).await {
+                Ok(resp) => resp,
+                Err(_) => {
+                    self.outbound.router.metrics.timeout(&route);
+                    failure_response(Failure::Timeout, grpc)
+                }
+            },
+            None => forwarded.await,
+        };
+        for m in &response_modifiers {
+            modify_headers(resp.headers_mut(), m);
+        }
+        (resp, route)
+    }
+
+    /// Sends the request to a backend of `rule`, retrying as the rule says.
+    async fn forward(
+        &self,
+        rule: &Rule,
+        parts: &mut http::request::Parts,
+        path: &str,
+        query: Option<&str>,
+        body: &mut ReqBody,
+        grpc: bool,
+    ) -> Response<Body> {
+        let Some(backend) = pick_backend(&rule.backends) else {
+            // Gateway API: no backend (or every weight 0) is a 500.
+            let mut resp = Response::new(full("no backend\n"));
+            *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            return resp;
+        };
+        let service = (backend.namespace.clone(), backend.name.clone());
+        let port = backend.port.unwrap_or(self.frontend.port);
+        let endpoints = self.table.endpoints(&service, port);
+        if endpoints.is_empty() {
+            return failure_response(Failure::NoBackend, grpc);
+        }
+        for f in &backend.filters {
+            if let Filter::RequestHeaders(m) = f {
+                modify_headers(&mut parts.headers, m);
+            }
+        }
+        let attempts = rule.retry.as_ref().map_or(0, |r| r.attempts) + 1;
+        let mut backoff = rule.retry.as_ref().map_or(Duration::ZERO, |r| r.backoff);
+        let mut tried = None;
+        let mut last = failure_response(Failure::Unavailable, grpc);
+        for attempt in 0..attempts {
+            let Some(payload) = body.take() else {
+                break;
+            };
+            if attempt > 0 {
+                self.outbound.router.metrics.retry(&rule.route.to_string());
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff *= 2;
+            }
+            let Some(endpoint) = self.outbound.router.balancer.pick(endpoints, tried) else {
+                break;
+            };
+            let addr = endpoint.addr();
+            tried = Some(addr);
+            let req = build_request(parts, endpoint.addr(), path, query, payload);
+            let upgrade = req.headers().contains_key(header::UPGRADE);
+            let client = if parts.version == Version::HTTP_2 {
+                &self.clients.http2
+            } else {
+                &self.clients.http1
+            };
+            let sent = client.request(req);
+            let result = match rule.timeouts.backend_request {
+                Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| None),
+                None => Ok(sent.await),
+            };
+            let outcome = match result {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(err)) => Err(Some(err)),
+                Err(none) => Err(none),
+            };
+            endpoint.done(outcome.is_ok());
+            match outcome {
+                Ok(resp) => {
+                    let retryable = rule
+                        .retry
+                        .as_ref()
+                        .is_some_and(|r| r.codes.contains(&resp.status().as_u16()));
+                    let mut resp = resp;
+                    if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        // The caller's side is spliced by `splice_upgrade`.
+                        return self.upgraded(parts, resp);
+                    }
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                    let resp = resp.map(|b| b.map_err(BoxError::from).boxed());
+                    if retryable && attempt + 1 < attempts {
+                        last = resp;
+                        continue;
+                    }
+                    return resp;
+                }
+                Err(Some(err)) => {
+                    tracing::debug!(endpoint = %addr, %err, "request to an endpoint failed");
+                    last = failure_response(Failure::Unavailable, grpc);
+                }
+                Err(None) => {
+                    last = failure_response(Failure::Timeout, grpc);
+                }
+            }
+        }
+        last
+    }
+
+    /// A `101` from the endpoint: the client's upgraded stream and the
+    /// endpoint's are spliced once both are ready.
+    fn upgraded(
+        &self,
+        parts: &mut http::request::Parts,
+        resp: Response<Incoming>,
+    ) -> Response<Body> {
+        let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        let (mut head, body) = resp.into_parts();
+        let endpoint_side = hyper::upgrade::on(Response::from_parts(head.clone(), body));
+        head.extensions = http::Extensions::new();
+        if let Some(client_side) = client_side {
+            tokio::spawn(async move {
+                let (Ok(client), Ok(endpoint)) = tokio::join!(client_side, endpoint_side) else {
+                    return;
+                };
+                let mut client = TokioIo::new(client);
+                let mut endpoint = TokioIo::new(endpoint);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut endpoint).await;
+            });
+        }
+        Response::from_parts(head, full(Bytes::new()))
+    }
+
+    /// Sends copies of the request to the mirrors (fire and forget: never
+    /// awaited, never slows or fails the original).
+    fn mirror(
+        &self,
+        mirrors: &[(model::Backend, (u32, u32))],
+        parts: &http::request::Parts,
+        path: &str,
+        query: Option<&str>,
+        body: &ReqBody,
+    ) {
+        for (backend, (num, den)) in mirrors {
+            if *den == 0 || fastrand::u32(0..*den) >= *num {
+                continue;
+            }
+            let ReqBody::Buffered(bytes) = body else {
+                // A streamed body cannot be copied without holding it.
+                continue;
+            };
+            let port = backend.port.unwrap_or(self.frontend.port);
+            let service = (backend.namespace.clone(), backend.name.clone());
+            let Some(endpoint) = self
+                .outbound
+                .router
+                .balancer
+                .pick(self.table.endpoints(&service, port), None)
+            else {
+                continue;
+            };
+            let req = build_request(parts, endpoint.addr(), path, query, full(bytes.clone()));
+            let client = if parts.version == Version::HTTP_2 {
+                self.clients.http2.clone()
+            } else {
+                self.clients.http1.clone()
+            };
+            let metrics = self.outbound.router.metrics.clone();
+            let name = format!("{}/{}", backend.namespace, backend.name);
+            tokio::spawn(async move {
+                let ok = match client.request(req).await {
+                    Ok(resp) => {
+                        let _ = resp.into_body().collect().await;
+                        true
+                    }
+                    Err(_) => false,
+                };
+                endpoint.done(ok);
+                metrics.mirrored(&name);
+            });
+        }
+    }
+}
+
+/// The request for one attempt at `endpoint`.
+fn build_request(
+    parts: &http::request::Parts,
+    endpoint: SocketAddr,
+    path: &str,
+    query: Option<&str>,
+    body: Body,
+) -> Request<Body> {
+    let path_and_query = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(endpoint.to_string())
+        .path_and_query(path_and_query)
+        .build()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = if parts.version == Version::HTTP_2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let mut headers = parts.headers.clone();
+    let upgrade = parts.version != Version::HTTP_2 && headers.contains_key(header::UPGRADE);
+    strip_hop_by_hop(&mut headers, upgrade);
+    if parts.version == Version::HTTP_2 {
+        // HTTP/2 carries the authority in the URI; a Host header would clash.
+        headers.remove(header::HOST);
+    }
+    *req.headers_mut() = headers;
+    req
+}
+
+/// A backend by weight; `None` when there is none or every weight is 0.
+fn pick_backend(backends: &[model::Backend]) -> Option<&model::Backend> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut roll = fastrand::u64(0..total);
+    backends.iter().find(|b| {
+        let w = u64::from(b.weight);
+        if roll < w {
+            true
+        } else {
+            roll -= w;
+            false
+        }
+    })
+}
+
+/// The deadline of a request: the rule's `timeouts.request` (`0s`: none),
+/// and a gRPC client's `grpc-timeout`, whichever is sooner.
+fn request_deadline(rule: &Rule, headers: &HeaderMap) -> Option<Duration> {
+    let route = rule.timeouts.request.filter(|d| !d.is_zero());
+    let grpc = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(grpc_timeout);
+    match (route, grpc) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// gRPC's `grpc-timeout`: up to 8 digits and a unit (H M S m u n).
+pub fn grpc_timeout(text: &str) -> Option<Duration> {
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `d` plus up to half of it again, so retries of many clients spread out.
+fn jittered(d: Duration) -> Duration {
+    d + d.mul_f64(fastrand::f64() / 2.0)
+}
+
+fn host_of(parts: &http::request::Parts) -> String {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+fn split_host_port(authority: &str) -> (String, Option<u16>) {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => match port.parse() {
+            Ok(p) => (host.to_owned(), Some(p)),
+            Err(_) => (authority.to_owned(), None),
+        },
+        _ => (authority.to_owned(), None),
+    }
+}
+
+/// An endpoint for a client that no route applies to: one pick per
+/// connection, weighted at random, as the kernel balances.
+pub fn pick_l4(table: &RouteTable, frontend: &Frontend) -> Option<SocketAddr> {
+    let endpoints = table.endpoints(&frontend.service, frontend.port);
+    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut roll = fastrand::u64(0..total);
+    endpoints
+        .iter()
+        .find(|e: &&BackendEntry| {
+            let w = u64::from(e.weight);
+            if roll < w {
+                true
+            } else {
+                roll -= w;
+                false
+            }
+        })
+        .map(|e| e.addr)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,202 @@
+//! HTTPRoutes (GAMMA) applied by the client's node, per request, with real
+//! HTTP clients and servers: a weighted split on one keep-alive connection,
+//! a header rule, a redirect, a rewrite with header modifiers, a timeout, a
+//! retry; and no route for a request dialled to a pod or sent by a pod
+//! outside the mesh.
+//!
+//! ```text
+//!   namespace shop (lacewing.io/mesh=enabled)
+//!   n0-p0 client (sa client)                n0-p1 plain (namespace default)
+//!   n1-p0 web-0: httpd.py 8080 "web-v1"     n1-p1 web-1: httpd.py 8080 "web-v2"
+//!   Service front 10.96.0.32:80 -> both; web-v1 10.96.0.30 -> web-0;
+//!   web-v2 10.96.0.31 -> web-1
+//! ```
+
+use std::time::Instant;
+
+use lacewing_tests::{mesh_lab::MeshLab, run_in};
+
+const HTTP_PORT: u16 = 8080;
+const FRONT: &str = "10.96.0.32";
+
+fn service(name: &str, ip: &str, endpoints: &[&str]) -> String {
+    let addresses: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: {HTTP_PORT}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-v4, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [{}]}}]\n",
+        addresses.join(", ")
+    )
+}
+
+const ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: front, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: front, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-canary, value: "1"}]}]
+    backendRefs: [{name: web-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /moved}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {hostname: rewritten.shop, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-added, value: "yes"}], remove: [x-secret]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-resp, value: routed}]}
+    backendRefs: [{name: web-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /delay}}]
+    timeouts: {request: 500ms}
+    backendRefs: [{name: web-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /flaky}}]
+    retry: {attempts: 2, codes: [503], backoff: 10ms}
+    backendRefs: [{name: web-v1, port: 80}]
+  - backendRefs: [{name: web-v1, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]
+"#;
+
+/// curl from `pod`: status, then the given response headers, then the body.
+fn curl(m: &MeshLab, pod: &str, url: &str, extra: &[&str]) -> String {
+    let mut args = vec!["-sS", "--max-time", "5", "-D", "-"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = run_in(&m.lab, &m.lab.pod(pod).unwrap(), "curl", &args);
+    assert!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).replace('\r', "")
+}
+
+fn count(out: &str, key: &str) -> u32 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[test]
+fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
+    let m = MeshLab::new();
+    let _v1 = m.serve_tool(
+        "n1-p0",
+        "httpd.py",
+        &[&HTTP_PORT.to_string(), "web-v1"],
+        HTTP_PORT,
+    );
+    let _v2 = m.serve_tool(
+        "n1-p1",
+        "httpd.py",
+        &[&HTTP_PORT.to_string(), "web-v2"],
+        HTTP_PORT,
+    );
+    let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
+    let web1 = m.lab.pod("n1-p1").unwrap().ip4().to_string();
+    m.config(
+        "services.yaml",
+        Some(
+            &[
+                service("web-v1", "10.96.0.30", &[&web0]),
+                service("web-v2", "10.96.0.31", &[&web1]),
+                service("front", FRONT, &[&web0, &web1]),
+            ]
+            .join("---\n"),
+        ),
+    );
+    m.config("route.yaml", Some(ROUTE));
+    let front = format!("http://{FRONT}");
+    m.until("n0 routes requests to front", || {
+        curl(&m, "n0-p0", &format!("{front}/old/x"), &[]).contains("GET /new/x")
+    });
+
+    // 500 requests on one keep-alive connection, split per request 90/10.
+    let out = m.run_tool("n0-p0", "hits.py", &[FRONT, "80", "/split", "500"]);
+    let (v1, v2) = (count(&out, "200 web-v1"), count(&out, "200 web-v2"));
+    assert_eq!(v1 + v2, 500, "{out}");
+    assert!((425..=475).contains(&v1), "90% within 5 points: {out}");
+    assert_eq!(count(&out, "connections"), 1, "{out}");
+
+    // A header match wins over the split.
+    let out = m.run_tool(
+        "n0-p0",
+        "hits.py",
+        &[FRONT, "80", "/split", "20", "x-canary:1"],
+    );
+    assert_eq!(count(&out, "200 web-v2"), 20, "{out}");
+
+    // Redirect: 301 with the new path, nothing sent to a backend.
+    let out = curl(&m, "n0-p0", &format!("{front}/moved/a?q=1"), &[]);
+    assert!(out.starts_with("HTTP/1.1 301"), "{out}");
+    assert!(
+        out.contains("\nlocation: http://10.96.0.32/new?q=1\n"),
+        "{out}"
+    );
+
+    // Rewrite: the backend sees the new path and host, the set header and
+    // not the removed one; the client sees the added response header.
+    let out = curl(
+        &m,
+        "n0-p0",
+        &format!("{front}/old/x?y=2"),
+        &["-H", "x-secret: s", "-H", "x-keep: k"],
+    );
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\nx-resp: routed\n"), "{out}");
+    let mut body: Vec<&str> = out.split("\n\n").nth(1).unwrap().lines().collect();
+    // The request line, then the headers in any order.
+    body[1..].sort_unstable();
+    assert_eq!(
+        body,
+        [
+            "web-v1 GET /new/x?y=2",
+            "host: rewritten.shop",
+            "x-added: yes",
+            "x-keep: k",
+        ],
+        "{out}"
+    );
+
+    // Timeout: a backend that answers after 1 s gives 504 at about 0.5 s.
+    let started = Instant::now();
+    let out = curl(&m, "n0-p0", &format!("{front}/delay/1000"), &[]);
+    let took = started.elapsed().as_secs_f64();
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(out.contains("\nx-lacewing-error: timeout\n"), "{out}");
+    assert!((0.45..0.95).contains(&took), "answered after {took:.2} s");
+
+    // Retry: the first /flaky answer is 503, the retry's 200.
+    let out = curl(&m, "n0-p0", &format!("{front}/flaky"), &[]);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("web-v1 GET /flaky"), "{out}");
+    assert_eq!(
+        m.metric("n0", "lacewing_request_retries_total{route=\"shop/front\"}"),
+        1.0
+    );
+    assert_eq!(
+        m.metric(
+            "n0",
+            "lacewing_request_timeouts_total{route=\"shop/front\"}"
+        ),
+        1.0
+    );
+    // Every request counted at the source, by status.
+    let ok = "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/front\",route=\"shop/front\",code=\"200\",grpc_status=\"\"}";
+    assert!(m.metric("n0", ok) >= 522.0, "{}", m.metric("n0", ok));
+
+    // Dialled to a pod: no Service, so no route (Gateway API's mesh rule).
+    let out = curl(
+        &m,
+        "n0-p0",
+        &format!("http://{web0}:{HTTP_PORT}/old/x"),
+        &[],
+    );
+    assert!(out.contains("web-v1 GET /old/x\n"), "{out}");
+    // A client outside the mesh is balanced by the kernel, unrouted.
+    let out = curl(&m, "n0-p1", &format!("{front}/old/x"), &[]);
+    assert!(
+        out.contains("web-v1 GET /old/x\n") || out.contains("web-v2 GET /old/x\n"),
+        "{out}"
+    );
+}
