@@ -200,3 +200,129 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
         "{out}"
     );
 }
+
+const GRPC_PORT: u16 = 50051;
+const GRPC_VIP: &str = "10.96.0.33";
+
+#[test]
+fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
+    let m = MeshLab::new();
+    let _v1 = m.serve_tool(
+        "n1-p0",
+        "httpd.py",
+        &[&HTTP_PORT.to_string(), "web-v1"],
+        HTTP_PORT,
+    );
+    let _grpc = m.serve_tool(
+        "n1-p0",
+        "grpcsvc.py",
+        &["serve", &GRPC_PORT.to_string()],
+        GRPC_PORT,
+    );
+    let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
+    m.config(
+        "services.yaml",
+        Some(&format!(
+            "{}---\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: items, namespace: shop}}\nspec: {{clusterIP: {GRPC_VIP}, ports: [{{name: grpc, port: {GRPC_PORT}, appProtocol: grpc}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: items-v4, namespace: shop, labels: {{kubernetes.io/service-name: items}}}}\naddressType: IPv4\nports: [{{name: grpc, port: {GRPC_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{web0}\"]}}]\n",
+            service("web-v1", "10.96.0.30", &[&web0]),
+            service("front", FRONT, &[&web0]),
+        )),
+    );
+    m.config(
+        "route.yaml",
+        Some(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: front, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: front}}], rules: [{{backendRefs: [{{name: web-v1, port: 80}}]}}]}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: items, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: items}}], rules: [{{backendRefs: [{{name: items, port: {GRPC_PORT}}}]}}]}}\n"
+        )),
+    );
+    let requests = |node: &str, service: &str| {
+        m.metric(
+            node,
+            &format!("lacewing_requests_total{{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/{service}\",route=\"shop/{service}\",code=\"200\",grpc_status=\"\"}}"),
+        )
+    };
+    // Until n0 routes (before, the kernel balances: the same pod answers,
+    // but no request is counted).
+    m.until("n0 routes requests to front", || {
+        curl(&m, "n0-p0", &format!("http://{FRONT}/x"), &[]);
+        requests("n0", "front") >= 1.0
+    });
+
+    // gRPC through a route: h2c to the pod, trailers intact, the channel's
+    // calls routed one by one (each counted with its gRPC status).
+    m.until("n0 routes gRPC calls", || {
+        m.run_tool("n0-p0", "grpcsvc.py", &["call", GRPC_VIP, &GRPC_PORT.to_string()]);
+        m.metric(
+            "n0",
+            "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/items\",route=\"shop/items\",code=\"200\",grpc_status=\"0\"}",
+        ) >= 1.0
+    });
+    let out = m.run_tool(
+        "n0-p0",
+        "grpcsvc.py",
+        &["call", GRPC_VIP, &GRPC_PORT.to_string()],
+    );
+    assert_eq!(
+        out,
+        "Get OK Get:1\nDelete OK Delete:1\nCheck OK SERVING\nGet OK Get:1"
+    );
+    // With an L7 policy at the destination: the refusal passes back through
+    // the router as the client's PERMISSION_DENIED.
+    m.config(
+        "no-delete.yaml",
+        Some("apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec: {action: Deny, rules: [{to: [{paths: [/shop.Items/Delete]}]}]}\n"),
+    );
+    let mut out = String::new();
+    m.until("n1 refuses routed Delete calls", || {
+        out = m.run_tool(
+            "n0-p0",
+            "grpcsvc.py",
+            &["call", GRPC_VIP, &GRPC_PORT.to_string()],
+        );
+        out.contains("PERMISSION_DENIED")
+    });
+    assert_eq!(
+        out,
+        "Get OK Get:1\nDelete PERMISSION_DENIED shop/no-delete\nCheck OK SERVING\nGet OK Get:1"
+    );
+
+    // A WebSocket-style upgrade through the route carries bytes both ways.
+    assert_eq!(
+        m.run_tool("n0-p0", "upgrade.py", &[FRONT, "80", "20"]),
+        "101 echoed=20"
+    );
+
+    // On one node: n1-p1 (meshed) to front, routed by n1 to web-0 on n1.
+    let out = curl(&m, "n1-p1", &format!("http://{FRONT}/same"), &[]);
+    assert!(out.contains("web-v1 GET /same\n"), "{out}");
+    assert_eq!(
+        m.metric(
+            "n1",
+            "lacewing_requests_total{direction=\"outbound\",source_workload=\"web-1\",source_namespace=\"shop\",destination_service=\"shop/front\",route=\"shop/front\",code=\"200\",grpc_status=\"\"}"
+        ),
+        1.0
+    );
+
+    // Bytes that are not HTTP on the routed port: carried at L4 to the
+    // pod (whose HTTP server answers 400 itself), counted.
+    let out = run_in(
+        &m.lab,
+        &m.lab.pod("n0-p0").unwrap(),
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "import socket; s = socket.create_connection(('{FRONT}', 80), timeout=5); s.sendall(b'\\x16\\x03\\x01 garbage\\r\\n\\r\\n'); print(s.recv(200).split(b'\\r\\n')[0].decode())"
+            ),
+        ],
+    );
+    let first = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        first.contains(" 400 "),
+        "{first} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        m.metric("n0", "lacewing_l7_fallbacks_total{reason=\"not_http\"}"),
+        1.0
+    );
+}

@@ -57,6 +57,9 @@ impl Inbound {
         let registered = self
             .registry
             .register(peer.clone(), dest, Direction::Inbound);
+        if per_request {
+            self.registry.set_per_request(&registered);
+        }
         Ok(Delivery {
             stream,
             watch,

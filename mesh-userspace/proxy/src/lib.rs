@@ -110,9 +110,12 @@ impl Proxy {
     pub async fn recheck_on_change(&self) {
         let mut changes = self.inbound.state.config_changes();
         while changes.changed().await.is_ok() {
-            let closed = self
-                .registry
-                .recheck(|peer, dest| self.inbound.authorize(peer, dest).map(drop));
+            let closed = self.registry.recheck(|peer, dest| {
+                let policies = self.inbound.state.policies();
+                self.inbound.authorize(peer, dest).map(|workload| {
+                    lacewing_core::model::authorization::needs_requests(&policies, &workload)
+                })
+            });
             for c in closed {
                 tracing::info!(
                     identity = %c.peer.identity,

@@ -119,15 +119,18 @@ impl Outbound {
         let table = self.state.routes();
         if let Some(frontend) = table.frontend(dest) {
             let frontend = frontend.clone();
-            if frontend.routes.applies(frontend.port, &source.namespace)
-                && router::sniff(&app).await
-            {
-                let registered = self.registry.register(peer, dest, Direction::Outbound);
-                tokio::select! {
-                    () = router::serve(self, app, source, netns, source_ip, frontend, Arc::clone(&table)) => {}
-                    () = registered.closed.cancelled() => {}
+            if frontend.routes.applies(frontend.port, &source.namespace) {
+                match router::sniff(&app).await {
+                    Ok(()) => {
+                        let registered = self.registry.register(peer, dest, Direction::Outbound);
+                        tokio::select! {
+                            () = router::serve(self, app, source, netns, source_ip, frontend, Arc::clone(&table)) => {}
+                            () = registered.closed.cancelled() => {}
+                        }
+                        return;
+                    }
+                    Err(reason) => self.router.metrics.fallback(reason),
                 }
-                return;
             }
             // No route for this client (or not HTTP): one endpoint for the
             // connection, as the kernel would have balanced it.

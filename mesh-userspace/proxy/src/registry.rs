@@ -39,6 +39,9 @@ struct Entry {
     dest: SocketAddr,
     direction: Direction,
     close: CancellationToken,
+    /// Its requests are decided one by one (it was opened under an L7
+    /// policy); otherwise its bytes are carried as they are.
+    per_request: bool,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +140,7 @@ impl Registry {
                 dest,
                 direction,
                 close: close.clone(),
+                per_request: false,
             },
         );
         let n = live.entries.len();
@@ -149,11 +153,22 @@ impl Registry {
         }
     }
 
-    /// Decides every inbound connection again with `decide` and closes
-    /// those it refuses; returns what it closed.
+    /// Marks a connection as one whose requests are decided one by one.
+    pub fn set_per_request(&self, registered: &Registered) {
+        if let Some(e) = self.lock().entries.get_mut(&registered.id) {
+            e.per_request = true;
+        }
+    }
+
+    /// Decides every inbound connection again with `decide` (which also
+    /// says whether its requests must now be decided one by one) and closes
+    /// those it refuses; returns what it closed. A connection carried as
+    /// bytes whose pod an L7 policy now selects is closed too (not counted
+    /// as a refusal): its client reconnects, and the new connection's
+    /// requests are decided.
     pub fn recheck(
         &self,
-        decide: impl Fn(&Peer, SocketAddr) -> Result<(), Refusal>,
+        decide: impl Fn(&Peer, SocketAddr) -> Result<bool, Refusal>,
     ) -> Vec<Closed> {
         let live = self.lock();
         let mut closed = Vec::new();
@@ -161,13 +176,20 @@ impl Registry {
             if entry.direction != Direction::Inbound || entry.close.is_cancelled() {
                 continue;
             }
-            if let Err(refusal) = decide(&entry.peer, entry.dest) {
-                entry.close.cancel();
-                closed.push(Closed {
-                    peer: entry.peer.clone(),
-                    dest: entry.dest,
-                    refusal,
-                });
+            match decide(&entry.peer, entry.dest) {
+                Err(refusal) => {
+                    entry.close.cancel();
+                    closed.push(Closed {
+                        peer: entry.peer.clone(),
+                        dest: entry.dest,
+                        refusal,
+                    });
+                }
+                Ok(true) if !entry.per_request => {
+                    tracing::info!(identity = %entry.peer.identity, dest = %entry.dest, "connection closed: an L7 policy now decides its requests");
+                    entry.close.cancel();
+                }
+                Ok(_) => {}
             }
         }
         closed
@@ -227,7 +249,7 @@ mod tests {
             if peer.identity == "a" {
                 Err(Refusal::new(403, "policy_denied", "deny a"))
             } else {
-                Ok(())
+                Ok(false)
             }
         });
         assert_eq!(closed.len(), 1);
@@ -242,6 +264,21 @@ mod tests {
                 .len()
                 == 1
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_carried_as_bytes_is_closed_when_its_requests_must_be_decided() {
+        let registry = Arc::new(Registry::default());
+        let dest: SocketAddr = "10.244.1.9:80".parse().unwrap();
+        let bytes = registry.register(peer("a"), dest, Direction::Inbound);
+        let requests = registry.register(peer("a"), dest, Direction::Inbound);
+        registry.set_per_request(&requests);
+        // An L7 policy now selects the pod: not a refusal, but the
+        // connection that is not read as requests must go.
+        let closed = registry.recheck(|_, _| Ok(true));
+        assert!(closed.is_empty());
+        assert!(bytes.closed.is_cancelled());
+        assert!(!requests.closed.is_cancelled());
     }
 
     #[tokio::test]

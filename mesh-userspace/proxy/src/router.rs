@@ -213,19 +213,24 @@ pub fn looks_like_http(first: &[u8]) -> bool {
 }
 
 /// Whether a routed connection speaks HTTP: its first bytes, within
-/// [`SNIFF_TIMEOUT`] (silence is a server-first protocol: not HTTP).
-pub async fn sniff(app: &TcpStream) -> bool {
+/// [`SNIFF_TIMEOUT`]; if not, why not (`not_http`, or `silent`: a
+/// server-first protocol).
+pub async fn sniff(app: &TcpStream) -> Result<(), &'static str> {
     let mut first = [0u8; 16];
     let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
     loop {
         let peeked = tokio::time::timeout_at(deadline, app.peek(&mut first)).await;
         match peeked {
             Ok(Ok(n)) if n >= first.len() || (n > 0 && first[..n].contains(&b' ')) => {
-                return looks_like_http(&first[..n]);
+                return if looks_like_http(&first[..n]) {
+                    Ok(())
+                } else {
+                    Err("not_http")
+                };
             }
             // Fewer bytes than a request line's first word: wait for more.
             Ok(Ok(n)) if n > 0 => tokio::time::sleep(Duration::from_millis(5)).await,
-            _ => return false,
+            _ => return Err("silent"),
         }
     }
 }
@@ -451,21 +456,34 @@ impl Session {
         let started = Instant::now();
         let grpc = is_grpc(req.headers());
         let (resp, route) = self.route(req, grpc).await;
+        // Counted when the response ends: a gRPC status comes in the
+        // trailers (or, for an error without a body, in the headers).
         let grpc_status = resp
             .headers()
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .unwrap_or_default();
-        self.outbound.router.metrics.record(
-            &self.source,
-            &self.frontend,
-            &route,
-            resp.status().as_u16(),
-            &grpc_status,
-            started.elapsed(),
-        );
-        resp
+        let code = resp.status().as_u16();
+        let session = Arc::clone(&self);
+        let record: Box<dyn FnOnce(&str) + Send + Sync> = Box::new(move |grpc_status| {
+            session.outbound.router.metrics.record(
+                &session.source,
+                &session.frontend,
+                &route,
+                code,
+                grpc_status,
+                started.elapsed(),
+            );
+        });
+        resp.map(|body| {
+            Observed {
+                inner: body,
+                grpc_status,
+                record: Some(record),
+            }
+            .boxed()
+        })
     }
 
     /// The response to one request, and the route (`namespace/name`, or
@@ -723,6 +741,62 @@ impl Session {
                 metrics.mirrored(&name);
             });
         }
+    }
+}
+
+/// A response body that records its request's metrics when it ends (or
+/// is dropped), with the gRPC status its trailers carry.
+struct Observed {
+    inner: Body,
+    grpc_status: String,
+    record: Option<Box<dyn FnOnce(&str) + Send + Sync>>,
+}
+
+impl Observed {
+    fn finish(&mut self) {
+        if let Some(record) = self.record.take() {
+            record(&self.grpc_status);
+        }
+    }
+}
+
+impl hyper::body::Body for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(status) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                {
+                    self.grpc_status = status.to_owned();
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

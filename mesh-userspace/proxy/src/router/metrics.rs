@@ -31,6 +31,11 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorLabels {
     pub destination_service: String,
 }
@@ -48,6 +53,7 @@ pub struct RequestMetrics {
     retries: Family<RouteLabels, Counter>,
     timeouts: Family<RouteLabels, Counter>,
     mirrored: Family<MirrorLabels, Counter>,
+    fallbacks: Family<FallbackLabels, Counter>,
 }
 
 impl Default for RequestMetrics {
@@ -58,6 +64,7 @@ impl Default for RequestMetrics {
             retries: Family::default(),
             timeouts: Family::default(),
             mirrored: Family::default(),
+            fallbacks: Family::default(),
         }
     }
 }
@@ -90,7 +97,18 @@ impl RequestMetrics {
             "Copies of routed requests sent to a RequestMirror backend (apart from the requests)",
             m.mirrored.clone(),
         );
+        registry.register(
+            "lacewing_l7_fallbacks",
+            "Connections to a routed Service carried at L4 instead, by reason (not_http: the first bytes were not HTTP; silent: nothing sent in time, as a server-first protocol)",
+            m.fallbacks.clone(),
+        );
         m
+    }
+
+    pub fn fallback(&self, reason: &'static str) {
+        self.fallbacks
+            .get_or_create(&FallbackLabels { reason })
+            .inc();
     }
 
     pub fn record(
