@@ -14,7 +14,9 @@
 
 use std::time::Instant;
 
-use lacewing_tests::{mesh_lab::MeshLab, run_in};
+use std::process::Command;
+
+use lacewing_tests::{bin, mesh_lab::MeshLab, run_in};
 
 const HTTP_PORT: u16 = 8080;
 const FRONT: &str = "10.96.0.32";
@@ -184,6 +186,40 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
     // Every request counted at the source, by status.
     let ok = "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/front\",route=\"shop/front\",code=\"200\",grpc_status=\"\"}";
     assert!(m.metric("n0", ok) >= 522.0, "{}", m.metric("n0", ok));
+
+    // The CLI lists the frontend's rules in Gateway API's precedence order
+    // (longer path prefixes first, then more header matches) with their
+    // endpoints.
+    let mut cmd = Command::new(bin("lacewing"));
+    let n0 = m.lab.node("n0").unwrap();
+    cmd.args([
+        "routes",
+        "--node-addr",
+        &format!("{}:15020", n0.underlay_ip4()),
+    ]);
+    let out = m.lab.run_on_underlay(cmd).unwrap();
+    assert!(out.status.success(), "lacewing routes: {out:?}");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let (v1, v2) = (format!("{web0}:{HTTP_PORT}"), format!("{web1}:{HTTP_PORT}"));
+    assert_eq!(
+        listing,
+        format!(
+            "10.96.0.32:80 (shop/front:80)
+  shop/front#1 [PathPrefix /moved] clients: all, 1 filters
+  shop/front#3 [PathPrefix /delay] clients: all, timeout 500ms
+    -> shop/web-v1:80 weight 1: {v1}
+  shop/front#4 [PathPrefix /flaky] clients: all, retries 2
+    -> shop/web-v1:80 weight 1: {v1}
+  shop/front#2 [PathPrefix /old] clients: all, 3 filters
+    -> shop/web-v1:80 weight 1: {v1}
+  shop/front#0 [PathPrefix /, header x-canary=1] clients: all
+    -> shop/web-v2:80 weight 1: {v2}
+  shop/front#5 [PathPrefix /] clients: all
+    -> shop/web-v1:80 weight 90: {v1}
+    -> shop/web-v2:80 weight 10: {v2}
+"
+        )
+    );
 
     // Dialled to a pod: no Service, so no route (Gateway API's mesh rule).
     let out = curl(

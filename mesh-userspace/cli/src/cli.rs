@@ -4,6 +4,7 @@ mod demo;
 mod lab;
 mod manifests;
 mod maps;
+mod routes;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,19 @@ pub enum Command {
         /// Ask the controller of this lab (the only one up, if not named).
         #[arg(long)]
         lab: Option<Option<crate::lab::LabId>>,
+    },
+    /// A node's HTTP routes as its daemon holds them: each routed Service
+    /// frontend, its rules in precedence order, and their backends.
+    Routes {
+        /// The node daemon's metrics address (host:15020).
+        #[arg(long, conflicts_with = "lab")]
+        node_addr: Option<String>,
+        /// Ask this lab's node named by --node (the only lab up, if not named).
+        #[arg(long)]
+        lab: Option<Option<crate::lab::LabId>>,
+        /// The lab node.
+        #[arg(long, default_value = "n0")]
+        node: String,
     },
     /// Write (or with --check, compare) the CRD YAML generated from the types.
     Manifests {
@@ -163,6 +177,15 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             (Some(url), _) => status::run(&url),
             (None, Some(lab)) => status::run_in_lab(lab),
             (None, None) => status::run("127.0.0.1:15014"),
+        },
+        Command::Routes {
+            node_addr,
+            lab,
+            node,
+        } => match (node_addr, lab) {
+            (Some(addr), _) => routes::run(&addr),
+            (None, Some(lab)) => routes::run_in_lab(lab, &node),
+            (None, None) => routes::run("127.0.0.1:15020"),
         },
         Command::Demo => demo::run().map(|()| 0),
         Command::TunnelProbe { probe, send } => report(probe.run(&send)),

@@ -139,6 +139,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         status: Some(Box::new(move || {
             serde_json::to_string(&status_of.status()).unwrap_or_default()
         })),
+        routes: None,
     });
     let http = lacewing_sys::http::serve(config.http_addr, endpoint)
         .await

@@ -122,6 +122,10 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         status: Some(Box::new(move || {
             shown.0.status_json(&shown.2, shown.1.shown())
         })),
+        routes: Some(Box::new({
+            let workloads = Arc::clone(&local_workloads);
+            move || serde_json::to_string_pretty(&workloads.routes().describe()).unwrap_or_default()
+        })),
     });
     let server = lacewing_sys::http::serve(config.metrics_addr, Arc::clone(&endpoint))
         .await

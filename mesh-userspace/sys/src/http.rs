@@ -32,6 +32,8 @@ pub struct Endpoint {
     pub ready: AtomicBool,
     /// JSON for `/status`, if the daemon has one.
     pub status: Option<Box<dyn Fn() -> String + Send + Sync>>,
+    /// JSON for `/routes` (the node's HTTP routes), if the daemon has one.
+    pub routes: Option<Box<dyn Fn() -> String + Send + Sync>>,
 }
 
 /// Binds `addr` and serves until the task is dropped.
@@ -88,6 +90,10 @@ fn route<B>(endpoint: &Endpoint, req: &Request<B>) -> Response<Full<Bytes>> {
             }
         }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/routes" if endpoint.routes.is_some() => {
+            let json = endpoint.routes.as_ref().map(|f| f()).unwrap_or_default();
+            reply(StatusCode::OK, "application/json", json)
+        }
         "/status" if endpoint.status.is_some() => {
             let json = endpoint.status.as_ref().map(|f| f()).unwrap_or_default();
             reply(StatusCode::OK, "application/json", json)

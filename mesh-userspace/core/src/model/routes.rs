@@ -165,6 +165,89 @@ fn service_port(name: &str) -> Option<(ServiceId, Option<u16>)> {
     Some(((ns.to_owned(), svc.to_owned()), port))
 }
 
+impl std::fmt::Display for ValueMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exact(v) => write!(f, "={v}"),
+            Self::Regex(r) => write!(f, "~{}", r.as_str()),
+        }
+    }
+}
+
+/// `PathPrefix /v2, header x-canary=1, query q~^a, method GET`.
+impl std::fmt::Display for Match {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.path {
+            PathMatch::Exact(p) => write!(f, "Exact {p}")?,
+            PathMatch::Prefix(p) => write!(f, "PathPrefix {p}")?,
+            PathMatch::Regex(r) => write!(f, "RegularExpression {}", r.as_str())?,
+        }
+        for (name, value) in &self.headers {
+            write!(f, ", header {name}{value}")?;
+        }
+        for (name, value) in &self.query {
+            write!(f, ", query {name}{value}")?;
+        }
+        if let Some(m) = &self.method {
+            write!(f, ", method {m}")?;
+        }
+        Ok(())
+    }
+}
+
+impl RouteTable {
+    /// What a node routes by, for `lacewing routes`: each frontend with
+    /// its rules (in precedence order) and their backends' endpoints.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut frontends: Vec<_> = self.frontends.iter().collect();
+        frontends.sort_by_key(|(addr, _)| **addr);
+        let list: Vec<serde_json::Value> = frontends
+            .into_iter()
+            .map(|(addr, f)| {
+                let rules: Vec<serde_json::Value> = f
+                    .routes
+                    .ordered()
+                    .map(|(rule, matched, consumer)| {
+                        let backends: Vec<serde_json::Value> = rule
+                            .backends
+                            .iter()
+                            .map(|b| {
+                                let port = b.port.unwrap_or(f.port);
+                                let service = (b.namespace.clone(), b.name.clone());
+                                serde_json::json!({
+                                    "service": format!("{}/{}:{port}", b.namespace, b.name),
+                                    "weight": b.weight,
+                                    "endpoints": self
+                                        .endpoints(&service, port)
+                                        .iter()
+                                        .map(|e| e.addr.to_string())
+                                        .collect::<Vec<_>>(),
+                                })
+                            })
+                            .collect();
+                        serde_json::json!({
+                            "route": rule.route.to_string(),
+                            "rule": rule.index,
+                            "match": matched.to_string(),
+                            "clients": consumer.map_or("all".to_owned(), |ns| format!("namespace {ns}")),
+                            "filters": rule.filters.len(),
+                            "timeout": rule.timeouts.request.map(|d| format!("{d:?}")),
+                            "retries": rule.retry.as_ref().map(|r| r.attempts),
+                            "backends": backends,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "frontend": addr.to_string(),
+                    "service": format!("{}/{}:{}", f.service.0, f.service.1, f.port),
+                    "rules": rules,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
+}
+
 /// A route (namespace, name) a rule belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RouteId {
@@ -875,6 +958,19 @@ impl ServiceRoutes {
             .filter(|e| self.bound(e.rule, port, namespace, consumer))
             .map(|e| (&self.rules[e.rule], &self.rules[e.rule].matches[e.matched]))
             .find(|(_, m)| m.matches(req))
+    }
+
+    /// Every rule's match in precedence order, with the namespace of the
+    /// consumer route it comes from (`None`: a producer route).
+    pub fn ordered(&self) -> impl Iterator<Item = (&Rule, &Match, Option<&str>)> {
+        self.order.iter().map(|e| {
+            let rule = &self.rules[e.rule];
+            (
+                rule,
+                &rule.matches[e.matched],
+                self.binding[e.rule].0.as_deref(),
+            )
+        })
     }
 
     /// Every rule, in no particular order (for listing).

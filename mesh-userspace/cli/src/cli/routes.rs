@@ -1,0 +1,109 @@
+//! `lacewing routes`: a node's HTTP routes as its daemon holds them (its
+//! `/routes`), one block per routed Service frontend.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::lab::{Lab, LabId};
+
+pub fn run(addr: &str) -> anyhow::Result<i32> {
+    let routes = fetch(addr)?;
+    print!("{}", render(&routes));
+    Ok(0)
+}
+
+/// The listing of `/routes` JSON.
+pub fn render(routes: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let frontends = routes.as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if frontends.is_empty() {
+        out.push_str("no routed Service on this node (every Service is balanced at L4)\n");
+    }
+    for f in frontends {
+        out.push_str(&format!(
+            "{} ({})\n",
+            f["frontend"].as_str().unwrap_or("?"),
+            f["service"].as_str().unwrap_or("?")
+        ));
+        for r in f["rules"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            let mut extra = Vec::new();
+            if let Some(t) = r["timeout"].as_str() {
+                extra.push(format!("timeout {t}"));
+            }
+            if let Some(n) = r["retries"].as_u64() {
+                extra.push(format!("retries {n}"));
+            }
+            if let Some(n) = r["filters"].as_u64().filter(|n| *n > 0) {
+                extra.push(format!("{n} filters"));
+            }
+            out.push_str(&format!(
+                "  {}#{} [{}] clients: {}{}\n",
+                r["route"].as_str().unwrap_or("?"),
+                r["rule"],
+                r["match"].as_str().unwrap_or("?"),
+                r["clients"].as_str().unwrap_or("?"),
+                if extra.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", extra.join(", "))
+                }
+            ));
+            for b in r["backends"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+                let endpoints: Vec<&str> = b["endpoints"]
+                    .as_array()
+                    .map(|e| e.iter().filter_map(|x| x.as_str()).collect())
+                    .unwrap_or_default();
+                out.push_str(&format!(
+                    "    -> {} weight {}: {}\n",
+                    b["service"].as_str().unwrap_or("?"),
+                    b["weight"],
+                    if endpoints.is_empty() {
+                        "no ready endpoint (503)".to_owned()
+                    } else {
+                        endpoints.join(" ")
+                    }
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// GET /routes over plain HTTP/1.0.
+fn fetch(addr: &str) -> anyhow::Result<serde_json::Value> {
+    let mut stream = TcpStream::connect(addr)
+        .with_context(|| format!("connecting to the node daemon at {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET /routes HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("the node's reply has no body")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "the node answered: {head}"
+    );
+    serde_json::from_str(body).context("the node's /routes is not what this CLI expects")
+}
+
+/// Runs `lacewing routes` again on the lab's underlay, where the node's
+/// metrics port is reachable.
+pub fn run_in_lab(lab: Option<LabId>, node: &str) -> anyhow::Result<i32> {
+    let lab = Lab::open(super::lab::resolve(lab)?)?;
+    let spec = lab.node(node)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args([
+        "routes",
+        "--node-addr",
+        &format!("{}:15020", spec.underlay_ip4()),
+    ]);
+    let mut child = lab.spawn_on_underlay(cmd)?;
+    let status = child.child_mut().wait()?;
+    Ok(status.code().unwrap_or(1))
+}
