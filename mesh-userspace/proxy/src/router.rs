@@ -466,7 +466,7 @@ impl Session {
             .unwrap_or_default();
         let code = resp.status().as_u16();
         let session = Arc::clone(&self);
-        let record: Box<dyn FnOnce(&str) + Send + Sync> = Box::new(move |grpc_status| {
+        let record: Record = Box::new(move |grpc_status| {
             session.outbound.router.metrics.record(
                 &session.source,
                 &session.frontend,
@@ -744,12 +744,15 @@ impl Session {
     }
 }
 
+/// Records a request's metrics, given its gRPC status.
+type Record = Box<dyn FnOnce(&str) + Send + Sync>;
+
 /// A response body that records its request's metrics when it ends (or
 /// is dropped), with the gRPC status its trailers carry.
 struct Observed {
     inner: Body,
     grpc_status: String,
-    record: Option<Box<dyn FnOnce(&str) + Send + Sync>>,
+    record: Option<Record>,
 }
 
 impl Observed {
