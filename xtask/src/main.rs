@@ -32,7 +32,7 @@ enum Task {
     Demo,
     /// Regenerate deploy/crds from the Rust types.
     Manifests,
-    /// Benchmarks: `cargo xtask bench l4`, `tunnel` and `local` (lab, root), `cargo xtask bench control-plane`.
+    /// Benchmarks: `cargo xtask bench l4`, `tunnel`, `local` and `l7` (lab, root), `cargo xtask bench control-plane`.
     Bench {
         /// Which benchmark: l4 or control-plane.
         name: String,
@@ -78,8 +78,8 @@ fn demo() -> anyhow::Result<()> {
 
 fn bench(name: &str, args: &[String]) -> anyhow::Result<()> {
     anyhow::ensure!(
-        ["l4", "control-plane", "tunnel", "local"].contains(&name),
-        "unknown benchmark `{name}`; there are: l4, control-plane, tunnel, local"
+        ["l4", "l7", "control-plane", "tunnel", "local"].contains(&name),
+        "unknown benchmark `{name}`; there are: l4, l7, control-plane, tunnel, local"
     );
     setup::run()?;
     run::build_binaries(true)?;

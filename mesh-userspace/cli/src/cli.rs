@@ -141,6 +141,13 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
+    /// HTTP/1.1 and h2c requests to a Service across nodes: no mesh, an
+    /// nginx reverse proxy, the mesh at L4 and at L7 (h2load).
+    L7 {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
     /// Short TCP connections to a ClusterIP: Lacewing vs kube-proxy
     /// (iptables, nftables) vs a direct connect.
     L4 {
@@ -217,6 +224,35 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 "{}",
                 crate::bench::control_plane::result_line(&opts, &outcome)
             );
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::L7 { seconds }) => {
+            let dir = binaries_dir()?;
+            let o = crate::bench::l7::run(&dir, &crate::bench::l7::Options { seconds })?;
+            println!(
+                "{:>4} {:>5} {:>10} {:>10} {:>10} {:>10}   p50/p99 us at 1k req/s: direct, nginx, L4, L7",
+                "", "bytes", "direct", "nginx", "mesh L4", "mesh L7"
+            );
+            for r in &o.rows {
+                println!(
+                    "{:>4} {:>5} {:>10.0} {:>10.0} {:>10.0} {:>10.0}   {:.0}/{:.0} {:.0}/{:.0} {:.0}/{:.0} {:.0}/{:.0}",
+                    r.protocol,
+                    r.bytes,
+                    r.direct.max_rps,
+                    r.nginx.max_rps,
+                    r.l4.max_rps,
+                    r.l7.max_rps,
+                    r.direct.p50_1k_us,
+                    r.direct.p99_1k_us,
+                    r.nginx.p50_1k_us,
+                    r.nginx.p99_1k_us,
+                    r.l4.p50_1k_us,
+                    r.l4.p99_1k_us,
+                    r.l7.p50_1k_us,
+                    r.l7.p99_1k_us,
+                );
+            }
+            println!("{}", crate::bench::l7::result_line(&o));
             Ok(0)
         }
         Command::Bench(BenchCommand::Local { seconds, rounds }) => {

@@ -291,7 +291,7 @@ fn average(out: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("no avg-latency in sockperf's output:\n{out}"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -305,7 +305,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// utime + stime of all `daemons`, in clock ticks.
-fn cpu_ticks(daemons: &[LabProcess]) -> anyhow::Result<u64> {
+pub(super) fn cpu_ticks(daemons: &[LabProcess]) -> anyhow::Result<u64> {
     daemons
         .iter()
         .map(|d| {
@@ -327,7 +327,7 @@ fn ticks_per_second() -> f64 {
     100.0
 }
 
-fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+pub(super) fn rss_mb(pid: u32) -> anyhow::Result<f64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     status

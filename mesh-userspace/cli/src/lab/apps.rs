@@ -319,6 +319,45 @@ impl Lab {
         self.start_nginx(pod, port, body, true)
     }
 
+    /// nginx as a reverse proxy (one worker, keep-alive upstream): each
+    /// `(port, upstream)` listens on `port` (HTTP/1.1 and, with `http2`,
+    /// h2c) and proxies to `upstream` (`host:port`, HTTP/1.1).
+    pub fn start_nginx_proxy(
+        &self,
+        pod: &PodSpec,
+        servers: &[(u16, String, bool)],
+    ) -> io::Result<LabProcess> {
+        let dir = self.state_dir().join(format!("nginx-proxy-{}", pod.name()));
+        fs::create_dir_all(&dir)?;
+        let d = dir.display();
+        let mut blocks = String::new();
+        for (i, (port, upstream, http2)) in servers.iter().enumerate() {
+            let h2 = if *http2 { " http2" } else { "" };
+            blocks.push_str(&format!(
+                "    upstream u{i} {{ server {upstream}; keepalive 64; }}\n    server {{ listen 0.0.0.0:{port} reuseport{h2}; location / {{ proxy_pass http://u{i}; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n"
+            ));
+        }
+        let conf = dir.join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nevents {{ worker_connections 4096; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n    keepalive_requests 100000;\n{blocks}}}\n"
+            ),
+        )?;
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf);
+        let mut server = self.spawn_in_pod(pod, cmd)?;
+        if let Some((port, _, _)) = servers.first() {
+            server.wait_listening(*port, Duration::from_secs(10))?;
+        }
+        Ok(server)
+    }
+
     fn start_nginx(
         &self,
         pod: &PodSpec,

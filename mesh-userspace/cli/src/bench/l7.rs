@@ -1,0 +1,418 @@
+//! `lacewing bench l7`: a pod on n0 to a Service whose two nginx pods run
+//! on n1, HTTP/1.1 keep-alive and h2c, 64 B and 1 KiB responses, in one
+//! run: no mesh (the namespace not enrolled), an nginx reverse proxy in a
+//! pod of n0 (one worker, keep-alive upstream; the peer), the mesh at L4
+//! (enrolled, no route), and the mesh at L7 (a route with a header rule and
+//! two weighted backends, an L7 allow policy at the destination). h2load
+//! measures the most requests/s over 64 connections, and the latency of
+//! every request at a fixed 1,000 and 5,000 requests/s (its per-request
+//! log: p50 and p99); the node daemons' CPU is read over the L7 runs at a
+//! fixed rate, their RSS at the end.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    on_path,
+    tunnel::{cpu_ticks, median, rss_mb, wait_for_certificates},
+};
+use crate::lab::{Lab, LabProcess, PodSpec};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Seconds per measurement.
+    pub seconds: u32,
+}
+
+/// What one way of running measured, for one protocol and size.
+#[derive(Clone, Debug, Default)]
+pub struct Figures {
+    pub max_rps: f64,
+    pub p50_1k_us: f64,
+    pub p99_1k_us: f64,
+    pub p50_5k_us: f64,
+    pub p99_5k_us: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// `h1` or `h2c`.
+    pub protocol: &'static str,
+    pub bytes: usize,
+    pub direct: Figures,
+    pub nginx: Figures,
+    pub l4: Figures,
+    pub l7: Figures,
+}
+
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub rows: Vec<Row>,
+    /// Both daemons' CPU per 1,000 requests/s over the L7 runs at a fixed
+    /// rate, in cores.
+    pub cpu_per_1k_rps: f64,
+    /// The larger daemon's RSS at the end.
+    pub node_rss_mb: f64,
+}
+
+/// (protocol, response bytes, nginx port on the server pods, ClusterIP,
+/// nginx proxy port on n0).
+const CASES: [(&str, usize, u16, &str, u16); 4] = [
+    ("h1", 64, 8080, "10.96.0.40", 9080),
+    ("h1", 1024, 8081, "10.96.0.41", 9081),
+    ("h2c", 64, 8082, "10.96.0.42", 9082),
+    ("h2c", 1024, 8083, "10.96.0.43", 9083),
+];
+
+const REQUESTS_OUT: &str = "lacewing_requests_total{direction=\"outbound\"";
+const STREAMS_OUT: &str = "lacewing_tunnel_streams_opened_total{direction=\"outbound\"}";
+
+pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
+    let lab = Lab::new(2, 2)?;
+    let (client, proxy) = (lab.pod("n0-p0")?, lab.pod("n0-p1")?);
+    let servers = [lab.pod("n1-p0")?, lab.pod("n1-p1")?];
+    let mesh = lab.start_mesh(bin_dir)?;
+    let mut nginx: Vec<LabProcess> = Vec::new();
+    for (_, bytes, port, _, _) in CASES {
+        // The body nginx sends is the text and a newline.
+        let body = "x".repeat(bytes - 1);
+        for s in &servers {
+            let h2 = CASES.iter().any(|c| c.2 == port && c.0 == "h2c");
+            nginx.push(if h2 {
+                lab.start_h2c_server(s, port, &body)?
+            } else {
+                lab.start_http_server(s, port, &body)?
+            });
+        }
+    }
+    let proxied: Vec<(u16, String, bool)> = CASES
+        .iter()
+        .map(|(p, _, _, vip, port)| (*port, format!("{vip}:80"), *p == "h2c"))
+        .collect();
+    nginx.push(lab.start_nginx_proxy(&proxy, &proxied)?);
+    let file = mesh.folder.join("bench.yaml");
+    std::fs::write(&file, config_yaml(false, &client, &proxy, &servers, false))?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    let mut rows: Vec<Row> = CASES
+        .iter()
+        .map(|(p, b, ..)| Row {
+            protocol: p,
+            bytes: *b,
+            direct: Figures::default(),
+            nginx: Figures::default(),
+            l4: Figures::default(),
+            l7: Figures::default(),
+        })
+        .collect();
+    eprintln!("no mesh, and the nginx proxy ({} s each)", opts.seconds);
+    on_path(&lab, "n0", STREAMS_OUT, 0.0, "no mesh", || {
+        for (row, (_, _, _, vip, port)) in rows.iter_mut().zip(CASES) {
+            row.direct = measure(
+                &lab,
+                &client,
+                row.protocol,
+                &format!("{vip}:80"),
+                opts,
+                None,
+            )?;
+            let at = format!("{}:{port}", proxy.ip4());
+            row.nginx = measure(&lab, &client, row.protocol, &at, opts, None)?;
+        }
+        Ok(())
+    })?;
+
+    std::fs::write(&file, config_yaml(true, &client, &proxy, &servers, false))?;
+    wait_for_certificates(&lab, &["n0", "n1"])?;
+    eprintln!("the mesh at L4 (no route)");
+    // Each measurement opens at least one tunnel stream.
+    on_path(
+        &lab,
+        "n0",
+        STREAMS_OUT,
+        3.0 * CASES.len() as f64,
+        "mesh L4",
+        || {
+            for (row, (_, _, _, vip, _)) in rows.iter_mut().zip(CASES) {
+                row.l4 = measure(
+                    &lab,
+                    &client,
+                    row.protocol,
+                    &format!("{vip}:80"),
+                    opts,
+                    None,
+                )?;
+            }
+            Ok(())
+        },
+    )?;
+
+    std::fs::write(&file, config_yaml(true, &client, &proxy, &servers, true))?;
+    wait_for_routes(&lab, CASES.len())?;
+    eprintln!("the mesh at L7 (route, weighted backends, L7 policy)");
+    let mut cpu = Vec::new();
+    let daemons = &mesh.nodes;
+    // Every request of the fixed-rate runs is routed (and counted).
+    let at_least = f64::from(opts.seconds) * 6000.0 * 0.9 * CASES.len() as f64;
+    on_path(&lab, "n0", REQUESTS_OUT, at_least, "mesh L7", || {
+        for (row, (_, _, _, vip, _)) in rows.iter_mut().zip(CASES) {
+            row.l7 = measure(
+                &lab,
+                &client,
+                row.protocol,
+                &format!("{vip}:80"),
+                opts,
+                Some((daemons, &mut cpu)),
+            )?;
+        }
+        Ok(())
+    })?;
+    let node_rss_mb = daemons
+        .iter()
+        .map(|n| rss_mb(n.pid()))
+        .collect::<anyhow::Result<Vec<f64>>>()?
+        .into_iter()
+        .fold(0.0, f64::max);
+    drop(nginx);
+    Ok(Outcome {
+        rows,
+        cpu_per_1k_rps: median(cpu),
+        node_rss_mb,
+    })
+}
+
+pub fn result_line(o: &Outcome) -> String {
+    let ratio = |f: fn(&Row) -> f64| median(o.rows.iter().map(f).collect());
+    format!(
+        "RESULT l7 rps_l7_vs_direct={:.2} rps_l7_vs_nginx={:.2} p50_added_us_1k={:.0} p99_added_us_1k={:.0} cpu_per_1k_rps={:.3} node_rss_mb={:.1}",
+        ratio(|r| r.l7.max_rps / r.direct.max_rps),
+        ratio(|r| r.l7.max_rps / r.nginx.max_rps),
+        ratio(|r| r.l7.p50_1k_us - r.direct.p50_1k_us),
+        ratio(|r| r.l7.p99_1k_us - r.direct.p99_1k_us),
+        o.cpu_per_1k_rps,
+        o.node_rss_mb,
+    )
+}
+
+/// The bench namespace (enrolled or not), its pods, one Service per case
+/// over both server pods and, with `routed`, one Service per case and
+/// server (`-v1`, `-v2`), an HTTPRoute per case (a header rule to v2, else
+/// 90/10) and an L7 allow policy on the servers.
+fn config_yaml(
+    enrolled: bool,
+    client: &PodSpec,
+    proxy: &PodSpec,
+    servers: &[PodSpec; 2],
+    routed: bool,
+) -> String {
+    let mut docs = vec![format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench, labels: {{lacewing.io/mesh: {}}}}}\n",
+        if enrolled { "enabled" } else { "disabled" }
+    )];
+    let pod = |name: &str, node: &str, p: &PodSpec, app: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench, labels: {{app: {app}}}}}\nspec: {{nodeName: {node}}}\nstatus: {{phase: Running, podIP: \"{}\"}}\n",
+            p.ip4()
+        )
+    };
+    docs.push(pod("client", "n0", client, "client"));
+    docs.push(pod("proxy", "n0", proxy, "proxy"));
+    docs.push(pod("server-0", "n1", &servers[0], "server"));
+    docs.push(pod("server-1", "n1", &servers[1], "server"));
+    let service = |name: &str, ip: Option<&str>, port: u16, endpoints: &[&PodSpec]| {
+        let cluster_ip = ip.map_or(String::new(), |ip| format!("clusterIP: {ip}, "));
+        let addresses: Vec<String> = endpoints
+            .iter()
+            .map(|p| format!("\"{}\"", p.ip4()))
+            .collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{{cluster_ip}ports: [{{name: http, port: 80, targetPort: {port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: bench, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints: [{{addresses: [{}]}}]\n",
+            addresses.join(", ")
+        )
+    };
+    for (i, (_, _, port, vip, _)) in CASES.iter().enumerate() {
+        let name = format!("web{i}");
+        docs.push(service(
+            &name,
+            Some(vip),
+            *port,
+            &[&servers[0], &servers[1]],
+        ));
+        if routed {
+            // ClusterIPs of the version Services: 10.96.1.<2i> and <2i+1>.
+            let v1 = format!("10.96.1.{}", 2 * i + 10);
+            let v2 = format!("10.96.1.{}", 2 * i + 11);
+            docs.push(service(
+                &format!("{name}-v1"),
+                Some(&v1),
+                *port,
+                &[&servers[0]],
+            ));
+            docs.push(service(
+                &format!("{name}-v2"),
+                Some(&v2),
+                *port,
+                &[&servers[1]],
+            ));
+            docs.push(format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  parentRefs: [{{kind: Service, name: {name}, port: 80}}]\n  rules:\n  - matches: [{{headers: [{{name: x-canary, value: \"1\"}}]}}]\n    backendRefs: [{{name: {name}-v2, port: 80}}]\n  - backendRefs: [{{name: {name}-v1, port: 80, weight: 90}}, {{name: {name}-v2, port: 80, weight: 10}}]\n"
+            ));
+        }
+    }
+    if routed {
+        docs.push("apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: bench}\nspec: {selector: {matchLabels: {app: server}}, action: Allow, rules: [{to: [{methods: [GET]}]}]}\n".into());
+    }
+    docs.join("---\n")
+}
+
+/// Until the client's node routes every case's frontend.
+fn wait_for_routes(lab: &Lab, n: usize) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let routes = lab
+            .node_get(&lab.node("n0")?, "/routes")
+            .unwrap_or_default();
+        if routes.matches("\"frontend\"").count() >= n {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("n0 did not take the {n} routes in 15 s: {routes}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The most requests/s (64 connections), then p50/p99 at 1,000 and 5,000
+/// requests/s; with `daemons`, their CPU per 1,000 requests/s over the
+/// fixed-rate runs.
+fn measure(
+    lab: &Lab,
+    client: &PodSpec,
+    protocol: &str,
+    target: &str,
+    opts: &Options,
+    mut daemons: Option<(&Vec<LabProcess>, &mut Vec<f64>)>,
+) -> anyhow::Result<Figures> {
+    let (max_rps, _) = h2load(lab, client, protocol, target, opts, 64, None)?;
+    let mut at = |rate: u32| -> anyhow::Result<(f64, f64)> {
+        let before = match &daemons {
+            Some((d, _)) => Some(cpu_ticks(d)?),
+            None => None,
+        };
+        let (rps, latencies) = h2load(lab, client, protocol, target, opts, 10, Some(rate / 10))?;
+        if let (Some(before), Some((d, cpu))) = (before, daemons.as_mut()) {
+            let cores = (cpu_ticks(d)? - before) as f64 / 100.0 / f64::from(opts.seconds);
+            cpu.push(cores / (rps / 1000.0));
+        }
+        Ok((percentile(&latencies, 0.50), percentile(&latencies, 0.99)))
+    };
+    let (p50_1k_us, p99_1k_us) = at(1000)?;
+    let (p50_5k_us, p99_5k_us) = at(5000)?;
+    let f = Figures {
+        max_rps,
+        p50_1k_us,
+        p99_1k_us,
+        p50_5k_us,
+        p99_5k_us,
+    };
+    eprintln!(
+        "  {protocol} {target}: max {:.0} req/s; at 1k p50 {:.0} us p99 {:.0} us; at 5k p50 {:.0} us p99 {:.0} us",
+        f.max_rps, f.p50_1k_us, f.p99_1k_us, f.p50_5k_us, f.p99_5k_us
+    );
+    Ok(f)
+}
+
+/// One h2load run for `opts.seconds`: requests/s achieved, and with a
+/// per-client `rps`, every request's latency (microseconds, from its log).
+/// Fails on any failed request.
+fn h2load(
+    lab: &Lab,
+    client: &PodSpec,
+    protocol: &str,
+    target: &str,
+    opts: &Options,
+    connections: u32,
+    rps: Option<u32>,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let log = lab.state_dir().join("h2load.log");
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = Command::new("h2load");
+    cmd.args([
+        "-c",
+        &connections.to_string(),
+        "-D",
+        &opts.seconds.to_string(),
+    ]);
+    cmd.arg("--warm-up-time=1");
+    if protocol == "h1" {
+        cmd.arg("--h1");
+    }
+    if let Some(rps) = rps {
+        cmd.arg(format!("--rps={rps}"));
+        cmd.arg(format!("--log-file={}", log.display()));
+    }
+    cmd.arg(format!("http://{target}/"));
+    let out = lab.run_in_pod(client, cmd).context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "h2load failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let requests = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .with_context(|| format!("no requests line in h2load's output:\n{text}"))?;
+    let field = |name: &str| -> Option<u64> {
+        requests
+            .split(',')
+            .find(|p| p.trim_end().ends_with(name))?
+            .split_whitespace()
+            .find_map(|w| w.parse().ok())
+    };
+    let (succeeded, failed) = (field("succeeded"), field("failed"));
+    if failed != Some(0) || succeeded.unwrap_or(0) == 0 {
+        bail!("h2load: {requests} (every request must succeed)\n{text}");
+    }
+    let achieved = text
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("finished in ")?;
+            rest.split(", ")
+                .nth(1)?
+                .strip_suffix(" req/s")?
+                .parse::<f64>()
+                .ok()
+        })
+        .with_context(|| format!("no req/s in h2load's output:\n{text}"))?;
+    let latencies = if rps.is_some() {
+        let l = request_log(&log).context("reading h2load's request log")?;
+        anyhow::ensure!(!l.is_empty(), "h2load logged no request");
+        l
+    } else {
+        Vec::new()
+    };
+    Ok((achieved, latencies))
+}
+
+/// h2load's per-request log: start time, status, latency (microseconds),
+/// tab-separated.
+fn request_log(log: &Path) -> anyhow::Result<Vec<f64>> {
+    let text = std::fs::read_to_string(log)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse::<f64>().ok())
+        .collect())
+}
+
+fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v[i]
+}
