@@ -61,16 +61,20 @@ spec:
 
 /// curl from `pod`: status, then the given response headers, then the body.
 fn curl(m: &MeshLab, pod: &str, url: &str, extra: &[&str]) -> String {
+    try_curl(m, pod, url, extra).unwrap_or_else(|err| panic!("curl {url}: {err}"))
+}
+
+/// As [`curl`], or curl's error (while a configuration is on its way).
+fn try_curl(m: &MeshLab, pod: &str, url: &str, extra: &[&str]) -> Result<String, String> {
     let mut args = vec!["-sS", "--max-time", "5", "-D", "-"];
     args.extend_from_slice(extra);
     args.push(url);
     let out = run_in(&m.lab, &m.lab.pod(pod).unwrap(), "curl", &args);
-    assert!(
-        out.status.success(),
-        "curl {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).replace('\r', "")
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).replace('\r', ""))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 fn count(out: &str, key: &str) -> u32 {
@@ -110,7 +114,8 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
     m.config("route.yaml", Some(ROUTE));
     let front = format!("http://{FRONT}");
     m.until("n0 routes requests to front", || {
-        curl(&m, "n0-p0", &format!("{front}/old/x"), &[]).contains("GET /new/x")
+        try_curl(&m, "n0-p0", &format!("{front}/old/x"), &[])
+            .is_ok_and(|o| o.contains("GET /new/x"))
     });
 
     // 500 requests on one keep-alive connection, split per request 90/10.
@@ -168,10 +173,28 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
     assert!(out.contains("\nx-lacewing-error: timeout\n"), "{out}");
     assert!((0.45..0.95).contains(&took), "answered after {took:.2} s");
 
-    // Retry: the first /flaky answer is 503, the retry's 200.
-    let out = curl(&m, "n0-p0", &format!("{front}/flaky"), &[]);
+    // A body over the retry buffer (64 KiB) is sent once: the first answer
+    // for its path, 503, is the client's.
+    let big = m.lab.state_dir().join("big.bin");
+    std::fs::write(&big, vec![b'x'; 100 * 1024]).unwrap();
+    let out = curl(
+        &m,
+        "n0-p0",
+        &format!("{front}/flaky/big"),
+        &["--data-binary", &format!("@{}", big.display())],
+    );
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(out.contains("web-v1 POST /flaky/big body=102400"), "{out}");
+    // Retry: the first /flaky/small answer is 503, the retry's 200; a
+    // small POST body is kept and sent again whole.
+    let out = curl(
+        &m,
+        "n0-p0",
+        &format!("{front}/flaky/small"),
+        &["--data-binary", "0123456789"],
+    );
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert!(out.contains("web-v1 GET /flaky"), "{out}");
+    assert!(out.contains("web-v1 POST /flaky/small body=10\n"), "{out}");
     assert_eq!(
         m.metric("n0", "lacewing_request_retries_total{route=\"shop/front\"}"),
         1.0
@@ -279,7 +302,7 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
     // Until n0 routes (before, the kernel balances: the same pod answers,
     // but no request is counted).
     m.until("n0 routes requests to front", || {
-        curl(&m, "n0-p0", &format!("http://{FRONT}/x"), &[]);
+        let _ = try_curl(&m, "n0-p0", &format!("http://{FRONT}/x"), &[]);
         requests("n0", "front") >= 1.0
     });
 
@@ -361,4 +384,56 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
         m.metric("n0", "lacewing_l7_fallbacks_total{reason=\"not_http\"}"),
         1.0
     );
+}
+
+#[test]
+fn a_consumer_route_applies_only_to_its_namespaces_clients() {
+    // n0-p1 is a meshed pod of namespace team; shop's n0-p0 is the other
+    // client.
+    let m = MeshLab::build(&[], false);
+    let _v1 = m.serve_tool(
+        "n1-p0",
+        "httpd.py",
+        &[&HTTP_PORT.to_string(), "web-v1"],
+        HTTP_PORT,
+    );
+    let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
+    let team = m.lab.pod("n0-p1").unwrap();
+    m.config(
+        "team.yaml",
+        Some(&[
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: team, labels: {lacewing.io/mesh: enabled}}\n".to_owned(),
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: tool, namespace: team}\n".to_owned(),
+            lacewing_tests::mesh_lab::pod("team", "tool", "tool", "n0", [team.ip4().to_string(), team.ip6().to_string()]),
+            service("front", FRONT, &[&web0]),
+        ]
+        .join("---\n")),
+    );
+    m.wait_for_certificate("n0", "spiffe://cluster.local/ns/team/sa/tool");
+    // The producer route (shop's) for every client; team's own route
+    // replaces it for team's clients: /team is redirected, the rest 404.
+    m.config(
+        "routes.yaml",
+        Some(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: producer, namespace: shop}\nspec: {parentRefs: [{kind: Service, name: front}], rules: [{backendRefs: [{name: front, port: 80}]}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: consumer, namespace: team}\nspec: {parentRefs: [{kind: Service, name: front, namespace: shop}], rules: [{matches: [{path: {type: PathPrefix, value: /team}}], filters: [{type: RequestRedirect, requestRedirect: {hostname: team.example, statusCode: 302}}]}]}\n",
+        ),
+    );
+    let front = format!("http://{FRONT}");
+    m.until("n0 takes both routes", || {
+        try_curl(&m, "n0-p1", &format!("{front}/team/x"), &[])
+            .is_ok_and(|o| o.starts_with("HTTP/1.1 302"))
+    });
+    let out = curl(&m, "n0-p1", &format!("{front}/team/x"), &[]);
+    assert!(
+        out.contains("\nlocation: http://team.example/team/x\n"),
+        "{out}"
+    );
+    let out = curl(&m, "n0-p1", &format!("{front}/other"), &[]);
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    assert!(out.contains("\nx-lacewing-error: no_route\n"), "{out}");
+    // shop's client gets the producer route for the same paths.
+    let out = curl(&m, "n0-p0", &format!("{front}/team/x"), &[]);
+    assert!(out.contains("web-v1 GET /team/x\n"), "{out}");
+    let out = curl(&m, "n0-p0", &format!("{front}/other"), &[]);
+    assert!(out.contains("web-v1 GET /other\n"), "{out}");
 }

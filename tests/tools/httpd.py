@@ -5,7 +5,7 @@ space when given), then one line per `x-` request header and the Host, and
 counts the requests it answered in the `x-served` response header. A request
 with `Upgrade: echo` is switched (101) and every byte sent after it comes
 back. A path under /delay/<ms> is answered after that many milliseconds; the
-first request under /flaky is answered 503, the later ones 200.
+first request for each path under /flaky is answered 503, the later ones 200.
 
   httpd.py PORT [NAME]"""
 import http.server
@@ -17,7 +17,7 @@ import time
 port = int(sys.argv[1])
 name = sys.argv[2] + " " if len(sys.argv) > 2 else ""
 served = 0
-flaky_failed = False
+flaky_failed = set()
 lock = threading.Lock()
 
 
@@ -25,7 +25,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def answer(self):
-        global served, flaky_failed
+        global served
         if self.headers.get("upgrade") == "echo":
             self.send_response(101)
             self.send_header("connection", "Upgrade")
@@ -37,18 +37,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         length = int(self.headers.get("content-length") or 0)
-        if length:
-            self.rfile.read(length)
+        received = len(self.rfile.read(length)) if length else 0
         if self.path.startswith("/delay/"):
             time.sleep(int(self.path.split("/")[2]) / 1000)
         status = 200
         with lock:
             served += 1
             count = served
-            if self.path.startswith("/flaky") and not flaky_failed:
-                flaky_failed = True
+            if self.path.startswith("/flaky") and self.path not in flaky_failed:
+                flaky_failed.add(self.path)
                 status = 503
-        lines = [f"{name}{self.command} {self.path}"]
+        lines = [f"{name}{self.command} {self.path}" + (f" body={received}" if received else "")]
         lines += [f"{k.lower()}: {v}" for k, v in self.headers.items() if k.lower().startswith("x-")]
         lines.append(f"host: {self.headers.get('host', '')}")
         body = ("\n".join(lines) + "\n").encode()

@@ -140,6 +140,7 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
     );
 
     mesh_demo(lab, &mesh.folder, &n0p0, &n0p1, &n1p0, &n1p1)?;
+    l7_demo(lab, &mesh.folder, &n0p0, &n1p0, &n1p1)?;
 
     step("lacewing status (asked on the underlay, where the controller is)");
     let mut cmd = Command::new(std::env::current_exe()?);
@@ -277,6 +278,185 @@ fn mesh_demo(
         "lacewing_fast_path_decisions_total{path=\"kernel\"",
     )?;
     Ok(())
+}
+
+/// The L7 act: an HTTPRoute (GAMMA) splitting 90/10 with a header rule,
+/// a request refused by method by an L7 policy, and a retry that turns a
+/// backend's 503 into the client's 200.
+fn l7_demo(
+    lab: &Lab,
+    folder: &std::path::Path,
+    client: &PodSpec,
+    stable: &PodSpec,
+    canary: &PodSpec,
+) -> anyhow::Result<()> {
+    step("L7: Services web-stable (n1-p0), web-canary (n1-p1) and front (both), in namespace shop");
+    let _flaky = [
+        lab.start_http_server(stable, 8081, "retried: n1-p0 answered")?,
+        lab.start_http_server_with_status(canary, 8081, "n1-p1 is failing", 503)?,
+    ];
+    let service = |name: &str, ip: &str, port: u16, pods: &[&PodSpec]| {
+        let addresses: Vec<String> = pods.iter().map(|p| format!("\"{}\"", p.ip4())).collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: {port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints: [{{addresses: [{}]}}]\n",
+            addresses.join(", ")
+        )
+    };
+    write_atomically(
+        &folder.join("l7-services.yaml"),
+        &[
+            service("web-stable", "10.96.0.51", 8080, &[stable]),
+            service("web-canary", "10.96.0.52", 8080, &[canary]),
+            service("flaky", "10.96.0.53", 8081, &[stable, canary]),
+            service("front", "10.96.0.50", 8080, &[stable, canary]),
+        ]
+        .join("---\n"),
+    )?;
+    step(
+        "HTTPRoute shop/front: x-canary: 1 -> web-canary; /flaky -> flaky, retried on 503; otherwise web-stable 90 / web-canary 10",
+    );
+    write_atomically(
+        &folder.join("l7-route.yaml"),
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: front, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: front, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-canary, value: "1"}]}]
+    backendRefs: [{name: web-canary, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /flaky}}]
+    retry: {attempts: 2, codes: [503]}
+    backendRefs: [{name: flaky, port: 80}]
+  - backendRefs: [{name: web-stable, port: 80, weight: 90}, {name: web-canary, port: 80, weight: 10}]
+"#,
+    )?;
+    let front = "http://10.96.0.50";
+    let routed = |lab: &Lab| -> anyhow::Result<bool> {
+        let routes = lab.node_get(&lab.node("n0")?, "/routes")?;
+        Ok(routes.contains("10.96.0.50:80"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !routed(lab)? {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "n0 did not take the route within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    step("100 requests from n0-p0 (shop/client) to front: each routed on its own by n0's daemon");
+    let mut spread = BTreeMap::new();
+    for _ in 0..100 {
+        *spread.entry(curl(lab, client, front)?).or_insert(0usize) += 1;
+    }
+    for (backend, n) in &spread {
+        println!("  {backend:<8} {n:>3}  {}", "#".repeat(*n / 2));
+    }
+    step("10 requests with x-canary: 1");
+    let mut spread = BTreeMap::new();
+    for _ in 0..10 {
+        *spread
+            .entry(curl_with(lab, client, front, &["-H", "x-canary: 1"])?)
+            .or_insert(0usize) += 1;
+    }
+    for (backend, n) in &spread {
+        println!("  {backend:<8} {n:>3}");
+    }
+    step("10 requests to /flaky: n1-p1 answers 503, the route retries on the other endpoint");
+    let mut answers = BTreeMap::new();
+    for _ in 0..10 {
+        *answers
+            .entry(curl_with(
+                lab,
+                client,
+                &format!("{front}/flaky"),
+                &["-w", " (%{http_code})"],
+            )?)
+            .or_insert(0usize) += 1;
+    }
+    for (answer, n) in &answers {
+        println!("  {n:>2} x {answer}");
+    }
+    print_metrics(lab, "n0", "lacewing_request_retries_total")?;
+
+    step(
+        "AuthorizationPolicy shop/no-delete (L7): deny DELETE to shop's web pods, decided per request at n1",
+    );
+    write_atomically(
+        &folder.join("l7-policy.yaml"),
+        "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec: {action: Deny, rules: [{to: [{methods: [DELETE]}]}]}\n",
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let refused = loop {
+        let out = curl_with(
+            lab,
+            client,
+            front,
+            &[
+                "-X",
+                "DELETE",
+                "-H",
+                "x-canary: 1",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+            ],
+        )?;
+        if out.contains(" 403") {
+            break out;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the L7 policy did not take effect within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for line in refused
+        .lines()
+        .filter(|l| l.starts_with("HTTP/") || l.starts_with("x-lacewing"))
+    {
+        println!("  DELETE: {}", line.trim());
+    }
+    println!(
+        "  GET: {}",
+        curl_with(lab, client, front, &["-H", "x-canary: 1"])?
+    );
+    print_metrics(lab, "n1", "lacewing_policy_denials")?;
+    print_metrics(
+        lab,
+        "n0",
+        "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\"",
+    )?;
+
+    step("lacewing routes: what n0 routes by");
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args([
+        "routes",
+        "--node-addr",
+        &format!("{}:15020", lab.node("n0")?.underlay_ip4()),
+    ]);
+    lab.spawn_on_underlay(cmd)?.child_mut().wait()?;
+    for file in ["l7-policy.yaml", "l7-route.yaml", "l7-services.yaml"] {
+        std::fs::remove_file(folder.join(file))?;
+    }
+    Ok(())
+}
+
+fn curl_with(lab: &Lab, from: &PodSpec, url: &str, extra: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5"]).args(extra).arg(url);
+    let out = lab.run_in_pod(from, cmd)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl {url} from {} failed: {}",
+        from.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .replace('\r', "")
+        .trim()
+        .to_owned())
 }
 
 fn node_status(lab: &Lab, node: &str) -> anyhow::Result<serde_json::Value> {

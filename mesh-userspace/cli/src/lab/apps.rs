@@ -313,6 +313,18 @@ impl Lab {
         self.start_nginx(pod, port, body, false)
     }
 
+    /// As [`Lab::start_http_server`], answering with `status` (a failing
+    /// backend, for retries).
+    pub fn start_http_server_with_status(
+        &self,
+        pod: &PodSpec,
+        port: u16,
+        body: &str,
+        status: u16,
+    ) -> io::Result<LabProcess> {
+        self.start_nginx_with(pod, port, body, false, status)
+    }
+
     /// As [`Lab::start_http_server`], speaking HTTP/2 without TLS (h2c,
     /// prior knowledge) instead of HTTP/1.1.
     pub fn start_h2c_server(&self, pod: &PodSpec, port: u16, body: &str) -> io::Result<LabProcess> {
@@ -365,12 +377,23 @@ impl Lab {
         body: &str,
         http2: bool,
     ) -> io::Result<LabProcess> {
+        self.start_nginx_with(pod, port, body, http2, 200)
+    }
+
+    fn start_nginx_with(
+        &self,
+        pod: &PodSpec,
+        port: u16,
+        body: &str,
+        http2: bool,
+        status: u16,
+    ) -> io::Result<LabProcess> {
         let dir = self
             .state_dir()
             .join(format!("nginx-{}-{port}", pod.name()));
         fs::create_dir_all(&dir)?;
         let conf = dir.join("nginx.conf");
-        fs::write(&conf, nginx_conf(&dir, port, body, http2))?;
+        fs::write(&conf, nginx_conf(&dir, port, body, http2, status))?;
         let mut cmd = Command::new("nginx");
         cmd.arg("-e")
             .arg(dir.join("error.log"))
@@ -386,7 +409,7 @@ impl Lab {
 
 /// One process (no master, no daemon) so the lab can stop it by its pid; all
 /// paths inside the lab's own folder.
-fn nginx_conf(dir: &Path, port: u16, body: &str, http2: bool) -> String {
+fn nginx_conf(dir: &Path, port: u16, body: &str, http2: bool, status: u16) -> String {
     let d = dir.display();
     let h2 = if http2 { " http2" } else { "" };
     let body = body.replace('\\', "\\\\").replace('"', "\\\"");
@@ -408,7 +431,7 @@ http {{
         listen 0.0.0.0:{port} reuseport{h2};
         listen [::]:{port} ipv6only=on reuseport{h2};
         default_type text/plain;
-        location / {{ return 200 "{body}\n"; }}
+        location / {{ return {status} "{body}\n"; }}
     }}
 }}
 "#
