@@ -506,8 +506,6 @@ impl Session {
             return (failure_response(Failure::NoRoute, grpc), String::new());
         };
         let route = rule.route.to_string();
-        let rule = rule.clone();
-        let matched = matched.clone();
         let mut response_modifiers = Vec::new();
         let mut mirrors = Vec::new();
         let mut path = path;
@@ -637,7 +635,9 @@ impl Session {
                 Ok(Err(err)) => Err(Some(err)),
                 Err(none) => Err(none),
             };
-            endpoint.done(outcome.is_ok());
+            // A 5xx counts as a failure too: an endpoint that fails fast
+            // must not win the latency comparison (and take every request).
+            endpoint.done(matches!(&outcome, Ok(r) if !r.status().is_server_error()));
             match outcome {
                 Ok(resp) => {
                     let retryable = rule

@@ -362,7 +362,9 @@ spec:
     for (backend, n) in &spread {
         println!("  {backend:<8} {n:>3}");
     }
-    step("10 requests to /flaky: n1-p1 answers 503, the route retries on the other endpoint");
+    step(
+        "10 requests to /flaky: n1-p1 answers 503, the route retries on the other endpoint (and its balancer avoids the failing one after)",
+    );
     let mut answers = BTreeMap::new();
     for _ in 0..10 {
         *answers

@@ -4,7 +4,8 @@
 //! requests in flight plus one. The estimate jumps up to a slower sample at
 //! once (the peak) and decays toward faster ones with a 10 s time constant,
 //! so an endpoint that slows down is avoided at once and tried again soon
-//! after it recovers. A failed request counts as a slow one.
+//! after it recovers. A failed request (no answer, or a 5xx) counts as a
+//! slow one, so an endpoint that fails fast does not attract the load.
 
 use std::{
     collections::HashMap,
