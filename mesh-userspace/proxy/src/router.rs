@@ -516,15 +516,8 @@ impl Session {
                 Filter::Redirect(r) => {
                     let host = host_of(&parts);
                     let (host, port) = split_host_port(&host);
-                    let location = redirect_location(
-                        r,
-                        &matched,
-                        "http",
-                        &host,
-                        port,
-                        &path,
-                        query.as_deref(),
-                    );
+                    let location =
+                        redirect_location(r, matched, "http", &host, port, &path, query.as_deref());
                     let mut resp = Response::new(full(Bytes::new()));
                     *resp.status_mut() =
                         StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
@@ -543,18 +536,18 @@ impl Session {
                         parts.headers.insert(header::HOST, v);
                     }
                     if let Some(rw) = rewrite {
-                        path = rewrite_path(&path, rw, &matched);
+                        path = rewrite_path(&path, rw, matched);
                     }
                 }
                 Filter::Mirror { backend, fraction } => mirrors.push((backend.clone(), *fraction)),
             }
         }
-        let deadline = request_deadline(&rule, &parts.headers);
+        let deadline = request_deadline(rule, &parts.headers);
         let body = ReqBody::read(body).await;
         let mut body = body;
         let forwarded = async {
             self.mirror(&mirrors, &parts, &path, query.as_deref(), &body);
-            self.forward(&rule, &mut parts, &path, query.as_deref(), &mut body, grpc)
+            self.forward(rule, &mut parts, &path, query.as_deref(), &mut body, grpc)
                 .await
         };
         let mut resp = match deadline {
