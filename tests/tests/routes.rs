@@ -57,6 +57,11 @@ spec:
     retry: {attempts: 2, codes: [503], backoff: 10ms}
     backendRefs: [{name: web-v1, port: 80}]
   - backendRefs: [{name: web-v1, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]
+  - matches: [{path: {type: PathPrefix, value: /mirror}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: web-v2, port: 80}}
+    backendRefs: [{name: web-v1, port: 80}]
 "#;
 
 /// curl from `pod`: status, then the given response headers, then the body.
@@ -228,6 +233,8 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
         listing,
         format!(
             "10.96.0.32:80 (shop/front:80)
+  shop/front#6 [PathPrefix /mirror] clients: all, 1 filters
+    -> shop/web-v1:80 weight 1: {v1}
   shop/front#1 [PathPrefix /moved] clients: all, 1 filters
   shop/front#3 [PathPrefix /delay] clients: all, timeout 500ms
     -> shop/web-v1:80 weight 1: {v1}
@@ -243,6 +250,15 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
 "
         )
     );
+
+    // A mirrored request: the client gets web-v1's answer; web-v2 gets a
+    // copy, fire and forget, counted apart.
+    let out = curl(&m, "n0-p0", &format!("{front}/mirror/x"), &[]);
+    assert!(out.contains("web-v1 GET /mirror/x\n"), "{out}");
+    let mirrored = "lacewing_requests_mirrored_total{destination_service=\"shop/web-v2\"}";
+    m.until("the mirror's copy is answered", || {
+        m.metric("n0", mirrored) == 1.0
+    });
 
     // Dialled to a pod: no Service, so no route (Gateway API's mesh rule).
     let out = curl(
