@@ -368,12 +368,15 @@ spec:
     let mut answers = BTreeMap::new();
     for _ in 0..10 {
         *answers
-            .entry(curl_with(
-                lab,
-                client,
-                &format!("{front}/flaky"),
-                &["-w", " (%{http_code})"],
-            )?)
+            .entry(
+                curl_with(
+                    lab,
+                    client,
+                    &format!("{front}/flaky"),
+                    &["-w", " (%{http_code})"],
+                )?
+                .replace('\n', ""),
+            )
             .or_insert(0usize) += 1;
     }
     for (answer, n) in &answers {
