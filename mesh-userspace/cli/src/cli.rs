@@ -9,6 +9,7 @@ mod status;
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 /// Lacewing: an eBPF-accelerated, sidecarless service mesh.
@@ -164,6 +165,31 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
+}
+
+/// GET `path` from `who` at `addr` over plain HTTP/1.0 (read-only; no
+/// client library needed) and reads its JSON.
+fn get_json<T: serde::de::DeserializeOwned>(
+    addr: &str,
+    path: &str,
+    who: &str,
+) -> anyhow::Result<T> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("connecting to {who} at {addr}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{who}'s reply has no body"))?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{who} answered: {head}"
+    );
+    serde_json::from_str(body)
+        .with_context(|| format!("{who}'s {path} is not what this CLI expects"))
 }
 
 /// Runs the parsed command; the exit code to return.

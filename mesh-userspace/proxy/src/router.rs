@@ -543,8 +543,14 @@ impl Session {
             }
         }
         let deadline = request_deadline(rule, &parts.headers);
-        let body = ReqBody::read(body).await;
-        let mut body = body;
+        // Kept only when a retry or a mirror may send it again: otherwise
+        // it streams through (a streaming gRPC call must not wait for its
+        // end).
+        let mut body = if rule.retry.is_some() || !mirrors.is_empty() {
+            ReqBody::read(body).await
+        } else {
+            ReqBody::Stream(body.map_err(BoxError::from).boxed())
+        };
         let forwarded = async {
             self.mirror(&mirrors, &parts, &path, query.as_deref(), &body);
             self.forward(rule, &mut parts, &path, query.as_deref(), &mut body, grpc)
@@ -835,13 +841,19 @@ fn build_request(
 
 /// A backend by weight; `None` when there is none or every weight is 0.
 fn pick_backend(backends: &[model::Backend]) -> Option<&model::Backend> {
-    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    weighted(backends, |b| u64::from(b.weight))
+}
+
+/// One of `items` at random, each as likely as its weight; `None` when
+/// the weights add up to 0.
+fn weighted<T>(items: &[T], weight: impl Fn(&T) -> u64) -> Option<&T> {
+    let total: u64 = items.iter().map(&weight).sum();
     if total == 0 {
         return None;
     }
     let mut roll = fastrand::u64(0..total);
-    backends.iter().find(|b| {
-        let w = u64::from(b.weight);
+    items.iter().find(|item| {
+        let w = weight(item);
         if roll < w {
             true
         } else {
@@ -917,23 +929,7 @@ fn split_host_port(authority: &str) -> (String, Option<u16>) {
 /// connection, weighted at random, as the kernel balances.
 pub fn pick_l4(table: &RouteTable, frontend: &Frontend) -> Option<SocketAddr> {
     let endpoints = table.endpoints(&frontend.service, frontend.port);
-    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight)).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut roll = fastrand::u64(0..total);
-    endpoints
-        .iter()
-        .find(|e: &&BackendEntry| {
-            let w = u64::from(e.weight);
-            if roll < w {
-                true
-            } else {
-                roll -= w;
-                false
-            }
-        })
-        .map(|e| e.addr)
+    weighted(endpoints, |e: &BackendEntry| u64::from(e.weight)).map(|e| e.addr)
 }
 
 #[cfg(test)]

@@ -560,16 +560,7 @@ spec:
 }
 
 fn curl(lab: &Lab, from: &PodSpec, url: &str) -> anyhow::Result<String> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "5", url]);
-    let out = lab.run_in_pod(from, cmd)?;
-    anyhow::ensure!(
-        out.status.success(),
-        "curl {url} from {} failed: {}",
-        from.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    curl_with(lab, from, url, &[])
 }
 
 fn step(what: &str) {

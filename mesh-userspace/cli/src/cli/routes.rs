@@ -1,14 +1,6 @@
 //! `lacewing routes`: a node's HTTP routes as its daemon holds them (its
 //! `/routes`), one block per routed Service frontend.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    time::Duration,
-};
-
-use anyhow::Context as _;
-
 use crate::lab::{Lab, LabId};
 
 pub fn run(addr: &str) -> anyhow::Result<i32> {
@@ -74,22 +66,8 @@ pub fn render(routes: &serde_json::Value) -> String {
     out
 }
 
-/// GET /routes over plain HTTP/1.0.
 fn fetch(addr: &str) -> anyhow::Result<serde_json::Value> {
-    let mut stream = TcpStream::connect(addr)
-        .with_context(|| format!("connecting to the node daemon at {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET /routes HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("the node's reply has no body")?;
-    anyhow::ensure!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "the node answered: {head}"
-    );
-    serde_json::from_str(body).context("the node's /routes is not what this CLI expects")
+    super::get_json(addr, "/routes", "the node daemon")
 }
 
 /// Runs `lacewing routes` again on the lab's underlay, where the node's

@@ -1,14 +1,6 @@
 //! `lacewing status`: the controller's view of the nodes (applied version,
 //! lag, connection, last NACK) and of its source, from its `/status`.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    time::Duration,
-};
-
-use anyhow::Context as _;
-
 use crate::lab::{Lab, LabId};
 use lacewing_controller::grpc::ControllerStatus;
 
@@ -48,22 +40,8 @@ pub fn run(controller: &str) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// GET /status over plain HTTP/1.0 (read-only; no client library needed).
 fn fetch(addr: &str) -> anyhow::Result<ControllerStatus> {
-    let mut stream = TcpStream::connect(addr)
-        .with_context(|| format!("connecting to the controller at {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("the controller's reply has no body")?;
-    anyhow::ensure!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "the controller answered: {head}"
-    );
-    serde_json::from_str(body).context("the controller's /status is not what this CLI expects")
+    super::get_json(addr, "/status", "the controller")
 }
 
 /// Runs `lacewing status` again on the lab's underlay, where its controller

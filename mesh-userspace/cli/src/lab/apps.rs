@@ -341,7 +341,6 @@ impl Lab {
     ) -> io::Result<LabProcess> {
         let dir = self.state_dir().join(format!("nginx-proxy-{}", pod.name()));
         fs::create_dir_all(&dir)?;
-        let d = dir.display();
         let mut blocks = String::new();
         for (i, (port, upstream, http2)) in servers.iter().enumerate() {
             let h2 = if *http2 { " http2" } else { "" };
@@ -349,25 +348,8 @@ impl Lab {
                 "    upstream u{i} {{ server {upstream}; keepalive 64; }}\n    server {{ listen 0.0.0.0:{port} reuseport{h2}; location / {{ proxy_pass http://u{i}; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n"
             ));
         }
-        let conf = dir.join("nginx.conf");
-        fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nevents {{ worker_connections 4096; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n    keepalive_requests 100000;\n{blocks}}}\n"
-            ),
-        )?;
-        let mut cmd = Command::new("nginx");
-        cmd.arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(&conf);
-        let mut server = self.spawn_in_pod(pod, cmd)?;
-        if let Some((port, _, _)) = servers.first() {
-            server.wait_listening(*port, Duration::from_secs(10))?;
-        }
-        Ok(server)
+        let port = servers.first().map_or(80, |(port, _, _)| *port);
+        self.spawn_nginx(pod, &dir, &nginx_conf(&dir, &blocks), port)
     }
 
     fn start_nginx(
@@ -392,15 +374,32 @@ impl Lab {
             .state_dir()
             .join(format!("nginx-{}-{port}", pod.name()));
         fs::create_dir_all(&dir)?;
-        let conf = dir.join("nginx.conf");
-        fs::write(&conf, nginx_conf(&dir, port, body, http2, status))?;
+        let h2 = if http2 { " http2" } else { "" };
+        let body = body.replace('\\', "\\\\").replace('"', "\\\"");
+        let server = format!(
+            "    server {{\n        listen 0.0.0.0:{port} reuseport{h2};\n        listen [::]:{port} ipv6only=on reuseport{h2};\n        default_type text/plain;\n        location / {{ return {status} \"{body}\\n\"; }}\n    }}\n"
+        );
+        self.spawn_nginx(pod, &dir, &nginx_conf(&dir, &server), port)
+    }
+
+    /// nginx with `conf` (written to `dir`) in `pod`, once it listens on
+    /// `port`.
+    fn spawn_nginx(
+        &self,
+        pod: &PodSpec,
+        dir: &Path,
+        conf: &str,
+        port: u16,
+    ) -> io::Result<LabProcess> {
+        let path = dir.join("nginx.conf");
+        fs::write(&path, conf)?;
         let mut cmd = Command::new("nginx");
         cmd.arg("-e")
             .arg(dir.join("error.log"))
             .arg("-p")
-            .arg(&dir)
+            .arg(dir)
             .arg("-c")
-            .arg(&conf);
+            .arg(&path);
         let mut server = self.spawn_in_pod(pod, cmd)?;
         server.wait_listening(port, Duration::from_secs(10))?;
         Ok(server)
@@ -409,10 +408,8 @@ impl Lab {
 
 /// One process (no master, no daemon) so the lab can stop it by its pid; all
 /// paths inside the lab's own folder.
-fn nginx_conf(dir: &Path, port: u16, body: &str, http2: bool, status: u16) -> String {
+fn nginx_conf(dir: &Path, servers: &str) -> String {
     let d = dir.display();
-    let h2 = if http2 { " http2" } else { "" };
-    let body = body.replace('\\', "\\\\").replace('"', "\\\"");
     format!(
         r#"daemon off;
 master_process off;
@@ -427,13 +424,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     keepalive_requests 100000;
-    server {{
-        listen 0.0.0.0:{port} reuseport{h2};
-        listen [::]:{port} ipv6only=on reuseport{h2};
-        default_type text/plain;
-        location / {{ return {status} "{body}\n"; }}
-    }}
-}}
+{servers}}}
 "#
     )
 }
