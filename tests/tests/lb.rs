@@ -473,6 +473,7 @@ fn two_hundred_back_to_back_updates_never_fail_a_connect() {
                 Algorithm::Random
             },
             affinity_timeout_s: 0,
+            app_protocol: Default::default(),
             backends: members
                 .iter()
                 .map(|&i| BackendEntry {
@@ -687,6 +688,7 @@ fn an_update_that_fails_midway_leaves_the_previous_backends() {
         protocol: Protocol::Tcp,
         algorithm: big,
         affinity_timeout_s: 0,
+        app_protocol: Default::default(),
         backends: vec![BackendEntry {
             addr: (backend, TARGET).into(),
             weight: 1,

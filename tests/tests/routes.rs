@@ -16,7 +16,11 @@ use std::time::Instant;
 
 use std::process::Command;
 
-use lacewing_tests::{bin, mesh_lab::MeshLab, run_in};
+use lacewing_tests::{
+    bin,
+    mesh_lab::{MeshLab, field},
+    run_in,
+};
 
 const HTTP_PORT: u16 = 8080;
 const FRONT: &str = "10.96.0.32";
@@ -212,7 +216,7 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
         1.0
     );
     // Every request counted at the source, by status.
-    let ok = "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/front\",route=\"shop/front\",code=\"200\",grpc_status=\"\"}";
+    let ok = "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/front\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/front\",code=\"200\",grpc_status=\"\"}";
     assert!(m.metric("n0", ok) >= 522.0, "{}", m.metric("n0", ok));
 
     // The CLI lists the frontend's rules in Gateway API's precedence order
@@ -276,6 +280,16 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
     );
 }
 
+/// front over web-0 with three ports: HTTP (80), a server-first protocol
+/// on a port named `mysql` (3306) and the same on a port named `db` (3307),
+/// which says nothing of its protocol.
+fn front_with_server_first_ports(web0: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: front, namespace: shop}}\nspec: {{clusterIP: {FRONT}, ports: [{{name: http, port: 80, targetPort: {HTTP_PORT}}}, {{name: mysql, port: 3306, targetPort: {GREETER_PORT}}}, {{name: db, port: 3307, targetPort: {GREETER_PORT}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: front-v4, namespace: shop, labels: {{kubernetes.io/service-name: front}}}}\naddressType: IPv4\nports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}, {{name: mysql, port: {GREETER_PORT}, protocol: TCP}}, {{name: db, port: {GREETER_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{web0}\"]}}]\n"
+    )
+}
+
+const GREETER_PORT: u16 = 3306;
 const GRPC_PORT: u16 = 50051;
 const GRPC_VIP: &str = "10.96.0.33";
 
@@ -294,13 +308,19 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
         &["serve", &GRPC_PORT.to_string()],
         GRPC_PORT,
     );
+    let _greeter = m.serve_tool(
+        "n1-p0",
+        "greeter.py",
+        &["serve", &GREETER_PORT.to_string()],
+        GREETER_PORT,
+    );
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
     m.config(
         "services.yaml",
         Some(&format!(
             "{}---\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: items, namespace: shop}}\nspec: {{clusterIP: {GRPC_VIP}, ports: [{{name: grpc, port: {GRPC_PORT}, appProtocol: grpc}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: items-v4, namespace: shop, labels: {{kubernetes.io/service-name: items}}}}\naddressType: IPv4\nports: [{{name: grpc, port: {GRPC_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{web0}\"]}}]\n",
             service("web-v1", "10.96.0.30", &[&web0]),
-            service("front", FRONT, &[&web0]),
+            front_with_server_first_ports(&web0),
         )),
     );
     m.config(
@@ -312,7 +332,7 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
     let requests = |node: &str, service: &str| {
         m.metric(
             node,
-            &format!("lacewing_requests_total{{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/{service}\",route=\"shop/{service}\",code=\"200\",grpc_status=\"\"}}"),
+            &format!("lacewing_requests_total{{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/{service}\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/{service}\",code=\"200\",grpc_status=\"\"}}"),
         )
     };
     // Until n0 routes (before, the kernel balances: the same pod answers,
@@ -322,13 +342,29 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
         requests("n0", "front") >= 1.0
     });
 
+    // A server-first protocol on a port of the routed Service: named
+    // `mysql`, it is never routed, and its greeting comes at once; on a
+    // port whose name says nothing, the route applies, the node waits for
+    // the client's first bytes up to 300 ms, then carries it at L4.
+    let out = m.run_tool("n0-p0", "greeter.py", &["time", FRONT, "3306"]);
+    assert_eq!(field(&out, "greeting"), "220_greeter_ready", "{out}");
+    assert!(field(&out, "ms").parse::<u32>().unwrap() < 150, "{out}");
+    let out = m.run_tool("n0-p0", "greeter.py", &["time", FRONT, "3307"]);
+    assert_eq!(field(&out, "greeting"), "220_greeter_ready", "{out}");
+    let ms: u32 = field(&out, "ms").parse().unwrap();
+    assert!((290..1000).contains(&ms), "{out}");
+    assert_eq!(
+        m.metric("n0", "lacewing_l7_fallbacks_total{reason=\"silent\"}"),
+        1.0
+    );
+
     // gRPC through a route: h2c to the pod, trailers intact, the channel's
     // calls routed one by one (each counted with its gRPC status).
     m.until("n0 routes gRPC calls", || {
         m.run_tool("n0-p0", "grpcsvc.py", &["call", GRPC_VIP, &GRPC_PORT.to_string()]);
         m.metric(
             "n0",
-            "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/items\",route=\"shop/items\",code=\"200\",grpc_status=\"0\"}",
+            "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/items\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/items\",code=\"200\",grpc_status=\"0\"}",
         ) >= 1.0
     });
     let out = m.run_tool(
@@ -359,6 +395,14 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
         out,
         "Get OK Get:1\nDelete PERMISSION_DENIED shop/no-delete\nCheck OK SERVING\nGet OK Get:1"
     );
+    // Counted at the destination too, where the policy decided it.
+    assert_eq!(
+        m.metric(
+            "n1",
+            "lacewing_requests_total{direction=\"inbound\",source_workload=\"\",source_namespace=\"shop\",destination_service=\"\",destination_workload=\"web-0\",destination_namespace=\"shop\",route=\"\",code=\"200\",grpc_status=\"7\"}"
+        ),
+        1.0
+    );
 
     // A WebSocket-style upgrade through the route carries bytes both ways.
     assert_eq!(
@@ -372,7 +416,7 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
     assert_eq!(
         m.metric(
             "n1",
-            "lacewing_requests_total{direction=\"outbound\",source_workload=\"web-1\",source_namespace=\"shop\",destination_service=\"shop/front\",route=\"shop/front\",code=\"200\",grpc_status=\"\"}"
+            "lacewing_requests_total{direction=\"outbound\",source_workload=\"web-1\",source_namespace=\"shop\",destination_service=\"shop/front\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/front\",code=\"200\",grpc_status=\"\"}"
         ),
         1.0
     );

@@ -272,6 +272,7 @@ mod tests {
             protocol: lacewing_core::model::services::Protocol::Tcp,
             algorithm: Algorithm::Random,
             affinity_timeout_s: 0,
+            app_protocol: Default::default(),
             backends: backends
                 .iter()
                 .map(|b| BackendEntry {

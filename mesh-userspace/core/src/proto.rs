@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use crate::model::{
     authorization::Policy,
     routes::AcceptedRoute,
-    services::{Algorithm, BackendEntry, Protocol, ServiceEntry},
+    services::{Algorithm, AppProtocol, BackendEntry, Protocol, ServiceEntry},
     workloads::{PeerEntry, Workload},
 };
 
@@ -90,6 +90,7 @@ impl From<&ServiceEntry> for pb::Service {
                 Algorithm::Maglev { table_size } => table_size,
             },
             affinity_timeout_s: s.affinity_timeout_s,
+            app_protocol: s.app_protocol.as_str().to_owned(),
             backends: s
                 .backends
                 .iter()
@@ -133,6 +134,7 @@ impl TryFrom<&pb::Service> for ServiceEntry {
             },
             affinity_timeout_s: s.affinity_timeout_s,
             backends,
+            app_protocol: AppProtocol::parse(&s.app_protocol),
         })
     }
 }
@@ -263,6 +265,7 @@ mod tests {
                     addr: backend.parse().unwrap(),
                     weight: 2,
                 }],
+                app_protocol: AppProtocol::Http,
             };
             assert_eq!(ServiceEntry::try_from(&pb::Service::from(&s)).unwrap(), s);
         }

@@ -540,6 +540,8 @@ fn spec_from_maps(
         algorithm,
         affinity_timeout_s: svc.affinity_timeout_s,
         backends: list,
+        // The maps do not hold it (the kernel has no use for it).
+        app_protocol: Default::default(),
     })
 }
 
@@ -606,6 +608,7 @@ mod tests {
             protocol: Protocol::Tcp,
             algorithm,
             affinity_timeout_s: 0,
+            app_protocol: Default::default(),
             backends: weights
                 .iter()
                 .enumerate()

@@ -100,7 +100,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb), splice);
     let tunnel_metrics = lacewing_tunnel::metrics::TunnelMetrics::new(&mut registry);
-    let request_metrics = lacewing_proxy::router::metrics::RequestMetrics::new(&mut registry);
+    let request_metrics = lacewing_proxy::metrics::RequestMetrics::new(&mut registry);
     let connections = Arc::new(lacewing_proxy::registry::Registry::default());
     metrics::register_connections(&mut registry, Arc::clone(&connections));
     let splice_off = Arc::new(splice::SpliceOff::open(&config.bpffs_root)?);
@@ -304,7 +304,7 @@ struct MeshParts {
     workloads: Arc<workloads::LocalWorkloads>,
     identities: Arc<identity::Identities>,
     tunnel_metrics: lacewing_tunnel::metrics::TunnelMetrics,
-    request_metrics: lacewing_proxy::router::metrics::RequestMetrics,
+    request_metrics: lacewing_proxy::metrics::RequestMetrics,
     splice_off: Arc<splice::SpliceOff>,
     captured_pods: prometheus_client::metrics::gauge::Gauge,
     connections: Arc<lacewing_proxy::registry::Registry>,

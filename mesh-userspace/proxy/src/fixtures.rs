@@ -74,6 +74,6 @@ pub fn proxy(state: Arc<Fixed>, certificate_wait: Duration) -> Proxy {
         Arc::new(Plain),
         Arc::default(),
         TunnelMetrics::default(),
-        crate::router::metrics::RequestMetrics::default(),
+        crate::metrics::RequestMetrics::default(),
     )
 }

@@ -27,6 +27,8 @@ pub struct Inbound {
     pub trust_domain: String,
     /// Where refused requests are counted.
     pub metrics: TunnelMetrics,
+    /// Where decided requests are counted.
+    pub requests: crate::metrics::RequestMetrics,
 }
 
 /// A connection to a pod here, the watch on the pod's writes into it
@@ -201,6 +203,10 @@ impl Inbound {
             dest,
             Arc::clone(self) as Arc<dyn crate::l7::DecideRequest>,
             self.metrics.clone(),
+            self.state.local(dest.ip()).map(|pod| crate::l7::Requests {
+                metrics: self.requests.clone(),
+                pod,
+            }),
             &registered.closed,
         )
         .await

@@ -64,6 +64,13 @@ enum Upstream {
     Http2(hyper::client::conn::http2::SendRequest<Incoming>),
 }
 
+/// Where a pod's decided requests are counted (`direction="inbound"`).
+#[derive(Clone)]
+pub struct Requests {
+    pub metrics: crate::metrics::RequestMetrics,
+    pub pod: Arc<lacewing_core::model::workloads::Workload>,
+}
+
 /// What one connection's requests share.
 struct Connection {
     /// Cancelled when the registry closes the connection; ends an upgraded
@@ -71,6 +78,7 @@ struct Connection {
     closed: CancellationToken,
     decide: Arc<dyn DecideRequest>,
     metrics: TunnelMetrics,
+    requests: Option<Requests>,
     peer: Peer,
     dest: SocketAddr,
     /// The pod's socket until the first allowed request opens the upstream.
@@ -94,6 +102,7 @@ pub async fn serve<C>(
     dest: SocketAddr,
     decide: Arc<dyn DecideRequest>,
     metrics: TunnelMetrics,
+    requests: Option<Requests>,
     closed: &CancellationToken,
 ) -> (u64, u64)
 where
@@ -107,6 +116,7 @@ where
         closed: closed.clone(),
         decide,
         metrics,
+        requests,
         peer,
         dest,
         pod: Mutex::new(Some(pod)),
@@ -133,7 +143,23 @@ where
 }
 
 impl Connection {
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+    /// One request, decided and answered; counted when its answer ends.
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let resp = self.decide_and_forward(req).await;
+        let Some(requests) = self.requests.clone() else {
+            return resp;
+        };
+        let identity = self.peer.identity.clone();
+        let code = resp.status().as_u16();
+        crate::metrics::observe(resp, move |grpc_status| {
+            let labels =
+                crate::metrics::RequestLabels::inbound(&identity, &requests.pod, code, grpc_status);
+            requests.metrics.record(&labels, started.elapsed());
+        })
+    }
+
+    async fn decide_and_forward(&self, mut req: Request<Incoming>) -> Response<Body> {
         let denied = {
             let request = authorization::Request {
                 method: req.method().as_str(),

@@ -28,6 +28,7 @@
 mod fixtures;
 pub mod inbound;
 pub mod l7;
+pub mod metrics;
 pub mod outbound;
 pub mod registry;
 pub mod router;
@@ -74,7 +75,7 @@ impl Proxy {
         sockets: Arc<dyn SocketFactory>,
         registry: Arc<Registry>,
         metrics: TunnelMetrics,
-        requests: router::metrics::RequestMetrics,
+        requests: metrics::RequestMetrics,
     ) -> Self {
         let inbound = Arc::new(Inbound {
             state: Arc::clone(&state),
@@ -82,6 +83,7 @@ impl Proxy {
             registry: Arc::clone(&registry),
             trust_domain: config.trust_domain.clone(),
             metrics: metrics.clone(),
+            requests: requests.clone(),
         });
         let outbound = Arc::new(Outbound {
             state,

@@ -18,7 +18,6 @@
 //! in HTTP form to others, each with `x-lacewing-error` saying why.
 
 pub mod balance;
-pub mod metrics;
 
 use std::{
     collections::HashMap,
@@ -55,11 +54,14 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{outbound::Outbound, sockets::PodNetns};
+use crate::{metrics::RequestLabels, outbound::Outbound, sockets::PodNetns};
 
 /// How long a routed connection may stay silent before it is taken for a
 /// server-first protocol and carried at L4.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long a connection to a port that says it is HTTP may stay silent
+/// before it is served as HTTP without its first bytes checked.
+pub const DECLARED_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request bodies up to this size are kept for a retry; a larger one is
 /// sent once, never retried.
 pub const RETRY_BODY_LIMIT: usize = 64 * 1024;
@@ -87,11 +89,11 @@ struct Clients {
 pub struct Router {
     clients: Mutex<HashMap<String, Arc<Clients>>>,
     pub balancer: balance::Balancer,
-    pub metrics: metrics::RequestMetrics,
+    pub metrics: crate::metrics::RequestMetrics,
 }
 
 impl Router {
-    pub fn new(metrics: metrics::RequestMetrics) -> Self {
+    pub fn new(metrics: crate::metrics::RequestMetrics) -> Self {
         Self {
             clients: Mutex::default(),
             balancer: balance::Balancer::default(),
@@ -212,12 +214,19 @@ pub fn looks_like_http(first: &[u8]) -> bool {
     (3..=7).contains(&token) && first.get(token) == Some(&b' ')
 }
 
-/// Whether a routed connection speaks HTTP: its first bytes, within
-/// [`SNIFF_TIMEOUT`]; if not, why not (`not_http`, or `silent`: a
-/// server-first protocol).
-pub async fn sniff(app: &TcpStream) -> Result<(), &'static str> {
+/// Whether a routed connection speaks HTTP: its first bytes; if not, why
+/// not (`not_http`, or `silent`: nothing in [`SNIFF_TIMEOUT`], as a
+/// server-first protocol). On a port that says it is HTTP
+/// (`declared_http`) the client speaks first: its bytes are awaited up to
+/// [`DECLARED_TIMEOUT`] (then served as HTTP), and only checked.
+pub async fn sniff(app: &TcpStream, declared_http: bool) -> Result<(), &'static str> {
     let mut first = [0u8; 16];
-    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let wait = if declared_http {
+        DECLARED_TIMEOUT
+    } else {
+        SNIFF_TIMEOUT
+    };
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let peeked = tokio::time::timeout_at(deadline, app.peek(&mut first)).await;
         match peeked {
@@ -230,6 +239,7 @@ pub async fn sniff(app: &TcpStream) -> Result<(), &'static str> {
             }
             // Fewer bytes than a request line's first word: wait for more.
             Ok(Ok(n)) if n > 0 => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(_) if declared_http => return Ok(()),
             _ => return Err("silent"),
         }
     }
@@ -458,31 +468,21 @@ impl Session {
         let (resp, route) = self.route(req, grpc).await;
         // Counted when the response ends: a gRPC status comes in the
         // trailers (or, for an error without a body, in the headers).
-        let grpc_status = resp
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .unwrap_or_default();
         let code = resp.status().as_u16();
         let session = Arc::clone(&self);
-        let record: Record = Box::new(move |grpc_status| {
-            session.outbound.router.metrics.record(
+        crate::metrics::observe(resp, move |grpc_status| {
+            let labels = RequestLabels::outbound(
                 &session.source,
                 &session.frontend,
                 &route,
                 code,
                 grpc_status,
-                started.elapsed(),
             );
-        });
-        resp.map(|body| {
-            Observed {
-                inner: body,
-                grpc_status,
-                record: Some(record),
-            }
-            .boxed()
+            session
+                .outbound
+                .router
+                .metrics
+                .record(&labels, started.elapsed());
         })
     }
 
@@ -740,65 +740,6 @@ impl Session {
                 metrics.mirrored(&name);
             });
         }
-    }
-}
-
-/// Records a request's metrics, given its gRPC status.
-type Record = Box<dyn FnOnce(&str) + Send + Sync>;
-
-/// A response body that records its request's metrics when it ends (or
-/// is dropped), with the gRPC status its trailers carry.
-struct Observed {
-    inner: Body,
-    grpc_status: String,
-    record: Option<Record>,
-}
-
-impl Observed {
-    fn finish(&mut self) {
-        if let Some(record) = self.record.take() {
-            record(&self.grpc_status);
-        }
-    }
-}
-
-impl hyper::body::Body for Observed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(status) = frame
-                    .trailers_ref()
-                    .and_then(|t| t.get("grpc-status"))
-                    .and_then(|v| v.to_str().ok())
-                {
-                    self.grpc_status = status.to_owned();
-                }
-            }
-            Poll::Ready(None) => self.finish(),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Observed {
-    fn drop(&mut self) {
-        self.finish();
     }
 }
 

@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use super::{
     Declared,
-    services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet},
+    services::{Algorithm, AppProtocol, BackendEntry, Protocol, ServiceEntry, ServiceSet},
 };
 
 pub mod policies;
@@ -145,6 +145,8 @@ struct ServicePort {
     port: u16,
     #[serde(default)]
     protocol: Option<String>,
+    #[serde(default)]
+    app_protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -247,6 +249,7 @@ impl TryFrom<&corev1::Service> for Service {
                             port: port_number("spec.ports[].port", p.port)?,
                             name: p.name,
                             protocol: p.protocol,
+                            app_protocol: p.app_protocol,
                         })
                     })
                     .collect::<Result<_, FieldError>>()?,
@@ -650,6 +653,10 @@ fn translate(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceEntr
                 algorithm,
                 affinity_timeout_s,
                 backends,
+                app_protocol: AppProtocol::of_port(
+                    port.app_protocol.as_deref(),
+                    port.name.as_deref(),
+                ),
             });
         }
     }

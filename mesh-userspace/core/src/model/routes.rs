@@ -77,6 +77,9 @@ pub struct Frontend {
     /// The Service port dialled.
     pub port: u16,
     pub routes: std::sync::Arc<ServiceRoutes>,
+    /// What the port says it speaks (`Http`: no need to read its first
+    /// bytes to tell).
+    pub app_protocol: crate::model::services::AppProtocol,
 }
 
 /// What a node routes by: the frontends with routes, and the endpoints of
@@ -109,8 +112,10 @@ impl RouteTable {
                 continue;
             };
             let port = port.unwrap_or(entry.frontend.port());
+            // A port that says it is not HTTP is never routed.
             if let Some(routes) = by_service.get(&service)
                 && routes.binds_port(port)
+                && entry.app_protocol != crate::model::services::AppProtocol::Opaque
             {
                 out.frontends.insert(
                     entry.frontend,
@@ -118,6 +123,7 @@ impl RouteTable {
                         service: service.clone(),
                         port,
                         routes: std::sync::Arc::clone(routes),
+                        app_protocol: entry.app_protocol,
                     },
                 );
             }

@@ -67,6 +67,74 @@ pub struct BackendEntry {
     pub weight: u16,
 }
 
+/// What a Service port says it speaks: its `appProtocol`, else its name's
+/// prefix (as Istio reads port names). Decides whether HTTP routes can
+/// apply to it and whether its first bytes must be read to tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AppProtocol {
+    /// Not said: a routed frontend's connections are sniffed.
+    #[default]
+    Unknown,
+    /// HTTP/1.1, h2c or gRPC (`http`, `kubernetes.io/h2c`, `grpc`, ...).
+    Http,
+    /// Something else (`tcp`, `mysql`, `https`, ...): never read as HTTP,
+    /// never routed.
+    Opaque,
+}
+
+impl AppProtocol {
+    /// From a port's `appProtocol` and name.
+    pub fn of_port(app_protocol: Option<&str>, name: Option<&str>) -> Self {
+        const HTTP: [&str; 7] = [
+            "http",
+            "http2",
+            "h2c",
+            "grpc",
+            "grpc-web",
+            "kubernetes.io/h2c",
+            "kubernetes.io/ws",
+        ];
+        if let Some(declared) = app_protocol.filter(|a| !a.is_empty()) {
+            let declared = declared.to_ascii_lowercase();
+            return if HTTP.contains(&declared.as_str()) {
+                Self::Http
+            } else {
+                Self::Opaque
+            };
+        }
+        let Some(name) = name else {
+            return Self::Unknown;
+        };
+        let prefix = name
+            .split('-')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match prefix.as_str() {
+            "http" | "http2" | "h2c" | "grpc" => Self::Http,
+            "tcp" | "tls" | "https" | "mysql" | "mongo" | "redis" => Self::Opaque,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// As the protocol between controller and nodes spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "",
+            Self::Http => "http",
+            Self::Opaque => "opaque",
+        }
+    }
+
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "http" => Self::Http,
+            "opaque" => Self::Opaque,
+            _ => Self::Unknown,
+        }
+    }
+}
+
 /// One service frontend (a ClusterIP, port and protocol) with its ready backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
@@ -79,6 +147,8 @@ pub struct ServiceEntry {
     pub affinity_timeout_s: u32,
     /// Ready backends only; empty means connects are refused.
     pub backends: Vec<BackendEntry>,
+    /// What the port says it speaks (for routing, not for the kernel).
+    pub app_protocol: AppProtocol,
 }
 
 impl ServiceEntry {
@@ -239,5 +309,29 @@ impl std::str::FromStr for ServiceCidr {
 impl fmt::Display for ServiceCidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AppProtocol;
+
+    #[test]
+    fn app_protocol_comes_from_app_protocol_then_the_port_name() {
+        let of = AppProtocol::of_port;
+        assert_eq!(of(Some("kubernetes.io/h2c"), None), AppProtocol::Http);
+        assert_eq!(of(Some("grpc"), Some("tcp-x")), AppProtocol::Http);
+        // A declared protocol wins over the name, and anything else is not
+        // HTTP.
+        assert_eq!(of(Some("mysql"), Some("http")), AppProtocol::Opaque);
+        assert_eq!(of(None, Some("http-api")), AppProtocol::Http);
+        assert_eq!(of(None, Some("grpc")), AppProtocol::Http);
+        assert_eq!(of(None, Some("mysql")), AppProtocol::Opaque);
+        assert_eq!(of(None, Some("tcp-db")), AppProtocol::Opaque);
+        assert_eq!(of(None, Some("db")), AppProtocol::Unknown);
+        assert_eq!(of(None, None), AppProtocol::Unknown);
+        for p in [AppProtocol::Unknown, AppProtocol::Http, AppProtocol::Opaque] {
+            assert_eq!(AppProtocol::parse(p.as_str()), p);
+        }
     }
 }
