@@ -26,6 +26,28 @@ pub(crate) fn node_metric(lab: &Lab, node: &str, line_start: &str) -> anyhow::Re
         .sum())
 }
 
+/// `result`, but on an error first copies the lab's daemon logs to
+/// `target/bench-logs/<lab>` (the lab and its files go when it is dropped)
+/// and says where they are.
+pub(crate) fn keep_logs_on_error<T>(lab: &Lab, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    let Err(err) = result else {
+        return result;
+    };
+    let from = lab.state_dir().join("logs");
+    let to = std::path::Path::new("target/bench-logs").join(lab.id().prefix());
+    let copied = std::fs::create_dir_all(&to).and_then(|()| {
+        for entry in std::fs::read_dir(&from)? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+        Ok(())
+    });
+    match copied {
+        Ok(()) => Err(err.context(format!("the daemons' logs are in {}", to.display()))),
+        Err(copy) => Err(err.context(format!("(their logs could not be kept: {copy})"))),
+    }
+}
+
 /// Runs `measure` and checks that the counter `line_start` on `node` moved
 /// by at least `at_least` (or, with 0, did not move at all): the benchmark
 /// measured the path it names.

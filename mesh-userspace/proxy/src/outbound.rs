@@ -122,8 +122,8 @@ impl Outbound {
             if frontend.routes.applies(frontend.port, &source.namespace) {
                 // A port that says it speaks HTTP waits for the client's
                 // first bytes; one that does not say waits 300 ms at most.
-                let declared = frontend.app_protocol
-                    == lacewing_core::model::services::AppProtocol::Http;
+                let declared =
+                    frontend.app_protocol == lacewing_core::model::services::AppProtocol::Http;
                 match router::sniff(&app, declared).await {
                     Ok(()) => {
                         let registered = self.registry.register(peer, dest, Direction::Outbound);

@@ -70,6 +70,11 @@ const STREAMS_OUT: &str = "lacewing_tunnel_streams_opened_total{direction=\"outb
 
 pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     let lab = Lab::new(2, 2)?;
+    let outcome = measure_all(&lab, bin_dir, opts);
+    super::keep_logs_on_error(&lab, outcome)
+}
+
+fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     let (client, proxy) = (lab.pod("n0-p0")?, lab.pod("n0-p1")?);
     let servers = [lab.pod("n1-p0")?, lab.pod("n1-p1")?];
     let mesh = lab.start_mesh(bin_dir)?;
@@ -107,58 +112,44 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
         })
         .collect();
     eprintln!("no mesh, and the nginx proxy ({} s each)", opts.seconds);
-    on_path(&lab, "n0", STREAMS_OUT, 0.0, "no mesh", || {
+    on_path(lab, "n0", STREAMS_OUT, 0.0, "no mesh", || {
         for (row, (_, _, _, vip, port)) in rows.iter_mut().zip(CASES) {
-            row.direct = measure(
-                &lab,
-                &client,
-                row.protocol,
-                &format!("{vip}:80"),
-                opts,
-                None,
-            )?;
+            row.direct = measure(lab, &client, row.protocol, &format!("{vip}:80"), opts, None)?;
             let at = format!("{}:{port}", proxy.ip4());
-            row.nginx = measure(&lab, &client, row.protocol, &at, opts, None)?;
+            row.nginx = measure(lab, &client, row.protocol, &at, opts, None)?;
         }
         Ok(())
     })?;
 
     std::fs::write(&file, config_yaml(true, &client, &proxy, &servers, false))?;
-    wait_for_certificates(&lab, &["n0", "n1"])?;
+    wait_for_certificates(lab, &["n0", "n1"])?;
     eprintln!("the mesh at L4 (no route)");
     // Each measurement opens at least one tunnel stream.
     on_path(
-        &lab,
+        lab,
         "n0",
         STREAMS_OUT,
         3.0 * CASES.len() as f64,
         "mesh L4",
         || {
             for (row, (_, _, _, vip, _)) in rows.iter_mut().zip(CASES) {
-                row.l4 = measure(
-                    &lab,
-                    &client,
-                    row.protocol,
-                    &format!("{vip}:80"),
-                    opts,
-                    None,
-                )?;
+                row.l4 = measure(lab, &client, row.protocol, &format!("{vip}:80"), opts, None)?;
             }
             Ok(())
         },
     )?;
 
     std::fs::write(&file, config_yaml(true, &client, &proxy, &servers, true))?;
-    wait_for_routes(&lab, CASES.len())?;
+    wait_for_routes(lab, CASES.len())?;
     eprintln!("the mesh at L7 (route, weighted backends, L7 policy)");
     let mut cpu = Vec::new();
     let daemons = &mesh.nodes;
     // Every request of the fixed-rate runs is routed (and counted).
     let at_least = f64::from(opts.seconds) * 6000.0 * 0.9 * CASES.len() as f64;
-    on_path(&lab, "n0", REQUESTS_OUT, at_least, "mesh L7", || {
+    on_path(lab, "n0", REQUESTS_OUT, at_least, "mesh L7", || {
         for (row, (_, _, _, vip, _)) in rows.iter_mut().zip(CASES) {
             row.l7 = measure(
-                &lab,
+                lab,
                 &client,
                 row.protocol,
                 &format!("{vip}:80"),
