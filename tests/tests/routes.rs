@@ -497,3 +497,73 @@ fn a_consumer_route_applies_only_to_its_namespaces_clients() {
     let out = curl(&m, "n0-p0", &format!("{front}/other"), &[]);
     assert!(out.contains("web-v1 GET /other\n"), "{out}");
 }
+
+#[test]
+fn matches_by_regular_expression_exact_path_query_and_method_on_the_bound_port_only() {
+    let m = MeshLab::new();
+    let _v1 = m.serve_tool(
+        "n1-p0",
+        "httpd.py",
+        &[&HTTP_PORT.to_string(), "web-v1"],
+        HTTP_PORT,
+    );
+    let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
+    // front: port 80 (the route's) and 8081 (no route), both to web-0.
+    m.config(
+        "front.yaml",
+        Some(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: front, namespace: shop}}\nspec: {{clusterIP: {FRONT}, ports: [{{name: http, port: 80, targetPort: {HTTP_PORT}}}, {{name: http-alt, port: 8081, targetPort: {HTTP_PORT}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: front-v4, namespace: shop, labels: {{kubernetes.io/service-name: front}}}}\naddressType: IPv4\nports: [{{name: http, port: {HTTP_PORT}, protocol: TCP}}, {{name: http-alt, port: {HTTP_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{web0}\"]}}]\n"
+        )),
+    );
+    let rule = |matches: &str, name: &str| {
+        format!(
+            "  - matches: [{matches}]\n    filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-rule, value: {name}}}]}}}}]\n    backendRefs: [{{name: front, port: 80}}]\n"
+        )
+    };
+    m.config(
+        "route.yaml",
+        Some(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: front, namespace: shop}}\nspec:\n  parentRefs: [{{kind: Service, name: front, port: 80}}]\n  rules:\n{}{}{}{}{}",
+            rule("{path: {type: RegularExpression, value: \"/v[0-9]+/items\"}}", "regex"),
+            rule("{path: {type: PathPrefix, value: /q}, queryParams: [{name: env, value: prod}]}", "query"),
+            rule("{method: DELETE}", "method"),
+            rule("{path: {type: Exact, value: /exact}}", "exact"),
+            rule("{path: {type: PathPrefix, value: /}}", "default"),
+        )),
+    );
+    let rule_of = |method: &str, url: &str| -> String {
+        let out = curl(&m, "n0-p0", url, &["-X", method, "-o", "/dev/null"]);
+        out.lines()
+            .find_map(|l| l.strip_prefix("x-rule: "))
+            .unwrap_or("none")
+            .to_owned()
+    };
+    let front = format!("http://{FRONT}");
+    m.until("n0 routes front:80", || {
+        try_curl(&m, "n0-p0", &format!("{front}/exact"), &["-o", "/dev/null"])
+            .is_ok_and(|o| o.contains("x-rule: exact"))
+    });
+    for (method, path, expected) in [
+        ("GET", "/v2/items", "regex"),
+        // A regular expression matches the whole path.
+        ("GET", "/v2/items/x", "default"),
+        ("GET", "/q?env=prod", "query"),
+        ("GET", "/q?env=dev", "default"),
+        // A prefix matches whole segments: /q is not a prefix of /query.
+        ("GET", "/query?env=prod", "default"),
+        ("DELETE", "/anything", "method"),
+        ("GET", "/exact", "exact"),
+        ("GET", "/exact/x", "default"),
+    ] {
+        assert_eq!(
+            rule_of(method, &format!("{front}{path}")),
+            expected,
+            "{method} {path}"
+        );
+    }
+    // The Service's other port is not the route's: balanced at L4, unrouted.
+    assert_eq!(
+        rule_of("GET", &format!("http://{FRONT}:8081/v2/items")),
+        "none"
+    );
+}
