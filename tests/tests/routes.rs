@@ -68,6 +68,11 @@ spec:
     backendRefs: [{name: web-v1, port: 80}]
 "#;
 
+/// httpd.py in `pod` on [`HTTP_PORT`], answering as `name`.
+fn httpd(m: &MeshLab, pod: &str, name: &str) -> lacewing::lab::LabProcess {
+    m.serve_tool(pod, "httpd.py", &[&HTTP_PORT.to_string(), name], HTTP_PORT)
+}
+
 /// curl from `pod`: status, then the given response headers, then the body.
 fn curl(m: &MeshLab, pod: &str, url: &str, extra: &[&str]) -> String {
     try_curl(m, pod, url, extra).unwrap_or_else(|err| panic!("curl {url}: {err}"))
@@ -95,18 +100,8 @@ fn count(out: &str, key: &str) -> u32 {
 #[test]
 fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
     let m = MeshLab::new();
-    let _v1 = m.serve_tool(
-        "n1-p0",
-        "httpd.py",
-        &[&HTTP_PORT.to_string(), "web-v1"],
-        HTTP_PORT,
-    );
-    let _v2 = m.serve_tool(
-        "n1-p1",
-        "httpd.py",
-        &[&HTTP_PORT.to_string(), "web-v2"],
-        HTTP_PORT,
-    );
+    let _v1 = httpd(&m, "n1-p0", "web-v1");
+    let _v2 = httpd(&m, "n1-p1", "web-v2");
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
     let web1 = m.lab.pod("n1-p1").unwrap().ip4().to_string();
     m.config(
@@ -296,12 +291,7 @@ const GRPC_VIP: &str = "10.96.0.33";
 #[test]
 fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
     let m = MeshLab::new();
-    let _v1 = m.serve_tool(
-        "n1-p0",
-        "httpd.py",
-        &[&HTTP_PORT.to_string(), "web-v1"],
-        HTTP_PORT,
-    );
+    let _v1 = httpd(&m, "n1-p0", "web-v1");
     let _grpc = m.serve_tool(
         "n1-p0",
         "grpcsvc.py",
@@ -451,12 +441,7 @@ fn a_consumer_route_applies_only_to_its_namespaces_clients() {
     // n0-p1 is a meshed pod of namespace team; shop's n0-p0 is the other
     // client.
     let m = MeshLab::build(&[], false);
-    let _v1 = m.serve_tool(
-        "n1-p0",
-        "httpd.py",
-        &[&HTTP_PORT.to_string(), "web-v1"],
-        HTTP_PORT,
-    );
+    let _v1 = httpd(&m, "n1-p0", "web-v1");
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
     let team = m.lab.pod("n0-p1").unwrap();
     m.config(
@@ -501,12 +486,7 @@ fn a_consumer_route_applies_only_to_its_namespaces_clients() {
 #[test]
 fn matches_by_regular_expression_exact_path_query_and_method_on_the_bound_port_only() {
     let m = MeshLab::new();
-    let _v1 = m.serve_tool(
-        "n1-p0",
-        "httpd.py",
-        &[&HTTP_PORT.to_string(), "web-v1"],
-        HTTP_PORT,
-    );
+    let _v1 = httpd(&m, "n1-p0", "web-v1");
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
     // front: port 80 (the route's) and 8081 (no route), both to web-0.
     m.config(
