@@ -95,7 +95,7 @@ impl Proxy {
             trust_domain: config.trust_domain,
             metrics: metrics.clone(),
             certificate_wait: config.certificate_wait,
-            router: router::Router::new(requests),
+            router: Arc::new(router::Router::new(requests)),
         });
         Self {
             inbound,

@@ -79,7 +79,7 @@ pub struct Outbound {
     pub metrics: TunnelMetrics,
     pub certificate_wait: Duration,
     /// Routed (L7) connections' shared state: pools, latencies, metrics.
-    pub router: crate::router::Router,
+    pub router: Arc<crate::router::Router>,
 }
 
 impl Outbound {
@@ -128,7 +128,7 @@ impl Outbound {
                     Ok(()) => {
                         let registered = self.registry.register(peer, dest, Direction::Outbound);
                         tokio::select! {
-                            () = router::serve(self, app, source, netns, source_ip, frontend, Arc::clone(&table)) => {}
+                            () = router::serve(&self.router, Arc::clone(self) as Arc<dyn router::Dial>, app, source, netns, source_ip, frontend, Arc::clone(&table)) => {}
                             () = registered.closed.cancelled() => {}
                         }
                         return;
@@ -189,54 +189,6 @@ impl Outbound {
         }
     }
 
-    /// A stream from `source` to `endpoint` for routed requests, carried as
-    /// a captured connection to it would be: through the tunnel, through
-    /// the inbound checks to a pod here, or from the pod's namespace.
-    pub async fn open(
-        &self,
-        source: &Workload,
-        netns: &PodNetns,
-        source_ip: IpAddr,
-        endpoint: SocketAddr,
-    ) -> std::io::Result<Box<dyn router::Io>> {
-        let identity = source.identity(&self.trust_domain);
-        let peer = Peer {
-            identity: identity.clone(),
-            source: Some(source_ip),
-        };
-        let refused =
-            |what: String| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, what);
-        match self.route(endpoint) {
-            Route::SameNode => {
-                let upstream = self
-                    .inbound
-                    .connect(peer, endpoint)
-                    .await
-                    .map_err(|r| refused(format!("{}: {}", r.reason, r.detail)))?;
-                if upstream.per_request {
-                    // The pod's L7 policy decides each request: it reads
-                    // them from one end of a pipe we write to.
-                    let (ours, theirs) = tokio::io::duplex(64 * 1024);
-                    let inbound = Arc::clone(&self.inbound);
-                    tokio::spawn(async move {
-                        inbound.serve_requests(theirs, None, upstream).await;
-                    });
-                    Ok(Box::new(ours))
-                } else {
-                    Ok(Box::new(upstream.stream))
-                }
-            }
-            Route::Tunnel(to) => {
-                let upgraded = self
-                    .tunnel(&identity, source_ip, &to, endpoint)
-                    .await
-                    .map_err(|e| refused(e.to_string()))?;
-                Ok(Box::new(hyper_util::rt::TokioIo::new(upgraded)))
-            }
-            Route::PassThrough => Ok(Box::new(self.sockets.connect_from(netns, endpoint).await?)),
-        }
-    }
-
     /// The certificate of `identity`; when the node is still getting it (a
     /// pod that just started), waits for it up to `certificate_wait`.
     pub async fn certificate(&self, identity: &str) -> Result<Certificate, OutboundError> {
@@ -289,6 +241,68 @@ impl Outbound {
                 &destination,
             )
             .await?)
+    }
+}
+
+impl Outbound {
+    /// A stream from `source` to `endpoint` for routed requests, carried as
+    /// a captured connection to it would be: through the tunnel, through
+    /// the inbound checks to a pod here, or from the pod's namespace.
+    async fn open_stream(
+        &self,
+        source: &Workload,
+        netns: &PodNetns,
+        source_ip: IpAddr,
+        endpoint: SocketAddr,
+    ) -> std::io::Result<Box<dyn router::Io>> {
+        let identity = source.identity(&self.trust_domain);
+        let peer = Peer {
+            identity: identity.clone(),
+            source: Some(source_ip),
+        };
+        let refused =
+            |what: String| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, what);
+        match self.route(endpoint) {
+            Route::SameNode => {
+                let upstream = self
+                    .inbound
+                    .connect(peer, endpoint)
+                    .await
+                    .map_err(|r| refused(format!("{}: {}", r.reason, r.detail)))?;
+                if upstream.per_request {
+                    // The pod's L7 policy decides each request: it reads
+                    // them from one end of a pipe we write to.
+                    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                    let inbound = Arc::clone(&self.inbound);
+                    tokio::spawn(async move {
+                        inbound.serve_requests(theirs, None, upstream).await;
+                    });
+                    Ok(Box::new(ours))
+                } else {
+                    Ok(Box::new(upstream.stream))
+                }
+            }
+            Route::Tunnel(to) => {
+                let upgraded = self
+                    .tunnel(&identity, source_ip, &to, endpoint)
+                    .await
+                    .map_err(|e| refused(e.to_string()))?;
+                Ok(Box::new(hyper_util::rt::TokioIo::new(upgraded)))
+            }
+            Route::PassThrough => Ok(Box::new(self.sockets.connect_from(netns, endpoint).await?)),
+        }
+    }
+}
+
+impl router::Dial for Outbound {
+    fn open(
+        self: Arc<Self>,
+        source: Arc<Workload>,
+        netns: PodNetns,
+        source_ip: IpAddr,
+        endpoint: SocketAddr,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<Box<dyn router::Io>>> {
+        Box::pin(async move { self.open_stream(&source, &netns, source_ip, endpoint).await })
     }
 }
 

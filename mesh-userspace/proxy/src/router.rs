@@ -54,7 +54,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{metrics::RequestLabels, outbound::Outbound, sockets::PodNetns};
+use crate::{metrics::RequestLabels, sockets::PodNetns};
 
 /// How long a routed connection may stay silent before it is taken for a
 /// server-first protocol and carried at L4.
@@ -73,6 +73,18 @@ pub const ERROR_HEADER: &str = "x-lacewing-error";
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bodies in both directions.
 pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Opens a stream from a source pod to an endpoint, as a captured
+/// connection to it would be carried (the outbound side implements it).
+pub trait Dial: Send + Sync + 'static {
+    fn open(
+        self: Arc<Self>,
+        source: Arc<Workload>,
+        netns: PodNetns,
+        source_ip: IpAddr,
+        endpoint: SocketAddr,
+    ) -> BoxFuture<'static, io::Result<Box<dyn Io>>>;
+}
 
 /// A stream to an endpoint, whatever carries it.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -103,7 +115,7 @@ impl Router {
 
     fn clients(
         &self,
-        outbound: &Arc<Outbound>,
+        dial: &Arc<dyn Dial>,
         source: &Arc<Workload>,
         netns: &PodNetns,
         source_ip: IpAddr,
@@ -114,7 +126,7 @@ impl Router {
         let key = format!("{}/{}/{}", source.namespace, source.name, source.uid);
         Arc::clone(clients.entry(key).or_insert_with(|| {
             let dialer = Dialer {
-                outbound: Arc::clone(outbound),
+                dial: Arc::clone(dial),
                 source: Arc::clone(source),
                 netns: Arc::clone(netns),
                 source_ip,
@@ -138,7 +150,7 @@ impl Router {
 /// connector); the URI's authority is the endpoint.
 #[derive(Clone)]
 struct Dialer {
-    outbound: Arc<Outbound>,
+    dial: Arc<dyn Dial>,
     source: Arc<Workload>,
     netns: PodNetns,
     source_ip: IpAddr,
@@ -160,9 +172,8 @@ impl tower_service::Service<Uri> for Dialer {
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an endpoint"))?;
-            let stream = dialer
-                .outbound
-                .open(&dialer.source, &dialer.netns, dialer.source_ip, endpoint)
+            let stream = Arc::clone(&dialer.dial)
+                .open(dialer.source, dialer.netns, dialer.source_ip, endpoint)
                 .await?;
             Ok(Conn(TokioIo::new(stream)))
         })
@@ -247,16 +258,22 @@ pub async fn sniff(app: &TcpStream, declared_http: bool) -> Result<(), &'static 
 
 /// What one routed connection's requests share.
 struct Session {
-    outbound: Arc<Outbound>,
+    router: Arc<Router>,
     clients: Arc<Clients>,
     source: Arc<Workload>,
     frontend: Frontend,
     table: Arc<RouteTable>,
 }
 
-/// Serves a routed connection's HTTP until the client is done.
+/// Serves a routed connection's HTTP until the client is done, opening
+/// connections to endpoints with `dial`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one connection's parts, each used once"
+)]
 pub async fn serve(
-    outbound: &Arc<Outbound>,
+    router: &Arc<Router>,
+    dial: Arc<dyn Dial>,
     app: TcpStream,
     source: Arc<Workload>,
     netns: PodNetns,
@@ -264,11 +281,9 @@ pub async fn serve(
     frontend: Frontend,
     table: Arc<RouteTable>,
 ) {
-    let clients = outbound
-        .router
-        .clients(outbound, &source, &netns, source_ip);
+    let clients = router.clients(&dial, &source, &netns, source_ip);
     let session = Arc::new(Session {
-        outbound: Arc::clone(outbound),
+        router: Arc::clone(router),
         clients,
         source,
         frontend,
@@ -478,11 +493,7 @@ impl Session {
                 code,
                 grpc_status,
             );
-            session
-                .outbound
-                .router
-                .metrics
-                .record(&labels, started.elapsed());
+            session.router.metrics.record(&labels, started.elapsed());
         })
     }
 
@@ -560,7 +571,7 @@ impl Session {
             Some(limit) => match tokio::time::timeout(limit, forwarded).await {
                 Ok(resp) => resp,
                 Err(_) => {
-                    self.outbound.router.metrics.timeout(&route);
+                    self.router.metrics.timeout(&route);
                     failure_response(Failure::Timeout, grpc)
                 }
             },
@@ -608,11 +619,11 @@ impl Session {
                 break;
             };
             if attempt > 0 {
-                self.outbound.router.metrics.retry(&rule.route.to_string());
+                self.router.metrics.retry(&rule.route.to_string());
                 tokio::time::sleep(jittered(backoff)).await;
                 backoff *= 2;
             }
-            let Some(endpoint) = self.outbound.router.balancer.pick(endpoints, tried) else {
+            let Some(endpoint) = self.router.balancer.pick(endpoints, tried) else {
                 break;
             };
             let addr = endpoint.addr();
@@ -713,7 +724,6 @@ impl Session {
             let port = backend.port.unwrap_or(self.frontend.port);
             let service = (backend.namespace.clone(), backend.name.clone());
             let Some(endpoint) = self
-                .outbound
                 .router
                 .balancer
                 .pick(self.table.endpoints(&service, port), None)
@@ -726,7 +736,7 @@ impl Session {
             } else {
                 self.clients.http1.clone()
             };
-            let metrics = self.outbound.router.metrics.clone();
+            let metrics = self.router.metrics.clone();
             let name = format!("{}/{}", backend.namespace, backend.name);
             tokio::spawn(async move {
                 let ok = match client.request(req).await {
