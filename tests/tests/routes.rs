@@ -379,7 +379,9 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
             "grpcsvc.py",
             &["call", GRPC_VIP, &GRPC_PORT.to_string()],
         );
-        out.contains("PERMISSION_DENIED")
+        // (A pooled connection open when the policy lands is closed; a
+        // round it cut is tried again.)
+        out.contains("PERMISSION_DENIED") && out.matches(" OK ").count() == 3
     });
     assert_eq!(
         out,
