@@ -129,6 +129,40 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
     assert!((425..=475).contains(&v1), "90% within 5 points: {out}");
     assert_eq!(count(&out, "connections"), 1, "{out}");
 
+    // h2load (HTTP/1.1, 4 connections): every request routed and answered.
+    let before = m.metric(
+        "n0",
+        "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/front\"",
+    );
+    let out = run_in(
+        &m.lab,
+        &m.lab.pod("n0-p0").unwrap(),
+        "h2load",
+        &[
+            "--h1",
+            "-n",
+            "200",
+            "-c",
+            "4",
+            &format!("http://{FRONT}/load"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("requests: 200 total, 200 started, 200 done, 200 succeeded, 0 failed"),
+        "{text}"
+    );
+    assert!(text.contains("status codes: 200 2xx"), "{text}");
+    let after = m.metric(
+        "n0",
+        "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/front\"",
+    );
+    assert_eq!(
+        after - before,
+        200.0,
+        "each of h2load's requests routed once"
+    );
+
     // A header match wins over the split.
     let out = m.run_tool(
         "n0-p0",
