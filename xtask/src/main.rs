@@ -34,7 +34,7 @@ enum Task {
     Manifests,
     /// Benchmarks: `cargo xtask bench l4`, `tunnel`, `local` and `l7` (lab, root), `cargo xtask bench control-plane`.
     Bench {
-        /// Which benchmark: l4 or control-plane.
+        /// Which benchmark: l4, l7, tunnel, local or control-plane.
         name: String,
         /// Extra flags for the benchmark (`-- --sizes 100,1000`).
         #[arg(last = true)]

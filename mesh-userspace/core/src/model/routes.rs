@@ -87,8 +87,12 @@ pub struct Frontend {
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     frontends: std::collections::HashMap<std::net::SocketAddr, Frontend>,
-    endpoints:
-        std::collections::HashMap<(ServiceId, u16), Vec<crate::model::services::BackendEntry>>,
+    /// By Service, then port: looked up per request without copying the
+    /// Service's name.
+    endpoints: std::collections::HashMap<
+        ServiceId,
+        std::collections::HashMap<u16, Vec<crate::model::services::BackendEntry>>,
+    >,
 }
 
 impl RouteTable {
@@ -128,11 +132,17 @@ impl RouteTable {
                 );
             }
             out.endpoints
-                .entry((service, port))
+                .entry(service)
+                .or_default()
+                .entry(port)
                 .or_default()
                 .extend(entry.backends.iter().copied());
         }
-        for list in out.endpoints.values_mut() {
+        for list in out
+            .endpoints
+            .values_mut()
+            .flat_map(|ports| ports.values_mut())
+        {
             list.sort();
             list.dedup();
         }
@@ -156,7 +166,8 @@ impl RouteTable {
         port: u16,
     ) -> &[crate::model::services::BackendEntry] {
         self.endpoints
-            .get(&(service.clone(), port))
+            .get(service)
+            .and_then(|ports| ports.get(&port))
             .map_or(&[], Vec::as_slice)
     }
 }
@@ -977,14 +988,6 @@ impl ServiceRoutes {
                 self.binding[e.rule].0.as_deref(),
             )
         })
-    }
-
-    /// Every rule, in no particular order (for listing).
-    pub fn rules(&self) -> impl Iterator<Item = (&Rule, Option<u16>, Option<&str>)> {
-        self.rules
-            .iter()
-            .zip(&self.binding)
-            .map(|(r, (c, p))| (r, *p, c.as_deref()))
     }
 
     fn has_consumer(&self, port: u16, namespace: &str) -> bool {

@@ -87,13 +87,6 @@ impl Balancer {
         })
     }
 
-    /// An endpoint's latency estimate, if it was ever used.
-    pub fn estimate(&self, addr: SocketAddr) -> Option<Duration> {
-        self.lock()
-            .get(&addr)
-            .map(|s| Duration::from_nanos(s.decayed(Instant::now()) as u64))
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Stats>> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
