@@ -211,9 +211,11 @@ const H2C_PORT: u16 = 8082;
 fn an_l7_policy_decides_h2c_requests_from_curl_and_h2load() {
     let m = MeshLab::new();
     let web0_pod = m.lab.pod("n1-p0").unwrap();
+    // nginx ends each connection after 30 requests (GOAWAY), as it does
+    // after 1,000 by default.
     let _nginx = m
         .lab
-        .start_h2c_server(&web0_pod, H2C_PORT, "web-0")
+        .start_h2c_server_closing_after(&web0_pod, H2C_PORT, "web-0", 30)
         .unwrap();
     let web0 = web0_pod.ip4().to_string();
     authorization_policy(
@@ -260,7 +262,12 @@ fn an_l7_policy_decides_h2c_requests_from_curl_and_h2load() {
     );
     assert!(curl("GET").ends_with("200 h2\n"));
     // h2load: 200 GETs over 2 connections, 10 streams each at a time, all
-    // answered by nginx through the daemons and decided one by one.
+    // answered by nginx through the daemons and decided one by one. nginx
+    // closes n1's connection to it three times under each: n1 opens
+    // another, and requests refused by a closing one go again; h2load's two
+    // connections (two tunnel streams) live on.
+    let streams = "lacewing_tunnel_streams_opened_total{direction=\"inbound\"}";
+    let before = m.metric("n1", streams);
     let out = run_in(
         &m.lab,
         &m.lab.pod("n0-p0").unwrap(),
@@ -273,6 +280,11 @@ fn an_l7_policy_decides_h2c_requests_from_curl_and_h2load() {
         "{text}"
     );
     assert!(text.contains("status codes: 200 2xx"), "{text}");
+    assert_eq!(
+        m.metric("n1", streams) - before,
+        2.0,
+        "one stream per connection"
+    );
     assert_eq!(
         m.metric(
             "n1",

@@ -201,7 +201,7 @@ impl Inbound {
             watch,
             peer,
             dest,
-            Arc::clone(self) as Arc<dyn crate::l7::DecideRequest>,
+            Arc::clone(self) as Arc<dyn crate::l7::PodSide>,
             self.metrics.clone(),
             self.state.local(dest.ip()).map(|pod| crate::l7::Requests {
                 metrics: self.requests.clone(),
@@ -213,7 +213,7 @@ impl Inbound {
     }
 }
 
-impl crate::l7::DecideRequest for Inbound {
+impl crate::l7::PodSide for Inbound {
     fn decide_request(
         &self,
         peer: &Peer,
@@ -223,6 +223,19 @@ impl crate::l7::DecideRequest for Inbound {
         // The same checks as the connection's, with the request's method,
         // path and headers.
         self.decide(peer, dest, Some(request)).map(drop)
+    }
+
+    fn reconnect(
+        &self,
+        dest: SocketAddr,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<crate::l7::PodConnection>> {
+        let connecting = self.sockets.connect_delivery(dest);
+        let sockets = Arc::clone(&self.sockets);
+        Box::pin(async move {
+            let stream = connecting.await?;
+            let watch = sockets.watch(&stream, 0);
+            Ok((stream, watch))
+        })
     }
 }
 

@@ -6,6 +6,12 @@
 //! it holds to it. A refused request does not end the connection: the next
 //! one on it is decided again.
 //!
+//! The connection to the pod is the node's own: when the pod ends it (an
+//! nginx closes a keep-alive connection after `keepalive_requests`, an
+//! HTTP/2 server sends GOAWAY), the next request opens a new one, and a
+//! request the old one refused before sending it is sent on the new one. The
+//! client's connection lives on as a sidecar's would.
+//!
 //! An upgrade the policies allow (WebSocket, or any `Upgrade:`) is passed
 //! to the pod, and once it answers `101 Switching Protocols` the two
 //! upgraded streams are spliced until either ends.
@@ -16,6 +22,7 @@
 //! header. Each is logged and counted as a denied connection is.
 
 use std::{
+    io,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -24,6 +31,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
@@ -33,22 +41,30 @@ use lacewing_tunnel::{Peer, Refusal, metrics::TunnelMetrics};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
-    sync::OnceCell,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::splice::{Unread, Watch, Watched};
 
-/// Who decides each request (the inbound checks, for the proxy): the peer,
-/// the destination and the request, to its refusal if refused.
-pub trait DecideRequest: Send + Sync + 'static {
+/// The destination's side of each request (the inbound checks, for the
+/// proxy): who decides it, and how a new connection to the pod is opened.
+pub trait PodSide: Send + Sync + 'static {
+    /// The peer, the destination and the request, to its refusal if
+    /// refused.
     fn decide_request(
         &self,
         peer: &Peer,
         dest: SocketAddr,
         request: &authorization::Request<'_>,
     ) -> Result<(), Refusal>;
+
+    /// A new connection to the pod at `dest` (after the pod ended the
+    /// last one), with the watch on its spliced writes.
+    fn reconnect(&self, dest: SocketAddr) -> BoxFuture<'static, io::Result<PodConnection>>;
 }
+
+/// A connection to the pod and the watch on the pod's spliced writes into it.
+pub type PodConnection = (TcpStream, Option<Arc<Watch>>);
 
 /// The header that names the policy that refused a request.
 pub const DENIED_BY: &str = "x-lacewing-denied-by";
@@ -57,11 +73,20 @@ const GRPC_PERMISSION_DENIED: &str = "7";
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// The one connection to the pod, speaking the protocol of the client's
-/// first request.
+/// The connection to the pod, speaking the protocol of the client's
+/// requests.
 enum Upstream {
-    Http1(tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
-    Http2(hyper::client::conn::http2::SendRequest<Incoming>),
+    Http1(hyper::client::conn::http1::SendRequest<Body>),
+    Http2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+impl Upstream {
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::Http1(s) => s.is_closed(),
+            Self::Http2(s) => s.is_closed(),
+        }
+    }
 }
 
 /// Where a pod's decided requests are counted (`direction="inbound"`).
@@ -76,14 +101,19 @@ struct Connection {
     /// Cancelled when the registry closes the connection; ends an upgraded
     /// stream too.
     closed: CancellationToken,
-    decide: Arc<dyn DecideRequest>,
+    pod_side: Arc<dyn PodSide>,
     metrics: TunnelMetrics,
     requests: Option<Requests>,
     peer: Peer,
     dest: SocketAddr,
     /// The pod's socket until the first allowed request opens the upstream.
     pod: Mutex<Option<Watched<TcpStream>>>,
-    upstream: OnceCell<Upstream>,
+    /// Counts the bytes read from the pod, over every connection to it.
+    from_pod: Arc<AtomicU64>,
+    client_watch: Option<Arc<Watch>>,
+    /// The current connection to the pod. Held across a request on
+    /// HTTP/1.1 (one request at a time), only to clone the sender on HTTP/2.
+    upstream: tokio::sync::Mutex<Option<Upstream>>,
 }
 
 /// Serves the HTTP of `client` (a tunnel stream, or a same-node app's
@@ -100,7 +130,7 @@ pub async fn serve<C>(
     pod_watch: Option<Arc<Watch>>,
     peer: Peer,
     dest: SocketAddr,
-    decide: Arc<dyn DecideRequest>,
+    pod_side: Arc<dyn PodSide>,
     metrics: TunnelMetrics,
     requests: Option<Requests>,
     closed: &CancellationToken,
@@ -111,16 +141,18 @@ where
     let (from_client, from_pod) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let client = Watched::new(client, client_watch.clone(), pod_watch.clone())
         .counted(Arc::clone(&from_client));
-    let pod = Watched::new(pod, pod_watch, client_watch).counted(Arc::clone(&from_pod));
+    let pod = Watched::new(pod, pod_watch, client_watch.clone()).counted(Arc::clone(&from_pod));
     let connection = Arc::new(Connection {
         closed: closed.clone(),
-        decide,
+        pod_side,
         metrics,
         requests,
         peer,
         dest,
         pod: Mutex::new(Some(pod)),
-        upstream: OnceCell::new(),
+        from_pod: Arc::clone(&from_pod),
+        client_watch,
+        upstream: tokio::sync::Mutex::new(None),
     });
     let service = hyper::service::service_fn(move |req| {
         let connection = Arc::clone(&connection);
@@ -166,7 +198,7 @@ impl Connection {
                 path: req.uri().path(),
                 headers: req.headers(),
             };
-            self.decide
+            self.pod_side
                 .decide_request(&self.peer, self.dest, &request)
                 .err()
         };
@@ -218,47 +250,142 @@ impl Connection {
         }
     }
 
+    /// Sends `req` to the pod over the current connection, or a new one
+    /// when the pod closed it. A request the closing connection returned
+    /// unsent, or that the pod refused unprocessed (HTTP/2: REFUSED_STREAM,
+    /// or a stream past a GOAWAY's last one) with no body, goes again on a
+    /// new connection.
     async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ForwardError> {
         let http2 = req.version() == http::Version::HTTP_2;
-        let upstream = self
-            .upstream
-            .get_or_try_init(|| async {
-                // Taken by the first request; gone if its handshake failed.
-                let pod = self
-                    .pod
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                    .ok_or(ForwardError::PodConnectionLost)?;
-                let io = TokioIo::new(pod);
-                if http2 {
-                    let (send, conn) =
-                        hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
-                    tokio::spawn(conn);
-                    Ok::<_, ForwardError>(Upstream::Http2(send))
-                } else {
-                    let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
-                    tokio::spawn(conn.with_upgrades());
-                    Ok(Upstream::Http1(tokio::sync::Mutex::new(send)))
+        let replay = hyper::body::Body::is_end_stream(req.body()).then(|| head_of(&req));
+        let mut req = req.map(http_body_util::BodyExt::boxed);
+        for _ in 0..3 {
+            let sent = if http2 {
+                let mut send = {
+                    let mut current = self.upstream.lock().await;
+                    match self.open(&mut current, true).await? {
+                        Upstream::Http2(send) => send.clone(),
+                        Upstream::Http1(_) => return Err(ForwardError::ProtocolChanged),
+                    }
+                };
+                send.try_send_request(req).await
+            } else {
+                // One request at a time on HTTP/1.1: the lock is held
+                // until the response head arrives.
+                let mut current = self.upstream.lock().await;
+                let Upstream::Http1(send) = self.open(&mut current, false).await? else {
+                    return Err(ForwardError::ProtocolChanged);
+                };
+                if send.ready().await.is_err() {
+                    // Closed between the check and the request: unsent.
+                    *current = None;
+                    continue;
                 }
-            })
-            .await?;
-        Ok(match upstream {
-            Upstream::Http2(send) => send.clone().send_request(req).await?,
-            Upstream::Http1(send) => {
-                let mut send = send.lock().await;
-                send.ready().await?;
-                send.send_request(req).await?
-            }
-        })
+                send.try_send_request(req).await
+            };
+            let mut err = match sent {
+                Ok(resp) => return Ok(resp),
+                Err(err) => err,
+            };
+            req = match (err.take_message(), &replay) {
+                (Some(unsent), _) => unsent,
+                (None, Some(head)) if refused_unprocessed(err.error()) => head.request(),
+                (None, _) => return Err(err.into_error().into()),
+            };
+            tracing::debug!(dest = %self.dest, error = %err.error(), "the pod's connection closed; sending again on another");
+        }
+        Err(ForwardError::PodConnectionLost)
     }
+
+    /// The open connection to the pod in `current`, or a new one: the
+    /// pod's first socket, then a new connection each time the pod closed
+    /// the last.
+    async fn open<'a>(
+        &self,
+        current: &'a mut Option<Upstream>,
+        http2: bool,
+    ) -> Result<&'a mut Upstream, ForwardError> {
+        if current.as_ref().is_some_and(Upstream::is_closed) {
+            *current = None;
+        }
+        if current.is_none() {
+            let first = self.pod.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let pod = match first {
+                Some(pod) => pod,
+                None => {
+                    let (stream, watch) = self.pod_side.reconnect(self.dest).await?;
+                    Watched::new(stream, watch, self.client_watch.clone())
+                        .counted(Arc::clone(&self.from_pod))
+                }
+            };
+            let io = TokioIo::new(pod);
+            *current = Some(if http2 {
+                let (send, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+                tokio::spawn(conn);
+                Upstream::Http2(send)
+            } else {
+                let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
+                tokio::spawn(conn.with_upgrades());
+                Upstream::Http1(send)
+            });
+        }
+        Ok(current.as_mut().expect("set above"))
+    }
+}
+
+/// What is needed to send a request without a body again.
+struct Head {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+fn head_of<B>(req: &Request<B>) -> Head {
+    Head {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        headers: req.headers().clone(),
+    }
+}
+
+impl Head {
+    fn request(&self) -> Request<Body> {
+        let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Whether the pod's HTTP/2 server refused the request without processing
+/// it (RFC 9113 section 8.7): REFUSED_STREAM, or a stream above the last one
+/// its GOAWAY accepted. Such a request may be sent again.
+fn refused_unprocessed(err: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Why a request did not reach the pod (the client gets 502).
 #[derive(Debug, thiserror::Error)]
 enum ForwardError {
-    #[error("the connection to the pod failed earlier on this connection")]
+    #[error("the pod closed two connections in a row before taking the request")]
     PodConnectionLost,
+    #[error("HTTP/1.1 and HTTP/2 requests on one connection")]
+    ProtocolChanged,
+    #[error("connecting to the pod again: {0}")]
+    Reconnect(#[from] io::Error),
     #[error(transparent)]
     Http(#[from] hyper::Error),
 }

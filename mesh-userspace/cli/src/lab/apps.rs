@@ -322,7 +322,19 @@ impl Lab {
         body: &str,
         status: u16,
     ) -> io::Result<LabProcess> {
-        self.start_nginx_with(pod, port, body, false, status)
+        self.start_nginx_with(pod, port, body, false, status, None)
+    }
+
+    /// As [`Lab::start_h2c_server`], ending each connection (GOAWAY) after
+    /// `requests` requests, as nginx does by default after 1,000.
+    pub fn start_h2c_server_closing_after(
+        &self,
+        pod: &PodSpec,
+        port: u16,
+        body: &str,
+        requests: u32,
+    ) -> io::Result<LabProcess> {
+        self.start_nginx_with(pod, port, body, true, 200, Some(requests))
     }
 
     /// As [`Lab::start_http_server`], speaking HTTP/2 without TLS (h2c,
@@ -359,7 +371,7 @@ impl Lab {
         body: &str,
         http2: bool,
     ) -> io::Result<LabProcess> {
-        self.start_nginx_with(pod, port, body, http2, 200)
+        self.start_nginx_with(pod, port, body, http2, 200, None)
     }
 
     fn start_nginx_with(
@@ -369,6 +381,7 @@ impl Lab {
         body: &str,
         http2: bool,
         status: u16,
+        keepalive_requests: Option<u32>,
     ) -> io::Result<LabProcess> {
         let dir = self
             .state_dir()
@@ -376,8 +389,11 @@ impl Lab {
         fs::create_dir_all(&dir)?;
         let h2 = if http2 { " http2" } else { "" };
         let body = body.replace('\\', "\\\\").replace('"', "\\\"");
+        let keepalive = keepalive_requests
+            .map(|n| format!("        keepalive_requests {n};\n"))
+            .unwrap_or_default();
         let server = format!(
-            "    server {{\n        listen 0.0.0.0:{port} reuseport{h2};\n        listen [::]:{port} ipv6only=on reuseport{h2};\n        default_type text/plain;\n        location / {{ return {status} \"{body}\\n\"; }}\n    }}\n"
+            "    server {{\n        listen 0.0.0.0:{port} reuseport{h2};\n        listen [::]:{port} ipv6only=on reuseport{h2};\n{keepalive}        default_type text/plain;\n        location / {{ return {status} \"{body}\\n\"; }}\n    }}\n"
         );
         self.spawn_nginx(pod, &dir, &nginx_conf(&dir, &server), port)
     }
