@@ -321,6 +321,8 @@ fn front_with_server_first_ports(web0: &str) -> String {
 const GREETER_PORT: u16 = 3306;
 const GRPC_PORT: u16 = 50051;
 const GRPC_VIP: &str = "10.96.0.33";
+const H2C_PORT: u16 = 8082;
+const H2C_VIP: &str = "10.96.0.34";
 
 #[test]
 fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
@@ -338,11 +340,19 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
         &["serve", &GREETER_PORT.to_string()],
         GREETER_PORT,
     );
+    // nginx over h2c, ending each connection after 30 requests (GOAWAY),
+    // as it does after 1,000 by default.
+    let web1_pod = m.lab.pod("n1-p1").unwrap();
+    let _h2web = m
+        .lab
+        .start_h2c_server_closing_after(&web1_pod, H2C_PORT, "h2web", 30)
+        .unwrap();
+    let web1 = web1_pod.ip4().to_string();
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
     m.config(
         "services.yaml",
         Some(&format!(
-            "{}---\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: items, namespace: shop}}\nspec: {{clusterIP: {GRPC_VIP}, ports: [{{name: grpc, port: {GRPC_PORT}, appProtocol: grpc}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: items-v4, namespace: shop, labels: {{kubernetes.io/service-name: items}}}}\naddressType: IPv4\nports: [{{name: grpc, port: {GRPC_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{web0}\"]}}]\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: h2web, namespace: shop}}\nspec: {{clusterIP: {H2C_VIP}, ports: [{{name: http2, port: 80, targetPort: {H2C_PORT}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: h2web-v4, namespace: shop, labels: {{kubernetes.io/service-name: h2web}}}}\naddressType: IPv4\nports: [{{name: http2, port: {H2C_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{web1}\"]}}]\n---\n{}---\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: items, namespace: shop}}\nspec: {{clusterIP: {GRPC_VIP}, ports: [{{name: grpc, port: {GRPC_PORT}, appProtocol: grpc}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: items-v4, namespace: shop, labels: {{kubernetes.io/service-name: items}}}}\naddressType: IPv4\nports: [{{name: grpc, port: {GRPC_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{web0}\"]}}]\n",
             service("web-v1", "10.96.0.30", &[&web0]),
             front_with_server_first_ports(&web0),
         )),
@@ -350,7 +360,7 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
     m.config(
         "route.yaml",
         Some(&format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: front, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: front}}], rules: [{{backendRefs: [{{name: web-v1, port: 80}}]}}]}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: items, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: items}}], rules: [{{backendRefs: [{{name: items, port: {GRPC_PORT}}}]}}]}}\n"
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: front, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: front}}], rules: [{{backendRefs: [{{name: web-v1, port: 80}}]}}]}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: items, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: items}}], rules: [{{backendRefs: [{{name: items, port: {GRPC_PORT}}}]}}]}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: h2web, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: h2web}}], rules: [{{backendRefs: [{{name: h2web, port: 80}}]}}]}}\n"
         )),
     );
     let requests = |node: &str, service: &str| {
@@ -400,6 +410,32 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
         out,
         "Get OK Get:1\nDelete OK Delete:1\nCheck OK SERVING\nGet OK Get:1"
     );
+    // h2load over h2c through a route: 200 requests on 2 connections, 10
+    // at a time, to an nginx that closes its connection every 30 requests;
+    // n0's pool opens new ones and sends again what a closing one refused
+    // unprocessed: every request answered, each routed once.
+    let out = run_in(
+        &m.lab,
+        &m.lab.pod("n0-p0").unwrap(),
+        "h2load",
+        &[
+            "-n",
+            "200",
+            "-c",
+            "2",
+            "-m",
+            "10",
+            &format!("http://{H2C_VIP}/load"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("requests: 200 total, 200 started, 200 done, 200 succeeded, 0 failed"),
+        "{text}"
+    );
+    assert!(text.contains("Application protocol: h2c"), "{text}");
+    assert_eq!(requests("n0", "h2web"), 200.0, "each routed once");
+
     // With an L7 policy at the destination: the refusal passes back through
     // the router as the client's PERMISSION_DENIED.
     m.config(

@@ -364,9 +364,10 @@ impl Head {
 
 /// Whether the pod's HTTP/2 server refused the request without processing
 /// it (RFC 9113 section 8.7): REFUSED_STREAM, or a stream above the last one
-/// its GOAWAY accepted. Such a request may be sent again.
-fn refused_unprocessed(err: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+/// its GOAWAY accepted. Such a request may be sent again (the router's
+/// too).
+pub(crate) fn refused_unprocessed(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
             return h2.reason() == Some(h2::Reason::REFUSED_STREAM)

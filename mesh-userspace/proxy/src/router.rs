@@ -557,7 +557,11 @@ impl Session {
         // Kept only when a retry or a mirror may send it again: otherwise
         // it streams through (a streaming gRPC call must not wait for its
         // end).
-        let mut body = if rule.retry.is_some() || !mirrors.is_empty() {
+        let mut body = if hyper::body::Body::is_end_stream(&body) {
+            // Nothing to keep: replayable for free (an endpoint that
+            // refuses it unprocessed gets it again, see `forward`).
+            ReqBody::Buffered(Bytes::new())
+        } else if rule.retry.is_some() || !mirrors.is_empty() {
             ReqBody::read(body).await
         } else {
             ReqBody::Stream(body.map_err(BoxError::from).boxed())
@@ -610,19 +614,25 @@ impl Session {
                 modify_headers(&mut parts.headers, m);
             }
         }
-        let attempts = rule.retry.as_ref().map_or(0, |r| r.attempts) + 1;
+        let mut attempts = rule.retry.as_ref().map_or(0, |r| r.attempts) + 1;
         let mut backoff = rule.retry.as_ref().map_or(Duration::ZERO, |r| r.backoff);
         let mut tried = None;
         let mut last = failure_response(Failure::Unavailable, grpc);
-        for attempt in 0..attempts {
+        // A request an endpoint refused unprocessed (its HTTP/2 server was
+        // closing the connection) is sent again at once, once, and is no
+        // retry: the pooled connection closed under it, nothing failed.
+        let (mut resend, mut resent) = (false, false);
+        let mut attempt = 0;
+        while attempt < attempts {
             let Some(payload) = body.take() else {
                 break;
             };
-            if attempt > 0 {
+            if attempt > 0 && !std::mem::take(&mut resend) {
                 self.router.metrics.retry(&rule.route.to_string());
                 tokio::time::sleep(jittered(backoff)).await;
                 backoff *= 2;
             }
+            attempt += 1;
             let Some(endpoint) = self.router.balancer.pick(endpoints, tried) else {
                 break;
             };
@@ -661,7 +671,7 @@ impl Session {
                     }
                     strip_hop_by_hop(resp.headers_mut(), false);
                     let resp = resp.map(|b| b.map_err(BoxError::from).boxed());
-                    if retryable && attempt + 1 < attempts {
+                    if retryable && attempt < attempts {
                         last = resp;
                         continue;
                     }
@@ -670,6 +680,10 @@ impl Session {
                 Err(Some(err)) => {
                     tracing::debug!(endpoint = %addr, %err, "request to an endpoint failed");
                     last = failure_response(Failure::Unavailable, grpc);
+                    if !resent && crate::l7::refused_unprocessed(&err) {
+                        (resend, resent) = (true, true);
+                        attempts += 1;
+                    }
                 }
                 Err(None) => {
                     last = failure_response(Failure::Timeout, grpc);
