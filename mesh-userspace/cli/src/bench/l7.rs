@@ -5,9 +5,9 @@
 //! (enrolled, no route), and the mesh at L7 (a route with a header rule and
 //! two weighted backends, an L7 allow policy at the destination). h2load
 //! measures the most requests/s over 64 connections, and the latency of
-//! every request at a fixed 1,000 and 5,000 requests/s (its per-request
-//! log: p50 and p99); the node daemons' CPU is read over the L7 runs at a
-//! fixed rate, their RSS at the end.
+//! every request at a fixed 1,000 and 5,000 requests/s from 10 independent
+//! clients (their per-request logs: p50 and p99); the node daemons' CPU is
+//! read over the L4 and L7 runs at a fixed rate, their RSS at the end.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -124,6 +124,7 @@ fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outc
     std::fs::write(&file, config_yaml(true, &client, &proxy, &servers, false))?;
     wait_for_certificates(lab, &["n0", "n1"])?;
     eprintln!("the mesh at L4 (no route)");
+    let mut cpu_l4 = Vec::new();
     // Each measurement opens at least one tunnel stream.
     on_path(
         lab,
@@ -133,11 +134,24 @@ fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outc
         "mesh L4",
         || {
             for (row, (_, _, _, vip, _)) in rows.iter_mut().zip(CASES) {
-                row.l4 = measure(lab, &client, row.protocol, &format!("{vip}:80"), opts, None)?;
+                row.l4 = measure(
+                    lab,
+                    &client,
+                    row.protocol,
+                    &format!("{vip}:80"),
+                    opts,
+                    Some((&mesh.nodes, &mut cpu_l4)),
+                )?;
             }
             Ok(())
         },
     )?;
+    if !cpu_l4.is_empty() {
+        eprintln!(
+            "the mesh at L4 used {:.3} cores per 1,000 requests/s (median; both daemons)",
+            median(cpu_l4.clone())
+        );
+    }
 
     std::fs::write(&file, config_yaml(true, &client, &proxy, &servers, true))?;
     wait_for_routes(lab, CASES.len())?;
@@ -295,6 +309,10 @@ fn measure(
         if let (Some(before), Some((d, cpu))) = (before, daemons.as_mut()) {
             let cores = (cpu_ticks(d)? - before) as f64 / 100.0 / f64::from(opts.seconds);
             cpu.push(cores / (rps / 1000.0));
+            eprintln!(
+                "    at {rate}/s: the daemons used {:.3} cores per 1,000 requests/s",
+                cores / (rps / 1000.0)
+            );
         }
         Ok((percentile(&latencies, 0.50), percentile(&latencies, 0.99)))
     };
@@ -314,9 +332,16 @@ fn measure(
     Ok(f)
 }
 
-/// One h2load run for `opts.seconds`: requests/s achieved, and with a
-/// per-client `rps`, every request's latency (microseconds, from its log).
-/// Fails on any failed request.
+/// One measurement for `opts.seconds`: requests/s achieved, and with a
+/// per-connection `rps`, every request's latency (microseconds, from the
+/// request logs). Fails on any failed request.
+///
+/// At a fixed rate each connection is its own h2load, started 1/rate s
+/// after the one before: h2load starts all of one process's clients' rate
+/// timers at once, so its 10 connections would send in bursts of 10 every
+/// 10 ms, and a burst's p50 is how long 10 requests take to drain rather
+/// than what one request costs. Independent clients are what a Service
+/// sees.
 fn h2load(
     lab: &Lab,
     client: &PodSpec,
@@ -326,25 +351,55 @@ fn h2load(
     connections: u32,
     rps: Option<u32>,
 ) -> anyhow::Result<(f64, Vec<f64>)> {
-    let log = lab.state_dir().join("h2load.log");
-    let _ = std::fs::remove_file(&log);
-    let mut cmd = Command::new("h2load");
-    cmd.args([
-        "-c",
-        &connections.to_string(),
-        "-D",
-        &opts.seconds.to_string(),
-    ]);
-    cmd.arg("--warm-up-time=1");
-    if protocol == "h1" {
-        cmd.arg("--h1");
+    let command = |clients: u32, log: Option<&Path>| {
+        let mut cmd = Command::new("h2load");
+        cmd.args(["-c", &clients.to_string(), "-D", &opts.seconds.to_string()]);
+        cmd.arg("--warm-up-time=1");
+        if protocol == "h1" {
+            cmd.arg("--h1");
+        }
+        if let (Some(rps), Some(log)) = (rps, log) {
+            cmd.arg(format!("--rps={rps}"));
+            cmd.arg(format!("--log-file={}", log.display()));
+        }
+        cmd.arg(format!("http://{target}/"));
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let Some(rps) = rps else {
+        let out = lab
+            .spawn_in_pod(client, command(connections, None))
+            .and_then(crate::lab::LabProcess::wait_with_output)
+            .context("running h2load")?;
+        return Ok((achieved(&out)?, Vec::new()));
+    };
+    let stagger = Duration::from_secs_f64(1.0 / f64::from(rps * connections));
+    let mut running = Vec::new();
+    for i in 0..connections {
+        let log = lab.state_dir().join(format!("h2load-{i}.log"));
+        let _ = std::fs::remove_file(&log);
+        running.push((
+            lab.spawn_in_pod(client, command(1, Some(&log)))
+                .context("starting h2load")?,
+            log,
+        ));
+        std::thread::sleep(stagger);
     }
-    if let Some(rps) = rps {
-        cmd.arg(format!("--rps={rps}"));
-        cmd.arg(format!("--log-file={}", log.display()));
+    let (mut total, mut latencies) = (0.0, Vec::new());
+    for (process, log) in running {
+        let out = process.wait_with_output().context("running h2load")?;
+        total += achieved(&out)?;
+        let l = request_log(&log).context("reading h2load's request log")?;
+        anyhow::ensure!(!l.is_empty(), "h2load logged no request");
+        latencies.extend(l);
     }
-    cmd.arg(format!("http://{target}/"));
-    let out = lab.run_in_pod(client, cmd).context("running h2load")?;
+    Ok((total, latencies))
+}
+
+/// The requests/s an h2load run achieved; an error unless every request
+/// succeeded.
+fn achieved(out: &std::process::Output) -> anyhow::Result<f64> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -367,8 +422,7 @@ fn h2load(
     if failed != Some(0) || succeeded.unwrap_or(0) == 0 {
         bail!("h2load: {requests} (every request must succeed)\n{text}");
     }
-    let achieved = text
-        .lines()
+    text.lines()
         .find_map(|l| {
             let rest = l.strip_prefix("finished in ")?;
             rest.split(", ")
@@ -377,15 +431,7 @@ fn h2load(
                 .parse::<f64>()
                 .ok()
         })
-        .with_context(|| format!("no req/s in h2load's output:\n{text}"))?;
-    let latencies = if rps.is_some() {
-        let l = request_log(&log).context("reading h2load's request log")?;
-        anyhow::ensure!(!l.is_empty(), "h2load logged no request");
-        l
-    } else {
-        Vec::new()
-    };
-    Ok((achieved, latencies))
+        .with_context(|| format!("no req/s in h2load's output:\n{text}"))
 }
 
 /// h2load's per-request log: start time, status, latency (microseconds),
