@@ -340,12 +340,13 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
         &["serve", &GREETER_PORT.to_string()],
         GREETER_PORT,
     );
-    // nginx over h2c, ending each connection after 30 requests (GOAWAY),
-    // as it does after 1,000 by default.
+    // nginx over h2c, answering with the host it was asked for, ending
+    // each connection after 30 requests (GOAWAY), as it does after 1,000 by
+    // default.
     let web1_pod = m.lab.pod("n1-p1").unwrap();
     let _h2web = m
         .lab
-        .start_h2c_server_closing_after(&web1_pod, H2C_PORT, "h2web", 30)
+        .start_h2c_server_closing_after(&web1_pod, H2C_PORT, "h2web $host", 30)
         .unwrap();
     let web1 = web1_pod.ip4().to_string();
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
@@ -435,6 +436,15 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
     );
     assert!(text.contains("Application protocol: h2c"), "{text}");
     assert_eq!(requests("n0", "h2web"), 200.0, "each routed once");
+    // Over HTTP/2 the pod sees the authority the client sent.
+    let out = curl(
+        &m,
+        "n0-p0",
+        &format!("http://{H2C_VIP}/"),
+        &["--http2-prior-knowledge", "-H", "host: shop.example"],
+    );
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(out.ends_with("\nh2web shop.example\n"), "{out}");
 
     // With an L7 policy at the destination: the refusal passes back through
     // the router as the client's PERMISSION_DENIED.

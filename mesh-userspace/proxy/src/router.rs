@@ -90,10 +90,132 @@ pub trait Dial: Send + Sync + 'static {
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// One pod's pooled clients, for HTTP/1.1 and for HTTP/2.
+/// One pod's pooled connections to endpoints: hyper-util's pool for
+/// HTTP/1.1 (keyed by the URI's authority, the endpoint), and for HTTP/2
+/// one multiplexed connection per endpoint ([`Http2Pool`]), so that the
+/// request's own `:authority` reaches the pod.
 struct Clients {
     http1: Client<Dialer, Body>,
-    http2: Client<Dialer, Body>,
+    http2: Http2Pool,
+}
+
+impl Clients {
+    /// Sends `req` to `endpoint` over a pooled connection of its version.
+    async fn send(
+        self: Arc<Self>,
+        endpoint: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        if req.version() == Version::HTTP_2 {
+            self.http2.send(endpoint, req).await
+        } else {
+            Ok(self.http1.request(req).await?)
+        }
+    }
+}
+
+/// An HTTP/2 connection per endpoint, opened on first use and again after
+/// the endpoint closed it; one unused for [`POOL_IDLE`] is let go (its
+/// connection ends once its last stream does).
+struct Http2Pool {
+    dialer: Dialer,
+    connections: Mutex<HashMap<SocketAddr, Pooled>>,
+    /// Numbers the connections, so that a request that failed on one lets
+    /// go of that one only, not of a newer one to the same endpoint.
+    opened: std::sync::atomic::AtomicU64,
+}
+
+struct Pooled {
+    send: hyper::client::conn::http2::SendRequest<Body>,
+    used: Instant,
+    id: u64,
+}
+
+impl Http2Pool {
+    /// Sends `req` over the endpoint's connection. One that is closing
+    /// (the endpoint sent GOAWAY) is let go: a request it handed back
+    /// unsent goes on a new one; one it refused unprocessed fails here and
+    /// is sent again by the router (see `Session::forward`).
+    async fn send(
+        &self,
+        endpoint: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let mut req = req;
+        for _ in 0..2 {
+            let (mut send, id) = self.connection(endpoint).await?;
+            match send.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut err) => {
+                    let unsent = err.take_message();
+                    let err = err.into_error();
+                    if unsent.is_some() || crate::l7::refused_unprocessed(&err) {
+                        self.let_go(endpoint, id);
+                    }
+                    match unsent {
+                        Some(unsent) => req = unsent,
+                        None => return Err(err.into()),
+                    }
+                }
+            }
+        }
+        Err("the endpoint closed two connections in a row before taking the request".into())
+    }
+
+    /// The pooled connection to `endpoint` and its number, or a new one.
+    async fn connection(
+        &self,
+        endpoint: SocketAddr,
+    ) -> Result<(hyper::client::conn::http2::SendRequest<Body>, u64), BoxError> {
+        let pooled = {
+            let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            conns.retain(|_, p| !p.send.is_closed() && now - p.used < POOL_IDLE);
+            conns.get_mut(&endpoint).map(|p| {
+                p.used = now;
+                (p.send.clone(), p.id)
+            })
+        };
+        if let Some(pooled) = pooled {
+            return Ok(pooled);
+        }
+        let io = Arc::clone(&self.dialer.dial)
+            .open(
+                Arc::clone(&self.dialer.source),
+                Arc::clone(&self.dialer.netns),
+                self.dialer.source_ip,
+                endpoint,
+            )
+            .await?;
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%endpoint, %err, "HTTP/2 connection to an endpoint ended");
+            }
+        });
+        let id = self
+            .opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pooled = Pooled {
+            send: send.clone(),
+            used: Instant::now(),
+            id,
+        };
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(endpoint, pooled);
+        Ok((send, id))
+    }
+
+    /// Forgets connection `id` to `endpoint`, if it is still the pooled one.
+    fn let_go(&self, endpoint: SocketAddr, id: u64) {
+        let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.get(&endpoint).is_some_and(|p| p.id == id) {
+            conns.remove(&endpoint);
+        }
+    }
 }
 
 /// The router's state: pooled clients per source pod, endpoint latencies,
@@ -134,13 +256,13 @@ impl Router {
             let mut h1 = Client::builder(TokioExecutor::new());
             h1.pool_timer(hyper_util::rt::TokioTimer::new())
                 .pool_idle_timeout(POOL_IDLE);
-            let mut h2 = Client::builder(TokioExecutor::new());
-            h2.pool_timer(hyper_util::rt::TokioTimer::new())
-                .pool_idle_timeout(POOL_IDLE)
-                .http2_only(true);
             Arc::new(Clients {
                 http1: h1.build(dialer.clone()),
-                http2: h2.build(dialer),
+                http2: Http2Pool {
+                    dialer,
+                    connections: Mutex::default(),
+                    opened: std::sync::atomic::AtomicU64::new(0),
+                },
             })
         }))
     }
@@ -640,12 +762,7 @@ impl Session {
             tried = Some(addr);
             let req = build_request(parts, endpoint.addr(), path, query, payload);
             let upgrade = req.headers().contains_key(header::UPGRADE);
-            let client = if parts.version == Version::HTTP_2 {
-                &self.clients.http2
-            } else {
-                &self.clients.http1
-            };
-            let sent = client.request(req);
+            let sent = Arc::clone(&self.clients).send(addr, req);
             let result = match rule.timeouts.backend_request {
                 Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| None),
                 None => Ok(sent.await),
@@ -680,7 +797,7 @@ impl Session {
                 Err(Some(err)) => {
                     tracing::debug!(endpoint = %addr, %err, "request to an endpoint failed");
                     last = failure_response(Failure::Unavailable, grpc);
-                    if !resent && crate::l7::refused_unprocessed(&err) {
+                    if !resent && crate::l7::refused_unprocessed(err.as_ref()) {
                         (resend, resent) = (true, true);
                         attempts += 1;
                     }
@@ -745,15 +862,11 @@ impl Session {
                 continue;
             };
             let req = build_request(parts, endpoint.addr(), path, query, full(bytes.clone()));
-            let client = if parts.version == Version::HTTP_2 {
-                self.clients.http2.clone()
-            } else {
-                self.clients.http1.clone()
-            };
+            let (clients, addr) = (Arc::clone(&self.clients), endpoint.addr());
             let metrics = self.router.metrics.clone();
             let name = format!("{}/{}", backend.namespace, backend.name);
             tokio::spawn(async move {
-                let ok = match client.request(req).await {
+                let ok = match clients.send(addr, req).await {
                     Ok(resp) => {
                         let _ = resp.into_body().collect().await;
                         true
@@ -779,9 +892,23 @@ fn build_request(
         Some(q) => format!("{path}?{q}"),
         None => path.to_owned(),
     };
+    let mut headers = parts.headers.clone();
+    // HTTP/1.1 goes by hyper-util's pool, keyed by the URI's authority: the
+    // endpoint (the Host header is sent as it is). HTTP/2 carries the
+    // authority in the URI: the client's (or a rewrite's Host), so the pod
+    // sees the name the client used; a Host header would clash.
+    let authority = if parts.version == Version::HTTP_2 {
+        headers
+            .remove(header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_owned))
+            .or_else(|| parts.uri.authority().map(ToString::to_string))
+            .unwrap_or_else(|| endpoint.to_string())
+    } else {
+        endpoint.to_string()
+    };
     let uri = Uri::builder()
         .scheme("http")
-        .authority(endpoint.to_string())
+        .authority(authority)
         .path_and_query(path_and_query)
         .build()
         .unwrap_or_else(|_| Uri::from_static("/"));
@@ -793,13 +920,8 @@ fn build_request(
     } else {
         Version::HTTP_11
     };
-    let mut headers = parts.headers.clone();
     let upgrade = parts.version != Version::HTTP_2 && headers.contains_key(header::UPGRADE);
     strip_hop_by_hop(&mut headers, upgrade);
-    if parts.version == Version::HTTP_2 {
-        // HTTP/2 carries the authority in the URI; a Host header would clash.
-        headers.remove(header::HOST);
-    }
     *req.headers_mut() = headers;
     req
 }
