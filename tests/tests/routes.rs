@@ -566,7 +566,7 @@ fn a_consumer_route_applies_only_to_its_namespaces_clients() {
 }
 
 #[test]
-fn matches_by_regular_expression_exact_path_query_and_method_on_the_bound_port_only() {
+fn matches_by_regular_expression_exact_path_header_query_and_method_on_the_bound_port_only() {
     let m = MeshLab::new();
     let _v1 = httpd(&m, "n1-p0", "web-v1");
     let web0 = m.lab.pod("n1-p0").unwrap().ip4().to_string();
@@ -585,8 +585,9 @@ fn matches_by_regular_expression_exact_path_query_and_method_on_the_bound_port_o
     m.config(
         "route.yaml",
         Some(&format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: front, namespace: shop}}\nspec:\n  parentRefs: [{{kind: Service, name: front, port: 80}}]\n  rules:\n{}{}{}{}{}",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: front, namespace: shop}}\nspec:\n  parentRefs: [{{kind: Service, name: front, port: 80}}]\n  rules:\n{}{}{}{}{}{}",
             rule("{path: {type: RegularExpression, value: \"/v[0-9]+/items\"}}", "regex"),
+            rule("{headers: [{type: RegularExpression, name: x-user, value: \"team-[a-z]+\"}]}", "header-regex"),
             rule("{path: {type: PathPrefix, value: /q}, queryParams: [{name: env, value: prod}]}", "query"),
             rule("{method: DELETE}", "method"),
             rule("{path: {type: Exact, value: /exact}}", "exact"),
@@ -594,7 +595,13 @@ fn matches_by_regular_expression_exact_path_query_and_method_on_the_bound_port_o
         )),
     );
     let rule_of = |method: &str, url: &str| -> String {
-        let out = curl(&m, "n0-p0", url, &["-X", method, "-o", "/dev/null"]);
+        let (url, user) = url.split_once(' ').unwrap_or((url, ""));
+        let header = format!("x-user: {user}");
+        let mut extra = vec!["-X", method, "-o", "/dev/null"];
+        if !user.is_empty() {
+            extra.extend(["-H", &header]);
+        }
+        let out = curl(&m, "n0-p0", url, &extra);
         out.lines()
             .find_map(|l| l.strip_prefix("x-rule: "))
             .unwrap_or("none")
@@ -616,6 +623,11 @@ fn matches_by_regular_expression_exact_path_query_and_method_on_the_bound_port_o
         ("DELETE", "/anything", "method"),
         ("GET", "/exact", "exact"),
         ("GET", "/exact/x", "default"),
+        // A header's regular expression matches its whole value.
+        ("GET", "/h team-shop", "header-regex"),
+        ("GET", "/h team-42", "default"),
+        ("GET", "/h my-team-shop", "default"),
+        ("GET", "/h", "default"),
     ] {
         assert_eq!(
             rule_of(method, &format!("{front}{path}")),
