@@ -257,12 +257,11 @@ fn start(
     let strict = workload.strict;
     let (listeners, plain, cookie) = lacewing_sys::os::in_netns(netns.as_fd(), || {
         let both = |port| {
-            let v4 =
-                std::net::TcpListener::bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
+            let v4 = lacewing_sys::net::listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
             let mut listeners = vec![v4];
             // IPv6 only where the pod has it.
             if let Ok(v6) =
-                std::net::TcpListener::bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port))
+                lacewing_sys::net::listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port))
             {
                 listeners.push(v6);
             }

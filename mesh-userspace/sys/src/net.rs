@@ -10,6 +10,27 @@ use tokio::net::{TcpSocket, TcpStream};
 /// sockets 1337.
 pub const BYPASS_MARK: u32 = mesh_common::names::BYPASS_MARK;
 
+/// The accept queue of the daemon's listeners in pods. std's 128 overflows
+/// when a pod opens thousands of connections at once (its handshakes are
+/// then dropped and retried with backoff, for up to a minute); the kernel
+/// caps it at the namespace's `net.core.somaxconn` (4,096 by default).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listening socket on `addr` (`SO_REUSEADDR`, as std's), with an accept
+/// queue of [`LISTEN_BACKLOG`]; opened in the calling thread's network
+/// namespace.
+pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// A TCP connection to `addr` that the capture programs do not redirect.
 pub async fn connect_bypass(addr: SocketAddr) -> std::io::Result<TcpStream> {
     connect_marked(addr, Some(BYPASS_MARK)).await
