@@ -46,6 +46,25 @@ pub fn run_in(lab: &Lab, pod: &PodSpec, program: &str, args: &[&str]) -> Output 
         .unwrap_or_else(|err| panic!("running {program} in {}: {err}", pod.name()))
 }
 
+/// Runs h2load in `pod` for `requests` requests with `args` (connections,
+/// streams, protocol, URL), asserts that every one succeeded with a 2xx,
+/// and returns its report.
+pub fn h2load_all_succeed(lab: &Lab, pod: &PodSpec, requests: u32, args: &[&str]) -> String {
+    let n = requests.to_string();
+    let mut all = vec!["-n", n.as_str()];
+    all.extend_from_slice(args);
+    let out = run_in(lab, pod, "h2load", &all);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "requests: {n} total, {n} started, {n} done, {n} succeeded, 0 failed, 0 errored, 0 timeout"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!("status codes: {n} 2xx")), "{text}");
+    text
+}
+
 /// GETs `url` from `pod` with curl; the body, or curl's error.
 pub fn curl(lab: &Lab, pod: &PodSpec, url: &str) -> Result<String, String> {
     let out = run_in(lab, pod, "curl", &["-sS", "--max-time", "5", url]);
