@@ -141,6 +141,7 @@ async fn connect(
         .map_err(|e| TunnelError::Handshake(dest.node, e))?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(super::STREAM_WINDOW)
+        .max_local_error_reset_streams(super::MAX_LOCAL_ERROR_RESETS)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
         .handshake(TokioIo::new(tls))
         .await

@@ -25,6 +25,13 @@ pub const COPY_BUFFER: usize = 64 << 10;
 /// which would stall the 201st connection between two pods' nodes). Flow
 /// control still bounds what they buffer: `CONNECTION_WINDOW` in all.
 pub const MAX_STREAMS: u32 = 1 << 16;
+/// Streams h2 may reset on its own (a peer's frame for a stream we already
+/// dropped, for one) before it ends the whole connection with
+/// `ENHANCE_YOUR_CALM`. h2 counts these over the connection's life, 1,024
+/// by default: a long-lived tunnel connection whose clients churn reached
+/// it and took every stream on it down. Tunnel peers are nodes proven by
+/// mutual TLS, so the count is effectively unbounded here.
+pub const MAX_LOCAL_ERROR_RESETS: usize = 1 << 30;
 
 /// Who opened a stream, as the destination node learns it.
 #[derive(Clone, Debug, PartialEq, Eq)]

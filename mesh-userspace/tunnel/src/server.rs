@@ -115,6 +115,7 @@ pub async fn serve(
                     .initial_stream_window_size(super::STREAM_WINDOW)
                     .initial_connection_window_size(super::CONNECTION_WINDOW)
                     .max_concurrent_streams(super::MAX_STREAMS)
+                    .max_local_error_reset_streams(super::MAX_LOCAL_ERROR_RESETS)
                     .serve_connection(TokioIo::new(&mut stream), service);
                 tokio::pin!(connection);
                 tokio::select! {
