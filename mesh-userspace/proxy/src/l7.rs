@@ -2,9 +2,9 @@
 //! conditions selects (methods, paths, headers): the destination's node
 //! reads each request (HTTP/1.1 or HTTP/2, told apart by the preface),
 //! decides it with the peer's proven identity, and either answers the
-//! refusal itself or passes the request to the pod over the one connection
-//! it holds to it. A refused request does not end the connection: the next
-//! one on it is decided again.
+//! refusal itself or passes the request to the pod over the connection it
+//! holds to it (one at a time per client connection). A refused request
+//! does not end the connection: the next one on it is decided again.
 //!
 //! The connection to the pod is the node's own: when the pod ends it (an
 //! nginx closes a keep-alive connection after `keepalive_requests`, an
