@@ -443,6 +443,60 @@ fn status(code: StatusCode) -> Response<Body> {
 mod tests {
     use super::*;
 
+    /// An error that carries another as its source, as hyper's and
+    /// hyper-util's carry h2's.
+    #[derive(Debug)]
+    struct Wrapped(h2::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("request failed")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn only_a_refused_stream_counts_as_unprocessed_wherever_it_is_in_the_chain() {
+        let refused = || h2::Error::from(h2::Reason::REFUSED_STREAM);
+        assert!(refused_unprocessed(&refused()));
+        assert!(refused_unprocessed(&Wrapped(refused())));
+        // A stream the server reset for another reason may have been
+        // processed: never sent twice.
+        for reason in [
+            h2::Reason::INTERNAL_ERROR,
+            h2::Reason::CANCEL,
+            h2::Reason::NO_ERROR,
+        ] {
+            assert!(
+                !refused_unprocessed(&Wrapped(h2::Error::from(reason))),
+                "{reason:?}"
+            );
+        }
+        assert!(!refused_unprocessed(&std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        )));
+    }
+
+    #[test]
+    fn a_bodiless_request_is_rebuilt_whole_for_a_second_try() {
+        let original = Request::get("http://shop.example/items?x=1")
+            .version(http::Version::HTTP_2)
+            .header("x-user", "team-shop")
+            .body(())
+            .unwrap();
+        let again = head_of(&original).request();
+        assert_eq!(again.method(), original.method());
+        assert_eq!(again.uri(), original.uri());
+        assert_eq!(again.version(), http::Version::HTTP_2);
+        assert_eq!(again.headers(), original.headers());
+        assert!(hyper::body::Body::is_end_stream(again.body()));
+    }
+
     fn refusal() -> Refusal {
         Refusal {
             status: 403,
