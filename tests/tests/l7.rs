@@ -85,11 +85,16 @@ fn an_l7_policy_refuses_a_delete_and_keeps_the_connection_for_the_next_get() {
     );
     let mut out = String::new();
     // A connection open when the policy lands is carried as bytes, and
-    // closed once the policy makes n1 decide its requests ("000" for the
-    // request it cut): such a round is tried again.
+    // closed once the policy makes n1 decide its requests: the request it
+    // cut fails ("000"), or curl opens another connection for the next one.
+    // Such a round spans the policy's arrival and is tried again; a round
+    // decided under the policy throughout opens one connection.
+    let denials = "lacewing_policy_denials_total{policy=\"shop/get-only\"}";
+    let mut before = 0.0;
     m.until("n1 decides requests by method", || {
+        before = m.metric("n1", denials);
         out = get_delete_get(&m, "n0-p0", &web0);
-        out.contains("403") && !out.contains("000")
+        out.contains("403") && !out.contains("000") && out.matches("connects=1").count() == 1
     });
     // Across nodes: GET answered, DELETE refused by name, the next GET
     // answered on the same connection (curl opened one).
@@ -102,11 +107,10 @@ fn an_l7_policy_refuses_a_delete_and_keeps_the_connection_for_the_next_get() {
     );
     assert_eq!(lines[lines.len() - 2], "403 connects=0", "{out}");
     assert_eq!(lines[lines.len() - 1], "200 connects=0", "{out}");
-    let denials = "lacewing_policy_denials_total{policy=\"shop/get-only\"}";
     assert_eq!(
-        m.metric("n1", denials),
+        m.metric("n1", denials) - before,
         1.0,
-        "the one refused request is counted"
+        "the round's one refused request is counted"
     );
     // An upgrade the policy allows (a GET) is switched by the pod and
     // carries bytes both ways through the tunnel.
@@ -130,7 +134,7 @@ fn an_l7_policy_refuses_a_delete_and_keeps_the_connection_for_the_next_get() {
     );
     assert_eq!(lines[lines.len() - 2], "403 connects=0", "{out}");
     assert_eq!(lines[lines.len() - 1], "200 connects=0", "{out}");
-    assert_eq!(m.metric("n1", denials), 2.0);
+    assert_eq!(m.metric("n1", denials) - before, 2.0);
 }
 
 const GRPC_PORT: u16 = 50051;

@@ -113,7 +113,16 @@ struct Connection {
     client_watch: Option<Arc<Watch>>,
     /// The current connection to the pod. Held across a request on
     /// HTTP/1.1 (one request at a time), only to clone the sender on HTTP/2.
-    upstream: tokio::sync::Mutex<Option<Upstream>>,
+    upstream: tokio::sync::Mutex<Slot>,
+}
+
+/// The connection to the pod, if one is open, and how many were opened: a
+/// request that failed on connection `n` lets go of that one only, not of a
+/// newer one another request opened meanwhile.
+#[derive(Default)]
+struct Slot {
+    current: Option<Upstream>,
+    opened: u64,
 }
 
 /// Serves the HTTP of `client` (a tunnel stream, or a same-node app's
@@ -152,7 +161,7 @@ where
         pod: Mutex::new(Some(pod)),
         from_pod: Arc::clone(&from_pod),
         client_watch,
-        upstream: tokio::sync::Mutex::new(None),
+        upstream: tokio::sync::Mutex::default(),
     });
     let service = hyper::service::service_fn(move |req| {
         let connection = Arc::clone(&connection);
@@ -260,28 +269,28 @@ impl Connection {
         let replay = hyper::body::Body::is_end_stream(req.body()).then(|| head_of(&req));
         let mut req = req.map(http_body_util::BodyExt::boxed);
         for _ in 0..3 {
-            let sent = if http2 {
-                let mut send = {
-                    let mut current = self.upstream.lock().await;
-                    match self.open(&mut current, true).await? {
-                        Upstream::Http2(send) => send.clone(),
-                        Upstream::Http1(_) => return Err(ForwardError::ProtocolChanged),
+            let (sent, used) = if http2 {
+                let (mut send, used) = {
+                    let mut slot = self.upstream.lock().await;
+                    match self.open(&mut slot, true).await? {
+                        (Upstream::Http2(send), used) => (send.clone(), used),
+                        (Upstream::Http1(_), _) => return Err(ForwardError::ProtocolChanged),
                     }
                 };
-                send.try_send_request(req).await
+                (send.try_send_request(req).await, used)
             } else {
                 // One request at a time on HTTP/1.1: the lock is held
                 // until the response head arrives.
-                let mut current = self.upstream.lock().await;
-                let Upstream::Http1(send) = self.open(&mut current, false).await? else {
+                let mut slot = self.upstream.lock().await;
+                let (Upstream::Http1(send), used) = self.open(&mut slot, false).await? else {
                     return Err(ForwardError::ProtocolChanged);
                 };
                 if send.ready().await.is_err() {
                     // Closed between the check and the request: unsent.
-                    *current = None;
+                    slot.current = None;
                     continue;
                 }
-                send.try_send_request(req).await
+                (send.try_send_request(req).await, used)
             };
             let mut err = match sent {
                 Ok(resp) => return Ok(resp),
@@ -292,23 +301,28 @@ impl Connection {
                 (None, Some(head)) if refused_unprocessed(err.error()) => head.request(),
                 (None, _) => return Err(err.into_error().into()),
             };
+            // The connection is closing (GOAWAY): the next try opens another.
+            let mut slot = self.upstream.lock().await;
+            if slot.opened == used {
+                slot.current = None;
+            }
             tracing::debug!(dest = %self.dest, error = %err.error(), "the pod's connection closed; sending again on another");
         }
         Err(ForwardError::PodConnectionLost)
     }
 
-    /// The open connection to the pod in `current`, or a new one: the
-    /// pod's first socket, then a new connection each time the pod closed
-    /// the last.
+    /// The open connection to the pod in `slot` and its number, or a new
+    /// one: the pod's first socket, then a new connection each time the pod
+    /// closed the last.
     async fn open<'a>(
         &self,
-        current: &'a mut Option<Upstream>,
+        slot: &'a mut Slot,
         http2: bool,
-    ) -> Result<&'a mut Upstream, ForwardError> {
-        if current.as_ref().is_some_and(Upstream::is_closed) {
-            *current = None;
+    ) -> Result<(&'a mut Upstream, u64), ForwardError> {
+        if slot.current.as_ref().is_some_and(Upstream::is_closed) {
+            slot.current = None;
         }
-        if current.is_none() {
+        if slot.current.is_none() {
             let first = self.pod.lock().unwrap_or_else(|p| p.into_inner()).take();
             let pod = match first {
                 Some(pod) => pod,
@@ -319,7 +333,7 @@ impl Connection {
                 }
             };
             let io = TokioIo::new(pod);
-            *current = Some(if http2 {
+            slot.current = Some(if http2 {
                 let (send, conn) =
                     hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
                 tokio::spawn(conn);
@@ -329,8 +343,10 @@ impl Connection {
                 tokio::spawn(conn.with_upgrades());
                 Upstream::Http1(send)
             });
+            slot.opened += 1;
         }
-        Ok(current.as_mut().expect("set above"))
+        let opened = slot.opened;
+        Ok((slot.current.as_mut().expect("set above"), opened))
     }
 }
 

@@ -119,11 +119,21 @@ impl Clients {
 /// connection ends once its last stream does).
 struct Http2Pool {
     dialer: Dialer,
-    connections: Mutex<HashMap<SocketAddr, Pooled>>,
+    connections: Mutex<Connections>,
     /// Numbers the connections, so that a request that failed on one lets
     /// go of that one only, not of a newer one to the same endpoint.
     opened: std::sync::atomic::AtomicU64,
 }
+
+/// The pool's connections, and when idle and closed ones were last let go
+/// (a sweep over every endpoint, at most once per [`SWEEP_EVERY`], not on
+/// every request).
+struct Connections {
+    by_endpoint: HashMap<SocketAddr, Pooled>,
+    swept: Instant,
+}
+
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 struct Pooled {
     send: hyper::client::conn::http2::SendRequest<Body>,
@@ -170,11 +180,20 @@ impl Http2Pool {
         let pooled = {
             let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            conns.retain(|_, p| !p.send.is_closed() && now - p.used < POOL_IDLE);
-            conns.get_mut(&endpoint).map(|p| {
-                p.used = now;
-                (p.send.clone(), p.id)
-            })
+            if now - conns.swept >= SWEEP_EVERY {
+                conns.swept = now;
+                conns
+                    .by_endpoint
+                    .retain(|_, p| !p.send.is_closed() && now - p.used < POOL_IDLE);
+            }
+            conns
+                .by_endpoint
+                .get_mut(&endpoint)
+                .filter(|p| !p.send.is_closed())
+                .map(|p| {
+                    p.used = now;
+                    (p.send.clone(), p.id)
+                })
         };
         if let Some(pooled) = pooled {
             return Ok(pooled);
@@ -205,6 +224,7 @@ impl Http2Pool {
         self.connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .by_endpoint
             .insert(endpoint, pooled);
         Ok((send, id))
     }
@@ -212,8 +232,8 @@ impl Http2Pool {
     /// Forgets connection `id` to `endpoint`, if it is still the pooled one.
     fn let_go(&self, endpoint: SocketAddr, id: u64) {
         let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        if conns.get(&endpoint).is_some_and(|p| p.id == id) {
-            conns.remove(&endpoint);
+        if conns.by_endpoint.get(&endpoint).is_some_and(|p| p.id == id) {
+            conns.by_endpoint.remove(&endpoint);
         }
     }
 }
@@ -260,7 +280,10 @@ impl Router {
                 http1: h1.build(dialer.clone()),
                 http2: Http2Pool {
                     dialer,
-                    connections: Mutex::default(),
+                    connections: Mutex::new(Connections {
+                        by_endpoint: HashMap::new(),
+                        swept: Instant::now(),
+                    }),
                     opened: std::sync::atomic::AtomicU64::new(0),
                 },
             })
