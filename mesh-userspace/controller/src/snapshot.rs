@@ -11,6 +11,7 @@ use lacewing_core::model::{
     authorization::Policy,
     routes::AcceptedRoute,
     services::ServiceEntry,
+    traffic::AcceptedTraffic,
     workloads::{PeerEntry, Workload, by_node, peers},
 };
 use lacewing_core::proto::{self, pb};
@@ -37,6 +38,9 @@ pub struct Snapshot {
     pub policies: Vec<Policy>,
     /// Accepted HTTPRoutes (every node gets all: any node may run a client).
     pub routes: Vec<AcceptedRoute>,
+    /// Accepted TrafficPolicies (every node gets all: a client's node and
+    /// a destination's both act on them).
+    pub traffic: Vec<AcceptedTraffic>,
     /// The services' delta from the version before this one, computed once
     /// and sent to every node that has that version (nearly all of them).
     pub from_previous: Option<Arc<pb::ConfigUpdate>>,
@@ -62,6 +66,7 @@ impl Snapshot {
             peers,
             policies: declared.policies,
             routes: declared.routes,
+            traffic: declared.traffic,
             from_previous: None,
         }
     }
@@ -85,6 +90,7 @@ impl Snapshot {
             && p.peers == next.peers
             && p.policies == next.policies
             && p.routes == next.routes
+            && p.traffic == next.traffic
         {
             return None;
         }
@@ -140,6 +146,8 @@ impl Snapshot {
             policies: self.policies.iter().map(proto::policy_of).collect(),
             routes_replaced: true,
             routes: self.routes.iter().map(proto::route_of).collect(),
+            traffic_replaced: true,
+            traffic_policies: self.traffic.iter().map(proto::traffic_of).collect(),
             ..Default::default()
         }
     }
@@ -187,6 +195,12 @@ impl Snapshot {
                 Vec::new()
             } else {
                 self.routes.iter().map(proto::route_of).collect()
+            },
+            traffic_replaced: base.traffic != self.traffic,
+            traffic_policies: if base.traffic == self.traffic {
+                Vec::new()
+            } else {
+                self.traffic.iter().map(proto::traffic_of).collect()
             },
             ..Default::default()
         }
@@ -290,6 +304,7 @@ mod tests {
             nodes: BTreeMap::new(),
             policies: Vec::new(),
             routes: Vec::new(),
+            traffic: Vec::new(),
         }
     }
 

@@ -6,6 +6,7 @@ pub mod authorization;
 pub mod k8s;
 pub mod routes;
 pub mod services;
+pub mod traffic;
 pub mod workloads;
 
 /// Everything the mesh is told, from whatever source.
@@ -19,4 +20,6 @@ pub struct Declared {
     pub policies: Vec<authorization::Policy>,
     /// Accepted HTTPRoutes.
     pub routes: Vec<routes::AcceptedRoute>,
+    /// Accepted TrafficPolicies.
+    pub traffic: Vec<traffic::AcceptedTraffic>,
 }

@@ -7,6 +7,7 @@ use crate::model::{
     authorization::Policy,
     routes::AcceptedRoute,
     services::{Algorithm, AppProtocol, BackendEntry, Protocol, ServiceEntry},
+    traffic::AcceptedTraffic,
     workloads::{PeerEntry, Workload},
 };
 
@@ -209,6 +210,23 @@ pub fn route_from(r: &pb::Route) -> Result<AcceptedRoute, BadMessage> {
         created: r.created,
         spec: serde_json::from_str(&r.spec_json)
             .map_err(|e| BadMessage(format!("route {}/{}: {e}", r.namespace, r.name)))?,
+    })
+}
+
+pub fn traffic_of(t: &AcceptedTraffic) -> pb::TrafficPolicy {
+    pb::TrafficPolicy {
+        namespace: t.namespace.clone(),
+        name: t.name.clone(),
+        spec_json: serde_json::to_string(&t.spec).expect("a policy spec serializes"),
+    }
+}
+
+pub fn traffic_from(t: &pb::TrafficPolicy) -> Result<AcceptedTraffic, BadMessage> {
+    Ok(AcceptedTraffic {
+        namespace: t.namespace.clone(),
+        name: t.name.clone(),
+        spec: serde_json::from_str(&t.spec_json)
+            .map_err(|e| BadMessage(format!("traffic policy {}/{}: {e}", t.namespace, t.name)))?,
     })
 }
 

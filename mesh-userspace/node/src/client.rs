@@ -218,7 +218,7 @@ fn apply(
     }
     // Workloads are checked before the maps change, so a bad one changes nothing.
     let mut workloads = dest.workloads.next(update, dest.node)?;
-    let table = RouteTable::build(workloads.routes(), next.values());
+    let table = RouteTable::build(workloads.routes(), workloads.traffic(), next.values());
     let set = ServiceSet {
         services: next.values().cloned().collect(),
     };

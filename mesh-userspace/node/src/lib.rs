@@ -110,6 +110,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         splice_off.switched_off.clone(),
     );
     let local_workloads = Arc::new(workloads::LocalWorkloads::default());
+    let outliers = Arc::new(lacewing_proxy::router::resilience::Outliers::default());
     let identities = Arc::new(identity::Identities::default());
     let shown = (
         Arc::clone(&local_workloads),
@@ -124,7 +125,23 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         })),
         routes: Some(Box::new({
             let workloads = Arc::clone(&local_workloads);
-            move || serde_json::to_string_pretty(&workloads.routes().describe()).unwrap_or_default()
+            let outliers = Arc::clone(&outliers);
+            move || {
+                let ejected: Vec<_> = outliers
+                    .ejected()
+                    .into_iter()
+                    .map(|(service, e)| {
+                        let why = format!(
+                            "ejected {}x, back in {}s",
+                            e.ejections,
+                            e.remaining.as_secs_f64().ceil()
+                        );
+                        (service, e.endpoint, why)
+                    })
+                    .collect();
+                serde_json::to_string_pretty(&workloads.routes().describe(&ejected))
+                    .unwrap_or_default()
+            }
         })),
     });
     let server = lacewing_sys::http::serve(config.metrics_addr, Arc::clone(&endpoint))
@@ -166,6 +183,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
                     splice_off,
                     captured_pods: metrics.captured_pods.clone(),
                     connections,
+                    outliers,
                 },
                 &drain,
             )
@@ -231,6 +249,7 @@ async fn start_mesh(
         splice_off,
         captured_pods,
         connections,
+        outliers,
     } = parts;
     let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)?;
     let roots = tunnel::tls::roots(&ca)?;
@@ -241,6 +260,7 @@ async fn start_mesh(
             roots,
             tunnel_mark: Some(lacewing_sys::net::BYPASS_MARK),
             certificate_wait: config.certificate_wait,
+            outliers,
         },
         Arc::new(view::NodeView {
             workloads: Arc::clone(&local_workloads),
@@ -308,6 +328,7 @@ struct MeshParts {
     splice_off: Arc<splice::SpliceOff>,
     captured_pods: prometheus_client::metrics::gauge::Gauge,
     connections: Arc<lacewing_proxy::registry::Registry>,
+    outliers: Arc<lacewing_proxy::router::resilience::Outliers>,
 }
 
 /// The running mesh: its proxy (and registry), the tunnel server, and the

@@ -15,6 +15,7 @@ use std::net::IpAddr;
 use lacewing_core::model::{
     authorization::Policy,
     routes::{AcceptedRoute, RouteTable},
+    traffic::AcceptedTraffic,
     workloads::{PeerEntry, Workload},
 };
 use lacewing_core::proto::{self, pb};
@@ -43,6 +44,8 @@ pub struct State {
     policies: Arc<Vec<Policy>>,
     /// Accepted HTTPRoutes, as sent.
     routes: Arc<Vec<AcceptedRoute>>,
+    /// Accepted TrafficPolicies, as sent.
+    traffic: Arc<Vec<AcceptedTraffic>>,
     /// The routes over the services, by frontend: built by the caller of
     /// [`LocalWorkloads::next`], which holds the services.
     pub table: Arc<RouteTable>,
@@ -75,6 +78,11 @@ impl State {
     /// The HTTPRoutes of this state.
     pub fn routes(&self) -> &[AcceptedRoute] {
         &self.routes
+    }
+
+    /// The TrafficPolicies of this state.
+    pub fn traffic(&self) -> &[AcceptedTraffic] {
+        &self.traffic
     }
 }
 
@@ -119,6 +127,15 @@ impl LocalWorkloads {
                     .routes
                     .iter()
                     .map(proto::route_from)
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+        if update.traffic_replaced {
+            next.traffic = Arc::new(
+                update
+                    .traffic_policies
+                    .iter()
+                    .map(proto::traffic_from)
                     .collect::<Result<_, _>>()?,
             );
         }

@@ -69,6 +69,7 @@ pub fn proxy(state: Arc<Fixed>, certificate_wait: Duration) -> Proxy {
             roots: Arc::new(rustls::RootCertStore::empty()),
             tunnel_mark: None,
             certificate_wait,
+            outliers: Arc::default(),
         },
         state,
         Arc::new(Plain),

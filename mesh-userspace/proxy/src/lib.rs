@@ -56,6 +56,9 @@ pub struct ProxyConfig {
     pub tunnel_mark: Option<u32>,
     /// How long a new pod's first connection waits for its certificate.
     pub certificate_wait: Duration,
+    /// The router's outlier detection state (shared with what shows the
+    /// ejected endpoints).
+    pub outliers: Arc<router::resilience::Outliers>,
 }
 
 /// The composed services, sharing one registry.
@@ -95,7 +98,7 @@ impl Proxy {
             trust_domain: config.trust_domain,
             metrics: metrics.clone(),
             certificate_wait: config.certificate_wait,
-            router: Arc::new(router::Router::new(requests)),
+            router: Arc::new(router::Router::new(requests, config.outliers)),
         });
         Self {
             inbound,

@@ -31,6 +31,10 @@ pub struct RequestLabels {
     pub route: String,
     pub code: String,
     pub grpc_status: String,
+    /// What the mesh did besides carrying it (`fault_abort`,
+    /// `fault_delay`, `circuit_open`, `timeout`, ...): empty when it only
+    /// carried it.
+    pub mesh_flag: &'static str,
 }
 
 impl RequestLabels {
@@ -42,6 +46,7 @@ impl RequestLabels {
         route: &str,
         code: u16,
         grpc_status: &str,
+        mesh_flag: &'static str,
     ) -> Self {
         Self {
             direction: "outbound",
@@ -53,6 +58,7 @@ impl RequestLabels {
             route: route.to_owned(),
             code: code.to_string(),
             grpc_status: grpc_status.to_owned(),
+            mesh_flag,
         }
     }
 
@@ -74,8 +80,15 @@ impl RequestLabels {
             route: String::new(),
             code: code.to_string(),
             grpc_status: grpc_status.to_owned(),
+            mesh_flag: "",
         }
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub destination_service: String,
+    pub event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,6 +120,7 @@ pub struct RequestMetrics {
     timeouts: Family<RouteLabels, Counter>,
     mirrored: Family<MirrorLabels, Counter>,
     fallbacks: Family<FallbackLabels, Counter>,
+    events: Family<EventLabels, Counter>,
 }
 
 impl Default for RequestMetrics {
@@ -118,6 +132,7 @@ impl Default for RequestMetrics {
             timeouts: Family::default(),
             mirrored: Family::default(),
             fallbacks: Family::default(),
+            events: Family::default(),
         }
     }
 }
@@ -155,7 +170,21 @@ impl RequestMetrics {
             "Connections to a routed Service carried at L4 instead, by reason (not_http: the first bytes were not HTTP; silent: nothing sent in time, as a server-first protocol)",
             m.fallbacks.clone(),
         );
+        registry.register(
+            "lacewing_traffic_policy_events",
+            "What TrafficPolicies did at this node, by destination Service: fault_abort, fault_delay (injected faults), circuit_open (requests the circuit breaker refused), ejection (endpoints outlier detection ejected), retry_budget_exhausted (retries the budget did not allow)",
+            m.events.clone(),
+        );
         m
+    }
+
+    pub fn event(&self, service: &str, event: &'static str) {
+        self.events
+            .get_or_create(&EventLabels {
+                destination_service: service.to_owned(),
+                event,
+            })
+            .inc();
     }
 
     pub fn fallback(&self, reason: &'static str) {

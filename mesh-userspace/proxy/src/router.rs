@@ -18,6 +18,7 @@
 //! in HTTP form to others, each with `x-lacewing-error` saying why.
 
 pub mod balance;
+pub mod resilience;
 
 use std::{
     collections::HashMap,
@@ -43,10 +44,11 @@ use hyper_util::{
 };
 use lacewing_core::model::{
     routes::{
-        self as model, Filter, Frontend, RequestView, RouteTable, Rule, modify_headers,
+        self as model, Filter, Frontend, RequestView, RouteTable, Rule, ServiceId, modify_headers,
         redirect_location, rewrite_path,
     },
     services::BackendEntry,
+    traffic::{AbortAnswer, Balance, ServicePolicy},
     workloads::Workload,
 };
 use tokio::{
@@ -205,9 +207,12 @@ impl Http2Pool {
                 self.dialer.source_ip,
                 endpoint,
             )
-            .await?;
+            .await
+            .map_err(|e| ConnectFailed(e.into()))?;
         let (send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .map_err(|e| ConnectFailed(e.into()))?;
         tokio::spawn(async move {
             if let Err(err) = conn.await {
                 tracing::debug!(%endpoint, %err, "HTTP/2 connection to an endpoint ended");
@@ -238,19 +243,54 @@ impl Http2Pool {
     }
 }
 
+/// A connection to an endpoint could not be opened (nothing was sent).
+#[derive(Debug)]
+struct ConnectFailed(BoxError);
+
+impl std::fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "could not connect: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConnectFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+/// Whether `err` is a failure to connect (the request never left).
+fn connect_failed(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<ConnectFailed>().is_some()
+        || err
+            .downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+}
+
 /// The router's state: pooled clients per source pod, endpoint latencies,
-/// request metrics.
+/// what TrafficPolicies keep per Service, request metrics.
 pub struct Router {
     clients: Mutex<HashMap<String, Arc<Clients>>>,
     pub balancer: balance::Balancer,
+    pub outliers: Arc<resilience::Outliers>,
+    breakers: resilience::Breakers,
+    budgets: resilience::Budgets,
     pub metrics: crate::metrics::RequestMetrics,
 }
 
 impl Router {
-    pub fn new(metrics: crate::metrics::RequestMetrics) -> Self {
+    /// A router whose ejected endpoints are kept in `outliers` (shared with
+    /// what shows them).
+    pub fn new(
+        metrics: crate::metrics::RequestMetrics,
+        outliers: Arc<resilience::Outliers>,
+    ) -> Self {
         Self {
             clients: Mutex::default(),
             balancer: balance::Balancer::default(),
+            outliers,
+            breakers: resilience::Breakers::default(),
+            budgets: resilience::Budgets::default(),
             metrics,
         }
     }
@@ -454,13 +494,17 @@ pub enum Failure {
     NoBackend,
     Timeout,
     Unavailable,
+    /// A TrafficPolicy's circuit breaker refused it.
+    CircuitOpen,
 }
 
 impl Failure {
     fn status(self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::NoBackend | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoBackend | Self::Unavailable | Self::CircuitOpen => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -469,7 +513,7 @@ impl Failure {
     fn grpc(self) -> &'static str {
         match self {
             Self::NoRoute => "12",
-            Self::NoBackend | Self::Unavailable => "14",
+            Self::NoBackend | Self::Unavailable | Self::CircuitOpen => "14",
             Self::Timeout => "4",
         }
     }
@@ -480,6 +524,7 @@ impl Failure {
             Self::NoBackend => "no_backend",
             Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
+            Self::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -621,30 +666,116 @@ impl ReqBody {
     }
 }
 
+/// What the mesh did to a request besides carrying it, for the metrics'
+/// `mesh_flag` label (so an injected fault is never taken for a real
+/// failure).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Flag {
+    #[default]
+    None,
+    FaultAbort,
+    FaultDelay,
+    CircuitOpen,
+    /// The mesh answered it itself for another reason ([`Failure`]).
+    Failed(Failure),
+}
+
+impl Flag {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::None => "",
+            Self::FaultAbort => "fault_abort",
+            Self::FaultDelay => "fault_delay",
+            Self::CircuitOpen => "circuit_open",
+            Self::Failed(f) => f.reason(),
+        }
+    }
+}
+
+/// One request's answer, and what the metrics say about it.
+struct Routed {
+    resp: Response<Body>,
+    /// The route that chose it (`namespace/name`), or empty.
+    route: String,
+    flag: Flag,
+    /// The circuit breaker's count of it, held until the response ends.
+    held: Option<resilience::Admitted>,
+}
+
+/// How one request is retried: by its rule's `retry` or by its Service's
+/// TrafficPolicy (a rule's own settings win).
+struct RetryPlan<'a> {
+    /// Tries after the first.
+    attempts: u32,
+    on: Retryable<'a>,
+    backoff: Duration,
+    max_backoff: Duration,
+    budget: Option<resilience::RetryBudget>,
+}
+
+enum Retryable<'a> {
+    /// An HTTPRoute rule's codes; connection errors too (Gateway API).
+    Codes(&'a [u16]),
+    Policy(&'a lacewing_core::model::traffic::RetryOn),
+}
+
+impl Retryable<'_> {
+    fn answer(&self, status: u16, grpc: Option<u16>) -> bool {
+        match self {
+            Self::Codes(codes) => codes.contains(&status),
+            Self::Policy(on) => on.answer(status, grpc),
+        }
+    }
+
+    fn error(&self, connect: bool) -> bool {
+        match self {
+            Self::Codes(_) => true,
+            Self::Policy(on) if connect => on.connect(),
+            Self::Policy(on) => on.no_answer(),
+        }
+    }
+}
+
+/// The budget when a rule retries and no TrafficPolicy sets one.
+const DEFAULT_BUDGET: lacewing_core::model::traffic::Budget =
+    lacewing_core::model::traffic::Budget {
+        percent: lacewing_core::model::traffic::DEFAULT_BUDGET_PERCENT / 100.0,
+        min_per_second: lacewing_core::model::traffic::DEFAULT_BUDGET_MIN_PER_SECOND,
+        ttl: lacewing_core::model::traffic::DEFAULT_BUDGET_TTL,
+    };
+
 impl Session {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let grpc = is_grpc(req.headers());
-        let (resp, route) = self.route(req, grpc).await;
+        let Routed {
+            resp,
+            route,
+            flag,
+            held,
+        } = self.route(req, grpc).await;
         // Counted when the response ends: a gRPC status comes in the
         // trailers (or, for an error without a body, in the headers).
         let code = resp.status().as_u16();
         let session = Arc::clone(&self);
         crate::metrics::observe(resp, move |grpc_status| {
+            // The request is in flight (for the circuit breaker) until its
+            // response ends.
+            drop(held);
             let labels = RequestLabels::outbound(
                 &session.source,
                 &session.frontend,
                 &route,
                 code,
                 grpc_status,
+                flag.label(),
             );
             session.router.metrics.record(&labels, started.elapsed());
         })
     }
 
-    /// The response to one request, and the route (`namespace/name`, or
-    /// empty) that chose it.
-    async fn route(&self, req: Request<Incoming>, grpc: bool) -> (Response<Body>, String) {
+    /// The answer to one request.
+    async fn route(&self, req: Request<Incoming>, grpc: bool) -> Routed {
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().map(str::to_owned);
@@ -658,10 +789,21 @@ impl Session {
                 headers: &parts.headers,
             },
         );
+        let answered = |resp, route, flag| Routed {
+            resp,
+            route,
+            flag,
+            held: None,
+        };
         let Some((rule, matched)) = selected else {
-            return (failure_response(Failure::NoRoute, grpc), String::new());
+            return answered(
+                failure_response(Failure::NoRoute, grpc),
+                String::new(),
+                Flag::Failed(Failure::NoRoute),
+            );
         };
         let route = rule.route.to_string();
+        let policy = self.frontend.policy.as_deref();
         let mut response_modifiers = Vec::new();
         let mut mirrors = Vec::new();
         let mut path = path;
@@ -680,7 +822,7 @@ impl Session {
                     if let Ok(v) = HeaderValue::from_str(&location) {
                         resp.headers_mut().insert(header::LOCATION, v);
                     }
-                    return (resp, route);
+                    return answered(resp, route, Flag::None);
                 }
                 Filter::Rewrite {
                     hostname,
@@ -698,7 +840,33 @@ impl Session {
                 Filter::Mirror { backend, fraction } => mirrors.push((backend.clone(), *fraction)),
             }
         }
-        let deadline = request_deadline(rule, &parts.headers);
+        let mut flag = Flag::None;
+        if let Some(fault) = policy.and_then(|p| p.fault) {
+            let service = self.service_label();
+            if let Some((share, delay)) = fault.delay
+                && fastrand::f64() < share
+            {
+                self.router.metrics.event(&service, "fault_delay");
+                tokio::time::sleep(delay).await;
+                flag = Flag::FaultDelay;
+            }
+            if let Some(abort) = fault.abort
+                && fastrand::f64() < abort.share
+            {
+                self.router.metrics.event(&service, "fault_abort");
+                return answered(fault_response(abort.answer, grpc), route, Flag::FaultAbort);
+            }
+        }
+        // A rule's own timeout wins (`0s` there: none), else the policy's.
+        let deadline = request_deadline(
+            rule.timeouts
+                .request
+                .map_or(policy.and_then(|p| p.timeout), |d| {
+                    (!d.is_zero()).then_some(d)
+                }),
+            &parts.headers,
+        );
+        let retries = rule.retry.is_some() || policy.is_some_and(|p| p.retry.is_some());
         // Kept only when a retry or a mirror may send it again: otherwise
         // it streams through (a streaming gRPC call must not wait for its
         // end).
@@ -706,79 +874,201 @@ impl Session {
             // Nothing to keep: replayable for free (an endpoint that
             // refuses it unprocessed gets it again, see `forward`).
             ReqBody::Buffered(Bytes::new())
-        } else if rule.retry.is_some() || !mirrors.is_empty() {
+        } else if retries || !mirrors.is_empty() {
             ReqBody::read(body).await
         } else {
             ReqBody::Stream(body.map_err(BoxError::from).boxed())
         };
         let forwarded = async {
             self.mirror(&mirrors, &parts, &path, query.as_deref(), &body);
-            self.forward(rule, &mut parts, &path, query.as_deref(), &mut body, grpc)
-                .await
+            self.forward(
+                rule,
+                policy,
+                &mut parts,
+                &path,
+                query.as_deref(),
+                &mut body,
+                grpc,
+            )
+            .await
         };
-        let mut resp = match deadline {
+        let mut routed = match deadline {
             Some(limit) => match tokio::time::timeout(limit, forwarded).await {
-                Ok(resp) => resp,
+                Ok(routed) => routed,
                 Err(_) => {
                     self.router.metrics.timeout(&route);
-                    failure_response(Failure::Timeout, grpc)
+                    answered(
+                        failure_response(Failure::Timeout, grpc),
+                        String::new(),
+                        Flag::Failed(Failure::Timeout),
+                    )
                 }
             },
             None => forwarded.await,
         };
         for m in &response_modifiers {
-            modify_headers(resp.headers_mut(), m);
+            modify_headers(routed.resp.headers_mut(), m);
         }
-        (resp, route)
+        routed.route = route;
+        if routed.flag == Flag::None {
+            routed.flag = flag;
+        }
+        routed
     }
 
-    /// Sends the request to a backend of `rule`, retrying as the rule says.
+    /// `namespace/name` of the Service dialled.
+    fn service_label(&self) -> String {
+        format!("{}/{}", self.frontend.service.0, self.frontend.service.1)
+    }
+
+    /// How `rule` (or else `policy`) retries a request to `service`.
+    fn retry_plan<'a>(
+        &self,
+        rule: &'a Rule,
+        policy: Option<&'a ServicePolicy>,
+        service: &ServiceId,
+    ) -> Option<RetryPlan<'a>> {
+        let policy_retry = policy.and_then(|p| p.retry.as_ref());
+        let budget = policy_retry.map_or(DEFAULT_BUDGET, |r| r.budget);
+        let plan = match (&rule.retry, policy_retry) {
+            (Some(r), _) => RetryPlan {
+                attempts: r.attempts,
+                on: Retryable::Codes(&r.codes),
+                backoff: r.backoff,
+                max_backoff: r.backoff.saturating_mul(1 << r.attempts.min(16)),
+                budget: None,
+            },
+            (None, Some(p)) => RetryPlan {
+                attempts: p.attempts,
+                on: Retryable::Policy(&p.on),
+                backoff: p.backoff,
+                max_backoff: p.max_backoff,
+                budget: None,
+            },
+            (None, None) => return None,
+        };
+        Some(RetryPlan {
+            budget: Some(self.router.budgets.request(service, &budget)),
+            ..plan
+        })
+    }
+
+    /// Sends the request to a backend of `rule`, retrying as the rule (or
+    /// else the policy) says, under the backend Service's circuit breaker,
+    /// outlier detection and balancing.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one request's parts, each used once"
+    )]
     async fn forward(
         &self,
         rule: &Rule,
+        policy: Option<&ServicePolicy>,
         parts: &mut http::request::Parts,
         path: &str,
         query: Option<&str>,
         body: &mut ReqBody,
         grpc: bool,
-    ) -> Response<Body> {
+    ) -> Routed {
+        let answered = |resp, flag| Routed {
+            resp,
+            route: String::new(),
+            flag,
+            held: None,
+        };
         let Some(backend) = pick_backend(&rule.backends) else {
             // Gateway API: no backend (or every weight 0) is a 500.
             let mut resp = Response::new(full("no backend\n"));
             *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-            return resp;
+            return answered(resp, Flag::Failed(Failure::NoBackend));
         };
         let service = (backend.namespace.clone(), backend.name.clone());
         let port = backend.port.unwrap_or(self.frontend.port);
-        let endpoints = self.table.endpoints(&service, port);
-        if endpoints.is_empty() {
-            return failure_response(Failure::NoBackend, grpc);
+        let all_endpoints = self.table.endpoints(&service, port);
+        if all_endpoints.is_empty() {
+            return answered(
+                failure_response(Failure::NoBackend, grpc),
+                Flag::Failed(Failure::NoBackend),
+            );
         }
+        // The backend Service's own policy: its breaker, outlier detection
+        // and balancing apply to its endpoints whoever routed there.
+        let target = self.table.policy(&service, port).map(Arc::as_ref);
+        let held = match target.and_then(|p| p.breaker) {
+            None => None,
+            Some(limits) => {
+                let http1 = parts.version != Version::HTTP_2;
+                match self.router.breakers.admit(&service, &limits, http1).await {
+                    Ok(admitted) => Some(admitted),
+                    Err(_) => {
+                        self.router
+                            .metrics
+                            .event(&format!("{}/{}", service.0, service.1), "circuit_open");
+                        return answered(
+                            failure_response(Failure::CircuitOpen, grpc),
+                            Flag::CircuitOpen,
+                        );
+                    }
+                }
+            }
+        };
+        let outlier = target.and_then(|p| p.outlier);
+        let endpoints = match outlier {
+            Some(_) => {
+                std::borrow::Cow::Owned(self.router.outliers.healthy(&service, all_endpoints))
+            }
+            None => std::borrow::Cow::Borrowed(all_endpoints),
+        };
+        let hash_key = target.and_then(|p| hash_key(&p.balance, &parts.headers));
+        let choice = match (target.map(|p| &p.balance), &hash_key) {
+            (_, Some(key)) => balance::Choice::Hash(key.as_bytes()),
+            (Some(Balance::RoundRobin), None) => balance::Choice::RoundRobin(&service),
+            _ => balance::Choice::PeakEwma,
+        };
         for f in &backend.filters {
             if let Filter::RequestHeaders(m) = f {
                 modify_headers(&mut parts.headers, m);
             }
         }
-        let mut attempts = rule.retry.as_ref().map_or(0, |r| r.attempts) + 1;
-        let mut backoff = rule.retry.as_ref().map_or(Duration::ZERO, |r| r.backoff);
+        let plan = self.retry_plan(rule, policy, &service);
+        let per_try = rule.timeouts.backend_request.or_else(|| {
+            if rule.retry.is_some() {
+                None
+            } else {
+                policy
+                    .and_then(|p| p.retry.as_ref())
+                    .and_then(|r| r.per_try_timeout)
+            }
+        });
+        let mut attempts = plan.as_ref().map_or(0, |p| p.attempts) + 1;
+        let mut backoff = plan.as_ref().map_or(Duration::ZERO, |p| p.backoff);
         let mut tried = None;
         let mut last = failure_response(Failure::Unavailable, grpc);
+        let mut last_flag = Flag::Failed(Failure::Unavailable);
         // A request an endpoint refused unprocessed (its HTTP/2 server was
         // closing the connection) is sent again at once, once, and is no
         // retry: the pooled connection closed under it, nothing failed.
         let (mut resend, mut resent) = (false, false);
         let mut attempt = 0;
         while attempt < attempts {
+            if attempt > 0 && !std::mem::take(&mut resend) {
+                let plan = plan.as_ref().expect("only a plan makes attempts");
+                if plan.budget.as_ref().is_some_and(|b| !b.withdraw()) {
+                    self.router.metrics.event(
+                        &format!("{}/{}", service.0, service.1),
+                        "retry_budget_exhausted",
+                    );
+                    break;
+                }
+                self.router.metrics.retry(&rule.route.to_string());
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = (backoff * 2).min(plan.max_backoff);
+            }
             let Some(payload) = body.take() else {
                 break;
             };
-            if attempt > 0 && !std::mem::take(&mut resend) {
-                self.router.metrics.retry(&rule.route.to_string());
-                tokio::time::sleep(jittered(backoff)).await;
-                backoff *= 2;
-            }
             attempt += 1;
-            let Some(endpoint) = self.router.balancer.pick(endpoints, tried) else {
+            let Some(endpoint) = self.router.balancer.choose(&endpoints, tried, choice) else {
                 break;
             };
             let addr = endpoint.addr();
@@ -786,7 +1076,7 @@ impl Session {
             let req = build_request(parts, endpoint.addr(), path, query, payload);
             let upgrade = req.headers().contains_key(header::UPGRADE);
             let sent = Arc::clone(&self.clients).send(addr, req);
-            let result = match rule.timeouts.backend_request {
+            let result = match per_try {
                 Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| None),
                 None => Ok(sent.await),
             };
@@ -798,39 +1088,78 @@ impl Session {
             // A 5xx counts as a failure too: an endpoint that fails fast
             // must not win the latency comparison (and take every request).
             endpoint.done(matches!(&outcome, Ok(r) if !r.status().is_server_error()));
+            if let Some(config) = &outlier {
+                let health = match &outcome {
+                    Ok(r) => resilience::Outcome::of_status(r.status().as_u16()),
+                    Err(_) => resilience::Outcome::GatewayError,
+                };
+                if self
+                    .router
+                    .outliers
+                    .record(&service, config, addr, health, all_endpoints.len())
+                {
+                    self.router
+                        .metrics
+                        .event(&format!("{}/{}", service.0, service.1), "ejection");
+                }
+            }
             match outcome {
                 Ok(resp) => {
-                    let retryable = rule
-                        .retry
+                    let grpc_status = resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok());
+                    let retryable = plan
                         .as_ref()
-                        .is_some_and(|r| r.codes.contains(&resp.status().as_u16()));
+                        .is_some_and(|p| p.on.answer(resp.status().as_u16(), grpc_status));
                     let mut resp = resp;
                     if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         // The caller's side is spliced by `splice_upgrade`.
-                        return self.upgraded(parts, resp);
+                        return Routed {
+                            held,
+                            ..answered(self.upgraded(parts, resp), Flag::None)
+                        };
                     }
                     strip_hop_by_hop(resp.headers_mut(), false);
                     let resp = resp.map(|b| b.map_err(BoxError::from).boxed());
                     if retryable && attempt < attempts {
                         last = resp;
+                        last_flag = Flag::None;
                         continue;
                     }
-                    return resp;
+                    return Routed {
+                        held,
+                        ..answered(resp, Flag::None)
+                    };
                 }
                 Err(Some(err)) => {
                     tracing::debug!(endpoint = %addr, %err, "request to an endpoint failed");
                     last = failure_response(Failure::Unavailable, grpc);
+                    last_flag = Flag::Failed(Failure::Unavailable);
                     if !resent && crate::l7::refused_unprocessed(err.as_ref()) {
                         (resend, resent) = (true, true);
                         attempts += 1;
+                    } else if !plan
+                        .as_ref()
+                        .is_some_and(|p| p.on.error(connect_failed(err.as_ref())))
+                    {
+                        break;
                     }
                 }
                 Err(None) => {
                     last = failure_response(Failure::Timeout, grpc);
+                    last_flag = Flag::Failed(Failure::Timeout);
+                    if !plan.as_ref().is_some_and(|p| p.on.error(false)) {
+                        break;
+                    }
                 }
             }
         }
-        last
+        Routed {
+            held,
+            ..answered(last, last_flag)
+        }
     }
 
     /// A `101` from the endpoint: the client's upgraded stream and the
@@ -973,10 +1302,9 @@ fn weighted<T>(items: &[T], weight: impl Fn(&T) -> u64) -> Option<&T> {
     })
 }
 
-/// The deadline of a request: the rule's `timeouts.request` (`0s`: none),
-/// and a gRPC client's `grpc-timeout`, whichever is sooner.
-fn request_deadline(rule: &Rule, headers: &HeaderMap) -> Option<Duration> {
-    let route = rule.timeouts.request.filter(|d| !d.is_zero());
+/// The deadline of a request: its route's (or policy's) timeout and a gRPC
+/// client's `grpc-timeout`, whichever is sooner.
+fn request_deadline(route: Option<Duration>, headers: &HeaderMap) -> Option<Duration> {
     let grpc = headers
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
@@ -1003,6 +1331,84 @@ pub fn grpc_timeout(text: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// The key a consistent-hash policy balances a request on, if it has one.
+fn hash_key(balance: &Balance, headers: &HeaderMap) -> Option<String> {
+    match balance {
+        Balance::Header(name) => headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        Balance::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name).then(|| v.to_owned())
+            }),
+        Balance::PeakEwma | Balance::RoundRobin => None,
+    }
+}
+
+/// An injected abort: the policy's HTTP status (in gRPC form to a gRPC
+/// client: the code gRPC maps the status to) or gRPC code (in HTTP form to
+/// others: the status gRPC's gateways map it to).
+fn fault_response(answer: AbortAnswer, grpc: bool) -> Response<Body> {
+    let (status, code) = match answer {
+        AbortAnswer::Http(s) => (s, grpc_code_of_http(s)),
+        AbortAnswer::Grpc(c) => (http_of_grpc_code(c), c),
+    };
+    let mut resp = if grpc {
+        let mut r = Response::new(full(Bytes::new()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        r.headers_mut()
+            .insert("grpc-status", HeaderValue::from(code));
+        r.headers_mut()
+            .insert("grpc-message", HeaderValue::from_static("fault_abort"));
+        r
+    } else {
+        let mut r = Response::new(full("fault_abort\n"));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        r
+    };
+    resp.headers_mut()
+        .insert(ERROR_HEADER, HeaderValue::from_static("fault_abort"));
+    resp
+}
+
+/// gRPC's mapping of an HTTP status to a code (its HTTP-to-gRPC doc).
+fn grpc_code_of_http(status: u16) -> u16 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    }
+}
+
+/// The HTTP status for a gRPC code (as gRPC gateways answer it).
+fn http_of_grpc_code(code: u16) -> u16 {
+    match code {
+        3 | 9 | 11 => 400,
+        16 => 401,
+        7 => 403,
+        5 => 404,
+        6 | 10 => 409,
+        8 => 429,
+        1 => 499,
+        12 => 501,
+        14 => 503,
+        4 => 504,
+        _ => 500,
+    }
 }
 
 /// `d` plus up to half of it again, so retries of many clients spread out.

@@ -18,9 +18,12 @@ pub fn render(routes: &serde_json::Value) -> String {
     }
     for f in frontends {
         out.push_str(&format!(
-            "{} ({})\n",
+            "{} ({}){}\n",
             f["frontend"].as_str().unwrap_or("?"),
-            f["service"].as_str().unwrap_or("?")
+            f["service"].as_str().unwrap_or("?"),
+            f["policy"]
+                .as_str()
+                .map_or(String::new(), |p| format!(" TrafficPolicy {p}"))
         ));
         for r in f["rules"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
             let mut extra = Vec::new();
@@ -51,9 +54,13 @@ pub fn render(routes: &serde_json::Value) -> String {
                     .map(|e| e.iter().filter_map(|x| x.as_str()).collect())
                     .unwrap_or_default();
                 out.push_str(&format!(
-                    "    -> {} weight {}: {}\n",
+                    "    -> {} weight {}, {}{}: {}\n",
                     b["service"].as_str().unwrap_or("?"),
                     b["weight"],
+                    b["balance"].as_str().unwrap_or("PeakEwma"),
+                    b["policy"]
+                        .as_str()
+                        .map_or(String::new(), |p| format!(" (TrafficPolicy {p})")),
                     if endpoints.is_empty() {
                         "no ready endpoint (503)".to_owned()
                     } else {

@@ -491,11 +491,31 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
     let mut verdicts = Vec::new();
     let mut authorization = Vec::new();
     let mut routes = Vec::new();
+    let mut traffic: Vec<super::traffic::AcceptedTraffic> = Vec::new();
     let mut mesh_config = None;
-    for doc in parts.iter().flat_map(|p| p.policies.iter()) {
-        let verdict = policies::judge(doc, |s: &ServiceName| {
+    // Of two TrafficPolicies for one Service port, the one whose
+    // `namespace/name` sorts first applies; the other is `Conflicted`.
+    let mut docs: Vec<&PolicyDoc> = parts.iter().flat_map(|p| p.policies.iter()).collect();
+    docs.sort_by(|a, b| a.object.cmp(&b.object));
+    let mut targeted: BTreeMap<(String, String, Option<u16>), String> = BTreeMap::new();
+    for doc in docs {
+        let mut verdict = policies::judge(doc, |s: &ServiceName| {
             known.contains(&(s.namespace.as_str(), s.name.as_str()))
         });
+        if let (None, Some(t)) = (verdict.rejection(), &doc.traffic) {
+            let key = (
+                t.namespace.clone(),
+                t.spec.target_ref.name.clone(),
+                t.spec.target_ref.port,
+            );
+            match targeted.get(&key) {
+                Some(first) => policies::conflict(&mut verdict, first),
+                None => {
+                    targeted.insert(key, doc.object.to_string());
+                    traffic.push((**t).clone());
+                }
+            }
+        }
         // Only accepted policies reach the nodes.
         if let (None, Some(spec)) = (verdict.rejection(), &doc.authorization) {
             authorization.push(super::authorization::Policy {
@@ -549,6 +569,7 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
             set.services.extend(entries);
         }
     }
+    apply_kernel_choices(&mut set, &traffic);
     set.validate()?;
     Ok(Translation {
         declared: Declared {
@@ -557,9 +578,45 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
             nodes,
             policies: authorization,
             routes,
+            traffic,
         },
         verdicts,
     })
+}
+
+/// The kernel's algorithm and ClientIP affinity of each Service port a
+/// TrafficPolicy names them for (over the Service's annotations and
+/// `sessionAffinity`): a policy for one port wins over one for all.
+fn apply_kernel_choices(set: &mut ServiceSet, traffic: &[super::traffic::AcceptedTraffic]) {
+    for entry in &mut set.services {
+        let Some((ns, rest)) = entry.name.split_once('/') else {
+            continue;
+        };
+        // `namespace/name:port`, the port by name when it has one: the
+        // policy names the Service port by number.
+        let name = rest.rsplit_once(':').map_or(rest, |(n, _)| n);
+        let port = Some(entry.frontend.port());
+        let applies = |t: &&super::traffic::AcceptedTraffic| {
+            t.namespace == ns && t.spec.target_ref.name == name
+        };
+        let chosen = traffic
+            .iter()
+            .filter(applies)
+            .find(|t| t.spec.target_ref.port.is_some() && t.spec.target_ref.port == port)
+            .or_else(|| {
+                traffic
+                    .iter()
+                    .filter(applies)
+                    .find(|t| t.spec.target_ref.port.is_none())
+            });
+        let Some(t) = chosen else { continue };
+        if let Some(algorithm) = super::traffic::ServicePolicy::kernel_algorithm(&t.spec) {
+            entry.algorithm = algorithm;
+        }
+        if let Some(a) = &t.spec.session_affinity {
+            entry.affinity_timeout_s = a.client_ip_timeout_seconds;
+        }
+    }
 }
 
 fn translate(svc: &Service, slices: &[&EndpointSlice]) -> Result<Vec<ServiceEntry>, K8sError> {

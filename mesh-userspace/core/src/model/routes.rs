@@ -80,13 +80,18 @@ pub struct Frontend {
     /// What the port says it speaks (`Http`: no need to read its first
     /// bytes to tell).
     pub app_protocol: crate::model::services::AppProtocol,
+    /// The Service port's TrafficPolicy: its timeout, retries and faults
+    /// apply to requests to this frontend (a rule's own settings win).
+    pub policy: Option<std::sync::Arc<super::traffic::ServicePolicy>>,
 }
 
-/// What a node routes by: the frontends with routes, and the endpoints of
-/// every TCP Service port (what `backendRefs` name).
+/// What a node routes by: the frontends with routes (an HTTPRoute, or a
+/// TrafficPolicy that acts per request), the endpoints of every TCP Service
+/// port (what `backendRefs` name), and the TrafficPolicies by Service.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     frontends: std::collections::HashMap<std::net::SocketAddr, Frontend>,
+    policies: super::traffic::PolicyTable,
     /// By Service, then port: looked up per request without copying the
     /// Service's name.
     endpoints: std::collections::HashMap<
@@ -96,10 +101,14 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// The table for `routes` over `services` (their entries name them
-    /// `namespace/name:port`).
+    /// The table for `routes` and `traffic` policies over `services` (their
+    /// entries name them `namespace/name:port`). A Service port with no
+    /// route whose policy acts per request gets one rule that sends every
+    /// request to the Service itself (Gateway API's behaviour without a
+    /// route), so the policy applies to it.
     pub fn build<'a>(
         routes: &[AcceptedRoute],
+        traffic: &[super::traffic::AcceptedTraffic],
         services: impl IntoIterator<Item = &'a crate::model::services::ServiceEntry>,
     ) -> Self {
         let by_service: std::collections::BTreeMap<ServiceId, std::sync::Arc<ServiceRoutes>> =
@@ -107,7 +116,10 @@ impl RouteTable {
                 .into_iter()
                 .map(|(k, v)| (k, std::sync::Arc::new(v)))
                 .collect();
-        let mut out = Self::default();
+        let mut out = Self {
+            policies: super::traffic::PolicyTable::build(traffic),
+            ..Self::default()
+        };
         for entry in services {
             if entry.protocol != crate::model::services::Protocol::Tcp {
                 continue;
@@ -116,9 +128,16 @@ impl RouteTable {
                 continue;
             };
             let port = port.unwrap_or(entry.frontend.port());
+            let policy = out.policies.get(&service, port).cloned();
+            let routes = match by_service.get(&service) {
+                Some(routes) if routes.binds_port(port) => Some(std::sync::Arc::clone(routes)),
+                _ => policy
+                    .as_ref()
+                    .filter(|p| p.needs_requests())
+                    .map(|_| std::sync::Arc::new(ServiceRoutes::to_itself(&service, port))),
+            };
             // A port that says it is not HTTP is never routed.
-            if let Some(routes) = by_service.get(&service)
-                && routes.binds_port(port)
+            if let Some(routes) = routes
                 && entry.app_protocol != crate::model::services::AppProtocol::Opaque
             {
                 out.frontends.insert(
@@ -126,8 +145,9 @@ impl RouteTable {
                     Frontend {
                         service: service.clone(),
                         port,
-                        routes: std::sync::Arc::clone(routes),
+                        routes,
                         app_protocol: entry.app_protocol,
+                        policy,
                     },
                 );
             }
@@ -152,6 +172,15 @@ impl RouteTable {
     /// The routes of the frontend `addr` dialled, if it has any.
     pub fn frontend(&self, addr: std::net::SocketAddr) -> Option<&Frontend> {
         self.frontends.get(&addr)
+    }
+
+    /// The TrafficPolicy of a Service port, if any.
+    pub fn policy(
+        &self,
+        service: &ServiceId,
+        port: u16,
+    ) -> Option<&std::sync::Arc<super::traffic::ServicePolicy>> {
+        self.policies.get(service, port)
     }
 
     /// Every routed frontend.
@@ -214,8 +243,13 @@ impl std::fmt::Display for Match {
 
 impl RouteTable {
     /// What a node routes by, for `lacewing routes`: each frontend with
-    /// its rules (in precedence order) and their backends' endpoints.
-    pub fn describe(&self) -> serde_json::Value {
+    /// its rules (in precedence order), its TrafficPolicy and how requests
+    /// are balanced, and their backends' endpoints (`ejected`: those
+    /// outlier detection took out, with what to show about each).
+    pub fn describe(
+        &self,
+        ejected: &[(ServiceId, std::net::SocketAddr, String)],
+    ) -> serde_json::Value {
         let mut frontends: Vec<_> = self.frontends.iter().collect();
         frontends.sort_by_key(|(addr, _)| **addr);
         let list: Vec<serde_json::Value> = frontends
@@ -237,8 +271,17 @@ impl RouteTable {
                                     "endpoints": self
                                         .endpoints(&service, port)
                                         .iter()
-                                        .map(|e| e.addr.to_string())
+                                        .map(|e| {
+                                            match ejected.iter().find(|(s, a, _)| *s == service && *a == e.addr) {
+                                                Some((_, _, why)) => format!("{} ({why})", e.addr),
+                                                None => e.addr.to_string(),
+                                            }
+                                        })
                                         .collect::<Vec<_>>(),
+                                    "policy": self.policy(&service, port).map(|p| p.policy.clone()),
+                                    "balance": self
+                                        .policy(&service, port)
+                                        .map_or("PeakEwma".to_owned(), |p| p.balance.to_string()),
                                 })
                             })
                             .collect();
@@ -257,6 +300,7 @@ impl RouteTable {
                 serde_json::json!({
                     "frontend": addr.to_string(),
                     "service": format!("{}/{}:{}", f.service.0, f.service.1, f.port),
+                    "policy": f.policy.as_ref().map(|p| p.policy.clone()),
                     "rules": rules,
                 })
             })
@@ -273,7 +317,12 @@ pub struct RouteId {
 }
 
 impl std::fmt::Display for RouteId {
+    /// `namespace/name`; empty for the rule a Service without routes gets
+    /// ([`ServiceRoutes::to_itself`]): no route chose it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.name.is_empty() {
+            return Ok(());
+        }
         write!(f, "{}/{}", self.namespace, self.name)
     }
 }
@@ -945,6 +994,43 @@ impl ServiceRoutes {
         }
         let rules = &self.rules;
         self.order.sort_by(|a, b| precedence(rules, a, b));
+    }
+
+    /// One rule, for every request to `port` from every client: to the
+    /// Service itself (a Service with a per-request TrafficPolicy and no
+    /// route).
+    pub fn to_itself(service: &ServiceId, port: u16) -> Self {
+        let mut routes = Self::default();
+        routes.add(
+            vec![Rule {
+                route: RouteId {
+                    namespace: service.0.clone(),
+                    name: String::new(),
+                },
+                index: 0,
+                name: None,
+                matches: vec![Match {
+                    path: PathMatch::Prefix("/".to_owned()),
+                    headers: Vec::new(),
+                    query: Vec::new(),
+                    method: None,
+                }],
+                filters: Vec::new(),
+                backends: vec![Backend {
+                    namespace: service.0.clone(),
+                    name: service.1.clone(),
+                    port: Some(port),
+                    weight: 1,
+                    filters: Vec::new(),
+                }],
+                timeouts: Timeouts::default(),
+                retry: None,
+            }],
+            Some(port),
+            None,
+            0,
+        );
+        routes
     }
 
     /// Whether any route binds `port` (for some clients).

@@ -38,6 +38,8 @@ pub fn assemble(
             head.policies.extend(piece.policies);
             head.routes_replaced |= piece.routes_replaced;
             head.routes.extend(piece.routes);
+            head.traffic_replaced |= piece.traffic_replaced;
+            head.traffic_policies.extend(piece.traffic_policies);
             head.partial = piece.partial;
             head
         }
@@ -108,6 +110,12 @@ pub fn split(mut update: pb::ConfigUpdate) -> Vec<pb::ConfigUpdate> {
             } else {
                 Vec::new()
             },
+            traffic_replaced: last && update.traffic_replaced,
+            traffic_policies: if last {
+                std::mem::take(&mut update.traffic_policies)
+            } else {
+                Vec::new()
+            },
             partial: !last,
         });
     }
@@ -137,6 +145,8 @@ mod tests {
             policies: vec![pb::Policy::default()],
             routes_replaced: true,
             routes: vec![pb::Route::default()],
+            traffic_replaced: true,
+            traffic_policies: vec![pb::TrafficPolicy::default()],
             partial: false,
         };
         let pieces = split(update.clone());

@@ -68,6 +68,8 @@ pub struct PolicyDoc {
     pub mesh_config: Option<crate::api::mesh_config::MeshConfigSpec>,
     /// An HTTPRoute, which nodes apply once accepted.
     pub route: Option<Box<crate::model::routes::AcceptedRoute>>,
+    /// A TrafficPolicy, which nodes apply once accepted.
+    pub traffic: Option<Box<crate::model::traffic::AcceptedTraffic>>,
     /// Fields set that the data path does not act on yet (`spec.timeout`):
     /// the object is not accepted while it has any, so its status never
     /// claims what no node does.
@@ -156,6 +158,7 @@ pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
         authorization: None,
         mesh_config: None,
         route: None,
+        traffic: None,
         unsupported: Vec::new(),
     };
     match policy {
@@ -178,7 +181,16 @@ pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
                 namespace: d.object.namespace.clone().unwrap_or_default(),
                 name: p.spec.target_ref.name.clone(),
             });
+            let namespace = d.object.namespace.clone().unwrap_or_default();
+            if let Err(e) = crate::model::traffic::compile(&namespace, &d.object.name, &p.spec) {
+                d.invalid = Some(("Invalid", format!("{}: {e}", d.object)));
+            }
             d.unsupported = unsupported_traffic(&p.spec);
+            d.traffic = Some(Box::new(crate::model::traffic::AcceptedTraffic {
+                namespace,
+                name: d.object.name.clone(),
+                spec: p.spec,
+            }));
             d
         }
         Policy::Mesh(m) => {
@@ -263,22 +275,26 @@ pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
 /// on yet.
 pub const UNSUPPORTED: &str = "Unsupported";
 
-/// The TrafficPolicy fields set beyond its target: none is enforced yet.
+/// The TrafficPolicy fields set that no node enforces yet.
 fn unsupported_traffic(spec: &crate::api::traffic::TrafficPolicySpec) -> Vec<String> {
-    [
-        ("spec.timeout", spec.timeout.is_some()),
-        ("spec.retries", spec.retries.is_some()),
-        ("spec.circuitBreaker", spec.circuit_breaker.is_some()),
-        ("spec.outlierDetection", spec.outlier_detection.is_some()),
-        ("spec.rateLimit", spec.rate_limit.is_some()),
-        ("spec.fault", spec.fault.is_some()),
-        ("spec.loadBalancer", spec.load_balancer.is_some()),
-        ("spec.sessionAffinity", spec.session_affinity.is_some()),
-    ]
-    .into_iter()
-    .filter(|(_, set)| *set)
-    .map(|(field, _)| field.to_owned())
-    .collect()
+    [("spec.rateLimit", spec.rate_limit.is_some())]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(field, _)| field.to_owned())
+        .collect()
+}
+
+/// Marks `verdict` (a TrafficPolicy) not accepted: `first` already applies
+/// to the same Service port.
+pub fn conflict(verdict: &mut Verdict, first: &str) {
+    if let Some(c) = verdict.conditions.iter_mut().find(|c| c.type_ == ACCEPTED) {
+        c.status = "False".to_owned();
+        c.reason = "Conflicted".to_owned();
+        c.message = format!(
+            "{}: {first} already applies to the same Service port; one TrafficPolicy applies per port (the first by namespace/name)",
+            verdict.object
+        );
+    }
 }
 
 /// The verdict on `doc` given whether each Service exists.

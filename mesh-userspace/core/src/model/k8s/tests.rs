@@ -140,8 +140,8 @@ fn policies_and_routes_may_only_name_services_that_exist() {
 fn fields_no_node_acts_on_yet_are_rejected_as_unsupported_naming_them() {
     let cases = [
         (
-            "apiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: tp, namespace: shop}\nspec: {targetRef: {name: web}, timeout: 5s, retries: {attempts: 2}}\n",
-            "TrafficPolicy shop/tp: spec.timeout, spec.retries not enforced by the data path yet; it is not applied until those fields are removed (Accepted: False, reason Unsupported)",
+            "apiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: tp, namespace: shop}\nspec: {targetRef: {name: web}, timeout: 5s, rateLimit: {requestsPerSecond: 10}}\n",
+            "TrafficPolicy shop/tp: spec.rateLimit not enforced by the data path yet; it is not applied until that field is removed (Accepted: False, reason Unsupported)",
         ),
         (
             "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {trustDomain: example.org, mtlsMode: Strict}\n",
@@ -159,6 +159,51 @@ fn fields_no_node_acts_on_yet_are_rejected_as_unsupported_naming_them() {
     // So are HTTPRoutes' rules (routed per request, at the source).
     let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80, weight: 90}]}]}\n";
     assert!(parse(&format!("{WEB}---\n{route}")).is_ok());
+}
+
+#[test]
+fn traffic_policies_are_checked_one_per_port_and_set_the_kernel_s_algorithm() {
+    let tp = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{targetRef: {{name: web}}, {spec}}}\n"
+        )
+    };
+    let err = parse(&format!(
+        "{WEB}---\n{}",
+        tp("bad", "retries: {attempts: 2, perTryTimeout: soon}")
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("TrafficPolicy shop/bad: spec.retries.perTryTimeout: `soon` is not a duration such as 500ms, 10s or 1m30s (Accepted: False, reason Invalid)"),
+        "{err}"
+    );
+    let err = parse(&format!(
+        "{WEB}---\n{}---\n{}",
+        tp("b", "timeout: 1s"),
+        tp("a", "timeout: 2s")
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(
+            "TrafficPolicy shop/b: TrafficPolicy shop/a already applies to the same Service port"
+        ) && err.contains("reason Conflicted"),
+        "{err}"
+    );
+    let set = parse(&format!(
+        "{WEB}---\n{}",
+        tp("maglev", "loadBalancer: {algorithm: Maglev, maglevTableSize: 251}, sessionAffinity: {clientIpTimeoutSeconds: 60}")
+    ))
+    .unwrap();
+    let entry = &set.services[0];
+    assert_eq!(
+        (entry.algorithm, entry.affinity_timeout_s),
+        (
+            crate::model::services::Algorithm::Maglev { table_size: 251 },
+            60
+        )
+    );
 }
 
 #[test]
