@@ -203,18 +203,29 @@ impl MeshLab {
 
     /// `tool`'s output in `pod`; panics with its stderr if it failed.
     pub fn run_tool(&self, pod: &str, tool_name: &str, args: &[&str]) -> String {
+        self.try_run_tool(pod, tool_name, args)
+            .unwrap_or_else(|err| panic!("{tool_name} {args:?} in {pod}: {err}"))
+    }
+
+    /// `tool`'s output in `pod`, or its stderr if it failed (while a
+    /// configuration is on its way).
+    pub fn try_run_tool(
+        &self,
+        pod: &str,
+        tool_name: &str,
+        args: &[&str],
+    ) -> Result<String, String> {
         let mut cmd = Command::new(PYTHON);
         cmd.arg(tool(tool_name)).args(args);
         let out = self
             .lab
             .run_in_pod(&self.lab.pod(pod).unwrap(), cmd)
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{tool_name} {args:?} in {pod}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     /// Entries in `node`'s two splice sockhashes, as bpftool lists them.

@@ -232,7 +232,7 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
         1.0
     );
     // Every request counted at the source, by status.
-    let ok = "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/front\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/front\",code=\"200\",grpc_status=\"\"}";
+    let ok = "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/front\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/front\",code=\"200\",grpc_status=\"\",mesh_flag=\"\"}";
     assert!(m.metric("n0", ok) >= 522.0, "{}", m.metric("n0", ok));
 
     // The CLI lists the frontend's rules in Gateway API's precedence order
@@ -354,7 +354,7 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
     let requests = |node: &str, service: &str| {
         m.metric(
             node,
-            &format!("lacewing_requests_total{{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/{service}\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/{service}\",code=\"200\",grpc_status=\"\"}}"),
+            &format!("lacewing_requests_total{{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/{service}\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/{service}\",code=\"200\",grpc_status=\"\",mesh_flag=\"\"}}"),
         )
     };
     // Until n0 routes (before, the kernel balances: the same pod answers,
@@ -386,7 +386,7 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
         m.run_tool("n0-p0", "grpcsvc.py", &["call", GRPC_VIP, &GRPC_PORT.to_string()]);
         m.metric(
             "n0",
-            "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/items\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/items\",code=\"200\",grpc_status=\"0\"}",
+            "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/items\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/items\",code=\"200\",grpc_status=\"0\",mesh_flag=\"\"}",
         ) >= 1.0
     });
     let out = m.run_tool(
@@ -445,7 +445,7 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
     assert_eq!(
         m.metric(
             "n1",
-            "lacewing_requests_total{direction=\"inbound\",source_workload=\"\",source_namespace=\"shop\",destination_service=\"\",destination_workload=\"web-0\",destination_namespace=\"shop\",route=\"\",code=\"200\",grpc_status=\"7\"}"
+            "lacewing_requests_total{direction=\"inbound\",source_workload=\"\",source_namespace=\"shop\",destination_service=\"\",destination_workload=\"web-0\",destination_namespace=\"shop\",route=\"\",code=\"200\",grpc_status=\"7\",mesh_flag=\"\"}"
         ),
         1.0
     );
@@ -462,7 +462,7 @@ fn routed_grpc_websocket_and_same_node_requests_and_non_http_at_l4() {
     assert_eq!(
         m.metric(
             "n1",
-            "lacewing_requests_total{direction=\"outbound\",source_workload=\"web-1\",source_namespace=\"shop\",destination_service=\"shop/front\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/front\",code=\"200\",grpc_status=\"\"}"
+            "lacewing_requests_total{direction=\"outbound\",source_workload=\"web-1\",source_namespace=\"shop\",destination_service=\"shop/front\",destination_workload=\"\",destination_namespace=\"shop\",route=\"shop/front\",code=\"200\",grpc_status=\"\",mesh_flag=\"\"}"
         ),
         1.0
     );

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """A gRPC server and client (grpcio, over h2c) for L7 tests.
 
-  grpcsvc.py serve PORT       shop.Items/{Get,Delete} (raw bytes) and the
-                              standard health service, SERVING
+  grpcsvc.py serve PORT [flaky]
+                              shop.Items/{Get,Delete} (raw bytes) and the
+                              standard health service, SERVING; with flaky,
+                              every other Get (the first, third...) fails
+                              UNAVAILABLE
   grpcsvc.py call HOST PORT   on one channel: Get, Delete, health Check, Get;
                               prints one line each: the method and its status
                               code (and x-lacewing-denied-by when refused)
 """
+import itertools
 import os
 import sys
 from concurrent import futures
@@ -21,10 +25,17 @@ import grpc  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 
 
-def serve(port):
+def serve(port, flaky):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    gets = itertools.count(1)
+
+    def answer(req, ctx, name):
+        if flaky and name == "Get" and next(gets) % 2 == 1:
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "flaky")
+        return name.encode() + b":" + req
+
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(lambda req, ctx, name=name: name.encode() + b":" + req)
+        name: grpc.unary_unary_rpc_method_handler(lambda req, ctx, name=name: answer(req, ctx, name))
         for name in ("Get", "Delete")
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("shop.Items", handlers),))
@@ -55,6 +66,6 @@ def call(host, port):
 
 
 if sys.argv[1] == "serve":
-    serve(int(sys.argv[2]))
+    serve(int(sys.argv[2]), sys.argv[3:] == ["flaky"])
 else:
     call(sys.argv[2], int(sys.argv[3]))

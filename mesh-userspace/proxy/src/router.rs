@@ -1087,7 +1087,14 @@ impl Session {
             };
             // A 5xx counts as a failure too: an endpoint that fails fast
             // must not win the latency comparison (and take every request).
-            endpoint.done(matches!(&outcome, Ok(r) if !r.status().is_server_error()));
+            // Under outlier detection it is that, not the balancer, that
+            // takes a failing endpoint out, as its policy says: failures
+            // weigh only their time (else the balancer's penalty would keep
+            // the endpoint from failing often enough to be ejected, and an
+            // operator's ejection settings would never act).
+            endpoint.done(
+                outlier.is_some() || matches!(&outcome, Ok(r) if !r.status().is_server_error()),
+            );
             if let Some(config) = &outlier {
                 let health = match &outcome {
                     Ok(r) => resilience::Outcome::of_status(r.status().as_u16()),

@@ -1,0 +1,555 @@
+//! TrafficPolicies applied by the client's node, with real HTTP and gRPC
+//! servers and clients: retries with a budget and outlier detection around
+//! a failing endpoint, a retry storm held to the budget, circuit breaking,
+//! fault injection (marked in the metrics), consistent hashing, gRPC
+//! statuses, and a policy with a bad value rejected.
+//!
+//! ```text
+//!   namespace shop (lacewing.io/mesh=enabled)
+//!   n0-p0 client (sa client)
+//!   n1-p0 web-0, n1-p1 web-1: httpd.py servers on 8080-8084, some failing
+//!   Services (port 80, no HTTPRoute): pool 10.96.0.40 (3 endpoints, one
+//!   failing), broken .41 (2, both failing), slow .42, faulty .43,
+//!   hashed .44 (5 endpoints), items .45 (gRPC)
+//! ```
+
+use std::time::{Duration, Instant};
+
+use lacewing_tests::{
+    bin,
+    mesh_lab::{MeshLab, poll},
+    node_http, run_in,
+};
+
+const POOL: &str = "10.96.0.40";
+const BROKEN: &str = "10.96.0.41";
+const SLOW: &str = "10.96.0.42";
+const FAULTY: &str = "10.96.0.43";
+const HASHED: &str = "10.96.0.44";
+const ITEMS: &str = "10.96.0.45";
+const GRPC_PORT: u16 = 50061;
+
+/// A Service on port 80 (named `http`) at `ip` whose endpoints are
+/// `(pod IP, port)`: one EndpointSlice per target port.
+fn service(name: &str, ip: &str, endpoints: &[(&str, u16)]) -> String {
+    let mut ports: Vec<u16> = endpoints.iter().map(|(_, p)| *p).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut docs = vec![format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}\n"
+    )];
+    for port in ports {
+        let addresses: Vec<String> = endpoints
+            .iter()
+            .filter(|(_, p)| *p == port)
+            .map(|(a, _)| format!("\"{a}\""))
+            .collect();
+        docs.push(format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{port}, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints: [{{addresses: [{}]}}]\n",
+            addresses.join(", ")
+        ));
+    }
+    docs.join("---\n")
+}
+
+fn policy(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  targetRef: {{name: {name}}}\n{spec}"
+    )
+}
+
+/// httpd.py in `pod` on `port`, answering as `name` (failing: every answer
+/// 503 until healed).
+fn httpd(
+    m: &MeshLab,
+    pod: &str,
+    port: u16,
+    name: &str,
+    failing: bool,
+) -> lacewing::lab::LabProcess {
+    let port_s = port.to_string();
+    let mut args = vec![port_s.as_str(), name];
+    if failing {
+        args.push("failing");
+    }
+    m.serve_tool(pod, "httpd.py", &args, port)
+}
+
+fn count(out: &str, key: &str) -> u32 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+fn ip(m: &MeshLab, pod: &str) -> String {
+    m.lab.pod(pod).unwrap().ip4().to_string()
+}
+
+/// Waits until n0's daemon routes `service` under its TrafficPolicy.
+fn until_policy(m: &MeshLab, service: &str) {
+    let want = format!("\"policy\": \"shop/{service}\"");
+    m.until(&format!("n0 applies TrafficPolicy shop/{service}"), || {
+        node_http(&m.lab, &m.lab.node("n0").unwrap(), "/routes").contains(&want)
+    });
+}
+
+fn event(m: &MeshLab, service: &str, event: &str) -> f64 {
+    m.metric(
+        "n0",
+        &format!(
+            "lacewing_traffic_policy_events_total{{destination_service=\"shop/{service}\",event=\"{event}\"}}"
+        ),
+    )
+}
+
+/// Requests n0 answered for `service` with `code` and `flag`.
+fn requests(m: &MeshLab, service: &str, code: u16, flag: &str) -> f64 {
+    m.metric(
+        "n0",
+        &format!("lacewing_requests_total{{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/{service}\",destination_workload=\"\",destination_namespace=\"shop\",route=\"\",code=\"{code}\",grpc_status=\"\",mesh_flag=\"{flag}\"}}"),
+    )
+}
+
+/// The `x-served` count of the httpd.py at `ip:port`, asked directly (the
+/// asking request is not counted).
+fn served(m: &MeshLab, ip: &str, port: u16, path: &str) -> u32 {
+    let out = run_in(
+        &m.lab,
+        &m.lab.pod("n0-p0").unwrap(),
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            &format!("http://{ip}:{port}{path}"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    let n: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-served: "))
+        .unwrap_or_else(|| panic!("no x-served in {text:?}"))
+        .trim()
+        .parse()
+        .unwrap();
+    n - 1
+}
+
+#[test]
+fn retries_and_outlier_detection_hide_a_failing_endpoint_and_a_retry_storm_stays_within_budget() {
+    let m = MeshLab::new();
+    let (web0, web1) = (ip(&m, "n1-p0"), ip(&m, "n1-p1"));
+    let _servers = [
+        httpd(&m, "n1-p0", 8080, "a", false),
+        httpd(&m, "n1-p1", 8080, "b", false),
+        httpd(&m, "n1-p0", 8081, "bad", true),
+        httpd(&m, "n1-p0", 8082, "down", true),
+        httpd(&m, "n1-p1", 8082, "down", true),
+    ];
+    m.config(
+        "services.yaml",
+        Some(
+            &[
+                service("pool", POOL, &[(&web0, 8080), (&web1, 8080), (&web0, 8081)]),
+                service("broken", BROKEN, &[(&web0, 8082), (&web1, 8082)]),
+            ]
+            .join("---\n"),
+        ),
+    );
+    m.until("n0 balances pool", || {
+        m.try_run_tool("n0-p0", "hits.py", &[POOL, "80", "/", "1"])
+            .is_ok_and(|o| o.contains("connections=1"))
+    });
+
+    // No policy: the kernel balances each connection; about one in three
+    // lands on the failing endpoint.
+    let out = m.run_tool("n0-p0", "hits.py", &["--fresh", POOL, "80", "/x", "300"]);
+    let bad = count(&out, "503 bad");
+    assert_eq!(
+        count(&out, "200 a") + count(&out, "200 b") + bad,
+        300,
+        "{out}"
+    );
+    assert!((60..=140).contains(&bad), "about a third fail: {out}");
+    let bad_before = served(&m, &web0, 8081, "/__fail");
+
+    // Retries (2, on 5xx, within the default 20% budget) and outlier
+    // detection (3 consecutive 5xx eject for 6 s): 1,000 requests on one
+    // keep-alive connection.
+    m.config(
+        "policy.yaml",
+        Some(&policy(
+            "pool",
+            "  retries: {attempts: 2, retryOn: [5xx], backoff: 5ms}\n  outlierDetection: {consecutive5xx: 3, interval: 10s, baseEjectionTime: 6s}\n",
+        )),
+    );
+    until_policy(&m, "pool");
+    let out = m.run_tool("n0-p0", "hits.py", &[POOL, "80", "/y", "1000"]);
+    let ok = count(&out, "200 a") + count(&out, "200 b");
+    assert!(ok >= 999, "at least 999 of 1,000 succeed: {out}");
+    assert_eq!(count(&out, "connections"), 1, "{out}");
+    // Ejected after its third consecutive failure; each time it came back
+    // (on probation) one more failure ejected it again.
+    let ejections = event(&m, "pool", "ejection");
+    assert!(ejections >= 1.0, "ejections: {ejections}");
+    let bad_during = served(&m, &web0, 8081, "/__heal") - bad_before - 1;
+    assert!(
+        f64::from(bad_during) <= 3.0 + (ejections - 1.0),
+        "the failing endpoint served {bad_during} requests over {ejections} ejections"
+    );
+    // The node shows it ejected.
+    let routes = node_http(&m.lab, &m.lab.node("n0").unwrap(), "/routes");
+    assert!(
+        routes.contains(&format!("{web0}:8081 (ejected")),
+        "{routes}"
+    );
+    // Healed, it comes back after its ejection time.
+    let back = poll(
+        "the healed endpoint answers again",
+        Duration::from_secs(30),
+        || {
+            let out = m.run_tool("n0-p0", "hits.py", &[POOL, "80", "/z", "30"]);
+            (count(&out, "200 bad") > 0).then_some(out)
+        },
+    );
+    assert_eq!(count(&back, "503 bad"), 0, "{back}");
+
+    // A retry storm: every endpoint fails, 3 retries allowed per request,
+    // but the budget (20%, no floor) allows 100 over 500 requests.
+    m.config(
+        "broken.yaml",
+        Some(&policy(
+            "broken",
+            "  retries: {attempts: 3, retryOn: [5xx], backoff: 1ms, budget: {percent: 20, minRetriesPerSecond: 0}}\n",
+        )),
+    );
+    until_policy(&m, "broken");
+    let retries = || m.metric("n0", "lacewing_request_retries_total{route=\"\"}");
+    let before = retries();
+    let out = m.run_tool("n0-p0", "hits.py", &[BROKEN, "80", "/", "500"]);
+    assert_eq!(count(&out, "503 down"), 500, "{out}");
+    let added = retries() - before;
+    assert!((90.0..=100.0).contains(&added), "retries added: {added}");
+    assert!(event(&m, "broken", "retry_budget_exhausted") >= 390.0);
+
+    // A policy with a bad value is rejected with its file and changes
+    // nothing: the storm's policy still applies.
+    m.config(
+        "broken.yaml",
+        Some(&policy(
+            "broken",
+            "  retries: {attempts: 3, retryOn: [sometimes]}\n",
+        )),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let mut cmd = std::process::Command::new(bin("lacewing"));
+        cmd.args(["status", "--controller", &m.lab.controller_status_addr()]);
+        let out = m.lab.run_on_underlay(cmd).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("broken.yaml") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bad policy is never rejected:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.contains(
+            "TrafficPolicy shop/broken: spec.retries.retryOn: `sometimes` is not one of 5xx"
+        ),
+        "{status}"
+    );
+    let before = retries();
+    let out = m.run_tool("n0-p0", "hits.py", &[BROKEN, "80", "/", "50"]);
+    assert_eq!(count(&out, "503 down"), 50, "{out}");
+    assert!(retries() - before <= 10.0, "still within the old budget");
+}
+
+/// Each request's status and duration (microseconds) from h2load's log.
+fn h2load_log(path: &std::path::Path) -> Vec<(u16, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let cols: Vec<&str> = l.split('\t').collect();
+            (cols[1].parse().unwrap(), cols[2].parse().unwrap())
+        })
+        .collect()
+}
+
+/// curl's total time for one request to `url`, in seconds.
+fn seconds(m: &MeshLab, url: &str) -> f64 {
+    let out = run_in(
+        &m.lab,
+        &m.lab.pod("n0-p0").unwrap(),
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_total}",
+            url,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+fn a_circuit_breaker_fails_fast_and_injected_faults_are_marked() {
+    let m = MeshLab::new();
+    let web1 = ip(&m, "n1-p1");
+    let _server = httpd(&m, "n1-p1", 8080, "s", false);
+    m.config(
+        "services.yaml",
+        Some(
+            &[
+                service("slow", SLOW, &[(&web1, 8080)]),
+                service("faulty", FAULTY, &[(&web1, 8080)]),
+            ]
+            .join("---\n"),
+        ),
+    );
+    m.until("n0 balances faulty", || {
+        m.try_run_tool("n0-p0", "hits.py", &[FAULTY, "80", "/", "1"])
+            .is_ok_and(|o| o.contains("200 s=1"))
+    });
+    let baseline = median(
+        (0..5)
+            .map(|_| seconds(&m, &format!("http://{FAULTY}/")))
+            .collect(),
+    );
+
+    // 50 concurrent requests that take 1 s, 10 allowed in flight: 40 are
+    // refused at once.
+    m.config(
+        "slow.yaml",
+        Some(&policy("slow", "  circuitBreaker: {maxRequests: 10}\n")),
+    );
+    until_policy(&m, "slow");
+    let log = m.lab.state_dir().join("breaker.log");
+    let out = run_in(
+        &m.lab,
+        &m.lab.pod("n0-p0").unwrap(),
+        "h2load",
+        &[
+            "--h1",
+            "-n",
+            "50",
+            "-c",
+            "50",
+            "--log-file",
+            log.to_str().unwrap(),
+            &format!("http://{SLOW}/delay/1000"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let entries = h2load_log(&log);
+    assert_eq!(entries.len(), 50, "{entries:?}");
+    let fast_503 = entries
+        .iter()
+        .filter(|(s, us)| *s == 503 && *us < 10_000)
+        .count();
+    let ok = entries.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!((ok, fast_503), (10, 40), "{entries:?}");
+    assert_eq!(event(&m, "slow", "circuit_open"), 40.0);
+    assert_eq!(requests(&m, "slow", 503, "circuit_open"), 40.0);
+
+    // Abort half the requests with 503: counted apart from real failures.
+    m.config(
+        "faulty.yaml",
+        Some(&policy(
+            "faulty",
+            "  fault: {abort: {percent: 50, httpStatus: 503}}\n",
+        )),
+    );
+    until_policy(&m, "faulty");
+    let out = m.run_tool("n0-p0", "hits.py", &[FAULTY, "80", "/", "1000"]);
+    let aborted = count(&out, "503 fault_abort");
+    assert_eq!(aborted + count(&out, "200 s"), 1000, "{out}");
+    assert!((450..=550).contains(&aborted), "{out}");
+    assert_eq!(event(&m, "faulty", "fault_abort"), f64::from(aborted));
+    assert_eq!(
+        requests(&m, "faulty", 503, "fault_abort"),
+        f64::from(aborted)
+    );
+    assert_eq!(requests(&m, "faulty", 503, ""), 0.0);
+
+    // Delay every request by 200 ms.
+    m.config(
+        "faulty.yaml",
+        Some(&policy(
+            "faulty",
+            "  fault: {delay: {percent: 100, fixedDelay: 200ms}}\n",
+        )),
+    );
+    m.until("the delay applies", || {
+        seconds(&m, &format!("http://{FAULTY}/")) > 0.15
+    });
+    let delayed = median(
+        (0..5)
+            .map(|_| seconds(&m, &format!("http://{FAULTY}/")))
+            .collect(),
+    );
+    let added = delayed - baseline;
+    assert!(
+        (0.180..=0.220).contains(&added),
+        "added {added} s (baseline {baseline} s)"
+    );
+    assert!(requests(&m, "faulty", 200, "fault_delay") >= 5.0);
+}
+
+#[test]
+fn consistent_hashing_keeps_keys_and_grpc_clients_get_grpc_statuses() {
+    let m = MeshLab::new();
+    let (web0, web1) = (ip(&m, "n1-p0"), ip(&m, "n1-p1"));
+    let _servers = [
+        httpd(&m, "n1-p0", 8080, "h0", false),
+        httpd(&m, "n1-p0", 8081, "h1", false),
+        httpd(&m, "n1-p0", 8082, "h2", false),
+        httpd(&m, "n1-p1", 8080, "h3", false),
+        httpd(&m, "n1-p1", 8081, "h4", false),
+    ];
+    let _grpc = m.serve_tool(
+        "n1-p1",
+        "grpcsvc.py",
+        &["serve", &GRPC_PORT.to_string(), "flaky"],
+        GRPC_PORT,
+    );
+    let five = [
+        (web0.as_str(), 8080),
+        (web0.as_str(), 8081),
+        (web0.as_str(), 8082),
+        (web1.as_str(), 8080),
+        (web1.as_str(), 8081),
+    ];
+    let items = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: items, namespace: shop}}\nspec: {{clusterIP: {ITEMS}, ports: [{{name: grpc, port: {GRPC_PORT}, appProtocol: grpc}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: items-v4, namespace: shop, labels: {{kubernetes.io/service-name: items}}}}\naddressType: IPv4\nports: [{{name: grpc, port: {GRPC_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{web1}\"]}}]\n"
+    );
+    m.config(
+        "services.yaml",
+        Some(&format!("{}---\n{items}", service("hashed", HASHED, &five))),
+    );
+    m.config(
+        "hashed.yaml",
+        Some(&policy(
+            "hashed",
+            "  loadBalancer: {algorithm: ConsistentHash, consistentHash: {header: x-user}}\n",
+        )),
+    );
+    until_policy(&m, "hashed");
+
+    // One key, 100 requests: one endpoint.
+    let out = m.run_tool(
+        "n0-p0",
+        "hits.py",
+        &[HASHED, "80", "/", "100", "x-user:alice"],
+    );
+    assert_eq!(
+        out.lines().count(),
+        2,
+        "one endpoint and the connection count: {out}"
+    );
+    assert!(out.lines().next().unwrap().ends_with("=100"), "{out}");
+
+    // 100 keys placed; without h2, only h2's keys move.
+    let placed = |m: &MeshLab| -> Vec<String> {
+        m.run_tool(
+            "n0-p0",
+            "hits.py",
+            &["--list", HASHED, "80", "/", "100", "x-user:user-{i}"],
+        )
+        .lines()
+        .map(|l| l.split(' ').nth(2).unwrap().to_owned())
+        .collect()
+    };
+    let before = placed(&m);
+    for name in ["h0", "h1", "h2", "h3", "h4"] {
+        assert!(
+            before.iter().any(|b| b == name),
+            "no key on {name}: {before:?}"
+        );
+    }
+    let four: Vec<(&str, u16)> = five
+        .iter()
+        .copied()
+        .filter(|e| *e != (web0.as_str(), 8082))
+        .collect();
+    m.config(
+        "services.yaml",
+        Some(&format!("{}---\n{items}", service("hashed", HASHED, &four))),
+    );
+    m.until("n0 drops h2", || {
+        !node_http(&m.lab, &m.lab.node("n0").unwrap(), "/routes").contains(&format!("{web0}:8082"))
+    });
+    let after = placed(&m);
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        if b == "h2" {
+            assert_ne!(a, "h2", "user-{i}");
+        } else {
+            assert_eq!(a, b, "user-{i} moved from {b} to {a}");
+        }
+    }
+
+    // gRPC: every other Get fails UNAVAILABLE; retried on `unavailable`,
+    // the client sees every call succeed.
+    let call = || {
+        m.run_tool(
+            "n0-p0",
+            "grpcsvc.py",
+            &["call", ITEMS, &GRPC_PORT.to_string()],
+        )
+    };
+    m.config(
+        "items.yaml",
+        Some(&policy(
+            "items",
+            "  retries: {attempts: 1, retryOn: [unavailable]}\n",
+        )),
+    );
+    until_policy(&m, "items");
+    assert_eq!(
+        call(),
+        "Get OK Get:1\nDelete OK Delete:1\nCheck OK SERVING\nGet OK Get:1"
+    );
+    // Aborted with a gRPC code, and with an HTTP status (the code gRPC
+    // maps it to), as a gRPC client sees them.
+    for (abort, code) in [
+        ("grpcStatus: 8", "RESOURCE_EXHAUSTED"),
+        ("httpStatus: 503", "UNAVAILABLE"),
+    ] {
+        m.config(
+            "items.yaml",
+            Some(&policy(
+                "items",
+                &format!("  fault: {{abort: {{percent: 100, {abort}}}}}\n"),
+            )),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let out = loop {
+            let out = call();
+            if out.starts_with(&format!("Get {code}")) || Instant::now() > deadline {
+                break out;
+            }
+        };
+        assert_eq!(
+            out,
+            format!("Get {code} -\nDelete {code} -\nCheck {code} -\nGet {code} -")
+        );
+    }
+}
