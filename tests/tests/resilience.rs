@@ -553,3 +553,163 @@ fn consistent_hashing_keeps_keys_and_grpc_clients_get_grpc_statuses() {
         );
     }
 }
+
+const LIMITED: &str = "10.96.0.46";
+
+/// `hits.py --rate` from `pod`: (200s, 429s, 429s with Retry-After).
+fn paced(m: &MeshLab, pod: &str, rate: u32, n: u32) -> (u32, u32, u32) {
+    let out = m.run_tool(
+        pod,
+        "hits.py",
+        &[
+            "--rate",
+            &rate.to_string(),
+            LIMITED,
+            "80",
+            "/",
+            &n.to_string(),
+        ],
+    );
+    (
+        count(&out, "200 r"),
+        count(&out, "429 rate_limited"),
+        count(&out, "retry-after"),
+    )
+}
+
+#[test]
+fn a_rate_limit_admits_its_rate_and_per_source_limits_keep_clients_apart() {
+    let m = MeshLab::new();
+    let web0 = ip(&m, "n1-p0");
+    let _server = httpd(&m, "n1-p0", 8080, "r", false);
+    m.config(
+        "services.yaml",
+        Some(&service("limited", LIMITED, &[(&web0, 8080)])),
+    );
+    let limit = |extra: &str| {
+        let before = controller_version(&m);
+        m.config(
+            "limited.yaml",
+            Some(&policy(
+                "limited",
+                &format!("  rateLimit: {{requestsPerSecond: 100, burst: 10{extra}}}\n"),
+            )),
+        );
+        until_in_sync(&m, before);
+    };
+    limit("");
+    // Until n1 limits: a quick burst is refused in part.
+    m.until("n1 limits requests to limited", || {
+        m.try_run_tool("n0-p0", "hits.py", &[LIMITED, "80", "/", "40"])
+            .is_ok_and(|o| count(&o, "429 rate_limited") > 0)
+    });
+
+    // 300 requests a second for 3 s against 100/s and a burst of 10 (from
+    // whatever the bucket holds: up to 10).
+    let (ok, limited, retry_after) = paced(&m, "n0-p0", 300, 900);
+    assert_eq!(ok + limited, 900);
+    assert!(
+        (270..=350).contains(&ok),
+        "about 100/s of 300/s admitted: {ok}"
+    );
+    assert_eq!(retry_after, limited, "every 429 says when to retry");
+    assert!(event_on(&m, "n1", "limited", "rate_limited") >= f64::from(limited));
+
+    // Shared: a second client (web-1, another identity) loses to the
+    // first one's flood; per source, it keeps its own share.
+    for shared in [true, false] {
+        if !shared {
+            limit(", perSource: true");
+        }
+        let (b_ok, b_limited) = std::thread::scope(|s| {
+            let flood = s.spawn(|| paced(&m, "n0-p0", 400, 1600));
+            let (b_ok, b_limited, _) = paced(&m, "n1-p1", 50, 100);
+            flood.join().unwrap();
+            (b_ok, b_limited)
+        });
+        if shared {
+            assert!(
+                b_limited > 20,
+                "shared: the flood takes most of it: {b_ok} {b_limited}"
+            );
+        } else {
+            assert_eq!(
+                (b_ok, b_limited),
+                (100, 0),
+                "per source: untouched by the flood"
+            );
+        }
+    }
+
+    // At L4 (the mesh lab's Service web, port `tcp`, xfer.py): connections
+    // are limited, 1 a second with a burst of 3.
+    let before = controller_version(&m);
+    m.config(
+        "web.yaml",
+        Some(&policy(
+            "web",
+            "  rateLimit: {requestsPerSecond: 1, burst: 3}\n",
+        )),
+    );
+    until_in_sync(&m, before);
+    let started = Instant::now();
+    let connected = (0..20)
+        .filter(|_| {
+            m.try_xfer("n0-p0", &["rr", "10.96.0.20", "80", "hi", "1"])
+                .is_ok()
+        })
+        .count();
+    let elapsed = started.elapsed().as_secs_f64();
+    let (least, most) = (elapsed.floor() as usize, 3 + elapsed.ceil() as usize);
+    assert!(
+        (least..=most).contains(&connected),
+        "{connected} of 20 connected in {elapsed:.1} s (1/s, burst 3)"
+    );
+}
+
+/// The controller's configuration version (`lacewing status`).
+fn controller_version(m: &MeshLab) -> u64 {
+    version_in(&status(m))
+}
+
+fn version_in(status: &str) -> u64 {
+    status
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("lacewing status names its version")
+}
+
+fn status(m: &MeshLab) -> String {
+    let mut cmd = std::process::Command::new(bin("lacewing"));
+    cmd.args(["status", "--controller", &m.lab.controller_status_addr()]);
+    let out = m.lab.run_on_underlay(cmd).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until the controller has a version after `before` and both nodes
+/// have applied it.
+fn until_in_sync(m: &MeshLab, before: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(m);
+        if version_in(&s) > before && s.matches("in sync").count() == 2 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the nodes never applied a version after {before}:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn event_on(m: &MeshLab, node: &str, service: &str, event: &str) -> f64 {
+    m.metric(
+        node,
+        &format!(
+            "lacewing_traffic_policy_events_total{{destination_service=\"shop/{service}\",event=\"{event}\"}}"
+        ),
+    )
+}

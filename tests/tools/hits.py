@@ -9,21 +9,36 @@
       With --fresh, each request goes on a new connection. A header value
       may hold `{i}`, the request's number (from 0); with --list, each
       answer is printed on its own line instead: `<i> <status> <word>`.
+      With --rate R, requests are sent R a second (on schedule, not one
+      after the other), and `retry-after=<n>` counts answers that carry a
+      Retry-After header.
 """
 import collections
 import http.client
 import sys
+import time
 
 args = sys.argv[1:]
 fresh = "--fresh" in args
 listing = "--list" in args
+rate = None
+if "--rate" in args:
+    at = args.index("--rate")
+    rate = float(args[at + 1])
+    del args[at:at + 2]
 args = [a for a in args if a not in ("--fresh", "--list")]
 host, port, path, n = args[0], int(args[1]), args[2], int(args[3])
 headers = dict(h.split(":", 1) for h in args[4:])
 conn = http.client.HTTPConnection(host, port, timeout=10)
 counts = collections.Counter()
 connects = 0
+retry_after = 0
+start = time.monotonic()
 for i in range(n):
+    if rate:
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
     if fresh:
         conn.close()
     if conn.sock is None:
@@ -33,6 +48,8 @@ for i in range(n):
     body = resp.read().decode()
     first = body.split(None, 1)[0] if body.strip() else "-"
     counts[f"{resp.status} {first}"] += 1
+    if resp.getheader("retry-after"):
+        retry_after += 1
     if listing:
         print(f"{i} {resp.status} {first}")
 if listing:
@@ -40,3 +57,5 @@ if listing:
 for key in sorted(counts):
     print(f"{key.replace(' ', ' ', 1)}={counts[key]}")
 print(f"connections={connects}")
+if rate:
+    print(f"retry-after={retry_after}")

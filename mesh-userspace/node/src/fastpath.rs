@@ -3,8 +3,8 @@
 //! addresses with its identity's number (`LW_LOCAL_PODS`), and for every
 //! pair of (identity of a meshed pod here, meshed pod here) the verdict L4
 //! policy gives it on every port, when that verdict is the same on all
-//! ports and no L7 rule applies (`LW_PAIR_POLICY`). Pairs without a verdict
-//! go through the daemon, which decides per connection.
+//! ports and no L7 rule or rate limit applies (`LW_PAIR_POLICY`). Pairs
+//! without a verdict go through the daemon, which decides per connection.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -56,6 +56,7 @@ pub fn desired(
 ) -> Desired {
     let meshed = workloads.meshed();
     let policies = workloads.policies();
+    let routes = workloads.routes();
     let mut out = Desired::default();
     let sources: BTreeSet<String> = meshed.iter().map(|w| w.identity(trust_domain)).collect();
     for dest in &meshed {
@@ -63,6 +64,11 @@ pub fn desired(
         for ip in &dest.addresses {
             out.pods
                 .insert(addr_key(*ip), LocalPod { identity, _pad: 0 });
+        }
+        // A rate limit counts every connection or request: none may bypass
+        // the daemon.
+        if dest.addresses.iter().any(|ip| routes.limits_address(*ip)) {
+            continue;
         }
         for source in &sources {
             let Some(allowed) =

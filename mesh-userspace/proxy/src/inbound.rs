@@ -29,6 +29,8 @@ pub struct Inbound {
     pub metrics: TunnelMetrics,
     /// Where decided requests are counted.
     pub requests: crate::metrics::RequestMetrics,
+    /// The rate limits of pods here (TrafficPolicies').
+    pub limits: crate::ratelimit::RateLimits,
 }
 
 /// A connection to a pod here, the watch on the pod's writes into it
@@ -49,7 +51,9 @@ impl Inbound {
     /// registers the connection (so a policy change can close it).
     pub async fn connect(&self, peer: Peer, dest: SocketAddr) -> Result<Delivery, Refusal> {
         let workload = self.authorize(&peer, dest)?;
-        let per_request = authorization::needs_requests(&self.state.policies(), &workload);
+        // A port not declared HTTP is limited per connection.
+        self.rate_limit(&peer, dest, false)?;
+        let per_request = self.per_request(&workload, dest);
         let stream = self
             .sockets
             .connect_delivery(dest)
@@ -139,8 +143,50 @@ impl Inbound {
             reason: "policy_denied",
             detail: denied.reason,
             policy: Some(denied.policy),
+            retry_after: None,
         })?;
         Ok(workload)
+    }
+
+    /// Whether requests to `workload` at `dest` are read one by one: an
+    /// AuthorizationPolicy with L7 conditions selects it, or a rate limit
+    /// applies to it per request.
+    pub fn per_request(&self, workload: &Workload, dest: SocketAddr) -> bool {
+        authorization::needs_requests(&self.state.policies(), workload)
+            || self
+                .state
+                .routes()
+                .limited(dest)
+                .is_some_and(|l| l.per_request)
+    }
+
+    /// The rate limit of `dest` (a TrafficPolicy's), if it applies per
+    /// request (`per_request`) or per connection (else): one more taken, or
+    /// the refusal (429, with when to come back).
+    fn rate_limit(&self, peer: &Peer, dest: SocketAddr, per_request: bool) -> Result<(), Refusal> {
+        let routes = self.state.routes();
+        let Some(limited) = routes
+            .limited(dest)
+            .filter(|l| l.per_request == per_request)
+        else {
+            return Ok(());
+        };
+        let Some(config) = &limited.policy.rate_limit else {
+            return Ok(());
+        };
+        self.limits
+            .check(dest, config, &peer.identity)
+            .map_err(|wait| {
+                let service = format!("{}/{}", limited.service.0, limited.service.1);
+                self.requests.event(&service, "rate_limited");
+                Refusal {
+                    status: 429,
+                    reason: "rate_limited",
+                    detail: format!("{dest}: over the rate limit of {service}"),
+                    policy: Some(limited.policy.policy.clone()),
+                    retry_after: Some(wait),
+                }
+            })
     }
 
     /// The tunnel server's connector: authorize and connect, then carry the
@@ -221,8 +267,9 @@ impl crate::l7::PodSide for Inbound {
         request: &authorization::Request<'_>,
     ) -> Result<(), Refusal> {
         // The same checks as the connection's, with the request's method,
-        // path and headers.
-        self.decide(peer, dest, Some(request)).map(drop)
+        // path and headers; then the rate limit.
+        self.decide(peer, dest, Some(request))?;
+        self.rate_limit(peer, dest, true)
     }
 
     fn reconnect(

@@ -70,6 +70,8 @@ pub type PodConnection = (TcpStream, Option<Arc<Watch>>);
 pub const DENIED_BY: &str = "x-lacewing-denied-by";
 /// gRPC's PERMISSION_DENIED.
 const GRPC_PERMISSION_DENIED: &str = "7";
+/// gRPC's RESOURCE_EXHAUSTED.
+const GRPC_RESOURCE_EXHAUSTED: &str = "8";
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -407,13 +409,17 @@ enum ForwardError {
     Http(#[from] hyper::Error),
 }
 
-/// The answer to a refused request: gRPC's form to a gRPC client, else 403.
+/// The answer to a refused request: gRPC's form to a gRPC client, else 403
+/// (429 with `Retry-After` for a rate limit).
 fn refused<B>(req: &Request<B>, refusal: &Refusal) -> Response<Body> {
     let grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
+    if let Some(wait) = refusal.retry_after {
+        return rate_limited(grpc, wait, refusal.policy.as_deref());
+    }
     let mut resp = if grpc {
         let mut resp = status(StatusCode::OK);
         let headers = resp.headers_mut();
@@ -445,6 +451,44 @@ fn refused<B>(req: &Request<B>, refusal: &Refusal) -> Response<Body> {
         .and_then(|p| HeaderValue::from_str(p).ok())
     {
         resp.headers_mut().insert(DENIED_BY, value);
+    }
+    resp
+}
+
+/// A request over a rate limit: 429 (gRPC RESOURCE_EXHAUSTED) saying when
+/// to try again (whole seconds, at least 1, as `Retry-After` must).
+fn rate_limited(grpc: bool, wait: std::time::Duration, policy: Option<&str>) -> Response<Body> {
+    let mut resp = if grpc {
+        let mut resp = status(StatusCode::OK);
+        let headers = resp.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from_static(GRPC_RESOURCE_EXHAUSTED),
+        );
+        headers.insert("grpc-message", HeaderValue::from_static("rate_limited"));
+        resp
+    } else {
+        let mut resp = Response::new(
+            Full::new(Bytes::from_static(b"rate_limited\n"))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        resp
+    };
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let headers = resp.headers_mut();
+    headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    headers.insert(
+        crate::router::ERROR_HEADER,
+        HeaderValue::from_static("rate_limited"),
+    );
+    if let Some(value) = policy.and_then(|p| HeaderValue::from_str(p).ok()) {
+        headers.insert(DENIED_BY, value);
     }
     resp
 }
@@ -515,6 +559,7 @@ mod tests {
 
     fn refusal() -> Refusal {
         Refusal {
+            retry_after: None,
             status: 403,
             reason: "policy_denied",
             detail: String::new(),

@@ -30,6 +30,7 @@ pub mod inbound;
 pub mod l7;
 pub mod metrics;
 pub mod outbound;
+pub mod ratelimit;
 pub mod registry;
 pub mod router;
 pub mod sockets;
@@ -87,6 +88,7 @@ impl Proxy {
             trust_domain: config.trust_domain.clone(),
             metrics: metrics.clone(),
             requests: requests.clone(),
+            limits: ratelimit::RateLimits::default(),
         });
         let outbound = Arc::new(Outbound {
             state,
@@ -116,10 +118,9 @@ impl Proxy {
         let mut changes = self.inbound.state.config_changes();
         while changes.changed().await.is_ok() {
             let closed = self.registry.recheck(|peer, dest| {
-                let policies = self.inbound.state.policies();
-                self.inbound.authorize(peer, dest).map(|workload| {
-                    lacewing_core::model::authorization::needs_requests(&policies, &workload)
-                })
+                self.inbound
+                    .authorize(peer, dest)
+                    .map(|workload| self.inbound.per_request(&workload, dest))
             });
             for c in closed {
                 tracing::info!(

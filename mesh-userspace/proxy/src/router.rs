@@ -1051,6 +1051,10 @@ impl Session {
         let (mut resend, mut resent) = (false, false);
         let mut attempt = 0;
         while attempt < attempts {
+            // A body already streamed cannot go again: no retry then.
+            let Some(payload) = body.take() else {
+                break;
+            };
             if attempt > 0 && !std::mem::take(&mut resend) {
                 let plan = plan.as_ref().expect("only a plan makes attempts");
                 if plan.budget.as_ref().is_some_and(|b| !b.withdraw()) {
@@ -1064,9 +1068,6 @@ impl Session {
                 tokio::time::sleep(jittered(backoff)).await;
                 backoff = (backoff * 2).min(plan.max_backoff);
             }
-            let Some(payload) = body.take() else {
-                break;
-            };
             attempt += 1;
             let Some(endpoint) = self.router.balancer.choose(&endpoints, tried, choice) else {
                 break;

@@ -51,6 +51,8 @@ pub struct Refusal {
     pub reason: &'static str,
     pub detail: String,
     pub policy: Option<String>,
+    /// For a rate limit's refusal: when the client may try again.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Refusal {
@@ -60,6 +62,7 @@ impl Refusal {
             reason,
             detail: detail.into(),
             policy: None,
+            retry_after: None,
         }
     }
 }

@@ -158,6 +158,8 @@ pub struct OutlierDetection {
     pub max_ejection_percent: Option<u32>,
 }
 
+/// Requests each of the Service's pods accepts (at L4, for a port that is
+/// not declared HTTP: connections it accepts), decided by the pod's node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimit {
@@ -166,6 +168,26 @@ pub struct RateLimit {
     /// Requests allowed at once above the rate; `requestsPerSecond` when
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub burst: Option<u32>,
+    /// Each source identity gets the whole rate (one noisy client cannot use
+    /// another's share); else the clients share it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_source: bool,
+    /// Source ServiceAccounts with a rate of their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<RateLimitOverride>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitOverride {
+    /// `namespace/name` of the clients' ServiceAccount.
+    pub service_account: String,
+    #[schemars(range(min = 1))]
+    pub requests_per_second: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub burst: Option<u32>,
 }
 

@@ -85,6 +85,15 @@ pub struct Frontend {
     pub policy: Option<std::sync::Arc<super::traffic::ServicePolicy>>,
 }
 
+/// A pod endpoint's rate limit, as its node enforces it.
+#[derive(Clone, Debug)]
+pub struct Limited {
+    pub service: ServiceId,
+    pub policy: std::sync::Arc<super::traffic::ServicePolicy>,
+    /// Per request (the Service port says it is HTTP), else per connection.
+    pub per_request: bool,
+}
+
 /// What a node routes by: the frontends with routes (an HTTPRoute, or a
 /// TrafficPolicy that acts per request), the endpoints of every TCP Service
 /// port (what `backendRefs` name), and the TrafficPolicies by Service.
@@ -92,6 +101,8 @@ pub struct Frontend {
 pub struct RouteTable {
     frontends: std::collections::HashMap<std::net::SocketAddr, Frontend>,
     policies: super::traffic::PolicyTable,
+    /// Pods (address and port) a TrafficPolicy's rate limit applies to.
+    limited: std::collections::HashMap<std::net::SocketAddr, Limited>,
     /// By Service, then port: looked up per request without copying the
     /// Service's name.
     endpoints: std::collections::HashMap<
@@ -129,6 +140,19 @@ impl RouteTable {
             };
             let port = port.unwrap_or(entry.frontend.port());
             let policy = out.policies.get(&service, port).cloned();
+            if let Some(p) = policy.as_ref().filter(|p| p.rate_limit.is_some()) {
+                for b in &entry.backends {
+                    out.limited.insert(
+                        b.addr,
+                        Limited {
+                            service: service.clone(),
+                            policy: std::sync::Arc::clone(p),
+                            per_request: entry.app_protocol
+                                == crate::model::services::AppProtocol::Http,
+                        },
+                    );
+                }
+            }
             let routes = match by_service.get(&service) {
                 Some(routes) if routes.binds_port(port) => Some(std::sync::Arc::clone(routes)),
                 _ => policy
@@ -172,6 +196,17 @@ impl RouteTable {
     /// The routes of the frontend `addr` dialled, if it has any.
     pub fn frontend(&self, addr: std::net::SocketAddr) -> Option<&Frontend> {
         self.frontends.get(&addr)
+    }
+
+    /// The rate limit of the pod endpoint `dest`, if a TrafficPolicy sets
+    /// one for a Service it serves.
+    pub fn limited(&self, dest: std::net::SocketAddr) -> Option<&Limited> {
+        self.limited.get(&dest)
+    }
+
+    /// Whether a rate limit applies to any port of the pod at `ip`.
+    pub fn limits_address(&self, ip: std::net::IpAddr) -> bool {
+        self.limited.keys().any(|a| a.ip() == ip)
     }
 
     /// The TrafficPolicy of a Service port, if any.

@@ -207,10 +207,30 @@ pub enum AbortAnswer {
     Grpc(u16),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RateLimit {
+    pub quota: Quota,
+    /// A limiter per source identity, each with the whole quota.
+    pub per_source: bool,
+    /// Sources whose identity ends with `/ns/<namespace>/sa/<name>`, with
+    /// a quota of their own.
+    pub overrides: Vec<(String, Quota)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
     pub per_second: u32,
     pub burst: u32,
+}
+
+impl RateLimit {
+    /// The override for a source with `identity`, if it has one.
+    pub fn override_for(&self, identity: &str) -> Option<(usize, Quota)> {
+        self.overrides
+            .iter()
+            .position(|(suffix, _)| identity.ends_with(suffix.as_str()))
+            .map(|i| (i, self.overrides[i].1))
+    }
 }
 
 /// The per-request endpoint choice.
@@ -430,18 +450,52 @@ pub fn compile(
                 .transpose()?,
         }),
     };
-    let rate_limit = spec.rate_limit.as_ref().map(|r| RateLimit {
-        per_second: r.requests_per_second,
-        burst: r.burst.unwrap_or(r.requests_per_second),
-    });
-    if let Some(r) = &rate_limit
-        && (r.per_second == 0 || r.burst == 0)
-    {
-        return Err(invalid(
-            "spec.rateLimit",
-            "requestsPerSecond and burst must be at least 1",
-        ));
-    }
+    let rate_limit = match &spec.rate_limit {
+        None => None,
+        Some(r) => {
+            let quota = |field: &'static str, per_second: u32, burst: Option<u32>| {
+                let q = Quota {
+                    per_second,
+                    burst: burst.unwrap_or(per_second),
+                };
+                if q.per_second == 0 || q.burst == 0 {
+                    return Err(invalid(
+                        field,
+                        "requestsPerSecond and burst must be at least 1",
+                    ));
+                }
+                Ok(q)
+            };
+            let overrides = r
+                .overrides
+                .iter()
+                .map(|o| {
+                    let Some((ns, name)) =
+                        o.service_account.split_once('/').filter(|(ns, name)| {
+                            !ns.is_empty() && !name.is_empty() && !name.contains('/')
+                        })
+                    else {
+                        return Err(invalid(
+                            "spec.rateLimit.overrides",
+                            format!(
+                                "serviceAccount `{}` must be namespace/name",
+                                o.service_account
+                            ),
+                        ));
+                    };
+                    Ok((
+                        format!("/ns/{ns}/sa/{name}"),
+                        quota("spec.rateLimit.overrides", o.requests_per_second, o.burst)?,
+                    ))
+                })
+                .collect::<Result<_, _>>()?;
+            Some(RateLimit {
+                quota: quota("spec.rateLimit", r.requests_per_second, r.burst)?,
+                per_source: r.per_source,
+                overrides,
+            })
+        }
+    };
     let balance = match &spec.load_balancer {
         None => Balance::PeakEwma,
         Some(lb) => {

@@ -173,8 +173,8 @@ impl Outliers {
         if !tripped {
             return false;
         }
-        // Never more than the allowed share ejected at once (rounded down:
-        // one endpoint of one, or of two at 50%... of one is never ejected).
+        // Never more than the allowed share ejected at once, rounded down
+        // (at 50%: none of one, one of two or three).
         let allowed = total * config.max_ejection_percent as usize / 100;
         let ejected_now = health.values().filter(|h| h.ejected(now)).count();
         if ejected_now + 1 > allowed {

@@ -185,7 +185,6 @@ pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
             if let Err(e) = crate::model::traffic::compile(&namespace, &d.object.name, &p.spec) {
                 d.invalid = Some(("Invalid", format!("{}: {e}", d.object)));
             }
-            d.unsupported = unsupported_traffic(&p.spec);
             d.traffic = Some(Box::new(crate::model::traffic::AcceptedTraffic {
                 namespace,
                 name: d.object.name.clone(),
@@ -274,15 +273,6 @@ pub fn doc(origin: &str, policy: Policy) -> PolicyDoc {
 /// The `Accepted=False` reason of an object that sets a field no node acts
 /// on yet.
 pub const UNSUPPORTED: &str = "Unsupported";
-
-/// The TrafficPolicy fields set that no node enforces yet.
-fn unsupported_traffic(spec: &crate::api::traffic::TrafficPolicySpec) -> Vec<String> {
-    [("spec.rateLimit", spec.rate_limit.is_some())]
-        .into_iter()
-        .filter(|(_, set)| *set)
-        .map(|(field, _)| field.to_owned())
-        .collect()
-}
 
 /// Marks `verdict` (a TrafficPolicy) not accepted: `first` already applies
 /// to the same Service port.

@@ -66,6 +66,10 @@ fn bad_values_name_their_field() {
             "spec.loadBalancer.consistentHash: set exactly one of header and cookie",
         ),
         (
+            "rateLimit: {requestsPerSecond: 10, overrides: [{serviceAccount: batch, requestsPerSecond: 1}]}",
+            "spec.rateLimit.overrides: serviceAccount `batch` must be namespace/name",
+        ),
+        (
             "retries: {attempts: 1, backoff: 1s, maxBackoff: 100ms}",
             "spec.retries.maxBackoff: 100ms is shorter than backoff (1s)",
         ),
