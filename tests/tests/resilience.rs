@@ -201,12 +201,21 @@ fn retries_and_outlier_detection_hide_a_failing_endpoint_and_a_retry_storm_stays
         f64::from(bad_during) <= 3.0 + (ejections - 1.0),
         "the failing endpoint served {bad_during} requests over {ejections} ejections"
     );
-    // The node shows it ejected.
-    let routes = node_http(&m.lab, &m.lab.node("n0").unwrap(), "/routes");
-    assert!(
-        routes.contains(&format!("{web0}:8081 (ejected")),
-        "{routes}"
+    // `lacewing routes` shows it ejected.
+    let mut cmd = std::process::Command::new(bin("lacewing"));
+    let n0 = m.lab.node("n0").unwrap();
+    cmd.args([
+        "routes",
+        "--node-addr",
+        &format!("{}:15020", n0.underlay_ip4()),
+    ]);
+    let out = m.lab.run_on_underlay(cmd).unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let expected = format!(
+        "10.96.0.40:80 (shop/pool:80) TrafficPolicy shop/pool\n  no HTTPRoute [PathPrefix /] clients: all\n    -> shop/pool:80 weight 1, PeakEwma (TrafficPolicy shop/pool): {web0}:8080 {web0}:8081 (ejected "
     );
+    assert!(listing.starts_with(&expected), "{listing}");
+    assert!(listing.contains(&format!("s) {web1}:8080\n")), "{listing}");
     // Healed, it comes back after its ejection time.
     let back = poll(
         "the healed endpoint answers again",

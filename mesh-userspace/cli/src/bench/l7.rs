@@ -8,6 +8,12 @@
 //! every request at a fixed 1,000 and 5,000 requests/s from 10 independent
 //! clients (their per-request logs: p50 and p99); the node daemons' CPU is
 //! read over the L4 and L7 runs at a fixed rate, their RSS at the end.
+//!
+//! Then a failure run: a Service with three nginx endpoints, one answering
+//! every request 503, at 1,000 requests/s from 60 connections, without a
+//! TrafficPolicy (the kernel balances each connection: a third of them fail
+//! every request) and with retries and outlier detection; the share of
+//! requests that succeed and the p99 of those that did.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -54,6 +60,17 @@ pub struct Outcome {
     pub cpu_per_1k_rps: f64,
     /// The larger daemon's RSS at the end.
     pub node_rss_mb: f64,
+    pub failure: FailureRun,
+}
+
+/// The failure run: (share of requests answered 2xx, their p99 in
+/// microseconds), without and with the TrafficPolicy.
+#[derive(Clone, Debug, Default)]
+pub struct FailureRun {
+    pub without: (f64, f64),
+    pub with_policy: (f64, f64),
+    /// Endpoints ejected during the run with the policy.
+    pub ejections: f64,
 }
 
 /// (protocol, response bytes, nginx port on the server pods, ClusterIP,
@@ -179,24 +196,195 @@ fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outc
         .collect::<anyhow::Result<Vec<f64>>>()?
         .into_iter()
         .fold(0.0, f64::max);
+    let failure = failure_run(lab, &file, &client, &proxy, &servers, opts)?;
     drop(nginx);
     Ok(Outcome {
         rows,
         cpu_per_1k_rps: median(cpu),
         node_rss_mb,
+        failure,
     })
+}
+
+/// The failing Service's ClusterIP, its healthy and failing nginx ports.
+const FLAKY: (&str, u16, u16) = ("10.96.0.50", 8090, 8091);
+
+/// The failure run (see the module's docs).
+fn failure_run(
+    lab: &Lab,
+    file: &Path,
+    client: &PodSpec,
+    proxy: &PodSpec,
+    servers: &[PodSpec; 2],
+    opts: &Options,
+) -> anyhow::Result<FailureRun> {
+    let (vip, good, bad) = FLAKY;
+    let _nginx = [
+        lab.start_http_server(&servers[0], good, "ok")?,
+        lab.start_http_server(&servers[1], good, "ok")?,
+        lab.start_http_server_with_status(&servers[0], bad, "failing", 503)?,
+    ];
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: flaky, namespace: bench}}\nspec: {{clusterIP: {vip}, ports: [{{name: http, port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: flaky-good, namespace: bench, labels: {{kubernetes.io/service-name: flaky}}}}\naddressType: IPv4\nports: [{{name: http, port: {good}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{}\", \"{}\"]}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: flaky-bad, namespace: bench, labels: {{kubernetes.io/service-name: flaky}}}}\naddressType: IPv4\nports: [{{name: http, port: {bad}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{}\"]}}]\n",
+        servers[0].ip4(),
+        servers[1].ip4(),
+        servers[0].ip4(),
+    );
+    let policy = "apiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: flaky, namespace: bench}\nspec:\n  targetRef: {name: flaky}\n  retries: {attempts: 2, retryOn: [5xx]}\n  outlierDetection: {consecutive5xx: 3, interval: 10s, baseEjectionTime: 30s}\n";
+    let base = config_yaml(true, client, proxy, servers, true);
+    std::fs::write(file, format!("{base}---\n{service}"))?;
+    wait_until("the flaky Service answers the client", || {
+        let mut curl = Command::new("curl");
+        curl.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "2",
+        ])
+        .arg(format!("http://{vip}/"));
+        let code = lab
+            .run_in_pod(client, curl)
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        code == "200" || code == "503"
+    })?;
+    eprintln!("failure run: three endpoints, one answering 503; no policy");
+    let without = fixed_rate_outcomes(lab, client, &format!("{vip}:80"), opts)?;
+    std::fs::write(file, format!("{base}---\n{service}---\n{policy}"))?;
+    let node = lab.node("n0")?;
+    wait_until("n0 applies the TrafficPolicy", || {
+        lab.node_get(&node, "/routes")
+            .unwrap_or_default()
+            .contains("\"policy\": \"bench/flaky\"")
+    })?;
+    eprintln!("failure run: retries (2, on 5xx) and outlier detection (3 consecutive 5xx)");
+    let ejections = |lab: &Lab| {
+        super::node_metric(
+            lab,
+            "n0",
+            "lacewing_traffic_policy_events_total{destination_service=\"bench/flaky\",event=\"ejection\"}",
+        )
+    };
+    let before = ejections(lab)?;
+    // Every request is routed by n0 (and counted there).
+    let at_least = f64::from(opts.seconds) * 1000.0 * 0.9;
+    let with_policy = on_path(lab, "n0", REQUESTS_OUT, at_least, "failure run", || {
+        fixed_rate_outcomes(lab, client, &format!("{vip}:80"), opts)
+    })?;
+    let run = FailureRun {
+        without: success_and_p99(&without),
+        with_policy: success_and_p99(&with_policy),
+        ejections: ejections(lab)? - before,
+    };
+    eprintln!(
+        "  no policy: {:.4} succeeded, p99 {:.0} us; with the policy: {:.4} succeeded, p99 {:.0} us ({} ejections)",
+        run.without.0, run.without.1, run.with_policy.0, run.with_policy.1, run.ejections
+    );
+    Ok(run)
+}
+
+/// Until `ready()` holds (15 s at most).
+fn wait_until(what: &str, ready: impl Fn() -> bool) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("timed out: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// (status, latency in microseconds) of every request of a fixed-rate run
+/// at 1,000 requests/s over HTTP/1.1 keep-alive: 10 h2load processes of 6
+/// connections each (60 connections, so that the kernel's per-connection
+/// choice spreads over the endpoints), failures allowed.
+fn fixed_rate_outcomes(
+    lab: &Lab,
+    client: &PodSpec,
+    target: &str,
+    opts: &Options,
+) -> anyhow::Result<Vec<(u16, f64)>> {
+    let mut running = Vec::new();
+    for i in 0..10 {
+        let log = lab.state_dir().join(format!("h2load-failure-{i}.log"));
+        let _ = std::fs::remove_file(&log);
+        let mut cmd = Command::new("h2load");
+        cmd.args([
+            "--h1",
+            "-c",
+            "6",
+            "--rps=17",
+            "-D",
+            &opts.seconds.to_string(),
+        ])
+        .arg("--warm-up-time=1")
+        .arg(format!("--log-file={}", log.display()))
+        .arg(format!("http://{target}/"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        running.push((
+            lab.spawn_in_pod(client, cmd).context("starting h2load")?,
+            log,
+        ));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut outcomes = Vec::new();
+    for (process, log) in running {
+        let out = process.wait_with_output().context("running h2load")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "h2load failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&log).context("reading h2load's request log")?;
+        outcomes.extend(text.lines().filter_map(|l| {
+            let mut cols = l.split('\t').skip(1);
+            Some((
+                cols.next()?.trim().parse().ok()?,
+                cols.next()?.trim().parse().ok()?,
+            ))
+        }));
+    }
+    anyhow::ensure!(
+        outcomes.len() as f64 >= f64::from(opts.seconds) * 1000.0 * 0.9,
+        "h2load logged {} requests, not about {} a second",
+        outcomes.len(),
+        1000
+    );
+    Ok(outcomes)
+}
+
+/// The share of `outcomes` answered 2xx, and their p99 latency.
+fn success_and_p99(outcomes: &[(u16, f64)]) -> (f64, f64) {
+    let ok: Vec<f64> = outcomes
+        .iter()
+        .filter(|(s, _)| (200..300).contains(s))
+        .map(|(_, l)| *l)
+        .collect();
+    (
+        ok.len() as f64 / outcomes.len() as f64,
+        percentile(&ok, 0.99),
+    )
 }
 
 pub fn result_line(o: &Outcome) -> String {
     let ratio = |f: fn(&Row) -> f64| median(o.rows.iter().map(f).collect());
     format!(
-        "RESULT l7 rps_l7_vs_direct={:.2} rps_l7_vs_nginx={:.2} p50_added_us_1k={:.0} p99_added_us_1k={:.0} cpu_per_1k_rps={:.3} node_rss_mb={:.1}",
+        "RESULT l7 rps_l7_vs_direct={:.2} rps_l7_vs_nginx={:.2} p50_added_us_1k={:.0} p99_added_us_1k={:.0} cpu_per_1k_rps={:.3} node_rss_mb={:.1} success_with_policy={:.4} p99_with_policy_us={:.0}",
         ratio(|r| r.l7.max_rps / r.direct.max_rps),
         ratio(|r| r.l7.max_rps / r.nginx.max_rps),
         ratio(|r| r.l7.p50_1k_us - r.direct.p50_1k_us),
         ratio(|r| r.l7.p99_1k_us - r.direct.p99_1k_us),
         o.cpu_per_1k_rps,
         o.node_rss_mb,
+        o.failure.with_policy.0,
+        o.failure.with_policy.1,
     )
 }
 

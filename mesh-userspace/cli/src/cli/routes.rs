@@ -36,10 +36,14 @@ pub fn render(routes: &serde_json::Value) -> String {
             if let Some(n) = r["filters"].as_u64().filter(|n| *n > 0) {
                 extra.push(format!("{n} filters"));
             }
+            // A Service routed for its TrafficPolicy alone has one rule of
+            // no route.
+            let rule = match r["route"].as_str() {
+                Some("") => "no HTTPRoute".to_owned(),
+                route => format!("{}#{}", route.unwrap_or("?"), r["rule"]),
+            };
             out.push_str(&format!(
-                "  {}#{} [{}] clients: {}{}\n",
-                r["route"].as_str().unwrap_or("?"),
-                r["rule"],
+                "  {rule} [{}] clients: {}{}\n",
                 r["match"].as_str().unwrap_or("?"),
                 r["clients"].as_str().unwrap_or("?"),
                 if extra.is_empty() {
@@ -53,14 +57,17 @@ pub fn render(routes: &serde_json::Value) -> String {
                     .as_array()
                     .map(|e| e.iter().filter_map(|x| x.as_str()).collect())
                     .unwrap_or_default();
+                // The balancing is shown when a TrafficPolicy sets it.
+                let policy = b["policy"].as_str().map_or(String::new(), |p| {
+                    format!(
+                        ", {} (TrafficPolicy {p})",
+                        b["balance"].as_str().unwrap_or("PeakEwma")
+                    )
+                });
                 out.push_str(&format!(
-                    "    -> {} weight {}, {}{}: {}\n",
+                    "    -> {} weight {}{policy}: {}\n",
                     b["service"].as_str().unwrap_or("?"),
                     b["weight"],
-                    b["balance"].as_str().unwrap_or("PeakEwma"),
-                    b["policy"]
-                        .as_str()
-                        .map_or(String::new(), |p| format!(" (TrafficPolicy {p})")),
                     if endpoints.is_empty() {
                         "no ready endpoint (503)".to_owned()
                     } else {
