@@ -842,7 +842,7 @@ impl Session {
         }
         let mut flag = Flag::None;
         if let Some(fault) = policy.and_then(|p| p.fault) {
-            let service = self.service_label();
+            let service = service_name(&self.frontend.service);
             if let Some((share, delay)) = fault.delay
                 && fastrand::f64() < share
             {
@@ -914,11 +914,6 @@ impl Session {
             routed.flag = flag;
         }
         routed
-    }
-
-    /// `namespace/name` of the Service dialled.
-    fn service_label(&self) -> String {
-        format!("{}/{}", self.frontend.service.0, self.frontend.service.1)
     }
 
     /// How `rule` (or else `policy`) retries a request to `service`.
@@ -1003,7 +998,7 @@ impl Session {
                     Err(_) => {
                         self.router
                             .metrics
-                            .event(&format!("{}/{}", service.0, service.1), "circuit_open");
+                            .event(&service_name(&service), "circuit_open");
                         return answered(
                             failure_response(Failure::CircuitOpen, grpc),
                             Flag::CircuitOpen,
@@ -1058,10 +1053,9 @@ impl Session {
             if attempt > 0 && !std::mem::take(&mut resend) {
                 let plan = plan.as_ref().expect("only a plan makes attempts");
                 if plan.budget.as_ref().is_some_and(|b| !b.withdraw()) {
-                    self.router.metrics.event(
-                        &format!("{}/{}", service.0, service.1),
-                        "retry_budget_exhausted",
-                    );
+                    self.router
+                        .metrics
+                        .event(&service_name(&service), "retry_budget_exhausted");
                     break;
                 }
                 self.router.metrics.retry(&rule.route.to_string());
@@ -1108,7 +1102,7 @@ impl Session {
                 {
                     self.router
                         .metrics
-                        .event(&format!("{}/{}", service.0, service.1), "ejection");
+                        .event(&service_name(&service), "ejection");
                 }
             }
             match outcome {
@@ -1339,6 +1333,11 @@ pub fn grpc_timeout(text: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// `namespace/name`, as metrics label a Service.
+fn service_name(service: &ServiceId) -> String {
+    format!("{}/{}", service.0, service.1)
 }
 
 /// The key a consistent-hash policy balances a request on, if it has one.

@@ -569,6 +569,7 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
             set.services.extend(entries);
         }
     }
+    check_http_only_fields(&set, &mut traffic, &mut verdicts);
     apply_kernel_choices(&mut set, &traffic);
     set.validate()?;
     Ok(Translation {
@@ -582,6 +583,87 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
         },
         verdicts,
     })
+}
+
+/// The Service ports a TrafficPolicy covers: (port, what it speaks).
+fn covered_ports(set: &ServiceSet, t: &super::traffic::AcceptedTraffic) -> Vec<(u16, AppProtocol)> {
+    let mut ports: Vec<(u16, AppProtocol)> = set
+        .services
+        .iter()
+        .filter(|e| e.protocol == Protocol::Tcp)
+        .filter(|e| {
+            e.name.split_once('/').is_some_and(|(ns, rest)| {
+                ns == t.namespace
+                    && rest.rsplit_once(':').map_or(rest, |(n, _)| n) == t.spec.target_ref.name
+            })
+        })
+        .map(|e| (e.frontend.port(), e.app_protocol))
+        .filter(|(port, _)| t.spec.target_ref.port.is_none_or(|p| p == *port))
+        .collect();
+    ports.sort();
+    ports.dedup();
+    ports
+}
+
+/// A TrafficPolicy whose per-request fields (`timeout`, `retries`,
+/// `circuitBreaker`, `outlierDetection`, `fault`, an HTTP balancing) meet
+/// only ports that say they are not HTTP is refused: nothing would act on
+/// them. One that covers HTTP ports too is accepted, and its `Accepted`
+/// condition says which ports those fields skip.
+fn check_http_only_fields(
+    set: &ServiceSet,
+    traffic: &mut Vec<super::traffic::AcceptedTraffic>,
+    verdicts: &mut [Verdict],
+) {
+    traffic.retain(|t| {
+        let Ok(compiled) = super::traffic::compile(&t.namespace, &t.name, &t.spec) else {
+            return true;
+        };
+        if !compiled.needs_requests() {
+            return true;
+        }
+        let ports = covered_ports(set, t);
+        let opaque: Vec<String> = ports
+            .iter()
+            .filter(|(_, a)| *a == AppProtocol::Opaque)
+            .map(|(p, _)| p.to_string())
+            .collect();
+        if opaque.is_empty() {
+            return true;
+        }
+        let Some(verdict) = verdicts.iter_mut().find(|v| {
+            v.object.kind == "TrafficPolicy"
+                && v.object.namespace.as_deref() == Some(t.namespace.as_str())
+                && v.object.name == t.name
+        }) else {
+            return true;
+        };
+        let all = opaque.len() == ports.len();
+        let message = format!(
+            "{}: its timeout, retries, circuitBreaker, outlierDetection, fault and HTTP balancing act on HTTP requests; Service {}/{} port {} does not speak HTTP (appProtocol or port name){}",
+            verdict.object,
+            t.namespace,
+            t.spec.target_ref.name,
+            opaque.join(", "),
+            if all {
+                ": remove those fields or target an HTTP port"
+            } else {
+                ", where only its other fields apply"
+            }
+        );
+        if let Some(c) = verdict
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == crate::api::conditions::ACCEPTED)
+        {
+            if all {
+                c.status = "False".to_owned();
+                c.reason = "NotHTTP".to_owned();
+            }
+            c.message = message;
+        }
+        !all
+    });
 }
 
 /// The kernel's algorithm and ClientIP affinity of each Service port a

@@ -201,6 +201,36 @@ fn traffic_policies_are_checked_one_per_port_and_set_the_kernel_s_algorithm() {
 }
 
 #[test]
+fn http_fields_on_ports_that_are_not_http_are_refused_or_said() {
+    let db = "kind: Service\nmetadata: {name: db, namespace: shop}\nspec: {clusterIP: 10.96.0.11, ports: [{name: tcp-pg, port: 5432}, {name: http-admin, port: 8080}]}\n";
+    let tp = |port: &str| {
+        format!(
+            "apiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: db, namespace: shop}}\nspec: {{targetRef: {{name: db{port}}}, fault: {{abort: {{percent: 10, httpStatus: 503}}}}}}\n"
+        )
+    };
+    let err = parse(&format!("{db}---\n{}", tp(", port: 5432")))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("TrafficPolicy shop/db: its timeout, retries, circuitBreaker, outlierDetection, fault and HTTP balancing act on HTTP requests; Service shop/db port 5432 does not speak HTTP (appProtocol or port name): remove those fields or target an HTTP port (Accepted: False, reason NotHTTP)"),
+        "{err}"
+    );
+    // Both ports: accepted, and its condition says where the fault skips.
+    let mut objects = Objects::default();
+    objects
+        .add_yaml("", &format!("{db}---\n{}", tp("")))
+        .unwrap();
+    let t = translate_all(&[&objects]).unwrap();
+    assert_eq!(t.declared.traffic.len(), 1);
+    let accepted = &t.verdicts[0].conditions[0];
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        ("True", "Accepted")
+    );
+    assert!(accepted.message.ends_with("port 5432 does not speak HTTP (appProtocol or port name), where only its other fields apply"), "{}", accepted.message);
+}
+
+#[test]
 fn a_policy_with_a_bad_identity_or_shape_is_rejected() {
     let authz = format!(
         "{WEB}---\napiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-all, namespace: shop}}\nspec: {{action: Deny, rules: [{{from: [{{principals: [\"spiffe://cluster.local/ns/shop\"]}}]}}]}}\n"
