@@ -10,7 +10,8 @@
 //!   n1-p0 web-0, n1-p1 web-1: httpd.py servers on 8080-8084, some failing
 //!   Services (port 80, no HTTPRoute): pool 10.96.0.40 (3 endpoints, one
 //!   failing), broken .41 (2, both failing), slow .42, faulty .43,
-//!   hashed .44 (5 endpoints), items .45 (gRPC)
+//!   hashed .44 (5 endpoints), items .45 (gRPC, every other Get failing),
+//!   steady .47 (gRPC), limited .46
 //! ```
 
 use std::time::{Duration, Instant};
@@ -27,6 +28,7 @@ const SLOW: &str = "10.96.0.42";
 const FAULTY: &str = "10.96.0.43";
 const HASHED: &str = "10.96.0.44";
 const ITEMS: &str = "10.96.0.45";
+const STEADY: &str = "10.96.0.47";
 const GRPC_PORT: u16 = 50061;
 
 /// A Service on port 80 (named `http`) at `ip` whose endpoints are
@@ -440,6 +442,12 @@ fn consistent_hashing_keeps_keys_and_grpc_clients_get_grpc_statuses() {
         &["serve", &GRPC_PORT.to_string(), "flaky"],
         GRPC_PORT,
     );
+    let _steady = m.serve_tool(
+        "n1-p0",
+        "grpcsvc.py",
+        &["serve", &GRPC_PORT.to_string()],
+        GRPC_PORT,
+    );
     let five = [
         (web0.as_str(), 8080),
         (web0.as_str(), 8081),
@@ -450,6 +458,13 @@ fn consistent_hashing_keeps_keys_and_grpc_clients_get_grpc_statuses() {
     let items = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: items, namespace: shop}}\nspec: {{clusterIP: {ITEMS}, ports: [{{name: grpc, port: {GRPC_PORT}, appProtocol: grpc}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: items-v4, namespace: shop, labels: {{kubernetes.io/service-name: items}}}}\naddressType: IPv4\nports: [{{name: grpc, port: {GRPC_PORT}, protocol: TCP}}]\nendpoints: [{{addresses: [\"{web1}\"]}}]\n"
     );
+    let steady = items
+        .replace("name: items", "name: steady")
+        .replace("name: items-v4", "name: steady-v4")
+        .replace("service-name: items", "service-name: steady")
+        .replace(ITEMS, STEADY)
+        .replace(&format!("[\"{web1}\"]"), &format!("[\"{web0}\"]"));
+    let items = format!("{items}---\n{steady}");
     m.config(
         "services.yaml",
         Some(&format!("{}---\n{items}", service("hashed", HASHED, &five))),
@@ -561,6 +576,26 @@ fn consistent_hashing_keeps_keys_and_grpc_clients_get_grpc_statuses() {
             format!("Get {code} -\nDelete {code} -\nCheck {code} -\nGet {code} -")
         );
     }
+    // Over a rate limit (at the destination), RESOURCE_EXHAUSTED naming the
+    // policy: one call a second, the channel's four calls in a burst.
+    let before = controller_version(&m);
+    m.config(
+        "steady.yaml",
+        Some(&policy(
+            "steady",
+            "  rateLimit: {requestsPerSecond: 1, burst: 1}\n",
+        )),
+    );
+    until_in_sync(&m, before);
+    let out = m.run_tool(
+        "n0-p0",
+        "grpcsvc.py",
+        &["call", STEADY, &GRPC_PORT.to_string()],
+    );
+    assert_eq!(
+        out,
+        "Get OK Get:1\nDelete RESOURCE_EXHAUSTED shop/steady\nCheck RESOURCE_EXHAUSTED shop/steady\nGet RESOURCE_EXHAUSTED shop/steady"
+    );
 }
 
 const LIMITED: &str = "10.96.0.46";
