@@ -1,5 +1,6 @@
 //! HTTP inside a connection to a pod that an AuthorizationPolicy with L7
-//! conditions selects (methods, paths, headers): the destination's node
+//! conditions selects (methods, paths, headers), or that a TrafficPolicy's
+//! rate limit covers per request: the destination's node
 //! reads each request (HTTP/1.1 or HTTP/2, told apart by the preface),
 //! decides it with the peer's proven identity, and either answers the
 //! refusal itself or passes the request to the pod over the connection it
@@ -19,7 +20,9 @@
 //! A refusal is 403 with `x-lacewing-denied-by: <namespace>/<policy>`; to a
 //! gRPC client (`content-type: application/grpc...`) it is gRPC's
 //! PERMISSION_DENIED (HTTP 200, `grpc-status: 7`, no body), with the same
-//! header. Each is logged and counted as a denied connection is.
+//! header. Over a rate limit it is 429 with `Retry-After` (gRPC's
+//! RESOURCE_EXHAUSTED). Each is logged and counted as a denied connection
+//! is.
 
 use std::{
     io,
@@ -214,17 +217,28 @@ impl Connection {
                 .err()
         };
         if let Some(refusal) = denied {
-            tracing::info!(
-                identity = %self.peer.identity,
-                source = ?self.peer.source,
-                dest = %self.dest,
-                method = %req.method(),
-                path = %req.uri().path(),
-                reason = refusal.reason,
-                detail = %refusal.detail,
-                policy = ?refusal.policy,
-                "request refused"
-            );
+            // A policy's denial is worth a line each; a rate limit's are
+            // many by nature (a flood), and counted: debug only.
+            macro_rules! refused_line {
+                ($level:ident) => {
+                    tracing::$level!(
+                        identity = %self.peer.identity,
+                        source = ?self.peer.source,
+                        dest = %self.dest,
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        reason = refusal.reason,
+                        detail = %refusal.detail,
+                        policy = ?refusal.policy,
+                        "request refused"
+                    )
+                };
+            }
+            if refusal.retry_after.is_some() {
+                refused_line!(debug);
+            } else {
+                refused_line!(info);
+            }
             self.metrics.refused(&refusal);
             return refused(&req, &refusal);
         }

@@ -7,11 +7,14 @@
 //!   carried;
 //! - [`outbound::Outbound`]: a captured connection goes through the tunnel,
 //!   to a pod on this node through [`inbound::Inbound`], or unchanged;
-//! - [`l7`]: HTTP requests to a pod that an L7 AuthorizationPolicy
-//!   selects, decided one by one;
-//! - [`router`]: HTTP requests to a Service that HTTPRoutes bind, routed
-//!   one by one at the source (rules, filters, weights, per-request
-//!   balancing, timeouts, retries, mirrors);
+//! - [`l7`]: HTTP requests to a pod that an L7 AuthorizationPolicy or a
+//!   rate limit covers, decided one by one;
+//! - [`ratelimit`]: TrafficPolicies' rate limits at the destination, per
+//!   request or per connection;
+//! - [`router`]: HTTP requests to a Service that HTTPRoutes or a
+//!   TrafficPolicy bind, routed one by one at the source (rules, filters,
+//!   weights, per-request balancing, timeouts, retries with a budget,
+//!   mirrors, circuit breaking, outlier detection, fault injection);
 //! - [`registry::Registry`]: every live connection, so a policy change
 //!   closes what it now denies and a drain waits for what is open;
 //! - [`splice`]: copying both ways, watching spliced writers.
