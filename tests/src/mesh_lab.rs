@@ -201,6 +201,20 @@ impl MeshLab {
         server
     }
 
+    /// `lacewing routes` for `node`, as its daemon holds them.
+    pub fn routes_listing(&self, node: &str) -> String {
+        let mut cmd = Command::new(bin("lacewing"));
+        let node = self.lab.node(node).unwrap();
+        cmd.args([
+            "routes",
+            "--node-addr",
+            &format!("{}:15020", node.underlay_ip4()),
+        ]);
+        let out = self.lab.run_on_underlay(cmd).unwrap();
+        assert!(out.status.success(), "lacewing routes: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `tool`'s output in `pod`; panics with its stderr if it failed.
     pub fn run_tool(&self, pod: &str, tool_name: &str, args: &[&str]) -> String {
         self.try_run_tool(pod, tool_name, args)

@@ -14,10 +14,8 @@
 
 use std::time::Instant;
 
-use std::process::Command;
-
 use lacewing_tests::{
-    bin, h2load_all_succeed,
+    h2load_all_succeed,
     mesh_lab::{MeshLab, field},
     run_in,
 };
@@ -238,16 +236,7 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
     // The CLI lists the frontend's rules in Gateway API's precedence order
     // (longer path prefixes first, then more header matches) with their
     // endpoints.
-    let mut cmd = Command::new(bin("lacewing"));
-    let n0 = m.lab.node("n0").unwrap();
-    cmd.args([
-        "routes",
-        "--node-addr",
-        &format!("{}:15020", n0.underlay_ip4()),
-    ]);
-    let out = m.lab.run_on_underlay(cmd).unwrap();
-    assert!(out.status.success(), "lacewing routes: {out:?}");
-    let listing = String::from_utf8_lossy(&out.stdout);
+    let listing = m.routes_listing("n0");
     let (v1, v2) = (format!("{web0}:{HTTP_PORT}"), format!("{web1}:{HTTP_PORT}"));
     assert_eq!(
         listing,

@@ -10,8 +10,9 @@
       may hold `{i}`, the request's number (from 0); with --list, each
       answer is printed on its own line instead: `<i> <status> <word>`.
       With --rate R, requests are sent R a second (on schedule, not one
-      after the other), and `retry-after=<n>` counts answers that carry a
-      Retry-After header.
+      after the other, as fast as answers allow), `retry-after=<n>` counts
+      answers that carry a Retry-After header, and `elapsed_ms=<n>` says how
+      long the N requests took.
 """
 import collections
 import http.client
@@ -59,3 +60,4 @@ for key in sorted(counts):
 print(f"connections={connects}")
 if rate:
     print(f"retry-after={retry_after}")
+    print(f"elapsed_ms={int((time.monotonic() - start) * 1000)}")

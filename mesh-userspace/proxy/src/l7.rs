@@ -431,33 +431,30 @@ fn refused<B>(req: &Request<B>, refusal: &Refusal) -> Response<Body> {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
-    if let Some(wait) = refusal.retry_after {
-        return rate_limited(grpc, wait, refusal.policy.as_deref());
-    }
-    let mut resp = if grpc {
-        let mut resp = status(StatusCode::OK);
-        let headers = resp.headers_mut();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert(
-            "grpc-status",
-            HeaderValue::from_static(GRPC_PERMISSION_DENIED),
-        );
-        headers.insert(
-            "grpc-message",
-            HeaderValue::from_static("denied by an AuthorizationPolicy"),
-        );
-        resp
-    } else {
-        let mut resp = Response::new(
-            Full::new(Bytes::from_static(b"denied by an AuthorizationPolicy\n"))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *resp.status_mut() = StatusCode::FORBIDDEN;
-        resp
+    let mut resp = match refusal.retry_after {
+        None => answer(
+            grpc,
+            StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            "denied by an AuthorizationPolicy",
+        ),
+        Some(wait) => {
+            // Whole seconds, at least 1, as `Retry-After` must.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut resp = answer(
+                grpc,
+                StatusCode::TOO_MANY_REQUESTS,
+                GRPC_RESOURCE_EXHAUSTED,
+                "rate_limited",
+            );
+            let headers = resp.headers_mut();
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            headers.insert(
+                crate::router::ERROR_HEADER,
+                HeaderValue::from_static("rate_limited"),
+            );
+            resp
+        }
     };
     if let Some(value) = refusal
         .policy
@@ -469,42 +466,34 @@ fn refused<B>(req: &Request<B>, refusal: &Refusal) -> Response<Body> {
     resp
 }
 
-/// A request over a rate limit: 429 (gRPC RESOURCE_EXHAUSTED) saying when
-/// to try again (whole seconds, at least 1, as `Retry-After` must).
-fn rate_limited(grpc: bool, wait: std::time::Duration, policy: Option<&str>) -> Response<Body> {
-    let mut resp = if grpc {
+/// The node's own answer: to a gRPC client HTTP 200 with `grpc_code` and
+/// `message` and no body, to others `http_status` with `message` as the
+/// body.
+fn answer(
+    grpc: bool,
+    http_status: StatusCode,
+    grpc_code: &'static str,
+    message: &'static str,
+) -> Response<Body> {
+    if grpc {
         let mut resp = status(StatusCode::OK);
         let headers = resp.headers_mut();
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        headers.insert(
-            "grpc-status",
-            HeaderValue::from_static(GRPC_RESOURCE_EXHAUSTED),
-        );
-        headers.insert("grpc-message", HeaderValue::from_static("rate_limited"));
+        headers.insert("grpc-status", HeaderValue::from_static(grpc_code));
+        headers.insert("grpc-message", HeaderValue::from_static(message));
         resp
     } else {
         let mut resp = Response::new(
-            Full::new(Bytes::from_static(b"rate_limited\n"))
+            Full::new(Bytes::from(format!("{message}\n")))
                 .map_err(|never| match never {})
                 .boxed(),
         );
-        *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        *resp.status_mut() = http_status;
         resp
-    };
-    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    let headers = resp.headers_mut();
-    headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-    headers.insert(
-        crate::router::ERROR_HEADER,
-        HeaderValue::from_static("rate_limited"),
-    );
-    if let Some(value) = policy.and_then(|p| HeaderValue::from_str(p).ok()) {
-        headers.insert(DENIED_BY, value);
     }
-    resp
 }
 
 fn status(code: StatusCode) -> Response<Body> {

@@ -1455,5 +1455,16 @@ pub fn pick_l4(table: &RouteTable, frontend: &Frontend) -> Option<SocketAddr> {
     weighted(endpoints, |e: &BackendEntry| u64::from(e.weight)).map(|e| e.addr)
 }
 
+/// `n` endpoints, 10.0.0.1:80 on, for the balancing tests.
+#[cfg(test)]
+fn test_endpoints(n: u8) -> Vec<BackendEntry> {
+    (1..=n)
+        .map(|i| BackendEntry {
+            addr: SocketAddr::from(([10, 0, 0, i], 80)),
+            weight: 1,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests;

@@ -221,14 +221,7 @@ impl Drop for Pending {
 mod tests {
     use super::*;
 
-    fn endpoints(n: u8) -> Vec<BackendEntry> {
-        (1..=n)
-            .map(|i| BackendEntry {
-                addr: SocketAddr::from(([10, 0, 0, i], 80)),
-                weight: 1,
-            })
-            .collect()
-    }
+    use crate::router::test_endpoints as endpoints;
 
     #[test]
     fn a_failing_endpoint_is_avoided_and_a_retry_goes_elsewhere() {

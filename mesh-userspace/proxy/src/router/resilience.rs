@@ -386,14 +386,7 @@ fn new_budget(config: &Budget) -> Arc<TpsBudget> {
 mod tests {
     use super::*;
 
-    fn endpoints(n: u8) -> Vec<BackendEntry> {
-        (1..=n)
-            .map(|i| BackendEntry {
-                addr: SocketAddr::from(([10, 0, 0, i], 80)),
-                weight: 1,
-            })
-            .collect()
-    }
+    use crate::router::test_endpoints as endpoints;
 
     const CONFIG: Outlier = Outlier {
         consecutive_5xx: 3,
