@@ -703,8 +703,13 @@ fn a_rate_limit_admits_its_rate_and_per_source_limits_keep_clients_apart() {
         } else {
             "requestsPerSecond: 20, burst: 5, perSource: true"
         });
+        let refused_before = event_on(&m, "n1", "limited", "rate_limited");
         let (flood, b_ok, b_limited) = std::thread::scope(|s| {
             let flood = s.spawn(|| paced(&m, "n0-p0", 200, 1000));
+            // The second client starts once the flood is over the limit.
+            m.until("the flood is refused", || {
+                event_on(&m, "n1", "limited", "rate_limited") > refused_before
+            });
             let (b_ok, b_limited, ..) = paced(&m, "n1-p1", 10, 30);
             (flood.join().unwrap(), b_ok, b_limited)
         });
