@@ -39,3 +39,33 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
     }
     Ok(Duration::from_secs(secs))
 }
+
+/// A Gateway API duration: one to four `<number><unit>` parts, units `h`,
+/// `m`, `s`, `ms` (`1h`, `500ms`, `1m30s`, `0s`).
+pub fn gateway(text: &str) -> Option<Duration> {
+    let mut rest = text;
+    let mut total = Duration::ZERO;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 || digits > 5 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else {
+            match rest.as_bytes().first()? {
+                b'h' => (Duration::from_secs(3600), 1),
+                b'm' => (Duration::from_secs(60), 1),
+                b's' => (Duration::from_secs(1), 1),
+                _ => return None,
+            }
+        };
+        rest = &rest[len..];
+        total += unit * u32::try_from(n).ok()?;
+        parts += 1;
+    }
+    (1..=4).contains(&parts).then_some(total)
+}

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use futures::FutureExt as _;
-use lacewing_core::model::{authorization, workloads::Workload};
+use lacewing_core::model::{authorization, routes::Limited, workloads::Workload};
 use lacewing_tunnel::{
     Peer, Refusal,
     metrics::TunnelMetrics,
@@ -51,9 +51,13 @@ impl Inbound {
     /// registers the connection (so a policy change can close it).
     pub async fn connect(&self, peer: Peer, dest: SocketAddr) -> Result<Delivery, Refusal> {
         let workload = self.authorize(&peer, dest)?;
+        let routes = self.state.routes();
+        let limited = routes.limited(dest);
         // A port not declared HTTP is limited per connection.
-        self.rate_limit(&peer, dest, false)?;
-        let per_request = self.per_request(&workload, dest);
+        if let Some(l) = limited.filter(|l| !l.per_request) {
+            self.take(&peer, dest, l)?;
+        }
+        let per_request = self.reads_requests(&workload, limited);
         let stream = self
             .sockets
             .connect_delivery(dest)
@@ -152,25 +156,19 @@ impl Inbound {
     /// AuthorizationPolicy with L7 conditions selects it, or a rate limit
     /// applies to it per request.
     pub fn per_request(&self, workload: &Workload, dest: SocketAddr) -> bool {
-        authorization::needs_requests(&self.state.policies(), workload)
-            || self
-                .state
-                .routes()
-                .limited(dest)
-                .is_some_and(|l| l.per_request)
+        self.reads_requests(workload, self.state.routes().limited(dest))
     }
 
-    /// The rate limit of `dest` (a TrafficPolicy's), if it applies per
-    /// request (`per_request`) or per connection (else): one more taken, or
+    /// [`per_request`](Self::per_request), given the rate limit of the
+    /// destination.
+    fn reads_requests(&self, workload: &Workload, limited: Option<&Limited>) -> bool {
+        authorization::needs_requests(&self.state.policies(), workload)
+            || limited.is_some_and(|l| l.per_request)
+    }
+
+    /// One request (or connection) to `dest` taken from its rate limit, or
     /// the refusal (429, with when to come back).
-    fn rate_limit(&self, peer: &Peer, dest: SocketAddr, per_request: bool) -> Result<(), Refusal> {
-        let routes = self.state.routes();
-        let Some(limited) = routes
-            .limited(dest)
-            .filter(|l| l.per_request == per_request)
-        else {
-            return Ok(());
-        };
+    fn take(&self, peer: &Peer, dest: SocketAddr, limited: &Limited) -> Result<(), Refusal> {
         let Some(config) = &limited.policy.rate_limit else {
             return Ok(());
         };
@@ -269,7 +267,10 @@ impl crate::l7::PodSide for Inbound {
         // The same checks as the connection's, with the request's method,
         // path and headers; then the rate limit.
         self.decide(peer, dest, Some(request))?;
-        self.rate_limit(peer, dest, true)
+        match self.state.routes().limited(dest).filter(|l| l.per_request) {
+            Some(limited) => self.take(peer, dest, limited),
+            None => Ok(()),
+        }
     }
 
     fn reconnect(

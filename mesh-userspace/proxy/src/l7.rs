@@ -36,7 +36,7 @@ use std::{
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
+use http_body_util::{BodyExt as _, Empty, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lacewing_core::model::authorization;
@@ -72,9 +72,9 @@ pub type PodConnection = (TcpStream, Option<Arc<Watch>>);
 /// The header that names the policy that refused a request.
 pub const DENIED_BY: &str = "x-lacewing-denied-by";
 /// gRPC's PERMISSION_DENIED.
-const GRPC_PERMISSION_DENIED: &str = "7";
+const GRPC_PERMISSION_DENIED: u16 = 7;
 /// gRPC's RESOURCE_EXHAUSTED.
-const GRPC_RESOURCE_EXHAUSTED: &str = "8";
+const GRPC_RESOURCE_EXHAUSTED: u16 = 8;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -426,33 +426,25 @@ enum ForwardError {
 /// The answer to a refused request: gRPC's form to a gRPC client, else 403
 /// (429 with `Retry-After` for a rate limit).
 fn refused<B>(req: &Request<B>, refusal: &Refusal) -> Response<Body> {
-    let grpc = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
+    let grpc = crate::answer::is_grpc(req.headers());
     let mut resp = match refusal.retry_after {
-        None => answer(
+        None => crate::answer::own(
             grpc,
             StatusCode::FORBIDDEN,
             GRPC_PERMISSION_DENIED,
             "denied by an AuthorizationPolicy",
         ),
         Some(wait) => {
-            // Whole seconds, at least 1, as `Retry-After` must.
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            let mut resp = answer(
+            let mut resp = crate::answer::mesh_error(
                 grpc,
                 StatusCode::TOO_MANY_REQUESTS,
                 GRPC_RESOURCE_EXHAUSTED,
                 "rate_limited",
             );
-            let headers = resp.headers_mut();
-            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-            headers.insert(
-                crate::router::ERROR_HEADER,
-                HeaderValue::from_static("rate_limited"),
-            );
+            // Whole seconds, at least 1, as `Retry-After` must.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
             resp
         }
     };
@@ -464,36 +456,6 @@ fn refused<B>(req: &Request<B>, refusal: &Refusal) -> Response<Body> {
         resp.headers_mut().insert(DENIED_BY, value);
     }
     resp
-}
-
-/// The node's own answer: to a gRPC client HTTP 200 with `grpc_code` and
-/// `message` and no body, to others `http_status` with `message` as the
-/// body.
-fn answer(
-    grpc: bool,
-    http_status: StatusCode,
-    grpc_code: &'static str,
-    message: &'static str,
-) -> Response<Body> {
-    if grpc {
-        let mut resp = status(StatusCode::OK);
-        let headers = resp.headers_mut();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", HeaderValue::from_static(grpc_code));
-        headers.insert("grpc-message", HeaderValue::from_static(message));
-        resp
-    } else {
-        let mut resp = Response::new(
-            Full::new(Bytes::from(format!("{message}\n")))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *resp.status_mut() = http_status;
-        resp
-    }
 }
 
 fn status(code: StatusCode) -> Response<Body> {

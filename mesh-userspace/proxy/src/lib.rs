@@ -27,6 +27,7 @@
 //! pushed here.
 #![forbid(unsafe_code)]
 
+pub mod answer;
 #[cfg(test)]
 mod fixtures;
 pub mod inbound;

@@ -44,10 +44,10 @@ use hyper_util::{
 };
 use lacewing_core::model::{
     routes::{
-        self as model, Filter, Frontend, RequestView, RouteTable, Rule, ServiceId, modify_headers,
+        self as model, Filter, Frontend, RequestView, RouteTable, Rule, modify_headers,
         redirect_location, rewrite_path,
     },
-    services::BackendEntry,
+    services::{BackendEntry, ServiceId},
     traffic::{AbortAnswer, Balance, ServicePolicy},
     workloads::Workload,
 };
@@ -56,7 +56,11 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{metrics::RequestLabels, sockets::PodNetns};
+use crate::{
+    answer::{self, is_grpc},
+    metrics::RequestLabels,
+    sockets::PodNetns,
+};
 
 /// How long a routed connection may stay silent before it is taken for a
 /// server-first protocol and carried at L4.
@@ -69,8 +73,6 @@ pub const DECLARED_TIMEOUT: Duration = Duration::from_secs(10);
 pub const RETRY_BODY_LIMIT: usize = 64 * 1024;
 /// How long a pooled connection to an endpoint stays open unused.
 pub const POOL_IDLE: Duration = Duration::from_secs(90);
-/// The header on answers the mesh made itself, saying why.
-pub const ERROR_HEADER: &str = "x-lacewing-error";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bodies in both directions.
@@ -510,11 +512,11 @@ impl Failure {
     }
 
     /// gRPC's code for it: UNIMPLEMENTED, UNAVAILABLE, DEADLINE_EXCEEDED.
-    fn grpc(self) -> &'static str {
+    fn grpc(self) -> u16 {
         match self {
-            Self::NoRoute => "12",
-            Self::NoBackend | Self::Unavailable | Self::CircuitOpen => "14",
-            Self::Timeout => "4",
+            Self::NoRoute => 12,
+            Self::NoBackend | Self::Unavailable | Self::CircuitOpen => 14,
+            Self::Timeout => 4,
         }
     }
 
@@ -529,13 +531,6 @@ impl Failure {
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
@@ -544,24 +539,7 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// The mesh's own answer for `failure`, in gRPC form to a gRPC client.
 fn failure_response(failure: Failure, grpc: bool) -> Response<Body> {
-    let mut resp = if grpc {
-        let mut r = Response::new(full(Bytes::new()));
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.insert("grpc-status", HeaderValue::from_static(failure.grpc()));
-        h.insert("grpc-message", HeaderValue::from_static(failure.reason()));
-        r
-    } else {
-        let mut r = Response::new(full(format!("{}\n", failure.reason())));
-        *r.status_mut() = failure.status();
-        r
-    };
-    resp.headers_mut()
-        .insert(ERROR_HEADER, HeaderValue::from_static(failure.reason()));
-    resp
+    answer::mesh_error(grpc, failure.status(), failure.grpc(), failure.reason())
 }
 
 /// Hop-by-hop headers: never forwarded (HTTP/2 forbids them).
@@ -1363,30 +1341,13 @@ fn hash_key(balance: &Balance, headers: &HeaderMap) -> Option<String> {
 /// An injected abort: the policy's HTTP status (in gRPC form to a gRPC
 /// client: the code gRPC maps the status to) or gRPC code (in HTTP form to
 /// others: the status gRPC's gateways map it to).
-fn fault_response(answer: AbortAnswer, grpc: bool) -> Response<Body> {
-    let (status, code) = match answer {
+fn fault_response(abort: AbortAnswer, grpc: bool) -> Response<Body> {
+    let (status, code) = match abort {
         AbortAnswer::Http(s) => (s, grpc_code_of_http(s)),
         AbortAnswer::Grpc(c) => (http_of_grpc_code(c), c),
     };
-    let mut resp = if grpc {
-        let mut r = Response::new(full(Bytes::new()));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        r.headers_mut()
-            .insert("grpc-status", HeaderValue::from(code));
-        r.headers_mut()
-            .insert("grpc-message", HeaderValue::from_static("fault_abort"));
-        r
-    } else {
-        let mut r = Response::new(full("fault_abort\n"));
-        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        r
-    };
-    resp.headers_mut()
-        .insert(ERROR_HEADER, HeaderValue::from_static("fault_abort"));
-    resp
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    answer::mesh_error(grpc, status, code, "fault_abort")
 }
 
 /// gRPC's mapping of an HTTP status to a code (its HTTP-to-gRPC doc).

@@ -570,7 +570,7 @@ pub fn translate_all(parts: &[&Objects]) -> Result<Translation, K8sError> {
         }
     }
     check_http_only_fields(&set, &mut traffic, &mut verdicts);
-    apply_kernel_choices(&mut set, &traffic);
+    apply_kernel_choices(&mut set, &super::traffic::PolicyTable::build(&traffic));
     set.validate()?;
     Ok(Translation {
         declared: Declared {
@@ -591,14 +591,13 @@ fn covered_ports(set: &ServiceSet, t: &super::traffic::AcceptedTraffic) -> Vec<(
         .services
         .iter()
         .filter(|e| e.protocol == Protocol::Tcp)
-        .filter(|e| {
-            e.name.split_once('/').is_some_and(|(ns, rest)| {
-                ns == t.namespace
-                    && rest.rsplit_once(':').map_or(rest, |(n, _)| n) == t.spec.target_ref.name
-            })
+        .filter_map(|e| {
+            let ((ns, name), port) = e.service_port()?;
+            (ns == t.namespace
+                && name == t.spec.target_ref.name
+                && t.spec.target_ref.port.is_none_or(|p| p == port))
+            .then_some((port, e.app_protocol))
         })
-        .map(|e| (e.frontend.port(), e.app_protocol))
-        .filter(|(port, _)| t.spec.target_ref.port.is_none_or(|p| p == *port))
         .collect();
     ports.sort();
     ports.dedup();
@@ -668,35 +667,20 @@ fn check_http_only_fields(
 
 /// The kernel's algorithm and ClientIP affinity of each Service port a
 /// TrafficPolicy names them for (over the Service's annotations and
-/// `sessionAffinity`): a policy for one port wins over one for all.
-fn apply_kernel_choices(set: &mut ServiceSet, traffic: &[super::traffic::AcceptedTraffic]) {
+/// `sessionAffinity`).
+fn apply_kernel_choices(set: &mut ServiceSet, table: &super::traffic::PolicyTable) {
     for entry in &mut set.services {
-        let Some((ns, rest)) = entry.name.split_once('/') else {
+        let Some(p) = entry
+            .service_port()
+            .and_then(|(service, port)| table.get(&service, port))
+        else {
             continue;
         };
-        // `namespace/name:port`, the port by name when it has one: the
-        // policy names the Service port by number.
-        let name = rest.rsplit_once(':').map_or(rest, |(n, _)| n);
-        let port = Some(entry.frontend.port());
-        let applies = |t: &&super::traffic::AcceptedTraffic| {
-            t.namespace == ns && t.spec.target_ref.name == name
-        };
-        let chosen = traffic
-            .iter()
-            .filter(applies)
-            .find(|t| t.spec.target_ref.port.is_some() && t.spec.target_ref.port == port)
-            .or_else(|| {
-                traffic
-                    .iter()
-                    .filter(applies)
-                    .find(|t| t.spec.target_ref.port.is_none())
-            });
-        let Some(t) = chosen else { continue };
-        if let Some(algorithm) = super::traffic::ServicePolicy::kernel_algorithm(&t.spec) {
+        if let Some(algorithm) = p.kernel_algorithm {
             entry.algorithm = algorithm;
         }
-        if let Some(a) = &t.spec.session_affinity {
-            entry.affinity_timeout_s = a.client_ip_timeout_seconds;
+        if let Some(timeout) = p.affinity_timeout_s {
+            entry.affinity_timeout_s = timeout;
         }
     }
 }

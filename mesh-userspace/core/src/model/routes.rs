@@ -40,8 +40,7 @@ pub struct AcceptedRoute {
     pub spec: HttpRouteSpec,
 }
 
-/// A Service (namespace, name) routes bind to.
-pub type ServiceId = (String, String);
+use crate::model::services::ServiceId;
 
 /// The routes of every Service that has any, compiled. A route that does
 /// not compile is left out (the controller never accepts one).
@@ -135,10 +134,9 @@ impl RouteTable {
             if entry.protocol != crate::model::services::Protocol::Tcp {
                 continue;
             }
-            let Some((service, port)) = service_port(&entry.name) else {
+            let Some((service, port)) = entry.service_port() else {
                 continue;
             };
-            let port = port.unwrap_or(entry.frontend.port());
             let policy = out.policies.get(&service, port).cloned();
             if let Some(p) = policy.as_ref().filter(|p| p.rate_limit.is_some()) {
                 for b in &entry.backends {
@@ -234,16 +232,6 @@ impl RouteTable {
             .and_then(|ports| ports.get(&port))
             .map_or(&[], Vec::as_slice)
     }
-}
-
-/// `namespace/name:port` as ((namespace, name), port).
-fn service_port(name: &str) -> Option<(ServiceId, Option<u16>)> {
-    let (ns, rest) = name.split_once('/')?;
-    let (svc, port) = match rest.rsplit_once(':') {
-        Some((svc, port)) => (svc, port.parse().ok()),
-        None => (rest, None),
-    };
-    Some(((ns.to_owned(), svc.to_owned()), port))
 }
 
 impl std::fmt::Display for ValueMatch {
@@ -694,7 +682,7 @@ fn compile_rule(id: &RouteId, index: usize, rule: &HttpRouteRule) -> Result<Rule
         |what: &'static str, v: &Option<String>| -> Result<Option<Duration>, RouteError> {
             match v.as_deref() {
                 None => Ok(None),
-                Some(text) => match gateway_duration(text) {
+                Some(text) => match crate::duration::gateway(text) {
                     Some(d) if d.is_zero() => Ok(None),
                     Some(d) => Ok(Some(d)),
                     None => Err(RouteError::Duration {
@@ -951,36 +939,6 @@ fn compile_filter(
             kind: other.to_owned(),
         }),
     }
-}
-
-/// A Gateway API duration: one to four `<number><unit>` parts, units `h`,
-/// `m`, `s`, `ms` (`1h`, `500ms`, `1m30s`, `0s`).
-pub fn gateway_duration(text: &str) -> Option<Duration> {
-    let mut rest = text;
-    let mut total = Duration::ZERO;
-    let mut parts = 0;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
-        if digits == 0 || digits > 5 {
-            return None;
-        }
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (Duration::from_millis(1), 2)
-        } else {
-            match rest.as_bytes().first()? {
-                b'h' => (Duration::from_secs(3600), 1),
-                b'm' => (Duration::from_secs(60), 1),
-                b's' => (Duration::from_secs(1), 1),
-                _ => return None,
-            }
-        };
-        rest = &rest[len..];
-        total += unit * u32::try_from(n).ok()?;
-        parts += 1;
-    }
-    (1..=4).contains(&parts).then_some(total)
 }
 
 /// One rule's match and where it sits in Gateway API's order.

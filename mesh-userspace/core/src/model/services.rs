@@ -135,6 +135,9 @@ impl AppProtocol {
     }
 }
 
+/// A Service (namespace, name).
+pub type ServiceId = (String, String);
+
 /// One service frontend (a ClusterIP, port and protocol) with its ready backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
@@ -152,6 +155,20 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
+    /// The Service this is a frontend of, and the Service port's number
+    /// (the name is `namespace/name:port`, the port by name or number).
+    pub fn service_port(&self) -> Option<(ServiceId, u16)> {
+        let (ns, rest) = self.name.split_once('/')?;
+        let (svc, port) = match rest.rsplit_once(':') {
+            Some((svc, port)) => (svc, port.parse().ok()),
+            None => (rest, None),
+        };
+        Some((
+            (ns.to_owned(), svc.to_owned()),
+            port.unwrap_or(self.frontend.port()),
+        ))
+    }
+
     pub fn key(&self) -> SvcKey {
         svc_key(self.frontend, self.protocol)
     }

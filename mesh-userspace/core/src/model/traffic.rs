@@ -10,7 +10,8 @@ use std::{sync::Arc, time::Duration};
 
 use crate::api::traffic::{LbAlgorithm, TrafficPolicySpec};
 
-use super::routes::{ServiceId, gateway_duration};
+use super::services::ServiceId;
+use crate::duration::gateway as gateway_duration;
 
 /// An accepted TrafficPolicy, as the controller sends it to every node.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,6 +61,10 @@ pub struct ServicePolicy {
     pub rate_limit: Option<RateLimit>,
     /// How the client's node picks an endpoint per request.
     pub balance: Balance,
+    /// The kernel's algorithm for the Service's connections, if named.
+    pub kernel_algorithm: Option<super::services::Algorithm>,
+    /// The kernel's ClientIP affinity, if set.
+    pub affinity_timeout_s: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -547,8 +552,25 @@ pub fn compile(
             }
         }
     };
+    let kernel_algorithm = spec
+        .load_balancer
+        .as_ref()
+        .and_then(|lb| match lb.algorithm {
+            LbAlgorithm::Random => Some(super::services::Algorithm::Random),
+            LbAlgorithm::Maglev => Some(super::services::Algorithm::Maglev {
+                table_size: lb
+                    .maglev_table_size
+                    .unwrap_or(mesh_common::lb::MAGLEV_DEFAULT_SIZE),
+            }),
+            _ => None,
+        });
     Ok(ServicePolicy {
         policy: format!("{namespace}/{name}"),
+        kernel_algorithm,
+        affinity_timeout_s: spec
+            .session_affinity
+            .as_ref()
+            .map(|a| a.client_ip_timeout_seconds),
         timeout,
         retry,
         breaker,
@@ -560,21 +582,6 @@ pub fn compile(
 }
 
 impl ServicePolicy {
-    /// The kernel's algorithm for the Service's connections, if the policy
-    /// names one.
-    pub fn kernel_algorithm(spec: &TrafficPolicySpec) -> Option<super::services::Algorithm> {
-        let lb = spec.load_balancer.as_ref()?;
-        match lb.algorithm {
-            LbAlgorithm::Random => Some(super::services::Algorithm::Random),
-            LbAlgorithm::Maglev => Some(super::services::Algorithm::Maglev {
-                table_size: lb
-                    .maglev_table_size
-                    .unwrap_or(mesh_common::lb::MAGLEV_DEFAULT_SIZE),
-            }),
-            _ => None,
-        }
-    }
-
     /// Whether a client's node must read the Service's requests for this
     /// policy (its frontend is then routed per request, as an HTTPRoute
     /// would make it). A rate limit acts at the destination, the kernel

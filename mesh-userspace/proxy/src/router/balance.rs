@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lacewing_core::model::{routes::ServiceId, services::BackendEntry};
+use lacewing_core::model::services::{BackendEntry, ServiceId};
 
 /// The estimate of an endpoint never measured.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);

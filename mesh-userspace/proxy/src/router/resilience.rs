@@ -15,8 +15,7 @@ use std::{
 };
 
 use lacewing_core::model::{
-    routes::ServiceId,
-    services::BackendEntry,
+    services::{BackendEntry, ServiceId},
     traffic::{Breaker, Budget, Outlier},
 };
 use tower::retry::budget::{Budget as _, TpsBudget};

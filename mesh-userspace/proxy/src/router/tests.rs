@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::answer::ERROR_HEADER;
 
 #[test]
 fn http_is_told_from_other_first_bytes() {

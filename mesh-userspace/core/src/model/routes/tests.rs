@@ -256,12 +256,21 @@ fn bad_routes_say_what_to_fix() {
 
 #[test]
 fn gateway_durations() {
-    assert_eq!(gateway_duration("500ms"), Some(Duration::from_millis(500)));
-    assert_eq!(gateway_duration("1m30s"), Some(Duration::from_secs(90)));
-    assert_eq!(gateway_duration("1h"), Some(Duration::from_secs(3600)));
-    assert_eq!(gateway_duration("0s"), Some(Duration::ZERO));
+    assert_eq!(
+        crate::duration::gateway("500ms"),
+        Some(Duration::from_millis(500))
+    );
+    assert_eq!(
+        crate::duration::gateway("1m30s"),
+        Some(Duration::from_secs(90))
+    );
+    assert_eq!(
+        crate::duration::gateway("1h"),
+        Some(Duration::from_secs(3600))
+    );
+    assert_eq!(crate::duration::gateway("0s"), Some(Duration::ZERO));
     for bad in ["", "1", "s", "1.5s", "1d", "123456s", "1h1h1h1h1h"] {
-        assert_eq!(gateway_duration(bad), None, "{bad}");
+        assert_eq!(crate::duration::gateway(bad), None, "{bad}");
     }
     // 0s disables a timeout.
     let rules = route(

@@ -102,7 +102,7 @@ fn a_kernel_algorithm_alone_does_not_route_requests() {
     let p = compile("shop", "p", &s).unwrap();
     assert!(!p.needs_requests());
     assert_eq!(
-        ServicePolicy::kernel_algorithm(&s),
+        p.kernel_algorithm,
         Some(crate::model::services::Algorithm::maglev_default())
     );
     let hashed = TrafficPolicySpec {
