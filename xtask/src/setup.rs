@@ -45,7 +45,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     (
         "prometheus",
-        "promtool, which checks the /metrics exposition",
+        "promtool, which checks the /metrics exposition and the alerting rules",
     ),
     (
         "protobuf-compiler",

@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 
 use crate::{layers, run, setup};
 
@@ -73,6 +73,7 @@ pub fn run() -> anyhow::Result<()> {
     validate.args(crd_files()?);
     run::status(validate).context("the CRDs are not valid Kubernetes objects")?;
     check_chart()?;
+    check_observability()?;
     run::require_root("the lab tests")?;
     let before = lab_resources();
     let summary = lab_tests()?;
@@ -105,7 +106,9 @@ pub fn run() -> anyhow::Result<()> {
 const KUBERNETES_VERSION: &str = "1.33.0";
 
 /// `helm lint`, then every manifest the chart renders (with capture off and
-/// on) checked against Kubernetes' schemas.
+/// on) checked against Kubernetes' schemas; where the Prometheus Operator's
+/// CRDs exist it adds a PodMonitor and a ServiceMonitor, which those schemas
+/// do not know, so that rendering is only checked for their presence.
 fn check_chart() -> anyhow::Result<()> {
     let helm = setup::helm_path();
     let root = run::workspace_root();
@@ -119,32 +122,181 @@ fn check_chart() -> anyhow::Result<()> {
             &["--set", "node.podNetnsDir=/run/lacewing/netns"][..],
         ),
     ] {
-        let out = Command::new(&helm)
-            .args([
-                "template",
-                "lacewing",
-                run::CHART,
-                "--namespace",
-                "lacewing-system",
-            ])
-            .args(extra)
-            .current_dir(&root)
-            .output()
-            .context("running helm template")?;
+        let rendered = helm_template(&helm, extra)?;
         anyhow::ensure!(
-            out.status.success(),
-            "helm template failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            !rendered.contains(MONITORING_API),
+            "the chart renders {MONITORING_API} objects in a cluster without the Prometheus Operator's CRDs"
         );
         let file = root.join("target").join(name);
-        fs::write(&file, &out.stdout)?;
+        fs::write(&file, rendered)?;
         let mut validate = Command::new("python3");
         validate
             .args(["-m", "kubernetes_validate", "-k", KUBERNETES_VERSION])
             .arg(&file);
         run::status(validate).context("the chart renders objects Kubernetes would reject")?;
     }
+    let rendered = helm_template(&helm, &["--api-versions", MONITORING_API])?;
+    for kind in ["kind: PodMonitor", "kind: ServiceMonitor"] {
+        anyhow::ensure!(
+            rendered.contains(kind),
+            "with {MONITORING_API} served, the chart renders no `{kind}` (templates/servicemonitor.yaml)"
+        );
+    }
     Ok(())
+}
+
+/// The Prometheus Operator's API, whose presence switches on the chart's
+/// scrape objects.
+const MONITORING_API: &str = "monitoring.coreos.com/v1";
+
+/// `helm template` of the chart into lacewing-system, with `extra` flags.
+fn helm_template(helm: &Path, extra: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(helm)
+        .args([
+            "template",
+            "lacewing",
+            run::CHART,
+            "--namespace",
+            "lacewing-system",
+        ])
+        .args(extra)
+        .current_dir(run::workspace_root())
+        .output()
+        .context("running helm template")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "helm template {} failed: {}",
+        extra.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Prometheus alerting rules, their promtool unit tests, and the Grafana
+/// dashboard.
+const ALERT_RULES: &str = "deploy/alerts/lacewing-rules.yaml";
+const ALERT_TESTS: &str = "deploy/alerts/lacewing-rules.test.yaml";
+const DASHBOARD: &str = "deploy/dashboards/lacewing.json";
+
+/// The alerting rules (`promtool check rules`, then their unit tests), and
+/// the dashboard: it parses, every panel has a query, and every query is
+/// PromQL that Prometheus parses (promtool checks them as recording rules,
+/// with the dashboard's variables filled in).
+fn check_observability() -> anyhow::Result<()> {
+    run::cmd("promtool", ["check", "rules", ALERT_RULES])
+        .with_context(|| format!("{ALERT_RULES} is not a valid rules file"))?;
+    run::cmd("promtool", ["test", "rules", ALERT_TESTS])
+        .with_context(|| format!("the unit tests of the alerting rules failed ({ALERT_TESTS})"))?;
+    let root = run::workspace_root();
+    let text =
+        fs::read_to_string(root.join(DASHBOARD)).with_context(|| format!("reading {DASHBOARD}"))?;
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{DASHBOARD} is not valid JSON"))?;
+    let queries = dashboard_queries(&dashboard)
+        .map_err(|problems| anyhow!("{DASHBOARD}: {}", problems.join("; ")))?;
+    let file = root.join("target/dashboard-queries.yaml");
+    fs::write(&file, recording_rules(&queries))?;
+    let mut check = Command::new("promtool");
+    check.args(["check", "rules"]).arg(&file).current_dir(&root);
+    run::status(check).with_context(|| {
+        format!(
+            "a query of {DASHBOARD} is not valid PromQL: {} names its panel",
+            file.display()
+        )
+    })?;
+    eprintln!("xtask: {DASHBOARD}: {} queries parse", queries.len());
+    Ok(())
+}
+
+/// Every query of a Grafana dashboard as (panel title, expression), rows'
+/// nested panels included; or what is wrong: a panel without a query, a
+/// query without an expression.
+fn dashboard_queries(dashboard: &serde_json::Value) -> Result<Vec<(String, String)>, Vec<String>> {
+    fn walk(
+        panels: &[serde_json::Value],
+        queries: &mut Vec<(String, String)>,
+        problems: &mut Vec<String>,
+    ) {
+        for panel in panels {
+            let title = panel["title"].as_str().unwrap_or("(untitled)").to_owned();
+            if panel["type"] == "row" {
+                walk(
+                    panel["panels"].as_array().map_or(&[][..], Vec::as_slice),
+                    queries,
+                    problems,
+                );
+                continue;
+            }
+            let targets = panel["targets"].as_array().map_or(&[][..], Vec::as_slice);
+            if targets.is_empty() {
+                problems.push(format!("panel {title:?} has no query"));
+            }
+            for target in targets {
+                match target["expr"].as_str().map(str::trim) {
+                    Some(expr) if !expr.is_empty() => {
+                        queries.push((title.clone(), expr.to_owned()))
+                    }
+                    _ => problems.push(format!(
+                        "panel {title:?}: query {} has no expression",
+                        target["refId"].as_str().unwrap_or("?")
+                    )),
+                }
+            }
+        }
+    }
+    let mut queries = Vec::new();
+    let mut problems = Vec::new();
+    match dashboard["panels"].as_array() {
+        Some(panels) if !panels.is_empty() => walk(panels, &mut queries, &mut problems),
+        _ => problems.push("no panels".to_owned()),
+    }
+    if problems.is_empty() {
+        Ok(queries)
+    } else {
+        Err(problems)
+    }
+}
+
+/// A query with Grafana's variables filled in: interval variables become
+/// `5m`, any other (`$name`, `${name}`; the dashboard uses them in regex
+/// matchers) `.*`.
+fn fill_variables(expr: &str) -> String {
+    const INTERVALS: [&str; 3] = ["$__rate_interval", "$__interval", "$__range"];
+    let mut out = String::with_capacity(expr.len());
+    let mut rest = expr;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(interval) = INTERVALS.iter().find(|i| {
+            rest.strip_prefix(**i)
+                .is_some_and(|after| !after.starts_with(|c: char| c.is_alphanumeric() || c == '_'))
+        }) {
+            out.push_str("5m");
+            rest = &rest[interval.len()..];
+        } else if let Some(braced) = rest.strip_prefix("${") {
+            out.push_str(".*");
+            rest = braced.find('}').map_or("", |end| &braced[end + 1..]);
+        } else {
+            out.push_str(".*");
+            rest = rest[1..].trim_start_matches(|c: char| c.is_alphanumeric() || c == '_');
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The queries as a Prometheus rules file of recording rules (a JSON string
+/// is a YAML double-quoted scalar).
+fn recording_rules(queries: &[(String, String)]) -> String {
+    let mut yaml = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (title, expr)) in queries.iter().enumerate() {
+        let expr = serde_json::Value::String(fill_variables(expr));
+        yaml.push_str(&format!(
+            "      # panel {}\n      - record: dashboard_query_{i}\n        expr: {expr}\n",
+            title.replace('\n', " ")
+        ));
+    }
+    yaml
 }
 
 fn crd_files() -> anyhow::Result<Vec<String>> {
@@ -314,5 +466,64 @@ mod tests {
             })
         );
         assert_eq!(parse_result("running 7 tests"), None);
+    }
+
+    #[test]
+    fn finds_dashboard_queries_and_panels_without_one() {
+        let good = serde_json::json!({"panels": [
+            {"type": "row", "title": "r", "panels": [
+                {"type": "timeseries", "title": "in a row", "targets": [{"expr": "up"}]}
+            ]},
+            {"type": "timeseries", "title": "t", "targets": [{"expr": "a"}, {"expr": "b"}]}
+        ]});
+        assert_eq!(
+            dashboard_queries(&good).expect("a dashboard whose panels all have queries"),
+            [
+                ("in a row".to_owned(), "up".to_owned()),
+                ("t".to_owned(), "a".to_owned()),
+                ("t".to_owned(), "b".to_owned())
+            ]
+        );
+        let bad = serde_json::json!({"panels": [
+            {"type": "stat", "title": "empty"},
+            {"type": "timeseries", "title": "blank", "targets": [{"refId": "A", "expr": " "}]}
+        ]});
+        assert_eq!(
+            dashboard_queries(&bad).expect_err("panels without queries must be reported"),
+            [
+                "panel \"empty\" has no query",
+                "panel \"blank\": query A has no expression"
+            ]
+        );
+        assert!(dashboard_queries(&serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn fills_grafana_variables() {
+        assert_eq!(
+            fill_variables(
+                r#"sum(rate(x{a=~"$namespace", b=~"${service}:.*"}[$__rate_interval])) - $__interval_ms_x"#
+            ),
+            r#"sum(rate(x{a=~".*", b=~".*:.*"}[5m])) - .*"#
+        );
+        assert_eq!(fill_variables("up"), "up");
+    }
+
+    #[test]
+    fn dashboard_in_tree_has_a_query_in_every_panel() {
+        let path = run::workspace_root().join(DASHBOARD);
+        let text = fs::read_to_string(&path).expect("the dashboard file exists");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&text).expect("the dashboard is valid JSON");
+        assert_eq!(dashboard["schemaVersion"], 39, "Grafana schema version");
+        let queries = dashboard_queries(&dashboard).expect("every panel has a query");
+        assert!(
+            queries
+                .iter()
+                .all(|(_, expr)| !fill_variables(expr).contains('$')),
+            "a query keeps a variable after filling in"
+        );
+        let rules = recording_rules(&queries);
+        assert!(rules.contains("record: dashboard_query_0"), "{rules}");
     }
 }
