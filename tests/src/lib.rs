@@ -301,6 +301,15 @@ pub fn assert_promtool_accepts(metrics: &str) {
 /// controller with the node's own certificate; with `capture`, it also
 /// captures the node's meshed pods (`--pod-netns-dir`).
 pub fn start_subscribed_nodes(lab: &Lab, capture: bool) -> Vec<lacewing::lab::LabProcess> {
+    start_subscribed_nodes_with(lab, capture, &|_, _| Vec::new())
+}
+
+/// [`start_subscribed_nodes`] with flags of each node's own (`extra`).
+pub fn start_subscribed_nodes_with(
+    lab: &Lab,
+    capture: bool,
+    extra: &dyn Fn(&Lab, &lacewing::lab::NodeSpec) -> Vec<String>,
+) -> Vec<lacewing::lab::LabProcess> {
     let url = lab.controller_url();
     lab.topology()
         .nodes()
@@ -316,9 +325,104 @@ pub fn start_subscribed_nodes(lab: &Lab, capture: bool) -> Vec<lacewing::lab::La
                 args.push("--pod-netns-dir".into());
                 args.push(lab.pod_netns_dir(&node).expect("pod netns folder").into());
             }
+            args.extend(extra(lab, &node).into_iter().map(Into::into));
             let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
             lab.start_node_daemon_with(&node, &bin("lacewing-node"), &args)
                 .expect("start lacewing-node")
         })
         .collect()
+}
+
+/// A file of the workspace, by its path from the root.
+pub fn workspace_file(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .join(relative)
+}
+
+/// The OpenTelemetry collector `cargo xtask setup` installs (rotel).
+pub const OTEL_COLLECTOR: &str = "target/otel/rotel/rotel-agent";
+
+/// Spans as the collector's detailed debug log shows them.
+pub mod otel {
+    /// One span, with its resource's attributes and its own.
+    #[derive(Debug, Default, Clone)]
+    pub struct Span {
+        pub trace: String,
+        pub id: String,
+        pub parent: String,
+        pub name: String,
+        pub attributes: Vec<(String, String)>,
+    }
+
+    impl Span {
+        pub fn attribute(&self, key: &str) -> Option<&str> {
+            self.attributes
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// `-> key: Str(value)` (or `Int(3)`): the key and the bare value.
+    fn attribute(line: &str) -> Option<(String, String)> {
+        let rest = line.trim().strip_prefix("->")?.trim();
+        let (key, value) = rest.split_once(": ")?;
+        let value = match value.split_once('(') {
+            Some((_, v)) => v.strip_suffix(')').unwrap_or(v),
+            None => value,
+        };
+        Some((key.trim().to_owned(), value.to_owned()))
+    }
+
+    /// The spans of `trace` in the log `text`.
+    pub fn spans(text: &str, trace: &str) -> Vec<Span> {
+        let mut out: Vec<Span> = Vec::new();
+        let mut resource: Vec<(String, String)> = Vec::new();
+        let mut in_resource = false;
+        let mut current: Option<Span> = None;
+        for line in text.lines() {
+            let trimmed = line.trim();
+            let field = |name: &str| {
+                trimmed
+                    .strip_prefix(name)
+                    .and_then(|r| r.trim_start().strip_prefix(':'))
+                    .map(|v| v.trim().to_owned())
+            };
+            if trimmed.starts_with("ResourceSpans #") {
+                out.extend(current.take());
+                resource.clear();
+                in_resource = false;
+            } else if trimmed.starts_with("Resource attributes") {
+                in_resource = true;
+            } else if trimmed.starts_with("Span #") {
+                out.extend(current.take());
+                in_resource = false;
+                current = Some(Span {
+                    attributes: resource.clone(),
+                    ..Span::default()
+                });
+            } else if let Some(kv) = attribute(line) {
+                match current.as_mut() {
+                    Some(span) => span.attributes.push(kv),
+                    None if in_resource => resource.push(kv),
+                    None => {}
+                }
+            } else if let Some(span) = current.as_mut() {
+                if let Some(v) = field("Trace ID") {
+                    span.trace = v;
+                } else if let Some(v) = field("Parent ID") {
+                    span.parent = v;
+                } else if let Some(v) = field("ID") {
+                    span.id = v;
+                } else if let Some(v) = field("Name") {
+                    span.name = v;
+                }
+            }
+        }
+        out.extend(current);
+        out.retain(|s| s.trace == trace);
+        out
+    }
 }

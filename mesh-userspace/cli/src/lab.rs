@@ -24,6 +24,9 @@ use std::{
 };
 
 pub use apps::{CONTROLLER_IP, CONTROLLER_PORT, Mesh};
+
+/// The node daemon's admin endpoint, on each node's loopback.
+pub const ADMIN_PORT: u16 = 15000;
 pub use process::LabProcess;
 pub use state::Record;
 pub use topology::{LabId, NodeSpec, PodSpec, Topology};

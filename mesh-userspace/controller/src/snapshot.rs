@@ -318,6 +318,7 @@ mod tests {
             addresses: vec![ip.parse().unwrap()],
             meshed: true,
             strict: false,
+            access_log: false,
             labels: Default::default(),
         }
     }

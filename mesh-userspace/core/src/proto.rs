@@ -151,6 +151,7 @@ impl From<&Workload> for pb::Workload {
             meshed: w.meshed,
             labels: w.labels.clone().into_iter().collect(),
             strict: w.strict,
+            access_log: w.access_log,
         }
     }
 }
@@ -260,6 +261,7 @@ pub fn workload_from(w: &pb::Workload, node: &str) -> Result<Workload, BadMessag
         meshed: w.meshed,
         labels: w.labels.clone().into_iter().collect(),
         strict: w.strict,
+        access_log: w.access_log,
     })
 }
 

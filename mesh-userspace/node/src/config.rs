@@ -125,6 +125,58 @@ pub struct NodeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// Access-log every connection and request this node carries (else only
+    /// those of namespaces the MeshConfig's `accessLogging` names).
+    #[arg(long, env = "LACEWING_ACCESS_LOG")]
+    pub access_log: bool,
+    /// Where access log lines go: `stdout` or a file (appended to).
+    #[arg(long, env = "LACEWING_ACCESS_LOG_FILE", default_value = "stdout")]
+    pub access_log_file: lacewing_proxy::telemetry::access_log::Sink,
+    /// Access log lines waiting to be written at most; more are dropped and
+    /// counted (`lacewing_access_log_lines_total{outcome="dropped"}`).
+    #[arg(long, default_value_t = 16384)]
+    pub access_log_queue: usize,
+    /// Export trace spans over OTLP/gRPC to this collector
+    /// (`http://host:4317`); no tracing without it.
+    #[arg(long, env = "LACEWING_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// The share of requests without a `traceparent` that start a trace
+    /// (0 to 1); a request whose `traceparent` is sampled is always traced.
+    #[arg(long, env = "LACEWING_TRACE_SAMPLING", default_value_t = 0.01, value_parser = sampling)]
+    pub trace_sampling: f64,
+    /// Spans waiting to be exported at most; more are dropped and counted.
+    #[arg(long, default_value_t = 8192)]
+    pub trace_queue: usize,
+    /// The admin endpoint (config dump, log level, explain): loopback only.
+    #[arg(long, env = "LACEWING_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+}
+
+/// The admin endpoint's address: loopback, as the design says.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+
+fn sampling(text: &str) -> Result<f64, String> {
+    let share: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    if (0.0..=1.0).contains(&share) {
+        Ok(share)
+    } else {
+        Err(format!(
+            "{share} is not between 0 and 1 (0.01 traces 1% of requests)"
+        ))
+    }
+}
+
+/// Access logs and traces.
+#[derive(Clone, Debug)]
+pub struct TelemetryConfig {
+    pub access_log_all: bool,
+    pub access_log_sink: lacewing_proxy::telemetry::access_log::Sink,
+    pub access_log_queue: usize,
+    pub otlp_endpoint: Option<String>,
+    pub trace_sampling: f64,
+    pub trace_queue: usize,
 }
 
 /// Validated settings.
@@ -147,6 +199,8 @@ pub struct NodeConfig {
     pub fast_path: bool,
     pub drain_timeout: Duration,
     pub certificate_wait: Duration,
+    pub telemetry: TelemetryConfig,
+    pub admin_addr: SocketAddr,
 }
 
 /// Where the node bootstrap (`super::bootstrap`) reads from.
@@ -179,6 +233,12 @@ pub enum ConfigError {
     ControllerScheme(String),
     #[error("--services {0}: no such file")]
     NoServicesFile(PathBuf),
+    #[error(
+        "--admin-addr {0}: the admin endpoint changes the daemon and shows its state; it listens on loopback only (127.0.0.1 or ::1)"
+    )]
+    AdminNotLoopback(SocketAddr),
+    #[error("--otlp-endpoint {0}: give the collector's OTLP/gRPC address as http://host:4317")]
+    OtlpScheme(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -213,7 +273,24 @@ impl NodeArgs {
         {
             return Err(ConfigError::NoServicesFile(file.clone()));
         }
+        if !self.admin_addr.ip().is_loopback() {
+            return Err(ConfigError::AdminNotLoopback(self.admin_addr));
+        }
+        if let Some(url) = &self.otlp_endpoint
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::OtlpScheme(url.clone()));
+        }
         Ok(NodeConfig {
+            telemetry: TelemetryConfig {
+                access_log_all: self.access_log,
+                access_log_sink: self.access_log_file,
+                access_log_queue: self.access_log_queue,
+                otlp_endpoint: self.otlp_endpoint,
+                trace_sampling: self.trace_sampling,
+                trace_queue: self.trace_queue,
+            },
+            admin_addr: self.admin_addr,
             node_name,
             cgroup_root,
             bpffs_root: self.bpffs_root,

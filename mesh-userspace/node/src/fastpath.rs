@@ -106,6 +106,22 @@ impl FastPathMaps {
         })
     }
 
+    /// The kernel's verdict for `src_identity` to the pod at `dest`: allow,
+    /// deny, or none (the daemon decides).
+    pub fn verdict(&self, dest: std::net::IpAddr, src_identity: u32) -> Option<bool> {
+        let v = self
+            .pairs
+            .get(
+                &PairKey {
+                    dest: addr_key(dest),
+                    src_identity,
+                },
+                0,
+            )
+            .ok()?;
+        Some(v == VERDICT_ALLOW)
+    }
+
     /// Makes the maps hold `want`, writing only what differs. New verdicts
     /// land before stale ones go, so a pair never falls back to the daemon
     /// in between for nothing; a failed write is retried on the next change.

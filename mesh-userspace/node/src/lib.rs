@@ -7,11 +7,13 @@
 //! ([`sockets::NodeSockets`]), and serves metrics, health and `/status` on
 //! :15020. On SIGTERM it drains (see [`run`]) before it exits.
 
+pub mod admin;
 pub mod bootstrap;
 pub mod capture;
 pub mod channel;
 pub mod client;
 pub mod config;
+pub mod explain;
 pub mod fastpath;
 pub mod identity;
 pub mod lb;
@@ -60,6 +62,13 @@ pub enum NodeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("opening the access log {sink}: {source} (check --access-log-file)")]
+    AccessLog {
+        sink: String,
+        source: std::io::Error,
+    },
+    #[error("--otlp-endpoint {0}: {1}")]
+    Otlp(String, String),
     #[error(
         "serving metrics on {addr}: {source} (is another lacewing-node running? pass --metrics-addr)"
     )]
@@ -72,7 +81,10 @@ pub enum NodeError {
 /// Runs the daemon until SIGTERM or SIGINT, then drains: no new
 /// connections, GOAWAY on the tunnel's, and up to `--drain-timeout` for the
 /// established ones before the rest are reset.
-pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
+pub async fn run(
+    config: NodeConfig,
+    log_level: lacewing_sys::telemetry::LogLevel,
+) -> Result<(), NodeError> {
     if let (Some(controller), Some(bootstrap)) = (&config.controller, &config.bootstrap) {
         bootstrap::ensure_credentials(
             controller,
@@ -109,7 +121,20 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         "Spliced writers the daemon switched back to plain TCP because it fell behind them (TCP then bounds what is queued)",
         splice_off.switched_off.clone(),
     );
+    let log_lines = lacewing_proxy::telemetry::outcomes();
+    registry.register(
+        "lacewing_access_log_lines",
+        "Access log lines, by outcome: written, or dropped (the writer fell behind, or the sink failed); requests never wait for them",
+        log_lines.clone(),
+    );
+    let spans = lacewing_proxy::telemetry::outcomes();
+    registry.register(
+        "lacewing_trace_spans",
+        "Trace spans, by outcome: exported to the OTLP collector, or dropped (queue full, or the collector down or refusing); requests never wait for them",
+        spans.clone(),
+    );
     let local_workloads = Arc::new(workloads::LocalWorkloads::default());
+    let numbers = Arc::new(fastpath::IdentityNumbers::default());
     let outliers = Arc::new(lacewing_proxy::router::resilience::Outliers::default());
     let identities = Arc::new(identity::Identities::default());
     let shown = (
@@ -127,19 +152,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             let workloads = Arc::clone(&local_workloads);
             let outliers = Arc::clone(&outliers);
             move || {
-                let ejected: Vec<_> = outliers
-                    .ejected()
-                    .into_iter()
-                    .map(|(service, e)| {
-                        let why = format!(
-                            "ejected {}x, back in {}s",
-                            e.ejections,
-                            e.remaining.as_secs_f64().ceil()
-                        );
-                        (service, e.endpoint, why)
-                    })
-                    .collect();
-                serde_json::to_string_pretty(&workloads.routes().describe(&ejected))
+                serde_json::to_string_pretty(&workloads.routes().describe(&ejected(&outliers)))
                     .unwrap_or_default()
             }
         })),
@@ -183,7 +196,10 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
                     splice_off,
                     captured_pods: metrics.captured_pods.clone(),
                     connections,
-                    outliers,
+                    outliers: Arc::clone(&outliers),
+                    numbers: Arc::clone(&numbers),
+                    log_lines,
+                    spans,
                 },
                 &drain,
             )
@@ -191,6 +207,26 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         ),
         None => None,
     };
+    let admin = Arc::new(admin::Admin {
+        node: config.node_name.clone(),
+        trust_domain: config.trust_domain.clone(),
+        workloads: Arc::clone(&local_workloads),
+        identities: Arc::clone(&identities),
+        lb: Arc::clone(&lb),
+        outliers,
+        log_level,
+        fast_path: config
+            .pod_netns_dir
+            .as_ref()
+            .map(|_| (numbers, config.bpffs_root.clone())),
+    })
+    .serve(config.admin_addr)
+    .await
+    .map_err(|source| NodeError::Listen {
+        what: "the admin endpoint",
+        addr: config.admin_addr,
+        source,
+    })?;
     let watcher = config.services_file.clone().map(|path| {
         tokio::spawn(source::watch_file(
             path,
@@ -217,6 +253,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     }
     trimmer.abort();
     server.abort();
+    admin.abort();
     for task in [watcher, subscriber, certificates].into_iter().flatten() {
         task.abort();
     }
@@ -229,6 +266,29 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     }
     tracing::info!("shutting down: detaching programs and removing pins");
     Ok(datapath.detach()?)
+}
+
+/// The endpoints outlier detection holds out now, with why, as `/routes`
+/// and the admin endpoint show them.
+fn ejected(
+    outliers: &lacewing_proxy::router::resilience::Outliers,
+) -> Vec<(
+    lacewing_core::model::services::ServiceId,
+    std::net::SocketAddr,
+    String,
+)> {
+    outliers
+        .ejected()
+        .into_iter()
+        .map(|(service, e)| {
+            let why = format!(
+                "ejected {}x, back in {}s",
+                e.ejections,
+                e.remaining.as_secs_f64().ceil()
+            );
+            (service, e.endpoint, why)
+        })
+        .collect()
 }
 
 /// The tunnel server on :15008 and, with `--pod-netns-dir`, capture of the
@@ -250,7 +310,11 @@ async fn start_mesh(
         captured_pods,
         connections,
         outliers,
+        numbers,
+        log_lines,
+        spans,
     } = parts;
+    let telemetry = start_telemetry(config, log_lines, spans)?;
     let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)?;
     let roots = tunnel::tls::roots(&ca)?;
     let server_config = tunnel::tls::server_config(&cert, &key, Arc::clone(&roots))?;
@@ -261,6 +325,7 @@ async fn start_mesh(
             tunnel_mark: Some(lacewing_sys::net::BYPASS_MARK),
             certificate_wait: config.certificate_wait,
             outliers,
+            telemetry,
         },
         Arc::new(view::NodeView {
             workloads: Arc::clone(&local_workloads),
@@ -294,7 +359,6 @@ async fn start_mesh(
     tracing::info!(addr = %config.tunnel_addr, "tunnel listening (HBONE, mutual TLS 1.3)");
     if let Some(dir) = &config.pod_netns_dir {
         let maps = capture::CaptureMaps::open(&config.bpffs_root, config.maglev_capacity)?;
-        let numbers = Arc::new(fastpath::IdentityNumbers::default());
         let fast_maps = fastpath::FastPathMaps::open(&config.bpffs_root)?;
         tasks.push(tokio::spawn(fastpath::run(
             Arc::clone(&local_workloads),
@@ -329,6 +393,52 @@ struct MeshParts {
     captured_pods: prometheus_client::metrics::gauge::Gauge,
     connections: Arc<lacewing_proxy::registry::Registry>,
     outliers: Arc<lacewing_proxy::router::resilience::Outliers>,
+    /// The fast path's identity numbers (the admin endpoint reads them).
+    numbers: Arc<fastpath::IdentityNumbers>,
+    /// Where access log lines and spans are counted.
+    log_lines: lacewing_proxy::telemetry::OutcomeFamily,
+    spans: lacewing_proxy::telemetry::OutcomeFamily,
+}
+
+/// The access log (its writer runs whenever the mesh does: a MeshConfig
+/// may switch it on for a namespace at any time) and, with
+/// `--otlp-endpoint`, the tracer.
+fn start_telemetry(
+    config: &NodeConfig,
+    log_lines: lacewing_proxy::telemetry::OutcomeFamily,
+    spans: lacewing_proxy::telemetry::OutcomeFamily,
+) -> Result<lacewing_proxy::telemetry::Telemetry, NodeError> {
+    use lacewing_proxy::telemetry::{access_log::AccessLog, trace::Tracer};
+    let t = &config.telemetry;
+    let access_log = AccessLog::start(
+        &t.access_log_sink,
+        t.access_log_queue,
+        t.access_log_all,
+        log_lines,
+    )
+    .map_err(|source| NodeError::AccessLog {
+        sink: format!("{:?}", t.access_log_sink),
+        source,
+    })?;
+    let tracer = match &t.otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let tracer = Tracer::start(
+                endpoint,
+                &config.node_name,
+                t.trace_sampling,
+                t.trace_queue,
+                spans,
+            )
+            .map_err(|e| NodeError::Otlp(endpoint.clone(), e.to_string()))?;
+            tracing::info!(%endpoint, sampling = t.trace_sampling, "exporting trace spans over OTLP/gRPC");
+            Some(tracer)
+        }
+    };
+    Ok(lacewing_proxy::telemetry::Telemetry {
+        access_log: Some(access_log),
+        tracer,
+    })
 }
 
 /// The running mesh: its proxy (and registry), the tunnel server, and the

@@ -209,6 +209,15 @@ impl LocalWorkloads {
             .collect()
     }
 
+    /// A workload here by `namespace/name`.
+    pub fn by_key(&self, key: &str) -> Option<Arc<Workload>> {
+        let state = self.lock();
+        let w = state.workloads.get(key)?;
+        w.addresses
+            .iter()
+            .find_map(|a| state.by_address.get(a).cloned())
+    }
+
     /// `/status` JSON.
     pub fn status_json(&self, node: &str, certificates: impl Serialize) -> String {
         let state = self.lock();
@@ -230,6 +239,38 @@ impl LocalWorkloads {
             certificates,
         };
         serde_json::to_string_pretty(&status).unwrap_or_default()
+    }
+
+    /// The admin endpoint's dump of this state: every workload here with
+    /// its identity and switches, every meshed peer, the policies as sent.
+    pub fn dump(&self, trust_domain: &str) -> serde_json::Value {
+        let state = self.lock();
+        serde_json::json!({
+            "version": state.version,
+            "workloads": state.workloads.values().map(|w| serde_json::json!({
+                "namespace": w.namespace,
+                "name": w.name,
+                "identity": w.identity(trust_domain),
+                "addresses": w.addresses,
+                "meshed": w.meshed,
+                "mtls": if !w.meshed { "none" } else if w.strict { "STRICT" } else { "PERMISSIVE" },
+                "access_log": w.access_log,
+                "labels": w.labels,
+            })).collect::<Vec<_>>(),
+            "peers": state.peers.iter().map(|(ip, p)| serde_json::json!({
+                "address": ip,
+                "identity": p.identity(trust_domain),
+                "node": p.node,
+            })).collect::<Vec<_>>(),
+            "authorization_policies": state.policies.iter().map(|p| serde_json::json!({
+                "name": p.key(),
+                "spec": p.spec,
+            })).collect::<Vec<_>>(),
+            "traffic_policies": state.traffic.iter().map(|t| serde_json::json!({
+                "name": format!("{}/{}", t.namespace, t.name),
+                "spec": t.spec,
+            })).collect::<Vec<_>>(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

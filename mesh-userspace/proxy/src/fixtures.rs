@@ -31,6 +31,7 @@ pub fn workload(name: &str, service_account: &str, address: &str, meshed: bool) 
         addresses: vec![address.parse().unwrap()],
         meshed,
         strict: false,
+        access_log: false,
         labels: [("app".to_owned(), name.to_owned())].into(),
     }
 }
@@ -70,6 +71,7 @@ pub fn proxy(state: Arc<Fixed>, certificate_wait: Duration) -> Proxy {
             tunnel_mark: None,
             certificate_wait,
             outliers: Arc::default(),
+            telemetry: crate::telemetry::Telemetry::default(),
         },
         state,
         Arc::new(Plain),

@@ -31,6 +31,7 @@ pub struct Inbound {
     pub requests: crate::metrics::RequestMetrics,
     /// The rate limits of pods here (TrafficPolicies').
     pub limits: crate::ratelimit::RateLimits,
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 /// A connection to a pod here, the watch on the pod's writes into it
@@ -194,13 +195,23 @@ impl Inbound {
         Arc::new(move |peer, dest| {
             let inbound = Arc::clone(&inbound);
             async move {
-                let delivery = inbound.connect(peer, dest).await?;
+                let started = std::time::SystemTime::now();
+                let delivery = match inbound.connect(peer.clone(), dest).await {
+                    Ok(delivery) => delivery,
+                    Err(refusal) => {
+                        inbound.log_connection(&peer, dest, started, Err(&refusal));
+                        return Err(refusal);
+                    }
+                };
                 let carry: Carry = Box::new(move |tunnel| {
                     async move {
                         if delivery.per_request {
+                            // Its requests are logged one by one.
                             inbound.serve_requests(tunnel, None, delivery).await
                         } else {
-                            carry(tunnel, delivery).await
+                            let carried = carry(tunnel, delivery).await;
+                            inbound.log_connection(&peer, dest, started, Ok(carried));
+                            carried
                         }
                     }
                     .boxed()
@@ -213,6 +224,41 @@ impl Inbound {
 }
 
 impl Inbound {
+    /// The access log line of a tunnel stream for a pod here: the bytes it
+    /// carried each way, or why it was refused.
+    fn log_connection(
+        &self,
+        peer: &Peer,
+        dest: SocketAddr,
+        started: std::time::SystemTime,
+        outcome: Result<(u64, u64), &Refusal>,
+    ) {
+        let pod = self.state.local(dest.ip());
+        let Some(log) = self.telemetry.log_for(pod.as_deref()) else {
+            return;
+        };
+        let mut e = crate::telemetry::access_log::Entry::new("connection", "inbound", started);
+        if let Some(pod) = &pod {
+            e = e.to_workload(pod, &self.trust_domain);
+        }
+        e.source_namespace = crate::metrics::namespace_of(&peer.identity).map(str::to_owned);
+        e.source_identity = Some(peer.identity.clone());
+        e.source_address = peer.source.map(|a| a.to_string());
+        e.destination_address = Some(dest.to_string());
+        e.path_taken = Some("tunnel");
+        match outcome {
+            Ok((up, down)) => {
+                e.bytes_sent = Some(up);
+                e.bytes_received = Some(down);
+            }
+            Err(refusal) => {
+                e.reason = Some(refusal.reason.to_owned());
+                e.policy = refusal.policy.clone();
+            }
+        }
+        log.write(&e);
+    }
+
     /// Serves a delivery whose requests are decided one by one
     /// ([`crate::l7`]), from `client` (whose spliced writes `client_watch`
     /// watches, for a same-node app); the bytes read from each side.
@@ -250,6 +296,8 @@ impl Inbound {
             self.state.local(dest.ip()).map(|pod| crate::l7::Requests {
                 metrics: self.requests.clone(),
                 pod,
+                telemetry: self.telemetry.clone(),
+                trust_domain: self.trust_domain.clone(),
             }),
             &registered.closed,
         )

@@ -66,6 +66,82 @@ pub trait PodSide: Send + Sync + 'static {
     fn reconnect(&self, dest: SocketAddr) -> BoxFuture<'static, io::Result<PodConnection>>;
 }
 
+/// Why the mesh answered a request itself.
+struct Refused {
+    reason: &'static str,
+    policy: Option<String>,
+}
+
+/// What a decided request's log line and span carry, taken on arrival.
+struct Seen {
+    started: std::time::SystemTime,
+    method: String,
+    path: String,
+    protocol: &'static str,
+    request_bytes: Option<u64>,
+    log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
+    span: Option<crate::telemetry::trace::ActiveSpan>,
+}
+
+/// How a decided request ended.
+struct Said<'a> {
+    identity: String,
+    source: Option<std::net::IpAddr>,
+    dest: SocketAddr,
+    code: u16,
+    grpc_status: &'a str,
+    bytes: u64,
+    refusal: Option<Refused>,
+}
+
+/// Writes a decided request's access log line and ends its span.
+fn told(seen: Seen, requests: &Requests, said: Said<'_>) {
+    let pod = &requests.pod;
+    let trace_id = seen.span.as_ref().map(|s| s.trace_id_hex());
+    if let Some(mut span) = seen.span {
+        span.attribute("http.request.method", seen.method.as_str());
+        span.attribute("url.path", seen.path.as_str());
+        span.attribute("http.response.status_code", i64::from(said.code));
+        if let Ok(status) = said.grpc_status.parse::<i64>() {
+            span.attribute("rpc.grpc.status_code", status);
+        }
+        span.attribute("lacewing.direction", "inbound");
+        span.attribute("lacewing.source.identity", said.identity.as_str());
+        span.attribute("lacewing.destination.workload", pod.key());
+        if let Some(r) = &said.refusal {
+            span.attribute("lacewing.reason", r.reason);
+            if let Some(p) = &r.policy {
+                span.attribute("lacewing.policy", p.as_str());
+            }
+        }
+        if let Some(tracer) = &requests.telemetry.tracer {
+            tracer.finish(span);
+        }
+    }
+    let Some(log) = seen.log else {
+        return;
+    };
+    let mut e = crate::telemetry::access_log::Entry::new("request", "inbound", seen.started)
+        .to_workload(pod, &requests.trust_domain);
+    e.source_namespace = crate::metrics::namespace_of(&said.identity).map(str::to_owned);
+    e.source_identity = Some(said.identity);
+    e.source_address = said.source.map(|a| a.to_string());
+    e.destination_address = Some(said.dest.to_string());
+    e.protocol = seen.protocol;
+    e.method = Some(seen.method);
+    e.path = Some(seen.path);
+    e.status = Some(said.code);
+    e.grpc_status = (!said.grpc_status.is_empty()).then(|| said.grpc_status.to_owned());
+    e.bytes_sent = seen.request_bytes;
+    e.bytes_received = Some(said.bytes);
+    if let Some(r) = said.refusal {
+        e.reason = Some(r.reason.to_owned());
+        e.policy = r.policy;
+    }
+    e.trace_id = trace_id;
+    log.write(&e);
+}
+
 /// A connection to the pod and the watch on the pod's spliced writes into it.
 pub type PodConnection = (TcpStream, Option<Arc<Watch>>);
 
@@ -99,6 +175,9 @@ impl Upstream {
 pub struct Requests {
     pub metrics: crate::metrics::RequestMetrics,
     pub pod: Arc<lacewing_core::model::workloads::Workload>,
+    /// The access log and tracer, and the trust domain identities are in.
+    pub telemetry: crate::telemetry::Telemetry,
+    pub trust_domain: String,
 }
 
 /// What one connection's requests share.
@@ -190,22 +269,75 @@ where
 
 impl Connection {
     /// One request, decided and answered; counted when its answer ends.
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = std::time::Instant::now();
-        let resp = self.decide_and_forward(req).await;
+        let seen = self.seen(&mut req);
+        let (resp, refusal) = self.decide_and_forward(req).await;
         let Some(requests) = self.requests.clone() else {
             return resp;
         };
         let identity = self.peer.identity.clone();
         let code = resp.status().as_u16();
-        crate::metrics::observe(resp, move |grpc_status| {
+        let (source, dest) = (self.peer.source, self.dest);
+        crate::metrics::observe(resp, move |grpc_status, bytes| {
             let labels =
                 crate::metrics::RequestLabels::inbound(&identity, &requests.pod, code, grpc_status);
             requests.metrics.record(&labels, started.elapsed());
+            if let Some(seen) = seen {
+                told(
+                    seen,
+                    &requests,
+                    Said {
+                        identity,
+                        source,
+                        dest,
+                        code,
+                        grpc_status,
+                        bytes,
+                        refusal,
+                    },
+                );
+            }
         })
     }
 
-    async fn decide_and_forward(&self, mut req: Request<Incoming>) -> Response<Body> {
+    /// What the access log and the tracer need of `req`, when either is on
+    /// for the pod; a traced request goes to the pod with the node's span
+    /// as its parent.
+    fn seen(&self, req: &mut Request<Incoming>) -> Option<Seen> {
+        let requests = self.requests.as_ref()?;
+        let telemetry = &requests.telemetry;
+        let log = telemetry.log_for(Some(&requests.pod)).cloned();
+        let span = telemetry.tracer.as_ref().and_then(|t| {
+            let name = format!("{} {}", req.method(), requests.pod.key());
+            t.start_span(req.headers(), name, crate::telemetry::trace::Kind::Server)
+        });
+        if log.is_none() && span.is_none() {
+            return None;
+        }
+        if let Some(span) = &span {
+            span.propagate(req.headers_mut());
+        }
+        let grpc = crate::answer::is_grpc(req.headers());
+        Some(Seen {
+            started: std::time::SystemTime::now(),
+            method: req.method().to_string(),
+            path: crate::telemetry::bounded(
+                req.uri().path(),
+                crate::telemetry::access_log::MAX_PATH,
+            ),
+            protocol: crate::router::protocol_of(req, grpc),
+            request_bytes: hyper::body::Body::size_hint(req.body()).exact(),
+            log,
+            span,
+        })
+    }
+
+    /// The answer to `req`, and the refusal when the mesh refused it.
+    async fn decide_and_forward(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> (Response<Body>, Option<Refused>) {
         let denied = {
             let request = authorization::Request {
                 method: req.method().as_str(),
@@ -240,7 +372,13 @@ impl Connection {
                 refused_line!(info);
             }
             self.metrics.refused(&refusal);
-            return refused(&req, &refusal);
+            return (
+                refused(&req, &refusal),
+                Some(Refused {
+                    reason: refusal.reason,
+                    policy: refusal.policy.clone(),
+                }),
+            );
         }
         // An upgrade (WebSocket...) allowed here: once the pod switches
         // protocols, the two upgraded streams are spliced.
@@ -266,11 +404,17 @@ impl Connection {
                         }
                     });
                 }
-                resp.map(http_body_util::BodyExt::boxed)
+                (resp.map(http_body_util::BodyExt::boxed), None)
             }
             Err(err) => {
                 tracing::info!(dest = %self.dest, %err, "the pod did not answer a request");
-                status(StatusCode::BAD_GATEWAY)
+                (
+                    status(StatusCode::BAD_GATEWAY),
+                    Some(Refused {
+                        reason: "pod_unreachable",
+                        policy: None,
+                    }),
+                )
             }
         }
     }

@@ -40,6 +40,7 @@ pub mod router;
 pub mod sockets;
 pub mod splice;
 pub mod state;
+pub mod telemetry;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 
@@ -64,6 +65,8 @@ pub struct ProxyConfig {
     /// The router's outlier detection state (shared with what shows the
     /// ejected endpoints).
     pub outliers: Arc<router::resilience::Outliers>,
+    /// Access logs and traces, each off unless configured.
+    pub telemetry: telemetry::Telemetry,
 }
 
 /// The composed services, sharing one registry.
@@ -93,6 +96,7 @@ impl Proxy {
             metrics: metrics.clone(),
             requests: requests.clone(),
             limits: ratelimit::RateLimits::default(),
+            telemetry: config.telemetry.clone(),
         });
         let outbound = Arc::new(Outbound {
             state,
@@ -101,10 +105,16 @@ impl Proxy {
             registry: Arc::clone(&registry),
             pool: Pool::new(config.tunnel_mark),
             roots: config.roots,
+            telemetry: config.telemetry.clone(),
+            router: Arc::new(router::Router::new(
+                requests,
+                config.outliers,
+                config.telemetry,
+                config.trust_domain.clone(),
+            )),
             trust_domain: config.trust_domain,
             metrics: metrics.clone(),
             certificate_wait: config.certificate_wait,
-            router: Arc::new(router::Router::new(requests, config.outliers)),
         });
         Self {
             inbound,

@@ -65,11 +65,7 @@ impl RequestLabels {
     /// A request the destination decided for `pod`, from a peer whose
     /// proven identity is `identity` (its namespace is the label).
     pub fn inbound(identity: &str, pod: &Workload, code: u16, grpc_status: &str) -> Self {
-        let source_namespace = identity
-            .split("/ns/")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or_default();
+        let source_namespace = namespace_of(identity).unwrap_or_default();
         Self {
             direction: "inbound",
             source_workload: String::new(),
@@ -83,6 +79,11 @@ impl RequestLabels {
             mesh_flag: "",
         }
     }
+}
+
+/// The namespace of a SPIFFE identity (`spiffe://td/ns/<this>/sa/...`).
+pub fn namespace_of(identity: &str) -> Option<&str> {
+    identity.split("/ns/").nth(1)?.split('/').next()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -226,15 +227,15 @@ impl RequestMetrics {
 }
 
 /// Records a request's metrics once its response ends, given its gRPC
-/// status.
-pub type Record = Box<dyn FnOnce(&str) + Send + Sync>;
+/// status and the bytes of its body.
+pub type Record = Box<dyn FnOnce(&str, u64) + Send + Sync>;
 
 /// `resp` with a body that calls `record` when it ends (or is dropped),
 /// with the gRPC status of its trailers (or of its headers, for an answer
-/// without a body).
+/// without a body) and the bytes of body it carried.
 pub fn observe<B>(
     resp: http::Response<B>,
-    record: impl FnOnce(&str) + Send + Sync + 'static,
+    record: impl FnOnce(&str, u64) + Send + Sync + 'static,
 ) -> http::Response<http_body_util::combinators::BoxBody<bytes::Bytes, B::Error>>
 where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + Unpin + 'static,
@@ -249,6 +250,7 @@ where
         http_body_util::BodyExt::boxed(Observed {
             inner,
             grpc_status,
+            bytes: 0,
             record: Some(Box::new(record)),
         })
     })
@@ -257,13 +259,14 @@ where
 struct Observed<B> {
     inner: B,
     grpc_status: String,
+    bytes: u64,
     record: Option<Record>,
 }
 
 impl<B> Observed<B> {
     fn finish(&mut self) {
         if let Some(record) = self.record.take() {
-            record(&self.grpc_status);
+            record(&self.grpc_status, self.bytes);
         }
     }
 }
@@ -282,6 +285,9 @@ where
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
                 if let Some(status) = frame
                     .trailers_ref()
                     .and_then(|t| t.get("grpc-status"))

@@ -57,6 +57,24 @@ pub enum OutboundError {
     Open(#[from] tunnel::client::TunnelError),
 }
 
+impl OutboundError {
+    /// Why, as access logs say it.
+    pub fn reason(&self) -> &'static str {
+        use tunnel::client::TunnelError as T;
+        match self {
+            Self::NoCertificate { .. } => "no_certificate",
+            Self::Open(T::Connect(..)) => "connect_failed",
+            Self::Open(T::Handshake(..) | T::Tls(_)) => "handshake_failed",
+            Self::Open(T::Http(..)) => "tunnel_failed",
+            Self::Open(T::Refused(_, _, status)) if status.as_u16() == 403 => {
+                "denied_by_destination"
+            }
+            Self::Open(T::Refused(_, _, status)) if status.as_u16() == 429 => "rate_limited",
+            Self::Open(T::Refused(..)) => "refused_by_destination",
+        }
+    }
+}
+
 /// A captured connection, as the capture listener hands it over.
 pub struct Captured {
     /// The pod that opened it.
@@ -80,6 +98,7 @@ pub struct Outbound {
     pub certificate_wait: Duration,
     /// Routed (L7) connections' shared state: pools, latencies, metrics.
     pub router: Arc<crate::router::Router>,
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 impl Outbound {
@@ -104,11 +123,20 @@ impl Outbound {
             mut dest,
         } = conn;
         let _ = app.set_nodelay(true);
+        let started = std::time::SystemTime::now();
+        let dialled = dest;
         // The app's writes reach `app` spliced (when acceleration is on).
         let watch = self.sockets.watch(&app, netns_cookie);
         let Some(source_ip) = source_address(&source, dest) else {
             return;
         };
+        // The capture holds the pod as it was when capture started: its
+        // switches (access logging) are read as they are now.
+        let source = self
+            .state
+            .local(source_ip)
+            .filter(|now| now.key() == source.key())
+            .unwrap_or(source);
         let identity = source.identity(&self.trust_domain);
         let peer = Peer {
             identity: identity.clone(),
@@ -143,49 +171,102 @@ impl Outbound {
                 None => {
                     tracing::info!(%identity, %dest, "no ready endpoint for a routed Service");
                     reset(app);
+                    if let Some(log) = self.telemetry.log_for(Some(&source)) {
+                        let mut e = crate::telemetry::access_log::Entry::new(
+                            "connection",
+                            "outbound",
+                            started,
+                        )
+                        .from_workload(&source, &self.trust_domain);
+                        e.destination_address = Some(dialled.to_string());
+                        e.destination_service =
+                            Some(format!("{}/{}", frontend.service.0, frontend.service.1));
+                        e.reason = Some("no_backend".into());
+                        log.write(&e);
+                    }
                     return;
                 }
             }
         }
-        match self.route(dest) {
-            Route::SameNode => match self.inbound.connect(peer, dest).await {
-                // Registered inbound: this node's policy is re-checked on it.
-                Ok(upstream) if upstream.per_request => {
-                    self.inbound.serve_requests(app, watch, upstream).await;
+        let log = self.telemetry.log_for(Some(&source)).cloned();
+        let (path, outcome) = match self.route(dest) {
+            Route::SameNode => (
+                "same_node",
+                match self.inbound.connect(peer, dest).await {
+                    // Registered inbound: this node's policy is re-checked on it.
+                    Ok(upstream) if upstream.per_request => {
+                        Ok(self.inbound.serve_requests(app, watch, upstream).await)
+                    }
+                    Ok(upstream) => {
+                        let closed = upstream.registered.closed.clone();
+                        Ok(splice_app(app, watch, upstream.stream, upstream.watch, &closed).await)
+                    }
+                    Err(refusal) => {
+                        tracing::info!(%identity, %dest, reason = refusal.reason, detail = %refusal.detail, "same-node connection refused");
+                        self.metrics.refused(&refusal);
+                        reset(app);
+                        Err((refusal.reason, refusal.policy))
+                    }
+                },
+            ),
+            Route::Tunnel(to) => (
+                "tunnel",
+                match self.tunnel(&identity, source_ip, &to, dest).await {
+                    Ok(upgraded) => {
+                        let registered = self.registry.register(peer, dest, Direction::Outbound);
+                        self.metrics.opened("outbound");
+                        let tunnel = hyper_util::rt::TokioIo::new(upgraded);
+                        let (up, down) =
+                            splice_app(app, watch, tunnel, None, &registered.closed).await;
+                        self.metrics.closed("outbound", up, down);
+                        Ok((up, down))
+                    }
+                    Err(err) => {
+                        tracing::info!(%identity, %dest, node = %to.node, %err, "tunnel stream failed");
+                        reset(app);
+                        Err((err.reason(), None))
+                    }
+                },
+            ),
+            Route::PassThrough => (
+                "passthrough",
+                match self.sockets.connect_from(&netns, dest).await {
+                    Ok(upstream) => {
+                        let registered = self.registry.register(peer, dest, Direction::Outbound);
+                        Ok(splice_app(app, watch, upstream, None, &registered.closed).await)
+                    }
+                    Err(err) => {
+                        tracing::debug!(%dest, %err, "passthrough connect failed");
+                        reset(app);
+                        Err(("connect_failed", None))
+                    }
+                },
+            ),
+        };
+        if let Some(log) = log {
+            let mut e = crate::telemetry::access_log::Entry::new("connection", "outbound", started)
+                .from_workload(&source, &self.trust_domain);
+            e.source_address = Some(source_ip.to_string());
+            e.destination_address = Some(dialled.to_string());
+            e.backend = (dest != dialled).then(|| dest.to_string());
+            if let Some(w) = self.state.local(dest.ip()) {
+                e = e.to_workload(&w, &self.trust_domain);
+            } else if let Some(p) = self.state.peer(dest.ip()) {
+                e.destination_namespace = Some(p.namespace.clone());
+                e.destination_identity = Some(p.identity(&self.trust_domain));
+            }
+            e.path_taken = Some(path);
+            match outcome {
+                Ok((up, down)) => {
+                    e.bytes_sent = Some(up);
+                    e.bytes_received = Some(down);
                 }
-                Ok(upstream) => {
-                    let closed = upstream.registered.closed.clone();
-                    splice_app(app, watch, upstream.stream, upstream.watch, &closed).await;
+                Err((reason, policy)) => {
+                    e.reason = Some(reason.to_owned());
+                    e.policy = policy;
                 }
-                Err(refusal) => {
-                    tracing::info!(%identity, %dest, reason = refusal.reason, detail = %refusal.detail, "same-node connection refused");
-                    self.metrics.refused(&refusal);
-                    reset(app);
-                }
-            },
-            Route::Tunnel(to) => match self.tunnel(&identity, source_ip, &to, dest).await {
-                Ok(upgraded) => {
-                    let registered = self.registry.register(peer, dest, Direction::Outbound);
-                    self.metrics.opened("outbound");
-                    let tunnel = hyper_util::rt::TokioIo::new(upgraded);
-                    let (up, down) = splice_app(app, watch, tunnel, None, &registered.closed).await;
-                    self.metrics.closed("outbound", up, down);
-                }
-                Err(err) => {
-                    tracing::info!(%identity, %dest, node = %to.node, %err, "tunnel stream failed");
-                    reset(app);
-                }
-            },
-            Route::PassThrough => match self.sockets.connect_from(&netns, dest).await {
-                Ok(upstream) => {
-                    let registered = self.registry.register(peer, dest, Direction::Outbound);
-                    splice_app(app, watch, upstream, None, &registered.closed).await;
-                }
-                Err(err) => {
-                    tracing::debug!(%dest, %err, "passthrough connect failed");
-                    reset(app);
-                }
-            },
+            }
+            log.write(&e);
         }
     }
 

@@ -278,6 +278,8 @@ pub struct Router {
     breakers: resilience::Breakers,
     budgets: resilience::Budgets,
     pub metrics: crate::metrics::RequestMetrics,
+    pub telemetry: crate::telemetry::Telemetry,
+    trust_domain: String,
 }
 
 impl Router {
@@ -286,6 +288,8 @@ impl Router {
     pub fn new(
         metrics: crate::metrics::RequestMetrics,
         outliers: Arc<resilience::Outliers>,
+        telemetry: crate::telemetry::Telemetry,
+        trust_domain: String,
     ) -> Self {
         Self {
             clients: Mutex::default(),
@@ -294,6 +298,8 @@ impl Router {
             breakers: resilience::Breakers::default(),
             budgets: resilience::Budgets::default(),
             metrics,
+            telemetry,
+            trust_domain,
         }
     }
 
@@ -680,6 +686,44 @@ struct Routed {
     held: Option<resilience::Admitted>,
 }
 
+/// The endpoints a request was sent to, in order, and when (the last
+/// answered; the others were retried away from).
+#[derive(Default)]
+struct Tries {
+    sent: Vec<(std::time::SystemTime, SocketAddr)>,
+}
+
+impl Tries {
+    fn backend(&self) -> Option<SocketAddr> {
+        self.sent.last().map(|(_, a)| *a)
+    }
+
+    fn retries(&self) -> u32 {
+        u32::try_from(self.sent.len().saturating_sub(1)).unwrap_or(u32::MAX)
+    }
+}
+
+/// What a request's log line and span carry, taken before it is routed.
+struct Seen {
+    started: std::time::SystemTime,
+    method: String,
+    path: String,
+    protocol: &'static str,
+    request_bytes: Option<u64>,
+    log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
+    span: Option<crate::telemetry::trace::ActiveSpan>,
+}
+
+/// The protocol of a request, as logs name it.
+pub(crate) fn protocol_of<B>(req: &Request<B>, grpc: bool) -> &'static str {
+    match (grpc, req.version()) {
+        (true, _) => "grpc",
+        (false, Version::HTTP_2) => "http/2",
+        (false, Version::HTTP_10) => "http/1.0",
+        _ => "http/1.1",
+    }
+}
+
 /// How one request is retried: by its rule's `retry` or by its Service's
 /// TrafficPolicy (a rule's own settings win).
 struct RetryPlan<'a> {
@@ -723,20 +767,22 @@ const DEFAULT_BUDGET: lacewing_core::model::traffic::Budget =
     };
 
 impl Session {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let grpc = is_grpc(req.headers());
+        let seen = self.seen(&mut req, grpc);
+        let mut tries = Tries::default();
         let Routed {
             resp,
             route,
             flag,
             held,
-        } = self.route(req, grpc).await;
+        } = self.route(req, grpc, &mut tries).await;
         // Counted when the response ends: a gRPC status comes in the
         // trailers (or, for an error without a body, in the headers).
         let code = resp.status().as_u16();
         let session = Arc::clone(&self);
-        crate::metrics::observe(resp, move |grpc_status| {
+        crate::metrics::observe(resp, move |grpc_status, bytes| {
             // The request is in flight (for the circuit breaker) until its
             // response ends.
             drop(held);
@@ -749,11 +795,137 @@ impl Session {
                 flag.label(),
             );
             session.router.metrics.record(&labels, started.elapsed());
+            if let Some(seen) = seen {
+                session.told(seen, &route, code, grpc_status, bytes, flag, &tries);
+            }
         })
     }
 
+    /// What the access log and the tracer need of `req`, when either is
+    /// on for it; a traced request is sent on with the node's span as its
+    /// parent.
+    fn seen(&self, req: &mut Request<Incoming>, grpc: bool) -> Option<Seen> {
+        let telemetry = &self.router.telemetry;
+        let log = telemetry.log_for(Some(&self.source)).cloned();
+        let span = telemetry.tracer.as_ref().and_then(|t| {
+            let name = format!("{} {}", req.method(), service_name(&self.frontend.service));
+            t.start_span(req.headers(), name, crate::telemetry::trace::Kind::Client)
+        });
+        if log.is_none() && span.is_none() {
+            return None;
+        }
+        if let Some(span) = &span {
+            span.propagate(req.headers_mut());
+        }
+        Some(Seen {
+            started: std::time::SystemTime::now(),
+            method: req.method().to_string(),
+            path: crate::telemetry::bounded(
+                req.uri().path(),
+                crate::telemetry::access_log::MAX_PATH,
+            ),
+            protocol: protocol_of(req, grpc),
+            request_bytes: hyper::body::Body::size_hint(req.body()).exact(),
+            log,
+            span,
+        })
+    }
+
+    /// Writes a routed request's access log line and ends its span.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one finished request's facts, each used once"
+    )]
+    fn told(
+        &self,
+        mut seen: Seen,
+        route: &str,
+        code: u16,
+        grpc_status: &str,
+        bytes: u64,
+        flag: Flag,
+        tries: &Tries,
+    ) {
+        use crate::telemetry::trace::Value;
+        let service = service_name(&self.frontend.service);
+        let backend = tries.backend();
+        let reason = match flag {
+            Flag::None => None,
+            f => Some(f.label().to_owned()),
+        };
+        if let Some(mut span) = seen.span.take() {
+            for (at, endpoint) in tries.sent.iter().skip(1) {
+                span.event_at(
+                    *at,
+                    "retry",
+                    vec![("lacewing.backend", Value::from(endpoint.to_string()))],
+                );
+            }
+            span.attribute("http.request.method", seen.method.as_str());
+            span.attribute("url.path", seen.path.as_str());
+            span.attribute("http.response.status_code", i64::from(code));
+            if let Ok(status) = grpc_status.parse::<i64>() {
+                span.attribute("rpc.grpc.status_code", status);
+            }
+            span.attribute("lacewing.direction", "outbound");
+            span.attribute("lacewing.source.workload", self.source.key());
+            span.attribute("lacewing.destination.service", service.as_str());
+            span.attribute("lacewing.route", route);
+            if let Some(b) = backend {
+                span.attribute("lacewing.backend", b.to_string());
+            }
+            span.attribute("lacewing.retries", i64::from(tries.retries()));
+            if let Some(r) = &reason {
+                span.attribute("lacewing.reason", r.as_str());
+            }
+            let trace_id = span.trace_id_hex();
+            if let Some(tracer) = &self.router.telemetry.tracer {
+                tracer.finish(span);
+            }
+            if let Some(log) = &seen.log {
+                let mut entry = self.entry(&seen, route, code, grpc_status, bytes, tries, reason);
+                entry.trace_id = Some(trace_id);
+                log.write(&entry);
+            }
+        } else if let Some(log) = &seen.log {
+            log.write(&self.entry(&seen, route, code, grpc_status, bytes, tries, reason));
+        }
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one finished request's facts, each used once"
+    )]
+    fn entry(
+        &self,
+        seen: &Seen,
+        route: &str,
+        code: u16,
+        grpc_status: &str,
+        bytes: u64,
+        tries: &Tries,
+        reason: Option<String>,
+    ) -> crate::telemetry::access_log::Entry {
+        let mut e = crate::telemetry::access_log::Entry::new("request", "outbound", seen.started)
+            .from_workload(&self.source, &self.router.trust_domain);
+        e.destination_service = Some(service_name(&self.frontend.service));
+        e.destination_namespace = Some(self.frontend.service.0.clone());
+        e.route = (!route.is_empty()).then(|| route.to_owned());
+        e.backend = tries.backend().map(|b| b.to_string());
+        e.protocol = seen.protocol;
+        e.method = Some(seen.method.clone());
+        e.path = Some(seen.path.clone());
+        e.status = Some(code);
+        e.grpc_status = (!grpc_status.is_empty()).then(|| grpc_status.to_owned());
+        e.bytes_sent = seen.request_bytes;
+        e.bytes_received = Some(bytes);
+        e.retries = Some(tries.retries());
+        e.reason = reason;
+        e
+    }
+
     /// The answer to one request.
-    async fn route(&self, req: Request<Incoming>, grpc: bool) -> Routed {
+    async fn route(&self, req: Request<Incoming>, grpc: bool, tries: &mut Tries) -> Routed {
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().map(str::to_owned);
@@ -867,6 +1039,7 @@ impl Session {
                 query.as_deref(),
                 &mut body,
                 grpc,
+                tries,
             )
             .await
         };
@@ -942,6 +1115,7 @@ impl Session {
         query: Option<&str>,
         body: &mut ReqBody,
         grpc: bool,
+        tries: &mut Tries,
     ) -> Routed {
         let answered = |resp, flag| Routed {
             resp,
@@ -1046,6 +1220,7 @@ impl Session {
             };
             let addr = endpoint.addr();
             tried = Some(addr);
+            tries.sent.push((std::time::SystemTime::now(), addr));
             let req = build_request(parts, endpoint.addr(), path, query, payload);
             let upgrade = req.headers().contains_key(header::UPGRADE);
             let sent = Arc::clone(&self.clients).send(addr, req);

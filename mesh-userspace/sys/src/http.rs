@@ -36,38 +36,110 @@ pub struct Endpoint {
     pub routes: Option<Box<dyn Fn() -> String + Send + Sync>>,
 }
 
-/// Binds `addr` and serves until the task is dropped.
+/// Binds `addr` and serves `endpoint` until the task is dropped.
 pub async fn serve(
     addr: SocketAddr,
     endpoint: Arc<Endpoint>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    Ok(tokio::spawn(async move {
+    Ok(serve_with(
+        listener,
+        Arc::new(move |req: &Request<()>| route(&endpoint, req)),
+    ))
+}
+
+/// What answers one request of a plain HTTP endpoint (the request's head:
+/// these endpoints take no bodies; a change is a `POST` with a query).
+pub type Handler = Arc<dyn Fn(&Request<()>) -> Response<Full<Bytes>> + Send + Sync>;
+
+/// Serves HTTP/1.1 on `listener` with `handler` until the task is dropped.
+pub fn serve_with(listener: TcpListener, handler: Handler) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(conn) => conn,
                 Err(err) => {
-                    tracing::warn!(%err, "accepting a metrics connection");
+                    tracing::warn!(%err, "accepting a connection to a plain HTTP endpoint");
+                    // EMFILE and the like: do not spin on them.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let endpoint = Arc::clone(&endpoint);
+            let handler = Arc::clone(&handler);
             tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let endpoint = Arc::clone(&endpoint);
-                    async move { Ok::<_, Infallible>(route(&endpoint, &req)) }
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let handler = Arc::clone(&handler);
+                    async move {
+                        let (parts, _) = req.into_parts();
+                        Ok::<_, Infallible>(handler(&Request::from_parts(parts, ())))
+                    }
                 });
                 // One bad client closes its own connection, nothing else.
                 if let Err(err) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
-                    tracing::debug!(%err, "metrics connection ended with an error");
+                    tracing::debug!(%err, "plain HTTP connection ended with an error");
                 }
             });
         }
-    }))
+    })
+}
+
+/// The value of `name` in a request's query (`?level=debug`),
+/// percent-decoded (`+` is a space).
+pub fn query_param(req: &Request<()>, name: &str) -> Option<String> {
+    query_params(req, name).into_iter().next()
+}
+
+/// Every value of `name` in a request's query, in order, percent-decoded.
+pub fn query_params(req: &Request<()>, name: &str) -> Vec<String> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| percent_decode(v))
+        })
+        .collect()
+}
+
+/// `%XX` escapes and `+` (a space) decoded; a broken escape is kept as it
+/// is.
+pub fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&text[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `text` with everything but unreserved characters escaped, for a query.
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn route<B>(endpoint: &Endpoint, req: &Request<B>) -> Response<Full<Bytes>> {
@@ -139,7 +211,12 @@ fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+/// A response of `status` with `body`.
+pub fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -152,6 +229,18 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 #[cfg(test)]
 mod tests {
     use super::to_prometheus_text;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let v = "GET /a b:c,d";
+        assert_eq!(super::percent_decode(&super::percent_encode(v)), v);
+        assert_eq!(super::percent_decode("a+b%2Fc%3a%zz%"), "a b/c:%zz%");
+        let req = hyper::Request::get("/x?header=a%3Ab&header=c%3Ad&level=info")
+            .body(())
+            .unwrap();
+        assert_eq!(super::query_params(&req, "header"), ["a:b", "c:d"]);
+        assert_eq!(super::query_param(&req, "level").as_deref(), Some("info"));
+    }
 
     #[test]
     fn counters_get_their_total_name_in_the_classic_format() {

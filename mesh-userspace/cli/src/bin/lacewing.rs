@@ -3,7 +3,7 @@
 use clap::Parser as _;
 
 fn main() {
-    lacewing_sys::telemetry::init(lacewing_sys::telemetry::LogFormat::Text);
+    let _log_level = lacewing_sys::telemetry::init(lacewing_sys::telemetry::LogFormat::Text);
     let cli = lacewing::cli::Cli::parse();
     match lacewing::cli::run(cli) {
         Ok(code) => std::process::exit(code),

@@ -234,19 +234,28 @@ impl Lab {
     /// GETs `path` of the node daemon's :15020 endpoint (`/metrics`,
     /// `/status`, ...) from inside `node`.
     pub fn node_get(&self, node: &NodeSpec, path: &str) -> io::Result<String> {
+        self.node_http(node, 15020, path)
+    }
+
+    /// GETs `path` of the node daemon's endpoint on `port` of the node's
+    /// loopback (15020 metrics, [`super::ADMIN_PORT`] admin), from inside
+    /// `node`; a reply that is no 2xx is an error carrying its body.
+    pub fn node_http(&self, node: &NodeSpec, port: u16, path: &str) -> io::Result<String> {
         let mut cmd = Command::new("curl");
         cmd.args([
             "-sS",
+            "--fail-with-body",
             "--max-time",
             "5",
-            &format!("http://127.0.0.1:15020{path}"),
+            &format!("http://127.0.0.1:{port}{path}"),
         ]);
         let out = self.run_on_node(node, cmd)?;
         if !out.status.success() {
             return Err(io::Error::other(format!(
-                "GET {path} on {}: {}",
+                "GET {path} on {}: {} {}",
                 node.name(),
-                String::from_utf8_lossy(&out.stderr).trim()
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
             )));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

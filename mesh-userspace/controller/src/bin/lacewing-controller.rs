@@ -7,7 +7,7 @@ use lacewing_controller::{self as controller, config::ControllerArgs};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = ControllerArgs::parse();
-    lacewing_sys::telemetry::init(args.log_format);
+    let _log_level = lacewing_sys::telemetry::init(args.log_format);
     let config = args.validate()?;
     controller::run(config).await?;
     Ok(())

@@ -22,6 +22,12 @@ pub struct MeshConfigSpec {
     pub trust_domain: Option<String>,
     #[serde(default)]
     pub mtls_mode: MtlsMode,
+    /// Access logs (one JSON line per connection and per request, from the
+    /// node daemons) for meshed pods of every namespace; off by default. A
+    /// node's `--access-log` logs everything it carries regardless.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub access_logging: bool,
+    /// Per-namespace overrides of `mtlsMode` and `accessLogging`.
     #[serde(default)]
     pub namespaces: Vec<NamespaceMtls>,
 }
@@ -39,5 +45,10 @@ pub enum MtlsMode {
 #[serde(rename_all = "camelCase")]
 pub struct NamespaceMtls {
     pub namespace: String,
-    pub mtls_mode: MtlsMode,
+    /// The mesh-wide `mtlsMode` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls_mode: Option<MtlsMode>,
+    /// The mesh-wide `accessLogging` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_logging: Option<bool>,
 }

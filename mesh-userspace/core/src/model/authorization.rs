@@ -28,7 +28,8 @@ impl Policy {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    fn selects(&self, w: &Workload) -> bool {
+    /// Whether its selector picks `w` (and it is in `w`'s namespace).
+    pub fn selects(&self, w: &Workload) -> bool {
         self.namespace == w.namespace
             && self
                 .spec
@@ -256,6 +257,7 @@ mod tests {
             addresses: vec![],
             meshed: true,
             strict: false,
+            access_log: false,
             labels: [("app".to_owned(), "web".to_owned())].into(),
         }
     }

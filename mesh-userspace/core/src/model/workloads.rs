@@ -28,6 +28,9 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Meshed and STRICT: plain-text connections to it are refused.
     pub strict: bool,
+    /// Its connections and requests are access-logged (MeshConfig
+    /// `accessLogging`, for its namespace).
+    pub access_log: bool,
 }
 
 impl Workload {

@@ -8,8 +8,8 @@ use lacewing_node::{self as node, config::NodeArgs};
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = NodeArgs::parse();
-    lacewing_sys::telemetry::init(args.log_format);
+    let log_level = lacewing_sys::telemetry::init(args.log_format);
     let config = args.validate()?;
-    node::run(config).await?;
+    node::run(config, log_level).await?;
     Ok(())
 }

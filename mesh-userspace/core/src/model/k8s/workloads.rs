@@ -166,8 +166,22 @@ fn strict(mesh_config: Option<&MeshConfigSpec>, namespace: &str) -> bool {
         .namespaces
         .iter()
         .find(|n| n.namespace == namespace)
-        .map_or(mc.mtls_mode, |n| n.mtls_mode);
+        .and_then(|n| n.mtls_mode)
+        .unwrap_or(mc.mtls_mode);
     mode == MtlsMode::Strict
+}
+
+/// Whether meshed pods of `namespace` are access-logged: the MeshConfig's
+/// per-namespace `accessLogging`, else its own (off by default).
+fn access_logged(mesh_config: Option<&MeshConfigSpec>, namespace: &str) -> bool {
+    let Some(mc) = mesh_config else {
+        return false;
+    };
+    mc.namespaces
+        .iter()
+        .find(|n| n.namespace == namespace)
+        .and_then(|n| n.access_logging)
+        .unwrap_or(mc.access_logging)
 }
 
 /// The ServiceAccount every namespace has, which a pod naming none uses.
@@ -231,6 +245,7 @@ pub fn translate<'a>(
             meshed: ns_enabled && !pod_disabled,
             labels: meta.labels.clone(),
             strict: ns_enabled && !pod_disabled && strict(mesh_config, &meta.namespace),
+            access_log: ns_enabled && !pod_disabled && access_logged(mesh_config, &meta.namespace),
         });
     }
     Ok(out)

@@ -1,0 +1,736 @@
+//! What operators see, with real parts: a real Prometheus scraping both
+//! node daemons and the controller, `lacewing top` against a running
+//! h2load, access logs switched on by the MeshConfig, spans received by a
+//! real OpenTelemetry collector (rotel), and `lacewing explain` on the
+//! cases users ask about.
+//!
+//! ```text
+//!   namespace shop (lacewing.io/mesh=enabled)
+//!   n0-p0 client (sa client)                n0-p1 plain (namespace default)
+//!   n1-p0 web-0: httpd.py 8080 "web-0"      n1-p1 web-1: httpd.py 8080 "web-1"
+//!   Service front 10.96.0.32:80 -> both, HTTPRoute shop/front
+//! ```
+
+use std::{process::Command, time::Duration};
+
+use lacewing::lab::{CONTROLLER_IP, Lab, LabProcess, NodeSpec};
+use lacewing_tests::{
+    bin, h2load_all_succeed,
+    mesh_lab::{MeshLab, poll},
+    run_in,
+};
+
+const HTTP_PORT: u16 = 8080;
+const FRONT: &str = "10.96.0.32";
+const ROUTE: &str = "shop/front";
+
+fn service(name: &str, ip: &str, endpoints: &[String], port: u16) -> String {
+    let addresses: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: {port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-v4, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints: [{}]\n",
+        if addresses.is_empty() {
+            String::new()
+        } else {
+            format!("{{addresses: [{}]}}", addresses.join(", "))
+        }
+    )
+}
+
+const HTTPROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: front, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: front, port: 80}]
+  rules:
+  - backendRefs: [{name: front, port: 80}]
+";
+
+fn ip(m: &MeshLab, pod: &str) -> String {
+    m.lab.pod(pod).unwrap().ip4().to_string()
+}
+
+/// httpd.py on both web pods, Service front over them with HTTPRoute
+/// shop/front; returns once n0 routes requests to it.
+fn front(m: &MeshLab) -> Vec<LabProcess> {
+    let servers = vec![
+        m.serve_tool("n1-p0", "httpd.py", &["8080", "web-0"], HTTP_PORT),
+        m.serve_tool("n1-p1", "httpd.py", &["8080", "web-1"], HTTP_PORT),
+    ];
+    m.config(
+        "front.yaml",
+        Some(&format!(
+            "{}---\n{HTTPROUTE}",
+            service("front", FRONT, &[ip(m, "n1-p0"), ip(m, "n1-p1")], HTTP_PORT)
+        )),
+    );
+    m.until("n0 routes shop/front", || {
+        m.routes_listing("n0").contains("HTTPRoute")
+            || m.routes_listing("n0").contains("shop/front#")
+    });
+    servers
+}
+
+fn curl(m: &MeshLab, pod: &str, args: &[&str]) -> String {
+    let out = run_in(&m.lab, &m.lab.pod(pod).unwrap(), "curl", args);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn access_log(lab: &Lab, node: &str) -> std::path::PathBuf {
+    lab.state_dir().join(format!("{node}-access.log"))
+}
+
+/// The JSON lines of `node`'s access log that `keep` keeps.
+fn lines(
+    lab: &Lab,
+    node: &str,
+    keep: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(access_log(lab, node))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v| keep(v))
+        .collect()
+}
+
+#[test]
+fn access_logs_switched_on_by_the_mesh_config_give_one_line_per_request() {
+    let m = MeshLab::build_with(&[], true, &|lab: &Lab, node: &NodeSpec| {
+        vec![
+            "--access-log-file".into(),
+            access_log(lab, &node.name()).display().to_string(),
+        ]
+    });
+    let _servers = front(&m);
+    // Off by default: a request leaves no line.
+    assert!(
+        curl(
+            &m,
+            "n0-p0",
+            &["-sS", "--max-time", "5", &format!("http://{FRONT}/")]
+        )
+        .contains("web-")
+    );
+    m.config(
+        "meshconfig.yaml",
+        Some(
+            "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {mtlsMode: Permissive, namespaces: [{namespace: shop, accessLogging: true}]}\n",
+        ),
+    );
+    m.config(
+        "authz.yaml",
+        Some("apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec: {action: Deny, rules: [{to: [{methods: [DELETE]}]}]}\n"),
+    );
+    let outbound = |v: &serde_json::Value| {
+        v["kind"] == "request" && v["direction"] == "outbound" && v["route"] == ROUTE
+    };
+    m.until("n0 logs shop's requests", || {
+        curl(
+            &m,
+            "n0-p0",
+            &["-sS", "--max-time", "5", &format!("http://{FRONT}/")],
+        );
+        !lines(&m.lab, "n0", outbound).is_empty()
+    });
+    assert!(
+        lines(&m.lab, "n0", |_| true)
+            .iter()
+            .all(|v| v["source_namespace"] == "shop"),
+        "only shop's pods are logged"
+    );
+    let before = lines(&m.lab, "n0", outbound).len();
+    h2load_all_succeed(
+        &m.lab,
+        &m.lab.pod("n0-p0").unwrap(),
+        1000,
+        &["--h1", "-c", "2", &format!("http://{FRONT}/items")],
+    );
+    let logged = poll("n0 writes 1,000 lines", Duration::from_secs(10), || {
+        let all = lines(&m.lab, "n0", outbound);
+        (all.len() >= before + 1000).then_some(all)
+    });
+    assert_eq!(logged.len(), before + 1000, "one line per request");
+    let last = logged.last().unwrap();
+    assert_eq!(
+        last["source_identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+    assert_eq!(last["source_workload"], "client");
+    assert_eq!(last["destination_service"], "shop/front");
+    assert_eq!(last["method"], "GET");
+    assert_eq!(last["path"], "/items");
+    assert_eq!(last["status"], 200);
+    assert_eq!(last["protocol"], "http/1.1");
+    assert_eq!(last["retries"], 0);
+    let backend = last["backend"].as_str().unwrap();
+    assert!(
+        [ip(&m, "n1-p0"), ip(&m, "n1-p1")]
+            .iter()
+            .any(|p| backend == format!("{p}:{HTTP_PORT}")),
+        "{last}"
+    );
+    // The destination decides each request (an L7 policy selects the web
+    // pods) and logs it with the peer's proven identity; a DELETE is
+    // refused, and its line names the policy.
+    let out = curl(
+        &m,
+        "n0-p0",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-X",
+            "DELETE",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{FRONT}/items/1"),
+        ],
+    );
+    assert_eq!(out, "403");
+    let denied = poll(
+        "n1 logs the refused DELETE",
+        Duration::from_secs(10),
+        || {
+            lines(&m.lab, "n1", |v| {
+                v["method"] == "DELETE" && v["direction"] == "inbound"
+            })
+            .pop()
+        },
+    );
+    assert_eq!(denied["status"], 403, "{denied}");
+    assert_eq!(denied["reason"], "policy_denied", "{denied}");
+    assert_eq!(denied["policy"], "shop/no-delete", "{denied}");
+    assert_eq!(
+        denied["source_identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+    assert_eq!(denied["destination_namespace"], "shop");
+    // A flood: every request is answered; each of its lines is written or
+    // counted as dropped (the writer never holds a request up).
+    let counted = |m: &MeshLab| {
+        m.metric("n0", "lacewing_access_log_lines_total{outcome=\"written\"}")
+            + m.metric("n0", "lacewing_access_log_lines_total{outcome=\"dropped\"}")
+    };
+    let before = counted(&m);
+    h2load_all_succeed(
+        &m.lab,
+        &m.lab.pod("n0-p0").unwrap(),
+        5000,
+        &["--h1", "-c", "8", &format!("http://{FRONT}/items")],
+    );
+    poll(
+        "n0 counts a line for each of 5,000 requests",
+        Duration::from_secs(10),
+        || (counted(&m) - before >= 5000.0).then_some(()),
+    );
+    assert_eq!(counted(&m) - before, 5000.0);
+}
+
+/// rotel, the collector, on the underlay at `CONTROLLER_IP:4317`, logging
+/// every span it receives to `log`.
+fn collector(lab: &Lab, log: &std::path::Path) -> LabProcess {
+    let mut cmd = Command::new(lacewing_tests::workspace_file(
+        lacewing_tests::OTEL_COLLECTOR,
+    ));
+    cmd.args([
+        "start",
+        "--otlp-grpc-endpoint",
+        &format!("{CONTROLLER_IP}:4317"),
+        "--otlp-http-endpoint",
+        &format!("{CONTROLLER_IP}:4318"),
+        "--exporter",
+        "blackhole",
+        "--debug-log",
+        "traces",
+        "--debug-log-verbosity",
+        "detailed",
+    ])
+    .stdout(std::fs::File::create(log).unwrap())
+    .stderr(std::fs::File::create(log.with_extension("err")).unwrap());
+    let mut c = lab.spawn_on_underlay(cmd).unwrap();
+    c.wait_listening(4317, Duration::from_secs(10)).unwrap();
+    c
+}
+
+#[test]
+fn spans_from_both_daemons_reach_a_real_collector_in_one_trace() {
+    let m = MeshLab::build_with(&[], true, &|_: &Lab, _: &NodeSpec| {
+        vec![
+            "--otlp-endpoint".into(),
+            format!("http://{CONTROLLER_IP}:4317"),
+            // Only requests that come with a sampled traceparent.
+            "--trace-sampling".into(),
+            "0".into(),
+        ]
+    });
+    let log = m.lab.state_dir().join("collector.log");
+    let mut rotel = collector(&m.lab, &log);
+    let _servers = front(&m);
+    // The destination reads requests (an L7 policy selects the web pods):
+    // it has a span of its own.
+    m.config(
+        "authz.yaml",
+        Some("apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec: {action: Deny, rules: [{to: [{methods: [DELETE]}]}]}\n"),
+    );
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let traceparent = format!("traceparent: 00-{trace}-{client_span}-01");
+    m.until("the web pods' node reads requests", || {
+        curl(
+            &m,
+            "n0-p0",
+            &[
+                "-sS",
+                "--max-time",
+                "5",
+                "-X",
+                "DELETE",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{FRONT}/x"),
+            ],
+        ) == "403"
+    });
+    // The server sees the node's span as its parent: the trace goes on.
+    let echoed = curl(
+        &m,
+        "n0-p0",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-H",
+            &traceparent,
+            &format!("http://{FRONT}/echo-headers"),
+        ],
+    );
+    let spans = poll(
+        "the collector has the trace's two spans",
+        Duration::from_secs(15),
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let spans = lacewing_tests::otel::spans(&text, trace);
+            (spans.len() >= 2).then_some(spans)
+        },
+    );
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let outbound = spans
+        .iter()
+        .find(|s| s.attribute("lacewing.direction") == Some("outbound"))
+        .expect("n0's span");
+    let inbound = spans
+        .iter()
+        .find(|s| s.attribute("lacewing.direction") == Some("inbound"))
+        .expect("n1's span");
+    assert_eq!(
+        outbound.parent, client_span,
+        "n0's span is the client's child"
+    );
+    assert_eq!(inbound.parent, outbound.id, "n1's span is n0's child");
+    assert_eq!(outbound.attribute("lacewing.route"), Some(ROUTE));
+    assert_eq!(outbound.attribute("http.response.status_code"), Some("200"));
+    assert_eq!(inbound.attribute("http.response.status_code"), Some("200"));
+    assert_eq!(outbound.attribute("k8s.node.name"), Some("n0"));
+    assert_eq!(inbound.attribute("k8s.node.name"), Some("n1"));
+    assert!(
+        echoed.contains(&format!("00-{trace}-{}-01", inbound.id)),
+        "the pod's request carries n1's span as its parent: {echoed}"
+    );
+    // With the collector down, requests are answered as before and the
+    // spans are counted as dropped.
+    rotel.terminate(Duration::from_secs(5)).unwrap();
+    let dropped = "lacewing_trace_spans_total{outcome=\"dropped\"}";
+    let before = m.metric("n0", dropped);
+    for _ in 0..5 {
+        assert!(
+            curl(
+                &m,
+                "n0-p0",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "-H",
+                    &traceparent,
+                    &format!("http://{FRONT}/")
+                ]
+            )
+            .contains("web-")
+        );
+    }
+    poll("n0 counts 5 dropped spans", Duration::from_secs(20), || {
+        (m.metric("n0", dropped) - before >= 5.0).then_some(())
+    });
+}
+
+/// Prometheus on the lab's underlay scraping both node daemons and the
+/// controller every second, with the mesh's alerting rules loaded.
+fn prometheus(m: &MeshLab) -> LabProcess {
+    let dir = m.lab.state_dir().join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let nodes: Vec<String> = m
+        .lab
+        .topology()
+        .nodes()
+        .map(|n| format!("\"{}:15020\"", n.underlay_ip4()))
+        .collect();
+    let config = format!(
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [\"{}\"]\nscrape_configs:\n- job_name: lacewing-node\n  static_configs: [{{targets: [{}]}}]\n- job_name: lacewing-controller\n  static_configs: [{{targets: [\"{CONTROLLER_IP}:15014\"]}}]\n",
+        lacewing_tests::workspace_file("deploy/alerts/lacewing-rules.yaml").display(),
+        nodes.join(", ")
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let mut cmd = Command::new("prometheus");
+    cmd.arg(format!(
+        "--config.file={}",
+        dir.join("prometheus.yml").display()
+    ))
+    .arg(format!(
+        "--storage.tsdb.path={}",
+        dir.join("data").display()
+    ))
+    .arg("--web.listen-address=127.0.0.1:9090")
+    .stdout(std::fs::File::create(dir.join("log")).unwrap())
+    .stderr(std::fs::File::create(dir.join("err")).unwrap());
+    let mut p = m.lab.spawn_on_underlay(cmd).unwrap();
+    p.wait_listening(9090, Duration::from_secs(30)).unwrap();
+    p
+}
+
+/// A PromQL query over Prometheus' HTTP API (at `at`, Unix seconds, when
+/// given): the first result's value.
+fn promql(m: &MeshLab, query: &str, at: Option<f64>) -> Option<f64> {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:9090/api/v1/query",
+        "--data-urlencode",
+    ])
+    .arg(format!("query={query}"));
+    if let Some(at) = at {
+        cmd.args(["--data-urlencode", &format!("time={at:.3}")]);
+    }
+    let out = m.lab.run_on_underlay(cmd).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    assert_eq!(json["status"], "success", "{query}: {json}");
+    json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A figure of h2load's summary (`finished in 15.00s, 100.00 req/s`...).
+fn h2load_figure(text: &str, after: &str) -> f64 {
+    let rest = &text[text
+        .find(after)
+        .unwrap_or_else(|| panic!("no `{after}` in {text}"))
+        + after.len()..];
+    rest.trim_start()
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure after `{after}` in {text}"))
+}
+
+#[test]
+fn prometheus_and_lacewing_top_see_the_rate_h2load_sends() {
+    let m = MeshLab::new();
+    let _servers = front(&m);
+    let _prometheus = prometheus(&m);
+    poll(
+        "Prometheus scrapes both nodes and the controller",
+        Duration::from_secs(20),
+        || (promql(&m, "sum(up)", None) == Some(3.0)).then_some(()),
+    );
+    let rules = {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "http://127.0.0.1:9090/api/v1/rules"]);
+        String::from_utf8_lossy(&m.lab.run_on_underlay(cmd).unwrap().stdout).into_owned()
+    };
+    assert!(
+        rules.contains("LacewingHighErrorRate") && !rules.contains("\"health\":\"err\""),
+        "{rules}"
+    );
+    let series = format!("lacewing_requests_total{{direction=\"outbound\",route=\"{ROUTE}\"}}");
+    // The same series in n0's exposition (by the start of its lines).
+    let exposed = "lacewing_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",destination_service=\"shop/front\"";
+    let before = m.metric("n0", exposed);
+    // 2 connections at 50 requests/s each for 15 s.
+    let mut cmd = Command::new("h2load");
+    cmd.args([
+        "--h1",
+        "-c",
+        "2",
+        "--rps",
+        "50",
+        "-D",
+        "15",
+        &format!("http://{FRONT}/items"),
+    ])
+    .stdout(std::process::Stdio::piped());
+    let started = now();
+    let h2load = m
+        .lab
+        .spawn_in_pod(&m.lab.pod("n0-p0").unwrap(), cmd)
+        .unwrap();
+    poll("h2load's requests flow", Duration::from_secs(10), || {
+        (m.metric("n0", exposed) > before + 50.0).then_some(())
+    });
+    let top = {
+        let mut cmd = Command::new(bin("lacewing"));
+        cmd.args([
+            "top",
+            "--once",
+            "--output",
+            "json",
+            "--interval",
+            "4s",
+            "--lab",
+            &m.lab.id().to_string(),
+        ]);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "lacewing top: {out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let out = h2load.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains(" 0 failed, 0 errored, 0 timeout"), "{text}");
+    let sent_rate = h2load_figure(&text, "s, ");
+    let sent = h2load_figure(&text, "requests: ");
+    let row = top["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["direction"] == "outbound" && r["route"] == ROUTE)
+        .unwrap_or_else(|| panic!("no row for {ROUTE}: {top}"))
+        .clone();
+    let top_rate = row["requests_per_second"].as_f64().unwrap();
+    assert!(
+        (top_rate / sent_rate - 1.0).abs() <= 0.10,
+        "lacewing top: {top_rate} requests/s, h2load sent {sent_rate}/s: {top}"
+    );
+    assert_eq!(row["source"], "shop/client");
+    assert_eq!(row["destination"], "shop/front");
+    assert_eq!(row["success_rate"], 1.0);
+    // Prometheus' rate over 8 s well inside the run, and the count once
+    // it has scraped the end.
+    let rate = promql(
+        &m,
+        &format!("sum(rate({series}[8s]))"),
+        Some(started + 12.0),
+    )
+    .expect("a rate");
+    assert!(
+        (rate / sent_rate - 1.0).abs() <= 0.05,
+        "Prometheus: {rate} requests/s, h2load sent {sent_rate}/s"
+    );
+    eprintln!(
+        "measured: h2load {sent_rate} requests/s ({sent} requests), lacewing top {top_rate}/s, Prometheus {rate}/s"
+    );
+    let p99 = promql(
+        &m,
+        &format!("histogram_quantile(0.99, sum by (le) (rate(lacewing_request_duration_seconds_bucket{{direction=\"outbound\",route=\"{ROUTE}\"}}[8s])))"),
+        Some(started + 12.0),
+    )
+    .expect("a p99");
+    assert!(p99 > 0.0 && p99 < 0.25, "p99 {p99} s");
+    let total = m.metric("n0", exposed);
+    assert_eq!(
+        total - before,
+        sent,
+        "the node counted every request h2load sent"
+    );
+    poll(
+        "Prometheus has scraped the last count",
+        Duration::from_secs(10),
+        || (promql(&m, &format!("sum({series})"), None) == Some(total)).then_some(()),
+    );
+}
+
+/// `lacewing explain` in the lab: verdict and reason, and the exit code.
+fn explain(m: &MeshLab, args: &[&str]) -> (i32, String) {
+    let out = Command::new(bin("lacewing"))
+        .arg("explain")
+        .args(args)
+        .args(["--lab", &m.lab.id().to_string()])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("lacewing explain {}\n{text}", args.join(" "));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn verdict(text: &str) -> &str {
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERDICT: "))
+        .unwrap_or_else(|| panic!("no verdict in:\n{text}"))
+}
+
+#[test]
+fn lacewing_explain_gives_the_verdict_and_its_reason() {
+    let m = MeshLab::new();
+    let _servers = front(&m);
+    let web0 = ip(&m, "n1-p0");
+    let web1 = ip(&m, "n1-p1");
+    // The same-node fast path: web-0 to web-1 on n1, no policy.
+    let to_web1 = format!("{web1}:{HTTP_PORT}");
+    let (code, text) = poll(
+        "n1 has the pair's fast-path verdict",
+        Duration::from_secs(10),
+        || {
+            let (code, text) = explain(&m, &["shop/web-0", &to_web1]);
+            text.contains("LW_PAIR_POLICY").then_some((code, text))
+        },
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        verdict(&text),
+        "ALLOWED: same-node fast path to shop/web-1 (L4 policy allows it on every port)",
+        "{text}"
+    );
+    // STRICT, and a source outside the mesh.
+    m.config(
+        "meshconfig.yaml",
+        Some("apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {mtlsMode: Strict}\n"),
+    );
+    let to_web0 = format!("{web0}:{HTTP_PORT}");
+    let (code, text) = poll("shop is STRICT", Duration::from_secs(10), || {
+        let (code, text) = explain(&m, &["default/plain", &to_web0]);
+        text.contains("STRICT").then_some((code, text))
+    });
+    assert_eq!(code, 2, "{text}");
+    assert_eq!(
+        verdict(&text),
+        "REFUSED: shop/web-0 is STRICT and the source is not meshed",
+        "{text}"
+    );
+    // Policies: no DELETE (an L7 rule), nothing on port 9000 (L4).
+    m.config(
+        "authz.yaml",
+        Some("apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec: {action: Deny, rules: [{to: [{methods: [DELETE]}]}]}\n---\napiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-9000, namespace: shop}\nspec: {action: Deny, rules: [{to: [{ports: [9000]}]}]}\n"),
+    );
+    m.config(
+        "empty.yaml",
+        Some(&service("empty", "10.96.0.50", &[], HTTP_PORT)),
+    );
+    let front_addr = format!("{FRONT}:80");
+    let (code, text) = poll("n1 has the policies", Duration::from_secs(10), || {
+        let (code, text) = explain(
+            &m,
+            &[
+                "shop/client",
+                &front_addr,
+                "--method",
+                "DELETE",
+                "--path",
+                "/items/1",
+            ],
+        );
+        text.contains("no-delete").then_some((code, text))
+    });
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("HTTPRoute shop/front rule 0"), "{text}");
+    assert!(
+        text.contains("through the tunnel (HBONE, mutual TLS 1.3) to node n1"),
+        "{text}"
+    );
+    assert!(
+        verdict(&text).starts_with("DENIED: by AuthorizationPolicy shop/no-delete"),
+        "{text}"
+    );
+    // The same route, a GET: allowed.
+    let (code, text) = explain(
+        &m,
+        &[
+            "shop/client",
+            "shop/front:80",
+            "--method",
+            "GET",
+            "--path",
+            "/items",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        verdict(&text).starts_with(
+            "ALLOWED: GET /items from spiffe://cluster.local/ns/shop/sa/client to shop/web-"
+        ),
+        "{text}"
+    );
+    // L4: the web Service's port 9000.
+    let (code, text) = explain(
+        &m,
+        &[
+            "shop/client",
+            &format!("{}:80", lacewing_tests::mesh_lab::VIP),
+        ],
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("balanced at connect()"), "{text}");
+    assert!(
+        verdict(&text).starts_with("DENIED: by AuthorizationPolicy shop/no-9000"),
+        "{text}"
+    );
+    // No ready backend.
+    let (code, text) = poll("n0 has Service empty", Duration::from_secs(10), || {
+        let (code, text) = explain(&m, &["shop/client", "10.96.0.50:80"]);
+        text.contains("LW_SERVICES 10.96.0.50:80")
+            .then_some((code, text))
+    });
+    assert_eq!(code, 2, "{text}");
+    assert_eq!(
+        verdict(&text),
+        "REFUSED: Service shop/empty:80 has no ready backend",
+        "{text}"
+    );
+    // An endpoint ejected by outlier detection: web-1 answers 503.
+    let _flaky = [
+        m.serve_tool("n1-p0", "httpd.py", &["8081", "ok"], 8081),
+        m.serve_tool("n1-p1", "httpd.py", &["8081", "broken", "failing"], 8081),
+    ];
+    m.config(
+        "flaky.yaml",
+        Some(&format!(
+            "{}---\napiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: flaky, namespace: shop}}\nspec:\n  targetRef: {{name: flaky}}\n  loadBalancer: {{algorithm: RoundRobin}}\n  outlierDetection: {{consecutive5xx: 2, interval: 1s, baseEjectionTime: 5m, maxEjectionPercent: 50}}\n",
+            service("flaky", "10.96.0.51", &[web0.clone(), web1.clone()], 8081)
+        )),
+    );
+    poll(
+        "outlier detection ejects web-1",
+        Duration::from_secs(20),
+        || {
+            curl(
+                &m,
+                "n0-p0",
+                &["-sS", "--max-time", "5", "http://10.96.0.51/"],
+            );
+            (m.metric("n0", "lacewing_traffic_policy_events_total{destination_service=\"shop/flaky\",event=\"ejection\"}") >= 1.0).then_some(())
+        },
+    );
+    let (code, text) = explain(&m, &["shop/client", "10.96.0.51:80"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("{web1}:8081 (ejected 1x, back in")),
+        "{text}"
+    );
+    assert!(
+        text.contains("TrafficPolicy shop/flaky ejected 1 endpoint(s) of shop/flaky"),
+        "{text}"
+    );
+    assert!(verdict(&text).starts_with("ALLOWED"), "{text}");
+    assert!(text.contains(&format!("e.g. {web0}:8081")), "{text}");
+}
