@@ -75,6 +75,30 @@ fn curl(m: &MeshLab, pod: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The status of a `method` request to `url` from n0-p0 (shop/client).
+fn status(m: &MeshLab, method: &str, url: &str) -> String {
+    curl(
+        m,
+        "n0-p0",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            url,
+        ],
+    )
+}
+
+/// An AuthorizationPolicy that denies DELETE to shop's pods: an L7 rule,
+/// so their node reads each request.
+const NO_DELETE: &str = "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec: {action: Deny, rules: [{to: [{methods: [DELETE]}]}]}\n";
+
 fn access_log(lab: &Lab, node: &str) -> std::path::PathBuf {
     lab.state_dir().join(format!("{node}-access.log"))
 }
@@ -117,10 +141,7 @@ fn access_logs_switched_on_by_the_mesh_config_give_one_line_per_request() {
             "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {mtlsMode: Permissive, namespaces: [{namespace: shop, accessLogging: true}]}\n",
         ),
     );
-    m.config(
-        "authz.yaml",
-        Some("apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec: {action: Deny, rules: [{to: [{methods: [DELETE]}]}]}\n"),
-    );
+    m.config("authz.yaml", Some(NO_DELETE));
     let outbound = |v: &serde_json::Value| {
         v["kind"] == "request" && v["direction"] == "outbound" && v["route"] == ROUTE
     };
@@ -172,23 +193,10 @@ fn access_logs_switched_on_by_the_mesh_config_give_one_line_per_request() {
     // The destination decides each request (an L7 policy selects the web
     // pods) and logs it with the peer's proven identity; a DELETE is
     // refused, and its line names the policy.
-    let out = curl(
-        &m,
-        "n0-p0",
-        &[
-            "-sS",
-            "--max-time",
-            "5",
-            "-X",
-            "DELETE",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{FRONT}/items/1"),
-        ],
+    assert_eq!(
+        status(&m, "DELETE", &format!("http://{FRONT}/items/1")),
+        "403"
     );
-    assert_eq!(out, "403");
     let denied = poll(
         "n1 logs the refused DELETE",
         Duration::from_secs(10),
@@ -270,30 +278,12 @@ fn spans_from_both_daemons_reach_a_real_collector_in_one_trace() {
     let _servers = front(&m);
     // The destination reads requests (an L7 policy selects the web pods):
     // it has a span of its own.
-    m.config(
-        "authz.yaml",
-        Some("apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec: {action: Deny, rules: [{to: [{methods: [DELETE]}]}]}\n"),
-    );
+    m.config("authz.yaml", Some(NO_DELETE));
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
     let traceparent = format!("traceparent: 00-{trace}-{client_span}-01");
     m.until("the web pods' node reads requests", || {
-        curl(
-            &m,
-            "n0-p0",
-            &[
-                "-sS",
-                "--max-time",
-                "5",
-                "-X",
-                "DELETE",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("http://{FRONT}/x"),
-            ],
-        ) == "403"
+        status(&m, "DELETE", &format!("http://{FRONT}/x")) == "403"
     });
     // The server sees the node's span as its parent: the trace goes on.
     let echoed = curl(
@@ -621,7 +611,10 @@ fn lacewing_explain_gives_the_verdict_and_its_reason() {
     // Policies: no DELETE (an L7 rule), nothing on port 9000 (L4).
     m.config(
         "authz.yaml",
-        Some("apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec: {action: Deny, rules: [{to: [{methods: [DELETE]}]}]}\n---\napiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-9000, namespace: shop}\nspec: {action: Deny, rules: [{to: [{ports: [9000]}]}]}\n"),
+        Some(&format!(
+            "{NO_DELETE}---\n{}",
+            "apiVersion: lacewing.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-9000, namespace: shop}\nspec: {action: Deny, rules: [{to: [{ports: [9000]}]}]}\n"
+        )),
     );
     m.config(
         "empty.yaml",
@@ -733,4 +726,118 @@ fn lacewing_explain_gives_the_verdict_and_its_reason() {
     );
     assert!(verdict(&text).starts_with("ALLOWED"), "{text}");
     assert!(text.contains(&format!("e.g. {web0}:8081")), "{text}");
+}
+
+#[test]
+fn the_admin_endpoint_on_loopback_dumps_the_config_changes_the_log_level_and_explains_on_a_node() {
+    let m = MeshLab::new();
+    let _servers = front(&m);
+    let n0 = m.lab.node("n0").unwrap();
+    let admin = |node: &NodeSpec, method: &str, path: &str| {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg(format!(
+            "http://127.0.0.1:{}{path}",
+            lacewing::lab::ADMIN_PORT
+        ));
+        let out = m.lab.run_on_node(node, cmd).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dump = admin(&n0, "GET", "/config_dump");
+    let (body, status) = dump.rsplit_once('\n').unwrap();
+    assert_eq!(status, "200", "{dump}");
+    let dump: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(dump["node"], "n0");
+    let client = dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "client")
+        .unwrap_or_else(|| panic!("{dump}"));
+    assert_eq!(
+        client["identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+    assert_eq!(client["mtls"], "PERMISSIVE");
+    let cert = dump["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["identity"] == "spiffe://cluster.local/ns/shop/sa/client")
+        .unwrap_or_else(|| panic!("{dump}"));
+    let left = cert["expires_in_s"].as_u64().unwrap();
+    assert!(left > 23 * 3600 && left <= 24 * 3600, "{cert}");
+    assert!(
+        dump["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["frontend"] == format!("{FRONT}:80")),
+        "{dump}"
+    );
+    // The log filter, changed at run time (shown as the filter prints
+    // its directives, most specific first).
+    assert_eq!(admin(&n0, "GET", "/logging"), "info\n\n200");
+    let set = admin(&n0, "POST", "/logging?level=info,lacewing_proxy%3Ddebug");
+    assert_eq!(set, "lacewing_proxy=debug,info\n\n200");
+    assert_eq!(admin(&n0, "GET", "/logging"), set);
+    let bad = admin(&n0, "POST", "/logging?level=loud%3D%3D");
+    assert!(
+        bad.ends_with("400") && bad.contains("is not a log filter"),
+        "{bad}"
+    );
+    assert_eq!(
+        admin(&n0, "GET", "/logging"),
+        set,
+        "a bad filter changes nothing"
+    );
+    // Loopback only: not from the underlay.
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "2"]).arg(format!(
+        "http://{}:{}/config_dump",
+        n0.underlay_ip4(),
+        lacewing::lab::ADMIN_PORT
+    ));
+    let out = m.lab.run_on_underlay(cmd).unwrap();
+    assert!(
+        !out.status.success(),
+        "the admin endpoint answered from the underlay"
+    );
+    // `lacewing explain` on a node: its own daemon answers its side, and
+    // says which node holds the rest.
+    let on = |node: &NodeSpec, args: &[&str]| {
+        let mut cmd = Command::new(bin("lacewing"));
+        cmd.arg("explain").args(args);
+        let out = m.lab.run_on_node(node, cmd).unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = on(&n0, &["shop/client", &format!("{FRONT}:80")]);
+    assert_eq!(code, Some(3), "{text}");
+    let hint = verdict(&text);
+    assert!(hint.starts_with("UNDECIDED: the destination's side is decided on n1: run `lacewing explain 10.244.0.10 10.244.1."), "{text}");
+    let rerun: Vec<&str> = hint
+        .split('`')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .skip(2)
+        .collect();
+    let (code, text) = on(&m.lab.node("n1").unwrap(), &rerun);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        verdict(&text)
+            .starts_with("ALLOWED: from spiffe://cluster.local/ns/shop/sa/client to shop/web-"),
+        "{text}"
+    );
 }

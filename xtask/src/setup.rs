@@ -350,6 +350,23 @@ fn grpc_python(changes: &mut Vec<String>) -> anyhow::Result<()> {
         ],
     )
     .context("the lab's /usr/bin/python3 is missing")?;
+    pip_into(
+        &dir,
+        &[
+            "--python-version",
+            version.trim(),
+            "grpcio",
+            "grpcio-health-checking",
+        ],
+    )
+    .context("installing grpcio from PyPI failed: check access to pypi.org")?;
+    changes.push("grpcio (for the gRPC tests)".into());
+    Ok(())
+}
+
+/// Wheels only (nothing built here), installed into `dir`, not into a
+/// Python of the machine.
+fn pip_into(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let mut c = Command::new("python3");
     c.args([
         "-m",
@@ -357,15 +374,11 @@ fn grpc_python(changes: &mut Vec<String>) -> anyhow::Result<()> {
         "install",
         "--quiet",
         "--only-binary=:all:",
-        "--python-version",
-        version.trim(),
         "--target",
     ])
-    .arg(&dir)
-    .args(["grpcio", "grpcio-health-checking"]);
-    run::status(c).context("installing grpcio from PyPI failed: check access to pypi.org")?;
-    changes.push("grpcio (for the gRPC tests)".into());
-    Ok(())
+    .arg(dir)
+    .args(args);
+    run::status(c)
 }
 
 /// Where the observability tests find the OpenTelemetry collector.
@@ -381,18 +394,7 @@ fn otel_collector(changes: &mut Vec<String>) -> anyhow::Result<()> {
     if root.join(OTEL_COLLECTOR).is_file() {
         return Ok(());
     }
-    let mut c = Command::new("python3");
-    c.args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--only-binary=:all:",
-        "--target",
-    ])
-    .arg(root.join("target/otel"))
-    .arg(ROTEL);
-    run::status(c)
+    pip_into(&root.join("target/otel"), &[ROTEL])
         .context("installing the rotel collector from PyPI failed: check access to pypi.org")?;
     changes.push("rotel (the OTLP collector of the tracing tests)".into());
     Ok(())

@@ -76,7 +76,7 @@ impl Admin {
                 },
             },
             (&Method::GET, "/explain") => match crate::explain::Query::from_request(req) {
-                Ok(query) => json_reply(&crate::explain::explain(self, &query)),
+                Ok(query) => json_reply(&crate::explain::explain(&self.view(), &query)),
                 Err(err) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{err}\n")),
             },
             _ => reply(
@@ -85,6 +85,21 @@ impl Admin {
                 "try GET /config_dump, GET or POST /logging, GET /explain?source=IP&destination=IP:port\n"
                     .into(),
             ),
+        }
+    }
+
+    /// What `explain` reads.
+    fn view(&self) -> crate::explain::View<'_> {
+        crate::explain::View {
+            node: &self.node,
+            trust_domain: &self.trust_domain,
+            workloads: &self.workloads,
+            lb: &self.lb,
+            outliers: &self.outliers,
+            fast_path: self
+                .fast_path
+                .as_ref()
+                .map(|(numbers, root)| (numbers.as_ref(), root.as_path())),
         }
     }
 

@@ -329,4 +329,47 @@ mod tests {
         use clap::CommandFactory as _;
         super::NodeArgs::command().debug_assert();
     }
+
+    fn validated(extra: &[&str]) -> Result<super::NodeConfig, String> {
+        use clap::Parser as _;
+        let cgroup = std::env::temp_dir().join(format!("lw-config-{}", std::process::id()));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::write(cgroup.join("cgroup.procs"), "").unwrap();
+        let mut args = vec!["lacewing-node", "--node-name", "n0", "--cgroup-root"];
+        let path = cgroup.display().to_string();
+        args.push(&path);
+        args.extend_from_slice(extra);
+        let parsed = super::NodeArgs::try_parse_from(args).map_err(|e| e.to_string())?;
+        let out = parsed.validate().map_err(|e| e.to_string());
+        let _ = std::fs::remove_dir_all(&cgroup);
+        out
+    }
+
+    #[test]
+    fn telemetry_and_admin_settings_are_checked_and_say_what_to_fix() {
+        let c = validated(&[]).unwrap();
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:15000");
+        assert!(!c.telemetry.access_log_all);
+        assert_eq!(c.telemetry.trace_sampling, 0.01);
+        assert_eq!(c.telemetry.otlp_endpoint, None);
+        let err = validated(&["--admin-addr", "0.0.0.0:15000"]).unwrap_err();
+        assert!(err.contains("loopback only"), "{err}");
+        let err = validated(&["--otlp-endpoint", "collector:4317"]).unwrap_err();
+        assert!(err.contains("http://host:4317"), "{err}");
+        let err = validated(&["--trace-sampling", "5"]).unwrap_err();
+        assert!(err.contains("not between 0 and 1"), "{err}");
+        let c = validated(&[
+            "--access-log",
+            "--access-log-file",
+            "/var/log/x.log",
+            "--trace-sampling",
+            "1",
+        ])
+        .unwrap();
+        assert!(c.telemetry.access_log_all);
+        assert_eq!(
+            c.telemetry.access_log_sink,
+            lacewing_proxy::telemetry::access_log::Sink::File("/var/log/x.log".into())
+        );
+    }
 }

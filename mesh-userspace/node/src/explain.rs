@@ -25,7 +25,19 @@ use lacewing_core::model::{
 use lacewing_sys::http::{query_param, query_params};
 use serde::Serialize;
 
-use crate::admin::Admin;
+use crate::{fastpath::IdentityNumbers, lb::LoadBalancer, workloads::LocalWorkloads};
+
+/// The state an answer is read from: the node's own, as it acts on it.
+pub struct View<'a> {
+    pub node: &'a str,
+    pub trust_domain: &'a str,
+    pub workloads: &'a LocalWorkloads,
+    pub lb: &'a std::sync::Mutex<LoadBalancer>,
+    pub outliers: &'a lacewing_proxy::router::resilience::Outliers,
+    /// The fast path's identity numbers and the maps' bpffs root, when the
+    /// node captures.
+    pub fast_path: Option<(&'a IdentityNumbers, &'a std::path::Path)>,
+}
 
 /// What is asked.
 #[derive(Debug)]
@@ -144,13 +156,13 @@ impl Explained {
     }
 }
 
-pub fn explain(admin: &Admin, q: &Query) -> Explained {
+pub fn explain(view: &View<'_>, q: &Query) -> Explained {
     let mut out = Explained {
-        node: admin.node.clone(),
+        node: view.node.to_owned(),
         verdict: "continue",
         ..Explained::default()
     };
-    let workloads = &admin.workloads;
+    let workloads = view.workloads;
     let source_local: Option<Arc<Workload>> = match q.source.parse::<IpAddr>() {
         Ok(ip) => workloads.local(ip),
         Err(_) => workloads.by_key(&q.source),
@@ -167,12 +179,12 @@ pub fn explain(admin: &Admin, q: &Query) -> Explained {
         |w| w.meshed,
     );
     out.source_identity = match (&source_local, source_ip.and_then(|ip| workloads.peer(ip))) {
-        (Some(w), _) if w.meshed => Some(w.identity(&admin.trust_domain)),
-        (_, Some(p)) => Some(p.identity(&admin.trust_domain)),
+        (Some(w), _) if w.meshed => Some(w.identity(view.trust_domain)),
+        (_, Some(p)) => Some(p.identity(view.trust_domain)),
         _ => None,
     };
     out.source_here = source_local.is_some();
-    let Some(destination) = resolve_destination(admin, &q.destination) else {
+    let Some(destination) = resolve_destination(view, &q.destination) else {
         out.step(
             "daemon",
             "destination",
@@ -186,14 +198,14 @@ pub fn explain(admin: &Admin, q: &Query) -> Explained {
         return out;
     };
     if let Some(source) = &source_local {
-        source_side(admin, q, source, destination, &mut out);
+        source_side(view, q, source, destination, &mut out);
     }
     if out.verdict == "continue" {
         let pod = out.hand_off.as_ref().map_or(destination, |h| h.address);
         if let Some(dest) = workloads.local(pod.ip()) {
             out.destination_here = true;
             destination_side(
-                admin,
+                view,
                 q,
                 &dest,
                 pod,
@@ -208,12 +220,12 @@ pub fn explain(admin: &Admin, q: &Query) -> Explained {
 
 /// `IP:port`, or a Service's `namespace/name:port` (the port's number or
 /// name) from the kernel's services.
-fn resolve_destination(admin: &Admin, text: &str) -> Option<SocketAddr> {
+fn resolve_destination(view: &View<'_>, text: &str) -> Option<SocketAddr> {
     if let Ok(addr) = text.parse() {
         return Some(addr);
     }
     let (service, port) = text.rsplit_once(':')?;
-    let lb = admin.lb.lock().ok()?;
+    let lb = view.lb.lock().ok()?;
     let stats = lb.stats().ok()?;
     stats
         .iter()
@@ -233,13 +245,13 @@ fn service_name(s: &crate::lb::ServiceStats) -> String {
 }
 
 fn source_side(
-    admin: &Admin,
+    view: &View<'_>,
     q: &Query,
     source: &Workload,
     destination: SocketAddr,
     out: &mut Explained,
 ) {
-    let workloads = &admin.workloads;
+    let workloads = view.workloads;
     out.step(
         "kernel",
         "source pod",
@@ -256,13 +268,13 @@ fn source_side(
             )
         },
     );
-    let services = admin
+    let services = view
         .lb
         .lock()
         .ok()
         .and_then(|lb| lb.describe().ok())
         .unwrap_or_default();
-    let names = admin
+    let names = view
         .lb
         .lock()
         .ok()
@@ -286,15 +298,16 @@ fn source_side(
             .filter(|f| source.meshed && f.routes.applies(f.port, &source.namespace));
         if let Some(frontend) = routed {
             out.step("kernel", format!("LW_SERVICES {destination} ({name})"), "pass", format!("a routed Service: captured unbalanced, with {destination} as the original destination, for the daemon to route each request"));
-            let view = RequestView {
+            let request = RequestView {
                 method: &q.method,
                 path: &q.path,
                 query: None,
                 headers: &q.headers,
             };
-            let Some((rule, _)) = frontend
-                .routes
-                .select(frontend.port, &source.namespace, &view)
+            let Some((rule, _)) =
+                frontend
+                    .routes
+                    .select(frontend.port, &source.namespace, &request)
             else {
                 out.step(
                     "daemon",
@@ -324,19 +337,27 @@ fn source_side(
                 },
             );
             if let Some(policy) = &frontend.policy {
-                out.step("daemon", "TrafficPolicy", "info", format!("{} applies (timeout {:?}, retries {}, circuit breaker {}, outlier detection {})",
+                out.step("daemon", "TrafficPolicy", "info", format!("{} applies (timeout {}, retries {}, circuit breaker {}, outlier detection {})",
                     policy.policy,
-                    policy.timeout,
+                    policy.timeout.map_or_else(|| "none".to_owned(), |t| format!("{t:?}")),
                     policy.retry.as_ref().map_or(0, |r| r.attempts),
                     if policy.breaker.is_some() { "on" } else { "off" },
                     if policy.outlier.is_some() { "on" } else { "off" }));
             }
-            let ejected = crate::ejected(&admin.outliers);
+            let ejected = crate::ejected(view.outliers);
             let mut healthy = Vec::new();
+            // The balancing of the first backend Service (its own
+            // TrafficPolicy's, else peak EWMA).
+            let mut balance = None;
             for backend in &rule.backends {
                 let id = (backend.namespace.clone(), backend.name.clone());
                 let port = backend.port.unwrap_or(frontend.port);
                 let endpoints = table.endpoints(&id, port);
+                balance.get_or_insert_with(|| {
+                    table
+                        .policy(&id, port)
+                        .map_or_else(|| "PeakEwma".to_owned(), |p| p.balance.to_string())
+                });
                 let mut shown = Vec::new();
                 for e in endpoints {
                     match ejected.iter().find(|(s, a, _)| *s == id && *a == e.addr) {
@@ -374,7 +395,16 @@ fn source_side(
                 out.decide("refused", format!("no endpoint of route {route} can take it (none ready, or every one ejected): 503"));
                 return;
             };
-            out.step("daemon", "balancing", "info", format!("each request to one of {} endpoint(s) by the Service's balancing (peak EWMA unless its TrafficPolicy says otherwise), e.g. {first}", healthy.len()));
+            out.step(
+                "daemon",
+                "balancing",
+                "info",
+                format!(
+                    "each request to one of {} endpoint(s) ({}), e.g. {first}",
+                    healthy.len(),
+                    balance.unwrap_or_default()
+                ),
+            );
             pod = *first;
         } else {
             let how = if svc.affinity_timeout_s > 0 {
@@ -417,7 +447,7 @@ fn source_side(
     out.hand_off = Some(HandOff {
         address: pod,
         node: match (&dest_local, &dest_peer) {
-            (Some(_), _) => Some(admin.node.clone()),
+            (Some(_), _) => Some(view.node.to_owned()),
             (None, Some(p)) => Some(p.node.clone()),
             _ => None,
         },
@@ -433,8 +463,8 @@ fn source_side(
     }
     match (&dest_local, &dest_peer) {
         (Some(d), _) if d.meshed => {
-            let fast = admin.fast_path.as_ref().and_then(|(numbers, root)| {
-                let id = source.identity(&admin.trust_domain);
+            let fast = view.fast_path.as_ref().and_then(|(numbers, root)| {
+                let id = source.identity(view.trust_domain);
                 crate::fastpath::FastPathMaps::open(root)
                     .ok()?
                     .verdict(pod.ip(), numbers.number(&id))
@@ -492,7 +522,7 @@ fn source_side(
 }
 
 fn destination_side(
-    admin: &Admin,
+    view: &View<'_>,
     q: &Query,
     dest: &Workload,
     pod: SocketAddr,
@@ -543,7 +573,7 @@ fn destination_side(
         "pass",
         format!("the peer proves {identity} with its certificate"),
     );
-    let policies = admin.workloads.policies();
+    let policies = view.workloads.policies();
     let selecting: Vec<String> = policies
         .iter()
         .filter(|p| p.selects(dest))
@@ -595,7 +625,7 @@ fn destination_side(
                 "pass",
                 "allowed",
             );
-            if let Some(limited) = admin.workloads.routes().limited(pod) {
+            if let Some(limited) = view.workloads.routes().limited(pod) {
                 out.step(
                     "destination",
                     "rate limit",

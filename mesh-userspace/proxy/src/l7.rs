@@ -47,7 +47,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::splice::{Unread, Watch, Watched};
+use crate::{
+    splice::{Unread, Watch, Watched},
+    telemetry::Seen,
+};
 
 /// The destination's side of each request (the inbound checks, for the
 /// proxy): who decides it, and how a new connection to the pod is opened.
@@ -70,17 +73,6 @@ pub trait PodSide: Send + Sync + 'static {
 struct Refused {
     reason: &'static str,
     policy: Option<String>,
-}
-
-/// What a decided request's log line and span carry, taken on arrival.
-struct Seen {
-    started: std::time::SystemTime,
-    method: String,
-    path: String,
-    protocol: &'static str,
-    request_bytes: Option<u64>,
-    log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
-    span: Option<crate::telemetry::trace::ActiveSpan>,
 }
 
 /// How a decided request ended.
@@ -302,8 +294,7 @@ impl Connection {
     }
 
     /// What the access log and the tracer need of `req`, when either is on
-    /// for the pod; a traced request goes to the pod with the node's span
-    /// as its parent.
+    /// for the pod.
     fn seen(&self, req: &mut Request<Incoming>) -> Option<Seen> {
         let requests = self.requests.as_ref()?;
         let telemetry = &requests.telemetry;
@@ -312,25 +303,7 @@ impl Connection {
             let name = format!("{} {}", req.method(), requests.pod.key());
             t.start_span(req.headers(), name, crate::telemetry::trace::Kind::Server)
         });
-        if log.is_none() && span.is_none() {
-            return None;
-        }
-        if let Some(span) = &span {
-            span.propagate(req.headers_mut());
-        }
-        let grpc = crate::answer::is_grpc(req.headers());
-        Some(Seen {
-            started: std::time::SystemTime::now(),
-            method: req.method().to_string(),
-            path: crate::telemetry::bounded(
-                req.uri().path(),
-                crate::telemetry::access_log::MAX_PATH,
-            ),
-            protocol: crate::router::protocol_of(req, grpc),
-            request_bytes: hyper::body::Body::size_hint(req.body()).exact(),
-            log,
-            span,
-        })
+        Seen::of(req, log, span)
     }
 
     /// The answer to `req`, and the refusal when the mesh refused it.

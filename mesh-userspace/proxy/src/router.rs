@@ -60,6 +60,7 @@ use crate::{
     answer::{self, is_grpc},
     metrics::RequestLabels,
     sockets::PodNetns,
+    telemetry::Seen,
 };
 
 /// How long a routed connection may stay silent before it is taken for a
@@ -703,27 +704,6 @@ impl Tries {
     }
 }
 
-/// What a request's log line and span carry, taken before it is routed.
-struct Seen {
-    started: std::time::SystemTime,
-    method: String,
-    path: String,
-    protocol: &'static str,
-    request_bytes: Option<u64>,
-    log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
-    span: Option<crate::telemetry::trace::ActiveSpan>,
-}
-
-/// The protocol of a request, as logs name it.
-pub(crate) fn protocol_of<B>(req: &Request<B>, grpc: bool) -> &'static str {
-    match (grpc, req.version()) {
-        (true, _) => "grpc",
-        (false, Version::HTTP_2) => "http/2",
-        (false, Version::HTTP_10) => "http/1.0",
-        _ => "http/1.1",
-    }
-}
-
 /// How one request is retried: by its rule's `retry` or by its Service's
 /// TrafficPolicy (a rule's own settings win).
 struct RetryPlan<'a> {
@@ -770,7 +750,7 @@ impl Session {
     async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let grpc = is_grpc(req.headers());
-        let seen = self.seen(&mut req, grpc);
+        let seen = self.seen(&mut req);
         let mut tries = Tries::default();
         let Routed {
             resp,
@@ -802,33 +782,15 @@ impl Session {
     }
 
     /// What the access log and the tracer need of `req`, when either is
-    /// on for it; a traced request is sent on with the node's span as its
-    /// parent.
-    fn seen(&self, req: &mut Request<Incoming>, grpc: bool) -> Option<Seen> {
+    /// on for it.
+    fn seen(&self, req: &mut Request<Incoming>) -> Option<Seen> {
         let telemetry = &self.router.telemetry;
         let log = telemetry.log_for(Some(&self.source)).cloned();
         let span = telemetry.tracer.as_ref().and_then(|t| {
             let name = format!("{} {}", req.method(), service_name(&self.frontend.service));
             t.start_span(req.headers(), name, crate::telemetry::trace::Kind::Client)
         });
-        if log.is_none() && span.is_none() {
-            return None;
-        }
-        if let Some(span) = &span {
-            span.propagate(req.headers_mut());
-        }
-        Some(Seen {
-            started: std::time::SystemTime::now(),
-            method: req.method().to_string(),
-            path: crate::telemetry::bounded(
-                req.uri().path(),
-                crate::telemetry::access_log::MAX_PATH,
-            ),
-            protocol: protocol_of(req, grpc),
-            request_bytes: hyper::body::Body::size_hint(req.body()).exact(),
-            log,
-            span,
-        })
+        Seen::of(req, log, span)
     }
 
     /// Writes a routed request's access log line and ends its span.

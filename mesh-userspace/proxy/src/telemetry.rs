@@ -33,6 +33,58 @@ impl Telemetry {
     }
 }
 
+/// What a request's access log line and span carry, taken on its arrival
+/// (the request itself goes on).
+pub struct Seen {
+    pub started: std::time::SystemTime,
+    pub method: String,
+    /// Bounded to [`access_log::MAX_PATH`].
+    pub path: String,
+    pub protocol: &'static str,
+    /// The request body's length, when known.
+    pub request_bytes: Option<u64>,
+    pub log: Option<Arc<access_log::AccessLog>>,
+    pub span: Option<trace::ActiveSpan>,
+}
+
+impl Seen {
+    /// `req` as the access log (`log`, when it wants the request) and the
+    /// tracer (`span`, when the request is traced) see it; `None` when
+    /// neither does. A traced request is sent on with `span` as its parent.
+    pub fn of<B: hyper::body::Body>(
+        req: &mut http::Request<B>,
+        log: Option<Arc<access_log::AccessLog>>,
+        span: Option<trace::ActiveSpan>,
+    ) -> Option<Self> {
+        if log.is_none() && span.is_none() {
+            return None;
+        }
+        if let Some(span) = &span {
+            span.propagate(req.headers_mut());
+        }
+        let grpc = crate::answer::is_grpc(req.headers());
+        Some(Self {
+            started: std::time::SystemTime::now(),
+            method: req.method().to_string(),
+            path: bounded(req.uri().path(), access_log::MAX_PATH),
+            protocol: protocol_of(req, grpc),
+            request_bytes: req.body().size_hint().exact(),
+            log,
+            span,
+        })
+    }
+}
+
+/// The protocol of a request, as logs name it.
+pub fn protocol_of<B>(req: &http::Request<B>, grpc: bool) -> &'static str {
+    match (grpc, req.version()) {
+        (true, _) => "grpc",
+        (false, http::Version::HTTP_2) => "http/2",
+        (false, http::Version::HTTP_10) => "http/1.0",
+        _ => "http/1.1",
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// `written`/`exported`, or `dropped`.

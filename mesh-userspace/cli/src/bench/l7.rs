@@ -9,6 +9,13 @@
 //! clients (their per-request logs: p50 and p99); the node daemons' CPU is
 //! read over the L4 and L7 runs at a fixed rate, their RSS at the end.
 //!
+//! Then the cost of telemetry: the 1 KiB HTTP/1.1 case at a fixed 5,000
+//! requests/s with access logs and traces off, then on (every request
+//! logged by both daemons, and traced: h2load sends a sampled
+//! `traceparent`, so both daemons export a span per request to a real
+//! OTLP collector, rotel), alternately, twice each; the daemons' CPU on
+//! over off.
+//!
 //! Then a failure run: a Service with three nginx endpoints, one answering
 //! every request 503, at 1,000 requests/s from 60 connections, without a
 //! TrafficPolicy (the kernel balances each connection: a third of them fail
@@ -61,6 +68,15 @@ pub struct Outcome {
     /// The larger daemon's RSS at the end.
     pub node_rss_mb: f64,
     pub failure: FailureRun,
+    pub telemetry: TelemetryRun,
+}
+
+/// Both daemons' CPU (cores) at 5,000 requests/s with access logs and
+/// traces off and on (medians).
+#[derive(Clone, Debug, Default)]
+pub struct TelemetryRun {
+    pub off_cores: f64,
+    pub on_cores: f64,
 }
 
 /// The failure run: (share of requests answered 2xx, their p99 in
@@ -94,7 +110,21 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
 fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     let (client, proxy) = (lab.pod("n0-p0")?, lab.pod("n0-p1")?);
     let servers = [lab.pod("n1-p0")?, lab.pod("n1-p1")?];
-    let mesh = lab.start_mesh(bin_dir)?;
+    // Traces go to the collector the telemetry run starts; until then no
+    // request is sampled (and none carries a traceparent).
+    let mesh = lab.start_mesh_with(bin_dir, &|node| {
+        vec![
+            "--otlp-endpoint".into(),
+            format!("http://{}:4317", crate::lab::CONTROLLER_IP),
+            "--trace-sampling".into(),
+            "0".into(),
+            "--access-log-file".into(),
+            lab.state_dir()
+                .join(format!("{}-access.log", node.name()))
+                .display()
+                .to_string(),
+        ]
+    })?;
     let mut nginx: Vec<LabProcess> = Vec::new();
     for (_, bytes, port, _, _) in CASES {
         // The body nginx sends is the text and a newline.
@@ -196,6 +226,7 @@ fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outc
         .collect::<anyhow::Result<Vec<f64>>>()?
         .into_iter()
         .fold(0.0, f64::max);
+    let telemetry = telemetry_run(lab, bin_dir, &mesh, &client, opts)?;
     let failure = failure_run(lab, &file, &client, &proxy, &servers, opts)?;
     drop(nginx);
     Ok(Outcome {
@@ -203,7 +234,147 @@ fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outc
         cpu_per_1k_rps: median(cpu),
         node_rss_mb,
         failure,
+        telemetry,
     })
+}
+
+/// A sampled `traceparent`: every request carrying it is traced.
+const TRACEPARENT: &str = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// The telemetry run (see the module's docs).
+fn telemetry_run(
+    lab: &Lab,
+    bin_dir: &Path,
+    mesh: &crate::lab::Mesh,
+    client: &PodSpec,
+    opts: &Options,
+) -> anyhow::Result<TelemetryRun> {
+    let rotel = bin_dir.join("../otel/rotel/rotel-agent");
+    anyhow::ensure!(
+        rotel.is_file(),
+        "{} is missing: `cargo xtask setup` installs the OTLP collector",
+        rotel.display()
+    );
+    let mut cmd = Command::new(&rotel);
+    cmd.args([
+        "start",
+        "--otlp-grpc-endpoint",
+        &format!("{}:4317", crate::lab::CONTROLLER_IP),
+        "--otlp-http-endpoint",
+        &format!("{}:4318", crate::lab::CONTROLLER_IP),
+        "--exporter",
+        "blackhole",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut collector = lab.spawn_on_underlay(cmd).context("starting rotel")?;
+    collector.wait_listening(4317, Duration::from_secs(10))?;
+    let logging = mesh.folder.join("meshconfig.yaml");
+    let target = format!("{}:80", CASES[1].3);
+    let lines = "lacewing_access_log_lines_total{outcome=\"written\"}";
+    let spans = "lacewing_trace_spans_total{outcome=\"exported\"}";
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    eprintln!("telemetry off and on, h1 1 KiB at 5,000 requests/s");
+    for _ in 0..2 {
+        for logged in [false, true] {
+            if logged {
+                std::fs::write(
+                    &logging,
+                    "apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {mtlsMode: Permissive, accessLogging: true}\n",
+                )?;
+            } else if logging.exists() {
+                std::fs::remove_file(&logging)?;
+            }
+            wait_until("both nodes apply the access log switch", || {
+                ["n0", "n1"].iter().all(|n| {
+                    lab.node(n)
+                        .and_then(|n| {
+                            Ok(lab.node_http(&n, crate::lab::ADMIN_PORT, "/config_dump")?)
+                        })
+                        .is_ok_and(|dump| {
+                            dump.contains(&format!("\"access_log\": {logged}"))
+                                && !dump.contains(&format!("\"access_log\": {}", !logged))
+                        })
+                })
+            })?;
+            let before = (
+                super::node_metric(lab, "n0", lines)?,
+                super::node_metric(lab, "n0", spans)?,
+            );
+            let ticks = cpu_ticks(&mesh.nodes)?;
+            let headers: &[&str] = if logged { &[TRACEPARENT] } else { &[] };
+            let (rps, _) = h2load(lab, client, "h1", &target, opts, 10, Some(500), headers)?;
+            let cores = (cpu_ticks(&mesh.nodes)? - ticks) as f64 / 100.0 / f64::from(opts.seconds);
+            // The lines and spans written during the run: all of them, or
+            // this did not measure telemetry (the writer and exporter run
+            // at most 50 ms and 200 ms behind).
+            let after = wait_for_telemetry(
+                lab,
+                lines,
+                spans,
+                before,
+                logged,
+                rps * f64::from(opts.seconds),
+            )?;
+            eprintln!(
+                "    {}: {rps:.0} requests/s, the daemons used {cores:.3} cores; n0 wrote {:.0} lines, exported {:.0} spans",
+                if logged { "on " } else { "off" },
+                after.0 - before.0,
+                after.1 - before.1
+            );
+            if logged {
+                on.push(cores)
+            } else {
+                off.push(cores)
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&logging);
+    collector.terminate(Duration::from_secs(5))?;
+    Ok(TelemetryRun {
+        off_cores: median(off),
+        on_cores: median(on),
+    })
+}
+
+/// n0's written lines and exported spans once those of a run are counted:
+/// with telemetry on, at least 90% of `requests` each; off, none.
+fn wait_for_telemetry(
+    lab: &Lab,
+    lines: &str,
+    spans: &str,
+    before: (f64, f64),
+    on: bool,
+    requests: f64,
+) -> anyhow::Result<(f64, f64)> {
+    let read = || -> anyhow::Result<(f64, f64)> {
+        Ok((
+            super::node_metric(lab, "n0", lines)?,
+            super::node_metric(lab, "n0", spans)?,
+        ))
+    };
+    if !on {
+        let now = read()?;
+        anyhow::ensure!(
+            now == before,
+            "telemetry off, yet n0 wrote lines or exported spans: {before:?} -> {now:?}"
+        );
+        return Ok(now);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = read()?;
+        if now.0 - before.0 >= 0.9 * requests && now.1 - before.1 >= 0.9 * requests {
+            return Ok(now);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "telemetry on, but n0 wrote {} lines and exported {} spans for about {requests:.0} requests: the run did not take the path it names",
+            now.0 - before.0,
+            now.1 - before.1
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The failing Service's ClusterIP, its healthy and failing nginx ports.
@@ -376,7 +547,7 @@ fn success_and_p99(outcomes: &[(u16, f64)]) -> (f64, f64) {
 pub fn result_line(o: &Outcome) -> String {
     let ratio = |f: fn(&Row) -> f64| median(o.rows.iter().map(f).collect());
     format!(
-        "RESULT l7 rps_l7_vs_direct={:.2} rps_l7_vs_nginx={:.2} p50_added_us_1k={:.0} p99_added_us_1k={:.0} cpu_per_1k_rps={:.3} node_rss_mb={:.1} success_with_policy={:.4} p99_with_policy_us={:.0}",
+        "RESULT l7 rps_l7_vs_direct={:.2} rps_l7_vs_nginx={:.2} p50_added_us_1k={:.0} p99_added_us_1k={:.0} cpu_per_1k_rps={:.3} node_rss_mb={:.1} success_with_policy={:.4} p99_with_policy_us={:.0} telemetry_cpu_on_vs_off={:.3}",
         ratio(|r| r.l7.max_rps / r.direct.max_rps),
         ratio(|r| r.l7.max_rps / r.nginx.max_rps),
         ratio(|r| r.l7.p50_1k_us - r.direct.p50_1k_us),
@@ -385,6 +556,7 @@ pub fn result_line(o: &Outcome) -> String {
         o.node_rss_mb,
         o.failure.with_policy.0,
         o.failure.with_policy.1,
+        o.telemetry.on_cores / o.telemetry.off_cores,
     )
 }
 
@@ -487,13 +659,22 @@ fn measure(
     opts: &Options,
     mut daemons: Option<(&Vec<LabProcess>, &mut Vec<f64>)>,
 ) -> anyhow::Result<Figures> {
-    let (max_rps, _) = h2load(lab, client, protocol, target, opts, 64, None)?;
+    let (max_rps, _) = h2load(lab, client, protocol, target, opts, 64, None, &[])?;
     let mut at = |rate: u32| -> anyhow::Result<(f64, f64)> {
         let before = match &daemons {
             Some((d, _)) => Some(cpu_ticks(d)?),
             None => None,
         };
-        let (rps, latencies) = h2load(lab, client, protocol, target, opts, 10, Some(rate / 10))?;
+        let (rps, latencies) = h2load(
+            lab,
+            client,
+            protocol,
+            target,
+            opts,
+            10,
+            Some(rate / 10),
+            &[],
+        )?;
         if let (Some(before), Some((d, cpu))) = (before, daemons.as_mut()) {
             let cores = (cpu_ticks(d)? - before) as f64 / 100.0 / f64::from(opts.seconds);
             cpu.push(cores / (rps / 1000.0));
@@ -530,6 +711,10 @@ fn measure(
 /// 10 ms, and a burst's p50 is how long 10 requests take to drain rather
 /// than what one request costs. Independent clients are what a Service
 /// sees.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one h2load run's parts, each used once"
+)]
 fn h2load(
     lab: &Lab,
     client: &PodSpec,
@@ -538,9 +723,13 @@ fn h2load(
     opts: &Options,
     connections: u32,
     rps: Option<u32>,
+    headers: &[&str],
 ) -> anyhow::Result<(f64, Vec<f64>)> {
     let command = |clients: u32, log: Option<&Path>| {
         let mut cmd = Command::new("h2load");
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
         cmd.args(["-c", &clients.to_string(), "-D", &opts.seconds.to_string()]);
         cmd.arg("--warm-up-time=1");
         if protocol == "h1" {

@@ -442,6 +442,17 @@ spec:
         &format!("{}:15020", lab.node("n0")?.underlay_ip4()),
     ]);
     lab.spawn_on_underlay(cmd)?.child_mut().wait()?;
+
+    step("lacewing explain shop/client 10.96.0.50:80 --method DELETE: why the DELETE was refused");
+    let question = super::explain::Question {
+        source: "shop/client".into(),
+        destination: "10.96.0.50:80".into(),
+        method: "DELETE".into(),
+        path: "/".into(),
+        headers: vec!["x-canary: 1".into()],
+    };
+    let answer = super::explain::explain(&super::explain::LabNodes(lab), &question)?;
+    print!("{}", super::explain::render(&question, &answer));
     for file in ["l7-policy.yaml", "l7-route.yaml", "l7-services.yaml"] {
         std::fs::remove_file(folder.join(file))?;
     }

@@ -67,6 +67,21 @@ pub fn explain(nodes: &dyn Nodes, q: &Question) -> anyhow::Result<Answer> {
         }
     }
     let Some(source) = reachable.iter().find(|a| a["source_here"] == true) else {
+        // Asked on the destination's node (as another node's answer
+        // says): its side alone.
+        if let Some(dest) = reachable.iter().find(|a| a["destination_here"] == true) {
+            let verdict = dest["verdict"].as_str().unwrap_or("continue");
+            return Ok(Answer {
+                verdict: if verdict == "continue" {
+                    "undecided"
+                } else {
+                    verdict
+                }
+                .to_owned(),
+                reason: dest["reason"].as_str().unwrap_or_default().to_owned(),
+                steps: dest["steps"].as_array().cloned().unwrap_or_default(),
+            });
+        }
         anyhow::bail!(
             "no node asked holds the source `{}`: give a pod IP or namespace/name of a pod on {}",
             q.source,
@@ -139,9 +154,9 @@ pub fn render(q: &Question, a: &Answer) -> String {
 
 /// The lab's nodes, asked from inside each node (the admin endpoint is on
 /// the node's loopback).
-pub struct LabNodes(pub Lab);
+pub struct LabNodes<'a>(pub &'a Lab);
 
-impl Nodes for LabNodes {
+impl Nodes for LabNodes<'_> {
     fn ask_all(&self, path: &str) -> Vec<(String, anyhow::Result<Value>)> {
         self.0
             .topology()
@@ -181,7 +196,7 @@ pub fn run(
     json: bool,
 ) -> anyhow::Result<i32> {
     let answer = match lab {
-        Some(id) => explain(&LabNodes(Lab::open(super::lab::resolve(id)?)?), q)?,
+        Some(id) => explain(&LabNodes(&Lab::open(super::lab::resolve(id)?)?), q)?,
         None => explain(&LocalNode(admin_addr.to_owned()), q)?,
     };
     if json {

@@ -110,6 +110,15 @@ impl Lab {
     /// objects in it, and `lacewing-node` on every node subscribed to it and
     /// capturing its meshed pods. `bin_dir` holds both binaries.
     pub fn start_mesh(&self, bin_dir: &Path) -> io::Result<Mesh> {
+        self.start_mesh_with(bin_dir, &|_| Vec::new())
+    }
+
+    /// [`Lab::start_mesh`] with flags of each node daemon's own.
+    pub fn start_mesh_with(
+        &self,
+        bin_dir: &Path,
+        node_args: &dyn Fn(&NodeSpec) -> Vec<String>,
+    ) -> io::Result<Mesh> {
         let folder = self.config_dir();
         fs::create_dir_all(&folder)?;
         let logs = self.state_dir().join("logs");
@@ -129,7 +138,8 @@ impl Lab {
             .map(|node| {
                 let tls = self.node_credentials(&node)?;
                 let netns = self.pod_netns_dir(&node)?;
-                let args = [
+                let own = node_args(&node);
+                let mut args = vec![
                     std::ffi::OsStr::new("--controller"),
                     std::ffi::OsStr::new(&url),
                     std::ffi::OsStr::new("--tls-dir"),
@@ -137,6 +147,7 @@ impl Lab {
                     std::ffi::OsStr::new("--pod-netns-dir"),
                     netns.as_os_str(),
                 ];
+                args.extend(own.iter().map(std::ffi::OsStr::new));
                 let log = logs.join(format!("{}.log", node.name()));
                 self.start_node_daemon_logged(
                     &node,

@@ -325,6 +325,39 @@ fn pods_become_workloads_meshed_by_their_namespace() {
 }
 
 #[test]
+fn the_mesh_config_switches_access_logs_per_namespace_and_keeps_the_mesh_wide_mtls_mode() {
+    let with = |spec: &str| {
+        workloads(&format!(
+            "{PODS}---\napiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default}}\nspec: {spec}\n"
+        ))
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.name, w.strict, w.access_log))
+        .collect::<Vec<_>>()
+    };
+    // A namespace's entry that names only accessLogging keeps the
+    // mesh-wide mTLS mode; pods outside the mesh are never logged.
+    assert_eq!(
+        with("{mtlsMode: Strict, namespaces: [{namespace: shop, accessLogging: true}]}"),
+        [
+            ("web-1".to_owned(), true, true),
+            ("opted-out".to_owned(), false, false),
+            ("other".to_owned(), false, false)
+        ]
+    );
+    assert_eq!(
+        with(
+            "{mtlsMode: Permissive, accessLogging: true, namespaces: [{namespace: shop, accessLogging: false}]}"
+        )[0],
+        ("web-1".to_owned(), false, false)
+    );
+    assert_eq!(
+        with("{accessLogging: true, namespaces: [{namespace: shop, mtlsMode: Permissive}]}")[0],
+        ("web-1".to_owned(), false, true)
+    );
+}
+
+#[test]
 fn a_pod_running_as_a_missing_service_account_is_rejected() {
     let text = PODS.replace("serviceAccountName: web", "serviceAccountName: ghost");
     let err = workloads(&text).unwrap_err().to_string();
