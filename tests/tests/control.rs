@@ -50,12 +50,18 @@ impl ControlLab {
             .start_controller(&bin("lacewing-controller"), &folder)
             .unwrap();
         let url = lab.controller_url();
+        // Each certificate issued once, before any daemon reads it (issuing
+        // again rewrites the folder under a daemon that is reading it).
+        let issued: std::collections::BTreeMap<&str, std::path::PathBuf> = certs
+            .iter()
+            .map(|c| (*c, lab.node_credentials(&lab.node(c).unwrap()).unwrap()))
+            .collect();
         let nodes = ["n0", "n1"]
             .iter()
             .zip(extra)
             .zip(certs)
             .map(|((n, extra), cert)| {
-                let tls = lab.node_credentials(&lab.node(cert).unwrap()).unwrap();
+                let tls = &issued[cert];
                 let mut args: Vec<&OsStr> = vec![
                     OsStr::new("--controller"),
                     OsStr::new(&url),

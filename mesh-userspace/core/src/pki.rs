@@ -298,23 +298,33 @@ fn ca_params() -> Result<CertificateParams, rcgen::Error> {
     Ok(params)
 }
 
+/// A private key's file: readable by its owner only.
 fn write_private(path: &Path, pem: &str) -> Result<(), PkiError> {
+    write_whole(path, pem, 0o600)
+}
+
+/// Writes `path` whole or not at all (a temporary file renamed over it):
+/// a reader never sees it empty or half written.
+fn write_whole(path: &Path, pem: &str, mode: u32) -> Result<(), PkiError> {
     use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("pem.tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    io::Write::write_all(&mut f, pem.as_bytes()).map_err(io_err(path))
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    io::Write::write_all(&mut f, pem.as_bytes()).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-/// Writes a credential folder: ca.pem, cert.pem, key.pem (mode 0600).
+/// Writes a credential folder: ca.pem, cert.pem, key.pem (mode 0600), each
+/// file whole or not at all (a daemon may be reading the folder).
 pub fn write_credentials(dir: &Path, ca: &str, cert: &str, key: &str) -> Result<(), PkiError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    fs::write(dir.join(CA_FILE), ca).map_err(io_err(dir))?;
-    fs::write(dir.join(CERT_FILE), cert).map_err(io_err(dir))?;
+    write_whole(&dir.join(CA_FILE), ca, 0o644)?;
+    write_whole(&dir.join(CERT_FILE), cert, 0o644)?;
     write_private(&dir.join(KEY_FILE), key)
 }
 

@@ -815,6 +815,7 @@ impl Session {
             Flag::None => None,
             f => Some(f.label().to_owned()),
         };
+        let trace_id = seen.span.as_ref().map(|s| s.trace_id_hex());
         if let Some(mut span) = seen.span.take() {
             for (at, endpoint) in tries.sent.iter().skip(1) {
                 span.event_at(
@@ -840,17 +841,14 @@ impl Session {
             if let Some(r) = &reason {
                 span.attribute("lacewing.reason", r.as_str());
             }
-            let trace_id = span.trace_id_hex();
             if let Some(tracer) = &self.router.telemetry.tracer {
                 tracer.finish(span);
             }
-            if let Some(log) = &seen.log {
-                let mut entry = self.entry(&seen, route, code, grpc_status, bytes, tries, reason);
-                entry.trace_id = Some(trace_id);
-                log.write(&entry);
-            }
-        } else if let Some(log) = &seen.log {
-            log.write(&self.entry(&seen, route, code, grpc_status, bytes, tries, reason));
+        }
+        if let Some(log) = &seen.log {
+            let mut entry = self.entry(&seen, route, code, grpc_status, bytes, tries, reason);
+            entry.trace_id = trace_id;
+            log.write(&entry);
         }
     }
 
