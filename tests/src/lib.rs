@@ -310,27 +310,37 @@ pub fn start_subscribed_nodes_with(
     capture: bool,
     extra: &dyn Fn(&Lab, &lacewing::lab::NodeSpec) -> Vec<String>,
 ) -> Vec<lacewing::lab::LabProcess> {
-    let url = lab.controller_url();
     lab.topology()
         .nodes()
         .map(|node| {
-            let tls = lab.node_credentials(&node).expect("node certificate");
-            let mut args: Vec<std::ffi::OsString> = vec![
-                "--controller".into(),
-                url.clone().into(),
-                "--tls-dir".into(),
-                tls.into(),
-            ];
-            if capture {
-                args.push("--pod-netns-dir".into());
-                args.push(lab.pod_netns_dir(&node).expect("pod netns folder").into());
-            }
+            let mut args = subscribed_node_args(lab, &node, capture);
             args.extend(extra(lab, &node).into_iter().map(Into::into));
             let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
             lab.start_node_daemon_with(&node, &bin("lacewing-node"), &args)
                 .expect("start lacewing-node")
         })
         .collect()
+}
+
+/// The flags of a node daemon subscribed to the lab's controller (and,
+/// with `capture`, capturing its meshed pods).
+pub fn subscribed_node_args(
+    lab: &Lab,
+    node: &lacewing::lab::NodeSpec,
+    capture: bool,
+) -> Vec<std::ffi::OsString> {
+    let tls = lab.node_credentials(node).expect("node certificate");
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--controller".into(),
+        lab.controller_url().into(),
+        "--tls-dir".into(),
+        tls.into(),
+    ];
+    if capture {
+        args.push("--pod-netns-dir".into());
+        args.push(lab.pod_netns_dir(node).expect("pod netns folder").into());
+    }
+    args
 }
 
 /// A file of the workspace, by its path from the root.

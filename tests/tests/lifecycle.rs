@@ -256,3 +256,89 @@ fn a_new_pods_first_connection_waits_for_its_certificate_instead_of_being_reset(
         "it went through the tunnel"
     );
 }
+
+/// `bpftool map dump` of one of `node`'s pinned maps.
+fn dump(m: &MeshLab, node: &str, map: &str) -> String {
+    let path = m
+        .lab
+        .node_bpffs_root(&m.lab.node(node).unwrap())
+        .join("maps")
+        .join(map);
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool map dump {}: {out:?}",
+        path.display()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn after_a_sigkill_captured_connects_fail_fast_the_kernel_keeps_balancing_and_a_new_daemon_serves_within_a_second()
+ {
+    let mut m = MeshLab::new();
+    assert_eq!(
+        field(
+            &m.xfer("n0-p0", &["rr", VIP, "80", "before", "3"]),
+            "replies"
+        ),
+        "3"
+    );
+    let service_maps = ["LW_SERVICES", "LW_BACKENDS", "LW_SLOTS"];
+    let before: Vec<String> = service_maps.iter().map(|map| dump(&m, "n0", map)).collect();
+    // SIGKILL: nothing runs on n0's side of the mesh; the pins stay.
+    let n0 = m.nodes.remove(0);
+    n0.signal(libc::SIGKILL).unwrap();
+    let mut n0 = n0;
+    poll("n0's daemon is gone", Duration::from_secs(5), || {
+        n0.try_wait().unwrap().map(|_| ())
+    });
+    // A meshed pod's connect fails at once (its capture listener is gone),
+    // it does not hang.
+    let asked = Instant::now();
+    let gap = m.try_xfer("n0-p0", &["rr", VIP, "80", "gap", "1"]);
+    assert!(gap.is_err(), "a captured connect with no daemon: {gap:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "failed after {:?}, not at once: {gap:?}",
+        asked.elapsed()
+    );
+    // A pod outside the mesh is balanced by the kernel as before.
+    for _ in 0..5 {
+        assert_eq!(
+            field(
+                &m.xfer("n0-p1", &["rr", VIP, "80", "plain", "1"]),
+                "replies"
+            ),
+            "1"
+        );
+    }
+    // A new daemon takes the pinned datapath over without flushing it and
+    // serves the meshed pod again within a second of starting.
+    let node = m.lab.node("n0").unwrap();
+    let args = lacewing_tests::subscribed_node_args(&m.lab, &node, true);
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let started = Instant::now();
+    let daemon = m
+        .lab
+        .start_node_daemon_with(&node, &lacewing_tests::bin("lacewing-node"), &args)
+        .unwrap();
+    m.nodes.insert(0, daemon);
+    let served = poll(
+        "n0 serves its meshed pod again",
+        Duration::from_secs(10),
+        || {
+            m.try_xfer("n0-p0", &["rr", VIP, "80", "after", "1"])
+                .ok()
+                .map(|_| started.elapsed())
+        },
+    );
+    eprintln!("measured: n0-p0 served {served:?} after the new daemon was started");
+    assert!(served < Duration::from_secs(1), "served after {served:?}");
+    let after: Vec<String> = service_maps.iter().map(|map| dump(&m, "n0", map)).collect();
+    assert_eq!(before, after, "the service maps were rewritten");
+}
