@@ -91,12 +91,7 @@ fn told(seen: Seen, requests: &Requests, said: Said<'_>) {
     let pod = &requests.pod;
     let trace_id = seen.span.as_ref().map(|s| s.trace_id_hex());
     if let Some(mut span) = seen.span {
-        span.attribute("http.request.method", seen.method.as_str());
-        span.attribute("url.path", seen.path.as_str());
-        span.attribute("http.response.status_code", i64::from(said.code));
-        if let Ok(status) = said.grpc_status.parse::<i64>() {
-            span.attribute("rpc.grpc.status_code", status);
-        }
+        span.answered(&seen.method, &seen.path, said.code, said.grpc_status);
         span.attribute("lacewing.direction", "inbound");
         span.attribute("lacewing.source.identity", said.identity.as_str());
         span.attribute("lacewing.destination.workload", pod.key());

@@ -824,12 +824,7 @@ impl Session {
                     vec![("lacewing.backend", Value::from(endpoint.to_string()))],
                 );
             }
-            span.attribute("http.request.method", seen.method.as_str());
-            span.attribute("url.path", seen.path.as_str());
-            span.attribute("http.response.status_code", i64::from(code));
-            if let Ok(status) = grpc_status.parse::<i64>() {
-                span.attribute("rpc.grpc.status_code", status);
-            }
+            span.answered(&seen.method, &seen.path, code, grpc_status);
             span.attribute("lacewing.direction", "outbound");
             span.attribute("lacewing.source.workload", self.source.key());
             span.attribute("lacewing.destination.service", service.as_str());

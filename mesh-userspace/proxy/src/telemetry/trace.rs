@@ -144,6 +144,17 @@ impl ActiveSpan {
         self.events.push((at, name, attributes));
     }
 
+    /// The request and its answer, by OpenTelemetry's HTTP and gRPC names
+    /// (a 5xx or a failed gRPC status marks the span as an error).
+    pub fn answered(&mut self, method: &str, path: &str, code: u16, grpc_status: &str) {
+        self.attribute("http.request.method", method);
+        self.attribute("url.path", path);
+        self.attribute("http.response.status_code", i64::from(code));
+        if let Ok(status) = grpc_status.parse::<i64>() {
+            self.attribute("rpc.grpc.status_code", status);
+        }
+    }
+
     /// The trace id, as logs show it.
     pub fn trace_id_hex(&self) -> String {
         to_hex(&self.trace_id)
