@@ -290,6 +290,21 @@ fn after_a_sigkill_captured_connects_fail_fast_the_kernel_keeps_balancing_and_a_
     );
     let service_maps = ["LW_SERVICES", "LW_BACKENDS", "LW_SLOTS"];
     let before: Vec<String> = service_maps.iter().map(|map| dump(&m, "n0", map)).collect();
+    // A pod outside the mesh opens a new connection to the Service, one
+    // after the other, all through the daemon's death and the next one's
+    // start: the kernel balances every one of them.
+    let loop_script = format!(
+        "ok=0; for i in $(seq 300); do {python} {xfer} rr {VIP} 80 plain 1 >/dev/null && ok=$((ok+1)); done; echo ok=$ok",
+        python = lacewing_tests::PYTHON,
+        xfer = lacewing_tests::tool("xfer.py").display(),
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &loop_script])
+        .stdout(std::process::Stdio::piped());
+    let mut plain = m
+        .lab
+        .spawn_in_pod(&m.lab.pod("n0-p1").unwrap(), cmd)
+        .unwrap();
     // SIGKILL: nothing runs on n0's side of the mesh; the pins stay.
     let n0 = m.nodes.remove(0);
     n0.signal(libc::SIGKILL).unwrap();
@@ -338,7 +353,17 @@ fn after_a_sigkill_captured_connects_fail_fast_the_kernel_keeps_balancing_and_a_
         },
     );
     eprintln!("measured: n0-p0 served {served:?} after the new daemon was started");
+    assert!(
+        plain.try_wait().unwrap().is_none(),
+        "the unmeshed pod's connections must span the whole gap"
+    );
     assert!(served < Duration::from_secs(1), "served after {served:?}");
     let after: Vec<String> = service_maps.iter().map(|map| dump(&m, "n0", map)).collect();
     assert_eq!(before, after, "the service maps were rewritten");
+    let out = plain.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok=300",
+        "every connection of the pod outside the mesh, through the gap"
+    );
 }
