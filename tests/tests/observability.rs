@@ -788,6 +788,56 @@ fn lacewing_explain_gives_the_verdict_and_its_reason() {
     );
     assert!(verdict(&text).starts_with("ALLOWED"), "{text}");
     assert!(text.contains(&format!("e.g. {web0}:8081")), "{text}");
+    // A circuit open: one request in flight to a Service whose breaker
+    // allows one.
+    let _slow = m.serve_tool("n1-p0", "httpd.py", &["8082", "slow"], 8082);
+    m.config(
+        "slow.yaml",
+        Some(&format!(
+            "{}---\napiVersion: lacewing.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: slow, namespace: shop}}\nspec:\n  targetRef: {{name: slow}}\n  circuitBreaker: {{maxRequests: 1}}\n",
+            service("slow", "10.96.0.52", std::slice::from_ref(&web0), 8082)
+        )),
+    );
+    poll(
+        "n0 routes shop/slow under its breaker",
+        Duration::from_secs(10),
+        || {
+            explain(&m, &["shop/client", "10.96.0.52:80"])
+                .1
+                .contains("circuit breaker of shop/slow")
+                .then_some(())
+        },
+    );
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "15", "http://10.96.0.52/delay/4000"])
+        .stdout(std::process::Stdio::piped());
+    let held = m
+        .lab
+        .spawn_in_pod(&m.lab.pod("n0-p0").unwrap(), cmd)
+        .unwrap();
+    let (code, text) = poll("the circuit is full", Duration::from_secs(5), || {
+        let (code, text) = explain(&m, &["shop/client", "10.96.0.52:80"]);
+        text.contains("VERDICT: REFUSED").then_some((code, text))
+    });
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("1 request(s) in flight (maxRequests 1)"),
+        "{text}"
+    );
+    assert_eq!(
+        verdict(&text),
+        "REFUSED: circuit open: shop/slow (TrafficPolicy shop/slow) (503 until a request in flight ends)",
+        "{text}"
+    );
+    // What explain says is what a request meets.
+    assert_eq!(status(&m, "GET", "http://10.96.0.52/"), "503");
+    let out = held.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("slow GET /delay/4000"),
+        "{out:?}"
+    );
+    let (code, text) = explain(&m, &["shop/client", "10.96.0.52:80"]);
+    assert_eq!(code, 0, "the request ended, the circuit closed: {text}");
 }
 
 #[test]

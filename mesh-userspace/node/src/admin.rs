@@ -33,6 +33,7 @@ pub struct Admin {
     pub identities: Arc<Identities>,
     pub lb: Arc<Mutex<LoadBalancer>>,
     pub outliers: Arc<lacewing_proxy::router::resilience::Outliers>,
+    pub breakers: Arc<lacewing_proxy::router::resilience::Breakers>,
     pub log_level: lacewing_sys::telemetry::LogLevel,
     /// The fast path's identity numbers and maps' root (when capturing).
     pub fast_path: Option<(Arc<crate::fastpath::IdentityNumbers>, std::path::PathBuf)>,
@@ -96,6 +97,7 @@ impl Admin {
             workloads: &self.workloads,
             lb: &self.lb,
             outliers: &self.outliers,
+            breakers: &self.breakers,
             fast_path: self
                 .fast_path
                 .as_ref()

@@ -34,6 +34,7 @@ pub struct View<'a> {
     pub workloads: &'a LocalWorkloads,
     pub lb: &'a std::sync::Mutex<LoadBalancer>,
     pub outliers: &'a lacewing_proxy::router::resilience::Outliers,
+    pub breakers: &'a lacewing_proxy::router::resilience::Breakers,
     /// The fast path's identity numbers and the maps' bpffs root, when the
     /// node captures.
     pub fast_path: Option<(&'a IdentityNumbers, &'a std::path::Path)>,
@@ -349,6 +350,7 @@ fn source_side(
             // The balancing of the first backend Service (its own
             // TrafficPolicy's, else peak EWMA).
             let mut balance = None;
+            let mut open_circuits = Vec::new();
             for backend in &rule.backends {
                 let id = (backend.namespace.clone(), backend.name.clone());
                 let port = backend.port.unwrap_or(frontend.port);
@@ -390,6 +392,38 @@ fn source_side(
                 {
                     out.step("daemon", "outlier detection", "info", format!("TrafficPolicy {} ejected {} endpoint(s) of {}/{}: requests go to the others", p.policy, endpoints.iter().filter(|e| ejected.iter().any(|(s, a, _)| *s == id && *a == e.addr)).count(), id.0, id.1));
                 }
+                // The circuit as the router counts it now.
+                if let Some(p) = table.policy(&id, port)
+                    && let Some(limits) = p.breaker
+                {
+                    let (in_flight, waiting) = view.breakers.load(&id).unwrap_or((0, 0));
+                    let open = limits.max_requests.is_some_and(|max| in_flight >= max);
+                    if open {
+                        open_circuits
+                            .push(format!("{}/{} (TrafficPolicy {})", id.0, id.1, p.policy));
+                    }
+                    out.step(
+                        "daemon",
+                        format!("circuit breaker of {}/{}", id.0, id.1),
+                        if open { "refuse" } else { "info" },
+                        format!(
+                            "{in_flight} request(s) in flight (maxRequests {}), {waiting} waiting for a connection (maxPendingRequests {}){}",
+                            limits.max_requests.map_or_else(|| "none".to_owned(), |m| m.to_string()),
+                            limits.max_pending.map_or_else(|| "none".to_owned(), |m| m.to_string()),
+                            if open { ": open, a new request is answered 503 at once" } else { "" }
+                        ),
+                    );
+                }
+            }
+            if !open_circuits.is_empty() && open_circuits.len() == rule.backends.len() {
+                out.decide(
+                    "refused",
+                    format!(
+                        "circuit open: {} (503 until a request in flight ends)",
+                        open_circuits.join(", ")
+                    ),
+                );
+                return;
             }
             let Some(first) = healthy.first() else {
                 out.decide("refused", format!("no endpoint of route {route} can take it (none ready, or every one ejected): 503"));

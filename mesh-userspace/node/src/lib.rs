@@ -136,6 +136,7 @@ pub async fn run(
     let local_workloads = Arc::new(workloads::LocalWorkloads::default());
     let numbers = Arc::new(fastpath::IdentityNumbers::default());
     let outliers = Arc::new(lacewing_proxy::router::resilience::Outliers::default());
+    let breakers = Arc::new(lacewing_proxy::router::resilience::Breakers::default());
     let identities = Arc::new(identity::Identities::default());
     let shown = (
         Arc::clone(&local_workloads),
@@ -197,6 +198,7 @@ pub async fn run(
                     captured_pods: metrics.captured_pods.clone(),
                     connections,
                     outliers: Arc::clone(&outliers),
+                    breakers: Arc::clone(&breakers),
                     numbers: Arc::clone(&numbers),
                     log_lines,
                     spans,
@@ -214,6 +216,7 @@ pub async fn run(
         identities: Arc::clone(&identities),
         lb: Arc::clone(&lb),
         outliers,
+        breakers,
         log_level,
         fast_path: config
             .pod_netns_dir
@@ -310,6 +313,7 @@ async fn start_mesh(
         captured_pods,
         connections,
         outliers,
+        breakers,
         numbers,
         log_lines,
         spans,
@@ -325,6 +329,7 @@ async fn start_mesh(
             tunnel_mark: Some(lacewing_sys::net::BYPASS_MARK),
             certificate_wait: config.certificate_wait,
             outliers,
+            breakers,
             telemetry,
         },
         Arc::new(view::NodeView {
@@ -393,6 +398,7 @@ struct MeshParts {
     captured_pods: prometheus_client::metrics::gauge::Gauge,
     connections: Arc<lacewing_proxy::registry::Registry>,
     outliers: Arc<lacewing_proxy::router::resilience::Outliers>,
+    breakers: Arc<lacewing_proxy::router::resilience::Breakers>,
     /// The fast path's identity numbers (the admin endpoint reads them).
     numbers: Arc<fastpath::IdentityNumbers>,
     /// Where access log lines and spans are counted.

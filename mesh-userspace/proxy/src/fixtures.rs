@@ -71,6 +71,7 @@ pub fn proxy(state: Arc<Fixed>, certificate_wait: Duration) -> Proxy {
             tunnel_mark: None,
             certificate_wait,
             outliers: Arc::default(),
+            breakers: Arc::default(),
             telemetry: crate::telemetry::Telemetry::default(),
         },
         state,

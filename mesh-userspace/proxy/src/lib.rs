@@ -65,6 +65,8 @@ pub struct ProxyConfig {
     /// The router's outlier detection state (shared with what shows the
     /// ejected endpoints).
     pub outliers: Arc<router::resilience::Outliers>,
+    /// The router's circuit breakers (shared likewise).
+    pub breakers: Arc<router::resilience::Breakers>,
     /// Access logs and traces, each off unless configured.
     pub telemetry: telemetry::Telemetry,
 }
@@ -109,6 +111,7 @@ impl Proxy {
             router: Arc::new(router::Router::new(
                 requests,
                 config.outliers,
+                config.breakers,
                 config.telemetry,
                 config.trust_domain.clone(),
             )),

@@ -276,7 +276,7 @@ pub struct Router {
     clients: Mutex<HashMap<String, Arc<Clients>>>,
     pub balancer: balance::Balancer,
     pub outliers: Arc<resilience::Outliers>,
-    breakers: resilience::Breakers,
+    pub breakers: Arc<resilience::Breakers>,
     budgets: resilience::Budgets,
     pub metrics: crate::metrics::RequestMetrics,
     pub telemetry: crate::telemetry::Telemetry,
@@ -284,11 +284,12 @@ pub struct Router {
 }
 
 impl Router {
-    /// A router whose ejected endpoints are kept in `outliers` (shared with
-    /// what shows them).
+    /// A router whose ejected endpoints are kept in `outliers` and circuit
+    /// counts in `breakers` (shared with what shows them).
     pub fn new(
         metrics: crate::metrics::RequestMetrics,
         outliers: Arc<resilience::Outliers>,
+        breakers: Arc<resilience::Breakers>,
         telemetry: crate::telemetry::Telemetry,
         trust_domain: String,
     ) -> Self {
@@ -296,7 +297,7 @@ impl Router {
             clients: Mutex::default(),
             balancer: balance::Balancer::default(),
             outliers,
-            breakers: resilience::Breakers::default(),
+            breakers,
             budgets: resilience::Budgets::default(),
             metrics,
             telemetry,

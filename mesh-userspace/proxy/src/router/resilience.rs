@@ -312,6 +312,19 @@ impl Breakers {
 }
 
 impl Breakers {
+    /// The requests to `service` in flight now, and those waiting for a
+    /// connection (as `lacewing explain` shows a circuit): `None` when no
+    /// request holds its breaker.
+    pub fn load(&self, service: &ServiceId) -> Option<(u32, u32)> {
+        let gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        gates.get(service).map(|g| {
+            (
+                g.in_flight.load(Ordering::Acquire),
+                g.waiting.load(Ordering::Acquire),
+            )
+        })
+    }
+
     /// Requests waiting for a connection to `service`.
     #[cfg(test)]
     fn waiting(&self, service: &ServiceId) -> u32 {
