@@ -64,8 +64,7 @@ fn front(m: &MeshLab) -> Vec<LabProcess> {
         )),
     );
     m.until("n0 routes shop/front", || {
-        m.routes_listing("n0").contains("HTTPRoute")
-            || m.routes_listing("n0").contains("shop/front#")
+        m.routes_listing("n0").contains("shop/front#0")
     });
     servers
 }
@@ -126,12 +125,18 @@ fn access_logs_switched_on_by_the_mesh_config_give_one_line_per_request() {
         ]
     });
     let _servers = front(&m);
-    // Off by default: a request leaves no line.
+    // Off by default: a request before the MeshConfig leaves no line
+    // (checked at the end, long after its line would have been written).
     assert!(
         curl(
             &m,
             "n0-p0",
-            &["-sS", "--max-time", "5", &format!("http://{FRONT}/")]
+            &[
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://{FRONT}/before-logging")
+            ]
         )
         .contains("web-")
     );
@@ -234,6 +239,12 @@ fn access_logs_switched_on_by_the_mesh_config_give_one_line_per_request() {
         || (counted(&m) - before >= 5000.0).then_some(()),
     );
     assert_eq!(counted(&m) - before, 5000.0);
+    for node in ["n0", "n1"] {
+        assert!(
+            lines(&m.lab, node, |v| v["path"] == "/before-logging").is_empty(),
+            "{node} logged a request made before logging was switched on"
+        );
+    }
 }
 
 /// rotel, the collector, on the underlay at `CONTROLLER_IP:4317`, logging
@@ -626,6 +637,21 @@ fn explain(m: &MeshLab, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `lacewing explain` once its answer contains `marker` (the daemons have
+/// the configuration the test just wrote), for at most `limit`.
+fn explain_once(
+    m: &MeshLab,
+    what: &str,
+    limit: Duration,
+    args: &[&str],
+    marker: &str,
+) -> (i32, String) {
+    poll(what, limit, || {
+        let (code, text) = explain(m, args);
+        text.contains(marker).then_some((code, text))
+    })
+}
+
 fn verdict(text: &str) -> &str {
     text.lines()
         .find_map(|l| l.strip_prefix("VERDICT: "))
@@ -640,13 +666,12 @@ fn lacewing_explain_gives_the_verdict_and_its_reason() {
     let web1 = ip(&m, "n1-p1");
     // The same-node fast path: web-0 to web-1 on n1, no policy.
     let to_web1 = format!("{web1}:{HTTP_PORT}");
-    let (code, text) = poll(
+    let (code, text) = explain_once(
+        &m,
         "n1 has the pair's fast-path verdict",
         Duration::from_secs(10),
-        || {
-            let (code, text) = explain(&m, &["shop/web-0", &to_web1]);
-            text.contains("LW_PAIR_POLICY").then_some((code, text))
-        },
+        &["shop/web-0", &to_web1],
+        "LW_PAIR_POLICY",
     );
     assert_eq!(code, 0, "{text}");
     assert_eq!(
@@ -660,10 +685,13 @@ fn lacewing_explain_gives_the_verdict_and_its_reason() {
         Some("apiVersion: lacewing.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {mtlsMode: Strict}\n"),
     );
     let to_web0 = format!("{web0}:{HTTP_PORT}");
-    let (code, text) = poll("shop is STRICT", Duration::from_secs(10), || {
-        let (code, text) = explain(&m, &["default/plain", &to_web0]);
-        text.contains("STRICT").then_some((code, text))
-    });
+    let (code, text) = explain_once(
+        &m,
+        "shop is STRICT",
+        Duration::from_secs(10),
+        &["default/plain", &to_web0],
+        "STRICT",
+    );
     assert_eq!(code, 2, "{text}");
     assert_eq!(
         verdict(&text),
@@ -683,20 +711,20 @@ fn lacewing_explain_gives_the_verdict_and_its_reason() {
         Some(&service("empty", "10.96.0.50", &[], HTTP_PORT)),
     );
     let front_addr = format!("{FRONT}:80");
-    let (code, text) = poll("n1 has the policies", Duration::from_secs(10), || {
-        let (code, text) = explain(
-            &m,
-            &[
-                "shop/client",
-                &front_addr,
-                "--method",
-                "DELETE",
-                "--path",
-                "/items/1",
-            ],
-        );
-        text.contains("no-delete").then_some((code, text))
-    });
+    let (code, text) = explain_once(
+        &m,
+        "n1 has the policies",
+        Duration::from_secs(10),
+        &[
+            "shop/client",
+            &front_addr,
+            "--method",
+            "DELETE",
+            "--path",
+            "/items/1",
+        ],
+        "no-delete",
+    );
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("HTTPRoute shop/front rule 0"), "{text}");
     assert!(
@@ -741,11 +769,13 @@ fn lacewing_explain_gives_the_verdict_and_its_reason() {
         "{text}"
     );
     // No ready backend.
-    let (code, text) = poll("n0 has Service empty", Duration::from_secs(10), || {
-        let (code, text) = explain(&m, &["shop/client", "10.96.0.50:80"]);
-        text.contains("LW_SERVICES 10.96.0.50:80")
-            .then_some((code, text))
-    });
+    let (code, text) = explain_once(
+        &m,
+        "n0 has Service empty",
+        Duration::from_secs(10),
+        &["shop/client", "10.96.0.50:80"],
+        "LW_SERVICES 10.96.0.50:80",
+    );
     assert_eq!(code, 2, "{text}");
     assert_eq!(
         verdict(&text),
@@ -815,10 +845,13 @@ fn lacewing_explain_gives_the_verdict_and_its_reason() {
         .lab
         .spawn_in_pod(&m.lab.pod("n0-p0").unwrap(), cmd)
         .unwrap();
-    let (code, text) = poll("the circuit is full", Duration::from_secs(5), || {
-        let (code, text) = explain(&m, &["shop/client", "10.96.0.52:80"]);
-        text.contains("VERDICT: REFUSED").then_some((code, text))
-    });
+    let (code, text) = explain_once(
+        &m,
+        "the circuit is full",
+        Duration::from_secs(5),
+        &["shop/client", "10.96.0.52:80"],
+        "VERDICT: REFUSED",
+    );
     assert_eq!(code, 2, "{text}");
     assert!(
         text.contains("1 request(s) in flight (maxRequests 1)"),

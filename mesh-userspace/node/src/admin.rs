@@ -127,6 +127,7 @@ impl Admin {
                 .into_iter()
                 .map(|v| {
                     json!({
+                        "name": v.name,
                         "frontend": v.frontend.to_string(),
                         "protocol": format!("{:?}", v.protocol),
                         "algorithm": v.algorithm,

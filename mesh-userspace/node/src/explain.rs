@@ -226,23 +226,7 @@ fn resolve_destination(view: &View<'_>, text: &str) -> Option<SocketAddr> {
         return Some(addr);
     }
     let (service, port) = text.rsplit_once(':')?;
-    let lb = view.lb.lock().ok()?;
-    let stats = lb.stats().ok()?;
-    stats
-        .iter()
-        .find(|s| {
-            s.name == text
-                || (s.name.rsplit_once(':').is_some_and(|(n, _)| n == service)
-                    && port.parse() == Ok(s.frontend.port()))
-        })
-        .map(|s| s.frontend)
-}
-
-/// `namespace/name:port` of a kernel service (its port's number, as a
-/// client dials it).
-fn service_name(s: &crate::lb::ServiceStats) -> String {
-    let name = s.name.rsplit_once(':').map_or(s.name.as_str(), |(n, _)| n);
-    format!("{name}:{}", s.frontend.port())
+    view.lb.lock().ok()?.frontend_of(service, port)
 }
 
 fn source_side(
@@ -269,26 +253,15 @@ fn source_side(
             )
         },
     );
-    let services = view
+    let service = view
         .lb
         .lock()
         .ok()
-        .and_then(|lb| lb.describe().ok())
-        .unwrap_or_default();
-    let names = view
-        .lb
-        .lock()
-        .ok()
-        .and_then(|lb| lb.stats().ok())
-        .unwrap_or_default();
-    let service = services.iter().find(|s| s.frontend == destination);
+        .and_then(|lb| lb.service_at(destination).ok().flatten());
     let table = workloads.routes();
     let mut pod = destination;
     if let Some(svc) = service {
-        let name = names
-            .iter()
-            .find(|s| s.frontend == destination)
-            .map_or_else(|| destination.to_string(), service_name);
+        let name = &svc.name;
         if svc.backends.is_empty() {
             out.step("kernel", format!("LW_SERVICES {destination} ({name})"), "refuse", "no ready backend in LW_BACKENDS: the kernel refuses the connect (ECONNREFUSED), as kube-proxy does");
             out.decide("refused", format!("Service {name} has no ready backend"));

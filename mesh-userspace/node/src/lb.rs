@@ -82,6 +82,8 @@ pub struct ServiceStats {
 /// One service as `lacewing maps services` shows it.
 #[derive(Clone, Debug)]
 pub struct ServiceView {
+    /// `namespace/name:port` (the port's number, as a client dials it).
+    pub name: String,
     pub frontend: SocketAddr,
     pub protocol: Protocol,
     pub algorithm: String,
@@ -389,33 +391,62 @@ impl LoadBalancer {
 
     /// Every installed service with its backends and counters, for people.
     pub fn describe(&self) -> Result<Vec<ServiceView>, MapOpError> {
+        self.installed.values().map(|i| self.view(i)).collect()
+    }
+
+    /// The TCP service at `frontend`, if one is installed.
+    pub fn service_at(&self, frontend: SocketAddr) -> Result<Option<ServiceView>, MapOpError> {
+        self.installed
+            .get(&lacewing_core::model::services::svc_key(
+                frontend,
+                Protocol::Tcp,
+            ))
+            .map(|i| self.view(i))
+            .transpose()
+    }
+
+    /// The frontend of the TCP port `port` (its number or name) of
+    /// Service `namespace/name`.
+    pub fn frontend_of(&self, service: &str, port: &str) -> Option<SocketAddr> {
         self.installed
             .values()
-            .map(|i| {
-                Ok(ServiceView {
-                    frontend: i.spec.frontend,
-                    protocol: i.spec.protocol,
-                    algorithm: match i.spec.algorithm {
-                        Algorithm::Random => "random".to_owned(),
-                        Algorithm::Maglev { table_size } => format!("maglev/{table_size}"),
-                    },
-                    affinity_timeout_s: i.spec.affinity_timeout_s,
-                    backends: i
-                        .spec
-                        .backends
-                        .iter()
-                        .map(|b| {
-                            if b.weight == 1 {
-                                b.addr.to_string()
-                            } else {
-                                format!("{}*{}", b.addr, b.weight)
-                            }
-                        })
-                        .collect(),
-                    stats: self.maps.stats(i.id)?,
-                })
+            .filter(|i| i.spec.protocol == Protocol::Tcp)
+            .find(|i| {
+                i.spec.name == format!("{service}:{port}")
+                    || i.spec.service_port().is_some_and(|((ns, name), number)| {
+                        format!("{ns}/{name}") == service && port.parse() == Ok(number)
+                    })
             })
-            .collect()
+            .map(|i| i.spec.frontend)
+    }
+
+    fn view(&self, i: &Installed) -> Result<ServiceView, MapOpError> {
+        Ok(ServiceView {
+            name: i.spec.service_port().map_or_else(
+                || i.spec.name.clone(),
+                |((ns, name), port)| format!("{ns}/{name}:{port}"),
+            ),
+            frontend: i.spec.frontend,
+            protocol: i.spec.protocol,
+            algorithm: match i.spec.algorithm {
+                Algorithm::Random => "random".to_owned(),
+                Algorithm::Maglev { table_size } => format!("maglev/{table_size}"),
+            },
+            affinity_timeout_s: i.spec.affinity_timeout_s,
+            backends: i
+                .spec
+                .backends
+                .iter()
+                .map(|b| {
+                    if b.weight == 1 {
+                        b.addr.to_string()
+                    } else {
+                        format!("{}*{}", b.addr, b.weight)
+                    }
+                })
+                .collect(),
+            stats: self.maps.stats(i.id)?,
+        })
     }
 
     /// Connects to an address in these CIDRs that is no service are refused.

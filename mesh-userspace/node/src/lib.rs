@@ -121,13 +121,13 @@ pub async fn run(
         "Spliced writers the daemon switched back to plain TCP because it fell behind them (TCP then bounds what is queued)",
         splice_off.switched_off.clone(),
     );
-    let log_lines = lacewing_proxy::telemetry::outcomes();
+    let log_lines = lacewing_proxy::telemetry::OutcomeFamily::default();
     registry.register(
         "lacewing_access_log_lines",
         "Access log lines, by outcome: written, or dropped (the writer fell behind, or the sink failed); requests never wait for them",
         log_lines.clone(),
     );
-    let spans = lacewing_proxy::telemetry::outcomes();
+    let spans = lacewing_proxy::telemetry::OutcomeFamily::default();
     registry.register(
         "lacewing_trace_spans",
         "Trace spans, by outcome: exported to the OTLP collector, or dropped (queue full, or the collector down or refusing); requests never wait for them",
@@ -423,7 +423,7 @@ fn start_telemetry(
         log_lines,
     )
     .map_err(|source| NodeError::AccessLog {
-        sink: format!("{:?}", t.access_log_sink),
+        sink: t.access_log_sink.to_string(),
         source,
     })?;
     let tracer = match &t.otlp_endpoint {

@@ -295,7 +295,7 @@ impl Connection {
         let telemetry = &requests.telemetry;
         let log = telemetry.log_for(Some(&requests.pod)).cloned();
         let span = telemetry.tracer.as_ref().and_then(|t| {
-            let name = format!("{} {}", req.method(), requests.pod.key());
+            let name = || format!("{} {}", req.method(), requests.pod.key());
             t.start_span(req.headers(), name, crate::telemetry::trace::Kind::Server)
         });
         Seen::of(req, log, span)

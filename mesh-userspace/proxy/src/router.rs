@@ -788,7 +788,7 @@ impl Session {
         let telemetry = &self.router.telemetry;
         let log = telemetry.log_for(Some(&self.source)).cloned();
         let span = telemetry.tracer.as_ref().and_then(|t| {
-            let name = format!("{} {}", req.method(), service_name(&self.frontend.service));
+            let name = || format!("{} {}", req.method(), service_name(&self.frontend.service));
             t.start_span(req.headers(), name, crate::telemetry::trace::Kind::Client)
         });
         Seen::of(req, log, span)

@@ -95,15 +95,12 @@ pub struct OutcomeLabels {
 /// does not fit is counted as dropped.
 pub struct Queue<T> {
     tx: mpsc::Sender<T>,
-    outcomes: Family<OutcomeLabels, Counter>,
+    outcomes: OutcomeFamily,
 }
 
 impl<T> Queue<T> {
     /// A queue of `capacity` items, counting in `outcomes`.
-    pub fn new(
-        capacity: usize,
-        outcomes: Family<OutcomeLabels, Counter>,
-    ) -> (Self, mpsc::Receiver<T>) {
+    pub fn new(capacity: usize, outcomes: OutcomeFamily) -> (Self, mpsc::Receiver<T>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         (Self { tx, outcomes }, rx)
     }
@@ -112,28 +109,17 @@ impl<T> Queue<T> {
     /// reader is gone).
     pub fn push(&self, item: T) {
         if self.tx.try_send(item).is_err() {
-            self.count("dropped", 1);
+            count(&self.outcomes, "dropped", 1);
         }
-    }
-
-    fn count(&self, outcome: &'static str, n: u64) {
-        self.outcomes
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc_by(n);
     }
 }
 
 /// Items by outcome, as a queue and its reader count them.
 pub type OutcomeFamily = Family<OutcomeLabels, Counter>;
 
-/// The counter family of a queue's outcomes (the reader counts what it
+/// Counts `n` items of `outcome` in `family` (the reader counts what it
 /// wrote or exported, the queue what it dropped).
-pub fn outcomes() -> Family<OutcomeLabels, Counter> {
-    Family::default()
-}
-
-/// Counts `n` items of `outcome` in `family`.
-pub fn count(family: &Family<OutcomeLabels, Counter>, outcome: &'static str, n: u64) {
+pub fn count(family: &OutcomeFamily, outcome: &'static str, n: u64) {
     family.get_or_create(&OutcomeLabels { outcome }).inc_by(n);
 }
 
@@ -172,7 +158,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts() {
-        let family = outcomes();
+        let family = OutcomeFamily::default();
         let (queue, mut rx) = Queue::new(2, family.clone());
         for i in 0..5 {
             queue.push(i);

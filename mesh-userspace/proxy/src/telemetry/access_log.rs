@@ -15,10 +15,9 @@ use std::{
 };
 
 use lacewing_core::model::workloads::Workload;
-use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde::Serialize;
 
-use super::{OutcomeLabels, Queue};
+use super::{OutcomeFamily, Queue};
 
 /// Lines wait at most this long to be written: the writer wakes at most
 /// this often however many lines come (a flood costs no extra wake-ups).
@@ -31,6 +30,15 @@ pub const MAX_PATH: usize = 256;
 pub enum Sink {
     Stdout,
     File(PathBuf),
+}
+
+impl std::fmt::Display for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stdout => f.write_str("stdout"),
+            Self::File(path) => write!(f, "{}", path.display()),
+        }
+    }
 }
 
 impl std::str::FromStr for Sink {
@@ -58,7 +66,7 @@ impl AccessLog {
         sink: &Sink,
         capacity: usize,
         all: bool,
-        outcomes: Family<OutcomeLabels, Counter>,
+        outcomes: OutcomeFamily,
     ) -> std::io::Result<Arc<Self>> {
         let out: Box<dyn std::io::Write + Send> = match sink {
             Sink::Stdout => Box::new(std::io::stdout()),
@@ -226,7 +234,7 @@ mod tests {
     fn lines_reach_the_file_in_order_and_are_counted() {
         let dir = std::env::temp_dir().join(format!("lw-access-{}", std::process::id()));
         let _ = std::fs::remove_file(&dir);
-        let outcomes = super::super::outcomes();
+        let outcomes = OutcomeFamily::default();
         let log = AccessLog::start(&Sink::File(dir.clone()), 100, true, outcomes.clone()).unwrap();
         for i in 0..10 {
             let mut e = Entry::new("request", "outbound", SystemTime::now());

@@ -21,9 +21,8 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
     trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span},
 };
-use prometheus_client::metrics::{counter::Counter, family::Family};
 
-use super::{OutcomeLabels, Queue};
+use super::{OutcomeFamily, Queue};
 
 pub const TRACEPARENT: &str = "traceparent";
 /// Spans wait at most this long to be exported: at most this many exports
@@ -194,7 +193,7 @@ impl Tracer {
         node: &str,
         sampling: f64,
         capacity: usize,
-        outcomes: Family<OutcomeLabels, Counter>,
+        outcomes: OutcomeFamily,
     ) -> Result<Arc<Self>, tonic::transport::Error> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
             .timeout(EXPORT_TIMEOUT)
@@ -245,8 +244,13 @@ impl Tracer {
 
     /// The node's span for a request with `headers`, if it is traced: its
     /// `traceparent`'s trace (when sampled), or a new one at the sampling
-    /// rate.
-    pub fn start_span(&self, headers: &HeaderMap, name: String, kind: Kind) -> Option<ActiveSpan> {
+    /// rate. `name` is called only for a traced request (most are not).
+    pub fn start_span(
+        &self,
+        headers: &HeaderMap,
+        name: impl FnOnce() -> String,
+        kind: Kind,
+    ) -> Option<ActiveSpan> {
         let incoming = headers
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
@@ -261,7 +265,7 @@ impl Tracer {
             trace_id,
             span_id: random_id(),
             parent,
-            name,
+            name: name(),
             kind,
             start: SystemTime::now(),
             attributes: Vec::new(),
@@ -386,13 +390,13 @@ mod tests {
             "n0",
             0.0,
             16,
-            super::super::outcomes(),
+            OutcomeFamily::default(),
         )
         .unwrap();
         let mut headers = HeaderMap::new();
         assert!(
             tracer
-                .start_span(&headers, "x".into(), Kind::Client)
+                .start_span(&headers, || "x".into(), Kind::Client)
                 .is_none(),
             "0% sampling and no traceparent: no span"
         );
@@ -401,7 +405,7 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         let span = tracer
-            .start_span(&headers, "x".into(), Kind::Client)
+            .start_span(&headers, || "x".into(), Kind::Client)
             .unwrap();
         assert_eq!(span.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(
@@ -420,7 +424,7 @@ mod tests {
         );
         assert!(
             tracer
-                .start_span(&headers, "x".into(), Kind::Client)
+                .start_span(&headers, || "x".into(), Kind::Client)
                 .is_none(),
             "the caller said not sampled"
         );
