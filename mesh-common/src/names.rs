@@ -100,6 +100,42 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_FAST_STATS,
 ];
 
+/// The layout version of each map: its key and value types, its kind and
+/// its size. Bump a map's version with any change to these: a new daemon
+/// then builds the map beside the old one (pinned as `<NAME>_v<N>`), fills
+/// it, and switches the programs over to it in one step (`BPF_LINK_UPDATE`)
+/// before removing the old one. Maps whose version did not change are
+/// shared by the old programs and the new ones.
+pub const MAP_LAYOUTS: &[(&str, u32)] = &[
+    (MAP_CONN_BY_PORT, 1),
+    (MAP_SERVICES, 1),
+    (MAP_BACKENDS, 1),
+    (MAP_SLOTS, 1),
+    (MAP_MAGLEV, 1),
+    (MAP_AFFINITY, 1),
+    (MAP_REVNAT, 1),
+    (MAP_SVC_STATS, 1),
+    (MAP_SVC_CIDRS, 1),
+    (MAP_MESHED_NETNS, 1),
+    (MAP_ORIG_DST, 1),
+    (MAP_CAPTURED, 1),
+    (MAP_INBOUND, 1),
+    (MAP_NODE_ADDRS, 1),
+    (MAP_SPLICE, 1),
+    (MAP_SPLICE_TO, 1),
+    (MAP_SPLICE_OFF, 1),
+    (MAP_SETTINGS, 1),
+    (MAP_SPLICE_STATS, 1),
+    (MAP_LOCAL_PODS, 1),
+    (MAP_PAIR_POLICY, 1),
+    (MAP_FAST_STATS, 1),
+];
+
+/// The maps the node fills from its configuration alone (the service load
+/// balancer's): the ones a test build moves to a new layout version to
+/// exercise an upgrade across a layout change.
+pub const SERVICE_MAPS: &[&str] = &[MAP_SERVICES, MAP_BACKENDS, MAP_SLOTS, MAP_SVC_CIDRS];
+
 /// A cgroup `sock_addr` program: its name and its attach point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockAddrProgram {

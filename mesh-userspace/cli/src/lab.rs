@@ -222,6 +222,12 @@ impl Lab {
         self.bpffs_root().join(node.name())
     }
 
+    /// A node daemon's run directory (its handoff socket), in the lab's
+    /// state folder: never the host's `/run/lacewing`.
+    pub fn node_run_dir(&self, node: &NodeSpec) -> PathBuf {
+        self.state_dir().join("run").join(node.name())
+    }
+
     /// The lab's folder for configs and logs (removed with the lab).
     pub fn state_dir(&self) -> PathBuf {
         state::dir(self.topo.id)

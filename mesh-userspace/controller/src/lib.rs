@@ -141,8 +141,9 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         })),
         routes: None,
     });
-    let http = lacewing_sys::http::serve(config.http_addr, endpoint)
+    let http = tokio::net::TcpListener::bind(config.http_addr)
         .await
+        .map(|listener| lacewing_sys::http::serve(listener, endpoint, std::future::ready(())))
         .map_err(|source| ControllerError::Http {
             addr: config.http_addr,
             source,

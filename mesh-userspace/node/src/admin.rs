@@ -13,7 +13,6 @@
 //!   would meet ([`crate::explain`]).
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::SystemTime,
 };
@@ -40,17 +39,21 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Serves on `addr` until the task is dropped.
-    pub async fn serve(
+    /// Serves on `listener` (once `accepting` resolves) until the task is
+    /// dropped.
+    pub fn serve(
         self: Arc<Self>,
-        addr: SocketAddr,
-    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        tracing::info!(%addr, "admin endpoint: /config_dump, /logging, /explain");
-        Ok(lacewing_sys::http::serve_with(
+        listener: tokio::net::TcpListener,
+        accepting: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "admin endpoint: /config_dump, /logging, /explain");
+        }
+        lacewing_sys::http::serve_with(
             listener,
             Arc::new(move |req: &Request<()>| self.answer(req)),
-        ))
+            accepting,
+        )
     }
 
     fn answer(&self, req: &Request<()>) -> Response<Full<Bytes>> {

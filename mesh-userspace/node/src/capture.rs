@@ -9,6 +9,11 @@
 //! addresses are in `LW_INBOUND`, so plain-text connections to it land on
 //! those listeners and are reset. A mode change only edits `LW_INBOUND`.
 //!
+//! The listeners are opened through [`Listeners`] under the role
+//! `pod/<namespace>/<name>`: a daemon taking over a node gets its
+//! predecessor's (the same sockets, with what waits in their queues) and
+//! accepts on them once the predecessor stopped.
+//!
 //! The pod's network namespace comes from the pod network (a CNI plugin):
 //! a folder (`--pod-netns-dir`) with one file per pod address holding the
 //! path of its namespace. In the lab, the lab writes it.
@@ -35,6 +40,7 @@ use mesh_common::{
 use tokio::net::TcpListener;
 
 use lacewing_proxy::{Proxy, outbound::Captured as CapturedConn};
+use lacewing_sys::handoff::{Held, Listeners};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -103,6 +109,8 @@ struct Captured {
     addresses: Vec<IpAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     plain: Vec<std::net::TcpListener>,
+    /// The listeners, held for the next handoff while the pod is captured.
+    _held: Vec<Held>,
     link: Option<aya::programs::sk_lookup::SkLookupLinkId>,
 }
 
@@ -139,18 +147,33 @@ impl Drop for Captured {
     }
 }
 
+/// What capture runs with besides its maps.
+pub struct CaptureParts {
+    pub netns_dir: PathBuf,
+    pub workloads: Arc<LocalWorkloads>,
+    pub proxy: Arc<Proxy>,
+    pub numbers: Arc<IdentityNumbers>,
+    pub captured_pods: prometheus_client::metrics::gauge::Gauge,
+    pub listeners: Arc<Listeners>,
+    /// The workloads version capture has caught up with (a daemon taking
+    /// over says it is ready only after).
+    pub reconciled: tokio::sync::watch::Sender<u64>,
+}
+
 /// Keeps capture in line with the meshed pods on this node, until `drain`
 /// is cancelled: then every pod's listeners close (new connections are
-/// refused), while the connections already accepted go on.
-pub async fn run(
-    netns_dir: PathBuf,
-    workloads: Arc<LocalWorkloads>,
-    maps: CaptureMaps,
-    proxy: Arc<Proxy>,
-    numbers: Arc<IdentityNumbers>,
-    captured_pods: prometheus_client::metrics::gauge::Gauge,
-    drain: CancellationToken,
-) {
+/// refused, or in an upgrade accepted by the successor), while the
+/// connections already accepted go on.
+pub async fn run(maps: CaptureMaps, parts: CaptureParts, drain: CancellationToken) {
+    let CaptureParts {
+        netns_dir,
+        workloads,
+        proxy,
+        numbers,
+        captured_pods,
+        listeners,
+        reconciled,
+    } = parts;
     let maps = Arc::new(std::sync::Mutex::new(maps));
     let mut captured: BTreeMap<String, Captured> = BTreeMap::new();
     let mut changes = workloads.watch();
@@ -187,7 +210,7 @@ pub async fn run(
                 continue;
             }
             let identity = numbers.number(&workload.identity(&proxy.outbound.trust_domain));
-            match start(&workload, identity, &path, &maps, &proxy) {
+            match start(&workload, identity, &path, &maps, &proxy, &listeners) {
                 Ok(c) => {
                     tracing::info!(pod = %key, netns = %path.display(), cookie = c.cookie, strict = c.strict, "capturing outbound TCP");
                     captured.insert(key, c);
@@ -198,6 +221,7 @@ pub async fn run(
             }
         }
         captured_pods.set(i64::try_from(captured.len()).unwrap_or(i64::MAX));
+        reconciled.send_replace(version);
         if rechecked != Some(version) {
             // Policies may have changed: what the fast path let through
             // is decided again (a few netlink calls per pod).
@@ -252,23 +276,37 @@ fn start(
     netns_path: &Path,
     maps: &Arc<std::sync::Mutex<CaptureMaps>>,
     proxy: &Arc<Proxy>,
+    handoff: &Arc<Listeners>,
 ) -> std::io::Result<Captured> {
     let netns = Arc::new(File::open(netns_path)?);
     let strict = workload.strict;
+    let role = format!("pod/{}", workload.key());
+    let mut held = Vec::new();
     let (listeners, plain, cookie) = lacewing_sys::os::in_netns(netns.as_fd(), || {
-        let both = |port| {
-            let v4 = lacewing_sys::net::listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
+        let cookie = lacewing_sys::os::netns_cookie(lacewing_sys::os::tcp_socket(false)?.as_fd())?;
+        let mut listen = |addr| -> std::io::Result<std::net::TcpListener> {
+            let (listener, h) = handoff.listen(&role, addr)?;
+            if lacewing_sys::os::netns_cookie(listener.as_fd())? == cookie {
+                held.push(h);
+                return Ok(listener);
+            }
+            // Inherited from a pod of the same name in another namespace
+            // (it was recreated meanwhile): not this pod's.
+            drop((listener, h));
+            let listener = lacewing_sys::net::listen(addr)?;
+            held.push(handoff.hold(&role, listener.as_fd())?);
+            Ok(listener)
+        };
+        let mut both = |port| {
+            let v4 = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
             let mut listeners = vec![v4];
             // IPv6 only where the pod has it.
-            if let Ok(v6) =
-                lacewing_sys::net::listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port))
-            {
+            if let Ok(v6) = listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)) {
                 listeners.push(v6);
             }
             std::io::Result::Ok(listeners)
         };
         let listeners = both(OUTBOUND_PORT)?;
-        let cookie = lacewing_sys::os::netns_cookie(listeners[0].as_fd())?;
         let plain = both(INBOUND_PORT)?;
         Ok((listeners, plain, cookie))
     })?;
@@ -288,6 +326,7 @@ fn start(
             listener,
             workload.key(),
             proxy.metrics.clone(),
+            Arc::clone(handoff),
         )));
     }
     let shared = Arc::new(workload.clone());
@@ -301,6 +340,7 @@ fn start(
             Arc::clone(&netns),
             Arc::clone(maps),
             Arc::clone(proxy),
+            Arc::clone(handoff),
         )));
     }
     lock(maps)
@@ -322,6 +362,7 @@ fn start(
         addresses: workload.addresses.clone(),
         tasks,
         plain: kept,
+        _held: held,
         link,
     };
     if let Err(err) = captured.set_strict(strict, &mut lock(maps)) {
@@ -336,7 +377,9 @@ async fn refuse_plain_text(
     listener: TcpListener,
     pod: String,
     metrics: lacewing_tunnel::metrics::TunnelMetrics,
+    handoff: Arc<Listeners>,
 ) {
+    handoff.until_accepting().await;
     loop {
         let Ok((conn, from)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -355,7 +398,9 @@ async fn accept_loop(
     netns: Arc<File>,
     maps: Arc<std::sync::Mutex<CaptureMaps>>,
     proxy: Arc<Proxy>,
+    handoff: Arc<Listeners>,
 ) {
+    handoff.until_accepting().await;
     loop {
         let (app, from) = match listener.accept().await {
             Ok(accepted) => accepted,

@@ -150,7 +150,31 @@ pub struct NodeArgs {
     /// The admin endpoint (config dump, log level, explain): loopback only.
     #[arg(long, env = "LACEWING_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
+    /// The daemon's run directory (root only): its handoff socket, through
+    /// which a new lacewing-node on this node takes over this one's
+    /// listeners in an upgrade. A daemon that starts while another serves
+    /// it takes over from that one.
+    #[arg(long, env = "LACEWING_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// Take over from the lacewing-node running on this node, or fail if
+    /// none runs (without it, a daemon with none to take over starts
+    /// afresh).
+    #[arg(long, env = "LACEWING_TAKEOVER")]
+    pub takeover: bool,
+    /// A file created once the daemon is ready (it took over, if it was
+    /// taking over, and applied its first configuration) and removed when
+    /// it drains: the DaemonSet's readiness probe checks it, since every
+    /// daemon on a node shares the node's ports.
+    #[arg(long, env = "LACEWING_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+    /// Test switch: moves the service maps' layout versions this far past
+    /// the built-in ones, to exercise an upgrade across a layout change.
+    #[arg(long, env = "LACEWING_LAYOUT_BUMP", default_value_t = 0, hide = true)]
+    pub layout_bump: u32,
 }
+
+/// Where the handoff socket lives on a node (a hostPath in the chart).
+pub const DEFAULT_RUN_DIR: &str = "/run/lacewing";
 
 /// The admin endpoint's address: loopback, as the design says.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
@@ -201,6 +225,10 @@ pub struct NodeConfig {
     pub certificate_wait: Duration,
     pub telemetry: TelemetryConfig,
     pub admin_addr: SocketAddr,
+    pub run_dir: PathBuf,
+    pub takeover: bool,
+    pub ready_file: Option<PathBuf>,
+    pub layout_bump: u32,
 }
 
 /// Where the node bootstrap (`super::bootstrap`) reads from.
@@ -291,6 +319,10 @@ impl NodeArgs {
                 trace_queue: self.trace_queue,
             },
             admin_addr: self.admin_addr,
+            run_dir: self.run_dir,
+            takeover: self.takeover,
+            ready_file: self.ready_file,
+            layout_bump: self.layout_bump,
             node_name,
             cgroup_root,
             bpffs_root: self.bpffs_root,

@@ -33,10 +33,25 @@ pub struct IdentityNumbers {
 }
 
 impl IdentityNumbers {
+    /// The numbers given so far, for a successor (the kernel's maps hold
+    /// them: a daemon taking over must give every identity the same one).
+    pub fn export(&self) -> serde_json::Value {
+        serde_json::to_value(&*self.numbers.lock().unwrap_or_else(|p| p.into_inner()))
+            .unwrap_or_default()
+    }
+
+    /// Numbers from a predecessor ([`Self::export`]), before any is given.
+    pub fn import(&self, numbers: &serde_json::Value) {
+        let Ok(numbers) = serde_json::from_value::<HashMap<String, u32>>(numbers.clone()) else {
+            return;
+        };
+        *self.numbers.lock().unwrap_or_else(|p| p.into_inner()) = numbers;
+    }
+
     /// The number of `identity`, given on first use (from 1).
     pub fn number(&self, identity: &str) -> u32 {
         let mut numbers = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
-        let next = u32::try_from(numbers.len() + 1).unwrap_or(u32::MAX);
+        let next = numbers.values().max().map_or(1, |n| n.saturating_add(1));
         *numbers.entry(identity.to_owned()).or_insert(next)
     }
 }

@@ -6,6 +6,12 @@
 //! tunnel server and the [`lacewing_proxy::Proxy`] over the node's sockets
 //! ([`sockets::NodeSockets`]), and serves metrics, health and `/status` on
 //! :15020. On SIGTERM it drains (see [`run`]) before it exits.
+//!
+//! Upgrades: a new daemon started on a node where one runs takes over from
+//! it through the handoff socket in `--run-dir` ([`lacewing_sys::handoff`]):
+//! it receives every listener (the pods', :15008, :15020, the admin port),
+//! adopts the pinned datapath, catches up with the controller, and only
+//! then does the old one stop accepting and drain. See [`run`].
 
 pub mod admin;
 pub mod bootstrap;
@@ -76,7 +82,23 @@ pub enum NodeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0} (check --run-dir)")]
+    Handoff(#[from] lacewing_sys::handoff::HandoffError),
+    #[error("--takeover: no lacewing-node serves {0}; start without --takeover to start afresh")]
+    NothingToTakeOver(std::path::PathBuf),
+    #[error("writing the ready file {0}: {1} (check --ready-file)")]
+    ReadyFile(std::path::PathBuf, std::io::Error),
 }
+
+/// This build's version, as a successor or predecessor is told.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long a daemon taking over waits to catch up with the controller and
+/// get its pods' certificates before it gives up (the old one runs on).
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a daemon handing over waits for its listeners to close.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains: no new
 /// connections, GOAWAY on the tunnel's, and up to `--drain-timeout` for the
@@ -98,7 +120,34 @@ pub async fn run(
         Ok(limit) => tracing::debug!(limit, "open-file limit"),
         Err(err) => tracing::warn!(%err, "could not raise the open-file limit"),
     }
-    let datapath = Datapath::load_and_attach(&config)?;
+    maps::set_layout_bump(config.layout_bump);
+    let handoff_path = config.run_dir.join(lacewing_sys::handoff::SOCKET_NAME);
+    // An upgrade: the daemon running here hands its listeners over.
+    let mut takeover = {
+        let path = handoff_path.clone();
+        tokio::task::spawn_blocking(move || {
+            lacewing_sys::handoff::connect(&path, VERSION, maps::layout())
+        })
+        .await
+        .map_err(|e| lacewing_sys::handoff::HandoffError::Io(std::io::Error::other(e)))??
+    };
+    if config.takeover && takeover.is_none() {
+        return Err(NodeError::NothingToTakeOver(handoff_path));
+    }
+    let listeners = match &mut takeover {
+        Some(t) => {
+            tracing::info!(
+                from_version = %t.version,
+                from_layout = t.layout,
+                layout = maps::layout(),
+                listeners = t.listeners.len(),
+                "taking over from the lacewing-node running here"
+            );
+            lacewing_sys::handoff::Listeners::inheriting(std::mem::take(&mut t.listeners))
+        }
+        None => lacewing_sys::handoff::Listeners::fresh(),
+    };
+    let mut datapath = Datapath::load_and_attach(&config)?;
     let mut balancer = lb::LoadBalancer::reconcile(maps::LbMaps::open(&config.bpffs_root)?)?;
     balancer
         .set_service_cidrs(&config.service_cidrs)
@@ -135,6 +184,9 @@ pub async fn run(
     );
     let local_workloads = Arc::new(workloads::LocalWorkloads::default());
     let numbers = Arc::new(fastpath::IdentityNumbers::default());
+    if let Some(t) = &takeover {
+        numbers.import(&t.state["identity_numbers"]);
+    }
     let outliers = Arc::new(lacewing_proxy::router::resilience::Outliers::default());
     let breakers = Arc::new(lacewing_proxy::router::resilience::Breakers::default());
     let identities = Arc::new(identity::Identities::default());
@@ -158,12 +210,16 @@ pub async fn run(
             }
         })),
     });
-    let server = lacewing_sys::http::serve(config.metrics_addr, Arc::clone(&endpoint))
-        .await
+    let (metrics_listener, metrics_held) = listen(&listeners, "metrics", config.metrics_addr)
         .map_err(|source| NodeError::Metrics {
             addr: config.metrics_addr,
             source,
         })?;
+    let server = lacewing_sys::http::serve(
+        metrics_listener,
+        Arc::clone(&endpoint),
+        accepting(&listeners),
+    );
     let subscriber = config.controller.clone().map(|controller| {
         tokio::spawn(client::run(
             controller,
@@ -184,6 +240,7 @@ pub async fn run(
         ))
     });
     let drain = CancellationToken::new();
+    let (reconciled, capture_version) = tokio::sync::watch::channel(0);
     let mesh = match &config.controller {
         Some(controller) => Some(
             start_mesh(
@@ -202,6 +259,8 @@ pub async fn run(
                     numbers: Arc::clone(&numbers),
                     log_lines,
                     spans,
+                    listeners: Arc::clone(&listeners),
+                    reconciled,
                 },
                 &drain,
             )
@@ -209,6 +268,12 @@ pub async fn run(
         ),
         None => None,
     };
+    let (admin_listener, admin_held) =
+        listen(&listeners, "admin", config.admin_addr).map_err(|source| NodeError::Listen {
+            what: "the admin endpoint",
+            addr: config.admin_addr,
+            source,
+        })?;
     let admin = Arc::new(admin::Admin {
         node: config.node_name.clone(),
         trust_domain: config.trust_domain.clone(),
@@ -221,15 +286,9 @@ pub async fn run(
         fast_path: config
             .pod_netns_dir
             .as_ref()
-            .map(|_| (numbers, config.bpffs_root.clone())),
+            .map(|_| (Arc::clone(&numbers), config.bpffs_root.clone())),
     })
-    .serve(config.admin_addr)
-    .await
-    .map_err(|source| NodeError::Listen {
-        what: "the admin endpoint",
-        addr: config.admin_addr,
-        source,
-    })?;
+    .serve(admin_listener, accepting(&listeners));
     let watcher = config.services_file.clone().map(|path| {
         tokio::spawn(source::watch_file(
             path,
@@ -247,18 +306,111 @@ pub async fn run(
     // Loading the programs parsed the embedded object: hand that back now.
     memory::release();
     let trimmer = tokio::spawn(memory::run());
-    lacewing_sys::shutdown::signal().await;
+    if takeover.is_some() || datapath.switch_pending() {
+        let caught_up = CaughtUp {
+            endpoint: &endpoint,
+            workloads: &local_workloads,
+            identities: &identities,
+            trust_domain: &config.trust_domain,
+            capture: capture_version,
+            capturing: mesh.is_some() && config.pod_netns_dir.is_some(),
+        };
+        match (
+            takeover,
+            tokio::time::timeout(TAKEOVER_TIMEOUT, caught_up.wait()).await,
+        ) {
+            (Some(_), Err(_)) => {
+                tracing::error!(
+                    timeout_s = TAKEOVER_TIMEOUT.as_secs(),
+                    "not caught up with the controller in time: the takeover is abandoned, the running daemon goes on"
+                );
+                // Nothing was switched: the running daemon's maps and
+                // programs are as they were.
+                datapath.keep();
+                std::process::exit(1);
+            }
+            (Some(takeover), Ok(())) => {
+                let unclaimed = listeners.release_unclaimed();
+                // From here on the old daemon accepts nothing; the
+                // connections that arrive wait in the shared queues.
+                if let Err(err) = takeover.ready().await {
+                    tracing::warn!(%err, "the old daemon did not confirm its stop; taking over anyway");
+                }
+                datapath.switch_over()?;
+                listeners.start_accepting();
+                tracing::info!(
+                    unclaimed,
+                    "took over: accepting on every listener; the old daemon drains"
+                );
+            }
+            (None, done) => {
+                if done.is_err() {
+                    tracing::warn!(
+                        "not caught up with the controller yet: switching the programs to this layout's maps anyway"
+                    );
+                }
+                datapath.switch_over()?;
+            }
+        }
+    }
+    let mut handovers = lacewing_sys::handoff::serve(
+        &handoff_path,
+        Arc::clone(&listeners),
+        VERSION.to_owned(),
+        maps::layout(),
+        Box::new({
+            let numbers = Arc::clone(&numbers);
+            move || serde_json::json!({ "identity_numbers": numbers.export() })
+        }),
+    )?;
+    if let Some(file) = &config.ready_file {
+        ready_file(file, &endpoint).await?;
+    }
+    let handover = tokio::select! {
+        () = lacewing_sys::shutdown::signal() => None,
+        handover = handovers.recv() => handover,
+    };
+    if let Some(file) = &config.ready_file {
+        let _ = std::fs::remove_file(file);
+    }
     // Drain first: configuration, certificates and metrics keep being
     // served to the connections still open.
     drain.cancel();
+    server.abort();
+    admin.abort();
+    drop((metrics_held, admin_held));
+    let handed_over = handover.is_some();
+    if let Some(handover) = handover {
+        // The successor writes the maps from now on.
+        for task in [&watcher, &subscriber].into_iter().flatten() {
+            task.abort();
+        }
+        if let Some(mesh) = &mesh {
+            mesh.stop_writing();
+        }
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        while listeners.held() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tracing::info!(
+            to_version = %handover.version,
+            to_layout = handover.layout,
+            still_held = listeners.held(),
+            "handed over: accepting nothing more; draining"
+        );
+        let _ = handover.stopped.send(());
+    }
     if let Some(mesh) = mesh {
         mesh.drain(config.drain_timeout).await;
     }
     trimmer.abort();
-    server.abort();
-    admin.abort();
     for task in [watcher, subscriber, certificates].into_iter().flatten() {
         task.abort();
+    }
+    if handed_over {
+        tracing::info!("drained after the handover; the successor runs the datapath");
+        datapath.keep();
+        return Ok(());
     }
     if config.keep_datapath {
         tracing::info!(
@@ -269,6 +421,71 @@ pub async fn run(
     }
     tracing::info!("shutting down: detaching programs and removing pins");
     Ok(datapath.detach()?)
+}
+
+/// A listener on `addr` for `role` (inherited in a takeover), non-blocking
+/// for tokio, held for the next handoff.
+fn listen(
+    listeners: &Arc<lacewing_sys::handoff::Listeners>,
+    role: &str,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(tokio::net::TcpListener, lacewing_sys::handoff::Held)> {
+    let (listener, held) = listeners.listen(role, addr)?;
+    listener.set_nonblocking(true)?;
+    Ok((tokio::net::TcpListener::from_std(listener)?, held))
+}
+
+/// Resolves once this daemon may accept (see [`lacewing_sys::handoff`]).
+fn accepting(
+    listeners: &Arc<lacewing_sys::handoff::Listeners>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let listeners = Arc::clone(listeners);
+    async move { listeners.until_accepting().await }
+}
+
+/// Creates the ready file once the first configuration is applied.
+async fn ready_file(
+    file: &std::path::Path,
+    endpoint: &lacewing_sys::http::Endpoint,
+) -> Result<(), NodeError> {
+    while !endpoint.ready.load(std::sync::atomic::Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(file, b"ready\n").map_err(|e| NodeError::ReadyFile(file.to_owned(), e))
+}
+
+/// What a daemon taking over (or switching to a new map layout) waits for
+/// before it says it is ready: the controller's configuration applied to
+/// the maps, capture caught up with it, and a certificate for every meshed
+/// identity here (a connection accepted before would wait for one).
+struct CaughtUp<'a> {
+    endpoint: &'a lacewing_sys::http::Endpoint,
+    workloads: &'a workloads::LocalWorkloads,
+    identities: &'a identity::Identities,
+    trust_domain: &'a str,
+    capture: tokio::sync::watch::Receiver<u64>,
+    capturing: bool,
+}
+
+impl CaughtUp<'_> {
+    async fn wait(mut self) {
+        use std::sync::atomic::Ordering;
+        while !self.endpoint.ready.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let version = *self.workloads.watch().borrow();
+        if self.capturing {
+            let _ = self.capture.wait_for(|v| *v >= version).await;
+        }
+        let mut stored = self.identities.watch();
+        loop {
+            let wanted = self.workloads.meshed_identities(self.trust_domain);
+            if wanted.keys().all(|id| self.identities.get(id).is_some()) {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), stored.changed()).await;
+        }
+    }
 }
 
 /// The endpoints outlier detection holds out now, with why, as `/routes`
@@ -317,6 +534,8 @@ async fn start_mesh(
         numbers,
         log_lines,
         spans,
+        listeners,
+        reconciled,
     } = parts;
     let telemetry = start_telemetry(config, log_lines, spans)?;
     let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)?;
@@ -343,41 +562,65 @@ async fn start_mesh(
         tunnel_metrics.clone(),
         request_metrics,
     ));
-    let listener = tokio::net::TcpListener::bind(config.tunnel_addr)
-        .await
-        .map_err(|source| NodeError::Listen {
+    let (listener, held) =
+        listen(&listeners, "tunnel", config.tunnel_addr).map_err(|source| NodeError::Listen {
             what: "the tunnel port",
             addr: config.tunnel_addr,
             source,
         })?;
-    let tunnel = tokio::spawn(tunnel::server::serve(
-        listener,
-        Arc::new(std::sync::RwLock::new(Arc::new(server_config))),
-        proxy.inbound.connector(),
-        tunnel_metrics,
-        drain.clone(),
-    ));
+    let tunnel = tokio::spawn({
+        let accepting = accepting(&listeners);
+        let drain = drain.clone();
+        let serve = tunnel::server::serve(
+            listener,
+            Arc::new(std::sync::RwLock::new(Arc::new(server_config))),
+            proxy.inbound.connector(),
+            tunnel_metrics,
+            drain.clone(),
+        );
+        async move {
+            tokio::select! {
+                () = accepting => {}
+                // Handed over before it ever accepted.
+                () = drain.cancelled() => return,
+            }
+            serve.await;
+        }
+    });
+    // Let go (for a successor) as soon as the tunnel stops accepting.
+    tokio::spawn({
+        let drain = drain.clone();
+        async move {
+            drain.cancelled().await;
+            drop(held);
+        }
+    });
     let mut tasks = vec![tokio::spawn({
         let proxy = Arc::clone(&proxy);
         async move { proxy.recheck_on_change().await }
     })];
+    let mut writers = Vec::new();
     tracing::info!(addr = %config.tunnel_addr, "tunnel listening (HBONE, mutual TLS 1.3)");
     if let Some(dir) = &config.pod_netns_dir {
         let maps = capture::CaptureMaps::open(&config.bpffs_root, config.maglev_capacity)?;
         let fast_maps = fastpath::FastPathMaps::open(&config.bpffs_root)?;
-        tasks.push(tokio::spawn(fastpath::run(
+        writers.push(tokio::spawn(fastpath::run(
             Arc::clone(&local_workloads),
             fast_maps,
             Arc::clone(&numbers),
             config.trust_domain.clone(),
         )));
         tasks.push(tokio::spawn(capture::run(
-            dir.clone(),
-            local_workloads,
             maps,
-            Arc::clone(&proxy),
-            numbers,
-            captured_pods,
+            capture::CaptureParts {
+                netns_dir: dir.clone(),
+                workloads: local_workloads,
+                proxy: Arc::clone(&proxy),
+                numbers,
+                captured_pods,
+                listeners,
+                reconciled,
+            },
             drain.clone(),
         )));
     }
@@ -385,6 +628,7 @@ async fn start_mesh(
         proxy,
         tunnel,
         tasks,
+        writers,
     })
 }
 
@@ -404,6 +648,10 @@ struct MeshParts {
     /// Where access log lines and spans are counted.
     log_lines: lacewing_proxy::telemetry::OutcomeFamily,
     spans: lacewing_proxy::telemetry::OutcomeFamily,
+    /// Where the listeners are opened (or inherited) and held.
+    listeners: Arc<lacewing_sys::handoff::Listeners>,
+    /// Where capture says how far it has caught up.
+    reconciled: tokio::sync::watch::Sender<u64>,
 }
 
 /// The access log (its writer runs whenever the mesh does: a MeshConfig
@@ -453,9 +701,18 @@ struct Mesh {
     proxy: Arc<Proxy>,
     tunnel: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Tasks that write the kernel's maps (the fast path's).
+    writers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Mesh {
+    /// After a handover: the successor keeps the maps from now on.
+    fn stop_writing(&self) {
+        for task in &self.writers {
+            task.abort();
+        }
+    }
+
     /// Drain: the listeners have stopped accepting (the token was
     /// cancelled) and GOAWAY went out on every tunnel connection; waits
     /// for open connections to end, up to `timeout`, then closes the rest.
@@ -484,7 +741,7 @@ impl Mesh {
         // close): exiting before would cut the tail of a finished transfer.
         let tail = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
         let _ = tokio::time::timeout_at(tail, self.tunnel).await;
-        for task in self.tasks {
+        for task in self.tasks.into_iter().chain(self.writers) {
             task.abort();
         }
     }

@@ -1,13 +1,21 @@
 //! Loading the embedded eBPF object, pinning its maps and links, attaching the
 //! programs at the node's cgroup, and detaching them again.
 //!
-//! Pins: `<bpffs-root>/maps/<MAP>` and `<bpffs-root>/links/<program>`. Maps are
-//! pinned by path through the loader, so a restarted daemon reuses the maps of
-//! the one before it instead of starting empty.
+//! Pins: `<bpffs-root>/maps/<MAP>` (`<MAP>_v<N>` past a map's first layout
+//! version) and `<bpffs-root>/links/<program>`. Maps are pinned by path
+//! through the loader, so a restarted or upgraded daemon reuses the maps of
+//! the one before it instead of starting empty, and its programs replace the
+//! running ones inside their links (`BPF_LINK_UPDATE`): no connect runs with
+//! no program, or with two.
+//!
+//! When a map's layout version changed, the new map is built beside the old
+//! one and the links are switched only once the daemon filled it
+//! ([`Datapath::switch_over`]); then the old pins are removed.
 
 use std::{
     fs::{self, File},
     io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -68,6 +76,8 @@ pub enum LoadError {
     },
     #[error("removing pins under {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
+    #[error("replacing the program of link {path}: {source}")]
+    Update { path: PathBuf, source: io::Error },
 }
 
 /// The loaded and attached programs. Hold it for as long as the node runs.
@@ -80,6 +90,16 @@ pub struct Datapath {
     /// attachment lives as long as the (pinned) map unless detached.
     splice: SkMsgLink,
     root: PathBuf,
+    /// Across a layout change: the links to switch to our programs once our
+    /// new maps are filled, and the old maps' pins to remove then.
+    switch: Option<Switch>,
+}
+
+/// Links still running the previous layout's programs, each with ours.
+#[derive(Debug)]
+struct Switch {
+    links: Vec<(PathBuf, std::os::fd::OwnedFd, aya::programs::ProgramFd)>,
+    old_pins: Vec<PathBuf>,
 }
 
 /// Where links are pinned below a bpffs root.
@@ -105,26 +125,72 @@ macro_rules! load_program {
     }};
 }
 
-/// Loads cgroup program `$name` (of aya type `$kind`), attaches it at
-/// `$cgroup` with a BPF link and pins the link; the pinned link. A macro: the
-/// cgroup program types share these methods but no trait.
+/// Loads cgroup program `$name` (of aya type `$kind`). Where a link of
+/// that name is pinned already (a running or killed daemon's), our program
+/// replaces its program in it, now or, with `$switch`, at the switch-over;
+/// else the program is attached at `$cgroup` with a new link, pinned. The
+/// pinned link. A macro: the cgroup program types share these methods but
+/// no trait.
 macro_rules! attach_cgroup {
-    ($ebpf:expr, $kind:ty, $name:expr, $cgroup:expr, $root:expr) => {{
+    ($ebpf:expr, $kind:ty, $name:expr, $cgroup:expr, $root:expr, $switch:expr) => {{
         let name: &'static str = $name;
         let program = load_program!($ebpf, $kind, name);
-        // With BPF links the kernel always attaches in multi mode (other
-        // tools' programs at the same cgroup keep working) and rejects any
-        // explicit attach flag, so the mode here must be `Single` (flags 0).
-        let link_id = program
-            .attach($cgroup, CgroupAttachMode::Single)
-            .map_err(|source| LoadError::Program { name, source })?;
-        let link: FdLink = program
-            .take_link(link_id)
-            .map_err(|source| LoadError::Program { name, source })?
-            .try_into()
-            .map_err(|source| LoadError::Link { name, source })?;
-        pin_link(link, name, $root)?
+        let path = links_dir($root).join(name);
+        match adopt_link(&path, name, program.fd(), $switch)? {
+            Some(pinned) => pinned,
+            None => {
+                // With BPF links the kernel always attaches in multi mode (other
+                // tools' programs at the same cgroup keep working) and rejects any
+                // explicit attach flag, so the mode here must be `Single` (flags 0).
+                let link_id = program
+                    .attach($cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                let link: FdLink = program
+                    .take_link(link_id)
+                    .map_err(|source| LoadError::Program { name, source })?
+                    .try_into()
+                    .map_err(|source| LoadError::Link { name, source })?;
+                pin_link(link, name, $root)?
+            }
+        }
     }};
+}
+
+/// The link pinned at `path`, now running `program` (or, with `switch`,
+/// to run it at the switch-over); `None` if no link is pinned there.
+fn adopt_link(
+    path: &Path,
+    name: &'static str,
+    program: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+    switch: Option<&mut Switch>,
+) -> Result<Option<PinnedLink>, LoadError> {
+    let link = match lacewing_sys::os::bpf_obj_get(path) {
+        Ok(fd) => fd,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(LoadError::Update {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let program = program.map_err(|source| LoadError::Program { name, source })?;
+    let update_err = |source| LoadError::Update {
+        path: path.to_owned(),
+        source,
+    };
+    match switch {
+        Some(switch) => {
+            let program = program.try_clone().map_err(update_err)?;
+            switch.links.push((path.to_owned(), link, program));
+        }
+        None => {
+            lacewing_sys::os::bpf_link_update(link.as_fd(), program.as_fd()).map_err(update_err)?;
+        }
+    }
+    PinnedLink::from_pin(path)
+        .map(Some)
+        .map_err(|source| LoadError::Link { name, source })
 }
 
 /// programs are not loaded into the kernel until asked.
@@ -206,20 +272,77 @@ impl Datapath {
             path: config.cgroup_root.clone(),
             source,
         })?;
+        // Maps of another layout version: the programs attached now use
+        // them until ours are filled.
+        let old_pins = maps::other_layouts(&root);
+        let mut switch = (!old_pins.is_empty()).then(|| Switch {
+            links: Vec::new(),
+            old_pins,
+        });
         let mut links = Vec::new();
         for &names::SockAddrProgram { name, .. } in names::SOCK_ADDR_PROGRAMS {
-            links.push(attach_cgroup!(ebpf, CgroupSockAddr, name, &cgroup, &root));
+            links.push(attach_cgroup!(
+                ebpf,
+                CgroupSockAddr,
+                name,
+                &cgroup,
+                &root,
+                switch.as_mut()
+            ));
         }
         // sock_ops: re-keys captured connections once established.
         let name = names::SOCK_OPS_PROGRAM;
-        links.push(attach_cgroup!(ebpf, SockOps, name, &cgroup, &root));
+        links.push(attach_cgroup!(
+            ebpf,
+            SockOps,
+            name,
+            &cgroup,
+            &root,
+            switch.as_mut()
+        ));
         let splice = attach_sk_msg(&mut ebpf)?;
-        tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len() + 1, "attached");
+        tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len() + 1, switch = switch.is_some(), "attached");
         Ok(Self {
             links,
             splice,
             root,
+            switch,
         })
+    }
+
+    /// Whether maps of another layout are in use until [`Self::switch_over`].
+    pub fn switch_pending(&self) -> bool {
+        self.switch.is_some()
+    }
+
+    /// Across a layout change, once this daemon filled its new maps: every
+    /// link runs our programs (on our maps) from now on, and the old maps'
+    /// pins are removed (the old programs' last users let them go). How
+    /// many links were switched.
+    pub fn switch_over(&mut self) -> Result<usize, LoadError> {
+        let Some(switch) = self.switch.take() else {
+            return Ok(0);
+        };
+        for (path, link, program) in &switch.links {
+            lacewing_sys::os::bpf_link_update(link.as_fd(), program.as_fd()).map_err(|source| {
+                LoadError::Update {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
+        for path in &switch.old_pins {
+            remove_if_exists(path).map_err(|source| LoadError::Unpin {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        tracing::info!(
+            links = switch.links.len(),
+            old_maps = switch.old_pins.len(),
+            "switched the programs over to this layout's maps; the old maps' pins are removed"
+        );
+        Ok(switch.links.len())
     }
 
     /// Exits leaving programs attached and maps pinned: the kernel keeps
@@ -239,6 +362,7 @@ impl Datapath {
             links,
             splice,
             root,
+            switch: _,
         } = self;
         drop(splice);
         for link in links {
@@ -284,6 +408,20 @@ mod tests {
         let programs = mesh_common::names::SOCK_ADDR_PROGRAMS
             .iter()
             .map(|p| &p.name);
+        for (name, _) in mesh_common::names::MAP_LAYOUTS {
+            assert!(
+                mesh_common::names::ALL_MAPS.contains(name),
+                "{name} has a layout version but is no map"
+            );
+        }
+        for name in mesh_common::names::ALL_MAPS {
+            assert!(
+                mesh_common::names::MAP_LAYOUTS
+                    .iter()
+                    .any(|(n, _)| n == name),
+                "map {name} has no layout version in MAP_LAYOUTS"
+            );
+        }
         for name in programs.chain(mesh_common::names::ALL_MAPS) {
             assert!(
                 obj.iter().any(|n| n == name),

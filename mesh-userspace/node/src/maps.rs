@@ -1,7 +1,10 @@
 //! Typed wrappers over the pinned maps. This module owns every raw map call;
 //! the rest of the crate reads and writes maps through these types.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use aya::{
     Pod,
@@ -41,9 +44,76 @@ pub fn maps_dir(root: &Path) -> PathBuf {
     root.join("maps")
 }
 
-/// Where map `name` is pinned below a bpffs root.
+/// How far this daemon moves the service maps' layout versions beyond the
+/// built-in ones: 0, except in a test of an upgrade across a layout change
+/// (`--layout-bump`).
+static LAYOUT_BUMP: AtomicU32 = AtomicU32::new(0);
+
+/// Sets the test switch [`LAYOUT_BUMP`]; once, at start.
+pub fn set_layout_bump(bump: u32) {
+    LAYOUT_BUMP.store(bump, Ordering::Relaxed);
+}
+
+/// The layout version of map `name` this daemon uses.
+pub fn layout_version(name: &str) -> u32 {
+    let built_in = names::MAP_LAYOUTS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(1, |(_, v)| *v);
+    if names::SERVICE_MAPS.contains(&name) {
+        built_in + LAYOUT_BUMP.load(Ordering::Relaxed)
+    } else {
+        built_in
+    }
+}
+
+/// The daemon's layout as one number (the sum of its maps' versions),
+/// which two daemons compare in a handoff.
+pub fn layout() -> u32 {
+    names::ALL_MAPS.iter().map(|n| layout_version(n)).sum()
+}
+
+/// The pin name of map `name` at layout `version`: the name alone for
+/// version 1, `<NAME>_v<N>` after (as Cilium names its maps).
+fn pin_name(name: &str, version: u32) -> String {
+    if version <= 1 {
+        name.to_owned()
+    } else {
+        format!("{name}_v{version}")
+    }
+}
+
+/// Where map `name` is pinned below a bpffs root, at this daemon's layout.
 pub fn pin_path(root: &Path, name: &str) -> PathBuf {
-    maps_dir(root).join(name)
+    maps_dir(root).join(pin_name(name, layout_version(name)))
+}
+
+/// Pins of other layout versions of our maps below `root`: a previous
+/// daemon's, still in use by the programs attached now until they are
+/// switched over.
+pub fn other_layouts(root: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(maps_dir(root)) else {
+        return Vec::new();
+    };
+    let ours: Vec<String> = names::ALL_MAPS
+        .iter()
+        .map(|n| pin_name(n, layout_version(n)))
+        .collect();
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|file| {
+            !ours.contains(file)
+                && names::ALL_MAPS.iter().any(|n| {
+                    file == n
+                        || file
+                            .strip_prefix(n)
+                            .and_then(|rest| rest.strip_prefix("_v"))
+                            .is_some_and(|v| v.parse::<u32>().is_ok())
+                })
+        })
+        .map(|file| maps_dir(root).join(file))
+        .collect()
 }
 
 /// Opens pinned map `name`.

@@ -66,6 +66,10 @@ struct Shown<'a> {
 #[derive(Serialize)]
 struct Status<'a, C> {
     node: &'a str,
+    /// The daemon answering: its process and layout (two run on a node
+    /// during an upgrade; the one accepting answers).
+    pid: u32,
+    layout: u32,
     version: u64,
     workloads: Vec<Shown<'a>>,
     /// Meshed workloads known cluster-wide.
@@ -223,6 +227,8 @@ impl LocalWorkloads {
         let state = self.lock();
         let status = Status {
             node,
+            pid: std::process::id(),
+            layout: crate::maps::layout(),
             version: state.version,
             workloads: state
                 .workloads

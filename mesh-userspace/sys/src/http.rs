@@ -4,7 +4,6 @@
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -36,26 +35,37 @@ pub struct Endpoint {
     pub routes: Option<Box<dyn Fn() -> String + Send + Sync>>,
 }
 
-/// Binds `addr` and serves `endpoint` until the task is dropped.
-pub async fn serve(
-    addr: SocketAddr,
+/// Serves `endpoint` on `listener` (once `accepting` resolves) until the
+/// task is dropped.
+pub fn serve(
+    listener: TcpListener,
     endpoint: Arc<Endpoint>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    Ok(serve_with(
+    accepting: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    }
+    serve_with(
         listener,
         Arc::new(move |req: &Request<()>| route(&endpoint, req)),
-    ))
+        accepting,
+    )
 }
 
 /// What answers one request of a plain HTTP endpoint (the request's head:
 /// these endpoints take no bodies; a change is a `POST` with a query).
 pub type Handler = Arc<dyn Fn(&Request<()>) -> Response<Full<Bytes>> + Send + Sync>;
 
-/// Serves HTTP/1.1 on `listener` with `handler` until the task is dropped.
-pub fn serve_with(listener: TcpListener, handler: Handler) -> tokio::task::JoinHandle<()> {
+/// Serves HTTP/1.1 on `listener` with `handler` until the task is dropped,
+/// accepting from when `accepting` resolves (a daemon taking over a
+/// listener waits for its predecessor to stop).
+pub fn serve_with(
+    listener: TcpListener,
+    handler: Handler,
+    accepting: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        accepting.await;
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(conn) => conn,

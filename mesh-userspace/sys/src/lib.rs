@@ -1,6 +1,7 @@
 //! The host edges Lacewing's daemons share: the system calls the standard
-//! library does not wrap ([`os`], the only module with `unsafe`), sockets the
-//! mesh must not capture ([`net`]), the TCP sockets of a network namespace
+//! library does not wrap ([`os`] and, for descriptors received over a Unix
+//! socket, [`handoff`]: the only modules with `unsafe`), sockets the mesh
+//! must not capture ([`net`]), listeners handed to a successor ([`handoff`]), the TCP sockets of a network namespace
 //! ([`diag`]: listed and closed, as `ss -K` does), cgroup v2 and bpffs paths, signals,
 //! logging, and the plain HTTP endpoint for metrics and health ([`http`]).
 #![deny(unsafe_code)]
@@ -8,6 +9,7 @@
 pub mod bpffs;
 pub mod cgroup;
 pub mod diag;
+pub mod handoff;
 pub mod http;
 pub mod net;
 pub mod os;

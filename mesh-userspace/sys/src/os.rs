@@ -303,3 +303,59 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     }
     Ok(limit.rlim_cur)
 }
+
+/// `BPF_OBJ_GET`: a descriptor for the object (map, program or link)
+/// pinned at `path` on bpffs.
+pub fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // union bpf_attr, the obj_pin/obj_get member: pathname, bpf_fd,
+    // file_flags; the rest of the union stays zero, as the kernel asks.
+    let mut attr = [0u64; 16];
+    attr[0] = name.as_ptr() as u64;
+    // SAFETY: attr is a zeroed bpf_attr of the size passed; pathname points
+    // at a NUL-terminated string that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel just returned this descriptor to us alone.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// `BPF_LINK_UPDATE`: swaps the program of an attached link for `program`
+/// in one step. Every hook call runs either the old program or the new
+/// one, never neither (as a detach and attach would allow) nor both.
+pub fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // union bpf_attr, the link_update member: link_fd, new_prog_fd, flags,
+    // old_prog_fd (u32 each).
+    let mut attr = [0u32; 32];
+    attr[0] = link.as_raw_fd() as u32;
+    attr[1] = program.as_raw_fd() as u32;
+    // SAFETY: attr is a zeroed bpf_attr of the size passed, holding two
+    // descriptors that are open for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

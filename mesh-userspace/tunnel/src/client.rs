@@ -72,7 +72,11 @@ impl Pool {
     }
 
     /// Opens a stream from `source` (a pod carrying `svid`'s identity) to
-    /// `dest`, over a pooled connection or a new one.
+    /// `dest`, over a pooled connection or a new one. A pooled connection
+    /// the peer is closing (GOAWAY: its daemon drains or hands over to a
+    /// successor) takes no new stream: the stream is opened again once on a
+    /// new connection. No byte of the client's has been sent by then, so
+    /// this is safe whether or not the peer saw the first attempt.
     pub async fn open(
         &self,
         svid: &Svid,
@@ -89,39 +93,70 @@ impl Pool {
             .get(&key)
             .filter(|s| !s.is_closed())
             .cloned();
-        let mut sender = match pooled {
-            Some(sender) => sender,
-            None => {
-                let sender = connect(svid, roots, dest, self.mark).await?;
-                let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-                // Connections of an older certificate of this identity are
-                // no longer handed out.
-                conns.retain(|k, s| !(s.is_closed() || (k.0 == key.0 && k.2 == key.2)));
-                conns.insert(key, sender.clone());
-                sender
+        if let Some(sender) = pooled {
+            // (The new connection below replaces it in the pool.)
+            match request(sender, source, dest).await {
+                Err(Attempt::Unsent(err)) => {
+                    tracing::debug!(node = %dest.node, %err, "pooled tunnel connection is closing; opening a new one");
+                }
+                done => return done.map_err(|e| e.into_error(dest.node)),
             }
-        };
-        sender
-            .ready()
-            .await
-            .map_err(|e| TunnelError::Http(dest.node, e))?;
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(dest.pod.to_string())
-            .header("forwarded", forwarded_for(source))
-            .body(Empty::new())
-            .expect("a CONNECT request is well-formed");
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| TunnelError::Http(dest.node, e))?;
-        if resp.status() != StatusCode::OK {
-            return Err(TunnelError::Refused(dest.node, dest.pod, resp.status()));
         }
-        hyper::upgrade::on(resp)
+        let sender = connect(svid, roots, dest, self.mark).await?;
+        {
+            let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            // Connections of an older certificate of this identity are
+            // no longer handed out.
+            conns.retain(|k, s| !(s.is_closed() || (k.0 == key.0 && k.2 == key.2)));
+            conns.insert(key, sender.clone());
+        }
+        request(sender, source, dest)
             .await
-            .map_err(|e| TunnelError::Http(dest.node, e))
+            .map_err(|e| e.into_error(dest.node))
     }
+}
+
+/// How one attempt at a stream failed.
+enum Attempt {
+    /// Before the peer answered: the connection was closing or closed.
+    Unsent(hyper::Error),
+    /// The peer answered: it refused, or the upgrade failed.
+    Failed(TunnelError),
+}
+
+impl Attempt {
+    fn into_error(self, node: SocketAddr) -> TunnelError {
+        match self {
+            Self::Unsent(e) => TunnelError::Http(node, e),
+            Self::Failed(e) => e,
+        }
+    }
+}
+
+/// One CONNECT for `dest.pod` on `sender`'s connection.
+async fn request(
+    mut sender: SendRequest<Empty<Bytes>>,
+    source: IpAddr,
+    dest: &Destination,
+) -> Result<Upgraded, Attempt> {
+    sender.ready().await.map_err(Attempt::Unsent)?;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(dest.pod.to_string())
+        .header("forwarded", forwarded_for(source))
+        .body(Empty::new())
+        .expect("a CONNECT request is well-formed");
+    let resp = sender.send_request(req).await.map_err(Attempt::Unsent)?;
+    if resp.status() != StatusCode::OK {
+        return Err(Attempt::Failed(TunnelError::Refused(
+            dest.node,
+            dest.pod,
+            resp.status(),
+        )));
+    }
+    hyper::upgrade::on(resp)
+        .await
+        .map_err(|e| Attempt::Failed(TunnelError::Http(dest.node, e)))
 }
 
 /// A new mutual-TLS HTTP/2 connection to the destination node.

@@ -134,6 +134,9 @@ pub async fn serve(
             linger(&mut stream).await;
         });
     }
+    // Closed at once: in an upgrade the successor accepts on the same
+    // socket from now on.
+    drop(listener);
     connections.close();
     tracing::info!(
         connections = connections.len(),

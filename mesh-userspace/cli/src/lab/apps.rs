@@ -77,7 +77,9 @@ impl Lab {
             .arg("--cgroup-root")
             .arg(self.node_cgroup(node))
             .arg("--bpffs-root")
-            .arg(&root);
+            .arg(&root)
+            .arg("--run-dir")
+            .arg(self.node_run_dir(node));
         log_to(&mut cmd, log)?;
         let mut daemon = self.spawn_on_node(node, cmd)?;
         let links = links_dir(&root);
