@@ -305,6 +305,20 @@ fn after_a_sigkill_captured_connects_fail_fast_the_kernel_keeps_balancing_and_a_
         .lab
         .spawn_in_pod(&m.lab.pod("n0-p1").unwrap(), cmd)
         .unwrap();
+    // And the meshed pod opens a new connection for each request, 100 a
+    // second, through the same gap.
+    let csv = m.lab.state_dir().join("churn.csv");
+    let churn = {
+        let mut cmd = Command::new(lacewing_tests::PYTHON);
+        cmd.arg(lacewing_tests::tool("churn.py"))
+            .args([VIP, "80", "100", "8"])
+            .arg(&csv)
+            .stdout(std::process::Stdio::piped());
+        m.lab
+            .spawn_in_pod(&m.lab.pod("n0-p0").unwrap(), cmd)
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(1));
     // SIGKILL: nothing runs on n0's side of the mesh; the pins stay.
     let n0 = m.nodes.remove(0);
     n0.signal(libc::SIGKILL).unwrap();
@@ -366,4 +380,50 @@ fn after_a_sigkill_captured_connects_fail_fast_the_kernel_keeps_balancing_and_a_
         "ok=300",
         "every connection of the pod outside the mesh, through the gap"
     );
+    // The meshed pod's requests: each one that failed did so at once (its
+    // connect refused, or its connection reset by the kill), none hung;
+    // from a second after the new daemon started, every one succeeded.
+    let out = churn.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let since_start = wall_clock(started);
+    let rows = fs::read_to_string(&csv).unwrap();
+    let (mut failed, mut after) = (0, 0);
+    for row in rows.lines() {
+        let cols: Vec<&str> = row.split(',').collect();
+        let (at, latency_us, outcome) = (
+            cols[0].parse::<f64>().unwrap(),
+            cols[1].parse::<u64>().unwrap(),
+            cols[2],
+        );
+        if outcome == "ok" {
+            after += usize::from(at > since_start + 1.0);
+            continue;
+        }
+        failed += 1;
+        assert!(
+            matches!(outcome, "refused" | "resets"),
+            "a request during the gap {outcome} after {latency_us} us: {summary}"
+        );
+        assert!(
+            latency_us < 1_000_000,
+            "failed after {latency_us} us, not at once"
+        );
+        assert!(
+            at < since_start + 1.0,
+            "a request {:.3} s after the new daemon started failed ({outcome}): {summary}",
+            at - since_start
+        );
+    }
+    assert!(failed > 0, "the gap was under load: {summary}");
+    assert!(after > 100, "the load went on after the restart: {summary}");
+    eprintln!("measured: meshed requests through the crash: {summary}");
+}
+
+/// The wall-clock time (seconds since the epoch) of an `Instant` past.
+fn wall_clock(at: Instant) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    now - at.elapsed().as_secs_f64()
 }

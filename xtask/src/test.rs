@@ -123,6 +123,7 @@ fn check_chart() -> anyhow::Result<()> {
         ),
     ] {
         let rendered = helm_template(&helm, extra)?;
+        check_upgrade_strategy(&rendered)?;
         anyhow::ensure!(
             !rendered.contains(MONITORING_API),
             "the chart renders {MONITORING_API} objects in a cluster without the Prometheus Operator's CRDs"
@@ -142,6 +143,72 @@ fn check_chart() -> anyhow::Result<()> {
             "with {MONITORING_API} served, the chart renders no `{kind}` (templates/servicemonitor.yaml)"
         );
     }
+    Ok(())
+}
+
+/// The node DaemonSet upgrades by handover: a new pod beside the old one
+/// (`maxSurge: 1, maxUnavailable: 0`), the handoff socket's run directory
+/// on a hostPath both see, readiness from the pod's own ready file (the
+/// node's ports answer for whichever daemon accepts), and a grace period
+/// longer than the drain.
+fn check_upgrade_strategy(rendered: &str) -> anyhow::Result<()> {
+    use serde::Deserialize as _;
+    let daemonset = serde_yaml::Deserializer::from_str(rendered)
+        .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
+        .find(|doc| doc["kind"] == "DaemonSet")
+        .context("the chart renders no DaemonSet")?;
+    let spec = &daemonset["spec"];
+    let rolling = &spec["updateStrategy"]["rollingUpdate"];
+    anyhow::ensure!(
+        rolling["maxSurge"] == 1 && rolling["maxUnavailable"] == 0,
+        "the node DaemonSet must roll with maxSurge: 1, maxUnavailable: 0 (a new daemon takes over before the old one goes), not {rolling:?}"
+    );
+    let pod = &spec["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .context("the node container has no args")?
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let flag = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(name)?.strip_prefix('='))
+            .with_context(|| format!("the node daemon is not given {name}"))
+    };
+    let run_dir = flag("--run-dir")?;
+    let mounted = container["volumeMounts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountPath"] == run_dir)
+        .and_then(|m| m["name"].as_str())
+        .context("--run-dir is not a mounted volume")?;
+    let volume = pod["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mounted)
+        .context("the run directory's volume is missing")?;
+    anyhow::ensure!(
+        volume["hostPath"]["path"].is_string(),
+        "the run directory (the handoff socket) must be a hostPath that the old and the new pod share"
+    );
+    let ready_file = flag("--ready-file")?;
+    let probe = serde_yaml::to_string(&container["readinessProbe"])?;
+    anyhow::ensure!(
+        probe.contains(ready_file),
+        "the readiness probe must check the pod's own ready file {ready_file}, not a shared port: {probe}"
+    );
+    let drain: u64 = flag("--drain-timeout")?
+        .trim_end_matches('s')
+        .parse()
+        .context("--drain-timeout in seconds")?;
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    anyhow::ensure!(
+        grace > drain,
+        "terminationGracePeriodSeconds {grace} must be longer than the drain timeout {drain}s"
+    );
     Ok(())
 }
 
@@ -436,6 +503,36 @@ fn lab_resources() -> BTreeSet<String> {
 
 #[cfg(test)]
 mod tests {
+    const GOOD: &str = "kind: ServiceAccount\n---\nkind: DaemonSet\nspec:\n  updateStrategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}\n  template:\n    spec:\n      terminationGracePeriodSeconds: 45\n      containers:\n        - args: [--drain-timeout=30s, --run-dir=/run/lacewing, --ready-file=/tmp/r]\n          readinessProbe: {exec: {command: [/bin/sh, -c, test -e /tmp/r]}}\n          volumeMounts: [{name: run, mountPath: /run/lacewing}]\n      volumes: [{name: run, hostPath: {path: /run/lacewing}}]\n";
+
+    #[test]
+    fn the_upgrade_strategy_check_names_what_is_wrong() {
+        super::check_upgrade_strategy(GOOD).unwrap();
+        let cases = [
+            (
+                "maxUnavailable: 0}",
+                "maxUnavailable: 1}",
+                "maxSurge: 1, maxUnavailable: 0",
+            ),
+            (
+                "hostPath: {path: /run/lacewing}",
+                "emptyDir: {}",
+                "must be a hostPath",
+            ),
+            ("test -e /tmp/r", "true", "own ready file"),
+            (
+                "Seconds: 45",
+                "Seconds: 30",
+                "longer than the drain timeout 30s",
+            ),
+        ];
+        for (from, to, said) in cases {
+            let bad = GOOD.replace(from, to);
+            let err = super::check_upgrade_strategy(&bad).unwrap_err().to_string();
+            assert!(err.contains(said), "{from} -> {to}: {err}");
+        }
+    }
+
     use super::*;
 
     #[test]
