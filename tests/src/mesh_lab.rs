@@ -252,39 +252,24 @@ impl MeshLab {
     }
 
     /// Starts a new daemon on node `index` with `extra` flags besides the
-    /// running one's, and waits until it took over (its `/status` answers
-    /// with its pid); the old daemon, draining.
+    /// mesh's, and waits until it took over (its `/status` answers with its
+    /// pid); the old daemon, draining. The new one logs to the lab's
+    /// `logs/<node>-<k>.log`.
     pub fn upgrade_node(&mut self, index: usize, extra: &[&str]) -> LabProcess {
         let node = self.lab.topology().nodes().nth(index).unwrap();
-        let mut args = crate::subscribed_node_args(&self.lab, &node, true);
-        args.extend(extra.iter().map(Into::into));
-        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-        let started = Instant::now();
-        let mut new = self
-            .lab
-            .start_node_daemon_with(&node, &bin("lacewing-node"), &args)
+        let logs = self.lab.state_dir().join("logs");
+        fs::create_dir_all(&logs).unwrap();
+        let log = (1..)
+            .map(|k| logs.join(format!("{}-{k}.log", node.name())))
+            .find(|p| !p.exists())
             .unwrap();
-        let pid = new.pid();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = new.try_wait().unwrap() {
-                panic!("the new lacewing-node on {} exited: {status}", node.name());
-            }
-            let status = self.lab.node_get(&node, "/status").unwrap_or_default();
-            let answering: Option<u32> = serde_json::from_str::<serde_json::Value>(&status)
-                .ok()
-                .and_then(|s| s["pid"].as_u64())
-                .and_then(|p| u32::try_from(p).ok());
-            if answering == Some(pid) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the new lacewing-node on {} did not take over in 20 s",
-                node.name()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let own: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+        let started = Instant::now();
+        let bin = bin("lacewing-node");
+        let new = self
+            .lab
+            .upgrade_mesh_node(&node, bin.parent().unwrap(), &own, &log)
+            .unwrap_or_else(|e| panic!("{e}: {}", fs::read_to_string(&log).unwrap_or_default()));
         eprintln!(
             "measured: {} taken over {:?} after the new daemon was started",
             node.name(),

@@ -78,8 +78,8 @@ fn demo() -> anyhow::Result<()> {
 
 fn bench(name: &str, args: &[String]) -> anyhow::Result<()> {
     anyhow::ensure!(
-        ["l4", "l7", "control-plane", "tunnel", "local"].contains(&name),
-        "unknown benchmark `{name}`; there are: l4, l7, control-plane, tunnel, local"
+        ["l4", "l7", "control-plane", "tunnel", "local", "upgrade"].contains(&name),
+        "unknown benchmark `{name}`; there are: l4, l7, control-plane, tunnel, local, upgrade"
     );
     setup::run()?;
     run::build_binaries(true)?;

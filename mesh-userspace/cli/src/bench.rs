@@ -7,6 +7,7 @@ pub mod l4;
 pub mod l7;
 pub mod local;
 pub mod tunnel;
+pub mod upgrade;
 
 use anyhow::Context as _;
 

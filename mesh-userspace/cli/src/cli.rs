@@ -228,6 +228,17 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         seconds: u32,
     },
+    /// Node daemons upgraded under load (HTTP/1.1 keep-alive and a new
+    /// connection per request across nodes): failures, resets, and p99
+    /// latency around upgrades against steady state.
+    Upgrade {
+        /// How long the load runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// How often each node's daemon is upgraded.
+        #[arg(long, default_value_t = 10)]
+        interval: u32,
+    },
     /// Short TCP connections to a ClusterIP: Lacewing vs kube-proxy
     /// (iptables, nftables) vs a direct connect.
     L4 {
@@ -415,6 +426,23 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             println!("{}", crate::bench::local::result_line(&o));
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Upgrade { seconds, interval }) => {
+            let dir = binaries_dir()?;
+            let o = crate::bench::upgrade::run(
+                &dir,
+                &crate::bench::upgrade::Options { seconds, interval },
+            )?;
+            println!(
+                "takeovers (ms from the new daemon's start): {}",
+                o.takeover_ms
+                    .iter()
+                    .map(|ms| format!("{ms:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            println!("{}", crate::bench::upgrade::result_line(&o));
             Ok(0)
         }
         Command::Bench(BenchCommand::Tunnel { seconds, rounds }) => {

@@ -97,6 +97,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// get its pods' certificates before it gives up (the old one runs on).
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The nice value of a daemon while it prepares to take over.
+const PREPARING_NICE: i32 = 19;
+
 /// How long a daemon handing over waits for its listeners to close.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -134,6 +137,14 @@ pub async fn run(
     if config.takeover && takeover.is_none() {
         return Err(NodeError::NothingToTakeOver(handoff_path));
     }
+    // Preparing (loading the programs, catching up) at a low priority: the
+    // daemon serving now keeps the CPU it needs until the handover.
+    let nice = match &takeover {
+        Some(_) => lacewing_sys::os::set_process_nice(PREPARING_NICE)
+            .inspect_err(|err| tracing::debug!(%err, "cannot lower the priority while taking over"))
+            .ok(),
+        None => None,
+    };
     let listeners = match &mut takeover {
         Some(t) => {
             tracing::info!(
@@ -338,6 +349,11 @@ pub async fn run(
                 }
                 datapath.switch_over()?;
                 listeners.start_accepting();
+                if let Some(nice) = nice
+                    && let Err(err) = lacewing_sys::os::set_process_nice(nice)
+                {
+                    tracing::warn!(%err, nice, "cannot restore the priority after the takeover");
+                }
                 tracing::info!(
                     unclaimed,
                     "took over: accepting on every listener; the old daemon drains"

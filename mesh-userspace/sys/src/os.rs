@@ -359,3 +359,38 @@ pub fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Res
         Err(io::Error::last_os_error())
     }
 }
+
+/// Sets the nice value of every thread of this process (Linux keeps one
+/// per thread; threads made later inherit their maker's) to `nice`, and
+/// returns the main thread's before. A daemon taking over runs at a low
+/// priority while it prepares, so the one still serving keeps the CPU.
+pub fn set_process_nice(nice: i32) -> io::Result<i32> {
+    let pid = std::process::id();
+    // SAFETY: getpriority reads a number; errno is cleared first so that a
+    // legitimate -1 is told from an error.
+    let before = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, pid)
+    };
+    if before == -1 && io::Error::last_os_error().raw_os_error() != Some(0) {
+        return Err(io::Error::last_os_error());
+    }
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let Some(tid) = task?
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<libc::id_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: plain setpriority on one of our own threads.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+            let err = io::Error::last_os_error();
+            // A thread that ended meanwhile.
+            if err.raw_os_error() != Some(libc::ESRCH) {
+                return Err(err);
+            }
+        }
+    }
+    Ok(before)
+}

@@ -49,6 +49,10 @@ type Key = (String, String, SocketAddr);
 
 pub struct Pool {
     connections: Mutex<HashMap<Key, SendRequest<Empty<Bytes>>>>,
+    /// One connect at a time per key: streams that find no connection wait
+    /// for the one being made instead of each making their own (a burst
+    /// of handshakes after a peer's GOAWAY, or on first use).
+    connecting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     /// `SO_MARK` for the pool's sockets (the daemon's bypass mark).
     mark: Option<u32>,
 }
@@ -57,6 +61,7 @@ impl Pool {
     pub fn new(mark: Option<u32>) -> Self {
         Self {
             connections: Mutex::default(),
+            connecting: Mutex::default(),
             mark,
         }
     }
@@ -86,14 +91,7 @@ impl Pool {
         dest: &Destination,
     ) -> Result<Upgraded, TunnelError> {
         let key = (svid.identity.clone(), serial.to_owned(), dest.node);
-        let pooled = self
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .filter(|s| !s.is_closed())
-            .cloned();
-        if let Some(sender) = pooled {
+        if let Some(sender) = self.pooled(&key) {
             // (The new connection below replaces it in the pool.)
             match request(sender, source, dest).await {
                 Err(Attempt::Unsent(err)) => {
@@ -102,17 +100,47 @@ impl Pool {
                 done => return done.map_err(|e| e.into_error(dest.node)),
             }
         }
-        let sender = connect(svid, roots, dest, self.mark).await?;
-        {
-            let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-            // Connections of an older certificate of this identity are
-            // no longer handed out.
-            conns.retain(|k, s| !(s.is_closed() || (k.0 == key.0 && k.2 == key.2)));
-            conns.insert(key, sender.clone());
-        }
+        let turn = Arc::clone(
+            self.connecting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key.clone())
+                .or_default(),
+        );
+        let sender = {
+            let _turn = turn.lock().await;
+            // Made by the stream before us while we waited.
+            match self.pooled(&key) {
+                Some(sender) if sender.is_ready() => sender,
+                _ => {
+                    let sender = connect(svid, roots, dest, self.mark).await?;
+                    let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+                    // Connections of an older certificate of this identity
+                    // are no longer handed out.
+                    conns.retain(|k, s| !(s.is_closed() || (k.0 == key.0 && k.2 == key.2)));
+                    conns.insert(key, sender.clone());
+                    sender
+                }
+            }
+        };
+        drop(turn);
+        // Turns nobody waits for go (serials rotate: keys come and go).
+        self.connecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, turn| Arc::strong_count(turn) > 1);
         request(sender, source, dest)
             .await
             .map_err(|e| e.into_error(dest.node))
+    }
+
+    fn pooled(&self, key: &Key) -> Option<SendRequest<Empty<Bytes>>> {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .filter(|s| !s.is_closed())
+            .cloned()
     }
 }
 

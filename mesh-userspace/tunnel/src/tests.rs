@@ -17,7 +17,7 @@ use tokio::{
 use super::{
     Peer, Refusal,
     client::{Destination, Pool, TunnelError},
-    metrics::{ReasonLabels, TunnelMetrics},
+    metrics::{DirectionLabels, ReasonLabels, TunnelMetrics},
     server::{self, Connector},
     tls,
 };
@@ -33,6 +33,13 @@ struct Setup {
     tunnel: SocketAddr,
     echo: SocketAddr,
     metrics: TunnelMetrics,
+    /// Drains the tunnel server (GOAWAY, no more accepting).
+    drain: tokio_util::sync::CancellationToken,
+    /// The server's listening socket, a second handle, and what serves it:
+    /// for a successor taking over, as a node daemon's upgrade does.
+    listener: std::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    connector: Connector,
 }
 
 impl Drop for Setup {
@@ -99,13 +106,17 @@ async fn setup(tag: &str) -> Setup {
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tunnel = listener.local_addr().unwrap();
+    let second = listener.into_std().unwrap();
+    let listener = TcpListener::from_std(second.try_clone().unwrap()).unwrap();
     let metrics = TunnelMetrics::default();
+    let drain = tokio_util::sync::CancellationToken::new();
+    let config = Arc::new(config);
     tokio::spawn(server::serve(
         listener,
-        Arc::new(std::sync::RwLock::new(Arc::new(config))),
-        connector,
+        Arc::new(std::sync::RwLock::new(Arc::clone(&config))),
+        Arc::clone(&connector),
         metrics.clone(),
-        tokio_util::sync::CancellationToken::new(),
+        drain.clone(),
     ));
     Setup {
         dir,
@@ -114,6 +125,10 @@ async fn setup(tag: &str) -> Setup {
         tunnel,
         echo,
         metrics,
+        drain,
+        listener: second,
+        config,
+        connector,
     }
 }
 
@@ -124,6 +139,21 @@ impl Setup {
             node_identity: pki::node_identity(pki::DEFAULT_TRUST_DOMAIN, "n1"),
             pod: self.echo,
         }
+    }
+
+    /// A second tunnel server on the same socket, as a successor daemon;
+    /// its metrics.
+    fn serve_again(&self) -> TunnelMetrics {
+        let listener = TcpListener::from_std(self.listener.try_clone().unwrap()).unwrap();
+        let metrics = TunnelMetrics::default();
+        tokio::spawn(server::serve(
+            listener,
+            Arc::new(std::sync::RwLock::new(Arc::clone(&self.config))),
+            Arc::clone(&self.connector),
+            metrics.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        metrics
     }
 
     fn handshake_failures(&self, reason: &str) -> u64 {
@@ -161,6 +191,72 @@ async fn bytes_cross_both_ways_with_half_close_over_one_pooled_connection() {
         assert!(back == payload, "round {round}: bytes differ");
     }
     assert_eq!(pool.connections(), 1, "three streams, one connection");
+}
+
+/// A stream and its echo of `payload`.
+async fn echo_through(io: &mut hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>, payload: &[u8]) {
+    io.write_all(payload).await.unwrap();
+    let mut back = vec![0; payload.len()];
+    io.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, payload);
+}
+
+#[tokio::test]
+async fn after_the_server_drains_a_new_stream_goes_to_its_successor_and_the_open_one_goes_on() {
+    let s = setup("handover").await;
+    let pool = Pool::new(None);
+    let id = svid(&s.ca, WEB, Duration::from_secs(3600));
+    let dest = s.dest();
+    let open = || pool.open(&id, "1", Arc::clone(&s.roots), source(), &dest);
+    let mut first = hyper_util::rt::TokioIo::new(open().await.unwrap());
+    echo_through(&mut first, b"before").await;
+    // The server hands over: GOAWAY on its connection, and a successor
+    // accepts on the same socket.
+    s.drain.cancel();
+    let successor = s.serve_again();
+    let inbound = || {
+        successor
+            .opened
+            .get_or_create(&DirectionLabels {
+                direction: "inbound",
+            })
+            .get()
+    };
+    // A stream sent before the GOAWAY arrived is still served by the
+    // draining server; once it arrived, the pooled connection takes no new
+    // stream and each goes to the successor on a new connection. Every one
+    // succeeds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut i = 0;
+    while inbound() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no stream reached the successor"
+        );
+        let mut next = hyper_util::rt::TokioIo::new(open().await.unwrap());
+        echo_through(&mut next, format!("after {i}").as_bytes()).await;
+        i += 1;
+    }
+    for i in 0..3 {
+        let mut next = hyper_util::rt::TokioIo::new(open().await.unwrap());
+        echo_through(&mut next, format!("then {i}").as_bytes()).await;
+    }
+    assert_eq!(
+        inbound(),
+        4,
+        "from the first on, every stream went to the successor"
+    );
+    // The stream opened before the drain carries on to its end.
+    echo_through(&mut first, b"still here").await;
+    first.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    first.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(
+        pool.connections(),
+        1,
+        "the drained connection is no longer pooled"
+    );
 }
 
 #[tokio::test]

@@ -133,23 +133,12 @@ impl Lab {
             &[],
             Some(&logs.join("controller.log")),
         )?;
-        let url = self.controller_url();
         let nodes = self
             .topology()
             .nodes()
             .map(|node| {
-                let tls = self.node_credentials(&node)?;
-                let netns = self.pod_netns_dir(&node)?;
-                let own = node_args(&node);
-                let mut args = vec![
-                    std::ffi::OsStr::new("--controller"),
-                    std::ffi::OsStr::new(&url),
-                    std::ffi::OsStr::new("--tls-dir"),
-                    tls.as_os_str(),
-                    std::ffi::OsStr::new("--pod-netns-dir"),
-                    netns.as_os_str(),
-                ];
-                args.extend(own.iter().map(std::ffi::OsStr::new));
+                let args = self.mesh_node_args(&node, &node_args(&node))?;
+                let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
                 let log = logs.join(format!("{}.log", node.name()));
                 self.start_node_daemon_logged(
                     &node,
@@ -164,6 +153,69 @@ impl Lab {
             nodes,
             folder,
         })
+    }
+
+    /// The flags of a mesh node daemon (subscribed, capturing) and `own`.
+    fn mesh_node_args(
+        &self,
+        node: &NodeSpec,
+        own: &[String],
+    ) -> io::Result<Vec<std::ffi::OsString>> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--controller".into(),
+            self.controller_url().into(),
+            "--tls-dir".into(),
+            self.node_credentials(node)?.into(),
+            "--pod-netns-dir".into(),
+            self.pod_netns_dir(node)?.into(),
+        ];
+        args.extend(own.iter().map(Into::into));
+        Ok(args)
+    }
+
+    /// Upgrades `node`'s mesh daemon: starts a new one (the binary in
+    /// `bin_dir`, with the mesh's flags and `own`), which takes over from
+    /// the running one, and returns it once it answers `/status` (it then
+    /// accepts on every listener; the old one drains and exits by itself).
+    pub fn upgrade_mesh_node(
+        &self,
+        node: &NodeSpec,
+        bin_dir: &Path,
+        own: &[String],
+        log: &Path,
+    ) -> io::Result<LabProcess> {
+        let args = self.mesh_node_args(node, own)?;
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let mut daemon =
+            self.start_node_daemon_logged(node, &bin_dir.join("lacewing-node"), &args, Some(log))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = daemon.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "the new lacewing-node on {} exited: {status} (see {})",
+                    node.name(),
+                    log.display()
+                )));
+            }
+            let answering = self
+                .node_get(node, "/status")
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .and_then(|s| s["pid"].as_u64());
+            if answering == Some(u64::from(daemon.pid())) {
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the new lacewing-node on {} did not take over in 20 s",
+                        node.name()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The folder of Kubernetes YAML the lab's controller serves.
