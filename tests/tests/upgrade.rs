@@ -240,7 +240,8 @@ fn five_upgrades_of_each_daemon_under_load_drop_nothing_and_each_old_daemon_exit
 }
 
 #[test]
-fn the_handoff_socket_refuses_a_peer_that_is_not_root() {
+fn the_handoff_socket_refuses_a_peer_that_is_not_root_and_each_daemon_is_ready_only_while_it_serves()
+ {
     let m = MeshLab::new();
     let node = m.lab.node("n0").unwrap();
     let socket = m.lab.node_run_dir(&node).join("handoff.sock");
@@ -278,16 +279,31 @@ fn the_handoff_socket_refuses_a_peer_that_is_not_root() {
         client(&socket),
         r#"{"refused":{"reason":"only root may take over"}}"#
     );
-    // The daemon serves on, and a root successor still takes over.
+    // The daemon serves on, and a root successor still takes over; each
+    // says it is ready in its own file (the chart's readiness probe), and
+    // the old one's goes when it hands over.
     let mut m = m;
-    let status = m.lab.node_get(&node, "/status").unwrap();
-    assert!(status.contains("\"pid\""), "{status}");
-    let _old = m.upgrade_node(0, &[]);
+    let ready = |k: u32| m.lab.state_dir().join(format!("ready-{k}"));
+    let (first, second) = (ready(1), ready(2));
+    let _old = m.upgrade_node(0, &["--ready-file", first.to_str().unwrap()]);
+    poll(
+        "the new daemon's ready file",
+        Duration::from_secs(5),
+        || first.exists().then_some(()),
+    );
     assert_eq!(
         field(
             &m.xfer("n0-p0", &["rr", VIP, "80", "after", "3"]),
             "replies"
         ),
         "3"
+    );
+    let _older = m.upgrade_node(0, &["--ready-file", second.to_str().unwrap()]);
+    poll("the next one's ready file", Duration::from_secs(5), || {
+        second.exists().then_some(())
+    });
+    assert!(
+        !first.exists(),
+        "the daemon that handed over is no longer ready"
     );
 }

@@ -257,3 +257,22 @@ pub fn close_denied(
 fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
+
+#[cfg(test)]
+mod tests {
+    /// A successor given the numbers keeps every identity's and gives a new
+    /// identity one no predecessor gave.
+    #[test]
+    fn numbers_carried_over_stay_and_new_ones_follow_them() {
+        let old = super::IdentityNumbers::default();
+        assert_eq!(old.number("spiffe://a"), 1);
+        assert_eq!(old.number("spiffe://b"), 2);
+        let new = super::IdentityNumbers::default();
+        new.import(&old.export());
+        assert_eq!(new.number("spiffe://b"), 2);
+        assert_eq!(new.number("spiffe://c"), 3);
+        assert_eq!(new.number("spiffe://a"), 1);
+        new.import(&serde_json::json!("not numbers"));
+        assert_eq!(new.number("spiffe://c"), 3, "a bad import changes nothing");
+    }
+}

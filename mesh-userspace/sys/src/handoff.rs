@@ -468,6 +468,10 @@ fn hand_over(
             },
             &[],
         );
+        // Read what the peer sent before closing: closing on unread data
+        // would reset the connection before the peer reads the refusal.
+        let _ =
+            set_timeout(conn.as_fd(), Duration::from_secs(1)).and_then(|()| receive(conn.as_fd()));
         return Err(HandoffError::NotRoot(uid));
     }
     set_timeout(conn.as_fd(), ANSWER_TIMEOUT)?;
