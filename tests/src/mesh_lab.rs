@@ -169,6 +169,21 @@ impl MeshLab {
         }
     }
 
+    /// Waits for an `xfer.py bulk` of `mib` MiB and asserts that every byte
+    /// went and came back intact (counts and SHA-256 both ways).
+    pub fn assert_bulk_intact(bulk: LabProcess, mib: u64) {
+        let out = bulk.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(field(&text, "sent"), (mib << 20).to_string(), "{text}");
+        assert_eq!(field(&text, "back"), field(&text, "sent"), "{text}");
+        assert_eq!(field(&text, "back_sha"), field(&text, "sent_sha"), "{text}");
+    }
+
     /// Writes (or with `None` removes) a file of the controller's folder.
     pub fn config(&self, file: &str, yaml: Option<&str>) {
         let path = self.lab.state_dir().join("config").join(file);

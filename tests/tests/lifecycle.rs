@@ -51,16 +51,7 @@ fn a_transfer_in_flight_when_the_destination_daemon_gets_sigterm_completes_and_i
         signalled.elapsed() < Duration::from_secs(30),
         "within the drain timeout"
     );
-    let out = bulk.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(field(&text, "sent"), (100u64 << 20).to_string(), "{text}");
-    assert_eq!(field(&text, "back"), field(&text, "sent"), "{text}");
-    assert_eq!(field(&text, "back_sha"), field(&text, "sent_sha"), "{text}");
+    MeshLab::assert_bulk_intact(bulk, 100);
 }
 
 /// The configuration version `node` has applied.

@@ -218,16 +218,7 @@ fn five_upgrades_of_each_daemon_under_load_drop_nothing_and_each_old_daemon_exit
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = bulk.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(field(&text, "sent"), (1024u64 << 20).to_string(), "{text}");
-    assert_eq!(field(&text, "back"), field(&text, "sent"), "{text}");
-    assert_eq!(field(&text, "back_sha"), field(&text, "sent_sha"), "{text}");
+    MeshLab::assert_bulk_intact(bulk, 1024);
     // Every old daemon exits, 0, once its last connection ended.
     for mut daemon in old {
         let status = poll(
