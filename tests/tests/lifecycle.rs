@@ -418,3 +418,48 @@ fn wall_clock(at: Instant) -> f64 {
         .as_secs_f64();
     now - at.elapsed().as_secs_f64()
 }
+
+#[test]
+fn a_daemon_restarted_after_a_sigkill_into_a_new_map_layout_moves_the_services_to_it() {
+    let mut m = MeshLab::new();
+    let before = dump(&m, "n0", "LW_SERVICES");
+    let n0 = m.nodes.remove(0);
+    n0.signal(libc::SIGKILL).unwrap();
+    let mut n0 = n0;
+    poll("n0's daemon is gone", Duration::from_secs(5), || {
+        n0.try_wait().unwrap().map(|_| ())
+    });
+    let node = m.lab.node("n0").unwrap();
+    let mut args = lacewing_tests::subscribed_node_args(&m.lab, &node, true);
+    args.extend(["--layout-bump".into(), "1".into()]);
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let daemon = m
+        .lab
+        .start_node_daemon_with(&node, &lacewing_tests::bin("lacewing-node"), &args)
+        .unwrap();
+    m.nodes.insert(0, daemon);
+    // The old layout's pin goes only once the programs use the new maps,
+    // which hold what the old ones held.
+    let maps = m.lab.node_bpffs_root(&node).join("maps");
+    poll(
+        "the old layout's maps are removed",
+        Duration::from_secs(10),
+        || (!maps.join("LW_SERVICES").exists()).then_some(()),
+    );
+    assert_eq!(dump(&m, "n0", "LW_SERVICES_v2"), before);
+    assert_eq!(
+        field(
+            &m.xfer("n0-p0", &["rr", VIP, "80", "after", "3"]),
+            "replies"
+        ),
+        "3"
+    );
+    assert_eq!(
+        field(
+            &m.xfer("n0-p1", &["rr", VIP, "80", "plain", "3"]),
+            "replies"
+        ),
+        "3",
+        "the kernel balances on the new layout's maps"
+    );
+}

@@ -325,22 +325,25 @@ pub async fn run(
             trust_domain: &config.trust_domain,
             capture: capture_version,
             capturing: mesh.is_some() && config.pod_netns_dir.is_some(),
-        };
-        match (
-            takeover,
-            tokio::time::timeout(TAKEOVER_TIMEOUT, caught_up.wait()).await,
-        ) {
-            (Some(_), Err(_)) => {
+        }
+        .wait();
+        tokio::pin!(caught_up);
+        let in_time = tokio::time::timeout(TAKEOVER_TIMEOUT, &mut caught_up)
+            .await
+            .is_ok();
+        match takeover {
+            Some(_) if !in_time => {
                 tracing::error!(
                     timeout_s = TAKEOVER_TIMEOUT.as_secs(),
                     "not caught up with the controller in time: the takeover is abandoned, the running daemon goes on"
                 );
-                // Nothing was switched: the running daemon's maps and
-                // programs are as they were.
+                // The running daemon keeps its listeners (we only had
+                // copies) and the maps; the links run our programs on
+                // the same maps, or, across a layout change, still its own.
                 datapath.keep();
                 std::process::exit(1);
             }
-            (Some(takeover), Ok(())) => {
+            Some(takeover) => {
                 let unclaimed = listeners.release_unclaimed();
                 // From here on the old daemon accepts nothing; the
                 // connections that arrive wait in the shared queues.
@@ -359,11 +362,20 @@ pub async fn run(
                     "took over: accepting on every listener; the old daemon drains"
                 );
             }
-            (None, done) => {
-                if done.is_err() {
+            None => {
+                if !in_time {
+                    // Stale maps that serve beat new ones that are empty.
                     tracing::warn!(
-                        "not caught up with the controller yet: switching the programs to this layout's maps anyway"
+                        timeout_s = TAKEOVER_TIMEOUT.as_secs(),
+                        "not caught up with the controller yet: the programs stay on the previous layout's maps until it is"
                     );
+                    tokio::select! {
+                        () = &mut caught_up => {}
+                        () = lacewing_sys::shutdown::signal() => {
+                            datapath.keep();
+                            return Ok(());
+                        }
+                    }
                 }
                 datapath.switch_over()?;
             }

@@ -10,7 +10,7 @@
 //! ```text
 //!   new                                   old (serving <run-dir>/handoff.sock, root only)
 //!   hello {protocol, version, layout}  ->
-//!                                      <- batch {roles, state} + descriptors (SCM_RIGHTS), ...
+//!                                      <- batch {roles} + descriptors (SCM_RIGHTS), ...
 //!                                      <- done {count, version, layout, state}
 //!   (adopts the datapath, catches up, opens nothing new)
 //!   ready                              ->
