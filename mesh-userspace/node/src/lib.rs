@@ -103,9 +103,15 @@ const PREPARING_NICE: i32 = 19;
 /// How long a daemon handing over waits for its listeners to close.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Runs the daemon until SIGTERM or SIGINT, then drains: no new
-/// connections, GOAWAY on the tunnel's, and up to `--drain-timeout` for the
-/// established ones before the rest are reset.
+/// Runs the daemon until SIGTERM or SIGINT, or until a successor took
+/// over, then drains: no new connections, GOAWAY on the tunnel's, and up
+/// to `--drain-timeout` for the established ones before the rest are reset.
+///
+/// Started where a daemon runs, it first takes over from it: inherits its
+/// listeners, adopts the datapath, waits until it has caught up
+/// ([`CaughtUp`]), tells the old one, and accepts once it stopped. Across a
+/// map layout change (also after a crash) the links switch to the new maps
+/// only once this daemon filled them.
 pub async fn run(
     config: NodeConfig,
     log_level: lacewing_sys::telemetry::LogLevel,
