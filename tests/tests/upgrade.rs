@@ -207,7 +207,7 @@ fn five_upgrades_of_each_daemon_under_load_drop_nothing_and_each_old_daemon_exit
     let requests = 200 * seconds;
     assert_eq!(
         text.trim(),
-        format!("requests={requests} ok={requests} refused=0 resets=0 timeouts=0 other=0"),
+        format!("requests={requests} ok={requests} refused=0 resets=0 closed=0 timeouts=0 other=0"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

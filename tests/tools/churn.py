@@ -2,7 +2,7 @@
 """New connections at a fixed rate: `churn.py HOST PORT RATE SECONDS [CSV]`
 opens one connection per request to an xfer.py server (connect, one line
 echoed, close), RATE a second for SECONDS, several at a time. Prints
-`requests=N ok=N refused=N resets=N timeouts=N other=N` and, with CSV, one
+`requests=N ok=N refused=N resets=N closed=N timeouts=N other=N` and, with CSV, one
 line per request: start time (s since the epoch), latency in microseconds
 and the outcome."""
 import errno
@@ -13,7 +13,7 @@ import time
 
 host, port, rate, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 csv = sys.argv[5] if len(sys.argv) > 5 else None
-counts = {"ok": 0, "refused": 0, "resets": 0, "timeouts": 0, "other": 0}
+counts = {"ok": 0, "refused": 0, "resets": 0, "closed": 0, "timeouts": 0, "other": 0}
 rows = []
 lock = threading.Lock()
 
@@ -31,7 +31,9 @@ def one(i):
                 if not chunk:
                     break
                 got += chunk
-            outcome = "ok" if got == line else "other"
+            # Closed before any reply (a peer that went away between
+            # accept and answer), or a wrong reply.
+            outcome = "ok" if got == line else ("closed" if not got else "other")
     except ConnectionRefusedError:
         outcome = "refused"
     except ConnectionResetError:

@@ -248,7 +248,9 @@ fn churn_requests(csv: &str) -> anyhow::Result<Vec<Request>> {
                 at,
                 latency_us: latency,
                 ok: *outcome == "ok",
-                reset: *outcome == "resets",
+                // A connection the daemon closed before answering counts
+                // with the resets: both cut a request off.
+                reset: matches!(*outcome, "resets" | "closed"),
             })
         })
         .collect()
