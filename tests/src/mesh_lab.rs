@@ -302,11 +302,18 @@ impl MeshLab {
     }
 
     pub fn map_entries(&self, node: &str, name: &str) -> usize {
+        let entries: serde_json::Value = serde_json::from_str(&self.map_dump(node, name)).unwrap();
+        entries.as_array().unwrap().len()
+    }
+
+    /// `bpftool -j map dump` of `node`'s map pinned as `pin` (`LW_SERVICES`,
+    /// `LW_SERVICES_v2`).
+    pub fn map_dump(&self, node: &str, pin: &str) -> String {
         let map = self
             .lab
             .node_bpffs_root(&self.lab.node(node).unwrap())
             .join("maps")
-            .join(name);
+            .join(pin);
         let out = Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])
             .arg(&map)
@@ -318,8 +325,7 @@ impl MeshLab {
             map.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        entries.as_array().unwrap().len()
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn added(&self, node: &str, leg: &str) -> f64 {

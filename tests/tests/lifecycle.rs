@@ -248,26 +248,6 @@ fn a_new_pods_first_connection_waits_for_its_certificate_instead_of_being_reset(
     );
 }
 
-/// `bpftool map dump` of one of `node`'s pinned maps.
-fn dump(m: &MeshLab, node: &str, map: &str) -> String {
-    let path = m
-        .lab
-        .node_bpffs_root(&m.lab.node(node).unwrap())
-        .join("maps")
-        .join(map);
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bpftool map dump {}: {out:?}",
-        path.display()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn after_a_sigkill_captured_connects_fail_fast_the_kernel_keeps_balancing_and_a_new_daemon_serves_within_a_second()
  {
@@ -280,7 +260,10 @@ fn after_a_sigkill_captured_connects_fail_fast_the_kernel_keeps_balancing_and_a_
         "3"
     );
     let service_maps = ["LW_SERVICES", "LW_BACKENDS", "LW_SLOTS"];
-    let before: Vec<String> = service_maps.iter().map(|map| dump(&m, "n0", map)).collect();
+    let before: Vec<String> = service_maps
+        .iter()
+        .map(|map| m.map_dump("n0", map))
+        .collect();
     // A pod outside the mesh opens a new connection to the Service, one
     // after the other, all through the daemon's death and the next one's
     // start: the kernel balances every one of them.
@@ -363,7 +346,10 @@ fn after_a_sigkill_captured_connects_fail_fast_the_kernel_keeps_balancing_and_a_
         "the unmeshed pod's connections must span the whole gap"
     );
     assert!(served < Duration::from_secs(1), "served after {served:?}");
-    let after: Vec<String> = service_maps.iter().map(|map| dump(&m, "n0", map)).collect();
+    let after: Vec<String> = service_maps
+        .iter()
+        .map(|map| m.map_dump("n0", map))
+        .collect();
     assert_eq!(before, after, "the service maps were rewritten");
     let out = plain.wait_with_output().unwrap();
     assert_eq!(
@@ -423,7 +409,7 @@ fn wall_clock(at: Instant) -> f64 {
 #[test]
 fn a_daemon_restarted_after_a_sigkill_into_a_new_map_layout_moves_the_services_to_it() {
     let mut m = MeshLab::new();
-    let before = dump(&m, "n0", "LW_SERVICES");
+    let before = m.map_dump("n0", "LW_SERVICES");
     let n0 = m.nodes.remove(0);
     n0.signal(libc::SIGKILL).unwrap();
     let mut n0 = n0;
@@ -447,7 +433,7 @@ fn a_daemon_restarted_after_a_sigkill_into_a_new_map_layout_moves_the_services_t
         Duration::from_secs(10),
         || (!maps.join("LW_SERVICES").exists()).then_some(()),
     );
-    assert_eq!(dump(&m, "n0", "LW_SERVICES_v2"), before);
+    assert_eq!(m.map_dump("n0", "LW_SERVICES_v2"), before);
     assert_eq!(
         field(
             &m.xfer("n0-p0", &["rr", VIP, "80", "after", "3"]),

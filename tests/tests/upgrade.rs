@@ -70,27 +70,6 @@ fn assert_only_listener(m: &MeshLab, index: usize, pid: u32, pods: &[&str]) {
     }
 }
 
-fn pinned(m: &MeshLab, node: &str, pin: &str) -> std::path::PathBuf {
-    m.lab
-        .node_bpffs_root(&m.lab.node(node).unwrap())
-        .join("maps")
-        .join(pin)
-}
-
-fn dump(path: &std::path::Path) -> String {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bpftool map dump {}: {out:?}",
-        path.display()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A number from h2load's summary: the word before `what` on the line
 /// starting with `line`.
 fn h2load_count(text: &str, line: &str, what: &str) -> u64 {
@@ -150,7 +129,7 @@ fn five_upgrades_of_each_daemon_under_load_drop_nothing_and_each_old_daemon_exit
     let bulk = m.spawn_xfer("n0-p0", &["bulk", VIP, "80", "1024", "30"]);
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
-    let services_before = dump(&pinned(&m, "n0", "LW_SERVICES"));
+    let services_before = m.map_dump("n0", "LW_SERVICES");
     let mut old: Vec<LabProcess> = Vec::new();
     for round in 0..5 {
         for index in 0..2 {
@@ -177,11 +156,14 @@ fn five_upgrades_of_each_daemon_under_load_drop_nothing_and_each_old_daemon_exit
             assert_only_listener(&m, index, m.nodes[index].pid(), pods);
             if index == 0 && round == 2 {
                 assert!(
-                    !pinned(&m, "n0", "LW_SERVICES").exists(),
+                    !m.lab
+                        .node_bpffs_root(&m.lab.node("n0").unwrap())
+                        .join("maps/LW_SERVICES")
+                        .exists(),
                     "the old layout's pin is removed once the programs switched"
                 );
                 assert_eq!(
-                    dump(&pinned(&m, "n0", "LW_SERVICES_v2")),
+                    m.map_dump("n0", "LW_SERVICES_v2"),
                     services_before,
                     "the new layout's map holds the same services"
                 );

@@ -304,6 +304,27 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     Ok(limit.rlim_cur)
 }
 
+/// The `bpf()` system call with `attr`, a zeroed `union bpf_attr` of
+/// 128 bytes holding one command's members (the kernel wants the rest zero);
+/// its non-negative result.
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a bpf_attr of the size passed; any pointer in it
+    // points at memory the caller keeps alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// `BPF_OBJ_GET`: a descriptor for the object (map, program or link)
 /// pinned at `path` on bpffs.
 pub fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
@@ -311,23 +332,10 @@ pub fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
     const BPF_OBJ_GET: libc::c_long = 7;
     let name = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // union bpf_attr, the obj_pin/obj_get member: pathname, bpf_fd,
-    // file_flags; the rest of the union stays zero, as the kernel asks.
+    // The obj_pin/obj_get member: pathname (u64), bpf_fd, file_flags.
     let mut attr = [0u64; 16];
     attr[0] = name.as_ptr() as u64;
-    // SAFETY: attr is a zeroed bpf_attr of the size passed; pathname points
-    // at a NUL-terminated string that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
     let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
     // SAFETY: the kernel just returned this descriptor to us alone.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
@@ -338,26 +346,14 @@ pub fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
 /// one, never neither (as a detach and attach would allow) nor both.
 pub fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
     const BPF_LINK_UPDATE: libc::c_long = 29;
-    // union bpf_attr, the link_update member: link_fd, new_prog_fd, flags,
-    // old_prog_fd (u32 each).
-    let mut attr = [0u32; 32];
-    attr[0] = link.as_raw_fd() as u32;
-    attr[1] = program.as_raw_fd() as u32;
-    // SAFETY: attr is a zeroed bpf_attr of the size passed, holding two
-    // descriptors that are open for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // The link_update member: link_fd, new_prog_fd (u32 each, in the
+    // first u64), then flags and old_prog_fd, zero.
+    let mut attr = [0u64; 16];
+    let mut first = [0u8; 8];
+    first[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    first[4..].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[0] = u64::from_ne_bytes(first);
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
 /// Sets the nice value of every thread of this process (Linux keeps one
