@@ -13,6 +13,11 @@
                                 N request/reply round trips of a line with
                                 TEXT on one connection, PAUSE seconds apart;
                                 exits 1 when a reply is missing or wrong.
+  xfer.py probe HOST PORT N GAP
+                                N new connections, GAP seconds apart, one
+                                round trip each; prints each one's time
+                                (connect to reply) in ms; exits 1 when one
+                                fails.
 """
 import hashlib
 import os
@@ -108,6 +113,27 @@ def rr(host, port, text, n, pause=0.0):
         sys.exit(1)
 
 
+def probe(host, port, n, gap):
+    times = []
+    for i in range(n):
+        if i:
+            time.sleep(gap)
+        started = time.monotonic()
+        with socket.create_connection((host, port), timeout=10) as c:
+            c.sendall(b"R")
+            f = c.makefile("rwb")
+            line = f"probe {i}\n".encode()
+            f.write(line)
+            f.flush()
+            if f.readline() != line:
+                print(f"probe {i}: wrong reply", flush=True)
+                sys.exit(1)
+            # The socket closes only once its file object does too.
+            f.close()
+        times.append((time.monotonic() - started) * 1000)
+    print("ms=" + ",".join(f"{t:.2f}" for t in times))
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "serve":
@@ -118,3 +144,5 @@ if __name__ == "__main__":
     elif cmd == "rr":
         pause = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
         rr(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), pause)
+    elif cmd == "probe":
+        probe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))

@@ -336,10 +336,14 @@ fn pypi(changes: &mut Vec<String>) -> anyhow::Result<()> {
 pub const GRPC_PYDEPS: &str = "target/pydeps";
 
 /// grpcio and its health service (the real gRPC client and server of the L7
-/// tests), built for the lab's python3.
+/// tests), and h2 (the misbehaving tunnel client of the hardening tests),
+/// built for the lab's python3.
 fn grpc_python(changes: &mut Vec<String>) -> anyhow::Result<()> {
     let dir = run::workspace_root().join(GRPC_PYDEPS);
-    if dir.join("grpc_health").is_dir() && dir.join("grpc").is_dir() {
+    if ["grpc_health", "grpc", "h2"]
+        .iter()
+        .all(|module| dir.join(module).is_dir())
+    {
         return Ok(());
     }
     let version = output(
@@ -357,10 +361,11 @@ fn grpc_python(changes: &mut Vec<String>) -> anyhow::Result<()> {
             version.trim(),
             "grpcio",
             "grpcio-health-checking",
+            "h2",
         ],
     )
-    .context("installing grpcio from PyPI failed: check access to pypi.org")?;
-    changes.push("grpcio (for the gRPC tests)".into());
+    .context("installing grpcio and h2 from PyPI failed: check access to pypi.org")?;
+    changes.push("grpcio and h2 (for the gRPC and hardening tests)".into());
     Ok(())
 }
 

@@ -282,6 +282,12 @@ impl Lab {
         self.spawn_on_node(node, cmd)?.wait_with_output()
     }
 
+    /// Gives the underlay one more address (a host that is no node: a
+    /// hostile peer in the hardening tests), once.
+    pub fn add_underlay_address(&self, ip: std::net::Ipv4Addr) -> std::io::Result<()> {
+        netns::ensure_underlay_address(&self.topo.underlay_netns(), ip)
+    }
+
     /// Runs `cmd` on the underlay (where the controller is) to completion.
     pub fn run_on_underlay(&self, mut cmd: Command) -> Result<Output, std::io::Error> {
         cmd.stdout(std::process::Stdio::piped())

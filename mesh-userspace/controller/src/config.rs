@@ -71,6 +71,9 @@ pub struct ControllerArgs {
     pub workload_cert_ttl: Duration,
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// What one peer may hold on :15012 and :15014.
+    #[command(flatten)]
+    pub limits: lacewing_tunnel::limits::LimitFlags,
 }
 
 /// Where the controller reads what the cluster declares.
@@ -94,6 +97,7 @@ pub struct ControllerConfig {
     pub trust_domain: String,
     pub workload_cert_ttl: Duration,
     pub node_service_account: String,
+    pub limits: lacewing_sys::admission::Limits,
 }
 
 pub use lacewing_core::duration::parse as parse_duration;
@@ -134,6 +138,7 @@ impl ControllerArgs {
             trust_domain: self.trust_domain,
             workload_cert_ttl: self.workload_cert_ttl,
             node_service_account: self.node_service_account,
+            limits: self.limits.limits(),
         })
     }
 }

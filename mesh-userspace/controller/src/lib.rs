@@ -17,6 +17,7 @@ pub mod folder;
 pub mod grpc;
 pub mod kube_source;
 pub mod leader;
+pub mod listener;
 pub mod metrics;
 pub mod snapshot;
 pub mod status;
@@ -24,9 +25,19 @@ pub mod status;
 use std::sync::{Arc, atomic::AtomicBool};
 
 pub use config::ControllerConfig;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use std::time::Duration;
 
 use lacewing_core::pki;
+use lacewing_sys::admission::{Admission, AdmissionMetrics};
+use lacewing_tunnel::tls::{self, ClientCert};
+
+/// How often an idle node connection is pinged, and how long the node has
+/// to answer before the connection is closed as dead.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one node connection may have open: a node holds one
+/// subscription and asks for certificates a few at a time.
+const MAX_STREAMS: u32 = 100;
 
 /// What can stop the controller.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +47,13 @@ pub enum ControllerError {
         addr: std::net::SocketAddr,
         source: tonic::transport::Error,
     },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the controller's certificate cannot serve TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("serving /status and /metrics on {addr}: {source}")]
     Http {
         addr: std::net::SocketAddr,
@@ -81,7 +99,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         }
         _ => pki::Ca::load_or_create(&config.pki_dir.join("ca")).map_err(pki_err)?,
     };
-    let tls = server_tls(&config, &ca).map_err(pki_err)?;
+    let tls = server_tls(&config, &ca, pki_err)?;
     // Tasks that end with the controller.
     let mut background = Vec::new();
     let (snapshots, source_error) = match &config.source {
@@ -132,6 +150,16 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
 
     let mut prom = prometheus_client::registry::Registry::default();
     metrics::register(&mut prom, Arc::clone(&registry));
+    let admission_metrics = AdmissionMetrics::new(&mut prom);
+    match lacewing_sys::os::raise_fd_limit() {
+        Ok(limit) => {
+            tracing::info!(limit, "open-file limit");
+            admission_metrics.set_file_limit(limit);
+        }
+        Err(err) => tracing::warn!(%err, "could not raise the open-file limit"),
+    }
+    let admission =
+        |listener| Admission::new(listener, config.limits.clone(), admission_metrics.clone());
     let status_of = Arc::clone(&registry);
     let endpoint = Arc::new(lacewing_sys::http::Endpoint {
         registry: prom,
@@ -143,22 +171,40 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
     });
     let http = tokio::net::TcpListener::bind(config.http_addr)
         .await
-        .map(|listener| lacewing_sys::http::serve(listener, endpoint, std::future::ready(())))
+        .map(|listener| {
+            lacewing_sys::http::serve(
+                listener,
+                endpoint,
+                std::future::ready(()),
+                admission("metrics"),
+            )
+        })
         .map_err(|source| ControllerError::Http {
             addr: config.http_addr,
             source,
         })?;
 
     tracing::info!(source = ?config.source, listen = %config.listen, "controller serving node configuration (mutual TLS)");
-    let result = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(|source| ControllerError::Serve {
+    // The daemons' accept queue (tokio's is 1,024): a burst of nodes, or of
+    // hostile connections, waits in it instead of being dropped.
+    let listener = lacewing_sys::net::listen(config.listen)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        })
+        .map_err(|source| ControllerError::Listen {
             addr: config.listen,
             source,
-        })?
+        })?;
+    let incoming = listener::incoming(listener, Arc::new(tls), admission("controller"));
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_max_header_list_size(config.limits.max_header_bytes)
+        .max_concurrent_streams(MAX_STREAMS)
         .add_service(grpc::server(registry))
         .add_service(ca::server(signer))
-        .serve_with_shutdown(config.listen, lacewing_sys::shutdown::signal())
+        .serve_with_incoming_shutdown(incoming, lacewing_sys::shutdown::signal())
         .await
         .map_err(|source| ControllerError::Serve {
             addr: config.listen,
@@ -173,14 +219,22 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
 
 /// The controller's own certificate, from the mesh CA; clients must present
 /// a certificate from the same CA.
-fn server_tls(config: &ControllerConfig, ca: &pki::Ca) -> Result<ServerTlsConfig, pki::PkiError> {
+fn server_tls(
+    config: &ControllerConfig,
+    ca: &pki::Ca,
+    pki_err: impl Fn(pki::PkiError) -> ControllerError,
+) -> Result<rustls::ServerConfig, ControllerError> {
     let server_dir = config.pki_dir.join("controller");
-    ca.issue_controller(&server_dir, &config.server_ips)?;
-    let (ca_pem, cert, key) = pki::read_credentials(&server_dir)?;
+    ca.issue_controller(&server_dir, &config.server_ips)
+        .map_err(&pki_err)?;
+    let (ca_pem, cert, key) = pki::read_credentials(&server_dir).map_err(&pki_err)?;
     // Optional so a node without a certificate can bootstrap one; every
     // other call refuses a caller without a node certificate.
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca_pem))
-        .client_auth_optional(true))
+    let roots = tls::roots(&ca_pem)?;
+    Ok(tls::server_config(
+        &cert,
+        &key,
+        roots,
+        ClientCert::Optional,
+    )?)
 }

@@ -45,6 +45,7 @@ impl Admin {
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
         accepting: impl Future<Output = ()> + Send + 'static,
+        admission: lacewing_sys::admission::Admission,
     ) -> tokio::task::JoinHandle<()> {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "admin endpoint: /config_dump, /logging, /explain");
@@ -53,6 +54,7 @@ impl Admin {
             listener,
             Arc::new(move |req: &Request<()>| self.answer(req)),
             accepting,
+            admission,
         )
     }
 

@@ -40,7 +40,10 @@ use mesh_common::{
 use tokio::net::TcpListener;
 
 use lacewing_proxy::{Proxy, outbound::Captured as CapturedConn};
-use lacewing_sys::handoff::{Held, Listeners};
+use lacewing_sys::{
+    admission::{Admission, Admitted},
+    handoff::{Held, Listeners},
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -158,6 +161,16 @@ pub struct CaptureParts {
     /// The workloads version capture has caught up with (a daemon taking
     /// over says it is ready only after).
     pub reconciled: tokio::sync::watch::Sender<u64>,
+    pub admission: PodAdmission,
+}
+
+/// The admission of every pod's capture listeners, one per kind, shared by
+/// the pods: no cap per source (a pod's connections are its own), but
+/// accept errors and the file limit handled.
+#[derive(Clone)]
+pub struct PodAdmission {
+    pub outbound: Admission,
+    pub plaintext: Admission,
 }
 
 /// Keeps capture in line with the meshed pods on this node, until `drain`
@@ -173,6 +186,7 @@ pub async fn run(maps: CaptureMaps, parts: CaptureParts, drain: CancellationToke
         captured_pods,
         listeners,
         reconciled,
+        admission,
     } = parts;
     let maps = Arc::new(std::sync::Mutex::new(maps));
     let mut captured: BTreeMap<String, Captured> = BTreeMap::new();
@@ -210,7 +224,9 @@ pub async fn run(maps: CaptureMaps, parts: CaptureParts, drain: CancellationToke
                 continue;
             }
             let identity = numbers.number(&workload.identity(&proxy.outbound.trust_domain));
-            match start(&workload, identity, &path, &maps, &proxy, &listeners) {
+            match start(
+                &workload, identity, &path, &maps, &proxy, &listeners, &admission,
+            ) {
                 Ok(c) => {
                     tracing::info!(pod = %key, netns = %path.display(), cookie = c.cookie, strict = c.strict, "capturing outbound TCP");
                     captured.insert(key, c);
@@ -277,6 +293,7 @@ fn start(
     maps: &Arc<std::sync::Mutex<CaptureMaps>>,
     proxy: &Arc<Proxy>,
     handoff: &Arc<Listeners>,
+    admission: &PodAdmission,
 ) -> std::io::Result<Captured> {
     let netns = Arc::new(File::open(netns_path)?);
     let strict = workload.strict;
@@ -323,10 +340,13 @@ fn start(
         listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(listener)?;
         tasks.push(tokio::spawn(refuse_plain_text(
-            listener,
+            PodListener {
+                listener,
+                handoff: Arc::clone(handoff),
+                admission: admission.plaintext.clone(),
+            },
             workload.key(),
             proxy.metrics.clone(),
-            Arc::clone(handoff),
         )));
     }
     let shared = Arc::new(workload.clone());
@@ -334,13 +354,16 @@ fn start(
         listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(listener)?;
         tasks.push(tokio::spawn(accept_loop(
-            listener,
+            PodListener {
+                listener,
+                handoff: Arc::clone(handoff),
+                admission: admission.outbound.clone(),
+            },
             cookie,
             Arc::clone(&shared),
             Arc::clone(&netns),
             Arc::clone(maps),
             Arc::clone(proxy),
-            Arc::clone(handoff),
         )));
     }
     lock(maps)
@@ -372,19 +395,31 @@ fn start(
     Ok(captured)
 }
 
+/// One of a pod's listeners: it accepts (through its admission) once the
+/// daemon is accepting (a successor waits for its predecessor to stop).
+struct PodListener {
+    listener: TcpListener,
+    handoff: Arc<Listeners>,
+    admission: Admission,
+}
+
+impl PodListener {
+    async fn accept(&self) -> Admitted {
+        self.handoff.until_accepting().await;
+        self.admission.accept(&self.listener).await
+    }
+}
+
 /// STRICT: plain-text connections steered here are reset and counted.
 async fn refuse_plain_text(
-    listener: TcpListener,
+    listener: PodListener,
     pod: String,
     metrics: lacewing_tunnel::metrics::TunnelMetrics,
-    handoff: Arc<Listeners>,
 ) {
-    handoff.until_accepting().await;
     loop {
-        let Ok((conn, from)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+        let Admitted {
+            stream: conn, from, ..
+        } = listener.accept().await;
         tracing::info!(%pod, %from, "refused a plain-text connection (STRICT)");
         metrics.refused(&lacewing_tunnel::Refusal::new(0, "plaintext_strict", ""));
         let _ = conn.set_zero_linger();
@@ -392,24 +427,22 @@ async fn refuse_plain_text(
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: PodListener,
     cookie: u64,
     workload: Arc<Workload>,
     netns: Arc<File>,
     maps: Arc<std::sync::Mutex<CaptureMaps>>,
     proxy: Arc<Proxy>,
-    handoff: Arc<Listeners>,
 ) {
-    handoff.until_accepting().await;
     loop {
-        let (app, from) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                tracing::warn!(%err, pod = %workload.key(), "accepting a captured connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        // No handshake on a plain in-pod port; the slot lives as long as
+        // the connection.
+        let Admitted {
+            stream: app,
+            from,
+            slot,
+            ..
+        } = listener.accept().await;
         let key = CapturedKey {
             netns_cookie: cookie,
             port: from.port(),
@@ -439,7 +472,10 @@ async fn accept_loop(
             dest,
         };
         let proxy = Arc::clone(&proxy);
-        tokio::spawn(async move { proxy.outbound.handle(conn).await });
+        tokio::spawn(async move {
+            proxy.outbound.handle(conn).await;
+            drop(slot);
+        });
     }
 }
 

@@ -171,6 +171,9 @@ pub struct NodeArgs {
     /// the built-in ones, to exercise an upgrade across a layout change.
     #[arg(long, env = "LACEWING_LAYOUT_BUMP", default_value_t = 0, hide = true)]
     pub layout_bump: u32,
+    /// What one peer may hold on the daemon's ports.
+    #[command(flatten)]
+    pub limits: lacewing_tunnel::limits::LimitFlags,
 }
 
 /// Where the handoff socket lives on a node (a hostPath in the chart).
@@ -229,6 +232,7 @@ pub struct NodeConfig {
     pub takeover: bool,
     pub ready_file: Option<PathBuf>,
     pub layout_bump: u32,
+    pub limits: lacewing_sys::admission::Limits,
 }
 
 /// Where the node bootstrap (`super::bootstrap`) reads from.
@@ -323,6 +327,7 @@ impl NodeArgs {
             takeover: self.takeover,
             ready_file: self.ready_file,
             layout_bump: self.layout_bump,
+            limits: self.limits.limits(),
             node_name,
             cgroup_root,
             bpffs_root: self.bpffs_root,

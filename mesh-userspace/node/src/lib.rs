@@ -40,6 +40,7 @@ use std::{
 
 pub use config::NodeConfig;
 use lacewing_proxy::{Proxy, ProxyConfig};
+use lacewing_sys::admission::{Admission, AdmissionMetrics, Limits};
 pub use loader::{Datapath, LoadError};
 use tokio_util::sync::CancellationToken;
 
@@ -125,10 +126,16 @@ pub async fn run(
         )
         .await?;
     }
-    match lacewing_sys::os::raise_fd_limit() {
-        Ok(limit) => tracing::debug!(limit, "open-file limit"),
-        Err(err) => tracing::warn!(%err, "could not raise the open-file limit"),
-    }
+    let file_limit = match lacewing_sys::os::raise_fd_limit() {
+        Ok(limit) => {
+            tracing::info!(limit, "open-file limit");
+            Some(limit)
+        }
+        Err(err) => {
+            tracing::warn!(%err, "could not raise the open-file limit");
+            None
+        }
+    };
     maps::set_layout_bump(config.layout_bump);
     let handoff_path = config.run_dir.join(lacewing_sys::handoff::SOCKET_NAME);
     // An upgrade: the daemon running here hands its listeners over.
@@ -178,6 +185,12 @@ pub async fn run(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb), splice);
     let tunnel_metrics = lacewing_tunnel::metrics::TunnelMetrics::new(&mut registry);
+    let admission_metrics = AdmissionMetrics::new(&mut registry);
+    if let Some(limit) = file_limit {
+        admission_metrics.set_file_limit(limit);
+    }
+    let admission =
+        |listener, limits: Limits| Admission::new(listener, limits, admission_metrics.clone());
     let request_metrics = lacewing_proxy::metrics::RequestMetrics::new(&mut registry);
     let connections = Arc::new(lacewing_proxy::registry::Registry::default());
     metrics::register_connections(&mut registry, Arc::clone(&connections));
@@ -236,6 +249,7 @@ pub async fn run(
         metrics_listener,
         Arc::clone(&endpoint),
         accepting(&listeners),
+        admission("metrics", config.limits.clone()),
     );
     let subscriber = config.controller.clone().map(|controller| {
         tokio::spawn(client::run(
@@ -278,6 +292,11 @@ pub async fn run(
                     spans,
                     listeners: Arc::clone(&listeners),
                     reconciled,
+                    tunnel_admission: admission("tunnel", config.limits.clone()),
+                    pod_admission: capture::PodAdmission {
+                        outbound: admission("pod_outbound", config.limits.per_pod()),
+                        plaintext: admission("pod_plaintext", config.limits.per_pod()),
+                    },
                 },
                 &drain,
             )
@@ -305,7 +324,11 @@ pub async fn run(
             .as_ref()
             .map(|_| (Arc::clone(&numbers), config.bpffs_root.clone())),
     })
-    .serve(admin_listener, accepting(&listeners));
+    .serve(
+        admin_listener,
+        accepting(&listeners),
+        admission("admin", config.limits.clone()),
+    );
     let watcher = config.services_file.clone().map(|path| {
         tokio::spawn(source::watch_file(
             path,
@@ -570,11 +593,18 @@ async fn start_mesh(
         spans,
         listeners,
         reconciled,
+        tunnel_admission,
+        pod_admission,
     } = parts;
     let telemetry = start_telemetry(config, log_lines, spans)?;
     let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)?;
     let roots = tunnel::tls::roots(&ca)?;
-    let server_config = tunnel::tls::server_config(&cert, &key, Arc::clone(&roots))?;
+    let server_config = tunnel::tls::server_config(
+        &cert,
+        &key,
+        Arc::clone(&roots),
+        tunnel::tls::ClientCert::Required,
+    )?;
     let proxy = Arc::new(Proxy::new(
         ProxyConfig {
             trust_domain: config.trust_domain.clone(),
@@ -610,6 +640,7 @@ async fn start_mesh(
             Arc::new(std::sync::RwLock::new(Arc::new(server_config))),
             proxy.inbound.connector(),
             tunnel_metrics,
+            tunnel_admission,
             drain.clone(),
         );
         async move {
@@ -654,6 +685,7 @@ async fn start_mesh(
                 captured_pods,
                 listeners,
                 reconciled,
+                admission: pod_admission,
             },
             drain.clone(),
         )));
@@ -686,6 +718,9 @@ struct MeshParts {
     listeners: Arc<lacewing_sys::handoff::Listeners>,
     /// Where capture says how far it has caught up.
     reconciled: tokio::sync::watch::Sender<u64>,
+    /// What one peer may hold on :15008, and on the pods' capture ports.
+    tunnel_admission: Admission,
+    pod_admission: capture::PodAdmission,
 }
 
 /// The access log (its writer runs whenever the mesh does: a MeshConfig

@@ -14,9 +14,11 @@ use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode, body::Bytes, header::CONTENT_TYPE, service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+use crate::admission::{Admission, Admitted};
 
 /// OpenMetrics, for scrapers that ask for it (Prometheus does).
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -41,6 +43,7 @@ pub fn serve(
     listener: TcpListener,
     endpoint: Arc<Endpoint>,
     accepting: impl Future<Output = ()> + Send + 'static,
+    admission: Admission,
 ) -> tokio::task::JoinHandle<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
@@ -49,6 +52,7 @@ pub fn serve(
         listener,
         Arc::new(move |req: &Request<()>| route(&endpoint, req)),
         accepting,
+        admission,
     )
 }
 
@@ -58,24 +62,29 @@ pub type Handler = Arc<dyn Fn(&Request<()>) -> Response<Full<Bytes>> + Send + Sy
 
 /// Serves HTTP/1.1 on `listener` with `handler` until the task is dropped,
 /// accepting from when `accepting` resolves (a daemon taking over a
-/// listener waits for its predecessor to stop).
+/// listener waits for its predecessor to stop). `admission` caps what one
+/// source may hold; a client has its handshake timeout to send each
+/// request's head (an idle keep-alive connection too), which may be at most
+/// its header limit (past it: 431).
 pub fn serve_with(
     listener: TcpListener,
     handler: Handler,
     accepting: impl Future<Output = ()> + Send + 'static,
+    admission: Admission,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         accepting.await;
+        let limits = admission.limits().clone();
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(err) => {
-                    tracing::warn!(%err, "accepting a connection to a plain HTTP endpoint");
-                    // EMFILE and the like: do not spin on them.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let Admitted {
+                stream,
+                slot,
+                handshake,
+                ..
+            } = admission.accept(&listener).await;
+            // Plain HTTP has no handshake: the header timeout bounds a
+            // client that sends nothing.
+            drop(handshake);
             let handler = Arc::clone(&handler);
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -87,11 +96,15 @@ pub fn serve_with(
                 });
                 // One bad client closes its own connection, nothing else.
                 if let Err(err) = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.handshake_timeout)
+                    .max_header_size(limits.max_header_bytes as usize)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
                     tracing::debug!(%err, "plain HTTP connection ended with an error");
                 }
+                drop(slot);
             });
         }
     })

@@ -3,9 +3,11 @@
 //! socket, [`handoff`]: the only modules with `unsafe`), sockets the mesh
 //! must not capture ([`net`]), listeners handed to a successor ([`handoff`]), the TCP sockets of a network namespace
 //! ([`diag`]: listed and closed, as `ss -K` does), cgroup v2 and bpffs paths, signals,
-//! logging, and the plain HTTP endpoint for metrics and health ([`http`]).
+//! logging, the plain HTTP endpoint for metrics and health ([`http`]), and
+//! what every listening port lets one peer hold ([`admission`]).
 #![deny(unsafe_code)]
 
+pub mod admission;
 pub mod bpffs;
 pub mod cgroup;
 pub mod diag;

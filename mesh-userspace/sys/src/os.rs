@@ -390,3 +390,30 @@ pub fn set_process_nice(nice: i32) -> io::Result<i32> {
     }
     Ok(before)
 }
+
+/// Accepts one pending connection on the (non-blocking) listening socket
+/// `listener` and resets it at once. Returns false when none was pending or
+/// accepting failed. A daemon out of descriptors frees a reserved one and
+/// calls this, so that the connection waiting in the queue gets a clear
+/// refusal instead of hanging until the client times out.
+pub fn accept_and_reset(listener: BorrowedFd<'_>) -> bool {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: accept4 with no address buffers on a descriptor we borrow; a
+    // descriptor it returns is ours and owned below.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: accept4 just returned this descriptor to us.
+    let socket = socket2::Socket::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    // Linger 0: close with a reset, so the client learns at once.
+    let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+    true
+}

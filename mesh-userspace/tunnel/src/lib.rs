@@ -6,6 +6,7 @@
 //! lets the node authorize the stream, connects to the pod and splices.
 
 pub mod client;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod tls;

@@ -92,6 +92,14 @@ impl TunnelMetrics {
         }
     }
 
+    pub fn handshake_failed(&self, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn refused(&self, refusal: &super::Refusal) {
         self.refused
             .get_or_create(&ReasonLabels {

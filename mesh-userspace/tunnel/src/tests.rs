@@ -72,7 +72,8 @@ async fn setup(tag: &str) -> Setup {
         .unwrap();
     let (bundle, cert, key) = pki::read_credentials(&dir.join("n1")).unwrap();
     let roots = tls::roots(&bundle).unwrap();
-    let config = tls::server_config(&cert, &key, Arc::clone(&roots)).unwrap();
+    let config =
+        tls::server_config(&cert, &key, Arc::clone(&roots), tls::ClientCert::Required).unwrap();
 
     let echo_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let echo = echo_listener.local_addr().unwrap();
@@ -116,6 +117,7 @@ async fn setup(tag: &str) -> Setup {
         Arc::new(std::sync::RwLock::new(Arc::clone(&config))),
         Arc::clone(&connector),
         metrics.clone(),
+        test_admission(),
         drain.clone(),
     ));
     Setup {
@@ -130,6 +132,14 @@ async fn setup(tag: &str) -> Setup {
         config,
         connector,
     }
+}
+
+fn test_admission() -> lacewing_sys::admission::Admission {
+    lacewing_sys::admission::Admission::new(
+        "tunnel",
+        lacewing_sys::admission::Limits::default(),
+        lacewing_sys::admission::AdmissionMetrics::default(),
+    )
 }
 
 impl Setup {
@@ -151,6 +161,7 @@ impl Setup {
             Arc::new(std::sync::RwLock::new(Arc::clone(&self.config))),
             Arc::clone(&self.connector),
             metrics.clone(),
+            test_admission(),
             tokio_util::sync::CancellationToken::new(),
         ));
         metrics

@@ -57,21 +57,37 @@ pub fn roots(bundle_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
-/// The server side of :15008: the node's certificate; a client certificate
-/// chaining to the trust bundle is required.
+/// Whether a server requires its clients' certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientCert {
+    /// The tunnel: every peer proves a workload identity.
+    Required,
+    /// The controller: a node without a certificate yet may bootstrap one;
+    /// every other call checks the certificate itself.
+    Optional,
+}
+
+/// A server side of the mesh (:15008 with the node's certificate, :15012
+/// with the controller's): TLS 1.3 only, ALPN `h2`; a client certificate
+/// must chain to the trust bundle.
 pub fn server_config(
-    node_chain_pem: &str,
-    node_key_pem: &str,
+    chain_pem: &str,
+    key_pem: &str,
     roots: Arc<RootCertStore>,
+    client: ClientCert,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
-        .build()
-        .map_err(|e| Error::General(e.to_string()))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider));
+    let verifier = match client {
+        ClientCert::Required => verifier,
+        ClientCert::Optional => verifier.allow_unauthenticated(),
+    }
+    .build()
+    .map_err(|e| Error::General(e.to_string()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs(node_chain_pem)?, key(node_key_pem)?)?;
+        .with_single_cert(certs(chain_pem)?, key(key_pem)?)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }

@@ -1,0 +1,113 @@
+//! The controller's :15012 listener: admission (caps per source address,
+//! the handshake timeout) and TLS 1.3 in front of tonic, which is handed
+//! only connections that finished their handshake in time.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use lacewing_sys::admission::{Admission, Admitted, Slot};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+/// An authenticated connection; its place in its source's count is given
+/// back when tonic drops it.
+pub struct Guarded {
+    inner: TlsStream<TcpStream>,
+    _slot: Slot,
+}
+
+impl Connected for Guarded {
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+    /// The TLS stream's: tonic reads the client's certificate from it.
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The connections on `listener` that were admitted and finished their TLS
+/// handshake in time, for tonic's `serve_with_incoming`. Handshakes run
+/// side by side, so a slow one holds up nobody else.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    admission: Admission,
+) -> ReceiverStream<std::io::Result<Guarded>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let acceptor = TlsAcceptor::from(tls);
+        loop {
+            let admitted = tokio::select! {
+                admitted = admission.accept(&listener) => admitted,
+                () = tx.closed() => break,
+            };
+            let (tx, acceptor, admission) = (tx.clone(), acceptor.clone(), admission.clone());
+            tokio::spawn(async move {
+                let Admitted {
+                    stream,
+                    from,
+                    slot,
+                    handshake,
+                } = admitted;
+                match admission.handshake(acceptor.accept(stream)).await {
+                    Ok(Ok(inner)) => {
+                        drop(handshake);
+                        let _ = tx.send(Ok(Guarded { inner, _slot: slot })).await;
+                    }
+                    Ok(Err(err)) => tracing::info!(%from, %err, "controller handshake failed"),
+                    Err(err) => tracing::info!(%from, %err, "controller handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
