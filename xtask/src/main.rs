@@ -1,6 +1,8 @@
 //! Project tasks, run as `cargo xtask <task>`: `setup` installs what a fresh
-//! machine lacks, `test` runs every check CI runs, `demo` runs the main job.
+//! machine lacks, `test` runs every check CI runs, `demo` runs the main job,
+//! `fuzz` runs the fuzz targets.
 
+mod fuzz;
 mod layers;
 mod run;
 mod setup;
@@ -32,6 +34,15 @@ enum Task {
     Demo,
     /// Regenerate deploy/crds from the Rust types.
     Manifests,
+    /// Run every fuzz target (cargo-fuzz, nightly) from its seed corpus.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Benchmarks: `cargo xtask bench l4`, `tunnel`, `local` and `l7` (lab, root), `cargo xtask bench control-plane`.
     Bench {
         /// Which benchmark: l4, l7, tunnel, local or control-plane.
@@ -59,6 +70,9 @@ fn main() {
             Ok(())
         }),
         Task::Bench { name, args } => bench(&name, &args),
+        Task::Fuzz { seconds, target } => {
+            setup::run().and_then(|()| fuzz::run(seconds, target.as_deref()))
+        }
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

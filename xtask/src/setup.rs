@@ -78,6 +78,7 @@ pub fn run() -> anyhow::Result<()> {
     nightly(&mut changes)?;
     stable_components(&mut changes)?;
     bpf_linker(&mut changes)?;
+    cargo_fuzz(&mut changes)?;
     apt(&mut changes)?;
     pypi(&mut changes)?;
     grpc_python(&mut changes)?;
@@ -122,6 +123,31 @@ fn nightly(changes: &mut Vec<String>) -> anyhow::Result<()> {
         .context("adding rust-src to nightly failed: check access to static.rust-lang.org")?;
         changes.push("nightly rust-src".into());
     }
+    Ok(())
+}
+
+/// The cargo-fuzz release `cargo xtask fuzz` drives.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, from crates.io (built with the stable toolchain; it builds
+/// the targets with the nightly).
+fn cargo_fuzz(changes: &mut Vec<String>) -> anyhow::Result<()> {
+    if output("cargo", &["fuzz", "--version"]).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    run::cmd(
+        "cargo",
+        [
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--force",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ],
+    )
+    .context("installing cargo-fuzz failed: check access to crates.io")?;
+    changes.push(format!("cargo-fuzz {CARGO_FUZZ_VERSION}"));
     Ok(())
 }
 

@@ -56,6 +56,9 @@ pub fn run() -> anyhow::Result<()> {
         ],
     )?;
 
+    // Each fuzz target briefly: its seed corpus (every input that once
+    // failed) replayed, then 30 s of new inputs.
+    crate::fuzz::run(FUZZ_SECONDS, None)?;
     run::build_binaries(false)?;
     for dir in run::CRD_DIRS {
         run::cmd(
@@ -101,6 +104,9 @@ pub fn run() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// How long CI runs each fuzz target.
+const FUZZ_SECONDS: u64 = 30;
 
 /// The Kubernetes version the manifests are checked against.
 const KUBERNETES_VERSION: &str = "1.33.0";
