@@ -24,7 +24,8 @@ pub const PORT: &str = "9000";
 
 pub struct MeshLab {
     pub lab: Lab,
-    _controller: LabProcess,
+    controller: LabProcess,
+    controller_args: Vec<String>,
     pub nodes: Vec<LabProcess>,
     pub servers: Vec<LabProcess>,
 }
@@ -102,13 +103,30 @@ impl MeshLab {
         let nodes = start_subscribed_nodes_with(&lab, true, node_args);
         let m = Self {
             lab,
-            _controller: controller,
+            controller,
+            controller_args: controller_args.iter().map(|a| (*a).to_owned()).collect(),
             nodes,
             servers,
         };
         m.wait_for_certificate("n0", "spiffe://cluster.local/ns/shop/sa/client");
         m.wait_for_certificate("n1", "spiffe://cluster.local/ns/shop/sa/web");
         m
+    }
+
+    /// Kills the controller and starts a new one with the same flags; the
+    /// nodes reconnect to it (with the credentials in their --tls-dir).
+    pub fn restart_controller(&mut self) {
+        self.controller.signal(libc::SIGKILL).unwrap();
+        let _ = self.controller.child_mut().wait();
+        let args: Vec<&str> = self.controller_args.iter().map(String::as_str).collect();
+        self.controller = self
+            .lab
+            .start_controller_with(
+                &bin("lacewing-controller"),
+                &self.lab.state_dir().join("config"),
+                &args,
+            )
+            .unwrap();
     }
 
     pub fn wait_for_certificate(&self, node: &str, identity: &str) {

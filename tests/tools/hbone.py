@@ -15,7 +15,8 @@ tests. Prints one line saying what the server did.
   hbone.py HOST PORT CERT KEY CA handshake
         mutual TLS with ALPN h2, nothing more
 
-Lines: `handshake_ms=<ms> alpn=<protocol>`, `closed after=<ms>` (the server closed the connection),
+Lines: `handshake_ms=<ms> alpn=<protocol> serial=<hex> expires_in_s=<s>`
+(the server's certificate), `closed after=<ms>` (the server closed the connection),
 `http1 <status line>`, `status=<code>` (and ` reset=<code>` if the stream
 was then reset), `reset=<code>`, `goaway=<code>`.
 """
@@ -122,7 +123,12 @@ def main():
         started = time.monotonic()
         with tls(host, port, cert, key, ca, ["h2"]) as s:
             took = (time.monotonic() - started) * 1000
-            print(f"handshake_ms={took:.2f} alpn={s.selected_alpn_protocol()}")
+            peer = s.getpeercert()
+            left = int(ssl.cert_time_to_seconds(peer["notAfter"]) - time.time())
+            print(
+                f"handshake_ms={took:.2f} alpn={s.selected_alpn_protocol()} "
+                f"serial={peer['serialNumber']} expires_in_s={left}"
+            )
     elif mode == "random":
         random_bytes(host, port)
     elif mode == "http1":

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{grpc::certified_node, snapshot::Snapshots};
 use lacewing_core::pki::{self, Ca};
 use lacewing_core::proto::ca_pb::{
-    BootstrapNodeRequest, CreateCertificateRequest, CreateCertificateResponse,
+    BootstrapNodeRequest, CreateCertificateRequest, CreateCertificateResponse, RenewNodeRequest,
     certificate_service_server::{CertificateService, CertificateServiceServer},
 };
 
@@ -19,6 +19,8 @@ pub struct Signer {
     pub trust_domain: String,
     /// Workload certificate lifetime.
     pub ttl: Duration,
+    /// Node certificate lifetime (bootstrap and renewal).
+    pub node_ttl: Duration,
     pub snapshots: Snapshots,
     /// How nodes prove who they are for their first certificate (in a
     /// cluster); none in folder mode, where the lab issues node certificates.
@@ -87,12 +89,34 @@ impl CertificateService for Server {
         let identity = pki::node_identity(&signer.trust_domain, &req.node);
         let cert = signer
             .ca
-            .sign_csr(&req.csr_pem, &identity, NODE_CERT_TTL)
+            .sign_csr(&req.csr_pem, &identity, signer.node_ttl)
             .map_err(|e| match e {
                 pki::PkiError::BadRequest(m) => Status::invalid_argument(m),
                 other => Status::internal(other.to_string()),
             })?;
         tracing::info!(node = %req.node, "signed a node certificate (bootstrap)");
+        Ok(Response::new(CreateCertificateResponse {
+            cert_chain_pem: vec![cert],
+            trust_bundle_pem: signer.ca.pem().to_owned(),
+        }))
+    }
+
+    async fn renew_node(
+        &self,
+        request: Request<RenewNodeRequest>,
+    ) -> Result<Response<CreateCertificateResponse>, Status> {
+        let signer = &self.0;
+        // Only ever the node the (still valid) client certificate names.
+        let node = certified_node(&request, &signer.trust_domain)?;
+        let identity = pki::node_identity(&signer.trust_domain, &node);
+        let cert = signer
+            .ca
+            .sign_csr(&request.into_inner().csr_pem, &identity, signer.node_ttl)
+            .map_err(|e| match e {
+                pki::PkiError::BadRequest(m) => Status::invalid_argument(m),
+                other => Status::internal(other.to_string()),
+            })?;
+        tracing::info!(%node, "renewed a node certificate");
         Ok(Response::new(CreateCertificateResponse {
             cert_chain_pem: vec![cert],
             trust_bundle_pem: signer.ca.pem().to_owned(),
@@ -131,6 +155,7 @@ mod tests {
             ca,
             trust_domain: "cluster.local".into(),
             ttl: Duration::from_secs(60),
+            node_ttl: NODE_CERT_TTL,
             snapshots: tokio::sync::watch::channel(None).1,
             bootstrap: Some(TokenReviewer {
                 client: kube::Client::new(svc, "default"),

@@ -69,6 +69,11 @@ pub struct ControllerArgs {
     /// them at half of it.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub workload_cert_ttl: Duration,
+    /// Lifetime of node certificates (`30d`; the tests use seconds): the
+    /// controller signs a node's bootstrap and renewals for this long, and
+    /// the node renews at half of it.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub node_cert_ttl: Duration,
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
     /// What one peer may hold on :15012 and :15014.
@@ -96,6 +101,7 @@ pub struct ControllerConfig {
     pub server_ips: Vec<IpAddr>,
     pub trust_domain: String,
     pub workload_cert_ttl: Duration,
+    pub node_cert_ttl: Duration,
     pub node_service_account: String,
     pub limits: lacewing_sys::admission::Limits,
 }
@@ -137,6 +143,7 @@ impl ControllerArgs {
             server_ips: self.server_ip,
             trust_domain: self.trust_domain,
             workload_cert_ttl: self.workload_cert_ttl,
+            node_cert_ttl: self.node_cert_ttl,
             node_service_account: self.node_service_account,
             limits: self.limits.limits(),
         })

@@ -125,6 +125,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         ca,
         trust_domain: config.trust_domain.clone(),
         ttl: config.workload_cert_ttl,
+        node_ttl: config.node_cert_ttl,
         snapshots: snapshots.clone(),
         bootstrap: match (&config.source, &client) {
             (

@@ -77,10 +77,38 @@ pub fn pem_to_der(cert_pem: &str) -> Option<Vec<u8>> {
 
 /// The end of validity of a PEM certificate.
 pub fn not_after(cert_pem: &str) -> Option<std::time::SystemTime> {
+    validity(cert_pem).map(|(_, not_after)| not_after)
+}
+
+/// When a PEM certificate becomes valid and when it expires.
+pub fn validity(cert_pem: &str) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
     let der = pem_to_der(cert_pem)?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-    let secs = cert.validity().not_after.timestamp();
-    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).ok()?))
+    let at = |t: x509_parser::time::ASN1Time| {
+        Some(
+            std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(u64::try_from(t.timestamp()).ok()?),
+        )
+    };
+    Some((
+        at(cert.validity().not_before)?,
+        at(cert.validity().not_after)?,
+    ))
+}
+
+/// How far before it is issued a certificate's validity starts, for clocks
+/// that run a little behind.
+pub const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// When a certificate valid from `not_before` to `not_after` is renewed:
+/// half way through the life it was issued for (its validity starts
+/// [`CLOCK_SKEW`] before it was issued).
+pub fn renewal_time(
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+) -> std::time::SystemTime {
+    let issued = (not_before + CLOCK_SKEW).min(not_after);
+    issued + not_after.duration_since(issued).unwrap_or_default() / 2
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
@@ -90,9 +118,20 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
     }
 }
 
-/// Lifetime of a node certificate from a bootstrap: the controller signs
-/// for this long, and a node renews when less than half is left.
+/// Lifetime of a node certificate (from a bootstrap, a renewal, or issued
+/// by hand into a folder): the controller signs for this long by default
+/// (`--node-cert-ttl`), and a node renews at half its lifetime.
 pub const NODE_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Lifetime of the control-plane CA made on first start: long enough to
+/// outlive many rotations of what it signs, short enough that a key leaked
+/// years ago stops working (rotate it before; see docs/architecture.md).
+pub const CA_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Lifetime of the controller's server certificate, issued again at every
+/// start of the controller.
+pub const CONTROLLER_CERT_TTL: std::time::Duration =
+    std::time::Duration::from_secs(365 * 24 * 3600);
 
 /// The SPIFFE identity of a node.
 pub fn node_identity(trust_domain: &str, node: &str) -> String {
@@ -155,8 +194,9 @@ impl Ca {
         let pem = match fs::read_to_string(&cert_path) {
             Ok(pem) => pem,
             Err(_) => {
-                fs::write(&cert_path, cert.pem()).map_err(io_err(&cert_path))?;
-                cert.pem()
+                let pem = new_ca_cert(&key)?;
+                fs::write(&cert_path, &pem).map_err(io_err(&cert_path))?;
+                pem
             }
         };
         Ok(Self { cert, key, pem })
@@ -179,7 +219,7 @@ impl Ca {
         let key = KeyPair::generate()?;
         let key_pem = key.serialize_pem();
         let cert = ca_params()?.self_signed(&key)?;
-        let pem = cert.pem();
+        let pem = new_ca_cert(&key)?;
         Ok((Self { cert, key, pem }, key_pem))
     }
 
@@ -188,14 +228,19 @@ impl Ca {
     }
 
     /// Issues a certificate into `dir` (ca.pem, cert.pem, key.pem) for
-    /// these uses.
+    /// these uses, valid for `ttl` (from a minute ago, for clock skew).
     pub fn issue(
         &self,
         dir: &Path,
         sans: Vec<SanType>,
         uses: Vec<ExtendedKeyUsagePurpose>,
+        ttl: std::time::Duration,
     ) -> Result<(), PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
         params.subject_alt_names = sans;
         params
             .distinguished_name
@@ -239,7 +284,7 @@ impl Ca {
         }
         let now = time::OffsetDateTime::now_utc();
         let p = &mut csr.params;
-        p.not_before = now - time::Duration::minutes(1);
+        p.not_before = now - CLOCK_SKEW;
         p.not_after = now + ttl;
         p.serial_number = Some(random_serial());
         p.is_ca = IsCa::ExplicitNoCa;
@@ -255,8 +300,20 @@ impl Ca {
     }
 
     /// A node's certificate, naming it in a SPIFFE URI: a client of the
-    /// controller, and the server of its tunnel port.
+    /// controller, and the server of its tunnel port; valid for
+    /// [`NODE_CERT_TTL`].
     pub fn issue_node(&self, dir: &Path, trust_domain: &str, node: &str) -> Result<(), PkiError> {
+        self.issue_node_for(dir, trust_domain, node, NODE_CERT_TTL)
+    }
+
+    /// [`Ca::issue_node`] valid for `ttl`.
+    pub fn issue_node_for(
+        &self,
+        dir: &Path,
+        trust_domain: &str,
+        node: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), PkiError> {
         let uri = node_identity(trust_domain, node).try_into()?;
         self.issue(
             dir,
@@ -265,14 +322,21 @@ impl Ca {
                 ExtendedKeyUsagePurpose::ClientAuth,
                 ExtendedKeyUsagePurpose::ServerAuth,
             ],
+            ttl,
         )
     }
 
-    /// The controller's server certificate.
+    /// The controller's server certificate, valid for
+    /// [`CONTROLLER_CERT_TTL`].
     pub fn issue_controller(&self, dir: &Path, ips: &[IpAddr]) -> Result<(), PkiError> {
         let mut sans = vec![SanType::DnsName(CONTROLLER_SERVER_NAME.try_into()?)];
         sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        self.issue(dir, sans, vec![ExtendedKeyUsagePurpose::ServerAuth])
+        self.issue(
+            dir,
+            sans,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            CONTROLLER_CERT_TTL,
+        )
     }
 }
 
@@ -283,6 +347,17 @@ fn random_serial() -> rcgen::SerialNumber {
         .expect("the system's random source works");
     bytes[0] &= 0x7f;
     rcgen::SerialNumber::from_slice(&bytes)
+}
+
+/// A new CA certificate for `key` (PEM), valid for [`CA_LIFETIME`] from a
+/// minute ago.
+fn new_ca_cert(key: &KeyPair) -> Result<String, rcgen::Error> {
+    let mut params = ca_params()?;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + CA_LIFETIME;
+    params.serial_number = Some(random_serial());
+    Ok(params.self_signed(key)?.pem())
 }
 
 fn ca_params() -> Result<CertificateParams, rcgen::Error> {
@@ -340,6 +415,45 @@ pub fn read_credentials(dir: &Path) -> Result<(String, String, String), PkiError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ca_and_node_certificates_carry_stated_lifetimes_and_subjects() {
+        let dir = std::env::temp_dir().join(format!("lacewing-pki-life-{}", std::process::id()));
+        let ca = Ca::load_or_create(&dir.join("ca")).unwrap();
+        let days = |(from, to): (std::time::SystemTime, std::time::SystemTime)| {
+            to.duration_since(from).unwrap().as_secs() / 86_400
+        };
+        assert_eq!(days(validity(ca.pem()).unwrap()), 3650);
+        let der = pem_der(ca.pem());
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            parsed.subject().to_string(),
+            "CN=Lacewing control-plane CA, O=lacewing"
+        );
+        // Loaded again: the same certificate.
+        assert_eq!(Ca::load_or_create(&dir.join("ca")).unwrap().pem(), ca.pem());
+        ca.issue_node(&dir.join("n0"), DEFAULT_TRUST_DOMAIN, "n0")
+            .unwrap();
+        let (_, cert, _) = read_credentials(&dir.join("n0")).unwrap();
+        assert_eq!(days(validity(&cert).unwrap()), 30);
+        ca.issue_node_for(
+            &dir.join("n1"),
+            DEFAULT_TRUST_DOMAIN,
+            "n1",
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        let (_, cert, _) = read_credentials(&dir.join("n1")).unwrap();
+        let (from, to) = validity(&cert).unwrap();
+        // From a minute ago, for clock skew; renewed half way through
+        // the minute it was issued for.
+        assert_eq!(to.duration_since(from).unwrap().as_secs(), 120);
+        assert_eq!(
+            renewal_time(from, to),
+            from + std::time::Duration::from_secs(90)
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn node_certificates_name_their_node_and_chain_to_the_ca() {

@@ -90,13 +90,8 @@ pub async fn ensure_credentials(
     Ok(())
 }
 
-/// Not past half its lifetime.
+/// Not past half its lifetime (the running daemon renews it from then on).
 fn still_good(cert_pem: &str) -> bool {
-    let Some(not_after) = pki::not_after(cert_pem) else {
-        return false;
-    };
-    let Some(left) = not_after.duration_since(SystemTime::now()).ok() else {
-        return false;
-    };
-    left > lacewing_core::pki::NODE_CERT_TTL / 2
+    pki::validity(cert_pem)
+        .is_some_and(|(from, to)| SystemTime::now() < pki::renewal_time(from, to))
 }

@@ -27,6 +27,7 @@ pub mod loader;
 pub mod maps;
 pub mod memory;
 pub mod metrics;
+pub mod node_cert;
 pub mod sockets;
 pub mod source;
 pub mod splice;
@@ -186,6 +187,7 @@ pub async fn run(
     let metrics = metrics::Metrics::new(&mut registry, Arc::clone(&lb), splice);
     let tunnel_metrics = lacewing_tunnel::metrics::TunnelMetrics::new(&mut registry);
     let admission_metrics = AdmissionMetrics::new(&mut registry);
+    let node_cert_metrics = node_cert::NodeCertMetrics::new(&mut registry);
     if let Some(limit) = file_limit {
         admission_metrics.set_file_limit(limit);
     }
@@ -297,6 +299,7 @@ pub async fn run(
                         outbound: admission("pod_outbound", config.limits.per_pod()),
                         plaintext: admission("pod_plaintext", config.limits.per_pod()),
                     },
+                    node_cert_metrics,
                 },
                 &drain,
             )
@@ -595,6 +598,7 @@ async fn start_mesh(
         reconciled,
         tunnel_admission,
         pod_admission,
+        node_cert_metrics,
     } = parts;
     let telemetry = start_telemetry(config, log_lines, spans)?;
     let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)?;
@@ -632,12 +636,14 @@ async fn start_mesh(
             addr: config.tunnel_addr,
             source,
         })?;
+    let tunnel_tls: node_cert::TunnelTls =
+        Arc::new(std::sync::RwLock::new(Arc::new(server_config)));
     let tunnel = tokio::spawn({
         let accepting = accepting(&listeners);
         let drain = drain.clone();
         let serve = tunnel::server::serve(
             listener,
-            Arc::new(std::sync::RwLock::new(Arc::new(server_config))),
+            Arc::clone(&tunnel_tls),
             proxy.inbound.connector(),
             tunnel_metrics,
             tunnel_admission,
@@ -664,7 +670,18 @@ async fn start_mesh(
         let proxy = Arc::clone(&proxy);
         async move { proxy.recheck_on_change().await }
     })];
-    let mut writers = Vec::new();
+    // The node certificate in --tls-dir is written by one daemon at a
+    // time: after a handover, by the successor.
+    let mut writers = vec![tokio::spawn(
+        node_cert::NodeCert {
+            controller: controller.clone(),
+            trust_domain: config.trust_domain.clone(),
+            node: config.node_name.clone(),
+            tunnel: tunnel_tls,
+            metrics: node_cert_metrics,
+        }
+        .run(),
+    )];
     tracing::info!(addr = %config.tunnel_addr, "tunnel listening (HBONE, mutual TLS 1.3)");
     if let Some(dir) = &config.pod_netns_dir {
         let maps = capture::CaptureMaps::open(&config.bpffs_root, config.maglev_capacity)?;
@@ -721,6 +738,7 @@ struct MeshParts {
     /// What one peer may hold on :15008, and on the pods' capture ports.
     tunnel_admission: Admission,
     pod_admission: capture::PodAdmission,
+    node_cert_metrics: node_cert::NodeCertMetrics,
 }
 
 /// The access log (its writer runs whenever the mesh does: a MeshConfig
