@@ -113,6 +113,73 @@ impl MeshLab {
         m
     }
 
+    /// Starts tshark on the underlay bridge for `seconds` and returns once
+    /// it captures; [`UnderlayCapture::finish`] waits for it to end.
+    pub fn capture_underlay(&self, name: &str, seconds: u32) -> UnderlayCapture {
+        let pcap = self.lab.state_dir().join(format!("{name}.pcap"));
+        let mut tshark = Command::new("tshark");
+        tshark
+            .args([
+                "-q",
+                "-i",
+                "br0",
+                "-a",
+                &format!("duration:{seconds}"),
+                "-w",
+            ])
+            .arg(&pcap)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let process = self.lab.spawn_on_underlay(tshark).unwrap();
+        // tshark writes the capture file's header once it is capturing.
+        poll("tshark is capturing", Duration::from_secs(10), || {
+            fs::metadata(&pcap).ok().filter(|f| f.len() > 0).map(drop)
+        });
+        UnderlayCapture { pcap, process }
+    }
+
+    /// A workload certificate from the lab's CA for `identity`, written for
+    /// a client outside the daemons: (cert, key, CA bundle) paths.
+    pub fn workload_credentials(&self, identity: &str) -> Credentials {
+        let ca = lacewing_core::pki::Ca::load_or_create(&self.lab.pki_dir().join("ca")).unwrap();
+        let (key, csr) = lacewing_core::pki::new_key_and_csr(identity).unwrap();
+        let cert = ca
+            .sign_csr(&csr, identity, Duration::from_secs(3600))
+            .unwrap();
+        let dir = self
+            .lab
+            .state_dir()
+            .join("clients")
+            .join(identity.replace('/', "_"));
+        fs::create_dir_all(&dir).unwrap();
+        let creds = Credentials {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            ca: dir.join("ca.pem"),
+        };
+        fs::write(&creds.cert, cert).unwrap();
+        fs::write(&creds.key, key.serialize_pem()).unwrap();
+        fs::write(&creds.ca, ca.pem()).unwrap();
+        creds
+    }
+
+    /// `hbone.py`'s line for `mode` against `host:port`, run on node n0 (a
+    /// node's address, which may open tunnel connections).
+    pub fn hbone(&self, host: &str, port: u16, creds: &Credentials, mode: &[&str]) -> String {
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg(tool("hbone.py"))
+            .arg(host)
+            .arg(port.to_string())
+            .args([&creds.cert, &creds.key, &creds.ca])
+            .args(mode);
+        let out = self
+            .lab
+            .run_on_node(&self.lab.node("n0").unwrap(), cmd)
+            .unwrap();
+        assert!(out.status.success(), "hbone.py {mode:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Kills the controller and starts a new one with the same flags; the
     /// nodes reconnect to it (with the credentials in their --tls-dir).
     pub fn restart_controller(&mut self) {
@@ -403,4 +470,55 @@ pub fn field<'a>(text: &'a str, name: &str) -> &'a str {
     text.split_whitespace()
         .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
         .unwrap_or_else(|| panic!("no {name} in `{text}`"))
+}
+
+/// A client's certificate, key and trust bundle, as files.
+pub struct Credentials {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
+}
+
+/// tshark capturing on the underlay (see [`MeshLab::capture_underlay`]).
+pub struct UnderlayCapture {
+    pcap: std::path::PathBuf,
+    process: LabProcess,
+}
+
+impl UnderlayCapture {
+    /// Waits for the capture to end; then `count` reads it.
+    pub fn finish(self) -> CapturedFile {
+        let done = self.process.wait_with_output().unwrap();
+        assert!(done.status.success(), "tshark: {done:?}");
+        CapturedFile(self.pcap)
+    }
+}
+
+/// A finished capture.
+pub struct CapturedFile(std::path::PathBuf);
+
+impl CapturedFile {
+    /// How many frames match the display filter.
+    pub fn count(&self, filter: &str) -> usize {
+        let out = Command::new("tshark")
+            .args(["-r"])
+            .arg(&self.0)
+            .args(["-Y", filter])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tshark -Y {filter}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// Asserts every TLS ServerHello captured (at least one) chose TLS 1.3.
+    pub fn assert_tls13_only(&self) {
+        let hellos = self.count("tls.handshake.type == 2");
+        assert!(hellos > 0, "no TLS handshake captured");
+        assert_eq!(
+            self.count(
+                "tls.handshake.type == 2 && tls.handshake.extensions.supported_version == 0x0304"
+            ),
+            hellos
+        );
+    }
 }

@@ -13,39 +13,20 @@
 
 use std::{
     collections::BTreeSet,
-    fs,
-    path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use lacewing_core::pki;
-use lacewing_tests::{
-    PYTHON,
-    mesh_lab::{MeshLab, VIP, field, poll},
-    tool,
-};
+use lacewing_tests::mesh_lab::{Credentials, MeshLab, VIP, field, poll};
 
 /// Node certificate lifetime here (renewed every 4 s).
 const TTL_S: u64 = 8;
 
 /// hbone.py's handshake with n1's tunnel port: the serial and remaining
 /// seconds of the certificate it serves.
-fn tunnel_certificate(m: &MeshLab, creds: &(PathBuf, PathBuf, PathBuf)) -> (String, i64) {
+fn tunnel_certificate(m: &MeshLab, creds: &Credentials) -> (String, i64) {
     let n1 = m.lab.node("n1").unwrap().underlay_ip4().to_string();
-    let path = |p: &PathBuf| p.to_str().unwrap().to_owned();
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(tool("hbone.py")).args([
-        &n1,
-        "15008",
-        &path(&creds.0),
-        &path(&creds.1),
-        &path(&creds.2),
-        "handshake",
-    ]);
-    let out = m.lab.run_on_node(&m.lab.node("n0").unwrap(), cmd).unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let line = m.hbone(&n1, 15008, creds, &["handshake"]);
     (
         field(&line, "serial").to_owned(),
         field(&line, "expires_in_s").parse().unwrap(),
@@ -73,22 +54,7 @@ fn node_certificates_of_seconds_are_renewed_while_a_long_connection_flows() {
 
     // A client of the tunnel port outside the daemons, with a workload
     // certificate from the mesh CA.
-    let ca = pki::Ca::load_or_create(&m.lab.pki_dir().join("ca")).unwrap();
-    let identity = "spiffe://cluster.local/ns/shop/sa/client";
-    let (key, csr) = pki::new_key_and_csr(identity).unwrap();
-    let cert = ca
-        .sign_csr(&csr, identity, Duration::from_secs(3600))
-        .unwrap();
-    let dir = m.lab.state_dir().join("prober");
-    fs::create_dir_all(&dir).unwrap();
-    let creds = (
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-        dir.join("ca.pem"),
-    );
-    fs::write(&creds.0, cert).unwrap();
-    fs::write(&creds.1, key.serialize_pem()).unwrap();
-    fs::write(&creds.2, ca.pem()).unwrap();
+    let creds = m.workload_credentials("spiffe://cluster.local/ns/shop/sa/client");
 
     // Each daemon renews several times; the tunnel port serves each new
     // certificate, never one older than its lifetime.

@@ -12,19 +12,12 @@
 //!   attackers on the underlay: 10.200.0.200 (idle), .201-.205 (stalled)
 //! ```
 
-use std::{
-    fs,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{fs, net::Ipv4Addr, process::Command, time::Duration};
 
 use lacewing::lab::{CONTROLLER_IP, LabProcess};
-use lacewing_core::pki;
 use lacewing_tests::{
     PYTHON,
-    mesh_lab::{MeshLab, PORT, VIP, field, poll},
+    mesh_lab::{Credentials, MeshLab, PORT, VIP, field, poll},
     tool,
 };
 
@@ -252,52 +245,16 @@ fn idle_connections_and_stalled_handshakes_on_the_tunnel_port_are_capped_and_tim
     probes(&m, 2);
 }
 
-/// A workload certificate from the lab's CA (as a node would hold for its
-/// pod), written for a client outside the mesh: (cert, key, CA) paths.
-fn workload_credentials(m: &MeshLab, identity: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let ca = pki::Ca::load_or_create(&m.lab.pki_dir().join("ca")).unwrap();
-    let (key, csr) = pki::new_key_and_csr(identity).unwrap();
-    let cert = ca
-        .sign_csr(&csr, identity, Duration::from_secs(3600))
-        .unwrap();
-    let dir = m.lab.state_dir().join("hostile");
-    fs::create_dir_all(&dir).unwrap();
-    let write = |name: &str, text: &str| -> PathBuf {
-        let path = dir.join(name);
-        fs::write(&path, text).unwrap();
-        path
-    };
-    (
-        write("cert.pem", &cert),
-        write("key.pem", &key.serialize_pem()),
-        write("ca.pem", ca.pem()),
-    )
-}
-
-/// hbone.py's line for `mode` against n1:15008, run on n0 (a node: its
-/// address may open tunnel connections).
-fn hbone(m: &MeshLab, creds: &(PathBuf, PathBuf, PathBuf), mode: &[&str]) -> String {
+/// hbone.py's line for `mode` against n1:15008.
+fn hbone(m: &MeshLab, creds: &Credentials, mode: &[&str]) -> String {
     let n1 = m.lab.node("n1").unwrap().underlay_ip4().to_string();
-    let path = |p: &Path| p.to_str().unwrap().to_owned();
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(tool("hbone.py"))
-        .args([
-            &n1,
-            "15008",
-            &path(&creds.0),
-            &path(&creds.1),
-            &path(&creds.2),
-        ])
-        .args(mode);
-    let out = m.lab.run_on_node(&m.lab.node("n0").unwrap(), cmd).unwrap();
-    assert!(out.status.success(), "hbone.py {mode:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    m.hbone(&n1, 15008, creds, mode)
 }
 
 #[test]
 fn bad_bytes_and_bad_requests_on_the_tunnel_port_get_a_clear_refusal_and_the_daemon_serves_on() {
     let m = mesh();
-    let creds = workload_credentials(&m, "spiffe://cluster.local/ns/shop/sa/client");
+    let creds = m.workload_credentials("spiffe://cluster.local/ns/shop/sa/client");
     let n1 = m.lab.node("n1").unwrap();
     let web = m.lab.pod("n1-p0").unwrap().ip4().to_string();
     let healthy = || {
@@ -347,23 +304,14 @@ fn the_controller_port_caps_and_times_out_a_flood_while_nodes_handshake_as_usual
         MeshLab::with_controller_args(&["--handshake-timeout", &format!("{HANDSHAKE_TIMEOUT_S}s")]);
     let controller = CONTROLLER_IP.to_string();
     let n0 = m.lab.pki_dir().join("nodes").join("n0");
-    let creds = (n0.join("cert.pem"), n0.join("key.pem"), n0.join("ca.pem"));
+    let creds = Credentials {
+        cert: n0.join("cert.pem"),
+        key: n0.join("key.pem"),
+        ca: n0.join("ca.pem"),
+    };
     let handshake = || -> f64 {
-        let path = |p: &Path| p.to_str().unwrap().to_owned();
-        let mut cmd = Command::new(PYTHON);
-        cmd.arg(tool("hbone.py")).args([
-            &controller,
-            "15012",
-            &path(&creds.0),
-            &path(&creds.1),
-            &path(&creds.2),
-            "handshake",
-        ]);
-        let out = m.lab.run_on_node(&m.lab.node("n0").unwrap(), cmd).unwrap();
-        assert!(out.status.success(), "{out:?}");
-        field(String::from_utf8_lossy(&out.stdout).trim(), "handshake_ms")
-            .parse()
-            .unwrap()
+        let line = m.hbone(&controller, 15012, &creds, &["handshake"]);
+        field(&line, "handshake_ms").parse().unwrap()
     };
     let baseline = median((0..3).map(|_| handshake()).collect());
 

@@ -10,7 +10,7 @@
 //!   Service shop/web6 [fd00:96::20]:80 -> [n1-p0]:9000
 //! ```
 
-use std::{fs, process::Command, time::Duration};
+use std::time::Duration;
 
 use lacewing_tests::mesh_lab::{MeshLab, PORT, field, poll};
 
@@ -71,17 +71,7 @@ fn a_meshed_pod_moves_100_mib_each_way_over_ipv6_through_the_tunnel_in_tls_1_3_o
     assert_eq!(m.metric("n1", streams) - before, 1.0);
 
     // On the underlay: no plain text, and TLS 1.3 only.
-    let pcap = m.lab.state_dir().join("underlay6.pcap");
-    let mut tshark = Command::new("tshark");
-    tshark
-        .args(["-q", "-i", "br0", "-a", "duration:6", "-w"])
-        .arg(&pcap)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let capture = m.lab.spawn_on_underlay(tshark).unwrap();
-    poll("tshark is capturing", Duration::from_secs(10), || {
-        fs::metadata(&pcap).ok().filter(|f| f.len() > 0).map(drop)
-    });
+    let capture = m.capture_underlay("underlay6", 6);
     poll(
         "n1 closed the idle tunnel connection",
         Duration::from_secs(10),
@@ -90,8 +80,9 @@ fn a_meshed_pod_moves_100_mib_each_way_over_ipv6_through_the_tunnel_in_tls_1_3_o
                 .then_some(())
         },
     );
-    // The meshed client's marker rides the tunnel; the plain pod's goes in
-    // the clear (which shows the capture sees payloads at all).
+    // The meshed client's marker rides the tunnel (a new connection, with
+    // a handshake to see); the plain pod's goes in the clear (which shows
+    // the capture sees payloads at all).
     assert_eq!(
         m.xfer("n0-p0", &["rr", VIP6, "80", "LACEWING-V6-MARKER", "20"]),
         "replies=20"
@@ -100,26 +91,10 @@ fn a_meshed_pod_moves_100_mib_each_way_over_ipv6_through_the_tunnel_in_tls_1_3_o
         m.xfer("n0-p1", &["rr", &web0, PORT, "PLAIN-V6-MARKER", "3"]),
         "replies=3"
     );
-    let done = capture.wait_with_output().unwrap();
-    assert!(done.status.success(), "tshark: {done:?}");
-    let count = |filter: &str| {
-        let out = Command::new("tshark")
-            .args(["-r"])
-            .arg(&pcap)
-            .args(["-Y", filter])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "tshark -Y {filter}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).lines().count()
-    };
-    assert_eq!(count("frame contains \"LACEWING-V6-MARKER\""), 0);
-    assert!(count("frame contains \"PLAIN-V6-MARKER\"") > 0);
-    let hellos = count("tls.handshake.type == 2");
-    assert!(hellos > 0, "no TLS handshake captured");
-    assert_eq!(
-        count("tls.handshake.type == 2 && tls.handshake.extensions.supported_version == 0x0304"),
-        hellos
-    );
+    let captured = capture.finish();
+    assert_eq!(captured.count("frame contains \"LACEWING-V6-MARKER\""), 0);
+    assert!(captured.count("frame contains \"PLAIN-V6-MARKER\"") > 0);
+    captured.assert_tls13_only();
 }
 
 #[test]

@@ -59,18 +59,7 @@ fn a_meshed_pod_reaches_a_service_on_another_node_through_the_tunnel() {
 #[test]
 fn nothing_crosses_the_underlay_in_plain_text_and_only_tls_1_3_is_offered() {
     let m = MeshLab::new();
-    let pcap = m.lab.state_dir().join("underlay.pcap");
-    let mut tshark = Command::new("tshark");
-    tshark
-        .args(["-q", "-i", "br0", "-a", "duration:8", "-w"])
-        .arg(&pcap)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let capture = m.lab.spawn_on_underlay(tshark).unwrap();
-    // tshark writes the capture file's header once it is capturing.
-    poll("tshark is capturing", Duration::from_secs(10), || {
-        fs::metadata(&pcap).ok().filter(|f| f.len() > 0).map(drop)
-    });
+    let capture = m.capture_underlay("underlay", 8);
     // The meshed client's marker goes through the tunnel; the plain pod's
     // goes in the clear (which shows the capture sees payloads at all).
     let out = m.xfer("n0-p0", &["rr", VIP, "80", "LACEWING-SECRET-MARKER", "20"]);
@@ -78,28 +67,14 @@ fn nothing_crosses_the_underlay_in_plain_text_and_only_tls_1_3_is_offered() {
     let web1 = m.lab.pod("n1-p1").unwrap().ip4().to_string();
     let out = m.xfer("n0-p1", &["rr", &web1, PORT, "PLAIN-VISIBLE-MARKER", "5"]);
     assert_eq!(out, "replies=5");
-    let done = capture.wait_with_output().unwrap();
-    assert!(done.status.success(), "tshark: {done:?}");
-
-    let count = |filter: &str| {
-        let out = Command::new("tshark")
-            .args(["-r"])
-            .arg(&pcap)
-            .args(["-Y", filter])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "tshark -Y {filter}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).lines().count()
-    };
-    assert_eq!(count("frame contains \"LACEWING-SECRET-MARKER\""), 0);
-    assert!(count("frame contains \"PLAIN-VISIBLE-MARKER\"") > 0);
-    // Every TLS handshake on the underlay negotiated TLS 1.3.
-    let hellos = count("tls.handshake.type == 2");
-    assert!(hellos > 0, "no TLS handshake captured");
+    let captured = capture.finish();
     assert_eq!(
-        count("tls.handshake.type == 2 && tls.handshake.extensions.supported_version == 0x0304"),
-        hellos
+        captured.count("frame contains \"LACEWING-SECRET-MARKER\""),
+        0
     );
+    assert!(captured.count("frame contains \"PLAIN-VISIBLE-MARKER\"") > 0);
+    // Every TLS handshake on the underlay negotiated TLS 1.3.
+    captured.assert_tls13_only();
 
     // What the tunnel port offers: TLS 1.3 and nothing older.
     let node1 = m.lab.node("n1").unwrap().underlay_ip4().to_string();

@@ -3,7 +3,6 @@
 //! the source identity, then `METHOD /path`, then `name: value` headers.
 #![no_main]
 
-use http::{HeaderMap, HeaderName, HeaderValue};
 use lacewing_core::{
     api::authorization::AuthorizationPolicySpec,
     model::{
@@ -37,23 +36,8 @@ fuzz_target!(|text: &str| {
         strict: true,
         access_log: false,
     };
-    let mut lines = rest.lines();
-    let identity = lines.next().unwrap_or_default();
-    let (method, path) = lines
-        .next()
-        .and_then(|l| l.split_once(' '))
-        .unwrap_or(("GET", "/"));
-    let mut headers = HeaderMap::new();
-    for line in lines {
-        if let Some((name, value)) = line.split_once(':')
-            && let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.trim().as_bytes()),
-                HeaderValue::from_str(value.trim()),
-            )
-        {
-            headers.append(name, value);
-        }
-    }
+    let (identity, request) = rest.split_once('\n').unwrap_or((rest, ""));
+    let (method, path, headers) = lacewing_fuzz::request(request);
     let source = Source { identity };
     let request = Request {
         method,

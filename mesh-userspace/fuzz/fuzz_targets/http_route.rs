@@ -6,7 +6,7 @@
 //! and `name: value` header lines.
 #![no_main]
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::Method;
 use lacewing_core::{
     api::http_route::HttpRouteSpec,
     model::routes::{self, Filter, RequestView, RouteId},
@@ -27,11 +27,7 @@ fuzz_target!(|text: &str| {
     let Ok(rules) = routes::compile(&id, &spec) else {
         return;
     };
-    let mut lines = request.lines();
-    let (method, target) = lines
-        .next()
-        .and_then(|l| l.split_once(' '))
-        .unwrap_or(("GET", "/"));
+    let (method, target, headers) = lacewing_fuzz::request(request);
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return;
     };
@@ -39,17 +35,6 @@ fuzz_target!(|text: &str| {
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
     };
-    let mut headers = HeaderMap::new();
-    for line in lines {
-        if let Some((name, value)) = line.split_once(':')
-            && let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.trim().as_bytes()),
-                HeaderValue::from_str(value.trim()),
-            )
-        {
-            headers.append(name, value);
-        }
-    }
     let view = RequestView {
         method: &method,
         path,
