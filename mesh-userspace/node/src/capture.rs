@@ -404,8 +404,13 @@ struct PodListener {
 }
 
 impl PodListener {
-    async fn accept(&self) -> Admitted {
+    /// Waits, once, until the daemon accepts; the gate never closes again,
+    /// so the accept loop does not ask per connection.
+    async fn until_accepting(&self) {
         self.handoff.until_accepting().await;
+    }
+
+    async fn accept(&self) -> Admitted {
         self.admission.accept(&self.listener).await
     }
 }
@@ -416,6 +421,7 @@ async fn refuse_plain_text(
     pod: String,
     metrics: lacewing_tunnel::metrics::TunnelMetrics,
 ) {
+    listener.until_accepting().await;
     loop {
         let Admitted {
             stream: conn, from, ..
@@ -434,6 +440,7 @@ async fn accept_loop(
     maps: Arc<std::sync::Mutex<CaptureMaps>>,
     proxy: Arc<Proxy>,
 ) {
+    listener.until_accepting().await;
     loop {
         // No handshake on a plain in-pod port; the slot lives as long as
         // the connection.

@@ -176,8 +176,7 @@ impl NodeCert {
         )?;
         *self.tunnel.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
         pki::write_credentials(self.dir(), &resp.trust_bundle_pem, &chain, &key)?;
-        let (_, not_after) = self.validity()?;
-        self.next_renewal()?;
-        Ok(not_after)
+        // The loop's next look at the files exports the new expiry.
+        pki::not_after(&chain).ok_or_else(|| RenewError::NoValidity(self.dir().to_owned()))
     }
 }
