@@ -313,8 +313,11 @@ pub fn start_subscribed_nodes_with(
     lab.topology()
         .nodes()
         .map(|node| {
+            // The node's own flags first: they may issue it a certificate
+            // of their own, which the lab then keeps.
+            let extra = extra(lab, &node);
             let mut args = subscribed_node_args(lab, &node, capture);
-            args.extend(extra(lab, &node).into_iter().map(Into::into));
+            args.extend(extra.into_iter().map(Into::into));
             let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
             lab.start_node_daemon_with(&node, &bin("lacewing-node"), &args)
                 .expect("start lacewing-node")

@@ -142,6 +142,18 @@ impl MeshLab {
     /// a client outside the daemons: (cert, key, CA bundle) paths.
     pub fn workload_credentials(&self, identity: &str) -> Credentials {
         let ca = lacewing_core::pki::Ca::load_or_create(&self.lab.pki_dir().join("ca")).unwrap();
+        self.credentials_signed_by(&ca, identity, ca.pem(), "lab")
+    }
+
+    /// A certificate for `identity` signed by `ca` (valid for an hour),
+    /// with `trusted` as the client's own roots, written under `name`.
+    pub fn credentials_signed_by(
+        &self,
+        ca: &lacewing_core::pki::Ca,
+        identity: &str,
+        trusted: &str,
+        name: &str,
+    ) -> Credentials {
         let (key, csr) = lacewing_core::pki::new_key_and_csr(identity).unwrap();
         let cert = ca
             .sign_csr(&csr, identity, Duration::from_secs(3600))
@@ -150,7 +162,7 @@ impl MeshLab {
             .lab
             .state_dir()
             .join("clients")
-            .join(identity.replace('/', "_"));
+            .join(format!("{name}-{}", identity.replace('/', "_")));
         fs::create_dir_all(&dir).unwrap();
         let creds = Credentials {
             cert: dir.join("cert.pem"),
@@ -159,7 +171,7 @@ impl MeshLab {
         };
         fs::write(&creds.cert, cert).unwrap();
         fs::write(&creds.key, key.serialize_pem()).unwrap();
-        fs::write(&creds.ca, ca.pem()).unwrap();
+        fs::write(&creds.ca, trusted).unwrap();
         creds
     }
 
@@ -178,6 +190,17 @@ impl MeshLab {
             .unwrap();
         assert!(out.status.success(), "hbone.py {mode:?}: {out:?}");
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The controller's metric (see [`MeshLab::metric`]), from :15014.
+    pub fn controller_metric(&self, line_start: &str) -> f64 {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            &format!("http://{}/metrics", self.lab.controller_status_addr()),
+        ]);
+        let out = self.lab.run_on_underlay(cmd).unwrap();
+        crate::metric_sum(&String::from_utf8_lossy(&out.stdout), line_start)
     }
 
     /// Kills the controller and starts a new one with the same flags; the

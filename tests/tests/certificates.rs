@@ -2,6 +2,8 @@
 //! renewed by the running daemons at half life, while a long-lived
 //! cross-node connection keeps flowing; the tunnel port serves each new
 //! certificate at once, and the controller channel reconnects with it.
+//! And a rotation of the CA itself (`lacewing ca prepare`, `activate`,
+//! `finish`) under traffic, after which the old root is refused.
 //!
 //! ```text
 //!   namespace shop (lacewing.io/mesh=enabled)
@@ -13,9 +15,12 @@
 
 use std::{
     collections::BTreeSet,
+    fs,
+    process::{Command, Output},
     time::{Duration, Instant},
 };
 
+use lacewing::lab::Lab;
 use lacewing_core::pki;
 use lacewing_tests::mesh_lab::{Credentials, MeshLab, VIP, field, poll};
 
@@ -33,21 +38,23 @@ fn tunnel_certificate(m: &MeshLab, creds: &Credentials) -> (String, i64) {
     )
 }
 
+/// Each daemon starts with a certificate of [`TTL_S`].
+fn short_node_certificate(lab: &Lab, node: &lacewing::lab::NodeSpec) -> Vec<String> {
+    let ca = pki::Ca::load_or_create(&lab.pki_dir().join("ca")).unwrap();
+    ca.issue_node_for(
+        &lab.pki_dir().join("nodes").join(node.name()),
+        pki::DEFAULT_TRUST_DOMAIN,
+        &node.name(),
+        Duration::from_secs(TTL_S),
+    )
+    .unwrap();
+    Vec::new()
+}
+
 #[test]
 fn node_certificates_of_seconds_are_renewed_while_a_long_connection_flows() {
     let ttl = format!("{TTL_S}s");
-    let mut m = MeshLab::build_with(&["--node-cert-ttl", &ttl], true, &|lab, node| {
-        // Each daemon starts with a certificate of the same short life.
-        let ca = pki::Ca::load_or_create(&lab.pki_dir().join("ca")).unwrap();
-        ca.issue_node_for(
-            &lab.pki_dir().join("nodes").join(node.name()),
-            pki::DEFAULT_TRUST_DOMAIN,
-            &node.name(),
-            Duration::from_secs(TTL_S),
-        )
-        .unwrap();
-        Vec::new()
-    });
+    let mut m = MeshLab::build_with(&["--node-cert-ttl", &ttl], true, &short_node_certificate);
     let started = Instant::now();
     // A conversation of 20 s: one connection, one tunnel stream.
     let rr = m.spawn_xfer("n0-p0", &["rr", VIP, "80", "long", "80", "0.25"]);
@@ -114,4 +121,151 @@ fn node_certificates_of_seconds_are_renewed_while_a_long_connection_flows() {
         ),
         0.0
     );
+}
+
+/// `lacewing ca <step>` on the lab's CA folder.
+fn ca_step(m: &MeshLab, step: &str) -> Output {
+    Command::new(lacewing_tests::bin("lacewing"))
+        .args(["ca", step, "--pki-dir"])
+        .arg(m.lab.pki_dir())
+        .output()
+        .unwrap()
+}
+
+/// The CA in the lab's folder now, read as a copy that notes nothing
+/// (certificates the test makes for itself must not hold a rotation up).
+fn ca_now(m: &MeshLab) -> pki::Ca {
+    let dir = m.lab.pki_dir().join("ca");
+    let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+    pki::Ca::from_pem(&read(pki::CA_FILE), &read(pki::CA_KEY_FILE)).unwrap()
+}
+
+/// What n1's tunnel port makes of `creds` (hbone.py's handshake line).
+fn n1_handshake(m: &MeshLab, creds: &Credentials) -> String {
+    let n1 = m.lab.node("n1").unwrap().underlay_ip4().to_string();
+    m.hbone(&n1, 15008, creds, &["handshake"])
+}
+
+fn assert_accepted(m: &MeshLab, creds: &Credentials) {
+    let line = n1_handshake(m, creds);
+    assert!(line.ends_with("client=accepted"), "{line}");
+}
+
+#[test]
+fn the_ca_rotates_under_traffic_and_its_old_root_is_refused_after() {
+    let ttl = format!("{TTL_S}s");
+    let m = MeshLab::build_with(
+        &["--node-cert-ttl", &ttl, "--workload-cert-ttl", &ttl],
+        true,
+        &short_node_certificate,
+    );
+    let client = "spiffe://cluster.local/ns/shop/sa/client";
+    let old = ca_now(&m);
+    let roots = |node: &str| m.metric(node, "lacewing_node_trust_bundle_roots");
+    let all_roots = || {
+        [
+            roots("n0"),
+            roots("n1"),
+            m.controller_metric("lacewing_ca_trust_bundle_roots"),
+        ]
+    };
+    assert_eq!(all_roots(), [1.0; 3]);
+
+    // Traffic through the whole rotation: a 40 s conversation on one
+    // connection, and a new connection every 50 ms, each one a request
+    // and its answer, all from n0 to the service on n1.
+    let rr = m.spawn_xfer("n0-p0", &["rr", VIP, "80", "long", "160", "0.25"]);
+    let churn = {
+        let mut cmd = Command::new(lacewing_tests::PYTHON);
+        cmd.arg(lacewing_tests::tool("churn.py"))
+            .args([VIP, "80", "20", "40"])
+            .stdout(std::process::Stdio::piped());
+        m.lab
+            .spawn_in_pod(&m.lab.pod("n0-p0").unwrap(), cmd)
+            .unwrap()
+    };
+    let old_client = m.credentials_signed_by(&old, client, old.pem(), "old");
+    assert_accepted(&m, &old_client);
+
+    // 1. The next root is trusted everywhere before it signs anything.
+    let out = ca_step(&m, "prepare");
+    assert!(out.status.success(), "{out:?}");
+    poll(
+        "every node and the controller trust 2 roots",
+        Duration::from_secs(20),
+        || (all_roots() == [2.0; 3]).then_some(()),
+    );
+    assert_accepted(&m, &old_client);
+
+    // 2. It signs: n1's tunnel port soon serves a certificate that a
+    // client trusting only the new root accepts.
+    let out = ca_step(&m, "activate");
+    assert!(out.status.success(), "{out:?}");
+    let new = ca_now(&m);
+    assert_ne!(new.fingerprint(), old.fingerprint());
+    let new_client = m.credentials_signed_by(&new, client, new.pem(), "new");
+    poll(
+        "n1 serves a certificate from the new root",
+        Duration::from_secs(20),
+        || {
+            n1_handshake(&m, &new_client)
+                .ends_with("client=accepted")
+                .then_some(())
+        },
+    );
+
+    // 3. Refused while a certificate from the old root may still be in
+    // use, then done once they have all expired.
+    let early = ca_step(&m, "finish");
+    assert!(!early.status.success(), "finished too early: {early:?}");
+    let said = String::from_utf8_lossy(&early.stderr);
+    assert!(
+        said.contains(&format!(
+            "root {} signed certificates valid for",
+            old.fingerprint()
+        )),
+        "{said}"
+    );
+    poll("the old root may go", Duration::from_secs(30), || {
+        ca_step(&m, "finish").status.success().then_some(())
+    });
+    poll(
+        "every node and the controller trust 1 root",
+        Duration::from_secs(20),
+        || (all_roots() == [1.0; 3]).then_some(()),
+    );
+
+    // After: a certificate from the old root, fresh and in its validity,
+    // is refused; the same from the new root is taken.
+    let stale = m.credentials_signed_by(&old, client, new.pem(), "stale");
+    let line = n1_handshake(&m, &stale);
+    assert!(field(&line, "client").starts_with("rejected:"), "{line}");
+    assert_accepted(&m, &new_client);
+    // And a client trusting only the old root no longer trusts the node.
+    assert!(
+        n1_handshake(&m, &old_client).starts_with("untrusted_server="),
+        "n1 still serves a certificate from the old root"
+    );
+
+    // Not one request failed on the way.
+    let out = rr.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "replies=160");
+    let out = churn.wait_with_output().unwrap();
+    let counts = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let requests: u32 = field(&counts, "requests").parse().unwrap();
+    assert!(requests >= 700, "{counts}");
+    assert_eq!(
+        counts,
+        format!("requests={requests} ok={requests} refused=0 resets=0 closed=0 timeouts=0 other=0")
+    );
+    for node in ["n0", "n1"] {
+        assert_eq!(
+            m.metric(
+                node,
+                "lacewing_node_certificate_renewals_total{result=\"error\"}"
+            ),
+            0.0
+        );
+    }
 }

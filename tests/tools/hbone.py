@@ -13,10 +13,13 @@ tests. Prints one line saying what the server did.
         HEADER_BYTES bytes if given
 
   hbone.py HOST PORT CERT KEY CA handshake
-        mutual TLS with ALPN h2, nothing more
+        mutual TLS with ALPN h2, then one read for the server's verdict
+        on the client's certificate
 
-Lines: `handshake_ms=<ms> alpn=<protocol> serial=<hex> expires_in_s=<s>`
-(the server's certificate), `closed after=<ms>` (the server closed the connection),
+Lines: `handshake_ms=<ms> alpn=<protocol> serial=<hex> expires_in_s=<s>
+client=<accepted|rejected:REASON>` (the server's certificate, and whether
+the server took the client's), `untrusted_server=<why>` (the server's
+certificate does not chain to CA), `closed after=<ms>` (the server closed the connection),
 `http1 <status line>`, `status=<code>` (and ` reset=<code>` if the stream
 was then reset), `reset=<code>`, `goaway=<code>`.
 """
@@ -121,13 +124,28 @@ def main():
     port = int(port)
     if mode == "handshake":
         started = time.monotonic()
-        with tls(host, port, cert, key, ca, ["h2"]) as s:
+        try:
+            s = tls(host, port, cert, key, ca, ["h2"])
+        except ssl.SSLCertVerificationError as e:
+            print("untrusted_server=" + e.verify_message.replace(" ", "_"))
+            return
+        with s:
             took = (time.monotonic() - started) * 1000
             peer = s.getpeercert()
             left = int(ssl.cert_time_to_seconds(peer["notAfter"]) - time.time())
+            # In TLS 1.3 the server judges the client's certificate after
+            # the client's handshake is done: its answer to the HTTP/2
+            # preface (SETTINGS) or an alert says what it decided.
+            try:
+                s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+                verdict = "accepted" if s.recv(1) else "rejected:closed"
+            except ssl.SSLError as e:
+                verdict = f"rejected:{e.reason}"
+            except ConnectionResetError:
+                verdict = "rejected:reset"
             print(
                 f"handshake_ms={took:.2f} alpn={s.selected_alpn_protocol()} "
-                f"serial={peer['serialNumber']} expires_in_s={left}"
+                f"serial={peer['serialNumber']} expires_in_s={left} client={verdict}"
             )
     elif mode == "random":
         random_bytes(host, port)

@@ -1,5 +1,6 @@
 //! The `lacewing` command line: the lab, map inspection, and the demo.
 
+mod ca;
 mod demo;
 mod explain;
 mod lab;
@@ -101,6 +102,9 @@ pub enum Command {
         #[arg(long)]
         identity: String,
     },
+    /// Rotate the mesh CA in folder mode: prepare, activate, finish.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Benchmarks in the lab (run them through `cargo xtask bench`).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -292,6 +296,7 @@ fn get_text(addr: &str, path: &str, who: &str) -> anyhow::Result<String> {
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Lab(cmd) => lab::run(cmd),
+        Command::Ca(cmd) => ca::run(cmd),
         Command::Maps(cmd) => maps::run(cmd).map(|()| 0),
         Command::Acceleration {
             state,

@@ -7,15 +7,17 @@ use std::{sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
 
-use super::{grpc::certified_node, snapshot::Snapshots};
-use lacewing_core::pki::{self, Ca};
+use super::{authority::Authorities, grpc::certified_node, snapshot::Snapshots};
+use lacewing_core::pki;
 use lacewing_core::proto::ca_pb::{
     BootstrapNodeRequest, CreateCertificateRequest, CreateCertificateResponse, RenewNodeRequest,
+    TrustBundle, WatchTrustBundleRequest,
     certificate_service_server::{CertificateService, CertificateServiceServer},
 };
 
 pub struct Signer {
-    pub ca: Ca,
+    /// The CA that signs and the bundle handed out with what it signs.
+    pub authority: Authorities,
     pub trust_domain: String,
     /// Workload certificate lifetime.
     pub ttl: Duration,
@@ -34,6 +36,32 @@ pub fn server(signer: Arc<Signer>) -> CertificateServiceServer<Server> {
 }
 
 pub struct Server(Arc<Signer>);
+
+impl Signer {
+    /// Signs `csr_pem` for `identity` with the CA in force now; the
+    /// response carries the bundle of the same moment.
+    fn sign(
+        &self,
+        csr_pem: &str,
+        identity: &str,
+        ttl: Duration,
+    ) -> Result<CreateCertificateResponse, pki::PkiError> {
+        let authority = Arc::clone(&self.authority.borrow());
+        let cert = authority.signer.sign_csr(csr_pem, identity, ttl)?;
+        Ok(CreateCertificateResponse {
+            cert_chain_pem: vec![cert],
+            trust_bundle_pem: authority.bundle_pem.clone(),
+        })
+    }
+}
+
+/// A bad request is the caller's to fix; anything else is ours.
+fn status(err: pki::PkiError) -> Status {
+    match err {
+        pki::PkiError::BadRequest(m) => Status::invalid_argument(m),
+        other => Status::internal(other.to_string()),
+    }
+}
 
 #[tonic::async_trait]
 impl CertificateService for Server {
@@ -57,18 +85,11 @@ impl CertificateService for Server {
             )));
         };
         let identity = workload.identity(&signer.trust_domain);
-        let cert = signer
-            .ca
-            .sign_csr(&req.csr_pem, &identity, signer.ttl)
-            .map_err(|e| match e {
-                pki::PkiError::BadRequest(m) => Status::invalid_argument(m),
-                other => Status::internal(other.to_string()),
-            })?;
+        let signed = signer
+            .sign(&req.csr_pem, &identity, signer.ttl)
+            .map_err(status)?;
         tracing::info!(%node, pod = %key, %identity, "signed a workload certificate");
-        Ok(Response::new(CreateCertificateResponse {
-            cert_chain_pem: vec![cert],
-            trust_bundle_pem: signer.ca.pem().to_owned(),
-        }))
+        Ok(Response::new(signed))
     }
 
     async fn bootstrap_node(
@@ -87,18 +108,11 @@ impl CertificateService for Server {
             return Err(Status::permission_denied(why.to_string()));
         }
         let identity = pki::node_identity(&signer.trust_domain, &req.node);
-        let cert = signer
-            .ca
-            .sign_csr(&req.csr_pem, &identity, signer.node_ttl)
-            .map_err(|e| match e {
-                pki::PkiError::BadRequest(m) => Status::invalid_argument(m),
-                other => Status::internal(other.to_string()),
-            })?;
+        let signed = signer
+            .sign(&req.csr_pem, &identity, signer.node_ttl)
+            .map_err(status)?;
         tracing::info!(node = %req.node, "signed a node certificate (bootstrap)");
-        Ok(Response::new(CreateCertificateResponse {
-            cert_chain_pem: vec![cert],
-            trust_bundle_pem: signer.ca.pem().to_owned(),
-        }))
+        Ok(Response::new(signed))
     }
 
     async fn renew_node(
@@ -109,18 +123,36 @@ impl CertificateService for Server {
         // Only ever the node the (still valid) client certificate names.
         let node = certified_node(&request, &signer.trust_domain)?;
         let identity = pki::node_identity(&signer.trust_domain, &node);
-        let cert = signer
-            .ca
-            .sign_csr(&request.into_inner().csr_pem, &identity, signer.node_ttl)
-            .map_err(|e| match e {
-                pki::PkiError::BadRequest(m) => Status::invalid_argument(m),
-                other => Status::internal(other.to_string()),
-            })?;
+        let signed = signer
+            .sign(&request.into_inner().csr_pem, &identity, signer.node_ttl)
+            .map_err(status)?;
         tracing::info!(%node, "renewed a node certificate");
-        Ok(Response::new(CreateCertificateResponse {
-            cert_chain_pem: vec![cert],
-            trust_bundle_pem: signer.ca.pem().to_owned(),
-        }))
+        Ok(Response::new(signed))
+    }
+
+    type WatchTrustBundleStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<TrustBundle, Status>> + Send>>;
+
+    async fn watch_trust_bundle(
+        &self,
+        request: Request<WatchTrustBundleRequest>,
+    ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
+        let node = certified_node(&request, &self.0.trust_domain)?;
+        tracing::debug!(%node, "a node watches the trust bundle");
+        use tokio_stream::StreamExt as _;
+        let mut last = String::new();
+        // Only changes of the bundle itself (a new signer alone is none).
+        let bundles = tokio_stream::wrappers::WatchStream::new(self.0.authority.clone())
+            .filter_map(move |a| {
+                (a.bundle_pem != last).then(|| {
+                    last.clone_from(&a.bundle_pem);
+                    TrustBundle {
+                        pem: a.bundle_pem.clone(),
+                    }
+                })
+            })
+            .map(Ok);
+        Ok(Response::new(Box::pin(bundles)))
     }
 }
 
@@ -150,9 +182,12 @@ mod tests {
                 send.send_response(resp);
             }
         });
-        let (ca, _) = Ca::generate().unwrap();
+        let (ca, _) = lacewing_core::pki::Ca::generate().unwrap();
+        let bundle = ca.pem().to_owned();
+        let authority =
+            lacewing_core::trust::Authority::new(ca, bundle, std::path::Path::new("-")).unwrap();
         Arc::new(Signer {
-            ca,
+            authority: tokio::sync::watch::channel(Arc::new(authority)).1,
             trust_domain: "cluster.local".into(),
             ttl: Duration::from_secs(60),
             node_ttl: NODE_CERT_TTL,

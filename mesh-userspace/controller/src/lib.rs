@@ -9,6 +9,7 @@
 //! `/metrics`). With Kubernetes, any number of replicas serve nodes and the
 //! one holding the Lease writes policy status.
 
+pub mod authority;
 pub mod bootstrap;
 pub mod ca;
 pub mod ca_store;
@@ -27,7 +28,7 @@ use std::sync::{Arc, atomic::AtomicBool};
 pub use config::ControllerConfig;
 use std::time::Duration;
 
-use lacewing_core::pki;
+use lacewing_core::{pki, trust};
 use lacewing_sys::admission::{Admission, AdmissionMetrics};
 use lacewing_tunnel::tls::{self, ClientCert};
 
@@ -68,6 +69,11 @@ pub enum ControllerError {
     },
     #[error("the mesh CA: {0}")]
     CaStore(#[from] ca_store::CaStoreError),
+    #[error("the CA in {dir}: {source}")]
+    Trust {
+        dir: std::path::PathBuf,
+        source: lacewing_core::trust::TrustError,
+    },
 }
 
 /// Runs the controller until SIGTERM or SIGINT.
@@ -82,11 +88,17 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         ),
         config::Source::Folder(_) => None,
     };
-    let pki_err = |source| ControllerError::Pki {
-        dir: config.pki_dir.clone(),
+    let pki_dir = config.pki_dir.clone();
+    let pki_err = move |source| ControllerError::Pki {
+        dir: pki_dir.clone(),
         source,
     };
-    let ca = match (&config.source, &client) {
+    let mut prom = prometheus_client::registry::Registry::default();
+    let authority_metrics = authority::AuthorityMetrics::new(&mut prom);
+    // Tasks that end with the controller.
+    let mut background = Vec::new();
+    let mut _fixed_authority = None;
+    let authorities = match (&config.source, &client) {
         (
             config::Source::Kubernetes {
                 lease_namespace, ..
@@ -95,13 +107,52 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         ) => {
             let ca = ca_store::load_or_create(client.clone(), lease_namespace).await?;
             ca_store::publish_root(client.clone(), lease_namespace, &ca).await?;
-            ca
+            let bundle = ca.pem().to_owned();
+            let authority =
+                trust::Authority::new(ca, bundle, std::path::Path::new(ca_store::SECRET_NAME))
+                    .map_err(|source| ControllerError::Trust {
+                        dir: config.pki_dir.clone(),
+                        source,
+                    })?;
+            let (keep, authorities) = authority::fixed(authority, &authority_metrics);
+            _fixed_authority = Some(keep);
+            authorities
         }
-        _ => pki::Ca::load_or_create(&config.pki_dir.join("ca")).map_err(pki_err)?,
+        _ => {
+            let dir = config.pki_dir.join("ca");
+            pki::Ca::load_or_create(&dir).map_err(&pki_err)?;
+            let initial =
+                trust::Authority::load(&dir).map_err(|source| ControllerError::Trust {
+                    dir: dir.clone(),
+                    source,
+                })?;
+            let (authorities, task) = authority::watch_folder(dir, initial, authority_metrics);
+            background.push(task);
+            authorities
+        }
     };
-    let tls = server_tls(&config, &ca, pki_err)?;
-    // Tasks that end with the controller.
-    let mut background = Vec::new();
+    let tls = server_tls(&config, &authorities.borrow(), &pki_err)?;
+    let (tls_tx, tls_rx) = tokio::sync::watch::channel(Arc::new(tls));
+    // A new CA or bundle: the controller's own certificate is issued again
+    // by the signer in force, and new handshakes check nodes against the
+    // new bundle.
+    background.push(tokio::spawn({
+        let mut authorities = authorities.clone();
+        let config = config.clone();
+        let pki_err = pki_err.clone();
+        async move {
+            while authorities.changed().await.is_ok() {
+                let authority = Arc::clone(&authorities.borrow_and_update());
+                match server_tls(&config, &authority, &pki_err) {
+                    Ok(tls) => {
+                        tls_tx.send_replace(Arc::new(tls));
+                        tracing::info!("the controller's certificate follows the CA folder");
+                    }
+                    Err(err) => tracing::warn!(%err, "the controller keeps its certificate: the new CA cannot issue it"),
+                }
+            }
+        }
+    }));
     let (snapshots, source_error) = match &config.source {
         config::Source::Folder(dir) => folder::watch(dir.clone()),
         config::Source::Kubernetes {
@@ -122,7 +173,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         }
     };
     let signer = Arc::new(ca::Signer {
-        ca,
+        authority: authorities,
         trust_domain: config.trust_domain.clone(),
         ttl: config.workload_cert_ttl,
         node_ttl: config.node_cert_ttl,
@@ -149,7 +200,6 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
         source_error,
     ));
 
-    let mut prom = prometheus_client::registry::Registry::default();
     metrics::register(&mut prom, Arc::clone(&registry));
     let admission_metrics = AdmissionMetrics::new(&mut prom);
     match lacewing_sys::os::raise_fd_limit() {
@@ -197,7 +247,7 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
             addr: config.listen,
             source,
         })?;
-    let incoming = listener::incoming(listener, Arc::new(tls), admission("controller"));
+    let incoming = listener::incoming(listener, tls_rx, admission("controller"));
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -218,20 +268,22 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
     result
 }
 
-/// The controller's own certificate, from the mesh CA; clients must present
-/// a certificate from the same CA.
+/// The controller's own certificate, from the signing CA; clients must
+/// present a certificate that chains to the trust bundle.
 fn server_tls(
     config: &ControllerConfig,
-    ca: &pki::Ca,
-    pki_err: impl Fn(pki::PkiError) -> ControllerError,
+    authority: &trust::Authority,
+    pki_err: &impl Fn(pki::PkiError) -> ControllerError,
 ) -> Result<rustls::ServerConfig, ControllerError> {
     let server_dir = config.pki_dir.join("controller");
-    ca.issue_controller(&server_dir, &config.server_ips)
-        .map_err(&pki_err)?;
-    let (ca_pem, cert, key) = pki::read_credentials(&server_dir).map_err(&pki_err)?;
+    authority
+        .signer
+        .issue_controller(&server_dir, &config.server_ips)
+        .map_err(pki_err)?;
+    let (_, cert, key) = pki::read_credentials(&server_dir).map_err(pki_err)?;
     // Optional so a node without a certificate can bootstrap one; every
     // other call refuses a caller without a node certificate.
-    let roots = tls::roots(&ca_pem)?;
+    let roots = tls::roots(&authority.bundle_pem)?;
     Ok(tls::server_config(
         &cert,
         &key,

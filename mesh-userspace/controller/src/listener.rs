@@ -12,7 +12,7 @@ use lacewing_sys::admission::{Admission, Admitted, Slot};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -77,20 +77,21 @@ impl AsyncWrite for Guarded {
 /// The connections on `listener` that were admitted and finished their TLS
 /// handshake in time, for tonic's `serve_with_incoming`. Handshakes run
 /// side by side, so a slow one holds up nobody else.
+/// Each handshake uses the TLS configuration in force when it starts.
 pub fn incoming(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
     admission: Admission,
 ) -> ReceiverStream<std::io::Result<Guarded>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        let acceptor = TlsAcceptor::from(tls);
         loop {
             let admitted = tokio::select! {
                 admitted = admission.accept(&listener) => admitted,
                 () = tx.closed() => break,
             };
-            let (tx, acceptor, admission) = (tx.clone(), acceptor.clone(), admission.clone());
+            let acceptor = TlsAcceptor::from(Arc::clone(&tls.borrow()));
+            let (tx, admission) = (tx.clone(), admission.clone());
             tokio::spawn(async move {
                 let Admitted {
                     stream,

@@ -8,6 +8,7 @@
 //! - [`proto`]: the controller-node protocol, its conversions and the
 //!   chunking of large snapshots;
 //! - [`pki`]: the CA, certificate requests and SVIDs;
+//! - [`trust`]: the trust bundle and the rotation of the CA's root;
 //! - [`identity`]: the typed SPIFFE workload identity.
 #![forbid(unsafe_code)]
 
@@ -17,3 +18,4 @@ pub mod identity;
 pub mod model;
 pub mod pki;
 pub mod proto;
+pub mod trust;

@@ -30,7 +30,7 @@ pub const CONTROLLER_SERVER_NAME: &str = "lacewing-controller";
 pub const CA_FILE: &str = "ca.pem";
 pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
-const CA_KEY_FILE: &str = "ca-key.pem";
+pub const CA_KEY_FILE: &str = "ca-key.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -40,6 +40,8 @@ pub enum PkiError {
     Rcgen(#[from] rcgen::Error),
     #[error("certificate request: {0}")]
     BadRequest(String),
+    #[error("the CA: {0}")]
+    BadCa(String),
 }
 
 /// A workload's key and certificate, as the node keeps them.
@@ -111,7 +113,7 @@ pub fn renewal_time(
     issued + not_after.duration_since(issued).unwrap_or_default() / 2
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
     move |source| PkiError::Io {
         path: path.to_owned(),
         source,
@@ -167,50 +169,64 @@ pub fn uri_sans(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// A CA whose key lives in a folder (created on first use, key mode 0600).
+/// A CA: its key, its certificate, and (for a CA kept in a folder) where
+/// it notes how long what it signs stays valid, so a rotation knows when
+/// its root may leave the trust bundle ([`crate::trust`]).
 pub struct Ca {
     cert: Certificate,
     key: KeyPair,
     pem: String,
+    fingerprint: String,
+    record: Option<PathBuf>,
 }
 
 impl Ca {
+    /// The CA in `dir` (ca.pem, ca-key.pem), made on first use (key mode
+    /// 0600, certificate valid for [`CA_LIFETIME`]).
     pub fn load_or_create(dir: &Path) -> Result<Self, PkiError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let (cert_path, key_path) = (dir.join(CA_FILE), dir.join(CA_KEY_FILE));
-        let key = match fs::read_to_string(&key_path) {
-            Ok(pem) => KeyPair::from_pem(&pem)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let key = KeyPair::generate()?;
-                write_private(&key_path, &key.serialize_pem())?;
-                let _ = fs::remove_file(&cert_path);
-                key
-            }
-            Err(e) => return Err(io_err(&key_path)(e)),
-        };
-        // The same subject and key every time, so leaves signed by a
-        // re-created issuer verify against the stored CA certificate.
-        let cert = ca_params()?.self_signed(&key)?;
-        let pem = match fs::read_to_string(&cert_path) {
-            Ok(pem) => pem,
-            Err(_) => {
-                let pem = new_ca_cert(&key)?;
-                fs::write(&cert_path, &pem).map_err(io_err(&cert_path))?;
-                pem
-            }
-        };
-        Ok(Self { cert, key, pem })
+        let key_path = dir.join(CA_KEY_FILE);
+        if !key_path.exists() {
+            let (ca, key_pem) = Self::generate()?;
+            write_whole(&dir.join(CA_FILE), ca.pem(), 0o644)?;
+            write_private(&key_path, &key_pem)?;
+        }
+        Self::load(dir)
     }
 
-    /// A CA from its key and certificate (PEM), as kept in a Secret.
+    /// The CA in `dir`, which must hold one.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            fs::read_to_string(&path).map_err(io_err(&path))
+        };
+        let mut ca = Self::from_pem(&read(CA_FILE)?, &read(CA_KEY_FILE)?)?;
+        ca.record = Some(dir.join(crate::trust::ISSUED_DIR));
+        Ok(ca)
+    }
+
+    /// A CA from its key and certificate (PEM), as kept in a Secret. The
+    /// key must be the certificate's.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
-        // The same subject and key, so leaves verify against `cert_pem`.
-        let cert = ca_params()?.self_signed(&key)?;
+        let der = pem_to_der(cert_pem)
+            .ok_or_else(|| PkiError::BadCa("the CA certificate is not PEM".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| PkiError::BadCa(format!("the CA certificate cannot be read: {e}")))?;
+        if parsed.public_key().raw != key.public_key_der() {
+            return Err(PkiError::BadCa(
+                "the CA key is not the key of the CA certificate".into(),
+            ));
+        }
+        // The stored certificate's own subject and key, so what it signs
+        // names it as issuer and verifies against it.
+        let cert = CertificateParams::from_ca_cert_pem(cert_pem)?.self_signed(&key)?;
         Ok(Self {
             cert,
             key,
             pem: cert_pem.to_owned(),
+            fingerprint: fingerprint(&der),
+            record: None,
         })
     }
 
@@ -218,9 +234,22 @@ impl Ca {
     pub fn generate() -> Result<(Self, String), PkiError> {
         let key = KeyPair::generate()?;
         let key_pem = key.serialize_pem();
-        let cert = ca_params()?.self_signed(&key)?;
         let pem = new_ca_cert(&key)?;
-        Ok((Self { cert, key, pem }, key_pem))
+        Ok((Self::from_pem(&pem, &key_pem)?, key_pem))
+    }
+
+    /// The SHA-256 of the CA certificate, hex: how a rotation names roots.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Notes that a certificate this CA signed is valid until `not_after`
+    /// (a CA kept in a folder only).
+    fn note_issued(&self, not_after: time::OffsetDateTime) -> Result<(), PkiError> {
+        match &self.record {
+            Some(dir) => crate::trust::note_issued(dir, &self.fingerprint, not_after),
+            None => Ok(()),
+        }
     }
 
     pub fn pem(&self) -> &str {
@@ -236,6 +265,18 @@ impl Ca {
         uses: Vec<ExtendedKeyUsagePurpose>,
         ttl: std::time::Duration,
     ) -> Result<(), PkiError> {
+        self.issue_noted(dir, sans, uses, ttl, true)
+    }
+
+    /// [`Ca::issue`], noting the certificate's validity or not.
+    fn issue_noted(
+        &self,
+        dir: &Path,
+        sans: Vec<SanType>,
+        uses: Vec<ExtendedKeyUsagePurpose>,
+        ttl: std::time::Duration,
+        note: bool,
+    ) -> Result<(), PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW;
@@ -248,7 +289,11 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = uses;
         let key = KeyPair::generate()?;
+        let not_after = params.not_after;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        if note {
+            self.note_issued(not_after)?;
+        }
         write_credentials(dir, &self.pem, &cert.pem(), &key.serialize_pem())
     }
 
@@ -296,7 +341,10 @@ impl Ca {
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name
             .push(DnType::OrganizationName, "lacewing");
-        Ok(csr.signed_by(&self.cert, &self.key)?.pem())
+        let not_after = p.not_after;
+        let cert = csr.signed_by(&self.cert, &self.key)?.pem();
+        self.note_issued(not_after)?;
+        Ok(cert)
     }
 
     /// A node's certificate, naming it in a SPIFFE URI: a client of the
@@ -327,15 +375,18 @@ impl Ca {
     }
 
     /// The controller's server certificate, valid for
-    /// [`CONTROLLER_CERT_TTL`].
+    /// [`CONTROLLER_CERT_TTL`]. Not noted for a rotation: the controller
+    /// issues it again from whichever CA signs, within a second of a
+    /// change, and serves no other.
     pub fn issue_controller(&self, dir: &Path, ips: &[IpAddr]) -> Result<(), PkiError> {
         let mut sans = vec![SanType::DnsName(CONTROLLER_SERVER_NAME.try_into()?)];
         sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        self.issue(
+        self.issue_noted(
             dir,
             sans,
             vec![ExtendedKeyUsagePurpose::ServerAuth],
             CONTROLLER_CERT_TTL,
+            false,
         )
     }
 }
@@ -350,9 +401,19 @@ fn random_serial() -> rcgen::SerialNumber {
 }
 
 /// A new CA certificate for `key` (PEM), valid for [`CA_LIFETIME`] from a
-/// minute ago.
+/// minute ago. Its name carries the start of its key's fingerprint, so the
+/// roots of a rotation (old and new side by side) are told apart.
 fn new_ca_cert(key: &KeyPair) -> Result<String, rcgen::Error> {
-    let mut params = ca_params()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "lacewing");
+    let tag = &fingerprint(&key.public_key_der())[..8];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{CA_COMMON_NAME} {tag}"));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - CLOCK_SKEW;
     params.not_after = now + CA_LIFETIME;
@@ -360,29 +421,33 @@ fn new_ca_cert(key: &KeyPair) -> Result<String, rcgen::Error> {
     Ok(params.self_signed(key)?.pem())
 }
 
-fn ca_params() -> Result<CertificateParams, rcgen::Error> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "lacewing");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Lacewing control-plane CA");
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    Ok(params)
+/// The common name of every Lacewing CA, before its tag.
+pub const CA_COMMON_NAME: &str = "Lacewing control-plane CA";
+
+/// SHA-256 of `der`, hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A private key's file: readable by its owner only.
-fn write_private(path: &Path, pem: &str) -> Result<(), PkiError> {
+pub(crate) fn write_private(path: &Path, pem: &str) -> Result<(), PkiError> {
     write_whole(path, pem, 0o600)
 }
 
 /// Writes `path` whole or not at all (a temporary file renamed over it):
-/// a reader never sees it empty or half written.
-fn write_whole(path: &Path, pem: &str, mode: u32) -> Result<(), PkiError> {
+/// a reader never sees it empty or half written. The temporary file's name
+/// is this writer's own, so writers side by side do not take each other's.
+pub(crate) fn write_whole(path: &Path, pem: &str, mode: u32) -> Result<(), PkiError> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("pem.tmp");
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".{}.{n}.tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -391,7 +456,10 @@ fn write_whole(path: &Path, pem: &str, mode: u32) -> Result<(), PkiError> {
         .open(&tmp)
         .map_err(io_err(&tmp))?;
     io::Write::write_all(&mut f, pem.as_bytes()).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io_err(path)(e)
+    })
 }
 
 /// Writes a credential folder: ca.pem, cert.pem, key.pem (mode 0600), each
@@ -426,9 +494,10 @@ mod tests {
         assert_eq!(days(validity(ca.pem()).unwrap()), 3650);
         let der = pem_der(ca.pem());
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let tag = &fingerprint(parsed.public_key().raw)[..8];
         assert_eq!(
             parsed.subject().to_string(),
-            "CN=Lacewing control-plane CA, O=lacewing"
+            format!("CN=Lacewing control-plane CA {tag}, O=lacewing")
         );
         // Loaded again: the same certificate.
         assert_eq!(Ca::load_or_create(&dir.join("ca")).unwrap().pem(), ca.pem());

@@ -62,6 +62,8 @@ pub enum NodeError {
     Credentials(#[from] lacewing_core::pki::PkiError),
     #[error("this node's credentials cannot serve the tunnel: {0} (check --tls-dir)")]
     TunnelCredentials(#[from] lacewing_tunnel::tls::TlsError),
+    #[error("this node's credentials: {0} (check --tls-dir)")]
+    NodeTls(#[from] node_cert::RenewError),
     #[error("{0}")]
     Capture(#[from] capture::CaptureError),
     #[error("listening on {what} {addr}: {source} (is another lacewing-node running?)")]
@@ -601,18 +603,14 @@ async fn start_mesh(
         node_cert_metrics,
     } = parts;
     let telemetry = start_telemetry(config, log_lines, spans)?;
-    let (ca, cert, key) = lacewing_core::pki::read_credentials(&controller.tls_dir)?;
-    let roots = tunnel::tls::roots(&ca)?;
-    let server_config = tunnel::tls::server_config(
-        &cert,
-        &key,
-        Arc::clone(&roots),
-        tunnel::tls::ClientCert::Required,
-    )?;
+    let node_tls = Arc::new(node_cert::NodeTls::load(
+        &controller.tls_dir,
+        node_cert_metrics,
+    )?);
     let proxy = Arc::new(Proxy::new(
         ProxyConfig {
             trust_domain: config.trust_domain.clone(),
-            roots,
+            roots: node_tls.roots(),
             tunnel_mark: Some(lacewing_sys::net::BYPASS_MARK),
             certificate_wait: config.certificate_wait,
             outliers,
@@ -636,8 +634,7 @@ async fn start_mesh(
             addr: config.tunnel_addr,
             source,
         })?;
-    let tunnel_tls: node_cert::TunnelTls =
-        Arc::new(std::sync::RwLock::new(Arc::new(server_config)));
+    let tunnel_tls = node_tls.tunnel();
     let tunnel = tokio::spawn({
         let accepting = accepting(&listeners);
         let drain = drain.clone();
@@ -677,11 +674,11 @@ async fn start_mesh(
             controller: controller.clone(),
             trust_domain: config.trust_domain.clone(),
             node: config.node_name.clone(),
-            tunnel: tunnel_tls,
-            metrics: node_cert_metrics,
+            tls: Arc::clone(&node_tls),
         }
         .run(),
     )];
+    writers.push(tokio::spawn(node_tls.follow_bundle(controller.clone())));
     tracing::info!(addr = %config.tunnel_addr, "tunnel listening (HBONE, mutual TLS 1.3)");
     if let Some(dir) = &config.pod_netns_dir {
         let maps = capture::CaptureMaps::open(&config.bpffs_root, config.maglev_capacity)?;

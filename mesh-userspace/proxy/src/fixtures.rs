@@ -67,7 +67,7 @@ pub fn proxy(state: Arc<Fixed>, certificate_wait: Duration) -> Proxy {
     Proxy::new(
         ProxyConfig {
             trust_domain: TD.into(),
-            roots: Arc::new(rustls::RootCertStore::empty()),
+            roots: lacewing_tunnel::tls::Roots::new(Arc::new(rustls::RootCertStore::empty())),
             tunnel_mark: None,
             certificate_wait,
             outliers: Arc::default(),

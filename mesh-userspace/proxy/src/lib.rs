@@ -56,8 +56,9 @@ use crate::{
 /// What the proxy is built from.
 pub struct ProxyConfig {
     pub trust_domain: String,
-    /// The mesh's trust bundle: tunnel peers must chain to it.
-    pub roots: Arc<rustls::RootCertStore>,
+    /// The mesh's trust bundle: tunnel peers must chain to it. Replaced
+    /// when a CA rotation changes the bundle.
+    pub roots: lacewing_tunnel::tls::Roots,
     /// `SO_MARK` of the tunnel's own sockets (never captured).
     pub tunnel_mark: Option<u32>,
     /// How long a new pod's first connection waits for its certificate.

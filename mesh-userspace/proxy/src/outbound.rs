@@ -92,7 +92,7 @@ pub struct Outbound {
     pub inbound: Arc<Inbound>,
     pub registry: Arc<Registry>,
     pub pool: Pool,
-    pub roots: Arc<rustls::RootCertStore>,
+    pub roots: lacewing_tunnel::tls::Roots,
     pub trust_domain: String,
     pub metrics: TunnelMetrics,
     pub certificate_wait: Duration,
@@ -314,13 +314,7 @@ impl Outbound {
         };
         Ok(self
             .pool
-            .open(
-                &svid,
-                &serial,
-                Arc::clone(&self.roots),
-                source,
-                &destination,
-            )
+            .open(&svid, &serial, self.roots.current(), source, &destination)
             .await?)
     }
 }

@@ -57,6 +57,27 @@ pub fn roots(bundle_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// The trust bundle in force, shared by everything that verifies a peer:
+/// replaced whole when the controller sends a new bundle (a CA rotation),
+/// read afresh for each new handshake. Sessions already up keep theirs.
+#[derive(Clone, Debug)]
+pub struct Roots(Arc<std::sync::RwLock<Arc<RootCertStore>>>);
+
+impl Roots {
+    pub fn new(roots: Arc<RootCertStore>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(roots)))
+    }
+
+    /// The roots for a handshake starting now.
+    pub fn current(&self) -> Arc<RootCertStore> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn replace(&self, roots: Arc<RootCertStore>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = roots;
+    }
+}
+
 /// Whether a server requires its clients' certificates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientCert {

@@ -332,14 +332,20 @@ impl Lab {
     }
 
     /// Issues `node` its certificate for the controller (from the lab's CA,
-    /// created by the controller or here) and returns the folder to pass as
-    /// `lacewing-node --tls-dir`.
+    /// created by the controller or here) unless it holds one still valid,
+    /// and returns the folder to pass as `lacewing-node --tls-dir`.
     pub fn node_credentials(&self, node: &NodeSpec) -> io::Result<std::path::PathBuf> {
-        let ca = lacewing_core::pki::Ca::load_or_create(&self.pki_dir().join("ca"))
-            .map_err(io::Error::other)?;
         let dir = self.pki_dir().join("nodes").join(node.name());
-        ca.issue_node(&dir, lacewing_core::pki::DEFAULT_TRUST_DOMAIN, &node.name())
-            .map_err(io::Error::other)?;
+        let valid = lacewing_core::pki::read_credentials(&dir)
+            .ok()
+            .and_then(|(_, cert, _)| lacewing_core::pki::not_after(&cert))
+            .is_some_and(|t| t > std::time::SystemTime::now());
+        if !valid {
+            let ca = lacewing_core::pki::Ca::load_or_create(&self.pki_dir().join("ca"))
+                .map_err(io::Error::other)?;
+            ca.issue_node(&dir, lacewing_core::pki::DEFAULT_TRUST_DOMAIN, &node.name())
+                .map_err(io::Error::other)?;
+        }
         Ok(dir)
     }
 
