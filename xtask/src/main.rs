@@ -6,6 +6,7 @@ mod fuzz;
 mod layers;
 mod run;
 mod setup;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,16 @@ enum Task {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Mixed traffic through the lab for N minutes while the mesh changes;
+    /// fails on a failed request or on memory, files or sockhash entries
+    /// that keep growing.
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u32,
+        /// Release binaries (as shipped) instead of the tests' debug ones.
+        #[arg(long)]
+        release: bool,
+    },
     /// Benchmarks: `cargo xtask bench l4`, `tunnel`, `local` and `l7` (lab, root), `cargo xtask bench control-plane`.
     Bench {
         /// Which benchmark: l4, l7, tunnel, local or control-plane.
@@ -70,6 +81,7 @@ fn main() {
             Ok(())
         }),
         Task::Bench { name, args } => bench(&name, &args),
+        Task::Soak { minutes, release } => soak::run(minutes, release),
         Task::Fuzz { seconds, target } => {
             setup::run().and_then(|()| fuzz::run(seconds, target.as_deref()))
         }

@@ -97,8 +97,15 @@ pub fn run() -> anyhow::Result<()> {
             summary.ignored
         );
     }
+    // A short soak: a leak that shows in minutes fails CI; the long run is
+    // by hand (`cargo xtask soak --minutes 30`, docs/benchmarks.md).
+    crate::soak::run_built(SOAK_MINUTES, false).context("the soak failed")?;
+    let leaked: Vec<String> = lab_resources().difference(&before).cloned().collect();
+    if !leaked.is_empty() {
+        bail!("the soak left resources behind: {}", leaked.join(", "));
+    }
     eprintln!(
-        "xtask test: all checks passed; lab tests run: {} (in {:.0} s total)",
+        "xtask test: all checks passed; lab tests run: {}, soak of {SOAK_MINUTES} min passed (in {:.0} s total)",
         summary.passed,
         started.elapsed().as_secs_f64()
     );
@@ -107,6 +114,9 @@ pub fn run() -> anyhow::Result<()> {
 
 /// How long CI runs each fuzz target.
 const FUZZ_SECONDS: u64 = 30;
+
+/// How long CI soaks the lab.
+const SOAK_MINUTES: u32 = 3;
 
 /// The Kubernetes version the manifests are checked against.
 const KUBERNETES_VERSION: &str = "1.33.0";

@@ -6,6 +6,7 @@ pub mod control_plane;
 pub mod l4;
 pub mod l7;
 pub mod local;
+pub mod soak;
 pub mod tunnel;
 pub mod upgrade;
 

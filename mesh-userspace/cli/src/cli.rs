@@ -243,6 +243,14 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         interval: u32,
     },
+    /// Mixed traffic for N minutes while the mesh changes (config every
+    /// 5 s, 20-second certificates, one upgrade): fails on any failed
+    /// request or on RSS, open files or sockhash entries that grow after
+    /// warm-up (run it with `cargo xtask soak --minutes N`).
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u32,
+    },
     /// Short TCP connections to a ClusterIP: Lacewing vs kube-proxy
     /// (iptables, nftables) vs a direct connect.
     L4 {
@@ -448,6 +456,28 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     .join(" ")
             );
             println!("{}", crate::bench::upgrade::result_line(&o));
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Soak { minutes }) => {
+            let dir = binaries_dir()?;
+            let o = crate::bench::soak::run(&dir, &crate::bench::soak::Options { minutes })?;
+            for s in &o.samples {
+                println!("{}", crate::bench::soak::sample_line(s));
+            }
+            println!("{}", crate::bench::soak::result_line(&o));
+            if o.failed > 0 || !o.growing.is_empty() {
+                eprintln!(
+                    "soak failed: {} of {} requests failed; growing after warm-up: {}",
+                    o.failed,
+                    o.requests,
+                    if o.growing.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        o.growing.join(", ")
+                    }
+                );
+                return Ok(1);
+            }
             Ok(0)
         }
         Command::Bench(BenchCommand::Tunnel { seconds, rounds }) => {

@@ -121,6 +121,16 @@ impl Lab {
         bin_dir: &Path,
         node_args: &dyn Fn(&NodeSpec) -> Vec<String>,
     ) -> io::Result<Mesh> {
+        self.start_mesh_full(bin_dir, &[], node_args)
+    }
+
+    /// [`Lab::start_mesh_with`], the controller with `controller_args`.
+    pub fn start_mesh_full(
+        &self,
+        bin_dir: &Path,
+        controller_args: &[&str],
+        node_args: &dyn Fn(&NodeSpec) -> Vec<String>,
+    ) -> io::Result<Mesh> {
         let folder = self.config_dir();
         fs::create_dir_all(&folder)?;
         let logs = self.state_dir().join("logs");
@@ -130,7 +140,7 @@ impl Lab {
         let controller = self.start_controller_logged(
             &bin_dir.join("lacewing-controller"),
             &folder,
-            &[],
+            controller_args,
             Some(&logs.join("controller.log")),
         )?;
         let nodes = self
