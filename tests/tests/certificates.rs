@@ -269,3 +269,103 @@ fn the_ca_rotates_under_traffic_and_its_old_root_is_refused_after() {
         );
     }
 }
+
+/// Minutes since the epoch of testssl's `YYYY-MM-DD HH:MM` (UTC).
+fn minutes(stamp: &str) -> i64 {
+    let n: Vec<i64> = stamp
+        .split(['-', ' ', ':'])
+        .map(|p| {
+            p.parse()
+                .unwrap_or_else(|_| panic!("testssl's time `{stamp}`"))
+        })
+        .collect();
+    let [y, m, d, hh, mm] = n[..] else {
+        panic!("testssl's time `{stamp}`");
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    (days * 24 + hh) * 60 + mm
+}
+
+#[test]
+fn testssl_finds_tls_1_3_only_and_the_certificate_lifetime_configured() {
+    // The controller signs node certificates for 2 hours; each daemon
+    // starts with an 8-second one and soon renews into that.
+    let m = MeshLab::build_with(&["--node-cert-ttl", "2h"], true, &short_node_certificate);
+    poll(
+        "n1 renewed its certificate",
+        Duration::from_secs(30),
+        || {
+            (m.metric(
+                "n1",
+                "lacewing_node_certificate_renewals_total{result=\"ok\"}",
+            ) >= 1.0)
+                .then_some(())
+        },
+    );
+    let n1 = m.lab.node("n1").unwrap().underlay_ip4().to_string();
+    let json = m.lab.state_dir().join("testssl.json");
+    let mut cmd = Command::new("testssl");
+    cmd.args([
+        "--quiet",
+        "--color",
+        "0",
+        "--warnings",
+        "off",
+        "--ip",
+        "one",
+        "-p",
+        "-S",
+        "--jsonfile",
+    ])
+    .arg(&json)
+    .arg(format!("{n1}:15008"));
+    let out = m.lab.run_on_node(&m.lab.node("n0").unwrap(), cmd).unwrap();
+    let report: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(&json).unwrap_or_else(|e| panic!("no testssl report ({e}): {out:?}")),
+    )
+    .unwrap();
+    let finding = |id: &str| -> String {
+        report
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["id"] == id)
+            .and_then(|f| f["finding"].as_str())
+            .unwrap_or_else(|| panic!("testssl reported no {id}: {report}"))
+            .to_owned()
+    };
+    eprintln!(
+        "measured: testssl TLS1_2={:?} TLS1_3={:?} cert_notBefore={:?} cert_notAfter={:?}",
+        finding("TLS1_2"),
+        finding("TLS1_3"),
+        finding("cert_notBefore"),
+        finding("cert_notAfter")
+    );
+    for old in ["SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2"] {
+        assert!(
+            finding(old).starts_with("not offered"),
+            "{old}: {}",
+            finding(old)
+        );
+    }
+    assert!(
+        finding("TLS1_3").starts_with("offered"),
+        "{}",
+        finding("TLS1_3")
+    );
+    // Two hours from a minute before it was issued (clock skew).
+    let lifetime = minutes(&finding("cert_notAfter")) - minutes(&finding("cert_notBefore"));
+    assert_eq!(
+        lifetime,
+        121,
+        "{} to {}",
+        finding("cert_notBefore"),
+        finding("cert_notAfter")
+    );
+}

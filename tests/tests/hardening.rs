@@ -336,14 +336,20 @@ fn the_controller_port_caps_and_times_out_a_flood_while_nodes_handshake_as_usual
     });
 
     assert_capped_and_timed_out(&outcomes(flood));
-    let status = m.lab.controller_status_addr();
-    let metrics = {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", &format!("http://{status}/metrics")]);
-        let out = m.lab.run_on_underlay(cmd).unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let value = |line: &str| lacewing_tests::metric_sum(&metrics, line);
+    // A node that finishes its handshake and then says nothing is closed
+    // after the same timeout.
+    let line = m.hbone(&controller, 15012, &creds, &["silent"]);
+    let after: u64 = field(&line, "after").parse().unwrap();
+    let timeout_ms = HANDSHAKE_TIMEOUT_S * 1000;
+    assert!(
+        (timeout_ms - 500..timeout_ms + 2000).contains(&after),
+        "a silent connection was closed after {after} ms"
+    );
+    let value = |line: &str| m.controller_metric(line);
+    assert_eq!(
+        value("lacewing_listener_timeouts_total{listener=\"controller\",phase=\"header\"}"),
+        1.0
+    );
     assert_eq!(
         value(
             "lacewing_listener_refused_total{listener=\"controller\",reason=\"per_source_handshakes\"}"

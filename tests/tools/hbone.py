@@ -12,6 +12,9 @@ tests. Prints one line saying what the server did.
         mutual TLS, HTTP/2, a CONNECT to DEST (host:port), with a header of
         HEADER_BYTES bytes if given
 
+  hbone.py HOST PORT CERT KEY CA silent
+        mutual TLS, then nothing sent: how long until the server closes
+
   hbone.py HOST PORT CERT KEY CA handshake
         mutual TLS with ALPN h2, then one read for the server's verdict
         on the client's certificate
@@ -147,6 +150,18 @@ def main():
                 f"handshake_ms={took:.2f} alpn={s.selected_alpn_protocol()} "
                 f"serial={peer['serialNumber']} expires_in_s={left} client={verdict}"
             )
+    elif mode == "silent":
+        s = tls(host, port, cert, key, ca, ["h2"])
+        s.settimeout(60)
+        started = time.monotonic()
+        try:
+            # What the server sends (its HTTP/2 SETTINGS) is read and
+            # dropped; only its closing the connection ends this.
+            while s.recv(4096):
+                pass
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        print(f"closed after={int((time.monotonic() - started) * 1000)}")
     elif mode == "random":
         random_bytes(host, port)
     elif mode == "http1":

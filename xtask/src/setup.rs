@@ -57,6 +57,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "captures on the lab's underlay: no plain text crosses between nodes",
     ),
     ("sslscan", "what the tunnel port offers: TLS 1.3 only"),
+    (
+        "testssl.sh",
+        "the TLS scanner that checks :15008's protocols and certificate lifetime",
+    ),
     ("iperf3", "throughput in `cargo xtask bench tunnel`"),
     (
         "sockperf",

@@ -17,6 +17,20 @@ use crate::lab::Lab;
 /// The sum of `node`'s metric lines (on :15020) that start with
 /// `line_start`; an error when the metrics cannot be read, so a benchmark
 /// never mistakes a failed read for a zero.
+/// A tool of the lab tests (`tests/tools/<name>`), which benchmarks run
+/// from the workspace they were built in.
+pub(crate) fn tool(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/tools")
+        .join(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} not found: run the benchmark from the workspace (`cargo xtask bench ...`, `cargo xtask soak`)",
+        path.display()
+    );
+    Ok(path)
+}
+
 pub(crate) fn node_metric(lab: &Lab, node: &str, line_start: &str) -> anyhow::Result<f64> {
     let text = lab
         .node_get(&lab.node(node)?, "/metrics")

@@ -1,7 +1,9 @@
 //! The CA in Kubernetes: kept in a Secret (`lacewing-ca` in the controller's
-//! namespace, keys `ca.pem` and `ca-key.pem`), created by the first replica
-//! that finds none; a replica that loses that race (409) reads the winner's.
-//! An operator who brings their own CA creates the Secret before installing.
+//! namespace, keys `ca.pem` and `ca-key.pem`, and optionally
+//! `trust-bundle.pem`: every root trusted, for a rotation), created by the
+//! first replica that finds none; a replica that loses that race (409)
+//! reads the winner's. An operator who brings their own CA creates the
+//! Secret before installing. Read when a controller starts.
 
 use std::collections::BTreeMap;
 
@@ -10,11 +12,12 @@ use k8s_openapi::{
 };
 use kube::{Api, Client, api::PostParams};
 
-use lacewing_core::pki::Ca;
+use lacewing_core::{pki::Ca, trust::Authority};
 
 pub const SECRET_NAME: &str = "lacewing-ca";
 const CERT_KEY: &str = "ca.pem";
 const KEY_KEY: &str = "ca-key.pem";
+const BUNDLE_KEY: &str = lacewing_core::trust::BUNDLE_FILE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaStoreError {
@@ -23,7 +26,7 @@ pub enum CaStoreError {
         namespace: String,
         source: Box<kube::Error>,
     },
-    #[error("Secret {namespace}/{SECRET_NAME} lacks {key} or it is not PEM: {detail}")]
+    #[error("Secret {namespace}/{SECRET_NAME}, key {key}: {detail}")]
     Bad {
         namespace: String,
         key: &'static str,
@@ -35,13 +38,17 @@ pub enum CaStoreError {
 /// key stays in the Secret), as Istio publishes `istio-ca-root-cert`.
 pub const ROOT_CONFIGMAP: &str = "lacewing-ca-root";
 
-/// Publishes the root certificate in [`ROOT_CONFIGMAP`] (server-side apply:
+/// Publishes the trust bundle in [`ROOT_CONFIGMAP`] (server-side apply:
 /// every replica may, and the result is the same).
-pub async fn publish_root(client: Client, namespace: &str, ca: &Ca) -> Result<(), CaStoreError> {
+pub async fn publish_root(
+    client: Client,
+    namespace: &str,
+    authority: &Authority,
+) -> Result<(), CaStoreError> {
     let cm = serde_json::json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace},
-        "data": {CERT_KEY: ca.pem()},
+        "data": {CERT_KEY: authority.bundle_pem},
     });
     Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client, namespace)
         .patch(
@@ -57,8 +64,8 @@ pub async fn publish_root(client: Client, namespace: &str, ca: &Ca) -> Result<()
         })
 }
 
-/// The CA from the Secret, created if there is none.
-pub async fn load_or_create(client: Client, namespace: &str) -> Result<Ca, CaStoreError> {
+/// The CA and trust bundle from the Secret, created if there is none.
+pub async fn load_or_create(client: Client, namespace: &str) -> Result<Authority, CaStoreError> {
     let api = Api::<Secret>::namespaced(client, namespace);
     let api_err = |source| CaStoreError::Api {
         namespace: namespace.to_owned(),
@@ -91,7 +98,8 @@ pub async fn load_or_create(client: Client, namespace: &str) -> Result<Ca, CaSto
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => {
             tracing::info!(%namespace, secret = SECRET_NAME, "created the mesh CA");
-            Ok(ca)
+            let bundle = ca.pem().to_owned();
+            authority(ca, bundle, namespace)
         }
         // Another replica created it first: use theirs.
         Err(kube::Error::Api(e)) if e.code == 409 => {
@@ -102,22 +110,35 @@ pub async fn load_or_create(client: Client, namespace: &str) -> Result<Ca, CaSto
     }
 }
 
-fn from_secret(secret: &Secret, namespace: &str) -> Result<Ca, CaStoreError> {
-    let field = |key: &'static str| {
+fn from_secret(secret: &Secret, namespace: &str) -> Result<Authority, CaStoreError> {
+    let optional = |key: &'static str| {
         secret
             .data
             .as_ref()
             .and_then(|d| d.get(key))
             .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .ok_or_else(|| CaStoreError::Bad {
-                namespace: namespace.to_owned(),
-                key,
-                detail: "missing".to_owned(),
-            })
     };
-    Ca::from_pem(&field(CERT_KEY)?, &field(KEY_KEY)?).map_err(|e| CaStoreError::Bad {
+    let field = |key: &'static str| {
+        optional(key).ok_or_else(|| CaStoreError::Bad {
+            namespace: namespace.to_owned(),
+            key,
+            detail: "missing".to_owned(),
+        })
+    };
+    let cert = field(CERT_KEY)?;
+    let ca = Ca::from_pem(&cert, &field(KEY_KEY)?).map_err(|e| CaStoreError::Bad {
         namespace: namespace.to_owned(),
         key: KEY_KEY,
+        detail: e.to_string(),
+    })?;
+    authority(ca, optional(BUNDLE_KEY).unwrap_or(cert), namespace)
+}
+
+/// `ca` with `bundle`, which must hold it.
+fn authority(ca: Ca, bundle: String, namespace: &str) -> Result<Authority, CaStoreError> {
+    Authority::new(ca, bundle, std::path::Path::new(BUNDLE_KEY)).map_err(|e| CaStoreError::Bad {
+        namespace: namespace.to_owned(),
+        key: BUNDLE_KEY,
         detail: e.to_string(),
     })
 }
@@ -183,13 +204,23 @@ mod tests {
     }
 
     fn secret_of(ca: &Ca, key_pem: &str) -> Value {
-        let data = BTreeMap::from([
+        secret_with_bundle(ca, key_pem, None)
+    }
+
+    fn secret_with_bundle(ca: &Ca, key_pem: &str, bundle: Option<&str>) -> Value {
+        let mut data = BTreeMap::from([
             (
                 CERT_KEY.to_owned(),
                 ByteString(ca.pem().as_bytes().to_vec()),
             ),
             (KEY_KEY.to_owned(), ByteString(key_pem.as_bytes().to_vec())),
         ]);
+        if let Some(bundle) = bundle {
+            data.insert(
+                BUNDLE_KEY.to_owned(),
+                ByteString(bundle.as_bytes().to_vec()),
+            );
+        }
         let mut secret = serde_json::to_value(Secret {
             metadata: ObjectMeta {
                 name: Some(SECRET_NAME.to_owned()),
@@ -205,15 +236,21 @@ mod tests {
         secret
     }
 
-    async fn run(stored: Option<Value>, race: Option<Value>) -> (Ca, Option<Value>) {
+    async fn load(
+        stored: Option<Value>,
+        race: Option<Value>,
+    ) -> (Result<Authority, CaStoreError>, Option<Value>) {
         let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
         let stored = Arc::new(Mutex::new(stored));
         tokio::spawn(serve(handle, Arc::clone(&stored), race));
-        let ca = load_or_create(Client::new(svc, "default"), "lacewing-system")
-            .await
-            .unwrap();
+        let authority = load_or_create(Client::new(svc, "default"), "lacewing-system").await;
         let kept = stored.lock().unwrap().clone();
-        (ca, kept)
+        (authority, kept)
+    }
+
+    async fn run(stored: Option<Value>, race: Option<Value>) -> (Ca, Option<Value>) {
+        let (authority, kept) = load(stored, race).await;
+        (authority.unwrap().signer, kept)
     }
 
     #[tokio::test]
@@ -222,6 +259,31 @@ mod tests {
         let kept = kept.expect("the CA was stored in a Secret");
         let (loaded, _) = run(Some(kept), None).await;
         assert_eq!(loaded.pem(), created.pem(), "a restart keeps the CA");
+    }
+
+    #[tokio::test]
+    async fn a_bundle_in_the_secret_is_the_trust_bundle_if_it_holds_the_signer() {
+        let (signer, key) = Ca::generate().unwrap();
+        let (next, _) = Ca::generate().unwrap();
+        let both = format!("{}{}", signer.pem(), next.pem());
+        let (authority, _) = load(Some(secret_with_bundle(&signer, &key, Some(&both))), None).await;
+        let authority = authority.unwrap();
+        assert_eq!(
+            (authority.roots(), authority.bundle_pem.as_str()),
+            (2, both.as_str())
+        );
+        // A bundle without the signer is refused, naming the key to fix.
+        let (refused, _) = load(
+            Some(secret_with_bundle(&signer, &key, Some(next.pem()))),
+            None,
+        )
+        .await;
+        let err = refused.err().expect("refused").to_string();
+        assert!(
+            err.contains("lacewing-ca, key trust-bundle.pem: the signing CA")
+                && err.contains("is not in"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -243,9 +305,12 @@ mod tests {
             send.send_response(reply(StatusCode::OK, &body));
             body
         });
-        publish_root(Client::new(svc, "default"), "lacewing-system", &ca)
+        let bundle = ca.pem().to_owned();
+        let authority = Authority::new(ca, bundle, std::path::Path::new("-")).unwrap();
+        publish_root(Client::new(svc, "default"), "lacewing-system", &authority)
             .await
             .unwrap();
+        let ca = &authority.signer;
         let body = server.await.unwrap();
         assert_eq!(body["data"]["ca.pem"], ca.pem());
         assert!(

@@ -105,15 +105,8 @@ pub async fn run(config: ControllerConfig) -> Result<(), ControllerError> {
             },
             Some(client),
         ) => {
-            let ca = ca_store::load_or_create(client.clone(), lease_namespace).await?;
-            ca_store::publish_root(client.clone(), lease_namespace, &ca).await?;
-            let bundle = ca.pem().to_owned();
-            let authority =
-                trust::Authority::new(ca, bundle, std::path::Path::new(ca_store::SECRET_NAME))
-                    .map_err(|source| ControllerError::Trust {
-                        dir: config.pki_dir.clone(),
-                        source,
-                    })?;
+            let authority = ca_store::load_or_create(client.clone(), lease_namespace).await?;
+            ca_store::publish_root(client.clone(), lease_namespace, &authority).await?;
             let (keep, authorities) = authority::fixed(authority, &authority_metrics);
             _fixed_authority = Some(keep);
             authorities

@@ -1,6 +1,10 @@
 //! The controller's :15012 listener: admission (caps per source address,
 //! the handshake timeout) and TLS 1.3 in front of tonic, which is handed
-//! only connections that finished their handshake in time.
+//! only connections that finished their handshake in time. A connection
+//! that then sends nothing (not even HTTP/2's preface) within the same
+//! timeout is closed: it would hold its place in its source's count for
+//! good. Once it has spoken, HTTP/2 keep-alive finds dead peers, and an
+//! idle live one (a node's configuration stream) stays.
 
 use std::{
     pin::Pin,
@@ -23,6 +27,9 @@ use tonic::transport::server::Connected;
 pub struct Guarded {
     inner: TlsStream<TcpStream>,
     _slot: Slot,
+    /// Until the first bytes arrive: when the connection is given up.
+    silent_until: Option<Pin<Box<tokio::time::Sleep>>>,
+    admission: Admission,
 }
 
 impl Connected for Guarded {
@@ -36,11 +43,30 @@ impl Connected for Guarded {
 
 impl AsyncRead for Guarded {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let Some(deadline) = this.silent_until.as_mut() else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.silent_until = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                this.admission.timed_out("header");
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request after the TLS handshake",
+                )))
+            }
+            other => other,
+        }
     }
 }
 
@@ -102,7 +128,17 @@ pub fn incoming(
                 match admission.handshake(acceptor.accept(stream)).await {
                     Ok(Ok(inner)) => {
                         drop(handshake);
-                        let _ = tx.send(Ok(Guarded { inner, _slot: slot })).await;
+                        let silent_until = Some(Box::pin(tokio::time::sleep(
+                            admission.limits().handshake_timeout,
+                        )));
+                        let _ = tx
+                            .send(Ok(Guarded {
+                                inner,
+                                _slot: slot,
+                                silent_until,
+                                admission,
+                            }))
+                            .await;
                     }
                     Ok(Err(err)) => tracing::info!(%from, %err, "controller handshake failed"),
                     Err(err) => tracing::info!(%from, %err, "controller handshake timed out"),

@@ -42,6 +42,10 @@ pub enum PkiError {
     BadRequest(String),
     #[error("the CA: {0}")]
     BadCa(String),
+    #[error(
+        "{0}: key.pem is not the key of cert.pem (or one of them is not PEM): write them again as a pair"
+    )]
+    Mismatch(PathBuf),
 }
 
 /// A workload's key and certificate, as the node keeps them.
@@ -201,7 +205,7 @@ impl Ca {
             fs::read_to_string(&path).map_err(io_err(&path))
         };
         let mut ca = Self::from_pem(&read(CA_FILE)?, &read(CA_KEY_FILE)?)?;
-        ca.record = Some(dir.join(crate::trust::ISSUED_DIR));
+        ca.record = Some(dir.join(ISSUED_DIR));
         Ok(ca)
     }
 
@@ -211,9 +215,7 @@ impl Ca {
         let key = KeyPair::from_pem(key_pem)?;
         let der = pem_to_der(cert_pem)
             .ok_or_else(|| PkiError::BadCa("the CA certificate is not PEM".into()))?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| PkiError::BadCa(format!("the CA certificate cannot be read: {e}")))?;
-        if parsed.public_key().raw != key.public_key_der() {
+        if !key_matches(&der, &key) {
             return Err(PkiError::BadCa(
                 "the CA key is not the key of the CA certificate".into(),
             ));
@@ -247,7 +249,7 @@ impl Ca {
     /// (a CA kept in a folder only).
     fn note_issued(&self, not_after: time::OffsetDateTime) -> Result<(), PkiError> {
         match &self.record {
-            Some(dir) => crate::trust::note_issued(dir, &self.fingerprint, not_after),
+            Some(dir) => note_in(dir, &self.fingerprint, not_after),
             None => Ok(()),
         }
     }
@@ -433,6 +435,35 @@ pub fn fingerprint(der: &[u8]) -> String {
         .collect()
 }
 
+/// Where a CA kept in a folder notes, per root fingerprint, until when the
+/// latest certificate it signed is valid (see [`crate::trust`]).
+pub const ISSUED_DIR: &str = "issued";
+
+/// Until when what `root` signed is valid, as noted when it signed.
+pub fn issued_until(dir: &Path, root: &str) -> Option<std::time::SystemTime> {
+    let text = fs::read_to_string(dir.join(ISSUED_DIR).join(root)).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(text.trim().parse().ok()?))
+}
+
+/// Notes in `issued` that `root` signed something valid until
+/// `not_after`, if that is later than what is noted.
+fn note_in(issued: &Path, root: &str, not_after: time::OffsetDateTime) -> Result<(), PkiError> {
+    // One note at a time in this process: two signings side by side must
+    // not both read the old value and leave the earlier time written.
+    static NOTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = NOTING.lock().unwrap_or_else(|p| p.into_inner());
+    let until = u64::try_from(not_after.unix_timestamp()).unwrap_or(0);
+    let path = issued.join(root);
+    let noted = fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    if noted.is_some_and(|n| n >= until) {
+        return Ok(());
+    }
+    fs::create_dir_all(issued).map_err(io_err(issued))?;
+    write_whole(&path, &format!("{until}\n"), 0o644)
+}
+
 /// A private key's file: readable by its owner only.
 pub(crate) fn write_private(path: &Path, pem: &str) -> Result<(), PkiError> {
     write_whole(path, pem, 0o600)
@@ -471,13 +502,34 @@ pub fn write_credentials(dir: &Path, ca: &str, cert: &str, key: &str) -> Result<
     write_private(&dir.join(KEY_FILE), key)
 }
 
-/// Reads a credential folder: (ca.pem, cert.pem, key.pem).
+/// Whether `key` is the key of the certificate `cert_der`.
+fn key_matches(cert_der: &[u8], key: &KeyPair) -> bool {
+    x509_parser::parse_x509_certificate(cert_der)
+        .is_ok_and(|(_, cert)| cert.public_key().raw == key.public_key_der())
+}
+
+/// Reads a credential folder: (ca.pem, cert.pem, key.pem), a certificate
+/// and key that belong together. The files are replaced one at a time
+/// ([`write_credentials`]): a reader between two renames could get a new
+/// certificate with the old key, so a mismatched pair is read again (for
+/// up to a second) before it is an error.
 pub fn read_credentials(dir: &Path) -> Result<(String, String, String), PkiError> {
     let read = |name: &str| {
         let path = dir.join(name);
         fs::read_to_string(&path).map_err(io_err(&path))
     };
-    Ok((read(CA_FILE)?, read(CERT_FILE)?, read(KEY_FILE)?))
+    for _ in 0..100 {
+        let (ca, cert, key) = (read(CA_FILE)?, read(CERT_FILE)?, read(KEY_FILE)?);
+        let pair = KeyPair::from_pem(&key)
+            .ok()
+            .zip(pem_to_der(&cert))
+            .is_some_and(|(k, der)| key_matches(&der, &k));
+        if pair {
+            return Ok((ca, cert, key));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(PkiError::Mismatch(dir.to_owned()))
 }
 
 #[cfg(test)]

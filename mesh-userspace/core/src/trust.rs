@@ -21,14 +21,14 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use crate::pki::{self, Ca, PkiError, io_err};
 
 pub const BUNDLE_FILE: &str = "trust-bundle.pem";
 pub const NEXT_DIR: &str = "next";
-pub const ISSUED_DIR: &str = "issued";
+pub use crate::pki::{ISSUED_DIR, issued_until};
 
 /// Why a step cannot be taken, and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -194,35 +194,6 @@ pub fn finish(dir: &Path, force: bool) -> Result<Vec<String>, TrustError> {
     Ok(removed)
 }
 
-/// Until when what `root` signed is valid, as noted when it signed.
-pub fn issued_until(dir: &Path, root: &str) -> Option<SystemTime> {
-    let text = fs::read_to_string(dir.join(ISSUED_DIR).join(root)).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(text.trim().parse().ok()?))
-}
-
-/// Notes in `issued` that `root` signed something valid until
-/// `not_after`, if that is later than what is noted.
-pub(crate) fn note_issued(
-    issued: &Path,
-    root: &str,
-    not_after: time::OffsetDateTime,
-) -> Result<(), PkiError> {
-    // One note at a time in this process: two signings side by side must
-    // not both read the old value and leave the earlier time written.
-    static NOTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = NOTING.lock().unwrap_or_else(|p| p.into_inner());
-    let until = u64::try_from(not_after.unix_timestamp()).unwrap_or(0);
-    let path = issued.join(root);
-    let noted = fs::read_to_string(&path)
-        .ok()
-        .and_then(|t| t.trim().parse::<u64>().ok());
-    if noted.is_some_and(|n| n >= until) {
-        return Ok(());
-    }
-    fs::create_dir_all(issued).map_err(io_err(issued))?;
-    pki::write_whole(&path, &format!("{until}\n"), 0o644)
-}
-
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
@@ -239,6 +210,8 @@ fn with_newline(pem: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn temp(name: &str) -> PathBuf {

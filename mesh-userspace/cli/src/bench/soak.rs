@@ -21,7 +21,7 @@
 
 use std::{
     fmt::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -76,18 +76,6 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     keep_logs_on_error(&lab, result)
 }
 
-fn tool(name: &str) -> anyhow::Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/tools")
-        .join(name);
-    anyhow::ensure!(
-        path.is_file(),
-        "{} not found: run the soak from the workspace (`cargo xtask soak`)",
-        path.display()
-    );
-    Ok(path)
-}
-
 fn soak(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     let total = Duration::from_secs(u64::from(opts.minutes) * 60);
     let warm_up = Duration::from_secs(60).max(total / 5);
@@ -126,7 +114,7 @@ fn soak(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     let mut servers: Vec<LabProcess> = Vec::new();
     for pod in [local, web0, web1] {
         let mut cmd = Command::new("python3");
-        cmd.arg(tool("xfer.py")?)
+        cmd.arg(super::tool("xfer.py")?)
             .args(["serve", &ECHO_PORT.to_string()]);
         let mut echo = lab.spawn_in_pod(pod, cmd)?;
         echo.wait_listening(ECHO_PORT, Duration::from_secs(10))?;
@@ -140,7 +128,7 @@ fn soak(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     let seconds = total.as_secs().to_string();
     let churn = |vip: &str, rate: &str| -> anyhow::Result<LabProcess> {
         let mut cmd = Command::new("python3");
-        cmd.arg(tool("churn.py")?)
+        cmd.arg(super::tool("churn.py")?)
             .args([vip, "80", rate, &seconds])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());

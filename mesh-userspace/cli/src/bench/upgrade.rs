@@ -9,7 +9,7 @@
 //! to a second after the takeover) is compared with the p99 of the others.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -60,18 +60,6 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     keep_logs_on_error(&lab, result)
 }
 
-fn tool(name: &str) -> anyhow::Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/tools")
-        .join(name);
-    anyhow::ensure!(
-        path.is_file(),
-        "{} not found: run the benchmark from the workspace (`cargo xtask bench upgrade`)",
-        path.display()
-    );
-    Ok(path)
-}
-
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -91,7 +79,7 @@ fn measure(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome>
     let _nginx = lab.start_http_server(&server, HTTP_PORT, "upgrade")?;
     let mut echo = {
         let mut cmd = Command::new("python3");
-        cmd.arg(tool("xfer.py")?)
+        cmd.arg(super::tool("xfer.py")?)
             .args(["serve", &ECHO_PORT.to_string()]);
         lab.spawn_in_pod(&server, cmd)?
     };
@@ -111,7 +99,7 @@ fn measure(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome>
     };
     let churn = {
         let mut cmd = Command::new("python3");
-        cmd.arg(tool("churn.py")?)
+        cmd.arg(super::tool("churn.py")?)
             .args([target.as_str(), &ECHO_PORT.to_string(), "200", &seconds])
             .arg(&churn_log)
             .stdout(std::process::Stdio::piped())
