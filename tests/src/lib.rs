@@ -299,7 +299,8 @@ pub fn assert_promtool_accepts(metrics: &str) {
 
 /// Starts `lacewing-node` on each of the lab's nodes, subscribed to the lab's
 /// controller with the node's own certificate; with `capture`, it also
-/// captures the node's meshed pods (`--pod-netns-dir`).
+/// captures the node's meshed pods (`--pod-netns-dir` for the lab's own
+/// pods, `--cni-socket` for pods added through the CNI chain).
 pub fn start_subscribed_nodes(lab: &Lab, capture: bool) -> Vec<lacewing::lab::LabProcess> {
     start_subscribed_nodes_with(lab, capture, &|_, _| Vec::new())
 }
@@ -342,6 +343,8 @@ pub fn subscribed_node_args(
     if capture {
         args.push("--pod-netns-dir".into());
         args.push(lab.pod_netns_dir(node).expect("pod netns folder").into());
+        args.push("--cni-socket".into());
+        args.push(lab.cni_socket(node).into());
     }
     args
 }

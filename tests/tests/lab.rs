@@ -317,7 +317,7 @@ fn the_cli_brings_a_lab_up_runs_in_it_and_takes_it_down() {
         .output()
         .unwrap();
     assert!(
-        String::from_utf8_lossy(&exec.stdout).contains("10.244.0.11/32"),
+        String::from_utf8_lossy(&exec.stdout).contains("10.244.0.11/24"),
         "{exec:?}"
     );
     let code = Command::new(bin("lacewing"))

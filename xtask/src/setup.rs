@@ -61,6 +61,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "testssl.sh",
         "the TLS scanner that checks :15008's protocols and certificate lifetime",
     ),
+    (
+        "containernetworking-plugins",
+        "the CNI reference plugins (ptp, host-local, loopback) that wire the lab's pods",
+    ),
     ("iperf3", "throughput in `cargo xtask bench tunnel`"),
     (
         "sockperf",

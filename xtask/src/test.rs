@@ -121,8 +121,9 @@ const SOAK_MINUTES: u32 = 3;
 /// The Kubernetes version the manifests are checked against.
 const KUBERNETES_VERSION: &str = "1.33.0";
 
-/// `helm lint`, then every manifest the chart renders (with capture off and
-/// on) checked against Kubernetes' schemas; where the Prometheus Operator's
+/// `helm lint`, then every manifest the chart renders (with the CNI plugin,
+/// without it, and with the netns folder) checked against Kubernetes'
+/// schemas, and the CNI plugin's wiring in the default rendering; where the Prometheus Operator's
 /// CRDs exist it adds a PodMonitor and a ServiceMonitor, which those schemas
 /// do not know, so that rendering is only checked for their presence.
 fn check_chart() -> anyhow::Result<()> {
@@ -137,6 +138,7 @@ fn check_chart() -> anyhow::Result<()> {
             "chart-capture.yaml",
             &["--set", "node.podNetnsDir=/run/lacewing/netns"][..],
         ),
+        ("chart-no-cni.yaml", &["--set", "cni.enabled=false"][..]),
     ] {
         let rendered = helm_template(&helm, extra)?;
         check_upgrade_strategy(&rendered)?;
@@ -152,6 +154,7 @@ fn check_chart() -> anyhow::Result<()> {
             .arg(&file);
         run::status(validate).context("the chart renders objects Kubernetes would reject")?;
     }
+    check_cni(&helm_template(&helm, &[])?)?;
     let rendered = helm_template(&helm, &["--api-versions", MONITORING_API])?;
     for kind in ["kind: PodMonitor", "kind: ServiceMonitor"] {
         anyhow::ensure!(
@@ -167,6 +170,66 @@ fn check_chart() -> anyhow::Result<()> {
 /// on a hostPath both see, readiness from the pod's own ready file (the
 /// node's ports answer for whichever daemon accepts), and a grace period
 /// longer than the drain.
+/// With the CNI plugin (the default): the node pod sees the host's
+/// processes (running pods are found in /proc), the daemon serves the
+/// plugin's socket, and install-cni writes the host's CNI folders, hostPaths
+/// that must exist.
+fn check_cni(rendered: &str) -> anyhow::Result<()> {
+    use serde::Deserialize as _;
+    let daemonset = serde_yaml::Deserializer::from_str(rendered)
+        .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
+        .find(|doc| doc["kind"] == "DaemonSet")
+        .context("the chart renders no DaemonSet")?;
+    let pod = &daemonset["spec"]["template"]["spec"];
+    anyhow::ensure!(
+        pod["hostPID"] == true,
+        "with cni.enabled the node pod needs hostPID: true"
+    );
+    let containers = pod["containers"]
+        .as_sequence()
+        .context("the node pod has no containers")?;
+    anyhow::ensure!(
+        containers[0]["args"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|a| a.as_str() == Some("--cni-socket=/run/lacewing/cni.sock")),
+        "the node daemon is not given --cni-socket"
+    );
+    let install = containers
+        .iter()
+        .find(|c| c["name"] == "install-cni")
+        .context("with cni.enabled the node pod has no install-cni container")?;
+    anyhow::ensure!(
+        install["securityContext"]["runAsUser"] == 0,
+        "install-cni must run as root"
+    );
+    for (path, host_type) in [
+        ("/host/opt/cni/bin", "Directory"),
+        ("/host/etc/cni/net.d", "Directory"),
+        ("/run/lacewing", "DirectoryOrCreate"),
+    ] {
+        let name = install["volumeMounts"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|m| m["mountPath"] == path)
+            .and_then(|m| m["name"].as_str())
+            .with_context(|| format!("install-cni does not mount {path}"))?;
+        let volume = pod["volumes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+            .with_context(|| format!("volume {name} is missing"))?;
+        anyhow::ensure!(
+            volume["hostPath"]["type"] == host_type,
+            "{path} must be a hostPath of type {host_type}: {volume:?}"
+        );
+    }
+    Ok(())
+}
+
 fn check_upgrade_strategy(rendered: &str) -> anyhow::Result<()> {
     use serde::Deserialize as _;
     let daemonset = serde_yaml::Deserializer::from_str(rendered)

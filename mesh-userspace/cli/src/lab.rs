@@ -1,5 +1,6 @@
 //! The local lab: a whole cluster on one Linux machine, as root. Every node and
-//! pod is a network namespace, pods hang off their node by veth, nodes share an
+//! pod is a network namespace, pods hang off their node by veth (made by the
+//! CNI reference plugins, run as a container runtime runs them), nodes share an
 //! underlay bridge in a namespace of its own, and each pod's processes live in a
 //! cgroup below its node's cgroup, so a node daemon attaches its programs at the
 //! node's cgroup exactly as it would at a real node's root.
@@ -10,6 +11,7 @@
 //! unwinding), and by [`sweep`] for what a killed process left behind.
 
 mod apps;
+pub mod cni;
 mod netns;
 mod preflight;
 mod process;
@@ -53,6 +55,16 @@ pub enum LabError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Teardown(#[from] sweep::TeardownError),
+}
+
+/// A pod's sandbox made after the lab: [`Lab::sandbox`].
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    pub node: NodeSpec,
+    /// How the runtime names it to the CNI plugins.
+    pub pod: cni::PodRef,
+    pub netns_name: String,
+    pub cgroup: PathBuf,
 }
 
 /// A running lab. Dropping it removes everything it made, unless it was
@@ -129,7 +141,99 @@ impl Lab {
         for pod in self.topo.pods() {
             fs::create_dir(self.pod_cgroup(&pod))?;
         }
-        netns::build(&self.topo)
+        netns::build(&self.topo)?;
+        cni::configure(self)?;
+        cni::wire_topology(self)
+    }
+
+    /// Makes a pod's sandbox after the lab was made, as a kubelet does
+    /// before it calls the CNI plugins: a network namespace
+    /// (`lw-<id>-<node>-<name>`) with no links yet, and a cgroup below the
+    /// node's named by the pod's UID (`kubepods/pod<uid>`, the kubelet's
+    /// cgroupfs layout). [`cni::add`] wires it.
+    pub fn sandbox(
+        &self,
+        node: &NodeSpec,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> std::io::Result<Sandbox> {
+        let netns_name = format!("{}-{}-{name}", self.topo.id.prefix(), node.name());
+        let out = Command::new("ip")
+            .args(["netns", "add", &netns_name])
+            .output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "ip netns add {netns_name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let sysctl = Command::new("ip")
+            .args(["netns", "exec", &netns_name, "sysctl", "-q", "-w"])
+            .args([
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ])
+            .status()?;
+        if !sysctl.success() {
+            return Err(std::io::Error::other(format!(
+                "sysctl in {netns_name} failed"
+            )));
+        }
+        let cgroup = self
+            .node_cgroup(node)
+            .join("kubepods")
+            .join(format!("pod{uid}"));
+        fs::create_dir_all(&cgroup)?;
+        Ok(Sandbox {
+            node: *node,
+            pod: cni::PodRef {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                uid: uid.to_owned(),
+                container_id: format!("{netns_name}-{}", std::process::id()),
+                netns: netns::path(&netns_name),
+            },
+            netns_name,
+            cgroup,
+        })
+    }
+
+    /// Starts `cmd` in a sandbox: its namespace and its cgroup.
+    pub fn spawn_in_sandbox(&self, sandbox: &Sandbox, cmd: Command) -> std::io::Result<LabProcess> {
+        LabProcess::spawn(
+            cmd,
+            sandbox.pod.name.clone(),
+            &sandbox.pod.netns,
+            &sandbox.cgroup,
+        )
+    }
+
+    /// Runs `cmd` in a sandbox to completion.
+    pub fn run_in_sandbox(&self, sandbox: &Sandbox, mut cmd: Command) -> std::io::Result<Output> {
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        self.spawn_in_sandbox(sandbox, cmd)?.wait_with_output()
+    }
+
+    /// The node's end of a pod's veth (the plugin names it).
+    pub fn pod_link(&self, pod: &PodSpec) -> std::io::Result<String> {
+        let out = Command::new("ip")
+            .args(["-n", &pod.node.netns(), "-o", "route", "get"])
+            .arg(pod.ip4().to_string())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "dev")
+            .nth(1)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "no route to {} on {}: {text}",
+                    pod.ip4(),
+                    pod.node.name()
+                ))
+            })
     }
 
     /// Keeps the lab after this handle is gone; `lacewing lab down` removes it.

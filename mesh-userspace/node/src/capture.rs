@@ -14,9 +14,11 @@
 //! predecessor's (the same sockets, with what waits in their queues) and
 //! accepts on them once the predecessor stopped.
 //!
-//! The pod's network namespace comes from the pod network (a CNI plugin):
-//! a folder (`--pod-netns-dir`) with one file per pod address holding the
-//! path of its namespace. In the lab, the lab writes it.
+//! The pod's network namespace comes from the CNI plugin's hand-over
+//! ([`super::cni`]: `--cni-socket`), from a running process of the pod
+//! found at start, or from a folder (`--pod-netns-dir`) with one file per
+//! pod address holding the path of its namespace (the lab writes one for
+//! the pods it wires before the daemons start).
 
 use std::{
     collections::BTreeMap,
@@ -47,6 +49,7 @@ use lacewing_sys::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    cni::{PodNetns, PodNets},
     fastpath::IdentityNumbers,
     maps::{addr_key, open},
     workloads::LocalWorkloads,
@@ -152,7 +155,9 @@ impl Drop for Captured {
 
 /// What capture runs with besides its maps.
 pub struct CaptureParts {
-    pub netns_dir: PathBuf,
+    pub netns_dir: Option<PathBuf>,
+    /// Pods the CNI plugin handed over, and those found running.
+    pub pods: Arc<PodNets>,
     pub workloads: Arc<LocalWorkloads>,
     pub proxy: Arc<Proxy>,
     pub numbers: Arc<IdentityNumbers>,
@@ -180,6 +185,7 @@ pub struct PodAdmission {
 pub async fn run(maps: CaptureMaps, parts: CaptureParts, drain: CancellationToken) {
     let CaptureParts {
         netns_dir,
+        pods,
         workloads,
         proxy,
         numbers,
@@ -191,19 +197,31 @@ pub async fn run(maps: CaptureMaps, parts: CaptureParts, drain: CancellationToke
     let maps = Arc::new(std::sync::Mutex::new(maps));
     let mut captured: BTreeMap<String, Captured> = BTreeMap::new();
     let mut changes = workloads.watch();
+    let mut handed = pods.watch();
     let mut rechecked = None;
     loop {
         let version = *changes.borrow_and_update();
-        let wanted: BTreeMap<String, (Workload, PathBuf)> = workloads
-            .meshed()
+        handed.borrow_and_update();
+        let meshed = workloads.meshed();
+        let without: Vec<&Workload> = meshed
+            .iter()
+            .filter(|w| netns_of(&pods, netns_dir.as_deref(), w).is_none())
+            .collect();
+        if !without.is_empty() {
+            pods.find_running(&without);
+        }
+        let wanted: BTreeMap<String, (Workload, PodNetns)> = meshed
             .into_iter()
             .filter_map(|w| {
-                let path = netns_of(&netns_dir, &w.addresses)?;
-                Some((w.key(), (w, path)))
+                let netns = netns_of(&pods, netns_dir.as_deref(), &w)?;
+                Some((w.key(), (w, netns)))
             })
             .collect();
         captured.retain(|key, c| {
-            let keep = wanted.contains_key(key);
+            // A pod whose sandbox was made again has a new namespace.
+            let keep = wanted
+                .get(key)
+                .is_some_and(|(_, netns)| same_file(&netns.file, &c.netns));
             if !keep {
                 stop(c, &mut lock(&maps));
                 tracing::info!(pod = %key, "capture stopped");
@@ -219,24 +237,25 @@ pub async fn run(maps: CaptureMaps, parts: CaptureParts, drain: CancellationToke
                 }
             }
         }
-        for (key, (workload, path)) in wanted {
+        for (key, (workload, netns)) in wanted {
             if captured.contains_key(&key) {
                 continue;
             }
             let identity = numbers.number(&workload.identity(&proxy.outbound.trust_domain));
             match start(
-                &workload, identity, &path, &maps, &proxy, &listeners, &admission,
+                &workload, identity, &netns, &maps, &proxy, &listeners, &admission,
             ) {
                 Ok(c) => {
-                    tracing::info!(pod = %key, netns = %path.display(), cookie = c.cookie, strict = c.strict, "capturing outbound TCP");
+                    tracing::info!(pod = %key, netns = %netns.origin, cookie = c.cookie, strict = c.strict, "capturing outbound TCP");
                     captured.insert(key, c);
                 }
                 Err(err) => {
-                    tracing::warn!(pod = %key, netns = %path.display(), %err, "cannot capture");
+                    tracing::warn!(pod = %key, netns = %netns.origin, %err, "cannot capture");
                 }
             }
         }
         captured_pods.set(i64::try_from(captured.len()).unwrap_or(i64::MAX));
+        pods.set_captured(captured.keys().cloned().collect());
         reconciled.send_replace(version);
         if rechecked != Some(version) {
             // Policies may have changed: what the fast path let through
@@ -250,6 +269,7 @@ pub async fn run(maps: CaptureMaps, parts: CaptureParts, drain: CancellationToke
         }
         tokio::select! {
             _ = changes.changed() => {}
+            _ = handed.changed() => {}
             () = tokio::time::sleep(LOOK_EVERY) => {}
             () = drain.cancelled() => break,
         }
@@ -260,6 +280,7 @@ pub async fn run(maps: CaptureMaps, parts: CaptureParts, drain: CancellationToke
     let count = captured.len();
     captured.clear();
     captured_pods.set(0);
+    pods.set_captured(Default::default());
     tracing::info!(pods = count, "capture listeners closed for the drain");
 }
 
@@ -267,13 +288,31 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The netns path the pod network recorded for any of these addresses.
-fn netns_of(dir: &Path, addresses: &[IpAddr]) -> Option<PathBuf> {
-    addresses.iter().find_map(|a| {
+/// The pod's network namespace: handed over or found running, else the
+/// path the pod network recorded in `dir` for any of its addresses.
+fn netns_of(pods: &PodNets, dir: Option<&Path>, w: &Workload) -> Option<PodNetns> {
+    if let Some(netns) = pods.netns(w) {
+        return Some(netns);
+    }
+    let dir = dir?;
+    w.addresses.iter().find_map(|a| {
         let text = std::fs::read_to_string(dir.join(a.to_string())).ok()?;
         let path = PathBuf::from(text.trim());
-        path.exists().then_some(path)
+        let file = File::open(&path).ok()?;
+        Some(PodNetns {
+            file: Arc::new(file),
+            origin: path.display().to_string(),
+        })
     })
+}
+
+/// Whether two handles are the same namespace.
+fn same_file(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// Turns a pod's capture off (its listeners close with the tasks).
@@ -289,13 +328,13 @@ fn stop(c: &mut Captured, maps: &mut CaptureMaps) {
 fn start(
     workload: &Workload,
     identity: u32,
-    netns_path: &Path,
+    netns: &PodNetns,
     maps: &Arc<std::sync::Mutex<CaptureMaps>>,
     proxy: &Arc<Proxy>,
     handoff: &Arc<Listeners>,
     admission: &PodAdmission,
 ) -> std::io::Result<Captured> {
-    let netns = Arc::new(File::open(netns_path)?);
+    let netns = Arc::clone(&netns.file);
     let strict = workload.strict;
     let role = format!("pod/{}", workload.key());
     let mut held = Vec::new();

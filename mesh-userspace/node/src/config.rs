@@ -94,6 +94,11 @@ pub struct NodeArgs {
     /// in the lab, by the lab).
     #[arg(long, env = "LACEWING_POD_NETNS_DIR", requires = "controller")]
     pub pod_netns_dir: Option<PathBuf>,
+    /// Capture meshed pods the `lacewing-cni` plugin hands over on this
+    /// Unix socket (made root-only; the namespaces known to be meshed are
+    /// written beside it, for the plugin to go by when the daemon is down).
+    #[arg(long, env = "LACEWING_CNI_SOCKET", requires = "controller")]
+    pub cni_socket: Option<PathBuf>,
     /// Where the tunnel (HBONE, mutual TLS) listens, with --controller.
     #[arg(long, default_value = "0.0.0.0:15008")]
     pub tunnel_addr: SocketAddr,
@@ -220,6 +225,7 @@ pub struct NodeConfig {
     pub service_cidrs: Vec<ServiceCidr>,
     pub trust_domain: String,
     pub pod_netns_dir: Option<PathBuf>,
+    pub cni_socket: Option<PathBuf>,
     pub tunnel_addr: SocketAddr,
     pub bootstrap: Option<Bootstrap>,
     pub acceleration: bool,
@@ -343,6 +349,7 @@ impl NodeArgs {
             service_cidrs: self.service_cidr,
             trust_domain: self.trust_domain,
             pod_netns_dir: self.pod_netns_dir,
+            cni_socket: self.cni_socket,
             tunnel_addr: self.tunnel_addr,
             acceleration: self.acceleration,
             fast_path: self.fast_path,

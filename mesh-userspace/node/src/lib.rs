@@ -18,6 +18,7 @@ pub mod bootstrap;
 pub mod capture;
 pub mod channel;
 pub mod client;
+pub mod cni;
 pub mod config;
 pub mod explain;
 pub mod fastpath;
@@ -84,6 +85,11 @@ pub enum NodeError {
     )]
     Metrics {
         addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serving the CNI hand-over on {path}: {source} (check --cni-socket)")]
+    CniSocket {
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
     #[error("{0} (check --run-dir)")]
@@ -324,10 +330,7 @@ pub async fn run(
         outliers,
         breakers,
         log_level,
-        fast_path: config
-            .pod_netns_dir
-            .as_ref()
-            .map(|_| (Arc::clone(&numbers), config.bpffs_root.clone())),
+        fast_path: capturing(&config).then(|| (Arc::clone(&numbers), config.bpffs_root.clone())),
     })
     .serve(
         admin_listener,
@@ -358,7 +361,7 @@ pub async fn run(
             identities: &identities,
             trust_domain: &config.trust_domain,
             capture: capture_version,
-            capturing: mesh.is_some() && config.pod_netns_dir.is_some(),
+            capturing: mesh.is_some() && capturing(&config),
         }
         .wait();
         tokio::pin!(caught_up);
@@ -415,6 +418,26 @@ pub async fn run(
             }
         }
     }
+    // The CNI plugin is answered by the daemon that serves the node: a
+    // successor takes the socket's name once it has taken over.
+    let cni_stop = CancellationToken::new();
+    if let (Some(path), Some(pods)) = (
+        &config.cni_socket,
+        mesh.as_ref().and_then(|m| m.pods.clone()),
+    ) {
+        let listener = cni::bind(path).map_err(|source| NodeError::CniSocket {
+            path: path.clone(),
+            source,
+        })?;
+        tracing::info!(socket = %path.display(), "answering the CNI plugin");
+        tokio::spawn(cni::serve(
+            listener,
+            path.clone(),
+            pods,
+            Arc::clone(&local_workloads),
+            cni_stop.clone(),
+        ));
+    }
     let mut handovers = lacewing_sys::handoff::serve(
         &handoff_path,
         Arc::clone(&listeners),
@@ -437,6 +460,7 @@ pub async fn run(
     }
     // Drain first: configuration, certificates and metrics keep being
     // served to the connections still open.
+    cni_stop.cancel();
     drain.cancel();
     server.abort();
     admin.abort();
@@ -680,7 +704,10 @@ async fn start_mesh(
     )];
     writers.push(tokio::spawn(node_tls.follow_bundle(controller.clone())));
     tracing::info!(addr = %config.tunnel_addr, "tunnel listening (HBONE, mutual TLS 1.3)");
-    if let Some(dir) = &config.pod_netns_dir {
+    let mut pods = None;
+    if capturing(config) {
+        let pod_nets = Arc::new(cni::PodNets::default());
+        pods = Some(Arc::clone(&pod_nets));
         let maps = capture::CaptureMaps::open(&config.bpffs_root, config.maglev_capacity)?;
         let fast_maps = fastpath::FastPathMaps::open(&config.bpffs_root)?;
         writers.push(tokio::spawn(fastpath::run(
@@ -692,7 +719,8 @@ async fn start_mesh(
         tasks.push(tokio::spawn(capture::run(
             maps,
             capture::CaptureParts {
-                netns_dir: dir.clone(),
+                netns_dir: config.pod_netns_dir.clone(),
+                pods: pod_nets,
                 workloads: local_workloads,
                 proxy: Arc::clone(&proxy),
                 numbers,
@@ -706,6 +734,7 @@ async fn start_mesh(
     }
     Ok(Mesh {
         proxy,
+        pods,
         tunnel,
         tasks,
         writers,
@@ -783,6 +812,8 @@ fn start_telemetry(
 /// tasks that stop with the daemon.
 struct Mesh {
     proxy: Arc<Proxy>,
+    /// The pods' namespaces capture works from, when capturing.
+    pods: Option<Arc<cni::PodNets>>,
     tunnel: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Tasks that write the kernel's maps (the fast path's).
@@ -829,4 +860,10 @@ impl Mesh {
             task.abort();
         }
     }
+}
+
+/// Whether this daemon captures pods: it learns their namespaces from the
+/// CNI plugin or from a folder.
+fn capturing(config: &NodeConfig) -> bool {
+    config.pod_netns_dir.is_some() || config.cni_socket.is_some()
 }

@@ -25,6 +25,10 @@ pub struct LocalWorkloads {
     state: Mutex<State>,
     /// The applied version, for those who wait for changes.
     version: tokio::sync::watch::Sender<u64>,
+    /// Addresses the CNI plugin handed over, by `namespace/name`: a pod's
+    /// addresses reach the API server only after its network is up, so
+    /// until the controller sends them these stand in.
+    handed: Mutex<BTreeMap<String, Vec<IpAddr>>>,
 }
 
 impl Default for LocalWorkloads {
@@ -32,6 +36,7 @@ impl Default for LocalWorkloads {
         Self {
             state: Mutex::default(),
             version: tokio::sync::watch::channel(0).0,
+            handed: Mutex::default(),
         }
     }
 }
@@ -107,6 +112,10 @@ impl LocalWorkloads {
             let w = proto::workload_from(w, node)?;
             next.workloads.insert(w.key(), w);
         }
+        fill_handed(
+            &mut next.workloads,
+            &self.handed.lock().unwrap_or_else(|p| p.into_inner()),
+        );
         for a in &update.peer_removes {
             next.peers.remove(&proto::address_from(a)?);
         }
@@ -114,17 +123,7 @@ impl LocalWorkloads {
             let (address, peer) = proto::peer_from(p)?;
             next.peers.insert(address, peer);
         }
-        next.by_address = next
-            .workloads
-            .values()
-            .flat_map(|w| {
-                let w = Arc::new(w.clone());
-                w.addresses
-                    .clone()
-                    .into_iter()
-                    .map(move |a| (a, Arc::clone(&w)))
-            })
-            .collect();
+        next.by_address = by_address(&next.workloads);
         if update.routes_replaced {
             next.routes = Arc::new(
                 update
@@ -153,6 +152,41 @@ impl LocalWorkloads {
             );
         }
         Ok(next)
+    }
+
+    /// Takes the addresses the CNI plugin handed over for `key`: they stand
+    /// in while the controller sends none.
+    pub fn hand_addresses(&self, key: &str, addresses: Vec<IpAddr>) {
+        let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+        handed.insert(key.to_owned(), addresses);
+        let mut state = self.lock();
+        if fill_handed(&mut state.workloads, &handed) {
+            state.by_address = by_address(&state.workloads);
+            let version = state.version;
+            drop(state);
+            self.version.send_replace(version);
+        }
+    }
+
+    /// Forgets what the CNI plugin handed over for `key` (the pod is gone).
+    pub fn forget_addresses(&self, key: &str) {
+        self.handed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// The namespaces of every meshed workload this node knows of, here or
+    /// on other nodes.
+    pub fn meshed_namespaces(&self) -> std::collections::BTreeSet<String> {
+        let state = self.lock();
+        state
+            .workloads
+            .values()
+            .filter(|w| w.meshed)
+            .map(|w| w.namespace.clone())
+            .chain(state.peers.values().map(|p| p.namespace.clone()))
+            .collect()
     }
 
     pub fn replace(&self, state: State) {
@@ -220,6 +254,7 @@ impl LocalWorkloads {
         w.addresses
             .iter()
             .find_map(|a| state.by_address.get(a).cloned())
+            .or_else(|| Some(Arc::new(w.clone())))
     }
 
     /// `/status` JSON.
@@ -282,4 +317,35 @@ impl LocalWorkloads {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Gives workloads the controller sent without addresses those the CNI
+/// plugin handed over; returns whether any changed.
+fn fill_handed(
+    workloads: &mut BTreeMap<String, Workload>,
+    handed: &BTreeMap<String, Vec<IpAddr>>,
+) -> bool {
+    let mut changed = false;
+    for (key, addresses) in handed {
+        if let Some(w) = workloads.get_mut(key)
+            && w.addresses.is_empty()
+        {
+            w.addresses.clone_from(addresses);
+            changed = true;
+        }
+    }
+    changed
+}
+
+fn by_address(workloads: &BTreeMap<String, Workload>) -> BTreeMap<IpAddr, Arc<Workload>> {
+    workloads
+        .values()
+        .flat_map(|w| {
+            let w = Arc::new(w.clone());
+            w.addresses
+                .clone()
+                .into_iter()
+                .map(move |a| (a, Arc::clone(&w)))
+        })
+        .collect()
 }

@@ -2,7 +2,7 @@
 //! meshed pod on the same node): check who is asking, authorize, connect,
 //! and carry the bytes while the connection stays allowed.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::FutureExt as _;
 use lacewing_core::model::{authorization, routes::Limited, workloads::Workload};
@@ -19,6 +19,11 @@ use crate::{
     splice::{End, Watch, Watched, pipe, reset},
     state::StateView,
 };
+
+/// How long a stream from a source address no workload has yet waits for
+/// the control plane to send it: a pod's address reaches the API server
+/// only after its network is up, and its first connection may come sooner.
+const UNKNOWN_SOURCE_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Inbound {
     pub state: Arc<dyn StateView>,
@@ -51,7 +56,12 @@ impl Inbound {
     /// Authorizes `peer`'s stream to `dest`, connects to the pod and
     /// registers the connection (so a policy change can close it).
     pub async fn connect(&self, peer: Peer, dest: SocketAddr) -> Result<Delivery, Refusal> {
-        let workload = self.authorize(&peer, dest)?;
+        let workload = match self.authorize(&peer, dest) {
+            Err(refusal) if self.source_unknown(&peer) => {
+                self.authorize_when_known(&peer, dest, refusal).await?
+            }
+            decided => decided?,
+        };
         let routes = self.state.routes();
         let limited = routes.limited(dest);
         // A port not declared HTTP is limited per connection.
@@ -79,6 +89,32 @@ impl Inbound {
             peer,
             dest,
         })
+    }
+
+    /// Whether the stream's source address belongs to no workload yet.
+    fn source_unknown(&self, peer: &Peer) -> bool {
+        peer.source.is_some_and(|s| self.state.peer(s).is_none())
+    }
+
+    /// Decides again on each configuration change until the source is
+    /// known, for up to [`UNKNOWN_SOURCE_WAIT`]; an address that is still
+    /// no workload's after that gets the first `refusal`. The source must
+    /// still prove the identity the control plane gives that address.
+    async fn authorize_when_known(
+        &self,
+        peer: &Peer,
+        dest: SocketAddr,
+        refusal: Refusal,
+    ) -> Result<Arc<Workload>, Refusal> {
+        let mut changes = self.state.config_changes();
+        let deadline = tokio::time::Instant::now() + UNKNOWN_SOURCE_WAIT;
+        while self.source_unknown(peer) {
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(refusal),
+            }
+        }
+        self.authorize(peer, dest)
     }
 
     /// The checks, without connecting: the destination is a meshed pod here;

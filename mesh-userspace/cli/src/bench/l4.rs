@@ -206,13 +206,13 @@ fn add_backend_addresses(
         .iter()
         .map(|a| format!("addr add {a}/32 dev eth0\n"))
         .collect();
+    let link = lab.pod_link(server)?;
     let node_script: String = addrs
         .iter()
-        .map(|a| format!("route add {a}/32 dev {}\n", server.node_if()))
+        .map(|a| format!("route add {a}/32 dev {link}\n"))
         .collect();
     netns_stdin(&server.netns(), "ip", &["-batch", "-"], &pod_script)?;
     netns_stdin(&node.netns(), "ip", &["-batch", "-"], &node_script)?;
-    let _ = lab;
     Ok(addrs)
 }
 

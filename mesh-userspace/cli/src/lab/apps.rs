@@ -178,6 +178,8 @@ impl Lab {
             self.node_credentials(node)?.into(),
             "--pod-netns-dir".into(),
             self.pod_netns_dir(node)?.into(),
+            "--cni-socket".into(),
+            self.cni_socket(node).into(),
         ];
         args.extend(own.iter().map(Into::into));
         Ok(args)
@@ -288,6 +290,37 @@ impl Lab {
             }
         }
         Ok(dir)
+    }
+
+    /// Where `node`'s daemon answers the `lacewing-cni` plugin.
+    pub fn cni_socket(&self, node: &NodeSpec) -> std::path::PathBuf {
+        self.node_run_dir(node).join("cni.sock")
+    }
+
+    /// Chains `lacewing-cni` (the binary in `bin_dir`) into `node`'s network
+    /// list with its own install step, as the chart's install container
+    /// does on a cluster node.
+    pub fn install_cni_plugin(&self, node: &NodeSpec, bin_dir: &Path) -> io::Result<()> {
+        let out = Command::new(bin_dir.join("lacewing-cni"))
+            .arg("install")
+            .arg("--bin-dir")
+            .arg(super::cni::bin_dir(self))
+            .arg("--conf-dir")
+            .arg(super::cni::conf_dir(self, node))
+            .arg("--socket")
+            .arg(self.cni_socket(node))
+            .arg("--log-file")
+            .arg(super::cni::node_dir(self, node).join("lacewing-cni.log"))
+            .arg("--once")
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "lacewing-cni install on {}: {}",
+                node.name(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
     }
 
     /// Node objects for the lab's nodes (`InternalIP`: the underlay address),

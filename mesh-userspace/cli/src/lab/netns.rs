@@ -3,7 +3,8 @@
 //!
 //! Every link is created inside a lab namespace and its peer is created directly
 //! in the other lab namespace (`peer name eth0 netns ...`), so nothing ever
-//! appears in the machine's own network namespace. No namespace gets an address
+//! appears in the machine's own network namespace; the pods' links are the
+//! CNI plugins' (`super::cni`), run in the node's namespace. No namespace gets an address
 //! or route toward the machine: the underlay bridge has no uplink, and nodes
 //! route only to each other's pod CIDRs.
 
@@ -15,7 +16,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use super::topology::{GATEWAY6, LabId, Topology};
+use super::topology::{LabId, Topology};
 
 /// Where `ip netns add` bind-mounts named namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -58,12 +59,8 @@ pub fn build(topo: &Topology) -> io::Result<()> {
     for node in topo.nodes() {
         ip_batch(Some(&node.netns()), &node_script(topo, node.index))?;
     }
-    for pod in topo.pods() {
-        ip_batch(
-            Some(&pod.netns()),
-            &pod_script(topo, pod.node.index, pod.index),
-        )?;
-    }
+    // The pods' links and addresses come from the CNI plugins
+    // (`super::cni`), once the namespaces exist.
     Ok(())
 }
 
@@ -100,36 +97,6 @@ fn node_script(topo: &Topology, index: u8) -> String {
             other.underlay_ip6()
         );
     }
-    for pod in node.pods(topo.pods_per_node) {
-        let (port, ns) = (pod.node_if(), pod.netns());
-        let _ = writeln!(s, "link add {port} type veth peer name eth0 netns {ns}");
-        let _ = writeln!(s, "link set {port} up");
-        // The same gateway address on every pod veth: each pod sees one
-        // point-to-point link, like Calico and Cilium's routed pods.
-        let _ = writeln!(s, "addr add {}/32 dev {port}", node.gateway4());
-        let _ = writeln!(s, "addr add {GATEWAY6}/64 dev {port} nodad");
-        let _ = writeln!(s, "route add {}/32 dev {port}", pod.ip4());
-        let _ = writeln!(s, "route add {}/128 dev {port}", pod.ip6());
-    }
-    s
-}
-
-fn pod_script(topo: &Topology, node: u8, index: u8) -> String {
-    let node = topo
-        .nodes()
-        .nth(usize::from(node))
-        .expect("node in topology");
-    let pod = node
-        .pods(topo.pods_per_node)
-        .nth(usize::from(index))
-        .expect("pod in node");
-    let gw = node.gateway4();
-    let mut s = String::from("link set lo up\nlink set eth0 up\n");
-    let _ = writeln!(s, "addr add {}/32 dev eth0", pod.ip4());
-    let _ = writeln!(s, "route add {gw}/32 dev eth0 scope link");
-    let _ = writeln!(s, "route add default via {gw} dev eth0");
-    let _ = writeln!(s, "addr add {}/128 dev eth0 nodad", pod.ip6());
-    let _ = writeln!(s, "route add default via {GATEWAY6} dev eth0");
     s
 }
 

@@ -1,6 +1,6 @@
 //! What the lab needs from the machine, checked before anything is created.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use lacewing_sys::bpffs;
 use lacewing_sys::cgroup;
@@ -56,6 +56,17 @@ pub fn check() -> Result<Host, Vec<String>> {
         missing.push(
             "iproute2: the `ip` command is not installed; run `cargo xtask setup`".to_owned(),
         );
+    }
+    for plugin in ["ptp", "host-local", "loopback"] {
+        if !Path::new(super::cni::REFERENCE_PLUGINS)
+            .join(plugin)
+            .is_file()
+        {
+            missing.push(format!(
+                "the CNI reference plugins: no {}/{plugin}; run `cargo xtask setup` (Debian's containernetworking-plugins)",
+                super::cni::REFERENCE_PLUGINS
+            ));
+        }
     }
     match (cgroup2, missing.is_empty()) {
         (Some(cgroup2), true) => Ok(Host { cgroup2 }),

@@ -212,6 +212,13 @@ impl NodeSpec {
     pub fn gateway4(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, self.index, 1)
     }
+    /// The pods' IPv6 gateway, the first address of the pod CIDR.
+    pub fn gateway6(&self) -> Ipv6Addr {
+        let (net, _) = self.pod_cidr6();
+        let mut s = net.segments();
+        s[7] = 1;
+        s.into()
+    }
     /// Path of the node's cgroup relative to the lab's cgroup.
     pub fn cgroup(&self) -> String {
         self.name()
@@ -221,9 +228,6 @@ impl NodeSpec {
         (0..count).map(move |index| PodSpec { node, index })
     }
 }
-
-/// The pods' IPv6 gateway: link-local, the same on every pod veth.
-pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// One pod of a lab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,10 +243,6 @@ impl PodSpec {
     }
     pub fn netns(&self) -> String {
         format!("{}-{}", self.node.lab.prefix(), self.name())
-    }
-    /// The veth end in the node namespace.
-    pub fn node_if(&self) -> String {
-        format!("p{}", self.index)
     }
     pub fn ip4(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, self.node.index, FIRST_POD_HOST + self.index)
@@ -300,7 +300,7 @@ mod tests {
     fn interface_names_fit_ifnamsiz() {
         let t = Topology::new(LabId::random(), MAX_NODES, MAX_PODS).unwrap();
         for pod in t.pods() {
-            assert!(pod.node_if().len() < 16 && pod.node.underlay_if().len() < 16);
+            assert!(pod.node.underlay_if().len() < 16);
         }
     }
 

@@ -187,7 +187,8 @@ fn access_logged(mesh_config: Option<&MeshConfigSpec>, namespace: &str) -> bool 
 /// The ServiceAccount every namespace has, which a pod naming none uses.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
-/// The workloads these pods make: scheduled, not finished, with an address.
+/// The workloads these pods make: scheduled and not finished (with no
+/// address yet while their network comes up).
 /// A pod naming a ServiceAccount that is not declared is an error (the API
 /// server's admission refuses such a pod), reported by `origin`.
 pub fn translate<'a>(
@@ -209,9 +210,9 @@ pub fn translate<'a>(
         if addresses.is_empty() {
             addresses.extend(pod.status.pod_ip);
         }
-        if addresses.is_empty() {
-            continue; // not started yet: nothing to route to or capture
-        }
+        // A pod without addresses yet is still sent: its node's CNI plugin
+        // hands over the addresses when the pod's network comes up, and
+        // the node must know by then whether to capture it.
         let sa = pod
             .spec
             .service_account_name
