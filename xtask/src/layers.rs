@@ -15,6 +15,8 @@ use crate::run;
 const LAYERS: &[(&str, &[&str], &[&str])] = &[
     ("lacewing-core", &[], &["aya", "tokio"]),
     ("lacewing-sys", &[], &[]),
+    // The plugin binary the runtime starts per pod: small, on its own.
+    ("lacewing-cni", &[], &["aya", "tokio", "kube"]),
     (
         "lacewing-tunnel",
         &["lacewing-core", "lacewing-sys"],
@@ -32,6 +34,7 @@ const LAYERS: &[(&str, &[&str], &[&str])] = &[
             "lacewing-sys",
             "lacewing-tunnel",
             "lacewing-proxy",
+            "lacewing-cni",
         ],
         &["kube"],
     ),

@@ -175,11 +175,7 @@ fn check_chart() -> anyhow::Result<()> {
 /// plugin's socket, and install-cni writes the host's CNI folders, hostPaths
 /// that must exist.
 fn check_cni(rendered: &str) -> anyhow::Result<()> {
-    use serde::Deserialize as _;
-    let daemonset = serde_yaml::Deserializer::from_str(rendered)
-        .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
-        .find(|doc| doc["kind"] == "DaemonSet")
-        .context("the chart renders no DaemonSet")?;
+    let daemonset = node_daemonset(rendered)?;
     let pod = &daemonset["spec"]["template"]["spec"];
     anyhow::ensure!(
         pod["hostPID"] == true,
@@ -230,12 +226,17 @@ fn check_cni(rendered: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_upgrade_strategy(rendered: &str) -> anyhow::Result<()> {
+/// The node DaemonSet among the rendered documents.
+fn node_daemonset(rendered: &str) -> anyhow::Result<serde_yaml::Value> {
     use serde::Deserialize as _;
-    let daemonset = serde_yaml::Deserializer::from_str(rendered)
+    serde_yaml::Deserializer::from_str(rendered)
         .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
         .find(|doc| doc["kind"] == "DaemonSet")
-        .context("the chart renders no DaemonSet")?;
+        .context("the chart renders no DaemonSet")
+}
+
+fn check_upgrade_strategy(rendered: &str) -> anyhow::Result<()> {
+    let daemonset = node_daemonset(rendered)?;
     let spec = &daemonset["spec"];
     let rolling = &spec["updateStrategy"]["rollingUpdate"];
     anyhow::ensure!(

@@ -255,7 +255,12 @@ pub async fn run(maps: CaptureMaps, parts: CaptureParts, drain: CancellationToke
             }
         }
         captured_pods.set(i64::try_from(captured.len()).unwrap_or(i64::MAX));
-        pods.set_captured(captured.keys().cloned().collect());
+        pods.set_captured(
+            captured
+                .iter()
+                .map(|(key, c)| (key.clone(), inode(&c.netns)))
+                .collect(),
+        );
         reconciled.send_replace(version);
         if rechecked != Some(version) {
             // Policies may have changed: what the fast path let through
@@ -306,13 +311,15 @@ fn netns_of(pods: &PodNets, dir: Option<&Path>, w: &Workload) -> Option<PodNetns
     })
 }
 
-/// Whether two handles are the same namespace.
+/// Whether two handles are the same namespace (nsfs: one device).
 fn same_file(a: &File, b: &File) -> bool {
+    inode(a) != 0 && inode(a) == inode(b)
+}
+
+/// A namespace handle's inode, which names the namespace.
+fn inode(f: &File) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
-    match (a.metadata(), b.metadata()) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
+    f.metadata().map(|m| m.ino()).unwrap_or_default()
 }
 
 /// Turns a pod's capture off (its listeners close with the tasks).

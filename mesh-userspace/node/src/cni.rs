@@ -41,6 +41,10 @@ const ADD_WAIT: Duration = Duration::from_secs(10);
 const DEL_WAIT: Duration = Duration::from_secs(5);
 /// How long a plugin may take to send its request.
 const READ_WAIT: Duration = Duration::from_secs(5);
+/// How often a meshed pod with no namespace is looked for in `/proc` again
+/// (its process may start after the first look, when no plugin handed it
+/// over: the plugin was not chained yet).
+const SEARCH_AGAIN: Duration = Duration::from_secs(30);
 
 /// A pod's network namespace, as capture opens it.
 #[derive(Clone, Debug)]
@@ -62,12 +66,13 @@ pub struct PodNets {
     handed: Mutex<BTreeMap<String, Handed>>,
     /// Found through `/proc`, by pod UID.
     found: Mutex<BTreeMap<String, PodNetns>>,
-    /// UIDs already looked for in `/proc` (each is looked for once).
-    searched: Mutex<BTreeSet<String>>,
+    /// UIDs looked for in `/proc`, and when.
+    searched: Mutex<BTreeMap<String, std::time::Instant>>,
     /// Bumped on each hand-over, so capture looks again.
     changes: watch::Sender<u64>,
-    /// The pods capture serves now, by `namespace/name`.
-    captured: watch::Sender<BTreeSet<String>>,
+    /// The pods capture serves now, by `namespace/name`, with the inode of
+    /// the namespace each is captured in.
+    captured: watch::Sender<BTreeMap<String, u64>>,
 }
 
 impl Default for PodNets {
@@ -77,7 +82,7 @@ impl Default for PodNets {
             found: Mutex::default(),
             searched: Mutex::default(),
             changes: watch::channel(0).0,
-            captured: watch::channel(BTreeSet::new()).0,
+            captured: watch::channel(BTreeMap::new()).0,
         }
     }
 }
@@ -99,14 +104,16 @@ impl PodNets {
     }
 
     /// Looks through `/proc` for the pods among `wanted` (meshed here,
-    /// with no namespace yet) that were not looked for before.
+    /// with no namespace yet) that were not looked for lately.
     pub fn find_running(&self, wanted: &[&Workload]) {
+        let now = std::time::Instant::now();
         let uids: BTreeSet<String> = {
             let mut searched = lock(&self.searched);
+            searched.retain(|_, at| now.duration_since(*at) < SEARCH_AGAIN);
             wanted
                 .iter()
                 .filter(|w| !w.uid.is_empty())
-                .filter(|w| searched.insert(w.uid.clone()))
+                .filter(|w| searched.insert(w.uid.clone(), now).is_none())
                 .map(|w| w.uid.clone())
                 .collect()
         };
@@ -129,8 +136,9 @@ impl PodNets {
         self.changes.subscribe()
     }
 
-    /// What capture serves now (called by capture after each pass).
-    pub fn set_captured(&self, keys: BTreeSet<String>) {
+    /// What capture serves now, with each pod's namespace inode (called by
+    /// capture after each pass).
+    pub fn set_captured(&self, keys: BTreeMap<String, u64>) {
         self.captured.send_if_modified(|now| {
             let changed = *now != keys;
             *now = keys;
@@ -265,11 +273,12 @@ async fn handle(request: &Request, pods: &PodNets, workloads: &LocalWorkloads) -
             pods.del(pod);
             workloads.forget_addresses(&key);
             let mut captured = pods.captured.subscribe();
-            let _ = tokio::time::timeout(DEL_WAIT, captured.wait_for(|c| !c.contains(&key))).await;
+            let _ =
+                tokio::time::timeout(DEL_WAIT, captured.wait_for(|c| !c.contains_key(&key))).await;
             Answer::Released
         }
         Request::Check(_) => match workloads.by_key(&key) {
-            Some(w) if w.meshed && pods.captured.borrow().contains(&key) => Answer::Captured,
+            Some(w) if w.meshed && pods.captured.borrow().contains_key(&key) => Answer::Captured,
             Some(w) if w.meshed => Answer::Error {
                 message: format!("{key} is meshed but not captured on this node"),
             },
@@ -289,15 +298,22 @@ fn op(request: &Request) -> &'static str {
 }
 
 /// Waits until the control plane knows the pod and, if it is meshed,
-/// capture serves it.
+/// capture serves it in the namespace just handed over (a pod of the same
+/// name may still be captured in its previous sandbox's).
 async fn added(key: &str, pods: &PodNets, workloads: &LocalWorkloads) -> Answer {
     let deadline = tokio::time::Instant::now() + ADD_WAIT;
     let mut versions = workloads.watch();
     let mut captured = pods.captured.subscribe();
+    let handed = lock(&pods.handed)
+        .get(key)
+        .and_then(|h| h.netns.file.metadata().ok())
+        .map(|m| m.ino());
     loop {
         match workloads.by_key(key) {
             Some(w) if !w.meshed => return Answer::NotMeshed,
-            Some(_) if captured.borrow_and_update().contains(key) => return Answer::Captured,
+            Some(_) if captured.borrow_and_update().get(key).copied() == handed => {
+                return Answer::Captured;
+            }
             _ => {}
         }
         tokio::select! {

@@ -215,8 +215,8 @@ impl LocalWorkloads {
         self.lock().peers.get(&ip).cloned()
     }
 
-    /// Meshed workloads on this node that have an address (what capture
-    /// and inbound handle).
+    /// Meshed workloads on this node (what capture and inbound handle),
+    /// some perhaps without an address yet.
     pub fn meshed(&self) -> Vec<Workload> {
         self.lock()
             .workloads
