@@ -32,7 +32,7 @@ pub fn bin(name: &str) -> PathBuf {
         .expect("test binary is in target/<profile>/deps");
     assert!(
         path.is_file(),
-        "{} is missing: build it first (`cargo build -p lacewing-node -p lacewing-controller -p lacewing --bins`; `cargo xtask test` does)",
+        "{} is missing: build it first (`cargo build -p lacewing-node -p lacewing-controller -p lacewing-cni -p lacewing --bins`; `cargo xtask test` does)",
         path.display()
     );
     path

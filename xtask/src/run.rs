@@ -60,10 +60,15 @@ pub fn show(c: &Command) -> String {
         .join(" ")
 }
 
-/// The crates of the three binaries.
-pub const BINARY_PACKAGES: [&str; 3] = ["lacewing-node", "lacewing-controller", "lacewing"];
+/// The crates of the binaries.
+pub const BINARY_PACKAGES: [&str; 4] = [
+    "lacewing-node",
+    "lacewing-controller",
+    "lacewing-cni",
+    "lacewing",
+];
 
-/// Builds the three binaries.
+/// Builds the binaries.
 pub fn build_binaries(release: bool) -> anyhow::Result<()> {
     let mut args = vec!["build"];
     for package in BINARY_PACKAGES {
