@@ -131,6 +131,20 @@ pub struct RevNat {
     pub _pad: [u8; 6],
 }
 
+/// A TCP socket's translation, kept in the socket's own storage (freed by
+/// the kernel with the socket): the backend it was sent to and the service
+/// address getpeername shows instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNat {
+    pub backend: [u8; 16],
+    pub service: [u8; 16],
+    pub backend_port: u16,
+    pub service_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
 /// The data of a service CIDR key (in an LPM trie, `prefix_len` = 32 + the
 /// CIDR's length, so the family byte and padding always match exactly).
 #[repr(C)]

@@ -20,6 +20,8 @@ pub const MAP_MAGLEV: &str = "LW_MAGLEV";
 pub const MAP_AFFINITY: &str = "LW_AFFINITY";
 /// Reverse translation for getpeername and UDP replies (LRU).
 pub const MAP_REVNAT: &str = "LW_REVNAT";
+/// Socket storage: a TCP socket's translation, for getpeername.
+pub const MAP_SOCK_REVNAT: &str = "LW_SOCK_REVNAT";
 /// Per-CPU counters per service.
 pub const MAP_SVC_STATS: &str = "LW_SVC_STATS";
 /// Service CIDRs: connects to an address in one that is no service are refused.
@@ -83,6 +85,7 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_MAGLEV,
     MAP_AFFINITY,
     MAP_REVNAT,
+    MAP_SOCK_REVNAT,
     MAP_SVC_STATS,
     MAP_SVC_CIDRS,
     MAP_MESHED_NETNS,
@@ -113,7 +116,9 @@ pub const MAP_LAYOUTS: &[(&str, u32)] = &[
     (MAP_SLOTS, 1),
     (MAP_MAGLEV, 1),
     (MAP_AFFINITY, 1),
-    (MAP_REVNAT, 1),
+    // 2: 65,536 entries (UDP only), was 262,144.
+    (MAP_REVNAT, 2),
+    (MAP_SOCK_REVNAT, 1),
     (MAP_SVC_STATS, 1),
     (MAP_SVC_CIDRS, 1),
     (MAP_MESHED_NETNS, 1),

@@ -71,7 +71,7 @@ pub fn redirect(ctx: &SockAddrContext, asked: &Dest, to: &Dest) -> Dest {
     } else {
         listener.addr[15] = 1;
     }
-    lb::remember(ctx.sock_addr.cast(), &listener, asked);
+    lb::remember(ctx, &listener, asked);
     listener
 }
 

@@ -2,20 +2,21 @@
 //! look the destination up as a service, pick a backend, rewrite the socket's
 //! destination, and remember the translation for replies and getpeername.
 
-use aya_ebpf::helpers::{
-    bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    programs::SockAddrContext,
 };
 use mesh_common::lb::{
     ALG_MAGLEV, Affinity, AffinityKey, Backend, PROTO_TCP, PROTO_UDP, RevNat, RevNatKey, SVC_L7,
-    Service, SlotKey, SvcKey, SvcStats, UNALLOCATED_SVC_ID, maglev_flow, maglev_index,
+    Service, SlotKey, SockRevNat, SvcKey, SvcStats, UNALLOCATED_SVC_ID, maglev_flow, maglev_index,
 };
 
 use crate::{
     maps::{
-        LW_AFFINITY, LW_BACKENDS, LW_MAGLEV, LW_REVNAT, LW_SERVICES, LW_SLOTS, LW_SVC_CIDRS,
-        LW_SVC_STATS, cidr_lookup_key,
+        LW_AFFINITY, LW_BACKENDS, LW_MAGLEV, LW_REVNAT, LW_SERVICES, LW_SLOTS, LW_SOCK_REVNAT,
+        LW_SVC_CIDRS, LW_SVC_STATS, cidr_lookup_key,
     },
-    sockaddr::Dest,
+    sockaddr::{self, Dest},
 };
 
 /// What to do with the syscall.
@@ -34,7 +35,7 @@ pub enum Verdict {
 /// Looks `dest` up as a service and picks a backend for socket `ctx`
 /// (`meshed`: the socket is a meshed pod's, which routes apply to).
 #[inline(always)]
-pub fn translate(ctx: *mut core::ffi::c_void, dest: &Dest, proto: u8, meshed: bool) -> Verdict {
+pub fn translate(ctx: &SockAddrContext, dest: &Dest, proto: u8, meshed: bool) -> Verdict {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Verdict::Pass;
     }
@@ -59,7 +60,7 @@ pub fn translate(ctx: *mut core::ffi::c_void, dest: &Dest, proto: u8, meshed: bo
             count(svc.id, false);
             return Verdict::Refuse;
         }
-        let Some(backend) = pick(ctx, &svc) else {
+        let Some(backend) = pick(ctx.sock_addr.cast(), &svc) else {
             continue;
         };
         let to = Dest {
@@ -199,11 +200,33 @@ fn backend(id: u32) -> Option<Backend> {
 }
 
 /// Records that this socket's `backend` stands for `service`, for
-/// getpeername and for the source of UDP replies.
+/// getpeername and for the source of UDP replies: a TCP socket in its own
+/// storage, a UDP socket by its cookie and backend.
 #[inline(always)]
-pub fn remember(ctx: *mut core::ffi::c_void, backend: &Dest, service: &Dest) {
+pub fn remember(ctx: &SockAddrContext, backend: &Dest, service: &Dest) {
+    if sockaddr::protocol(ctx) == PROTO_TCP {
+        let mut value = SockRevNat {
+            backend: backend.addr,
+            service: service.addr,
+            backend_port: backend.port,
+            service_port: service.port,
+            family: backend.family,
+            _pad: [0; 3],
+        };
+        // SAFETY: the storage of the program's own socket, created if
+        // missing; a socket connected again gets its new translation.
+        let slot = unsafe { LW_SOCK_REVNAT.get_or_insert_ptr_mut(ctx, Some(&mut value)) };
+        if !slot.is_null() {
+            // SAFETY: a live storage slot of this socket.
+            unsafe { *slot = value };
+        }
+        return;
+    }
     // SAFETY: helper valid in cgroup sock_addr programs.
-    let key = revnat_key(unsafe { bpf_get_socket_cookie(ctx) }, backend);
+    let key = revnat_key(
+        unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
+        backend,
+    );
     let value = RevNat {
         addr: service.addr,
         port: service.port,
@@ -212,11 +235,30 @@ pub fn remember(ctx: *mut core::ffi::c_void, backend: &Dest, service: &Dest) {
     let _ = LW_REVNAT.insert(key, value, 0);
 }
 
-/// The service address to show for peer `peer` of socket `ctx`, if any.
+/// The service address to show for peer `peer` of socket `ctx`, if any. A
+/// TCP socket that was never translated has no storage: one lookup, no
+/// cookie, no hash.
 #[inline(always)]
-pub fn reverse(ctx: *mut core::ffi::c_void, peer: &Dest) -> Option<Dest> {
+pub fn reverse(ctx: &SockAddrContext, peer: &Dest) -> Option<Dest> {
+    if sockaddr::protocol(ctx) == PROTO_TCP {
+        // SAFETY: the program's own socket; never created here.
+        let slot = unsafe { LW_SOCK_REVNAT.get_ptr_mut(ctx) };
+        if slot.is_null() {
+            return None;
+        }
+        // SAFETY: a live storage slot of this socket, copied out at once.
+        let rev = unsafe { *slot };
+        if rev.backend != peer.addr || rev.backend_port != peer.port || rev.family != peer.family {
+            return None;
+        }
+        return Some(Dest {
+            addr: rev.service,
+            port: rev.service_port,
+            family: peer.family,
+        });
+    }
     // SAFETY: helper valid in cgroup sock_addr programs.
-    let key = revnat_key(unsafe { bpf_get_socket_cookie(ctx) }, peer);
+    let key = revnat_key(unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }, peer);
     // SAFETY: copied out at once.
     let rev = unsafe { LW_REVNAT.get(key) }.copied()?;
     Some(Dest {

@@ -7,7 +7,8 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash, lpm_trie::Key,
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash,
+        lpm_trie::Key,
     },
     macros::btf_map,
 };
@@ -17,7 +18,7 @@ use mesh_common::{
     fastpath::{self, LocalPod, PairKey},
     lb::{
         Affinity, AffinityKey, Backend, CidrKey, RevNat, RevNatKey, Service, Slot, SlotKey,
-        SvcCidr, SvcKey, SvcStats,
+        SockRevNat, SvcCidr, SvcKey, SvcStats,
     },
     splice::{STATS, Settings, SpliceKey},
 };
@@ -51,9 +52,18 @@ pub static LW_MAGLEV: HashMap<SlotKey, Slot, 1048576, NO_PREALLOC> = HashMap::ne
 #[btf_map]
 pub static LW_AFFINITY: LruHashMap<AffinityKey, Affinity, 65536> = LruHashMap::new();
 
-/// `names::MAP_REVNAT`: the service address behind a socket's backend.
+/// `names::MAP_REVNAT`: the service address behind a UDP socket's backend
+/// (replies come from the backend per datagram). TCP sockets keep theirs
+/// in `LW_SOCK_REVNAT`, so this holds UDP flows only (Cilium's default
+/// reverse-NAT size).
 #[btf_map]
-pub static LW_REVNAT: LruHashMap<RevNatKey, RevNat, 262144> = LruHashMap::new();
+pub static LW_REVNAT: LruHashMap<RevNatKey, RevNat, 65536> = LruHashMap::new();
+
+/// `names::MAP_SOCK_REVNAT`: a TCP socket's translation, in the socket's
+/// own storage: no entry per connection to age out, and getpeername of a
+/// socket never translated finds nothing at once.
+#[btf_map]
+pub static LW_SOCK_REVNAT: SkStorage<SockRevNat> = SkStorage::new();
 
 /// `names::MAP_SVC_STATS`: per-service counters.
 #[btf_map]

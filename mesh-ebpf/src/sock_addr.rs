@@ -53,7 +53,7 @@ fn connect(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest
     let Some(source) = capture::wanted(ctx, dest) else {
         return apply(ctx, dest, write);
     };
-    let to = match lb::translate(ctx.sock_addr.cast(), dest, sockaddr::protocol(ctx), true) {
+    let to = match lb::translate(ctx, dest, sockaddr::protocol(ctx), true) {
         Verdict::Pass => *dest,
         Verdict::Translated(to) => to,
         Verdict::Refuse => return refuse(),
@@ -115,7 +115,7 @@ pub fn lw_getpeername6(ctx: SockAddrContext) -> i32 {
 /// Forward translation: service address to backend.
 #[inline(always)]
 fn apply(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest)) -> i32 {
-    match lb::translate(ctx.sock_addr.cast(), dest, sockaddr::protocol(ctx), false) {
+    match lb::translate(ctx, dest, sockaddr::protocol(ctx), false) {
         // `Routed` is only for meshed sockets.
         Verdict::Pass | Verdict::Routed => ALLOW,
         Verdict::Translated(to) => {
@@ -137,7 +137,7 @@ fn refuse() -> i32 {
 /// Reverse translation: backend address back to the service's.
 #[inline(always)]
 fn unapply(ctx: &SockAddrContext, peer: &Dest, write: fn(&SockAddrContext, &Dest)) -> i32 {
-    if let Some(service) = lb::reverse(ctx.sock_addr.cast(), peer) {
+    if let Some(service) = lb::reverse(ctx, peer) {
         write(ctx, &service);
     }
     ALLOW

@@ -1,16 +1,23 @@
 //! `bench l4`: short TCP connections to a ClusterIP while N services of 10
 //! backends each are configured, four ways in one run:
 //!
+//! - `none`: connects straight to a backend with no Lacewing program
+//!   attached at all: the baseline every other way is measured against;
 //! - `ebpf`: Lacewing's connect-time programs (`lacewing-node --services`);
 //! - `iptables`: the rules kube-proxy writes in iptables mode (KUBE-SERVICES,
 //!   KUBE-SVC-* with `statistic --mode random`, KUBE-SEP-* DNAT), legacy
 //!   iptables, in the node's namespace;
 //! - `nftables`: the rules kube-proxy writes in nftables mode (a verdict map
 //!   from ClusterIP . protocol . port to a service chain, `numgen random`);
-//! - `direct`: connects straight to a backend, no load balancer.
+//!
+//! With the programs attached it also measures what each of them costs, with
+//! the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`, on for
+//! two extra runs and restored after, so the rates are measured without
+//! their overhead): calls per connection and nanoseconds per call, for a
+//! connect to the ClusterIP and for one straight to a pod.
 //!
 //! ```text
-//!   n0-p0 direct   ─┐
+//!   n0-p0 none     ─┐
 //!   n0-p1 ebpf     ─┤ wrk, Connection: close
 //!   n0-p2 iptables ─┼──▶ n0 ──▶ n0-p4 (nginx on 10 addresses)
 //!   n0-p3 nftables ─┘
@@ -27,6 +34,7 @@
 //! the best of `rounds` measurements.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     io::Write as _,
     net::Ipv4Addr,
@@ -52,36 +60,56 @@ pub struct Options {
     pub rounds: u32,
 }
 
-/// Connections per second of each way, at one size.
+/// Connections per second of each way, at one size, and what our programs
+/// and maps cost.
 #[derive(Clone, Debug, Default)]
 pub struct Row {
     pub services: u32,
     pub ebpf: f64,
     pub iptables: f64,
     pub nftables: f64,
-    pub direct: f64,
-    pub map_bytes: u64,
+    /// No Lacewing program attached.
+    pub none: f64,
+    /// Each pinned map's memory (`bytes_memlock`), by name.
+    pub maps: BTreeMap<String, u64>,
+    /// Each program's cost on a connect to the ClusterIP.
+    pub to_service: BTreeMap<String, Cost>,
+    /// Each program's cost on a connect straight to a pod.
+    pub to_pod: BTreeMap<String, Cost>,
+}
+
+/// What one program cost per connection in a measured run.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    pub calls_per_conn: f64,
+    pub ns_per_call: f64,
 }
 
 impl Row {
-    /// Lacewing's connections per second over iptables, nftables and direct.
-    pub fn ratios(&self) -> (f64, f64, f64) {
-        (
-            self.ebpf / self.iptables,
-            self.ebpf / self.nftables,
-            self.ebpf / self.direct,
-        )
+    /// Lacewing's connections per second over no programs at all.
+    pub fn ebpf_vs_none(&self) -> f64 {
+        self.ebpf / self.none
+    }
+
+    /// The wall time a way adds per connection over no programs, in ns
+    /// (the inverse of the rates: what the machine spends per connection).
+    pub fn added_ns(&self, cps: f64) -> f64 {
+        1e9 / cps - 1e9 / self.none
     }
 
     pub fn map_mb(&self) -> f64 {
-        self.map_bytes as f64 / 1e6
+        self.maps.values().sum::<u64>() as f64 / 1e6
+    }
+
+    fn ns(costs: &BTreeMap<String, Cost>, program: &str) -> f64 {
+        costs.get(program).map_or(0.0, |c| c.ns_per_call)
     }
 }
 
 pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
     let lab = Lab::new(1, 5)?;
     let node = lab.node("n0")?;
-    let (direct, ebpf, ipt, nft) = (
+    let (none, ebpf, ipt, nft) = (
         lab.pod("n0-p0")?,
         lab.pod("n0-p1")?,
         lab.pod("n0-p2")?,
@@ -95,17 +123,19 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
         opts.connections, opts.seconds, opts.rounds, BACKENDS_PER_SERVICE, opts.sizes
     );
     println!(
-        "{:>8} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9} {:>9} {:>10}",
+        "{:>8} {:>10} {:>10} {:>12} {:>12} {:>8} {:>10} {:>10} {:>10} {:>8}",
         "services",
+        "none_cps",
         "ebpf_cps",
         "iptables_cps",
         "nftables_cps",
-        "direct_cps",
-        "vs_ipt",
-        "vs_nft",
-        "vs_direct",
+        "vs_none",
+        "added_ebpf",
+        "added_ipt",
+        "added_nft",
         "map_mb"
     );
+
     let mut rows = Vec::new();
     for &size in &opts.sizes {
         let target = size / 2;
@@ -114,7 +144,17 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             services: size,
             ..Row::default()
         };
-        row.direct = best_of(opts, || wrk(&lab, &direct, backends[0], BACKEND_PORT, opts))?;
+        // Nothing of ours may be attached for the baseline.
+        let links = lacewing_node::loader::links_dir(&lab.node_bpffs_root(&node));
+        if std::fs::read_dir(&links).is_ok_and(|mut d| d.next().is_some()) {
+            bail!(
+                "programs are still linked under {}: the baseline would run them",
+                links.display()
+            );
+        }
+        row.none = best_of(opts, || {
+            wrk(&lab, &none, backends[0], BACKEND_PORT, opts).map(|w| w.rate)
+        })?;
 
         // Lacewing.
         let file = lab.state_dir().join(format!("bench-{size}.yaml"));
@@ -130,15 +170,28 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             "lacewing_service_connections_total",
             100.0,
             "ebpf",
-            || best_of(opts, || wrk(&lab, &ebpf, target_ip, SERVICE_PORT, opts)),
+            || {
+                best_of(opts, || {
+                    wrk(&lab, &ebpf, target_ip, SERVICE_PORT, opts).map(|w| w.rate)
+                })
+            },
         )?;
-        row.map_bytes = map_bytes(&lab.node_bpffs_root(&node))?;
+        // Run-time statistics only for these two runs: they add two clock
+        // reads to every program call, which the rates above do not pay.
+        let root = lab.node_bpffs_root(&node);
+        let stats = BpfStats::on()?;
+        row.to_service = costs(&root, || wrk(&lab, &ebpf, target_ip, SERVICE_PORT, opts))?;
+        row.to_pod = costs(&root, || wrk(&lab, &ebpf, backends[1], BACKEND_PORT, opts))?;
+        drop(stats);
+        row.maps = map_bytes(&root)?;
         daemon.terminate(Duration::from_secs(10))?;
 
         // kube-proxy, iptables mode.
         let rules = iptables_rules(size, target, &backends);
         netns_stdin(&node.netns(), "iptables-legacy-restore", &[], &rules)?;
-        row.iptables = best_of(opts, || wrk(&lab, &ipt, target_ip, SERVICE_PORT, opts))?;
+        row.iptables = best_of(opts, || {
+            wrk(&lab, &ipt, target_ip, SERVICE_PORT, opts).map(|w| w.rate)
+        })?;
         netns_stdin(
             &node.netns(),
             "iptables-legacy-restore",
@@ -153,7 +206,9 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             &["-f", "-"],
             &nft_rules(size, target, &backends),
         )?;
-        row.nftables = best_of(opts, || wrk(&lab, &nft, target_ip, SERVICE_PORT, opts))?;
+        row.nftables = best_of(opts, || {
+            wrk(&lab, &nft, target_ip, SERVICE_PORT, opts).map(|w| w.rate)
+        })?;
         netns_stdin(
             &node.netns(),
             "nft",
@@ -161,33 +216,164 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             "delete table ip kube-proxy\n",
         )?;
 
-        let (vs_ipt, vs_nft, vs_direct) = row.ratios();
         println!(
-            "{:>8} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {vs_ipt:>9.2} {vs_nft:>9.2} {vs_direct:>9.2} {:>10.1}",
+            "{:>8} {:>10.0} {:>10.0} {:>12.0} {:>12.0} {:>8.2} {:>10.0} {:>10.0} {:>10.0} {:>8.1}",
             size,
+            row.none,
             row.ebpf,
             row.iptables,
             row.nftables,
-            row.direct,
+            row.ebpf_vs_none(),
+            row.added_ns(row.ebpf),
+            row.added_ns(row.iptables),
+            row.added_ns(row.nftables),
             row.map_mb()
         );
+        for (name, to_service) in &row.to_service {
+            let to_pod = row.to_pod.get(name).copied().unwrap_or_default();
+            println!(
+                "{:>8}   {name:<16} to a ClusterIP {:>5.2} calls/conn {:>6.0} ns/call; to a pod {:>5.2} calls/conn {:>6.0} ns/call",
+                "",
+                to_service.calls_per_conn,
+                to_service.ns_per_call,
+                to_pod.calls_per_conn,
+                to_pod.ns_per_call
+            );
+        }
         rows.push(row);
+    }
+    if let Some(row) = rows.iter().max_by_key(|r| r.services) {
+        println!("map memory at {} services (bytes_memlock):", row.services);
+        for (name, bytes) in &row.maps {
+            println!("  {name:<18} {:>10.2} MB", *bytes as f64 / 1e6);
+        }
     }
     lab.down()?;
     Ok(rows)
 }
 
+/// `kernel.bpf_stats_enabled` on for as long as this lives, then as it was.
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn on() -> anyhow::Result<Self> {
+        let before =
+            std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
+        Ok(Self {
+            before: before.trim().to_owned(),
+        })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, &self.before);
+    }
+}
+
+/// Each linked program's (calls, ns) so far, by program name.
+fn program_stats(root: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let links = lacewing_node::loader::links_dir(root);
+    let mut out = BTreeMap::new();
+    for entry in
+        std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))?
+    {
+        let path = entry?.path();
+        let link = bpftool_json(&["link", "show", "pinned"], &path)?;
+        let Some(id) = link["prog_id"].as_u64() else {
+            continue;
+        };
+        let prog = bpftool_json(&["prog", "show", "id", &id.to_string()], Path::new(""))?;
+        let name = prog["name"].as_str().unwrap_or_default().to_owned();
+        let calls = prog["run_cnt"].as_u64().unwrap_or_default();
+        let ns = prog["run_time_ns"].as_u64().unwrap_or_default();
+        let e = out.entry(name).or_insert((0, 0));
+        e.0 += calls;
+        e.1 += ns;
+    }
+    Ok(out)
+}
+
+fn bpftool_json(args: &[&str], path: &Path) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = Command::new("bpftool");
+    cmd.arg("-j").args(args);
+    if !path.as_os_str().is_empty() {
+        cmd.arg(path);
+    }
+    let out = cmd.output().context("running bpftool")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bpftool {args:?} {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).with_context(|| format!("bpftool {args:?}"))
+}
+
+/// Runs `measure` and returns what each program cost per connection in it.
+/// A run in which the connect hook did not run once per connection did not
+/// measure the path it names, and fails.
+fn costs(
+    root: &Path,
+    measure: impl FnOnce() -> anyhow::Result<Wrk>,
+) -> anyhow::Result<BTreeMap<String, Cost>> {
+    let before = program_stats(root)?;
+    let run = measure()?;
+    let after = program_stats(root)?;
+    anyhow::ensure!(run.requests > 0, "wrk made no connection");
+    let mut out = BTreeMap::new();
+    for (name, (calls, ns)) in after {
+        let (calls0, ns0) = before.get(&name).copied().unwrap_or_default();
+        let (calls, ns) = (calls - calls0, ns - ns0);
+        out.insert(
+            name,
+            Cost {
+                calls_per_conn: calls as f64 / run.requests as f64,
+                ns_per_call: if calls == 0 {
+                    0.0
+                } else {
+                    ns as f64 / calls as f64
+                },
+            },
+        );
+    }
+    let connects = out.get("lw_connect4").map_or(0.0, |c| c.calls_per_conn);
+    anyhow::ensure!(
+        connects >= 0.99,
+        "lw_connect4 ran {connects:.2} times per connection: the run did not take the connect hook (is kernel.bpf_stats_enabled honoured?)"
+    );
+    Ok(out)
+}
+
 /// The closing line the issue asks for, from the largest size.
+/// `getpeername_ns` is the dearer of the two connects (to a ClusterIP, to a
+/// pod); `sockops_calls_per_conn` is for a connect straight to a pod, a
+/// connection that is nothing of the mesh's.
 pub fn result_line(rows: &[Row]) -> Option<String> {
     let r = rows.iter().max_by_key(|r| r.services)?;
-    let (vs_ipt, vs_nft, vs_direct) = r.ratios();
+    let getpeername =
+        Row::ns(&r.to_service, "lw_getpeername4").max(Row::ns(&r.to_pod, "lw_getpeername4"));
+    let sockops = r
+        .to_pod
+        .get(mesh_common::names::SOCK_OPS_PROGRAM)
+        .map_or(0.0, |c| c.calls_per_conn);
     Some(format!(
-        "RESULT l4 services={} ebpf_cps={:.0} iptables_cps={:.0} nftables_cps={:.0} direct_cps={:.0} ebpf_vs_iptables={vs_ipt:.2} ebpf_vs_nftables={vs_nft:.2} ebpf_vs_direct={vs_direct:.2} map_mem_mb={:.1}",
+        "RESULT l4 services={} ebpf_cps={:.0} none_cps={:.0} iptables_cps={:.0} nftables_cps={:.0} ebpf_vs_none={:.2} added_ns_ebpf={:.0} added_ns_iptables={:.0} added_ns_nftables={:.0} connect4_ns={:.0} getpeername_ns={getpeername:.0} sockops_calls_per_conn={sockops:.2} map_mem_mb={:.1}",
         r.services,
         r.ebpf,
+        r.none,
         r.iptables,
         r.nftables,
-        r.direct,
+        r.ebpf_vs_none(),
+        r.added_ns(r.ebpf),
+        r.added_ns(r.iptables),
+        r.added_ns(r.nftables),
+        Row::ns(&r.to_service, "lw_connect4"),
         r.map_mb()
     ))
 }
@@ -356,15 +542,21 @@ fn nft_rules(size: u32, target: u32, real: &[Ipv4Addr]) -> String {
     out
 }
 
+/// What one wrk run made: requests (each one connection) and their rate.
+struct Wrk {
+    rate: f64,
+    requests: u64,
+}
+
 /// Runs wrk in `client` against ip:port with `Connection: close` (one TCP
-/// connection per request) and returns requests, i.e. connections, per second.
+/// connection per request).
 fn wrk(
     lab: &Lab,
     client: &PodSpec,
     ip: Ipv4Addr,
     port: u16,
     opts: &Options,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Wrk> {
     let mut cmd = Command::new("wrk");
     cmd.args([
         "-t",
@@ -393,10 +585,18 @@ fn wrk(
             "wrk against {ip}:{port}: {errors}; a rate with failed requests is no measurement:\n{text}"
         );
     }
-    text.lines()
+    let rate = text
+        .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+    // "  123456 requests in 5.00s, 12.34MB read"
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .with_context(|| format!("no request count in wrk's output:\n{text}"))?;
+    Ok(Wrk { rate, requests })
 }
 
 /// What went wrong in a wrk run, if anything: socket errors of any kind
@@ -424,9 +624,9 @@ fn wrk_errors(text: &str) -> Option<String> {
     (!found.is_empty()).then(|| found.join(", "))
 }
 
-/// Sum of the kernel's memory accounting (`bytes_memlock`) of the pinned maps.
-fn map_bytes(root: &Path) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// The kernel's memory accounting (`bytes_memlock`) of each pinned map.
+fn map_bytes(root: &Path) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut each = BTreeMap::new();
     for name in mesh_common::names::ALL_MAPS {
         let out = Command::new("bpftool")
             .args(["-j", "map", "show", "pinned"])
@@ -435,11 +635,12 @@ fn map_bytes(root: &Path) -> anyhow::Result<u64> {
             .context("running bpftool")?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("bpftool map show {name}"))?;
-        total += v["bytes_memlock"]
+        let bytes = v["bytes_memlock"]
             .as_u64()
             .with_context(|| format!("bpftool shows no bytes_memlock for {name}: {v}"))?;
+        each.insert((*name).to_owned(), bytes);
     }
-    Ok(total)
+    Ok(each)
 }
 
 /// Runs `program args` in the named namespace with `input` on stdin.
