@@ -119,7 +119,8 @@ pub const MAP_LAYOUTS: &[(&str, u32)] = &[
     // 2: 65,536 entries (UDP only), was 262,144.
     (MAP_REVNAT, 2),
     (MAP_SOCK_REVNAT, 1),
-    (MAP_SVC_STATS, 1),
+    // 2: allocated on insert (BPF_F_NO_PREALLOC).
+    (MAP_SVC_STATS, 2),
     (MAP_SVC_CIDRS, 1),
     (MAP_MESHED_NETNS, 1),
     (MAP_ORIG_DST, 1),
