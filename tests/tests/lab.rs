@@ -257,10 +257,26 @@ fn the_lab_refuses_to_start_without_root_and_says_so() {
     );
 }
 
+/// Takes a lab that `lacewing lab up` left running down when dropped, so a
+/// failed assertion does not leave it behind (the sweep also removes it once
+/// this test process, its `--owner`, is gone).
+struct UpLab(Option<LabId>);
+
+impl Drop for UpLab {
+    fn drop(&mut self) {
+        if let Some(id) = self.0 {
+            let _ = Command::new(bin("lacewing"))
+                .args(["lab", "down", &id.prefix()])
+                .output();
+        }
+    }
+}
+
 #[test]
 fn the_cli_brings_a_lab_up_runs_in_it_and_takes_it_down() {
+    let owner = std::process::id().to_string();
     let up = Command::new(bin("lacewing"))
-        .args(["lab", "up", "--nodes", "1", "--pods", "2"])
+        .args(["lab", "up", "--nodes", "1", "--pods", "2", "--owner", &owner])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&up.stdout);
@@ -279,6 +295,7 @@ fn the_cli_brings_a_lab_up_runs_in_it_and_takes_it_down() {
         })
         .and_then(|id| id.parse().ok())
         .unwrap_or_else(|| panic!("no lab id in `lab up` output:\n{stdout}"));
+    let mut guard = UpLab(Some(id));
     let lab_arg = id.prefix();
 
     let status = Command::new(bin("lacewing"))
@@ -340,6 +357,7 @@ fn the_cli_brings_a_lab_up_runs_in_it_and_takes_it_down() {
         "an unknown pod should list the pods: {bad:?}"
     );
 
+    guard.0 = None;
     let down = Command::new(bin("lacewing"))
         .args(["lab", "down", &lab_arg])
         .output()

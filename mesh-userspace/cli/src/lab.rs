@@ -236,10 +236,14 @@ impl Lab {
             })
     }
 
-    /// Keeps the lab after this handle is gone; `lacewing lab down` removes it.
-    pub fn detach(mut self) -> Result<LabId, LabError> {
+    /// Keeps the lab after this handle is gone; `lacewing lab down` removes
+    /// it, and with an `owner` the sweep does too once that process is gone.
+    pub fn detach(mut self, owner: Option<u32>) -> Result<LabId, LabError> {
         self.detached = true;
-        state::write(&self.record())?;
+        state::write(&Record {
+            owner_pid: owner,
+            ..self.record()
+        })?;
         Ok(self.topo.id)
     }
 

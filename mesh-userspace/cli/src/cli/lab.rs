@@ -25,6 +25,12 @@ pub enum LabCommand {
         /// `lacewing lab down --all` sweeps it).
         #[arg(long)]
         foreground: bool,
+        /// Keep the lab only while process PID lives: once it is gone, the
+        /// next lab (or `lacewing lab down --all`) sweeps it. What a test
+        /// that brings a lab up with this command passes, so a test that
+        /// dies leaves nothing behind.
+        #[arg(long, value_name = "PID", conflicts_with = "foreground")]
+        owner: Option<u32>,
     },
     /// List the labs on this machine with their nodes, pods and addresses.
     Status,
@@ -56,6 +62,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
             pods,
             bare,
             foreground,
+            owner,
         } => {
             let lab = Lab::new(nodes, pods)?;
             print!("{}", describe(lab.id(), &lab.record()));
@@ -90,7 +97,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
             if let Some(mesh) = mesh {
                 mesh.detach();
             }
-            let id = lab.detach()?;
+            let id = lab.detach(owner)?;
             println!(
                 "\nlab {} is up. Try: lacewing lab exec n0-p0 -- ip -br addr",
                 id.prefix()
