@@ -276,7 +276,9 @@ impl Drop for UpLab {
 fn the_cli_brings_a_lab_up_runs_in_it_and_takes_it_down() {
     let owner = std::process::id().to_string();
     let up = Command::new(bin("lacewing"))
-        .args(["lab", "up", "--nodes", "1", "--pods", "2", "--owner", &owner])
+        .args([
+            "lab", "up", "--nodes", "1", "--pods", "2", "--owner", &owner,
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&up.stdout);

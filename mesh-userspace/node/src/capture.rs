@@ -49,7 +49,7 @@ use lacewing_sys::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    cni::{PodNetns, PodNets},
+    cni::{PodNetns, PodNets, inode},
     fastpath::IdentityNumbers,
     maps::{addr_key, open},
     workloads::LocalWorkloads,
@@ -314,12 +314,6 @@ fn netns_of(pods: &PodNets, dir: Option<&Path>, w: &Workload) -> Option<PodNetns
 /// Whether two handles are the same namespace (nsfs: one device).
 fn same_file(a: &File, b: &File) -> bool {
     inode(a) != 0 && inode(a) == inode(b)
-}
-
-/// A namespace handle's inode, which names the namespace.
-fn inode(f: &File) -> u64 {
-    use std::os::unix::fs::MetadataExt as _;
-    f.metadata().map(|m| m.ino()).unwrap_or_default()
 }
 
 /// Turns a pod's capture off (its listeners close with the tasks).

@@ -304,14 +304,13 @@ async fn added(key: &str, pods: &PodNets, workloads: &LocalWorkloads) -> Answer 
     let deadline = tokio::time::Instant::now() + ADD_WAIT;
     let mut versions = workloads.watch();
     let mut captured = pods.captured.subscribe();
-    let handed = lock(&pods.handed)
-        .get(key)
-        .and_then(|h| h.netns.file.metadata().ok())
-        .map(|m| m.ino());
+    let handed = lock(&pods.handed).get(key).map(|h| inode(&h.netns.file));
     loop {
         match workloads.by_key(key) {
             Some(w) if !w.meshed => return Answer::NotMeshed,
-            Some(_) if captured.borrow_and_update().get(key).copied() == handed => {
+            Some(_)
+                if handed.is_some() && captured.borrow_and_update().get(key).copied() == handed =>
+            {
                 return Answer::Captured;
             }
             _ => {}
@@ -358,6 +357,11 @@ async fn write_meshed_namespaces(
             changed = versions.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// A namespace handle's inode, which names the namespace (0 if unreadable).
+pub fn inode(f: &File) -> u64 {
+    f.metadata().map(|m| m.ino()).unwrap_or_default()
 }
 
 /// The pod UID a cgroup path names: `pod<uid>` with the UID's dashes, or
@@ -446,9 +450,7 @@ mod tests {
     }
 
     #[test]
-    fn a_process_in_this_namespace_is_not_a_pod() {
-        // This test process's own cgroup names no pod, and a UID nobody
-        // has is found nowhere.
+    fn a_uid_no_process_has_is_found_nowhere() {
         let uids = BTreeSet::from(["1b4e28ba-2fa1-11d2-883f-0016d3cca427".to_owned()]);
         assert!(find_in_proc(Path::new("/proc"), &uids).unwrap().is_empty());
     }
