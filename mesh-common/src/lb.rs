@@ -133,17 +133,26 @@ pub struct RevNat {
 
 /// A TCP socket's translation, kept in the socket's own storage (freed by
 /// the kernel with the socket): the backend it was sent to and the service
-/// address getpeername shows instead.
+/// address getpeername shows instead. For a captured socket, `backend` is
+/// the daemon's listener and `captured` where the connection was going,
+/// which sock_ops hands to the daemon (`MAP_CAPTURED`) once established.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockRevNat {
     pub backend: [u8; 16],
     pub service: [u8; 16],
+    /// Network order, IPv4 in the first 4 bytes; meaningful only when
+    /// `captured_family` is not 0.
+    pub captured: [u8; 16],
     pub backend_port: u16,
     pub service_port: u16,
+    pub captured_port: u16,
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// 0 for a socket that was translated, not captured.
+    pub captured_family: u8,
 }
+
+const _: () = assert!(size_of::<SockRevNat>() == 56);
 
 /// The data of a service CIDR key (in an LPM trie, `prefix_len` = 32 + the
 /// CIDR's length, so the family byte and padding always match exactly).

@@ -10,7 +10,6 @@
 #![deny(unsafe_code)]
 
 pub mod capture;
-pub mod conn;
 pub mod fastpath;
 pub mod lb;
 #[cfg(feature = "alloc")]

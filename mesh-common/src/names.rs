@@ -6,8 +6,6 @@
 //! proc-macro attribute cannot take a const); userspace looks them up through
 //! these consts, and a test checks the compiled object has each of them.
 
-/// Per-CPU connection counter, keyed by destination port, family and protocol.
-pub const MAP_CONN_BY_PORT: &str = "LW_CONN_BY_PORT";
 /// Services by (address, port, protocol).
 pub const MAP_SERVICES: &str = "LW_SERVICES";
 /// Backends by id.
@@ -27,13 +25,9 @@ pub const MAP_SVC_STATS: &str = "LW_SVC_STATS";
 /// Service CIDRs: connects to an address in one that is no service are refused.
 pub const MAP_SVC_CIDRS: &str = "LW_SVC_CIDRS";
 
-/// Every map the node daemon pins.
 /// Network namespaces of meshed pods (by netns cookie): their outbound TCP
 /// is captured.
 pub const MAP_MESHED_NETNS: &str = "LW_MESHED_NETNS";
-/// A captured socket's original destination, by socket cookie, until the
-/// connection is established.
-pub const MAP_ORIG_DST: &str = "LW_ORIG_DST";
 /// A captured connection's original destination, by (netns, client port):
 /// what the daemon reads for each accepted connection.
 pub const MAP_CAPTURED: &str = "LW_CAPTURED";
@@ -77,8 +71,8 @@ pub const fn is_daemon_mark(mark: u32) -> bool {
     mark == BYPASS_MARK || mark == DELIVERY_MARK
 }
 
+/// Every map the node daemon pins.
 pub const ALL_MAPS: &[&str] = &[
-    MAP_CONN_BY_PORT,
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_SLOTS,
@@ -89,7 +83,6 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_SVC_STATS,
     MAP_SVC_CIDRS,
     MAP_MESHED_NETNS,
-    MAP_ORIG_DST,
     MAP_CAPTURED,
     MAP_INBOUND,
     MAP_NODE_ADDRS,
@@ -110,7 +103,6 @@ pub const ALL_MAPS: &[&str] = &[
 /// before removing the old one. Maps whose version did not change are
 /// shared by the old programs and the new ones.
 pub const MAP_LAYOUTS: &[(&str, u32)] = &[
-    (MAP_CONN_BY_PORT, 1),
     (MAP_SERVICES, 1),
     (MAP_BACKENDS, 1),
     (MAP_SLOTS, 1),
@@ -118,12 +110,12 @@ pub const MAP_LAYOUTS: &[(&str, u32)] = &[
     (MAP_AFFINITY, 1),
     // 2: 65,536 entries (UDP only), was 262,144.
     (MAP_REVNAT, 2),
-    (MAP_SOCK_REVNAT, 1),
+    // 2: also holds a captured socket's destination (was LW_ORIG_DST).
+    (MAP_SOCK_REVNAT, 2),
     // 2: allocated on insert (BPF_F_NO_PREALLOC).
     (MAP_SVC_STATS, 2),
     (MAP_SVC_CIDRS, 1),
     (MAP_MESHED_NETNS, 1),
-    (MAP_ORIG_DST, 1),
     (MAP_CAPTURED, 1),
     (MAP_INBOUND, 1),
     (MAP_NODE_ADDRS, 1),
@@ -135,6 +127,18 @@ pub const MAP_LAYOUTS: &[(&str, u32)] = &[
     (MAP_LOCAL_PODS, 1),
     (MAP_PAIR_POLICY, 1),
     (MAP_FAST_STATS, 1),
+];
+
+/// Maps earlier versions pinned and this one no longer has: a daemon that
+/// takes over from such a version removes their pins once its programs are
+/// switched over, as it does for other layout versions.
+pub const RETIRED_MAPS: &[&str] = &[
+    // Per-port connect counts, written on every connect for a listing;
+    // `lacewing maps conns` now reads the per-service counters.
+    "LW_CONN_BY_PORT",
+    // A captured socket's destination, by cookie, until established; now
+    // in the socket's storage (`MAP_SOCK_REVNAT`).
+    "LW_ORIG_DST",
 ];
 
 /// The maps the node fills from its configuration alone (the service load

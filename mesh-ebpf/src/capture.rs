@@ -2,25 +2,27 @@
 //! connect hooks call [`redirect`] after load balancing; the sock_ops
 //! program re-keys the record once the connection is established.
 
+use core::ptr::null_mut;
+
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, generated::bpf_sk_storage_get},
     macros::sock_ops,
     programs::{SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
     capture::{CAPTURE_OUTBOUND, CapturedKey, MeshedNetns, OUTBOUND_PORT, OrigDst},
     family,
-    lb::PROTO_TCP,
+    lb::{PROTO_TCP, SockRevNat},
     names::is_daemon_mark,
 };
 
 use crate::{
     lb,
-    maps::{LW_CAPTURED, LW_MESHED_NETNS, LW_ORIG_DST},
+    maps::{LW_CAPTURED, LW_MESHED_NETNS, LW_SOCK_REVNAT},
     sockaddr::{self, Dest},
     splice,
 };
@@ -29,8 +31,8 @@ use crate::{
 /// its netns is meshed, the socket is not the daemon's own, the destination
 /// is not local.
 #[inline(always)]
-pub fn wanted(ctx: &SockAddrContext, dest: &Dest) -> Option<MeshedNetns> {
-    if sockaddr::protocol(ctx) != PROTO_TCP || sockaddr::is_loopback(&dest.addr, dest.family) {
+pub fn wanted(ctx: &SockAddrContext, dest: &Dest, proto: u8) -> Option<MeshedNetns> {
+    if proto != PROTO_TCP || sockaddr::is_loopback(&dest.addr, dest.family) {
         return None;
     }
     // SAFETY: ctx->sk is always set for sock_addr programs; mark is a
@@ -47,20 +49,11 @@ pub fn wanted(ctx: &SockAddrContext, dest: &Dest) -> Option<MeshedNetns> {
         .filter(|m| m.flags & CAPTURE_OUTBOUND != 0)
 }
 
-/// Records where the socket was going (`to`, after load balancing; the app
-/// asked for `asked`) and sends it to the daemon's listener in the pod.
-/// getpeername still shows `asked`.
+/// Sends the socket to the daemon's listener in the pod, recording in its
+/// storage where it was going (`to`, after load balancing; the app asked
+/// for `asked`). getpeername still shows `asked`.
 #[inline(always)]
 pub fn redirect(ctx: &SockAddrContext, asked: &Dest, to: &Dest) -> Dest {
-    // SAFETY: helper valid in cgroup sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let orig = OrigDst {
-        addr: to.addr,
-        port: to.port,
-        family: to.family,
-        _pad: [0; 5],
-    };
-    let _ = LW_ORIG_DST.insert(cookie, orig, 0);
     let mut listener = Dest {
         addr: [0; 16],
         port: OUTBOUND_PORT,
@@ -71,7 +64,8 @@ pub fn redirect(ctx: &SockAddrContext, asked: &Dest, to: &Dest) -> Dest {
     } else {
         listener.addr[15] = 1;
     }
-    lb::remember(ctx, &listener, asked);
+    // Only TCP is captured.
+    lb::remember(ctx, PROTO_TCP, &listener, asked, Some(to));
     listener
 }
 
@@ -89,23 +83,42 @@ pub fn lw_sockops(ctx: SockOpsContext) -> u32 {
     0
 }
 
-/// Moves a captured socket's record to (netns, local port), the key the
-/// daemon sees on the other end.
+/// Hands a captured socket's destination to the daemon, keyed by (netns,
+/// local port): what it sees on the other end. Every other socket has no
+/// storage, or storage without a captured destination.
 #[inline(always)]
 fn rekey(ctx: &SockOpsContext) {
-    // SAFETY: helper valid in sock_ops programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { LW_ORIG_DST.get(cookie) }).copied() else {
-        return;
+    // SAFETY: `sk` is a field of the program's context (null-checked); the
+    // map pointer is the map's own definition (aya's SkStorage takes only a
+    // sock_addr context); the storage is only read, never created here, and
+    // copied out at once.
+    let stored = unsafe {
+        let sk = (*ctx.ops).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return;
+        }
+        let map = core::ptr::from_ref(&LW_SOCK_REVNAT).cast_mut().cast();
+        let slot = bpf_sk_storage_get(map, sk.cast(), null_mut(), 0).cast::<SockRevNat>();
+        if slot.is_null() {
+            return;
+        }
+        *slot
     };
+    if stored.captured_family == 0 {
+        return;
+    }
     let key = CapturedKey {
         // SAFETY: helper valid in sock_ops programs.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
         port: ctx.local_port() as u16,
-        family: orig.family,
+        family: stored.captured_family,
+        _pad: [0; 5],
+    };
+    let orig = OrigDst {
+        addr: stored.captured,
+        port: stored.captured_port,
+        family: stored.captured_family,
         _pad: [0; 5],
     };
     let _ = LW_CAPTURED.insert(key, orig, 0);
-    let _ = LW_ORIG_DST.remove(cookie);
 }

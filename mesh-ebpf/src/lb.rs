@@ -68,7 +68,7 @@ pub fn translate(ctx: &SockAddrContext, dest: &Dest, proto: u8, meshed: bool) ->
             port: backend.port,
             family: dest.family,
         };
-        remember(ctx, &to, dest);
+        remember(ctx, proto, &to, dest, None);
         count(svc.id, true);
         return Verdict::Translated(to);
     }
@@ -201,17 +201,30 @@ fn backend(id: u32) -> Option<Backend> {
 
 /// Records that this socket's `backend` stands for `service`, for
 /// getpeername and for the source of UDP replies: a TCP socket in its own
-/// storage, a UDP socket by its cookie and backend.
+/// storage (with `captured`, where a captured socket was going), a UDP
+/// socket by its cookie and backend. `proto` is the caller's, read once:
+/// reading the context again here can make the compiler keep a pointer
+/// into it on the stack, which the verifier refuses.
 #[inline(always)]
-pub fn remember(ctx: &SockAddrContext, backend: &Dest, service: &Dest) {
-    if sockaddr::protocol(ctx) == PROTO_TCP {
+pub fn remember(
+    ctx: &SockAddrContext,
+    proto: u8,
+    backend: &Dest,
+    service: &Dest,
+    captured: Option<&Dest>,
+) {
+    if proto == PROTO_TCP {
+        let (captured, captured_port, captured_family) =
+            captured.map_or(([0; 16], 0, 0), |c| (c.addr, c.port, c.family));
         let mut value = SockRevNat {
             backend: backend.addr,
             service: service.addr,
+            captured,
             backend_port: backend.port,
             service_port: service.port,
+            captured_port,
             family: backend.family,
-            _pad: [0; 3],
+            captured_family,
         };
         // SAFETY: the storage of the program's own socket, created if
         // missing; a socket connected again gets its new translation.

@@ -14,7 +14,6 @@ use aya_ebpf::{
 };
 use mesh_common::{
     capture::{AddrKey, CapturedKey, MeshedNetns, OrigDst},
-    conn::{ConnCount, ConnKey},
     fastpath::{self, LocalPod, PairKey},
     lb::{
         Affinity, AffinityKey, Backend, CidrKey, RevNat, RevNatKey, Service, Slot, SlotKey,
@@ -26,10 +25,6 @@ use mesh_common::{
 /// Maps that may hold many entries allocate them on insert, so memory follows
 /// what is configured rather than the maximum.
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
-
-/// `names::MAP_CONN_BY_PORT`: connect() calls per destination port.
-#[btf_map]
-pub static LW_CONN_BY_PORT: PerCpuHashMap<ConnKey, ConnCount, 4096> = PerCpuHashMap::new();
 
 /// `names::MAP_SERVICES`: service frontends. Updated whole (hash map update
 /// replaces the element), which is what makes a generation switch atomic.
@@ -59,9 +54,10 @@ pub static LW_AFFINITY: LruHashMap<AffinityKey, Affinity, 65536> = LruHashMap::n
 #[btf_map]
 pub static LW_REVNAT: LruHashMap<RevNatKey, RevNat, 65536> = LruHashMap::new();
 
-/// `names::MAP_SOCK_REVNAT`: a TCP socket's translation, in the socket's
-/// own storage: no entry per connection to age out, and getpeername of a
-/// socket never translated finds nothing at once.
+/// `names::MAP_SOCK_REVNAT`: a TCP socket's translation (and a captured
+/// socket's destination), in the socket's own storage: no entry per
+/// connection to age out, and getpeername of a socket never translated
+/// finds nothing at once.
 #[btf_map]
 pub static LW_SOCK_REVNAT: SkStorage<SockRevNat> = SkStorage::new();
 
@@ -91,10 +87,6 @@ pub fn cidr_lookup_key(family: u8, addr: [u8; 16]) -> Key<CidrKey> {
 /// `names::MAP_MESHED_NETNS`: meshed pods' network namespaces, by cookie.
 #[btf_map]
 pub static LW_MESHED_NETNS: HashMap<u64, MeshedNetns, 4096> = HashMap::new();
-
-/// `names::MAP_ORIG_DST`: a captured socket's destination until established.
-#[btf_map]
-pub static LW_ORIG_DST: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
 
 /// `names::MAP_CAPTURED`: a captured connection's destination, by (netns,
 /// client port), for the daemon.

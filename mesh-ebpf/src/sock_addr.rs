@@ -10,18 +10,12 @@
 //! results back mapped, so a dual-stack socket dialling IPv4 is balanced,
 //! captured and reverse-translated as an IPv4 socket is.
 
-use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
-use mesh_common::{
-    conn::{ConnCount, ConnKey},
-    family,
-};
-
 use crate::{
     capture, fastpath,
     lb::{self, Verdict},
-    maps::LW_CONN_BY_PORT,
     sockaddr::{self, Dest},
 };
+use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
 
 /// Return value that lets the syscall go on (the only one recvmsg and
 /// getpeername hooks may return).
@@ -33,14 +27,12 @@ const ECONNREFUSED: i32 = 111;
 #[cgroup_sock_addr(connect4)]
 pub fn lw_connect4(ctx: SockAddrContext) -> i32 {
     let dest = sockaddr::read4(&ctx);
-    count_connect(&ctx, &dest);
     connect(&ctx, &dest, sockaddr::write4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn lw_connect6(ctx: SockAddrContext) -> i32 {
     let dest = sockaddr::read6_unmapped(&ctx);
-    count_connect(&ctx, &dest);
     connect(&ctx, &dest, sockaddr::write6_mapped)
 }
 
@@ -50,10 +42,13 @@ pub fn lw_connect6(ctx: SockAddrContext) -> i32 {
 /// with HTTP routes is captured unbalanced: its daemon routes each request.
 #[inline(always)]
 fn connect(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest)) -> i32 {
-    let Some(source) = capture::wanted(ctx, dest) else {
-        return apply(ctx, dest, write);
+    // Read once: a second read can leave a pointer into the context on the
+    // stack, which the verifier refuses.
+    let proto = sockaddr::protocol(ctx);
+    let Some(source) = capture::wanted(ctx, dest, proto) else {
+        return apply(ctx, dest, proto, write);
     };
-    let to = match lb::translate(ctx, dest, sockaddr::protocol(ctx), true) {
+    let to = match lb::translate(ctx, dest, proto, true) {
         Verdict::Pass => *dest,
         Verdict::Translated(to) => to,
         Verdict::Refuse => return refuse(),
@@ -72,7 +67,12 @@ fn connect(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lw_sendmsg4(ctx: SockAddrContext) -> i32 {
-    apply(&ctx, &sockaddr::read4(&ctx), sockaddr::write4)
+    apply(
+        &ctx,
+        &sockaddr::read4(&ctx),
+        sockaddr::protocol(&ctx),
+        sockaddr::write4,
+    )
 }
 
 #[cgroup_sock_addr(sendmsg6)]
@@ -80,6 +80,7 @@ pub fn lw_sendmsg6(ctx: SockAddrContext) -> i32 {
     apply(
         &ctx,
         &sockaddr::read6_unmapped(&ctx),
+        sockaddr::protocol(&ctx),
         sockaddr::write6_mapped,
     )
 }
@@ -114,8 +115,8 @@ pub fn lw_getpeername6(ctx: SockAddrContext) -> i32 {
 
 /// Forward translation: service address to backend.
 #[inline(always)]
-fn apply(ctx: &SockAddrContext, dest: &Dest, write: fn(&SockAddrContext, &Dest)) -> i32 {
-    match lb::translate(ctx, dest, sockaddr::protocol(ctx), false) {
+fn apply(ctx: &SockAddrContext, dest: &Dest, proto: u8, write: fn(&SockAddrContext, &Dest)) -> i32 {
+    match lb::translate(ctx, dest, proto, false) {
         // `Routed` is only for meshed sockets.
         Verdict::Pass | Verdict::Routed => ALLOW,
         Verdict::Translated(to) => {
@@ -141,26 +142,4 @@ fn unapply(ctx: &SockAddrContext, peer: &Dest, write: fn(&SockAddrContext, &Dest
         write(ctx, &service);
     }
     ALLOW
-}
-
-/// Counts every connect by its original destination (before translation).
-#[inline(always)]
-fn count_connect(ctx: &SockAddrContext, dest: &Dest) {
-    let fam = if dest.family == family::INET as u8 {
-        family::INET
-    } else {
-        family::INET6
-    };
-    let key = ConnKey::new(dest.port, fam, sockaddr::protocol(ctx));
-    match LW_CONN_BY_PORT.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot of a live entry; per-CPU values are never
-        // written concurrently by another CPU.
-        Some(count) => unsafe { (*count).connects += 1 },
-        None => {
-            // BPF_ANY (0): if another CPU inserted the key meanwhile, a per-CPU
-            // update writes only this CPU's slot, so no count is lost. A failed
-            // insert (map full) loses a count, never a connect.
-            let _ = LW_CONN_BY_PORT.insert(key, ConnCount { connects: 1 }, 0);
-        }
-    }
 }

@@ -14,7 +14,6 @@ use aya::{
     },
 };
 use mesh_common::{
-    conn::{ConnCount, ConnKey},
     lb::{
         Backend, CIDR_KEY_HEADER_BITS, CidrKey, Service, Slot, SlotKey, SvcCidr, SvcKey, SvcStats,
     },
@@ -88,9 +87,9 @@ pub fn pin_path(root: &Path, name: &str) -> PathBuf {
     maps_dir(root).join(pin_name(name, layout_version(name)))
 }
 
-/// Pins of other layout versions of our maps below `root`: a previous
-/// daemon's, still in use by the programs attached now until they are
-/// switched over.
+/// Pins of other layout versions of our maps, and of maps we no longer
+/// have, below `root`: a previous daemon's, still in use by the programs
+/// attached now until they are switched over.
 pub fn other_layouts(root: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(maps_dir(root)) else {
         return Vec::new();
@@ -104,7 +103,7 @@ pub fn other_layouts(root: &Path) -> Vec<PathBuf> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|file| {
             !ours.contains(file)
-                && names::ALL_MAPS.iter().any(|n| {
+                && names::ALL_MAPS.iter().chain(names::RETIRED_MAPS).any(|n| {
                     file == n
                         || file
                             .strip_prefix(n)
@@ -137,31 +136,6 @@ fn ctx(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapOpErr
         map,
         op,
         source: Box::new(source),
-    }
-}
-
-/// The per-port connection counters of one node.
-pub struct ConnCounters {
-    map: PerCpuHashMap<MapData, ConnKey, ConnCount>,
-}
-
-impl ConnCounters {
-    /// Opens the pinned counter map of the daemon whose bpffs root is `root`.
-    pub fn open(root: &Path) -> Result<Self, MapError> {
-        Ok(Self {
-            map: PerCpuHashMap::try_from(open(root, names::MAP_CONN_BY_PORT)?)?,
-        })
-    }
-
-    /// Every key with its count summed over CPUs, ordered by key.
-    pub fn snapshot(&self) -> Result<Vec<(ConnKey, u64)>, MapError> {
-        let mut rows = Vec::new();
-        for entry in self.map.iter() {
-            let (key, per_cpu) = entry?;
-            rows.push((key, per_cpu.iter().map(|c| c.connects).sum()));
-        }
-        rows.sort_by_key(|(key, _)| *key);
-        Ok(rows)
     }
 }
 
@@ -462,5 +436,42 @@ impl SpliceMaps {
     pub fn sockets(&self) -> usize {
         self.sockets.keys().filter(Result::is_ok).count()
             + self.daemon_sockets.keys().filter(Result::is_ok).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_of_other_layouts_and_of_retired_maps_are_the_previous_daemons() {
+        let root = std::env::temp_dir().join(format!("lw-maps-test-{}", std::process::id()));
+        let dir = maps_dir(&root);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ours = [
+            pin_name(names::MAP_SERVICES, layout_version(names::MAP_SERVICES)),
+            pin_name(names::MAP_REVNAT, layout_version(names::MAP_REVNAT)),
+        ];
+        let previous = [
+            "LW_CONN_BY_PORT",
+            "LW_ORIG_DST",
+            "LW_REVNAT",
+            "LW_SERVICES_v7",
+        ];
+        for file in ours
+            .iter()
+            .map(String::as_str)
+            .chain(previous)
+            .chain(["LW_OTHER_v2", "notes"])
+        {
+            std::fs::write(dir.join(file), "").unwrap();
+        }
+        let mut found: Vec<String> = other_layouts(&root)
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        found.sort();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(found, previous);
     }
 }

@@ -93,7 +93,7 @@ fn run_in(lab: &Lab, node_bin: &std::path::Path) -> anyhow::Result<()> {
 
     for node in [&n0, &n1] {
         step(&format!(
-            "node {}: connects counted by destination port",
+            "node {}: connects counted by service, in the kernel",
             node.name()
         ));
         print!("{}", conn_table(&lab.node_bpffs_root(node))?);

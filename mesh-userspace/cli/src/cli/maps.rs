@@ -3,17 +3,17 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use mesh_common::family;
 
 use lacewing_node::{
     lb::LoadBalancer,
-    maps::{ConnCounters, LbMaps, SpliceMaps},
+    maps::{LbMaps, SpliceMaps},
 };
 use lacewing_sys::bpffs;
 
 #[derive(Debug, Subcommand)]
 pub enum MapsCommand {
-    /// Connections counted per destination port.
+    /// Connects counted per service frontend (and refused ones, also to
+    /// addresses in the service CIDRs that are no service).
     Conns {
         /// The node daemon's bpffs root.
         #[arg(long, default_value_os_t = bpffs::default_root())]
@@ -82,46 +82,45 @@ pub fn acceleration(
     Ok(out)
 }
 
-/// The connection counters of the daemon at `root` as a table.
+/// The connect counters of the daemon at `root` as a table, one row per
+/// service frontend. The kernel counts a connect where it looks the
+/// destination up as a service (one per-CPU counter per service, no
+/// write for other connects), so this is what it has.
 pub fn conn_table(root: &Path) -> anyhow::Result<String> {
-    let counters = ConnCounters::open(root).map_err(|err| {
-        anyhow::anyhow!(
-            "opening the counter map under {}: {err} (is lacewing-node running there?)",
-            root.display()
-        )
-    })?;
+    let maps = open_lb_maps(root)?;
+    let unallocated = maps.stats(mesh_common::lb::UNALLOCATED_SVC_ID)?.refused;
+    let lb = LoadBalancer::inspect(maps)?;
     let mut out = format!(
-        "{:<8} {:<6} {:<6} {:>10}\n",
-        "PORT", "FAMILY", "PROTO", "CONNECTS"
+        "{:<40} {:<5} {:>10} {:>8}\n",
+        "FRONTEND", "PROTO", "CONNECTS", "REFUSED"
     );
-    for (key, connects) in counters.snapshot()? {
-        let fam = match key.family {
-            family::INET => "ipv4",
-            family::INET6 => "ipv6",
-            _ => "other",
-        };
-        let proto = match key.protocol {
-            6 => "tcp".to_owned(),
-            17 => "udp".to_owned(),
-            p => p.to_string(),
-        };
+    for s in lb.describe()? {
         out.push_str(&format!(
-            "{:<8} {:<6} {:<6} {:>10}\n",
-            key.dst_port, fam, proto, connects
+            "{:<40} {:<5} {:>10} {:>8}\n",
+            s.frontend.to_string(),
+            s.protocol.to_string(),
+            s.stats.connects,
+            s.stats.refused
         ));
     }
+    out.push_str(&format!(
+        "refused, no service at the address (in the service CIDRs): {unallocated}\n"
+    ));
     Ok(out)
 }
 
-/// The services of the daemon at `root` as a table, read from its pinned maps.
-pub fn services_table(root: &Path) -> anyhow::Result<String> {
-    let maps = LbMaps::open(root).map_err(|err| {
+fn open_lb_maps(root: &Path) -> anyhow::Result<LbMaps> {
+    LbMaps::open(root).map_err(|err| {
         anyhow::anyhow!(
             "opening the service maps under {}: {err} (is lacewing-node running there?)",
             root.display()
         )
-    })?;
-    let lb = LoadBalancer::inspect(maps)?;
+    })
+}
+
+/// The services of the daemon at `root` as a table, read from its pinned maps.
+pub fn services_table(root: &Path) -> anyhow::Result<String> {
+    let lb = LoadBalancer::inspect(open_lb_maps(root)?)?;
     let mut out = format!(
         "{:<24} {:<5} {:<8} {:>8} {:>10} {:>8}  BACKENDS\n",
         "FRONTEND", "PROTO", "ALGO", "AFFINITY", "CONNECTS", "REFUSED"
