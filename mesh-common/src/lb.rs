@@ -15,6 +15,19 @@ pub const ALG_MAGLEV: u32 = 1;
 /// Default Maglev table size (prime, as Cilium's default).
 pub const MAGLEV_DEFAULT_SIZE: u32 = 16381;
 
+/// Slots a random-algorithm service keeps in its own [`Service`] value: up
+/// to this many, a connect finds its backend id in the entry it already
+/// read, with no slot table to look up. A power of two, so the kernel can
+/// bound the index with a mask.
+pub const INLINE_SLOTS: usize = 16;
+
+/// Whether a service of `algorithm` with `count` slots keeps them inline
+/// ([`Service::slots`]) rather than in a slot table of its own.
+#[inline(always)]
+pub const fn inline_slots(algorithm: u32, count: u32) -> bool {
+    algorithm == ALG_RANDOM && count as usize <= INLINE_SLOTS
+}
+
 /// IP protocol numbers, as in `bpf_sock_addr.protocol`.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -51,6 +64,10 @@ pub struct Service {
     pub affinity_timeout_s: u32,
     /// [`SVC_L7`], or 0.
     pub flags: u32,
+    /// The backend ids of a random-algorithm service of at most
+    /// [`INLINE_SLOTS`] slots ([`inline_slots`]); zero otherwise. Written
+    /// with the rest of the value, so a generation switch stays one update.
+    pub slots: [u32; INLINE_SLOTS],
 }
 
 /// `Service.flags`: HTTP routes apply to this frontend. A meshed pod's
@@ -59,13 +76,14 @@ pub struct Service {
 /// Other clients are balanced as usual.
 pub const SVC_L7: u32 = 1;
 
-/// One entry of a service's backend list (random) or Maglev table.
+/// One generation of a service's slot table: the key of the outer maps
+/// (hash of maps) whose inner maps are arrays of [`Slot`], one array per
+/// service generation, sized to its table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SlotKey {
+pub struct TableKey {
     pub svc_id: u32,
     pub generation: u32,
-    pub index: u32,
 }
 
 /// The backend a slot points to.
@@ -211,8 +229,9 @@ mod maglev_flow_tests {
 }
 
 const _: () = assert!(size_of::<SvcKey>() == 20);
-const _: () = assert!(size_of::<Service>() == 24);
-const _: () = assert!(size_of::<SlotKey>() == 12);
+const _: () = assert!(size_of::<Service>() == 24 + 4 * INLINE_SLOTS);
+const _: () = assert!(INLINE_SLOTS.is_power_of_two());
+const _: () = assert!(size_of::<TableKey>() == 8);
 const _: () = assert!(size_of::<Slot>() == 4);
 const _: () = assert!(size_of::<Backend>() == 24);
 const _: () = assert!(size_of::<AffinityKey>() == 16);
@@ -290,7 +309,7 @@ mod pod {
     pod!(
         super::SvcKey,
         super::Service,
-        super::SlotKey,
+        super::TableKey,
         super::Slot,
         super::Backend,
         super::AffinityKey,

@@ -10,9 +10,10 @@
 pub const MAP_SERVICES: &str = "LW_SERVICES";
 /// Backends by id.
 pub const MAP_BACKENDS: &str = "LW_BACKENDS";
-/// Each service's weighted backend slots, by (service, generation, index).
+/// Weighted backend slots of random services with more than
+/// `lb::INLINE_SLOTS`: an array per (service, generation), in a hash of maps.
 pub const MAP_SLOTS: &str = "LW_SLOTS";
-/// Maglev lookup tables, by (service, generation, index).
+/// Maglev lookup tables: an array per (service, generation), in a hash of maps.
 pub const MAP_MAGLEV: &str = "LW_MAGLEV";
 /// ClientIP session affinity (LRU).
 pub const MAP_AFFINITY: &str = "LW_AFFINITY";
@@ -103,10 +104,13 @@ pub const ALL_MAPS: &[&str] = &[
 /// before removing the old one. Maps whose version did not change are
 /// shared by the old programs and the new ones.
 pub const MAP_LAYOUTS: &[(&str, u32)] = &[
-    (MAP_SERVICES, 1),
+    // 2: a random service's slots inline (`lb::INLINE_SLOTS`).
+    (MAP_SERVICES, 2),
     (MAP_BACKENDS, 1),
-    (MAP_SLOTS, 1),
-    (MAP_MAGLEV, 1),
+    // 2: a hash of maps, one array per service generation (was one hash
+    // entry per slot, whose buckets cost 16 bytes per possible entry).
+    (MAP_SLOTS, 2),
+    (MAP_MAGLEV, 2),
     (MAP_AFFINITY, 1),
     // 2: 65,536 entries (UDP only), was 262,144.
     (MAP_REVNAT, 2),

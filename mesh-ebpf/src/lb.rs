@@ -7,8 +7,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::lb::{
-    ALG_MAGLEV, Affinity, AffinityKey, Backend, PROTO_TCP, PROTO_UDP, RevNat, RevNatKey, SVC_L7,
-    Service, SlotKey, SockRevNat, SvcKey, SvcStats, UNALLOCATED_SVC_ID, maglev_flow, maglev_index,
+    ALG_MAGLEV, Affinity, AffinityKey, Backend, INLINE_SLOTS, PROTO_TCP, PROTO_UDP, RevNat,
+    RevNatKey, SVC_L7, Service, SockRevNat, SvcKey, SvcStats, TableKey, UNALLOCATED_SVC_ID,
+    inline_slots, maglev_flow, maglev_index,
 };
 
 use crate::{
@@ -48,10 +49,12 @@ pub fn translate(ctx: &SockAddrContext, dest: &Dest, proto: u8, meshed: bool) ->
     // Two tries: an update may delete the slot or backend we were about to read
     // between our lookups; the second try reads the service's new generation.
     for _ in 0..2 {
-        // SAFETY: copied out at once; the value is not held across map writes.
-        let Some(svc) = (unsafe { LW_SERVICES.get(key) }).copied() else {
+        let Some(svc) = LW_SERVICES.get_ptr(key) else {
             return unallocated(dest);
         };
+        // SAFETY: a live entry; its fields are read once each, and the
+        // slots only through `select`. An update replaces the element whole.
+        let svc = unsafe { &*svc };
         if meshed && svc.flags & SVC_L7 != 0 {
             count(svc.id, true);
             return Verdict::Routed;
@@ -169,26 +172,33 @@ fn bound_source(ctx: *mut core::ffi::c_void) -> ([u32; 4], u32) {
     }
 }
 
-/// A backend id from the service's live slot generation.
+/// A backend id from the service's live slot generation: inline in the
+/// service's entry for a small random service, else from its table.
 #[inline(always)]
 fn select(ctx: *mut core::ffi::c_void, svc: &Service) -> Option<u32> {
-    let key = |index| SlotKey {
+    let table = TableKey {
         svc_id: svc.id,
         generation: svc.generation,
-        index,
     };
+    let (algorithm, count) = (svc.algorithm, svc.count);
     // SAFETY (both lookups): the value is copied out at once.
-    let slot = if svc.algorithm == ALG_MAGLEV {
+    let slot = if algorithm == ALG_MAGLEV {
         let (src, src_port) = bound_source(ctx);
         let flow = maglev_flow(src, src_port, {
             // SAFETY: helper valid in cgroup sock_addr programs.
             unsafe { bpf_get_socket_cookie(ctx) }
         });
-        unsafe { LW_MAGLEV.get(key(maglev_index(flow, svc.id, svc.count))) }.copied()
+        unsafe { LW_MAGLEV.get_value(&table, &maglev_index(flow, svc.id, count)) }.copied()
     } else {
+        // `checked`: the entry may be read again here (it is not copied),
+        // so the caller's non-zero check does not prove this read's.
         // SAFETY: helper without preconditions.
-        let index = unsafe { bpf_get_prandom_u32() } % svc.count;
-        unsafe { LW_SLOTS.get(key(index)) }.copied()
+        let index = unsafe { bpf_get_prandom_u32() }.checked_rem(count)?;
+        if inline_slots(algorithm, count) {
+            // The mask only proves the bound to the verifier: index < count.
+            return Some(svc.slots[index as usize & (INLINE_SLOTS - 1)]);
+        }
+        unsafe { LW_SLOTS.get_value(&table, &index) }.copied()
     };
     slot.map(|slot| slot.backend_id)
 }

@@ -5,10 +5,10 @@
 //! defaults; `lacewing-node` can resize maps at load time.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
     btf_maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash,
-        lpm_trie::Key,
+        Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage,
+        SockHash, lpm_trie::Key,
     },
     macros::btf_map,
 };
@@ -16,8 +16,8 @@ use mesh_common::{
     capture::{AddrKey, CapturedKey, MeshedNetns, OrigDst},
     fastpath::{self, LocalPod, PairKey},
     lb::{
-        Affinity, AffinityKey, Backend, CidrKey, RevNat, RevNatKey, Service, Slot, SlotKey,
-        SockRevNat, SvcCidr, SvcKey, SvcStats,
+        Affinity, AffinityKey, Backend, CidrKey, RevNat, RevNatKey, Service, Slot, SockRevNat,
+        SvcCidr, SvcKey, SvcStats, TableKey,
     },
     splice::{STATS, Settings, SpliceKey},
 };
@@ -35,13 +35,22 @@ pub static LW_SERVICES: HashMap<SvcKey, Service, 65536, NO_PREALLOC> = HashMap::
 #[btf_map]
 pub static LW_BACKENDS: HashMap<u32, Backend, 262144, NO_PREALLOC> = HashMap::new();
 
-/// `names::MAP_SLOTS`: weighted backend slots of random-algorithm services.
-#[btf_map]
-pub static LW_SLOTS: HashMap<SlotKey, Slot, 524288, NO_PREALLOC> = HashMap::new();
+/// A service generation's slot table: an array sized to the table. Flagged
+/// `BPF_F_INNER_MAP` so arrays of any size fit one outer map (the kernel
+/// then checks sizes per lookup instead of at insert); the maps userspace
+/// creates carry the same flag.
+pub type SlotArray = Array<Slot, 1, { BPF_F_INNER_MAP as usize }>;
 
-/// `names::MAP_MAGLEV`: Maglev tables.
+/// `names::MAP_SLOTS`: slot tables of random-algorithm services with more
+/// than `INLINE_SLOTS` slots (the others keep theirs in `LW_SERVICES`).
+/// One outer entry per table, each table exactly its size: memory follows
+/// what is configured (Cilium keeps its Maglev tables the same way).
 #[btf_map]
-pub static LW_MAGLEV: HashMap<SlotKey, Slot, 1048576, NO_PREALLOC> = HashMap::new();
+pub static LW_SLOTS: HashOfMaps<TableKey, SlotArray, 65536, NO_PREALLOC> = HashOfMaps::new();
+
+/// `names::MAP_MAGLEV`: Maglev tables, as `LW_SLOTS`.
+#[btf_map]
+pub static LW_MAGLEV: HashOfMaps<TableKey, SlotArray, 16384, NO_PREALLOC> = HashOfMaps::new();
 
 /// `names::MAP_AFFINITY`: ClientIP session affinity.
 #[btf_map]

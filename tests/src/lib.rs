@@ -15,6 +15,17 @@ use lacewing::lab::{Lab, LabId, PodSpec, sweep};
 
 /// A lab for a test; panics with what is missing when the machine cannot run
 /// one (the lab tests must run in CI, as root).
+/// The pin name of map `name` (`mesh_common::names`) at this build's
+/// layout version plus `bump` (what `--layout-bump` adds to the service
+/// maps' versions).
+pub fn map_pin(name: &str, bump: u32) -> String {
+    let version = mesh_common::names::MAP_LAYOUTS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(1, |(_, v)| *v);
+    lacewing_node::maps::pin_name(name, version + bump)
+}
+
 pub fn new_lab(nodes: u8, pods_per_node: u8) -> Lab {
     Lab::new(nodes, pods_per_node).unwrap_or_else(|err| {
         panic!("lab tests need a lab and could not make one (run them as root via `cargo xtask test`): {err}")

@@ -12,7 +12,7 @@ use std::{
     ffi::OsStr,
     fs,
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -21,9 +21,10 @@ use lacewing::lab::{Lab, LabProcess, NodeSpec};
 use lacewing_core::model::services::{Algorithm, BackendEntry, Protocol, ServiceEntry, ServiceSet};
 use lacewing_node::{lb::LoadBalancer, maps::LbMaps};
 use lacewing_tests::{
-    PYTHON, Probe, ServiceYaml, assert_promtool_accepts, bin, metric_sum, new_lab, node_http,
-    parse_probe, probe, run_in, start_backend, tool,
+    PYTHON, Probe, ServiceYaml, assert_promtool_accepts, bin, map_pin, metric_sum, new_lab,
+    node_http, parse_probe, probe, run_in, start_backend, tool,
 };
+use mesh_common::{lb::INLINE_SLOTS, names};
 
 const V4: &str = "10.96.0.10";
 const V6: &str = "fd00:96::10";
@@ -208,18 +209,30 @@ fn clients_on_two_nodes_spread_over_three_backends_tcp_udp_v4_v6() {
             assert_eq!(udpc.peers.keys().collect::<Vec<_>>(), [&frontend(53)]);
         }
     }
-    // Weights 1:2:1, by rewriting the file the daemons watch.
-    let weights = format!("{}=2,{}=2", c.backend_ips(true)[1], c.backend_ips(false)[1]);
+    // Weights 4:9:4, by rewriting the file the daemons watch: 17 slots, more
+    // than a service keeps inline, so the kernel reads its slot table.
+    let weights: Vec<String> = [true, false]
+        .into_iter()
+        .flat_map(|v4| c.backend_ips(v4).into_iter().zip([4, 9, 4]))
+        .map(|(ip, w)| format!("{ip}={w}"))
+        .collect();
     let yaml = ServiceYaml {
         name: "web",
         cluster_ips: &cluster_ips(),
         target: TARGET,
         backends: &backends_of(&c.lab),
-        annotations: &[("lacewing.io/backend-weights", weights)],
+        annotations: &[("lacewing.io/backend-weights", weights.join(","))],
         affinity_timeout_s: None,
     };
     c.rewrite(&yaml.render());
-    let weighted = [("n0-p1", 0.25), ("n1-p1", 0.5), ("n1-p2", 0.25)];
+    // A table per frontend (TCP and UDP, v4 and v6) on each node.
+    assert_eq!(slot_tables(&c.lab, "n0"), 4);
+    assert_eq!(slot_tables(&c.lab, "n1"), 4);
+    let weighted = [
+        ("n0-p1", 4.0 / 17.0),
+        ("n1-p1", 9.0 / 17.0),
+        ("n1-p2", 4.0 / 17.0),
+    ];
     for client in ["n0-p0", "n1-p0"] {
         let pod = c.lab.pod(client).unwrap();
         for ip in cluster_ips() {
@@ -460,7 +473,8 @@ fn two_hundred_back_to_back_updates_never_fail_a_connect() {
     // n0 directly through the same update code the daemon uses.
     let n0 = c.lab.node("n0").unwrap();
     let mut lb =
-        LoadBalancer::reconcile(LbMaps::open(&c.lab.node_bpffs_root(&n0)).unwrap()).unwrap();
+        LoadBalancer::reconcile(LbMaps::open(&c.lab.node_bpffs_root(&n0)).unwrap(), u32::MAX)
+            .unwrap();
     let ips = c.backend_ips(true);
     let set = |members: &[usize], maglev: bool| ServiceSet {
         services: vec![ServiceEntry {
@@ -557,9 +571,11 @@ fn bpftool_shows_services_and_backends_with_field_names() {
         .lab
         .node_bpffs_root(&c.lab.node("n0").unwrap())
         .join("maps");
+    let services = maps.join(map_pin(names::MAP_SERVICES, 0));
+    let backends = maps.join(map_pin(names::MAP_BACKENDS, 0));
     for (map, fields) in [
         (
-            "LW_SERVICES",
+            &services,
             &[
                 "addr",
                 "port",
@@ -570,49 +586,63 @@ fn bpftool_shows_services_and_backends_with_field_names() {
                 "generation",
                 "algorithm",
                 "affinity_timeout_s",
+                "slots",
             ][..],
         ),
-        ("LW_BACKENDS", &["addr", "port", "weight", "svc_id"][..]),
-        (
-            "LW_SLOTS",
-            &["svc_id", "generation", "index", "backend_id"][..],
-        ),
+        (&backends, &["addr", "port", "weight", "svc_id"][..]),
     ] {
-        let out = Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(maps.join(map))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "bpftool {map}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let entries: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let first = &entries[0]["formatted"];
+        let first = &dump(map)[0]["formatted"];
         for f in fields {
             assert!(
                 first["key"].get(f).is_some() || first["value"].get(f).is_some(),
-                "{map}: no field `{f}` in {first}"
+                "{}: no field `{f}` in {first}",
+                map.display()
             );
         }
     }
-    // 4 frontends (TCP+UDP, v4+v6) with 3 backends each.
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(maps.join("LW_SERVICES"))
-        .output()
-        .unwrap();
-    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 4 frontends (TCP+UDP, v4+v6) with 3 backends each, their slots inline:
+    // three backend ids, then zeros; no slot table.
+    let entries = dump(&services);
     assert_eq!(entries.as_array().unwrap().len(), 4);
-    assert!(
-        entries
+    for e in entries.as_array().unwrap() {
+        let value = &e["formatted"]["value"];
+        assert_eq!(value["count"], 3, "{value}");
+        let slots: Vec<u64> = value["slots"]
             .as_array()
             .unwrap()
             .iter()
-            .all(|e| e["formatted"]["value"]["count"] == 3)
+            .map(|s| s.as_u64().unwrap())
+            .collect();
+        assert_eq!(slots.len(), INLINE_SLOTS, "{value}");
+        assert!(slots[..3].iter().all(|&id| id != 0), "{value}");
+        assert!(slots[3..].iter().all(|&id| id == 0), "{value}");
+    }
+    assert_eq!(slot_tables(&c.lab, "n0"), 0);
+}
+
+/// `bpftool -j map dump` of the map pinned at `path`.
+fn dump(path: &Path) -> serde_json::Value {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
     );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Slot tables (`LW_SLOTS` entries) on `node`.
+fn slot_tables(lab: &Lab, node: &str) -> usize {
+    let path = lab
+        .node_bpffs_root(&lab.node(node).unwrap())
+        .join("maps")
+        .join(map_pin(names::MAP_SLOTS, 0));
+    dump(&path).as_array().unwrap().len()
 }
 
 #[test]
@@ -667,7 +697,7 @@ fn a_rejected_services_file_changes_nothing() {
 }
 
 #[test]
-fn an_update_that_fails_midway_leaves_the_previous_backends() {
+fn an_update_whose_maglev_table_does_not_fit_leaves_the_previous_backends() {
     // One node: a client, a backend, the daemon with no services of its own.
     let lab = new_lab(1, 3);
     let node = lab.node("n0").unwrap();
@@ -676,9 +706,10 @@ fn an_update_that_fails_midway_leaves_the_previous_backends() {
     let _b1 = start_backend(&lab, &p1, TARGET);
     let _b2 = start_backend(&lab, &p2, TARGET);
     let root = lab.node_bpffs_root(&node);
-    let mut lb = LoadBalancer::reconcile(LbMaps::open(&root).unwrap()).unwrap();
-    // LW_MAGLEV holds 1,048,576 entries: eight tables of 131,071 leave room for
-    // 8 more, so rewriting one of them must fail while staging its new table.
+    // Tables of 1,048,576 entries at most (the default --maglev-capacity):
+    // eight of 131,071 leave room for 8 more, so rewriting one of them (its
+    // new table beside the old until the switch) must fail.
+    let mut lb = LoadBalancer::reconcile(LbMaps::open(&root).unwrap(), 1 << 20).unwrap();
     let big = Algorithm::Maglev {
         table_size: 131_071,
     };
@@ -702,10 +733,11 @@ fn an_update_that_fails_midway_leaves_the_previous_backends() {
     let before = LbMaps::open(&root).unwrap().services().unwrap();
     set.services[0] = service(0, ip2);
     let err = lb.apply(&set).expect_err("a ninth table cannot be staged");
-    assert!(
-        err.to_string().contains("default/big0:tcp")
-            && err.to_string().contains("keeps its previous backends"),
-        "{err}"
+    assert_eq!(
+        err.to_string(),
+        "updating default/big0:tcp: its Maglev table of 131071 entries does not fit: \
+         LW_MAGLEV's tables hold 1048568 of the 1048576 entries --maglev-capacity allows \
+         (raise it, or use smaller tables); it keeps its previous backends"
     );
     let after = LbMaps::open(&root).unwrap().services().unwrap();
     assert_eq!(before, after, "the failed service entry must be untouched");
@@ -723,7 +755,7 @@ fn an_update_that_fails_midway_leaves_the_previous_backends() {
         p.replies.into_keys().collect::<Vec<_>>()
     };
     assert_eq!(reached(), ["n0-p1"], "still the previous backend");
-    // The staged slots were removed: the same update fits once room is made.
+    // Nothing was staged: the same update fits once room is made.
     set.services.truncate(1);
     lb.apply(&set)
         .expect("with seven tables gone the update fits");

@@ -12,6 +12,7 @@
 //!   the controller on the underlay (10.200.0.254:15012)
 //! ```
 
+use mesh_common::names;
 use std::{
     fs,
     process::Command,
@@ -259,7 +260,8 @@ fn after_a_sigkill_captured_connects_fail_fast_the_kernel_keeps_balancing_and_a_
         ),
         "3"
     );
-    let service_maps = ["LW_SERVICES", "LW_BACKENDS", "LW_SLOTS"];
+    let service_maps = [names::MAP_SERVICES, names::MAP_BACKENDS, names::MAP_SLOTS]
+        .map(|map| lacewing_tests::map_pin(map, 0));
     let before: Vec<String> = service_maps
         .iter()
         .map(|map| m.map_dump("n0", map))
@@ -409,7 +411,11 @@ fn wall_clock(at: Instant) -> f64 {
 #[test]
 fn a_daemon_restarted_after_a_sigkill_into_a_new_map_layout_moves_the_services_to_it() {
     let mut m = MeshLab::new();
-    let before = m.map_dump("n0", "LW_SERVICES");
+    let (old_pin, new_pin) = (
+        lacewing_tests::map_pin(names::MAP_SERVICES, 0),
+        lacewing_tests::map_pin(names::MAP_SERVICES, 1),
+    );
+    let before = m.map_dump("n0", &old_pin);
     let n0 = m.nodes.remove(0);
     n0.signal(libc::SIGKILL).unwrap();
     let mut n0 = n0;
@@ -431,9 +437,9 @@ fn a_daemon_restarted_after_a_sigkill_into_a_new_map_layout_moves_the_services_t
     poll(
         "the old layout's maps are removed",
         Duration::from_secs(10),
-        || (!maps.join("LW_SERVICES").exists()).then_some(()),
+        || (!maps.join(&old_pin).exists()).then_some(()),
     );
-    assert_eq!(m.map_dump("n0", "LW_SERVICES_v2"), before);
+    assert_eq!(m.map_dump("n0", &new_pin), before);
     assert_eq!(
         field(
             &m.xfer("n0-p0", &["rr", VIP, "80", "after", "3"]),

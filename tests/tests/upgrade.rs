@@ -9,6 +9,7 @@
 //!   Service shop/web 10.96.0.20:80 -> n1-p0:9000
 //! ```
 
+use mesh_common::names;
 use std::{
     collections::BTreeSet,
     process::Command,
@@ -129,7 +130,11 @@ fn five_upgrades_of_each_daemon_under_load_drop_nothing_and_each_old_daemon_exit
     let bulk = m.spawn_xfer("n0-p0", &["bulk", VIP, "80", "1024", "30"]);
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
-    let services_before = m.map_dump("n0", "LW_SERVICES");
+    let (old_pin, new_pin) = (
+        lacewing_tests::map_pin(names::MAP_SERVICES, 0),
+        lacewing_tests::map_pin(names::MAP_SERVICES, 1),
+    );
+    let services_before = m.map_dump("n0", &old_pin);
     let mut old: Vec<LabProcess> = Vec::new();
     for round in 0..5 {
         for index in 0..2 {
@@ -158,12 +163,13 @@ fn five_upgrades_of_each_daemon_under_load_drop_nothing_and_each_old_daemon_exit
                 assert!(
                     !m.lab
                         .node_bpffs_root(&m.lab.node("n0").unwrap())
-                        .join("maps/LW_SERVICES")
+                        .join("maps")
+                        .join(&old_pin)
                         .exists(),
                     "the old layout's pin is removed once the programs switched"
                 );
                 assert_eq!(
-                    m.map_dump("n0", "LW_SERVICES_v2"),
+                    m.map_dump("n0", &new_pin),
                     services_before,
                     "the new layout's map holds the same services"
                 );

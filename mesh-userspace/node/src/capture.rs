@@ -80,13 +80,13 @@ pub struct CaptureMaps {
 }
 
 impl CaptureMaps {
-    pub fn open(bpffs_root: &Path, maglev_capacity: u32) -> Result<Self, CaptureError> {
+    pub fn open(bpffs_root: &Path) -> Result<Self, CaptureError> {
         let mut maps = Self {
             meshed: open(bpffs_root, names::MAP_MESHED_NETNS).and_then(TryInto::try_into)?,
             captured: open(bpffs_root, names::MAP_CAPTURED).and_then(TryInto::try_into)?,
             inbound: open(bpffs_root, names::MAP_INBOUND).and_then(TryInto::try_into)?,
             node_addrs: open(bpffs_root, names::MAP_NODE_ADDRS).and_then(TryInto::try_into)?,
-            sk_lookup: super::loader::load_sk_lookup(bpffs_root, maglev_capacity)?,
+            sk_lookup: super::loader::load_sk_lookup(bpffs_root)?,
         };
         // The node's own connections to its pods (tunnel streams, probes)
         // are never steered.

@@ -63,8 +63,10 @@ pub struct NodeArgs {
     /// The name on the controller's certificate.
     #[arg(long, default_value = lacewing_core::pki::CONTROLLER_SERVER_NAME)]
     pub controller_server_name: String,
-    /// Entries of the Maglev table map (all Maglev services' tables together;
-    /// each takes its table size). Lower it to bound memory.
+    /// Entries all Maglev tables may hold together (each takes its table
+    /// size, 4 bytes an entry; memory is only what the tables use). A
+    /// service whose table would pass it keeps its previous state and the
+    /// node reports the error. Lower it to bound memory.
     #[arg(long, env = ENV_MAGLEV_CAPACITY, default_value_t = DEFAULT_MAGLEV_CAPACITY)]
     pub maglev_capacity: u32,
     /// The cluster's service CIDRs: a connect to an address in them that is

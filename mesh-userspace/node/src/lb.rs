@@ -19,7 +19,10 @@ use std::{
 };
 
 use mesh_common::{
-    lb::{ALG_MAGLEV, ALG_RANDOM, Backend, SVC_L7, Service, SvcKey, SvcStats},
+    lb::{
+        ALG_MAGLEV, ALG_RANDOM, Backend, INLINE_SLOTS, SVC_L7, Service, SvcKey, SvcStats,
+        inline_slots,
+    },
     maglev,
 };
 
@@ -39,6 +42,17 @@ pub enum ApplyError {
     Read(MapOpError),
     #[error("out of {0} ids")]
     Exhausted(&'static str),
+    #[error(
+        "updating {service}: its Maglev table of {need} entries does not fit: LW_MAGLEV's tables \
+         hold {used} of the {capacity} entries --maglev-capacity allows (raise it, or use smaller \
+         tables); it keeps its previous backends"
+    )]
+    MaglevFull {
+        service: String,
+        need: usize,
+        used: u32,
+        capacity: u32,
+    },
 }
 
 /// What an apply changed.
@@ -59,13 +73,15 @@ struct Installed {
     count: u32,
     /// `Service.flags` as installed.
     flags: u32,
+    /// `Service.slots`: the live generation's slots when they fit inline.
+    inline: [u32; INLINE_SLOTS],
     /// Backend id of each backend, by address.
     backend_ids: BTreeMap<SocketAddr, u32>,
 }
 
 impl Installed {
     fn table(&self) -> SlotTable {
-        table_of(self.spec.algorithm)
+        table_of(self.spec.algorithm, self.count)
     }
 }
 
@@ -102,14 +118,19 @@ pub struct LoadBalancer {
     routed: BTreeSet<SvcKey>,
     service_ids: IdPool,
     backend_ids: IdPool,
+    /// Entries all Maglev tables may hold together (`--maglev-capacity`):
+    /// the tables are arrays of their own, so this is what bounds their
+    /// memory (4 bytes an entry).
+    maglev_capacity: u32,
 }
 
 impl LoadBalancer {
     /// Takes over the maps as they are, without flushing: reads what a previous
     /// daemon installed, so the next apply changes only what differs, and
     /// removes what a crash left half-written.
-    pub fn reconcile(maps: LbMaps) -> Result<Self, ApplyError> {
+    pub fn reconcile(maps: LbMaps, maglev_capacity: u32) -> Result<Self, ApplyError> {
         let (mut lb, orphan_backends) = Self::read(maps)?;
+        lb.maglev_capacity = maglev_capacity;
         // Orphans: backends of no service, slots of no live generation.
         for id in orphan_backends {
             lb.maps.delete_backend(id).map_err(ApplyError::Read)?;
@@ -184,6 +205,7 @@ impl LoadBalancer {
                     generation: svc.generation,
                     count: svc.count,
                     flags: svc.flags,
+                    inline: svc.slots,
                     backend_ids: ids,
                 },
             );
@@ -204,6 +226,8 @@ impl LoadBalancer {
                 installed,
                 service_ids,
                 backend_ids,
+                // Read-only until `reconcile` sets the node's.
+                maglev_capacity: u32::MAX,
             },
             orphans,
         ))
@@ -295,7 +319,10 @@ impl LoadBalancer {
             ids.insert(b.addr, bid);
         }
         let slots = slot_layout(entry, &ids);
-        let table = table_of(entry.algorithm);
+        let table = table_of(entry.algorithm, slots.len() as u32);
+        if table == SlotTable::Maglev {
+            self.fits_maglev(entry, slots.len())?;
+        }
         let staged = (|| {
             for b in &entry.backends {
                 self.maps.put_backend(ids[&b.addr], &backend_value(b, id))?;
@@ -305,9 +332,7 @@ impl LoadBalancer {
         })();
         if let Err(source) = staged {
             // Undo 1-2; the kernel never saw them.
-            let _ = self
-                .maps
-                .delete_slots(table, id, generation, slots.len() as u32);
+            let _ = self.maps.delete_slots(table, id, generation);
             for bid in fresh {
                 let _ = self.maps.delete_backend(bid);
                 self.backend_ids.give(bid);
@@ -324,6 +349,7 @@ impl LoadBalancer {
             generation,
             count: slots.len() as u32,
             flags: flags_of(&self.routed, &key),
+            inline: inline_of(table, &slots),
             backend_ids: ids,
         };
         let value = service_value(&installed);
@@ -331,7 +357,7 @@ impl LoadBalancer {
         // 4. Old generation and unused backends.
         if let Some(o) = &old {
             self.maps
-                .delete_slots(o.table(), id, o.generation, o.count)
+                .delete_slots(o.table(), id, o.generation)
                 .map_err(map_err)?;
             for (addr, &bid) in &o.backend_ids {
                 if !installed.backend_ids.contains_key(addr) {
@@ -341,6 +367,27 @@ impl LoadBalancer {
             }
         }
         self.installed.insert(key, installed);
+        Ok(())
+    }
+
+    /// Whether `entry`'s new Maglev table of `need` entries fits beside
+    /// every table installed (its own previous one included: both live
+    /// until the switch).
+    fn fits_maglev(&self, entry: &ServiceEntry, need: usize) -> Result<(), ApplyError> {
+        let used: u32 = self
+            .installed
+            .values()
+            .filter(|i| i.table() == SlotTable::Maglev)
+            .map(|i| i.count)
+            .sum();
+        if u64::from(used) + need as u64 > u64::from(self.maglev_capacity) {
+            return Err(ApplyError::MaglevFull {
+                service: entry.name.clone(),
+                need,
+                used,
+                capacity: self.maglev_capacity,
+            });
+        }
         Ok(())
     }
 
@@ -362,7 +409,7 @@ impl LoadBalancer {
         self.maps.delete_service(key).map_err(map_err)?;
         self.installed.remove(key);
         self.maps
-            .delete_slots(old.table(), old.id, old.generation, old.count)
+            .delete_slots(old.table(), old.id, old.generation)
             .map_err(map_err)?;
         for &bid in old.backend_ids.values() {
             self.maps.delete_backend(bid).map_err(map_err)?;
@@ -507,8 +554,19 @@ fn gcd(a: u16, b: u16) -> u16 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-fn table_of(algorithm: Algorithm) -> SlotTable {
+/// `Service.slots` for a service whose slots are `slots`.
+fn inline_of(table: SlotTable, slots: &[u32]) -> [u32; INLINE_SLOTS] {
+    let mut inline = [0; INLINE_SLOTS];
+    if table == SlotTable::Inline {
+        inline[..slots.len()].copy_from_slice(slots);
+    }
+    inline
+}
+
+/// Where a service's `count` slots live.
+fn table_of(algorithm: Algorithm, count: u32) -> SlotTable {
     match algorithm {
+        Algorithm::Random if inline_slots(ALG_RANDOM, count) => SlotTable::Inline,
         Algorithm::Random => SlotTable::Weighted,
         Algorithm::Maglev { .. } => SlotTable::Maglev,
     }
@@ -579,6 +637,7 @@ fn spec_from_maps(
 /// The kernel's value of an installed service.
 fn service_value(i: &Installed) -> Service {
     Service {
+        slots: i.inline,
         id: i.id,
         count: i.count,
         generation: i.generation,

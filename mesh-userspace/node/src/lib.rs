@@ -181,7 +181,10 @@ pub async fn run(
         None => lacewing_sys::handoff::Listeners::fresh(),
     };
     let mut datapath = Datapath::load_and_attach(&config)?;
-    let mut balancer = lb::LoadBalancer::reconcile(maps::LbMaps::open(&config.bpffs_root)?)?;
+    let mut balancer = lb::LoadBalancer::reconcile(
+        maps::LbMaps::open(&config.bpffs_root)?,
+        config.maglev_capacity,
+    )?;
     balancer
         .set_service_cidrs(&config.service_cidrs)
         .map_err(lb::ApplyError::Read)?;
@@ -708,7 +711,7 @@ async fn start_mesh(
     if capturing(config) {
         let pod_nets = Arc::new(cni::PodNets::default());
         pods = Some(Arc::clone(&pod_nets));
-        let maps = capture::CaptureMaps::open(&config.bpffs_root, config.maglev_capacity)?;
+        let maps = capture::CaptureMaps::open(&config.bpffs_root)?;
         let fast_maps = fastpath::FastPathMaps::open(&config.bpffs_root)?;
         writers.push(tokio::spawn(fastpath::run(
             Arc::clone(&local_workloads),

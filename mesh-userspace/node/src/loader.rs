@@ -194,7 +194,7 @@ fn adopt_link(
 }
 
 /// programs are not loaded into the kernel until asked.
-fn load_object(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
+fn load_object(root: &Path) -> Result<Ebpf, LoadError> {
     let pin_paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
         .iter()
         .map(|&name| (name, maps::pin_path(root, name)))
@@ -203,14 +203,13 @@ fn load_object(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
     for (name, path) in &pin_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    loader.map_max_entries(names::MAP_MAGLEV, maglev_capacity);
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
 /// The sk_lookup program, loaded on the pinned maps of `root` (the node's
 /// datapath must be loaded), to attach to meshed pods' namespaces.
-pub fn load_sk_lookup(root: &Path, maglev_capacity: u32) -> Result<Ebpf, LoadError> {
-    let mut ebpf = load_object(root, maglev_capacity)?;
+pub fn load_sk_lookup(root: &Path) -> Result<Ebpf, LoadError> {
+    let mut ebpf = load_object(root)?;
     load_program!(ebpf, aya::programs::SkLookup, names::SK_LOOKUP_PROGRAM);
     Ok(ebpf)
 }
@@ -266,7 +265,7 @@ impl Datapath {
                 source,
             })?;
         }
-        let mut ebpf = load_object(&root, config.maglev_capacity)?;
+        let mut ebpf = load_object(&root)?;
 
         let cgroup = File::open(&config.cgroup_root).map_err(|source| LoadError::Cgroup {
             path: config.cgroup_root.clone(),

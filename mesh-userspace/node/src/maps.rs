@@ -9,13 +9,13 @@ use std::{
 use aya::{
     Pod,
     maps::{
-        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, SockHash,
+        Array, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use mesh_common::{
     lb::{
-        Backend, CIDR_KEY_HEADER_BITS, CidrKey, Service, Slot, SlotKey, SvcCidr, SvcKey, SvcStats,
+        Backend, CIDR_KEY_HEADER_BITS, CidrKey, Service, Slot, SvcCidr, SvcKey, SvcStats, TableKey,
     },
     names,
     splice::{self, Settings, SpliceKey},
@@ -74,7 +74,7 @@ pub fn layout() -> u32 {
 
 /// The pin name of map `name` at layout `version`: the name alone for
 /// version 1, `<NAME>_v<N>` after (as Cilium names its maps).
-fn pin_name(name: &str, version: u32) -> String {
+pub fn pin_name(name: &str, version: u32) -> String {
     if version <= 1 {
         name.to_owned()
     } else {
@@ -142,18 +142,29 @@ fn ctx(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapOpErr
 /// Which slot map a service's algorithm uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotTable {
-    /// `LW_SLOTS`: weighted random.
+    /// In the service's own entry (`Service.slots`): a random service of at
+    /// most `INLINE_SLOTS` slots.
+    Inline,
+    /// `LW_SLOTS`: weighted random, more slots than fit inline.
     Weighted,
     /// `LW_MAGLEV`: Maglev lookup table.
     Maglev,
 }
 
+/// `BPF_F_INNER_MAP`: the flag of the slot arrays (and of the inner map
+/// template the kernel object declares), so arrays of any size fit the
+/// same outer map.
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// An outer slot map: a table (array of slots) per service generation.
+type SlotMaps = HashOfMaps<MapData, TableKey, Array<MapData, Slot>>;
+
 /// The service load balancer's maps of one node.
 pub struct LbMaps {
     services: HashMap<MapData, SvcKey, Service>,
     backends: HashMap<MapData, u32, Backend>,
-    slots: HashMap<MapData, SlotKey, Slot>,
-    maglev: HashMap<MapData, SlotKey, Slot>,
+    slots: SlotMaps,
+    maglev: SlotMaps,
     stats: PerCpuHashMap<MapData, u32, SvcStats>,
     cidrs: LpmTrie<MapData, CidrKey, SvcCidr>,
 }
@@ -164,8 +175,8 @@ impl LbMaps {
         Ok(Self {
             services: HashMap::try_from(open(root, names::MAP_SERVICES)?)?,
             backends: HashMap::try_from(open(root, names::MAP_BACKENDS)?)?,
-            slots: HashMap::try_from(open(root, names::MAP_SLOTS)?)?,
-            maglev: HashMap::try_from(open(root, names::MAP_MAGLEV)?)?,
+            slots: HashOfMaps::try_from(open(root, names::MAP_SLOTS)?)?,
+            maglev: HashOfMaps::try_from(open(root, names::MAP_MAGLEV)?)?,
             stats: PerCpuHashMap::try_from(open(root, names::MAP_SVC_STATS)?)?,
             cidrs: LpmTrie::try_from(open(root, names::MAP_SVC_CIDRS)?)?,
         })
@@ -179,9 +190,11 @@ impl LbMaps {
         collect(&self.backends).map_err(ctx(names::MAP_BACKENDS, "reading"))
     }
 
-    /// Every slot key in a table (for cleaning orphans after a crash).
-    pub fn slot_keys(&self, table: SlotTable) -> Result<Vec<SlotKey>, MapOpError> {
-        let (map, name) = self.table(table);
+    /// Every table in a slot map (for cleaning orphans after a crash).
+    pub fn slot_keys(&self, table: SlotTable) -> Result<Vec<TableKey>, MapOpError> {
+        let Some((map, name)) = self.table(table) else {
+            return Ok(Vec::new());
+        };
         map.keys()
             .collect::<Result<_, _>>()
             .map_err(ctx(name, "reading"))
@@ -209,7 +222,10 @@ impl LbMaps {
         ignore_missing(self.backends.remove(&id)).map_err(ctx(names::MAP_BACKENDS, "deleting"))
     }
 
-    /// Writes slots `0..backend_ids.len()` of one service generation.
+    /// Writes one service generation's slot table: a new array exactly
+    /// `backend_ids.len()` long, filled, then put in the outer map, so a
+    /// reader that finds the table finds it whole. Inline slots live in the
+    /// service entry and have nothing to write here.
     pub fn put_slots(
         &mut self,
         table: SlotTable,
@@ -218,46 +234,49 @@ impl LbMaps {
         backend_ids: &[u32],
     ) -> Result<(), MapOpError> {
         let (name, map) = match table {
+            SlotTable::Inline => return Ok(()),
             SlotTable::Weighted => (names::MAP_SLOTS, &mut self.slots),
             SlotTable::Maglev => (names::MAP_MAGLEV, &mut self.maglev),
         };
+        let len = u32::try_from(backend_ids.len()).unwrap_or(u32::MAX);
+        let data = MapData::create(
+            aya_obj::Map::new_from_params(
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+                size_of::<u32>() as u32,
+                size_of::<Slot>() as u32,
+                len,
+                BPF_F_INNER_MAP,
+            ),
+            // bpftool shows each table under its outer map's name.
+            name,
+            None,
+        )
+        .map_err(ctx(name, "creating a table for"))?;
+        let mut array: Array<MapData, Slot> =
+            Array::try_from(Map::Array(data)).map_err(ctx(name, "creating a table for"))?;
         for (index, &backend_id) in backend_ids.iter().enumerate() {
-            let key = SlotKey {
-                svc_id,
-                generation,
-                index: index as u32,
-            };
-            map.insert(key, Slot { backend_id }, 0)
+            array
+                .set(index as u32, Slot { backend_id }, 0)
                 .map_err(ctx(name, "writing"))?;
         }
-        Ok(())
+        map.insert(TableKey { svc_id, generation }, &array, 0)
+            .map_err(ctx(name, "writing"))
     }
 
-    /// Deletes slots `0..count` of one service generation.
+    /// Deletes one service generation's slot table (the kernel frees the
+    /// array once no program holds it).
     pub fn delete_slots(
         &mut self,
         table: SlotTable,
         svc_id: u32,
         generation: u32,
-        count: u32,
     ) -> Result<(), MapOpError> {
-        let (name, map) = match table {
-            SlotTable::Weighted => (names::MAP_SLOTS, &mut self.slots),
-            SlotTable::Maglev => (names::MAP_MAGLEV, &mut self.maglev),
-        };
-        for index in 0..count {
-            ignore_missing(map.remove(&SlotKey {
-                svc_id,
-                generation,
-                index,
-            }))
-            .map_err(ctx(name, "deleting"))?;
-        }
-        Ok(())
+        self.delete_slot_key(table, &TableKey { svc_id, generation })
     }
 
-    pub fn delete_slot_key(&mut self, table: SlotTable, key: &SlotKey) -> Result<(), MapOpError> {
+    pub fn delete_slot_key(&mut self, table: SlotTable, key: &TableKey) -> Result<(), MapOpError> {
         let (name, map) = match table {
+            SlotTable::Inline => return Ok(()),
             SlotTable::Weighted => (names::MAP_SLOTS, &mut self.slots),
             SlotTable::Maglev => (names::MAP_MAGLEV, &mut self.maglev),
         };
@@ -321,10 +340,11 @@ impl LbMaps {
         Ok(())
     }
 
-    fn table(&self, table: SlotTable) -> (&HashMap<MapData, SlotKey, Slot>, &'static str) {
+    fn table(&self, table: SlotTable) -> Option<(&SlotMaps, &'static str)> {
         match table {
-            SlotTable::Weighted => (&self.slots, names::MAP_SLOTS),
-            SlotTable::Maglev => (&self.maglev, names::MAP_MAGLEV),
+            SlotTable::Inline => None,
+            SlotTable::Weighted => Some((&self.slots, names::MAP_SLOTS)),
+            SlotTable::Maglev => Some((&self.maglev, names::MAP_MAGLEV)),
         }
     }
 }
