@@ -106,7 +106,8 @@ pub const ALL_MAPS: &[&str] = &[
 pub const MAP_LAYOUTS: &[(&str, u32)] = &[
     // 2: a random service's slots inline (`lb::INLINE_SLOTS`).
     (MAP_SERVICES, 2),
-    (MAP_BACKENDS, 1),
+    // 2: 131,072 entries, was 262,144.
+    (MAP_BACKENDS, 2),
     // 2: a hash of maps, one array per service generation (was one hash
     // entry per slot, whose buckets cost 16 bytes per possible entry).
     (MAP_SLOTS, 2),
@@ -120,16 +121,20 @@ pub const MAP_LAYOUTS: &[(&str, u32)] = &[
     (MAP_SVC_STATS, 2),
     (MAP_SVC_CIDRS, 1),
     (MAP_MESHED_NETNS, 1),
-    (MAP_CAPTURED, 1),
+    // 2: 16,384 entries (connections in flight to the daemon), was 65,536.
+    (MAP_CAPTURED, 2),
     (MAP_INBOUND, 1),
     (MAP_NODE_ADDRS, 1),
     (MAP_SPLICE, 1),
     (MAP_SPLICE_TO, 1),
-    (MAP_SPLICE_OFF, 1),
+    // 2: a hash allocated on insert, marks deleted as senders close (was an LRU).
+    (MAP_SPLICE_OFF, 2),
     (MAP_SETTINGS, 1),
     (MAP_SPLICE_STATS, 1),
-    (MAP_LOCAL_PODS, 1),
-    (MAP_PAIR_POLICY, 1),
+    // 2: allocated on insert (BPF_F_NO_PREALLOC).
+    (MAP_LOCAL_PODS, 2),
+    // 2: 131,072 entries, was 262,144.
+    (MAP_PAIR_POLICY, 2),
     (MAP_FAST_STATS, 1),
 ];
 

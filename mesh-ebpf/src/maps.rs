@@ -31,9 +31,11 @@ const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 #[btf_map]
 pub static LW_SERVICES: HashMap<SvcKey, Service, 65536, NO_PREALLOC> = HashMap::new();
 
-/// `names::MAP_BACKENDS`: backends by id.
+/// `names::MAP_BACKENDS`: backends by id. 131,072: twice Cilium's default
+/// (65,536), 10,000 services of 10 backends with room; each possible entry
+/// costs 16 bytes of buckets, used or not.
 #[btf_map]
-pub static LW_BACKENDS: HashMap<u32, Backend, 262144, NO_PREALLOC> = HashMap::new();
+pub static LW_BACKENDS: HashMap<u32, Backend, 131072, NO_PREALLOC> = HashMap::new();
 
 /// A service generation's slot table: an array sized to the table. Flagged
 /// `BPF_F_INNER_MAP` so arrays of any size fit one outer map (the kernel
@@ -98,9 +100,12 @@ pub fn cidr_lookup_key(family: u8, addr: [u8; 16]) -> Key<CidrKey> {
 pub static LW_MESHED_NETNS: HashMap<u64, MeshedNetns, 4096> = HashMap::new();
 
 /// `names::MAP_CAPTURED`: a captured connection's destination, by (netns,
-/// client port), for the daemon.
+/// client port), for the daemon. It deletes each entry as it accepts the
+/// connection, so this holds connections in flight between the handshake
+/// and the daemon's accept: a few accept backlogs' worth, not every
+/// connection open.
 #[btf_map]
-pub static LW_CAPTURED: LruHashMap<CapturedKey, OrigDst, 65536> = LruHashMap::new();
+pub static LW_CAPTURED: LruHashMap<CapturedKey, OrigDst, 16384> = LruHashMap::new();
 
 /// `names::MAP_INBOUND`: a STRICT pod's address to the daemon's plain-text
 /// listener in that pod.
@@ -123,9 +128,12 @@ pub static LW_SPLICE_TO: SockHash<SpliceKey, 65536> = SockHash::new();
 
 /// `names::MAP_SPLICE_OFF`: senders whose writes go the usual way for the
 /// rest of their life (they wrote the usual way once, or the daemon fell
-/// behind them).
+/// behind them). Only senders in `LW_SPLICE` get a mark, and each mark is
+/// deleted when its sender closes, so this never holds more than that map:
+/// a plain hash allocated on insert, not an LRU that could evict a live
+/// sender's mark (and move its writes again, out of order).
 #[btf_map]
-pub static LW_SPLICE_OFF: LruHashMap<SpliceKey, u8, 65536> = LruHashMap::new();
+pub static LW_SPLICE_OFF: HashMap<SpliceKey, u8, 65536, NO_PREALLOC> = HashMap::new();
 
 /// `names::MAP_SETTINGS`: the node's switches, written by the daemon.
 #[btf_map]
@@ -137,11 +145,11 @@ pub static LW_SPLICE_STATS: PerCpuArray<u64, { STATS as usize }> = PerCpuArray::
 
 /// `names::MAP_LOCAL_PODS`: meshed pods on this node, by address.
 #[btf_map]
-pub static LW_LOCAL_PODS: HashMap<AddrKey, LocalPod, 16384> = HashMap::new();
+pub static LW_LOCAL_PODS: HashMap<AddrKey, LocalPod, 16384, NO_PREALLOC> = HashMap::new();
 
 /// `names::MAP_PAIR_POLICY`: fast-path verdicts (`fastpath::VERDICT_*`).
 #[btf_map]
-pub static LW_PAIR_POLICY: HashMap<PairKey, u32, 262144, NO_PREALLOC> = HashMap::new();
+pub static LW_PAIR_POLICY: HashMap<PairKey, u32, 131072, NO_PREALLOC> = HashMap::new();
 
 /// `names::MAP_FAST_STATS`: the connect hook's fast-path decisions.
 #[btf_map]

@@ -5,7 +5,10 @@
 //! the daemon's receive queue.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_FIN_WAIT1},
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1,
+        BPF_TCP_LAST_ACK,
+    },
     helpers::{bpf_get_netns_cookie, bpf_map_delete_elem},
     macros::sk_msg,
     programs::{SkMsgContext, SockOpsContext},
@@ -177,13 +180,22 @@ fn ops_key(ctx: &SockOpsContext) -> SpliceKey {
 /// loses nothing.
 #[inline(always)]
 pub fn state_changed(ctx: &SockOpsContext) {
-    if ctx.arg(1) != BPF_TCP_FIN_WAIT1 {
+    // A sender writes nothing more once it sent its FIN (FIN_WAIT1; LAST_ACK
+    // after its peer's) or once the connection is gone (CLOSE).
+    let state = ctx.arg(1);
+    if state != BPF_TCP_FIN_WAIT1 && state != BPF_TCP_LAST_ACK && state != BPF_TCP_CLOSE {
         return;
     }
     let mut k = ops_key(ctx);
     if k.is_loopback() {
         // SAFETY: helper valid in sock_ops programs.
         k.netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    }
+    // Its switched-off mark is no use any more: `LW_SPLICE_OFF` is a plain
+    // hash (no eviction), so each mark goes with its sender.
+    let _ = LW_SPLICE_OFF.remove(&k);
+    if state != BPF_TCP_FIN_WAIT1 {
+        return;
     }
     // SAFETY: the map pointer is the map's own definition and `k` lives on
     // the stack for the call; sock_ops may delete from a sockhash.

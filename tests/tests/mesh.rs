@@ -16,10 +16,11 @@ use std::{
 };
 
 use lacewing_tests::{
-    bin,
+    bin, map_pin,
     mesh_lab::{MeshLab, PORT, VIP, field, poll},
     node_http,
 };
+use mesh_common::names;
 
 #[test]
 fn a_meshed_pod_reaches_a_service_on_another_node_through_the_tunnel() {
@@ -541,6 +542,14 @@ fn acceleration_turns_off_and_on_under_traffic_without_losing_a_connection() {
         capture,
         "nothing spliced while off"
     );
+    // The spliced conversation wrote the usual way while off: marked so it
+    // is never moved again.
+    let off_marks = || m.map_entries("n1", &map_pin(names::MAP_SPLICE_OFF, 0));
+    poll(
+        "the spliced sender is marked off",
+        Duration::from_secs(5),
+        || (off_marks() >= 1).then_some(()),
+    );
     m.switch_acceleration("n1", "on", "off");
     for (name, p) in [("spliced", spliced), ("plain", plain)] {
         let out = p.wait_with_output().unwrap();
@@ -560,6 +569,10 @@ fn acceleration_turns_off_and_on_under_traffic_without_losing_a_connection() {
         "replies=2"
     );
     assert!(m.added("n1", "capture") >= capture + 2.0);
+    // Each mark goes with its sender's connection.
+    poll("no sender is marked off", Duration::from_secs(5), || {
+        (off_marks() == 0).then_some(())
+    });
 }
 
 #[test]

@@ -260,3 +260,83 @@ fn the_node_daemon_rejects_a_cgroup_root_that_is_not_a_cgroup() {
         "{stderr}"
     );
 }
+
+#[test]
+fn senders_an_older_layout_switched_off_stay_off_in_the_new_layout() {
+    // An older daemon's LW_SPLICE_OFF (layout 1: an LRU hash) with two
+    // senders marked, as a previous version leaves it pinned.
+    let lab = new_lab(1, 1);
+    let node = lab.node("n0").unwrap();
+    let dir = maps::maps_dir(&lab.node_bpffs_root(&node));
+    fs::create_dir_all(&dir).unwrap();
+    let old = dir.join(names::MAP_SPLICE_OFF);
+    let bpftool = |args: &[&str]| {
+        let out = Command::new("bpftool").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let old_path = old.to_str().unwrap();
+    bpftool(&[
+        "map",
+        "create",
+        old_path,
+        "type",
+        "lru_hash",
+        "key",
+        "48",
+        "value",
+        "1",
+        "entries",
+        "1024",
+        "name",
+        "LW_SPLICE_OFF",
+    ]);
+    // Keys: a netns cookie of 0, then addresses and ports; only the first
+    // byte of each differs.
+    let key = |first: u8| {
+        let mut k = vec!["0".to_owned(); 48];
+        k[8] = first.to_string();
+        k
+    };
+    for first in [10, 11] {
+        let mut args = vec!["map", "update", "pinned", old_path, "key"];
+        let k = key(first);
+        args.extend(k.iter().map(String::as_str));
+        args.extend(["value", "1"]);
+        bpftool(&args);
+    }
+    let _d = lab.start_node_daemon(&node, &bin("lacewing-node")).unwrap();
+    // The old pin goes once the programs switched over; by then both marks
+    // are in the new map.
+    lacewing_tests::mesh_lab::poll(
+        "the old LW_SPLICE_OFF pin is removed",
+        Duration::from_secs(10),
+        || (!old.exists()).then_some(()),
+    );
+    let new = dir.join(lacewing_tests::map_pin(names::MAP_SPLICE_OFF, 0));
+    let dump: serde_json::Value = serde_json::from_str(&bpftool(&[
+        "-j",
+        "map",
+        "dump",
+        "pinned",
+        new.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let mut firsts: Vec<u64> = dump
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["formatted"]["key"]["local"][0]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{e}"))
+        })
+        .collect();
+    firsts.sort_unstable();
+    // `local` is read as host-order words: the first byte is the low one.
+    assert_eq!(firsts, [10, 11], "{dump}");
+}

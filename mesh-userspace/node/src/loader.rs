@@ -299,8 +299,19 @@ impl Datapath {
             &root,
             switch.as_mut()
         ));
+        // The sk_msg program is replaced at attach, not at the switch-over:
+        // the senders an older layout's program switched off stay off.
+        let carry = |switch: Option<&Switch>| -> Result<usize, LoadError> {
+            let Some(switch) = switch else { return Ok(0) };
+            maps::carry_splice_off(&root, &switch.old_pins).map_err(|source| LoadError::Map {
+                name: names::MAP_SPLICE_OFF,
+                source,
+            })
+        };
+        carry(switch.as_ref())?;
         let splice = attach_sk_msg(&mut ebpf)?;
-        tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len() + 1, switch = switch.is_some(), "attached");
+        let carried = carry(switch.as_ref())?;
+        tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len() + 1, switch = switch.is_some(), carried, "attached");
         Ok(Self {
             links,
             splice,

@@ -103,16 +103,46 @@ pub fn other_layouts(root: &Path) -> Vec<PathBuf> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|file| {
             !ours.contains(file)
-                && names::ALL_MAPS.iter().chain(names::RETIRED_MAPS).any(|n| {
-                    file == n
-                        || file
-                            .strip_prefix(n)
-                            .and_then(|rest| rest.strip_prefix("_v"))
-                            .is_some_and(|v| v.parse::<u32>().is_ok())
-                })
+                && names::ALL_MAPS
+                    .iter()
+                    .chain(names::RETIRED_MAPS)
+                    .any(|n| is_pin_of(file, n))
         })
         .map(|file| maps_dir(root).join(file))
         .collect()
+}
+
+/// Whether pin file name `file` is map `name` at some layout version.
+fn is_pin_of(file: &str, name: &str) -> bool {
+    file == name
+        || file
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix("_v"))
+            .is_some_and(|v| v.parse::<u32>().is_ok())
+}
+
+/// Copies the switched-off marks of an older layout's `LW_SPLICE_OFF`
+/// (among `old_pins`) into ours. The sk_msg program this daemon attaches
+/// reads only ours, and a sender that once wrote the usual way must never
+/// be moved again (its bytes would arrive out of order); the loader runs
+/// this before attaching it and again after (the old program may mark a
+/// sender in between). How many marks were copied.
+pub fn carry_splice_off(root: &Path, old_pins: &[PathBuf]) -> Result<usize, MapError> {
+    let mut ours: HashMap<MapData, SpliceKey, u8> =
+        HashMap::try_from(open(root, names::MAP_SPLICE_OFF)?)?;
+    let mut copied = 0;
+    for old in old_pins.iter().filter(|p| {
+        p.file_name()
+            .is_some_and(|f| is_pin_of(&f.to_string_lossy(), names::MAP_SPLICE_OFF))
+    }) {
+        let theirs: HashMap<MapData, SpliceKey, u8> =
+            HashMap::try_from(Map::from_map_data(MapData::from_pin(old)?)?)?;
+        for key in theirs.keys() {
+            ours.insert(key?, 1, 0)?;
+            copied += 1;
+        }
+    }
+    Ok(copied)
 }
 
 /// Opens pinned map `name`.

@@ -52,8 +52,13 @@ impl SplicedWriters for SpliceOff {
         match off.insert(key, 1, 0) {
             Ok(()) => {
                 self.switched_off.inc();
-                // Already gone if it half-closed or closed.
-                let _ = writers.remove(key);
+                // Already gone if it half-closed or closed: then nothing
+                // runs on its writes any more, and the kernel may have
+                // dropped its marks (at close) before this one was made,
+                // so it goes here, or it would stay for good.
+                if writers.remove(key).is_err() {
+                    let _ = off.remove(key);
+                }
             }
             Err(err) => tracing::warn!(%err, "switching a spliced writer off"),
         }

@@ -624,23 +624,54 @@ fn wrk_errors(text: &str) -> Option<String> {
     (!found.is_empty()).then(|| found.join(", "))
 }
 
-/// The kernel's memory accounting (`bytes_memlock`) of each pinned map.
+/// The kernel's memory accounting (`bytes_memlock`) of each pinned map; a
+/// map of maps counts its inner maps too (they are not pinned themselves).
 fn map_bytes(root: &Path) -> anyhow::Result<BTreeMap<String, u64>> {
     let mut each = BTreeMap::new();
     for name in mesh_common::names::ALL_MAPS {
-        let out = Command::new("bpftool")
-            .args(["-j", "map", "show", "pinned"])
-            .arg(lacewing_node::maps::pin_path(root, name))
-            .output()
-            .context("running bpftool")?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("bpftool map show {name}"))?;
-        let bytes = v["bytes_memlock"]
-            .as_u64()
-            .with_context(|| format!("bpftool shows no bytes_memlock for {name}: {v}"))?;
+        let path = lacewing_node::maps::pin_path(root, name);
+        let v = bpftool_json(&["map", "show", "pinned"], &path)?;
+        let mut bytes = memlock(&v)?;
+        if v["type"].as_str().is_some_and(|t| t.ends_with("_of_maps")) {
+            for id in inner_map_ids(&bpftool_json(&["map", "dump", "pinned"], &path)?)? {
+                bytes += memlock(&bpftool_json(
+                    &["map", "show", "id", &id.to_string()],
+                    Path::new(""),
+                )?)?;
+            }
+        }
         each.insert((*name).to_owned(), bytes);
     }
     Ok(each)
+}
+
+fn memlock(show: &serde_json::Value) -> anyhow::Result<u64> {
+    show["bytes_memlock"]
+        .as_u64()
+        .with_context(|| format!("bpftool shows no bytes_memlock: {show}"))
+}
+
+/// The inner map ids a map-of-maps dump holds: each value is one, as four
+/// bytes in host (little-endian) order.
+fn inner_map_ids(dump: &serde_json::Value) -> anyhow::Result<Vec<u32>> {
+    let entries = dump.as_array().context("bpftool map dump: not a list")?;
+    entries
+        .iter()
+        .map(|e| {
+            let bytes: Vec<u8> = e["value"]
+                .as_array()
+                .context("no raw value")?
+                .iter()
+                .map(|b| {
+                    let hex = b.as_str().unwrap_or_default().trim_start_matches("0x");
+                    u8::from_str_radix(hex, 16).context("not a hex byte")
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let id: [u8; 4] = bytes.try_into().ok().context("not a 4-byte map id")?;
+            Ok(u32::from_le_bytes(id))
+        })
+        .collect::<anyhow::Result<_>>()
+        .with_context(|| format!("reading inner map ids from {dump}"))
 }
 
 /// Runs `program args` in the named namespace with `input` on stdin.
@@ -700,5 +731,16 @@ mod tests {
         assert!(nft.contains("10.96.255.1 . tcp . 80 : goto service-1"));
         let ids: std::collections::HashSet<_> = (0..20_000).map(service_ip).collect();
         assert_eq!(ids.len(), 20_000, "service addresses must be distinct");
+    }
+
+    #[test]
+    fn inner_map_ids_are_read_from_a_map_of_maps_dump() {
+        let dump = serde_json::json!([
+            {"key": ["0x01", "0x00"], "value": ["0x1e", "0xdd", "0x00", "0x00"]},
+            {"key": ["0x02", "0x00"], "value": ["0x01", "0x00", "0x01", "0x00"]},
+        ]);
+        assert_eq!(inner_map_ids(&dump).unwrap(), [0xdd1e, 0x1_0001]);
+        let bad = serde_json::json!([{"key": ["0x01"], "value": ["0x01"]}]);
+        assert!(inner_map_ids(&bad).is_err());
     }
 }
