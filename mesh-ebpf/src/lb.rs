@@ -63,7 +63,7 @@ pub fn translate(ctx: &SockAddrContext, dest: &Dest, proto: u8, meshed: bool) ->
             count(svc.id, false);
             return Verdict::Refuse;
         }
-        let Some(backend) = pick(ctx.sock_addr.cast(), &svc) else {
+        let Some(backend) = pick(ctx.sock_addr.cast(), svc) else {
             continue;
         };
         let to = Dest {

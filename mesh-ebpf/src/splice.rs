@@ -193,7 +193,7 @@ pub fn state_changed(ctx: &SockOpsContext) {
     }
     // Its switched-off mark is no use any more: `LW_SPLICE_OFF` is a plain
     // hash (no eviction), so each mark goes with its sender.
-    let _ = LW_SPLICE_OFF.remove(&k);
+    let _ = LW_SPLICE_OFF.remove(k);
     if state != BPF_TCP_FIN_WAIT1 {
         return;
     }
