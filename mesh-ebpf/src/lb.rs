@@ -224,24 +224,30 @@ pub fn remember(
     captured: Option<&Dest>,
 ) {
     if proto == PROTO_TCP {
-        let (captured, captured_port, captured_family) =
-            captured.map_or(([0; 16], 0, 0), |c| (c.addr, c.port, c.family));
-        let mut value = SockRevNat {
-            backend: backend.addr,
-            service: service.addr,
-            captured,
-            backend_port: backend.port,
-            service_port: service.port,
-            captured_port,
-            family: backend.family,
-            captured_family,
-        };
-        // SAFETY: the storage of the program's own socket, created if
-        // missing; a socket connected again gets its new translation.
-        let slot = unsafe { LW_SOCK_REVNAT.get_or_insert_ptr_mut(ctx, Some(&mut value)) };
-        if !slot.is_null() {
-            // SAFETY: a live storage slot of this socket.
-            unsafe { *slot = value };
+        // SAFETY: the storage of the program's own socket, created (zeroed)
+        // if missing; a socket connected again gets its new translation.
+        let slot = unsafe { LW_SOCK_REVNAT.get_or_insert_ptr_mut(ctx, None) };
+        if slot.is_null() {
+            return;
+        }
+        // SAFETY: a live storage slot of this socket. Written field by
+        // field: no whole value built on the stack and copied in (twice,
+        // with an initial value), which the connect hook's profile showed.
+        unsafe {
+            (*slot).backend = backend.addr;
+            (*slot).service = service.addr;
+            (*slot).backend_port = backend.port;
+            (*slot).service_port = service.port;
+            (*slot).family = backend.family;
+            match captured {
+                Some(c) => {
+                    (*slot).captured = c.addr;
+                    (*slot).captured_port = c.port;
+                    (*slot).captured_family = c.family;
+                }
+                // `captured` means nothing without its family.
+                None => (*slot).captured_family = 0,
+            }
         }
         return;
     }
@@ -269,8 +275,9 @@ pub fn reverse(ctx: &SockAddrContext, peer: &Dest) -> Option<Dest> {
         if slot.is_null() {
             return None;
         }
-        // SAFETY: a live storage slot of this socket, copied out at once.
-        let rev = unsafe { *slot };
+        // SAFETY: a live storage slot of this socket; only the fields
+        // compared and returned are read.
+        let rev = unsafe { &*slot };
         if rev.backend != peer.addr || rev.backend_port != peer.port || rev.family != peer.family {
             return None;
         }
