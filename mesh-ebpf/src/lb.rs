@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use mesh_common::lb::{
     ALG_MAGLEV, Affinity, AffinityKey, Backend, INLINE_SLOTS, PROTO_TCP, PROTO_UDP, RevNat,
-    RevNatKey, SVC_L7, Service, SockRevNat, SvcKey, SvcStats, TableKey, UNALLOCATED_SVC_ID,
-    inline_slots, maglev_flow, maglev_index,
+    RevNatKey, SVC_L7, Service, SvcKey, SvcStats, TableKey, UNALLOCATED_SVC_ID, inline_slots,
+    maglev_flow, maglev_index,
 };
 
 use crate::{
