@@ -15,7 +15,7 @@ pub const MAP_BACKENDS: &str = "LW_BACKENDS";
 pub const MAP_SLOTS: &str = "LW_SLOTS";
 /// Maglev lookup tables: an array per (service, generation), in a hash of maps.
 pub const MAP_MAGLEV: &str = "LW_MAGLEV";
-/// ClientIP session affinity (LRU).
+/// ClientIP session affinity (expired entries swept by the daemon).
 pub const MAP_AFFINITY: &str = "LW_AFFINITY";
 /// Reverse translation for getpeername and UDP replies (LRU).
 pub const MAP_REVNAT: &str = "LW_REVNAT";
@@ -112,7 +112,8 @@ pub const MAP_LAYOUTS: &[(&str, u32)] = &[
     // entry per slot, whose buckets cost 16 bytes per possible entry).
     (MAP_SLOTS, 2),
     (MAP_MAGLEV, 2),
-    (MAP_AFFINITY, 1),
+    // 2: a hash allocated on insert, swept by the daemon (was an LRU).
+    (MAP_AFFINITY, 2),
     // 2: 65,536 entries (UDP only), was 262,144.
     (MAP_REVNAT, 2),
     // 2: also holds a captured socket's destination (was LW_ORIG_DST).

@@ -54,9 +54,13 @@ pub static LW_SLOTS: HashOfMaps<TableKey, SlotArray, 65536, NO_PREALLOC> = HashO
 #[btf_map]
 pub static LW_MAGLEV: HashOfMaps<TableKey, SlotArray, 16384, NO_PREALLOC> = HashOfMaps::new();
 
-/// `names::MAP_AFFINITY`: ClientIP session affinity.
+/// `names::MAP_AFFINITY`: ClientIP session affinity. Allocated on insert:
+/// only services with affinity write here, and the daemon deletes entries
+/// past their service's timeout (`LoadBalancer::sweep_affinity`); a full
+/// map records no new affinity until then (the client is balanced as
+/// without it). An LRU would preallocate all 65,536 entries (6.3 MB).
 #[btf_map]
-pub static LW_AFFINITY: LruHashMap<AffinityKey, Affinity, 65536> = LruHashMap::new();
+pub static LW_AFFINITY: HashMap<AffinityKey, Affinity, 65536, NO_PREALLOC> = HashMap::new();
 
 /// `names::MAP_REVNAT`: the service address behind a UDP socket's backend
 /// (replies come from the backend per datagram). TCP sockets keep theirs

@@ -305,6 +305,19 @@ fn maglev_spreads_and_session_affinity_sticks_then_expires() {
         seen.extend(p.replies.keys().cloned());
     }
     assert!(seen.len() > 1, "affinity never expired: always {seen:?}");
+    // The daemon deletes entries past their timeout (the map is allocated on
+    // insert, not an LRU): n0's client has one now, gone within a sweep.
+    let affinity = c
+        .lab
+        .node_bpffs_root(&c.lab.node("n0").unwrap())
+        .join("maps")
+        .join(map_pin(names::MAP_AFFINITY, 0));
+    assert_eq!(dump(&affinity).as_array().unwrap().len(), 1);
+    lacewing_tests::mesh_lab::poll(
+        "the expired affinity entry is swept",
+        Duration::from_secs(15),
+        || dump(&affinity).as_array().unwrap().is_empty().then_some(()),
+    );
 }
 
 /// `lbprobe.py flows`: the backend each of `n` flows (source ports from

@@ -16,6 +16,8 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use mesh_common::{
@@ -30,6 +32,29 @@ use super::maps::{LbMaps, MapOpError, SlotTable};
 use lacewing_core::model::services::{
     Algorithm, BackendEntry, InvalidService, Protocol, ServiceCidr, ServiceEntry, ServiceSet,
 };
+
+/// How often session-affinity entries past their timeout are deleted.
+const AFFINITY_SWEEP: Duration = Duration::from_secs(10);
+
+/// Deletes expired session-affinity entries every [`AFFINITY_SWEEP`],
+/// until the task is dropped: `LW_AFFINITY` is allocated on insert, not an
+/// LRU, so nothing else makes room in it.
+pub async fn sweep_affinity(lb: Arc<Mutex<LoadBalancer>>) {
+    let mut tick = tokio::time::interval(AFFINITY_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let swept = lb
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .sweep_affinity(lacewing_sys::os::monotonic_ns());
+        match swept {
+            Ok(0) => {}
+            Ok(entries) => tracing::debug!(entries, "expired session affinity removed"),
+            Err(err) => tracing::warn!(%err, "sweeping session affinity"),
+        }
+    }
+}
 
 /// Why an apply failed. Services not yet reached keep their previous state.
 #[derive(Debug, thiserror::Error)]
@@ -389,6 +414,24 @@ impl LoadBalancer {
             });
         }
         Ok(())
+    }
+
+    /// Deletes the session-affinity entries the kernel would no longer use:
+    /// older than their service's timeout, or of a service that is gone or
+    /// has affinity off. `now_ns` is `CLOCK_MONOTONIC`, the kernel's stamp.
+    /// How many went.
+    pub fn sweep_affinity(&mut self, now_ns: u64) -> Result<usize, MapOpError> {
+        let timeouts: HashMap<u32, u64> = self
+            .installed
+            .values()
+            .filter(|i| i.spec.affinity_timeout_s > 0)
+            .map(|i| (i.id, u64::from(i.spec.affinity_timeout_s) * 1_000_000_000))
+            .collect();
+        self.maps.sweep_affinity(|svc_id, entry| {
+            timeouts
+                .get(&svc_id)
+                .is_none_or(|&timeout| now_ns.saturating_sub(entry.last_used_ns) >= timeout)
+        })
     }
 
     /// Sets which frontends have HTTP routes; the next [`apply`](Self::apply)

@@ -357,6 +357,7 @@ pub async fn run(
     // Loading the programs parsed the embedded object: hand that back now.
     memory::release();
     let trimmer = tokio::spawn(memory::run());
+    let affinity_sweeper = tokio::spawn(lb::sweep_affinity(Arc::clone(&lb)));
     if takeover.is_some() || datapath.switch_pending() {
         let caught_up = CaughtUp {
             endpoint: &endpoint,
@@ -493,6 +494,7 @@ pub async fn run(
         mesh.drain(config.drain_timeout).await;
     }
     trimmer.abort();
+    affinity_sweeper.abort();
     for task in [watcher, subscriber, certificates].into_iter().flatten() {
         task.abort();
     }

@@ -15,7 +15,8 @@ use aya::{
 };
 use mesh_common::{
     lb::{
-        Backend, CIDR_KEY_HEADER_BITS, CidrKey, Service, Slot, SvcCidr, SvcKey, SvcStats, TableKey,
+        Affinity, AffinityKey, Backend, CIDR_KEY_HEADER_BITS, CidrKey, Service, Slot, SvcCidr,
+        SvcKey, SvcStats, TableKey,
     },
     names,
     splice::{self, Settings, SpliceKey},
@@ -197,6 +198,7 @@ pub struct LbMaps {
     maglev: SlotMaps,
     stats: PerCpuHashMap<MapData, u32, SvcStats>,
     cidrs: LpmTrie<MapData, CidrKey, SvcCidr>,
+    affinity: HashMap<MapData, AffinityKey, Affinity>,
 }
 
 impl LbMaps {
@@ -209,7 +211,28 @@ impl LbMaps {
             maglev: HashOfMaps::try_from(open(root, names::MAP_MAGLEV)?)?,
             stats: PerCpuHashMap::try_from(open(root, names::MAP_SVC_STATS)?)?,
             cidrs: LpmTrie::try_from(open(root, names::MAP_SVC_CIDRS)?)?,
+            affinity: HashMap::try_from(open(root, names::MAP_AFFINITY)?)?,
         })
+    }
+
+    /// Deletes the affinity entries `expired` says are past use (given the
+    /// service id and the entry); how many went.
+    pub fn sweep_affinity(
+        &mut self,
+        expired: impl Fn(u32, &Affinity) -> bool,
+    ) -> Result<usize, MapOpError> {
+        let stale: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| expired(k.svc_id, v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            ignore_missing(self.affinity.remove(k))
+                .map_err(ctx(names::MAP_AFFINITY, "deleting"))?;
+        }
+        Ok(stale.len())
     }
 
     pub fn services(&self) -> Result<Vec<(SvcKey, Service)>, MapOpError> {

@@ -263,6 +263,23 @@ pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
         .collect())
 }
 
+/// Nanoseconds of `CLOCK_MONOTONIC`: the clock of the kernel's
+/// `bpf_ktime_get_ns`, so userspace can age what BPF programs stamp.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // CLOCK_MONOTONIC is always there on Linux; a failure leaves 0 (nothing
+    // looks expired).
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// Asks the C allocator to return the free pages it holds to the kernel
 /// (glibc's `malloc_trim`; a no-op with other C libraries).
 pub fn release_free_memory() {
