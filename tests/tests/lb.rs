@@ -426,33 +426,50 @@ fn maglev_keeps_each_flow_on_its_backend_and_moves_a_third_when_one_of_three_goe
 
 #[test]
 fn a_service_with_no_ready_backend_refuses_at_once_and_counts_it() {
+    // A Maglev service too: it has no table to build, and is refused the same.
+    let hashed: IpAddr = "10.96.0.30".parse().unwrap();
     let c = Cluster::new(|_| {
-        ServiceYaml {
+        let empty = ServiceYaml {
             name: "empty",
             cluster_ips: &cluster_ips(),
             target: TARGET,
             backends: &[],
             annotations: &[],
             affinity_timeout_s: None,
-        }
-        .render()
+        };
+        let empty_hash = ServiceYaml {
+            name: "empty-hash",
+            cluster_ips: &[hashed],
+            target: TARGET,
+            backends: &[],
+            annotations: &[("lacewing.io/lb-algorithm", "maglev".into())],
+            affinity_timeout_s: None,
+        };
+        format!("{}---\n{}", empty.render(), empty_hash.render())
     });
     let client = c.lab.pod("n0-p0").unwrap();
-    for ip in cluster_ips() {
+    for ip in cluster_ips().into_iter().chain([hashed]) {
         let p = probe(&c.lab, &client, "tcp", ip, 80, "5");
         assert_eq!(p.errors.get("ECONNREFUSED"), Some(&5), "{ip}: {p:?}");
         assert!(p.slowest_ms < 50.0, "refusal took {} ms", p.slowest_ms);
     }
     let metrics = node_http(&c.lab, &c.lab.node("n0").unwrap(), "/metrics");
-    let line = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("lacewing_service_refused_total{")
-                && l.contains("default/empty:tcp")
-                && l.contains("10.96.0.10:80")
-        })
-        .unwrap_or_else(|| panic!("no refused counter for default/empty:tcp:\n{metrics}"));
-    assert!(line.ends_with(" 5"), "{line}");
+    // Refused as services with no backend (an address that is no service
+    // would be refused too, but counted apart).
+    for (service, frontend) in [
+        ("default/empty:tcp", "10.96.0.10:80"),
+        ("default/empty-hash:tcp", "10.96.0.30:80"),
+    ] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("lacewing_service_refused_total{")
+                    && l.contains(service)
+                    && l.contains(frontend)
+            })
+            .unwrap_or_else(|| panic!("no refused counter for {service}:\n{metrics}"));
+        assert!(line.ends_with(" 5"), "{line}");
+    }
     // The exposition is valid for Prometheus' own checker.
     assert_promtool_accepts(&metrics);
     assert_eq!(

@@ -316,6 +316,12 @@ impl LoadBalancer {
             service: entry.name.clone(),
             source,
         };
+        // Before any id is taken: a table that cannot fit changes nothing.
+        if let Algorithm::Maglev { table_size } = entry.algorithm
+            && !entry.backends.is_empty()
+        {
+            self.fits_maglev(entry, table_size as usize)?;
+        }
         let old = self.installed.get(&key).cloned();
         let id = match &old {
             Some(o) => o.id,
@@ -345,9 +351,6 @@ impl LoadBalancer {
         }
         let slots = slot_layout(entry, &ids);
         let table = table_of(entry.algorithm, slots.len() as u32);
-        if table == SlotTable::Maglev {
-            self.fits_maglev(entry, slots.len())?;
-        }
         let staged = (|| {
             for b in &entry.backends {
                 self.maps.put_backend(ids[&b.addr], &backend_value(b, id))?;

@@ -291,6 +291,11 @@ impl LbMaps {
             SlotTable::Weighted => (names::MAP_SLOTS, &mut self.slots),
             SlotTable::Maglev => (names::MAP_MAGLEV, &mut self.maglev),
         };
+        if backend_ids.is_empty() {
+            // No ready backend (count 0): the kernel refuses the connect
+            // before it looks for a table, and an array cannot be empty.
+            return Ok(());
+        }
         let len = u32::try_from(backend_ids.len()).unwrap_or(u32::MAX);
         let data = MapData::create(
             aya_obj::Map::new_from_params(
