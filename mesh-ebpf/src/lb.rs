@@ -52,8 +52,12 @@ pub fn translate(ctx: &SockAddrContext, dest: &Dest, proto: u8, meshed: bool) ->
         let Some(svc) = LW_SERVICES.get_ptr(key) else {
             return unallocated(dest);
         };
-        // SAFETY: a live entry; its fields are read once each, and the
-        // slots only through `select`. An update replaces the element whole.
+        // SAFETY: a live entry, read in place (not copied: with its inline
+        // slots it is 88 bytes). An update replaces the element whole; a
+        // field read twice could differ if the memory were reused, so no
+        // check relies on two reads agreeing (`select` bounds its index by
+        // its own read of `count`), and a stale backend id is caught by
+        // the backend lookup and retried.
         let svc = unsafe { &*svc };
         if meshed && svc.flags & SVC_L7 != 0 {
             count(svc.id, true);
