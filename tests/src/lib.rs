@@ -274,6 +274,24 @@ impl ServiceYaml<'_> {
     }
 }
 
+/// The sock_ops programs bpftool lists at cgroup `dir`, attached there
+/// (or, with `effective`, every one that runs for its sockets).
+pub fn sock_ops_at(dir: &std::path::Path, effective: bool) -> usize {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["-j", "cgroup", "show"]).arg(dir);
+    if effective {
+        cmd.arg("effective");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["attach_type"] == "cgroup_sock_ops" && p["name"] == "lw_sockops")
+        .count()
+}
+
 /// GETs `path` of the node daemon's :15020 endpoint from inside the node.
 pub fn node_http(lab: &Lab, node: &lacewing::lab::NodeSpec, path: &str) -> String {
     lab.node_get(node, path)

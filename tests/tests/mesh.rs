@@ -18,7 +18,7 @@ use std::{
 use lacewing_tests::{
     bin, map_pin,
     mesh_lab::{MeshLab, PORT, VIP, field, poll},
-    node_http,
+    node_http, sock_ops_at,
 };
 use mesh_common::names;
 
@@ -626,4 +626,55 @@ fn a_fast_writer_into_a_spliced_hop_cannot_make_the_kernel_queue_without_bound()
         "TCP memory reached {} MiB",
         (most_pages * 4096) >> 20
     );
+}
+
+// sock_ops runs only where the mesh serves sockets: at the node daemon's
+// cgroup and at each captured pod's, not at the node's. The kernel calls a
+// sock_ops program for every TCP socket below it (9 calls for a connection
+// with both ends on the node), so an unmeshed pod now pays none. A pod that
+// joins the mesh gets its link before capture starts; one that leaves
+// loses it.
+#[test]
+fn sock_ops_runs_only_at_the_daemons_and_the_captured_pods_cgroups() {
+    let m = MeshLab::new();
+    let n0 = m.lab.topology().nodes().next().unwrap();
+    let client = m.lab.pod("n0-p0").unwrap();
+    let plain = m.lab.pod("n0-p1").unwrap();
+    assert_eq!(sock_ops_at(&m.lab.daemon_cgroup(&n0), false), 1);
+    assert_eq!(sock_ops_at(&m.lab.pod_cgroup(&client), false), 1);
+    assert_eq!(sock_ops_at(&m.lab.node_cgroup(&n0), false), 0);
+    assert_eq!(sock_ops_at(&m.lab.pod_cgroup(&plain), true), 0);
+    let pins = || {
+        let links = lacewing_node::loader::links_dir(&m.lab.node_bpffs_root(&n0));
+        let mut names: Vec<String> = fs::read_dir(links)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("lw_sockops"))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(pins().len(), 2, "{:?}", pins());
+    // The meshed client is still captured and served.
+    let captured = m.added("n0", "capture");
+    assert_eq!(
+        m.xfer("n0-p0", &["rr", VIP, "80", "scoped", "3"]),
+        "replies=3"
+    );
+    assert!(m.added("n0", "capture") > captured);
+
+    // The plain pod's namespace joins the mesh: its cgroup gets the link.
+    m.config(
+        "mesh-default.yaml",
+        Some("apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {lacewing.io/mesh: enabled}}\n"),
+    );
+    m.until("the joining pod's cgroup has sock_ops", || {
+        sock_ops_at(&m.lab.pod_cgroup(&plain), true) == 1
+    });
+    assert_eq!(pins().len(), 3, "{:?}", pins());
+    m.config("mesh-default.yaml", None);
+    m.until("the leaving pod's link is gone", || {
+        sock_ops_at(&m.lab.pod_cgroup(&plain), true) == 0
+    });
+    assert_eq!(pins().len(), 2, "{:?}", pins());
 }

@@ -286,3 +286,70 @@ fn the_handoff_socket_refuses_a_peer_that_is_not_root_and_each_daemon_is_ready_o
         "the daemon that handed over is no longer ready"
     );
 }
+
+// A daemon from before per-cgroup sock_ops ran the program at the node's
+// root, from a link pinned as `links/lw_sockops`. The daemon taking over
+// runs its own program in that link until its capture has given the
+// meshed pods their own links, then removes it: from then on an unmeshed
+// pod's sockets run no sock_ops, and captured connections still work.
+#[test]
+fn an_older_daemons_sock_ops_link_at_the_node_root_is_retired_by_its_successor() {
+    use std::os::fd::AsFd as _;
+    let mut m = MeshLab::new();
+    let n0 = m.lab.topology().nodes().next().unwrap();
+    let links = lacewing_node::loader::links_dir(&m.lab.node_bpffs_root(&n0));
+    let node_cgroup = m.lab.node_cgroup(&n0);
+    // The running daemon's program, attached at the node's cgroup and
+    // pinned as an older daemon pinned its link.
+    let own = std::fs::read_dir(&links)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("lw_sockops_daemon_")
+        })
+        .expect("the daemon's own sock_ops link");
+    let show = Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(&own)
+        .output()
+        .unwrap();
+    let link: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let prog_pin = m.lab.node_bpffs_root(&n0).join("test_sockops_prog");
+    let pinned = Command::new("bpftool")
+        .args(["prog", "pin", "id", &link["prog_id"].to_string()])
+        .arg(&prog_pin)
+        .output()
+        .unwrap();
+    assert!(pinned.status.success(), "{pinned:?}");
+    let prog = lacewing_sys::os::bpf_obj_get(&prog_pin).unwrap();
+    std::fs::remove_file(&prog_pin).unwrap();
+    let cgroup = std::fs::File::open(&node_cgroup).unwrap();
+    let root_link =
+        lacewing_sys::os::bpf_link_create_cgroup(prog.as_fd(), cgroup.as_fd(), 3).unwrap();
+    let legacy = links.join(names::SOCK_OPS_PROGRAM);
+    lacewing_sys::os::bpf_obj_pin(root_link.as_fd(), &legacy).unwrap();
+    drop(root_link);
+    assert_eq!(lacewing_tests::sock_ops_at(&node_cgroup, false), 1);
+
+    let _old = m.upgrade_node(0, &[]);
+    poll("the root link retired", Duration::from_secs(10), || {
+        (!legacy.exists() && lacewing_tests::sock_ops_at(&node_cgroup, false) == 0).then_some(())
+    });
+    let client = m.lab.pod("n0-p0").unwrap();
+    let plain = m.lab.pod("n0-p1").unwrap();
+    assert_eq!(
+        lacewing_tests::sock_ops_at(&m.lab.pod_cgroup(&client), false),
+        1
+    );
+    assert_eq!(
+        lacewing_tests::sock_ops_at(&m.lab.pod_cgroup(&plain), true),
+        0
+    );
+    assert_eq!(
+        m.xfer("n0-p0", &["rr", VIP, "80", "after", "3"]),
+        "replies=3"
+    );
+}

@@ -137,9 +137,10 @@ impl Lab {
         fs::create_dir(self.controller_cgroup())?;
         for node in self.topo.nodes() {
             fs::create_dir(self.node_cgroup(&node))?;
+            fs::create_dir(self.daemon_cgroup(&node))?;
         }
         for pod in self.topo.pods() {
-            fs::create_dir(self.pod_cgroup(&pod))?;
+            fs::create_dir_all(self.pod_cgroup(&pod))?;
         }
         netns::build(&self.topo)?;
         cni::configure(self)?;
@@ -311,6 +312,11 @@ impl Lab {
         self.cgroup_root().join(node.cgroup())
     }
 
+    /// A node daemon's cgroup, below the node's.
+    pub fn daemon_cgroup(&self, node: &NodeSpec) -> PathBuf {
+        self.cgroup_root().join(node.daemon_cgroup())
+    }
+
     /// The control plane's cgroup (its processes run on the underlay).
     pub fn controller_cgroup(&self) -> PathBuf {
         self.cgroup_root().join("cp")
@@ -351,7 +357,7 @@ impl Lab {
         )
     }
 
-    /// Starts `cmd` on `node` (a node daemon): the node's namespace and cgroup.
+    /// Starts `cmd` on `node`: the node's namespace and cgroup.
     pub fn spawn_on_node(
         &self,
         node: &NodeSpec,
@@ -362,6 +368,21 @@ impl Lab {
             node.name(),
             &netns::path(&node.netns()),
             &self.node_cgroup(node),
+        )
+    }
+
+    /// Starts a node daemon on `node`: the node's namespace, the daemon's
+    /// cgroup.
+    pub fn spawn_daemon_on_node(
+        &self,
+        node: &NodeSpec,
+        cmd: Command,
+    ) -> Result<LabProcess, std::io::Error> {
+        LabProcess::spawn(
+            cmd,
+            node.name(),
+            &netns::path(&node.netns()),
+            &self.daemon_cgroup(node),
         )
     }
 

@@ -17,8 +17,14 @@
 //! The pod's network namespace comes from the CNI plugin's hand-over
 //! ([`super::cni`]: `--cni-socket`), from a running process of the pod
 //! found at start, or from a folder (`--pod-netns-dir`) with one file per
-//! pod address holding the path of its namespace (the lab writes one for
-//! the pods it wires before the daemons start).
+//! pod address holding the path of its namespace and, on a second line,
+//! the pod's UID (the lab writes one for the pods it wires before the
+//! daemons start).
+//!
+//! Before a pod is captured, `lw_sockops` is attached at its cgroup (the
+//! directory naming its UID below the cgroup root, as kubelet names it):
+//! the kernel runs sock_ops only for the sockets of pods the mesh serves
+//! ([`super::sockops`]).
 
 use std::{
     collections::BTreeMap,
@@ -52,6 +58,7 @@ use super::{
     cni::{PodNetns, PodNets, inode},
     fastpath::IdentityNumbers,
     maps::{addr_key, open},
+    sockops::{Kind, SockOpsLinks},
     workloads::LocalWorkloads,
 };
 use lacewing_core::model::workloads::Workload;
@@ -77,16 +84,25 @@ pub struct CaptureMaps {
     inbound: SockHash<MapData, AddrKey>,
     node_addrs: BpfHashMap<MapData, AddrKey, u32>,
     sk_lookup: aya::Ebpf,
+    sock_ops: Arc<SockOpsLinks>,
+    /// Where the pods' cgroups are looked for.
+    cgroup_root: PathBuf,
 }
 
 impl CaptureMaps {
-    pub fn open(bpffs_root: &Path) -> Result<Self, CaptureError> {
+    pub fn open(
+        bpffs_root: &Path,
+        sock_ops: Arc<SockOpsLinks>,
+        cgroup_root: &Path,
+    ) -> Result<Self, CaptureError> {
         let mut maps = Self {
             meshed: open(bpffs_root, names::MAP_MESHED_NETNS).and_then(TryInto::try_into)?,
             captured: open(bpffs_root, names::MAP_CAPTURED).and_then(TryInto::try_into)?,
             inbound: open(bpffs_root, names::MAP_INBOUND).and_then(TryInto::try_into)?,
             node_addrs: open(bpffs_root, names::MAP_NODE_ADDRS).and_then(TryInto::try_into)?,
             sk_lookup: super::loader::load_sk_lookup(bpffs_root)?,
+            sock_ops,
+            cgroup_root: cgroup_root.to_owned(),
         };
         // The node's own connections to its pods (tunnel streams, probes)
         // are never steered.
@@ -118,6 +134,8 @@ struct Captured {
     /// The listeners, held for the next handoff while the pod is captured.
     _held: Vec<Held>,
     link: Option<aya::programs::sk_lookup::SkLookupLinkId>,
+    /// The inode of the pod's cgroup, where sock_ops is attached for it.
+    cgroup: Option<u64>,
 }
 
 impl Captured {
@@ -302,11 +320,13 @@ fn netns_of(pods: &PodNets, dir: Option<&Path>, w: &Workload) -> Option<PodNetns
     let dir = dir?;
     w.addresses.iter().find_map(|a| {
         let text = std::fs::read_to_string(dir.join(a.to_string())).ok()?;
-        let path = PathBuf::from(text.trim());
+        let mut lines = text.lines().map(str::trim);
+        let path = PathBuf::from(lines.next()?);
         let file = File::open(&path).ok()?;
         Some(PodNetns {
             file: Arc::new(file),
             origin: path.display().to_string(),
+            uid: lines.next().unwrap_or_default().to_owned(),
         })
     })
 }
@@ -323,10 +343,64 @@ fn stop(c: &mut Captured, maps: &mut CaptureMaps) {
     if let Some(link) = c.link.take() {
         let _ = maps.sk_lookup().detach(link);
     }
+    if let Some(inode) = c.cgroup.take() {
+        maps.sock_ops.release(Kind::Pod, inode);
+    }
 }
 
-/// Opens the pod's listeners and turns its capture on.
+/// Attaches sock_ops at the pod's cgroup, found by its UID below the
+/// cgroup root: before its netns is meshed, so each captured connection's
+/// handshake is seen. The cgroup's inode.
+fn attach_sock_ops(uid: &str, maps: &CaptureMaps) -> std::io::Result<u64> {
+    if uid.is_empty() {
+        return Err(std::io::Error::other(
+            "the pod's UID is unknown, so its cgroup cannot be found (the CNI runtime sends K8S_POD_UID; a pod folder file gives it on its second line)",
+        ));
+    }
+    let dir = lacewing_sys::cgroup::find_pod(&maps.cgroup_root, uid)?.ok_or_else(|| {
+        std::io::Error::other(format!(
+            "no cgroup of pod UID {uid} below {}",
+            maps.cgroup_root.display()
+        ))
+    })?;
+    maps.sock_ops
+        .attach(Kind::Pod, &dir)
+        .map_err(std::io::Error::other)
+}
+
+/// Attaches sock_ops at the pod's cgroup, then opens its listeners and
+/// turns its capture on.
 fn start(
+    workload: &Workload,
+    identity: u32,
+    netns: &PodNetns,
+    maps: &Arc<std::sync::Mutex<CaptureMaps>>,
+    proxy: &Arc<Proxy>,
+    handoff: &Arc<Listeners>,
+    admission: &PodAdmission,
+) -> std::io::Result<Captured> {
+    let uid = if netns.uid.is_empty() {
+        &workload.uid
+    } else {
+        &netns.uid
+    };
+    let inode = attach_sock_ops(uid, &lock(maps))?;
+    let started = open_capture(workload, identity, netns, maps, proxy, handoff, admission);
+    match started {
+        Ok(mut c) => {
+            c.cgroup = Some(inode);
+            Ok(c)
+        }
+        Err(err) => {
+            lock(maps).sock_ops.release(Kind::Pod, inode);
+            Err(err)
+        }
+    }
+}
+
+/// Opens the pod's listeners and turns its capture on (its cgroup has
+/// sock_ops already).
+fn open_capture(
     workload: &Workload,
     identity: u32,
     netns: &PodNetns,
@@ -427,6 +501,7 @@ fn start(
         plain: kept,
         _held: held,
         link,
+        cgroup: None,
     };
     if let Err(err) = captured.set_strict(strict, &mut lock(maps)) {
         stop(&mut captured, &mut lock(maps));

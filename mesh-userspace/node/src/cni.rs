@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::workloads::LocalWorkloads;
 use lacewing_core::model::workloads::Workload;
+use lacewing_sys::cgroup;
 
 /// How long an `add` waits for the control plane to know the pod and for
 /// capture to open its listeners.
@@ -52,6 +53,9 @@ pub struct PodNetns {
     pub file: Arc<File>,
     /// Where it came from, for logs.
     pub origin: String,
+    /// The pod's UID when the source knows it (the plugin's `K8S_POD_UID`,
+    /// the cgroup a running pod was found by): its cgroup is found by it.
+    pub uid: String,
 }
 
 #[derive(Debug)]
@@ -159,6 +163,7 @@ impl PodNets {
                 netns: PodNetns {
                     file: Arc::new(file),
                     origin: pod.netns.clone(),
+                    uid: pod.uid.clone(),
                 },
             },
         );
@@ -364,27 +369,6 @@ pub fn inode(f: &File) -> u64 {
     f.metadata().map(|m| m.ino()).unwrap_or_default()
 }
 
-/// The pod UID a cgroup path names: `pod<uid>` with the UID's dashes, or
-/// underscores as the systemd driver writes it
-/// (`kubepods-besteffort-pod1b4e..._...slice`).
-fn uid_in_cgroup(path: &str) -> Option<String> {
-    path.split('/').find_map(|segment| {
-        // `kubepods` itself contains "pod": every occurrence is tried.
-        segment.match_indices("pod").find_map(|(at, _)| {
-            let tail = segment.get(at + 3..at + 3 + 36)?;
-            let uid = tail.replace('_', "-");
-            let shaped = uid.char_indices().all(|(i, c)| {
-                if matches!(i, 8 | 13 | 18 | 23) {
-                    c == '-'
-                } else {
-                    c.is_ascii_hexdigit()
-                }
-            });
-            shaped.then_some(uid)
-        })
-    })
-}
-
 /// Each of `uids` with a process running under `proc`, and that process's
 /// network namespace. Processes in this daemon's own namespace (pods on
 /// the host network) are passed over.
@@ -405,7 +389,7 @@ fn find_in_proc(proc: &Path, uids: &BTreeSet<String>) -> io::Result<BTreeMap<Str
         };
         let Some(uid) = cgroup
             .lines()
-            .find_map(|l| uid_in_cgroup(l.rsplit(':').next()?))
+            .find_map(|l| cgroup::pod_uid(l.rsplit(':').next()?))
         else {
             continue;
         };
@@ -420,10 +404,11 @@ fn find_in_proc(proc: &Path, uids: &BTreeSet<String>) -> io::Result<BTreeMap<Str
             continue;
         }
         found.insert(
-            uid,
+            uid.clone(),
             PodNetns {
                 file: Arc::new(file),
                 origin: format!("{} (pid {pid})", path.display()),
+                uid,
             },
         );
     }
@@ -433,21 +418,6 @@ fn find_in_proc(proc: &Path, uids: &BTreeSet<String>) -> io::Result<BTreeMap<Str
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pod_uids_are_read_from_both_cgroup_drivers() {
-        assert_eq!(
-            uid_in_cgroup("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1b4e28ba_2fa1_11d2_883f_0016d3cca427.slice/cri-containerd-abc.scope").as_deref(),
-            Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427")
-        );
-        assert_eq!(
-            uid_in_cgroup("/kubepods/burstable/pod1b4e28ba-2fa1-11d2-883f-0016d3cca427/0123abcd")
-                .as_deref(),
-            Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427")
-        );
-        assert_eq!(uid_in_cgroup("/system.slice/podman.service"), None);
-        assert_eq!(uid_in_cgroup("/user.slice/pod-short"), None);
-    }
 
     #[test]
     fn a_uid_no_process_has_is_found_nowhere() {

@@ -13,6 +13,8 @@ use lacewing_sys::telemetry::LogFormat;
 /// Environment names, as in the DaemonSet manifest.
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_CGROUP_ROOT: &str = "LACEWING_CGROUP_ROOT";
+pub const ENV_DAEMON_CGROUP: &str = "LACEWING_DAEMON_CGROUP";
+pub const ENV_POD_UID: &str = "POD_UID";
 pub const ENV_BPFFS_ROOT: &str = "LACEWING_BPFFS_ROOT";
 pub const ENV_SERVICES_FILE: &str = "LACEWING_SERVICES_FILE";
 pub const ENV_METRICS_ADDR: &str = "LACEWING_METRICS_ADDR";
@@ -45,6 +47,15 @@ pub struct NodeArgs {
     /// root, read from /proc/self/mountinfo, as on a real node.
     #[arg(long, env = ENV_CGROUP_ROOT)]
     pub cgroup_root: Option<PathBuf>,
+    /// This daemon's own cgroup v2 directory, where sock_ops is attached
+    /// for the sockets it listens on and makes. Default: its pod's cgroup
+    /// (`POD_UID`, found below --cgroup-root), else read from
+    /// /proc/self/cgroup.
+    #[arg(long, env = ENV_DAEMON_CGROUP)]
+    pub daemon_cgroup: Option<PathBuf>,
+    /// The daemon's pod UID (the chart passes metadata.uid): its cgroup.
+    #[arg(long, env = ENV_POD_UID, hide = true)]
+    pub pod_uid: Option<String>,
     /// Folder on bpffs where maps and links are pinned.
     #[arg(long, env = ENV_BPFFS_ROOT, default_value_os_t = bpffs::default_root())]
     pub bpffs_root: PathBuf,
@@ -92,8 +103,8 @@ pub struct NodeArgs {
     #[arg(long, env = "LACEWING_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// Capture meshed pods: a folder with one file per pod address holding
-    /// the path of the pod's network namespace (written by the pod network;
-    /// in the lab, by the lab).
+    /// the path of the pod's network namespace and, on a second line, the
+    /// pod's UID (written by the pod network; in the lab, by the lab).
     #[arg(long, env = "LACEWING_POD_NETNS_DIR", requires = "controller")]
     pub pod_netns_dir: Option<PathBuf>,
     /// Capture meshed pods the `lacewing-cni` plugin hands over on this
@@ -218,6 +229,8 @@ pub struct TelemetryConfig {
 pub struct NodeConfig {
     pub node_name: String,
     pub cgroup_root: PathBuf,
+    pub daemon_cgroup: Option<PathBuf>,
+    pub pod_uid: Option<String>,
     pub bpffs_root: PathBuf,
     pub services_file: Option<PathBuf>,
     pub metrics_addr: SocketAddr,
@@ -352,6 +365,8 @@ impl NodeArgs {
             trust_domain: self.trust_domain,
             pod_netns_dir: self.pod_netns_dir,
             cni_socket: self.cni_socket,
+            daemon_cgroup: self.daemon_cgroup,
+            pod_uid: self.pod_uid,
             tunnel_addr: self.tunnel_addr,
             acceleration: self.acceleration,
             fast_path: self.fast_path,

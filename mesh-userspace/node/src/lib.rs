@@ -30,6 +30,7 @@ pub mod memory;
 pub mod metrics;
 pub mod node_cert;
 pub mod sockets;
+pub mod sockops;
 pub mod source;
 pub mod splice;
 pub mod view;
@@ -305,6 +306,7 @@ pub async fn run(
                     spans,
                     listeners: Arc::clone(&listeners),
                     reconciled,
+                    sock_ops: datapath.sock_ops(),
                     tunnel_admission: admission("tunnel", config.limits.clone()),
                     pod_admission: capture::PodAdmission {
                         outbound: admission("pod_outbound", config.limits.per_pod()),
@@ -358,7 +360,10 @@ pub async fn run(
     memory::release();
     let trimmer = tokio::spawn(memory::run());
     let affinity_sweeper = tokio::spawn(lb::sweep_affinity(Arc::clone(&lb)));
-    if takeover.is_some() || datapath.switch_pending() {
+    // A takeover, a layout change or a predecessor's sock_ops link at the
+    // node's root (before per-cgroup links) each wait until capture has
+    // caught up: then the meshed pods have their own links.
+    if takeover.is_some() || datapath.switch_pending() || datapath.has_root_sock_ops() {
         let caught_up = CaughtUp {
             endpoint: &endpoint,
             workloads: &local_workloads,
@@ -422,6 +427,7 @@ pub async fn run(
             }
         }
     }
+    datapath.retire_root_sock_ops()?;
     // The CNI plugin is answered by the daemon that serves the node: a
     // successor takes the socket's name once it has taken over.
     let cni_stop = CancellationToken::new();
@@ -627,6 +633,7 @@ async fn start_mesh(
         spans,
         listeners,
         reconciled,
+        sock_ops,
         tunnel_admission,
         pod_admission,
         node_cert_metrics,
@@ -713,7 +720,7 @@ async fn start_mesh(
     if capturing(config) {
         let pod_nets = Arc::new(cni::PodNets::default());
         pods = Some(Arc::clone(&pod_nets));
-        let maps = capture::CaptureMaps::open(&config.bpffs_root)?;
+        let maps = capture::CaptureMaps::open(&config.bpffs_root, sock_ops, &config.cgroup_root)?;
         let fast_maps = fastpath::FastPathMaps::open(&config.bpffs_root)?;
         writers.push(tokio::spawn(fastpath::run(
             Arc::clone(&local_workloads),
@@ -764,6 +771,8 @@ struct MeshParts {
     spans: lacewing_proxy::telemetry::OutcomeFamily,
     /// Where the listeners are opened (or inherited) and held.
     listeners: Arc<lacewing_sys::handoff::Listeners>,
+    /// Where capture attaches sock_ops for each pod.
+    sock_ops: Arc<sockops::SockOpsLinks>,
     /// Where capture says how far it has caught up.
     reconciled: tokio::sync::watch::Sender<u64>,
     /// What one peer may hold on :15008, and on the pods' capture ports.

@@ -17,6 +17,7 @@ use std::{
     io,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
@@ -30,7 +31,11 @@ use aya::{
 };
 use mesh_common::names;
 
-use super::{config::NodeConfig, maps};
+use super::{
+    config::NodeConfig,
+    maps,
+    sockops::{Kind, SockOpsLinks},
+};
 use lacewing_sys::bpffs;
 
 /// The kernel object built from `mesh-ebpf` by build.rs.
@@ -93,12 +98,17 @@ pub struct Datapath {
     /// Across a layout change: the links to switch to our programs once our
     /// new maps are filled, and the old maps' pins to remove then.
     switch: Option<Switch>,
+    /// sock_ops, one link per cgroup the mesh serves.
+    sock_ops: Arc<SockOpsLinks>,
+    /// A predecessor's sock_ops link at the node's root, until capture
+    /// attached the pods' own.
+    legacy_sock_ops: Option<PinnedLink>,
 }
 
 /// Links still running the previous layout's programs, each with ours.
 #[derive(Debug)]
-struct Switch {
-    links: Vec<(PathBuf, std::os::fd::OwnedFd, aya::programs::ProgramFd)>,
+pub(crate) struct Switch {
+    links: Vec<(PathBuf, std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
     old_pins: Vec<PathBuf>,
 }
 
@@ -175,22 +185,34 @@ fn adopt_link(
         }
     };
     let program = program.map_err(|source| LoadError::Program { name, source })?;
+    adopt_pinned(path, link, program.as_fd(), switch)?;
+    PinnedLink::from_pin(path)
+        .map(Some)
+        .map_err(|source| LoadError::Link { name, source })
+}
+
+/// Runs `program` in the pinned `link` (at `path`) now, or with `switch`
+/// at the switch-over.
+pub(crate) fn adopt_pinned(
+    path: &Path,
+    link: std::os::fd::OwnedFd,
+    program: std::os::fd::BorrowedFd<'_>,
+    switch: Option<&mut Switch>,
+) -> Result<(), LoadError> {
     let update_err = |source| LoadError::Update {
         path: path.to_owned(),
         source,
     };
     match switch {
         Some(switch) => {
-            let program = program.try_clone().map_err(update_err)?;
+            let program = program.try_clone_to_owned().map_err(update_err)?;
             switch.links.push((path.to_owned(), link, program));
         }
         None => {
-            lacewing_sys::os::bpf_link_update(link.as_fd(), program.as_fd()).map_err(update_err)?;
+            lacewing_sys::os::bpf_link_update(link.as_fd(), program).map_err(update_err)?;
         }
     }
-    PinnedLink::from_pin(path)
-        .map(Some)
-        .map_err(|source| LoadError::Link { name, source })
+    Ok(())
 }
 
 /// programs are not loaded into the kernel until asked.
@@ -289,16 +311,38 @@ impl Datapath {
                 switch.as_mut()
             ));
         }
-        // sock_ops: re-keys captured connections once established.
+        // sock_ops: at the daemon's cgroup here, at each captured pod's by
+        // capture (see `sockops`). A predecessor's link at the node's root
+        // (before per-cgroup links) keeps running, with our program, until
+        // capture has attached the pods' links: `retire_root_sock_ops`.
         let name = names::SOCK_OPS_PROGRAM;
-        links.push(attach_cgroup!(
-            ebpf,
-            SockOps,
+        let program = load_program!(ebpf, SockOps, name);
+        let program_fd = program
+            .fd()
+            .map_err(|source| LoadError::Program { name, source })?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| LoadError::PinDir {
+                path: links_dir(&root),
+                source,
+            })?;
+        let legacy_sock_ops = adopt_link(
+            &links_dir(&root).join(name),
             name,
-            &cgroup,
-            &root,
-            switch.as_mut()
-        ));
+            program.fd(),
+            switch.as_mut(),
+        )?;
+        let sock_ops = SockOpsLinks::adopt(program_fd, &root, switch.as_mut())?;
+        let daemon_cgroup = crate::sockops::own_cgroup(
+            &config.cgroup_root,
+            config.daemon_cgroup.as_deref(),
+            config.pod_uid.as_deref(),
+        )
+        .map_err(|source| LoadError::Cgroup {
+            path: config.cgroup_root.clone(),
+            source,
+        })?;
+        sock_ops.attach(Kind::Daemon, &daemon_cgroup)?;
         // The sk_msg program is replaced at attach, not at the switch-over:
         // the senders an older layout's program switched off stay off.
         let carry = |switch: Option<&Switch>| -> Result<usize, LoadError> {
@@ -311,13 +355,39 @@ impl Datapath {
         carry(switch.as_ref())?;
         let splice = attach_sk_msg(&mut ebpf)?;
         let carried = carry(switch.as_ref())?;
-        tracing::debug!(cgroup = %config.cgroup_root.display(), programs = links.len() + 1, switch = switch.is_some(), carried, "attached");
+        tracing::debug!(cgroup = %config.cgroup_root.display(), daemon_cgroup = %daemon_cgroup.display(), programs = links.len() + 2, switch = switch.is_some(), carried, "attached");
         Ok(Self {
             links,
             splice,
             root,
             switch,
+            sock_ops: Arc::new(sock_ops),
+            legacy_sock_ops,
         })
+    }
+
+    /// The sock_ops links, for capture to attach each pod's.
+    pub fn sock_ops(&self) -> Arc<SockOpsLinks> {
+        Arc::clone(&self.sock_ops)
+    }
+
+    /// Whether a predecessor's sock_ops link at the node's root runs.
+    pub fn has_root_sock_ops(&self) -> bool {
+        self.legacy_sock_ops.is_some()
+    }
+
+    /// Detaches a predecessor's sock_ops link at the node's root, once
+    /// capture attached the pods' links (until then it serves them).
+    pub fn retire_root_sock_ops(&mut self) -> Result<(), LoadError> {
+        if let Some(link) = self.legacy_sock_ops.take() {
+            let link = link.unpin().map_err(|source| LoadError::Unpin {
+                path: links_dir(&self.root),
+                source,
+            })?;
+            drop(link);
+            tracing::info!("sock_ops runs only at the daemon's and the captured pods' cgroups now");
+        }
+        Ok(())
     }
 
     /// Whether maps of another layout are in use until [`Self::switch_over`].
@@ -330,6 +400,9 @@ impl Datapath {
     /// pins are removed (the old programs' last users let them go). How
     /// many links were switched.
     pub fn switch_over(&mut self) -> Result<usize, LoadError> {
+        // Pods the daemon we took over from captured while we prepared got
+        // links with its program: ours from now on.
+        self.sock_ops.update_all()?;
         let Some(switch) = self.switch.take() else {
             return Ok(0);
         };
@@ -360,7 +433,7 @@ impl Datapath {
     pub fn keep(self) {
         // Not detached on drop: the map keeps the program attached.
         std::mem::forget(self.splice);
-        for link in self.links {
+        for link in self.links.into_iter().chain(self.legacy_sock_ops) {
             // Dropping a pinned link closes our descriptor; the pin keeps it.
             drop(FdLink::from(link));
         }
@@ -373,9 +446,12 @@ impl Datapath {
             splice,
             root,
             switch: _,
+            sock_ops,
+            legacy_sock_ops,
         } = self;
         drop(splice);
-        for link in links {
+        sock_ops.detach_all()?;
+        for link in links.into_iter().chain(legacy_sock_ops) {
             // Unpinning returns the last reference; dropping it detaches.
             let link = link.unpin().map_err(|source| LoadError::Unpin {
                 path: links_dir(&root),

@@ -64,6 +64,82 @@ fn unescape_octal(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The pod UID a cgroup path names: `pod<uid>` with the UID's dashes, or
+/// underscores as the systemd driver writes it
+/// (`kubepods-besteffort-pod1b4e..._...slice`).
+pub fn pod_uid(path: &str) -> Option<String> {
+    path.split('/').find_map(|segment| {
+        // `kubepods` itself contains "pod": every occurrence is tried.
+        segment.match_indices("pod").find_map(|(at, _)| {
+            let tail = segment.get(at + 3..at + 3 + 36)?;
+            let uid = tail.replace('_', "-");
+            let shaped = uid.char_indices().all(|(i, c)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            });
+            shaped.then_some(uid)
+        })
+    })
+}
+
+/// The cgroup of the pod with UID `uid` at or below `root`: the directory
+/// whose name carries `pod<uid>` (kubelet's pod-level cgroup, with either
+/// cgroup driver's spelling). The search goes at most `MAX_DEPTH` levels
+/// down, as deep as kubelet nests pods below the root
+/// (`kubepods.slice/kubepods-burstable.slice/...pod<uid>.slice`).
+pub fn find_pod(root: &Path, uid: &str) -> io::Result<Option<PathBuf>> {
+    const MAX_DEPTH: usize = 4;
+    let mut level = vec![root.to_path_buf()];
+    for _ in 0..MAX_DEPTH {
+        let mut next = Vec::new();
+        for dir in level {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                // A cgroup removed while we look.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            };
+            for entry in entries.flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = entry.file_name();
+                if name.to_str().and_then(pod_uid).as_deref() == Some(uid) {
+                    return Ok(Some(entry.path()));
+                }
+                next.push(entry.path());
+            }
+        }
+        level = next;
+    }
+    Ok(None)
+}
+
+/// This process's own cgroup v2 directory under `mount`, from
+/// `/proc/self/cgroup` (`0::/path`; `/` is the root cgroup, `mount`
+/// itself). In a cgroup namespace the path is relative to the namespace's
+/// root: a container's own cgroup reads `/` there, which only the caller
+/// can tell apart (by knowing it runs in a pod); a path above the
+/// namespace's root (`/../..`) is `None`.
+pub fn own(mount: &Path) -> io::Result<Option<PathBuf>> {
+    let text = fs::read_to_string("/proc/self/cgroup")?;
+    Ok(own_in(&text, mount))
+}
+
+fn own_in(proc_self_cgroup: &str, mount: &Path) -> Option<PathBuf> {
+    let path = proc_self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))?
+        .trim();
+    if path.starts_with("/..") || !path.starts_with('/') {
+        return None;
+    }
+    Some(mount.join(path.trim_start_matches('/')))
+}
+
 /// Every process id in `dir` and the cgroups below it.
 pub fn pids_below(dir: &Path) -> io::Result<Vec<u32>> {
     let mut pids = Vec::new();
@@ -175,5 +251,47 @@ mod tests {
             points.contains(&PathBuf::from("/mnt/with space")),
             "{points:?}"
         );
+    }
+    #[test]
+    fn pod_uids_are_read_from_both_cgroup_drivers() {
+        assert_eq!(
+            pod_uid("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1b4e28ba_2fa1_11d2_883f_0016d3cca427.slice/cri-containerd-abc.scope").as_deref(),
+            Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+        );
+        assert_eq!(
+            pod_uid("/kubepods/burstable/pod1b4e28ba-2fa1-11d2-883f-0016d3cca427/0123abcd")
+                .as_deref(),
+            Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+        );
+        assert_eq!(pod_uid("/system.slice/podman.service"), None);
+        assert_eq!(pod_uid("/user.slice/pod-short"), None);
+    }
+
+    #[test]
+    fn finds_a_pods_cgroup_by_uid_below_the_root() {
+        let root = std::env::temp_dir().join(format!("lw-cgroup-find-{}", std::process::id()));
+        let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        let pod = root.join(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b4e28ba_2fa1_11d2_883f_0016d3cca427.slice",
+        );
+        fs::create_dir_all(pod.join("cri-containerd-abc.scope")).unwrap();
+        fs::create_dir_all(root.join("system.slice/other.service")).unwrap();
+        assert_eq!(find_pod(&root, uid).unwrap(), Some(pod));
+        assert_eq!(
+            find_pod(&root, "00000000-0000-0000-0000-000000000000").unwrap(),
+            None
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn own_cgroup_is_read_from_the_unified_line_and_none_in_a_namespace() {
+        let mount = Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            own_in("0::/lw-0a1b2c/n0/lacewing-node\n", mount),
+            Some(PathBuf::from("/sys/fs/cgroup/lw-0a1b2c/n0/lacewing-node"))
+        );
+        assert_eq!(own_in("0::/\n", mount), Some(mount.to_path_buf()));
+        assert_eq!(own_in("0::/../../kubepods.slice\n", mount), None);
     }
 }

@@ -358,6 +358,62 @@ pub fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
+/// `BPF_OBJ_PIN`: pins the object behind `fd` at `path` on bpffs.
+pub fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // The obj_pin member: pathname (u64), then bpf_fd (u32).
+    let mut attr = [0u64; 16];
+    attr[0] = name.as_ptr() as u64;
+    attr[1] = u64::from(fd.as_raw_fd() as u32);
+    sys_bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// `BPF_LINK_CREATE` for a cgroup hook: attaches `program` at the cgroup
+/// open as `cgroup` with attach type `attach_type` (a `BPF_CGROUP_*`
+/// value) and returns the link. Links attach in multi mode: other
+/// programs at the same cgroup keep running.
+pub fn bpf_link_create_cgroup(
+    program: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    // The link_create member: prog_fd, target_fd (u32 each, in the first
+    // u64), then attach_type and flags (u32 each), zero flags.
+    let mut attr = [0u64; 16];
+    let mut first = [0u8; 8];
+    first[..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    first[4..].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());
+    attr[0] = u64::from_ne_bytes(first);
+    attr[1] = u64::from(attach_type);
+    let fd = sys_bpf(BPF_LINK_CREATE, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel just returned this descriptor to us alone.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// The id of the cgroup a cgroup link is attached at, from
+/// `BPF_OBJ_GET_INFO_BY_FD`; 0 once the cgroup was removed and released
+/// (the kernel then detaches the link, which stays as long as a pin or a
+/// descriptor holds it).
+pub fn bpf_link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // struct bpf_link_info: type, id, prog_id (u32 each) and padding, then
+    // the cgroup member: cgroup_id (u64), attach_type (u32).
+    let mut info = [0u64; 8];
+    let mut attr = [0u64; 16];
+    let mut first = [0u8; 8];
+    first[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    first[4..].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
+    attr[0] = u64::from_ne_bytes(first);
+    attr[1] = info.as_mut_ptr() as u64;
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[2])
+}
+
 /// `BPF_LINK_UPDATE`: swaps the program of an attached link for `program`
 /// in one step. Every hook call runs either the old program or the new
 /// one, never neither (as a detach and attach would allow) nor both.

@@ -280,6 +280,9 @@ impl Drop for BpfStats {
 fn program_stats(root: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
     let links = lacewing_node::loader::links_dir(root);
     let mut out = BTreeMap::new();
+    // One program may run in several links (sock_ops, one per cgroup):
+    // each program is counted once.
+    let mut ids = std::collections::BTreeSet::new();
     for entry in
         std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))?
     {
@@ -288,6 +291,9 @@ fn program_stats(root: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
         let Some(id) = link["prog_id"].as_u64() else {
             continue;
         };
+        if !ids.insert(id) {
+            continue;
+        }
         let prog = bpftool_json(&["prog", "show", "id", &id.to_string()], Path::new(""))?;
         let name = prog["name"].as_str().unwrap_or_default().to_owned();
         let calls = prog["run_cnt"].as_u64().unwrap_or_default();
@@ -342,6 +348,11 @@ fn costs(
             },
         );
     }
+    anyhow::ensure!(
+        out.contains_key(mesh_common::names::SOCK_OPS_PROGRAM),
+        "no link runs {}: its calls were not measured",
+        mesh_common::names::SOCK_OPS_PROGRAM
+    );
     let connects = out.get("lw_connect4").map_or(0.0, |c| c.calls_per_conn);
     anyhow::ensure!(
         connects >= 0.99,

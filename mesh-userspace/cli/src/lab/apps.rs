@@ -81,7 +81,7 @@ impl Lab {
             .arg("--run-dir")
             .arg(self.node_run_dir(node));
         log_to(&mut cmd, log)?;
-        let mut daemon = self.spawn_on_node(node, cmd)?;
+        let mut daemon = self.spawn_daemon_on_node(node, cmd)?;
         let links = links_dir(&root);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -275,7 +275,8 @@ impl Lab {
 
     /// The lab as a pod network (CNI plugin) tells a node agent about its
     /// pods: a folder with one file per pod address of `node` holding the
-    /// path of the pod's network namespace (`lacewing-node --pod-netns-dir`).
+    /// path of the pod's network namespace and its UID
+    /// (`lacewing-node --pod-netns-dir`).
     pub fn pod_netns_dir(&self, node: &NodeSpec) -> io::Result<std::path::PathBuf> {
         let dir = self.state_dir().join("netns").join(node.name());
         fs::create_dir_all(&dir)?;
@@ -286,7 +287,7 @@ impl Lab {
         {
             let path = netns::path(&pod.netns());
             for ip in [pod.ip4().to_string(), pod.ip6().to_string()] {
-                fs::write(dir.join(ip), path.display().to_string())?;
+                fs::write(dir.join(ip), format!("{}\n{}\n", path.display(), pod.uid()))?;
             }
         }
         Ok(dir)

@@ -147,7 +147,7 @@ pub fn topology_pod(lab: &Lab, pod: &PodSpec) -> PodRef {
     PodRef {
         namespace: "lab".to_owned(),
         name: pod.name(),
-        uid: String::new(),
+        uid: pod.uid(),
         container_id: format!("{}-{}", lab.id().prefix(), pod.name()),
         netns: netns::path(&pod.netns()),
     }

@@ -223,6 +223,11 @@ impl NodeSpec {
     pub fn cgroup(&self) -> String {
         self.name()
     }
+    /// Path of the node daemon's cgroup relative to the lab's cgroup: its
+    /// own, below the node's, as a DaemonSet pod has.
+    pub fn daemon_cgroup(&self) -> String {
+        format!("{}/lacewing-node", self.name())
+    }
     pub fn pods(&self, count: u8) -> impl Iterator<Item = PodSpec> + use<> {
         let node = *self;
         (0..count).map(move |index| PodSpec { node, index })
@@ -261,9 +266,19 @@ impl PodSpec {
             u16::from(FIRST_POD_HOST + self.index),
         )
     }
-    /// Path of the pod's cgroup relative to the lab's cgroup.
+    /// The pod's UID, made up from the lab, node and pod, shaped as
+    /// Kubernetes' (`0a1b2c00-0000-4000-8000-000000000102`).
+    pub fn uid(&self) -> String {
+        format!(
+            "{}00-0000-4000-8000-{:012x}",
+            self.node.lab,
+            (u64::from(self.node.index) << 8) | u64::from(self.index)
+        )
+    }
+    /// Path of the pod's cgroup relative to the lab's cgroup: below the
+    /// node's, named by its UID as kubelet's cgroupfs layout names it.
     pub fn cgroup(&self) -> String {
-        format!("{}/p{}", self.node.cgroup(), self.index)
+        format!("{}/kubepods/pod{}", self.node.cgroup(), self.uid())
     }
 }
 
