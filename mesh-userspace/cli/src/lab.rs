@@ -21,7 +21,7 @@ pub mod topology;
 
 use std::{
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output},
 };
 
@@ -363,12 +363,7 @@ impl Lab {
         node: &NodeSpec,
         cmd: Command,
     ) -> Result<LabProcess, std::io::Error> {
-        LabProcess::spawn(
-            cmd,
-            node.name(),
-            &netns::path(&node.netns()),
-            &self.node_cgroup(node),
-        )
+        self.spawn_on_node_in(node, cmd, &self.node_cgroup(node))
     }
 
     /// Starts a node daemon on `node`: the node's namespace, the daemon's
@@ -378,12 +373,16 @@ impl Lab {
         node: &NodeSpec,
         cmd: Command,
     ) -> Result<LabProcess, std::io::Error> {
-        LabProcess::spawn(
-            cmd,
-            node.name(),
-            &netns::path(&node.netns()),
-            &self.daemon_cgroup(node),
-        )
+        self.spawn_on_node_in(node, cmd, &self.daemon_cgroup(node))
+    }
+
+    fn spawn_on_node_in(
+        &self,
+        node: &NodeSpec,
+        cmd: Command,
+        cgroup: &Path,
+    ) -> Result<LabProcess, std::io::Error> {
+        LabProcess::spawn(cmd, node.name(), &netns::path(&node.netns()), cgroup)
     }
 
     /// Starts `cmd` on the underlay (the control plane's place), in the

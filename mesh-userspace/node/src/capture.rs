@@ -348,6 +348,28 @@ fn stop(c: &mut Captured, maps: &mut CaptureMaps) {
     }
 }
 
+/// A pod's sock_ops link while its capture starts: released on drop
+/// unless kept.
+struct PodLink {
+    maps: Arc<std::sync::Mutex<CaptureMaps>>,
+    inode: Option<u64>,
+}
+
+impl PodLink {
+    /// The cgroup's inode, for `Captured` to release at `stop`.
+    fn keep(mut self) -> Option<u64> {
+        self.inode.take()
+    }
+}
+
+impl Drop for PodLink {
+    fn drop(&mut self) {
+        if let Some(inode) = self.inode.take() {
+            lock(&self.maps).sock_ops.release(Kind::Pod, inode);
+        }
+    }
+}
+
 /// Attaches sock_ops at the pod's cgroup, found by its UID below the
 /// cgroup root: before its netns is meshed, so each captured connection's
 /// handshake is seen. The cgroup's inode.
@@ -384,31 +406,11 @@ fn start(
     } else {
         &netns.uid
     };
-    let inode = attach_sock_ops(uid, &lock(maps))?;
-    let started = open_capture(workload, identity, netns, maps, proxy, handoff, admission);
-    match started {
-        Ok(mut c) => {
-            c.cgroup = Some(inode);
-            Ok(c)
-        }
-        Err(err) => {
-            lock(maps).sock_ops.release(Kind::Pod, inode);
-            Err(err)
-        }
-    }
-}
-
-/// Opens the pod's listeners and turns its capture on (its cgroup has
-/// sock_ops already).
-fn open_capture(
-    workload: &Workload,
-    identity: u32,
-    netns: &PodNetns,
-    maps: &Arc<std::sync::Mutex<CaptureMaps>>,
-    proxy: &Arc<Proxy>,
-    handoff: &Arc<Listeners>,
-    admission: &PodAdmission,
-) -> std::io::Result<Captured> {
+    // Released again if the pod cannot be captured after all.
+    let pod_link = PodLink {
+        maps: Arc::clone(maps),
+        inode: Some(attach_sock_ops(uid, &lock(maps))?),
+    };
     let netns = Arc::clone(&netns.file);
     let strict = workload.strict;
     let role = format!("pod/{}", workload.key());
@@ -501,7 +503,7 @@ fn open_capture(
         plain: kept,
         _held: held,
         link,
-        cgroup: None,
+        cgroup: pod_link.keep(),
     };
     if let Err(err) = captured.set_strict(strict, &mut lock(maps)) {
         stop(&mut captured, &mut lock(maps));

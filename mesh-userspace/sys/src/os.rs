@@ -358,6 +358,14 @@ pub fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
+/// Two consecutive `u32` fields of `union bpf_attr`, as the `u64` they fill.
+fn two_u32(first: u32, second: u32) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes[..4].copy_from_slice(&first.to_ne_bytes());
+    bytes[4..].copy_from_slice(&second.to_ne_bytes());
+    u64::from_ne_bytes(bytes)
+}
+
 /// `BPF_OBJ_PIN`: pins the object behind `fd` at `path` on bpffs.
 pub fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
@@ -384,10 +392,7 @@ pub fn bpf_link_create_cgroup(
     // The link_create member: prog_fd, target_fd (u32 each, in the first
     // u64), then attach_type and flags (u32 each), zero flags.
     let mut attr = [0u64; 16];
-    let mut first = [0u8; 8];
-    first[..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
-    first[4..].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());
-    attr[0] = u64::from_ne_bytes(first);
+    attr[0] = two_u32(program.as_raw_fd() as u32, cgroup.as_raw_fd() as u32);
     attr[1] = u64::from(attach_type);
     let fd = sys_bpf(BPF_LINK_CREATE, &mut attr)?;
     let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
@@ -405,10 +410,7 @@ pub fn bpf_link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
     // the cgroup member: cgroup_id (u64), attach_type (u32).
     let mut info = [0u64; 8];
     let mut attr = [0u64; 16];
-    let mut first = [0u8; 8];
-    first[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
-    first[4..].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
-    attr[0] = u64::from_ne_bytes(first);
+    attr[0] = two_u32(link.as_raw_fd() as u32, std::mem::size_of_val(&info) as u32);
     attr[1] = info.as_mut_ptr() as u64;
     sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(info[2])
@@ -422,10 +424,7 @@ pub fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Res
     // The link_update member: link_fd, new_prog_fd (u32 each, in the
     // first u64), then flags and old_prog_fd, zero.
     let mut attr = [0u64; 16];
-    let mut first = [0u8; 8];
-    first[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
-    first[4..].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
-    attr[0] = u64::from_ne_bytes(first);
+    attr[0] = two_u32(link.as_raw_fd() as u32, program.as_raw_fd() as u32);
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
