@@ -83,6 +83,8 @@ pub enum LoadError {
     Unpin { path: PathBuf, source: io::Error },
     #[error("replacing the program of link {path}: {source}")]
     Update { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    SockOps(#[from] crate::sockops::SockOpsError),
 }
 
 /// The loaded and attached programs. Hold it for as long as the node runs.
@@ -107,7 +109,7 @@ pub struct Datapath {
 
 /// Links still running the previous layout's programs, each with ours.
 #[derive(Debug)]
-pub(crate) struct Switch {
+struct Switch {
     links: Vec<(PathBuf, std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
     old_pins: Vec<PathBuf>,
 }
@@ -193,7 +195,7 @@ fn adopt_link(
 
 /// Runs `program` in the pinned `link` (at `path`) now, or with `switch`
 /// at the switch-over.
-pub(crate) fn adopt_pinned(
+fn adopt_pinned(
     path: &Path,
     link: std::os::fd::OwnedFd,
     program: std::os::fd::BorrowedFd<'_>,
@@ -332,7 +334,10 @@ impl Datapath {
             program.fd(),
             switch.as_mut(),
         )?;
-        let sock_ops = SockOpsLinks::adopt(program_fd, &root, switch.as_mut())?;
+        let (sock_ops, adopted) = SockOpsLinks::adopt(program_fd, links_dir(&root))?;
+        for (path, link) in adopted {
+            adopt_pinned(&path, link, sock_ops.program(), switch.as_mut())?;
+        }
         let daemon_cgroup = crate::sockops::own_cgroup(
             &config.cgroup_root,
             config.daemon_cgroup.as_deref(),

@@ -36,7 +36,14 @@ use std::{
 
 use mesh_common::names;
 
-use super::loader::{LoadError, Switch, links_dir};
+/// A sock_ops link that could not be made, adopted or removed.
+#[derive(Debug, thiserror::Error)]
+#[error("sock_ops link {path}: {source}")]
+pub struct SockOpsError {
+    /// The pin or the cgroup concerned.
+    pub path: PathBuf,
+    pub source: io::Error,
+}
 
 /// `BPF_CGROUP_SOCK_OPS`, the attach type of a cgroup sock_ops link.
 const ATTACH_SOCK_OPS: u32 = 3;
@@ -72,17 +79,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl SockOpsLinks {
-    /// With `program` loaded: adopts the links pinned under `root` (runs
-    /// our program in each now, or with `switch` at the switch-over) and
-    /// drops those whose cgroup the kernel released.
+    /// With `program` loaded: the links pinned in the folder `links`, to
+    /// adopt (each with its descriptor; the caller runs our program in
+    /// them), less those whose cgroup the kernel released, which are
+    /// removed.
     pub(crate) fn adopt(
         program: OwnedFd,
-        root: &Path,
-        mut switch: Option<&mut Switch>,
-    ) -> Result<Self, LoadError> {
-        let links = links_dir(root);
+        links: PathBuf,
+    ) -> Result<(Self, Vec<(PathBuf, OwnedFd)>), SockOpsError> {
         let mut pinned = BTreeMap::new();
-        let entries = fs::read_dir(&links).map_err(|source| LoadError::PinDir {
+        let mut adopted = Vec::new();
+        let entries = fs::read_dir(&links).map_err(|source| SockOpsError {
             path: links.clone(),
             source,
         })?;
@@ -91,48 +98,42 @@ impl SockOpsLinks {
                 continue;
             };
             let path = entry.path();
-            let link =
-                lacewing_sys::os::bpf_obj_get(&path).map_err(|source| LoadError::Update {
-                    path: path.clone(),
-                    source,
-                })?;
-            let released =
-                lacewing_sys::os::bpf_link_cgroup_id(link.as_fd()).map_err(|source| {
-                    LoadError::Update {
-                        path: path.clone(),
-                        source,
-                    }
-                })? == 0;
-            if released {
+            let err = |source| SockOpsError {
+                path: path.clone(),
+                source,
+            };
+            let link = lacewing_sys::os::bpf_obj_get(&path).map_err(err)?;
+            if lacewing_sys::os::bpf_link_cgroup_id(link.as_fd()).map_err(err)? == 0 {
                 remove_pin(&path)?;
                 tracing::debug!(pin = %path.display(), "sock_ops link of a released cgroup removed");
                 continue;
             }
-            super::loader::adopt_pinned(&path, link, program.as_fd(), switch.as_deref_mut())?;
-            pinned.insert(key, path);
+            pinned.insert(key, path.clone());
+            adopted.push((path, link));
         }
-        Ok(Self {
+        let links = Self {
             program,
             links,
             pinned: Mutex::new(pinned),
-        })
+        };
+        Ok((links, adopted))
+    }
+
+    /// The loaded program.
+    pub(crate) fn program(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.program.as_fd()
     }
 
     /// Attaches the program at `cgroup` unless a link is pinned for it
     /// already (ours, or a predecessor's we adopted); returns the cgroup's
     /// inode, the link's key.
-    pub fn attach(&self, kind: Kind, cgroup: &Path) -> Result<u64, LoadError> {
-        let dir = File::open(cgroup).map_err(|source| LoadError::Cgroup {
+    pub fn attach(&self, kind: Kind, cgroup: &Path) -> Result<u64, SockOpsError> {
+        let err = |source| SockOpsError {
             path: cgroup.to_owned(),
             source,
-        })?;
-        let inode = dir
-            .metadata()
-            .map_err(|source| LoadError::Cgroup {
-                path: cgroup.to_owned(),
-                source,
-            })?
-            .ino();
+        };
+        let dir = File::open(cgroup).map_err(err)?;
+        let inode = dir.metadata().map_err(err)?.ino();
         let mut pinned = lock(&self.pinned);
         if pinned.contains_key(&(kind, inode)) {
             return Ok(inode);
@@ -143,16 +144,13 @@ impl SockOpsLinks {
             dir.as_fd(),
             ATTACH_SOCK_OPS,
         )
-        .map_err(|source| LoadError::Cgroup {
-            path: cgroup.to_owned(),
-            source,
-        })?;
+        .map_err(err)?;
         match lacewing_sys::os::bpf_obj_pin(link.as_fd(), &path) {
             Ok(()) => {}
             // Another daemon (one handing over) pinned one a moment ago: the
             // cgroup has its link; ours goes with its descriptor.
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(source) => return Err(LoadError::Update { path, source }),
+            Err(source) => return Err(SockOpsError { path, source }),
         }
         pinned.insert((kind, inode), path);
         Ok(inode)
@@ -170,8 +168,8 @@ impl SockOpsLinks {
 
     /// Runs our program in every link now (after a takeover: links pinned
     /// by the daemon we took over from while we prepared).
-    pub(crate) fn update_all(&self) -> Result<(), LoadError> {
-        let entries = fs::read_dir(&self.links).map_err(|source| LoadError::PinDir {
+    pub(crate) fn update_all(&self) -> Result<(), SockOpsError> {
+        let entries = fs::read_dir(&self.links).map_err(|source| SockOpsError {
             path: self.links.clone(),
             source,
         })?;
@@ -181,7 +179,7 @@ impl SockOpsLinks {
                 continue;
             };
             let path = entry.path();
-            let update_err = |source| LoadError::Update {
+            let update_err = |source| SockOpsError {
                 path: path.clone(),
                 source,
             };
@@ -194,7 +192,7 @@ impl SockOpsLinks {
     }
 
     /// Removes every sock_ops pin (the links detach).
-    pub(crate) fn detach_all(&self) -> Result<(), LoadError> {
+    pub(crate) fn detach_all(&self) -> Result<(), SockOpsError> {
         for (_, path) in std::mem::take(&mut *lock(&self.pinned)) {
             remove_pin(&path)?;
         }
@@ -220,9 +218,9 @@ fn parse_pin(name: &str) -> Option<(Kind, u64)> {
     Some((kind, inode.parse().ok()?))
 }
 
-fn remove_pin(path: &Path) -> Result<(), LoadError> {
+fn remove_pin(path: &Path) -> Result<(), SockOpsError> {
     match fs::remove_file(path) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(LoadError::Unpin {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(SockOpsError {
             path: path.to_owned(),
             source: err,
         }),
