@@ -206,6 +206,7 @@ async fn connect(
         .initial_stream_window_size(super::STREAM_WINDOW)
         .max_local_error_reset_streams(super::MAX_LOCAL_ERROR_RESETS)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
+        .max_frame_size(super::MAX_FRAME)
         .handshake(TokioIo::new(tls))
         .await
         .map_err(|e| TunnelError::Http(dest.node, e))?;

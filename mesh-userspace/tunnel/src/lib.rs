@@ -20,6 +20,10 @@ pub const PORT: u16 = 15008;
 /// fast link, small enough to bound what a slow reader makes us buffer.
 pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// The largest HTTP/2 frame a peer may send us (ztunnel: 1 MiB; h2's
+/// default 16 KiB): a bulk stream's data then crosses in fewer frames,
+/// each a header and a flow-control update less.
+pub const MAX_FRAME: u32 = 1 << 20;
 /// Copy buffer per direction of a spliced stream.
 pub const COPY_BUFFER: usize = 64 << 10;
 /// Streams one tunnel connection may carry at once (hyper's default is 200,

@@ -176,6 +176,7 @@ async fn connection(
             .max_header_list_size(limits.max_header_bytes)
             .initial_stream_window_size(super::STREAM_WINDOW)
             .initial_connection_window_size(super::CONNECTION_WINDOW)
+            .max_frame_size(super::MAX_FRAME)
             .max_concurrent_streams(super::MAX_STREAMS)
             .max_local_error_reset_streams(super::MAX_LOCAL_ERROR_RESETS)
             .serve_connection(
