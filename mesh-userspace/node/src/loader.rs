@@ -1,8 +1,11 @@
 //! Loading the embedded eBPF object, pinning its maps and links, attaching the
-//! programs at the node's cgroup, and detaching them again.
+//! programs at the node's cgroup (sock_ops at the daemon's own and, through
+//! capture, each captured pod's: [`crate::sockops`]), and detaching them
+//! again.
 //!
 //! Pins: `<bpffs-root>/maps/<MAP>` (`<MAP>_v<N>` past a map's first layout
-//! version) and `<bpffs-root>/links/<program>`. Maps are pinned by path
+//! version) and `<bpffs-root>/links/<program>` (`lw_sockops_<kind>_<inode>`
+//! for sock_ops). Maps are pinned by path
 //! through the loader, so a restarted or upgraded daemon reuses the maps of
 //! the one before it instead of starting empty, and its programs replace the
 //! running ones inside their links (`BPF_LINK_UPDATE`): no connect runs with
@@ -324,7 +327,7 @@ impl Datapath {
             .map_err(|source| LoadError::Program { name, source })?
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|source| LoadError::PinDir {
+            .map_err(|source| crate::sockops::SockOpsError {
                 path: links_dir(&root),
                 source,
             })?;
@@ -412,12 +415,20 @@ impl Datapath {
             return Ok(0);
         };
         for (path, link, program) in &switch.links {
-            lacewing_sys::os::bpf_link_update(link.as_fd(), program.as_fd()).map_err(|source| {
-                LoadError::Update {
-                    path: path.clone(),
-                    source,
+            match lacewing_sys::os::bpf_link_update(link.as_fd(), program.as_fd()) {
+                Ok(()) => {}
+                // A pod's cgroup released meanwhile: its link is detached
+                // and runs nothing any more (its pin is gone with capture).
+                Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => {
+                    tracing::debug!(link = %path.display(), "link detached meanwhile");
                 }
-            })?;
+                Err(source) => {
+                    return Err(LoadError::Update {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
         }
         for path in &switch.old_pins {
             remove_if_exists(path).map_err(|source| LoadError::Unpin {

@@ -156,8 +156,8 @@ impl SockOpsLinks {
         Ok(inode)
     }
 
-    /// Detaches the pod link of the cgroup with `inode` (removes its pin;
-    /// the kernel detaches it as the last reference goes).
+    /// Detaches the link of `kind` at the cgroup with `inode` (removes its
+    /// pin; the kernel detaches it as the last reference goes).
     pub fn release(&self, kind: Kind, inode: u64) {
         if let Some(path) = lock(&self.pinned).remove(&(kind, inode))
             && let Err(err) = remove_pin(&path)
@@ -184,9 +184,17 @@ impl SockOpsLinks {
                 source,
             };
             let link = lacewing_sys::os::bpf_obj_get(&path).map_err(update_err)?;
-            lacewing_sys::os::bpf_link_update(link.as_fd(), self.program.as_fd())
-                .map_err(update_err)?;
-            pinned.insert(key, path);
+            match lacewing_sys::os::bpf_link_update(link.as_fd(), self.program.as_fd()) {
+                Ok(()) => {
+                    pinned.insert(key, path);
+                }
+                // Its cgroup was released meanwhile: the link is detached.
+                Err(err) if err.raw_os_error() == Some(libc::ENOLINK) => {
+                    pinned.remove(&key);
+                    remove_pin(&path)?;
+                }
+                Err(source) => return Err(update_err(source)),
+            }
         }
         Ok(())
     }
