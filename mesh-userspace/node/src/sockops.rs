@@ -89,21 +89,15 @@ impl SockOpsLinks {
     ) -> Result<(Self, Vec<(PathBuf, OwnedFd)>), SockOpsError> {
         let mut pinned = BTreeMap::new();
         let mut adopted = Vec::new();
-        let entries = fs::read_dir(&links).map_err(|source| SockOpsError {
-            path: links.clone(),
-            source,
-        })?;
-        for entry in entries.flatten() {
-            let Some(key) = entry.file_name().to_str().and_then(parse_pin) else {
-                continue;
-            };
-            let path = entry.path();
-            let err = |source| SockOpsError {
-                path: path.clone(),
-                source,
-            };
-            let link = lacewing_sys::os::bpf_obj_get(&path).map_err(err)?;
-            if lacewing_sys::os::bpf_link_cgroup_id(link.as_fd()).map_err(err)? == 0 {
+        for (key, path, link) in pinned_links(&links)? {
+            let released =
+                lacewing_sys::os::bpf_link_cgroup_id(link.as_fd()).map_err(|source| {
+                    SockOpsError {
+                        path: path.clone(),
+                        source,
+                    }
+                })? == 0;
+            if released {
                 remove_pin(&path)?;
                 tracing::debug!(pin = %path.display(), "sock_ops link of a released cgroup removed");
                 continue;
@@ -169,21 +163,8 @@ impl SockOpsLinks {
     /// Runs our program in every link now (after a takeover: links pinned
     /// by the daemon we took over from while we prepared).
     pub(crate) fn update_all(&self) -> Result<(), SockOpsError> {
-        let entries = fs::read_dir(&self.links).map_err(|source| SockOpsError {
-            path: self.links.clone(),
-            source,
-        })?;
         let mut pinned = lock(&self.pinned);
-        for entry in entries.flatten() {
-            let Some(key) = entry.file_name().to_str().and_then(parse_pin) else {
-                continue;
-            };
-            let path = entry.path();
-            let update_err = |source| SockOpsError {
-                path: path.clone(),
-                source,
-            };
-            let link = lacewing_sys::os::bpf_obj_get(&path).map_err(update_err)?;
+        for (key, path, link) in pinned_links(&self.links)? {
             match lacewing_sys::os::bpf_link_update(link.as_fd(), self.program.as_fd()) {
                 Ok(()) => {
                     pinned.insert(key, path);
@@ -193,7 +174,7 @@ impl SockOpsLinks {
                     pinned.remove(&key);
                     remove_pin(&path)?;
                 }
-                Err(source) => return Err(update_err(source)),
+                Err(source) => return Err(SockOpsError { path, source }),
             }
         }
         Ok(())
@@ -206,6 +187,30 @@ impl SockOpsLinks {
         }
         Ok(())
     }
+}
+
+/// A pinned sock_ops link: its key (kind, cgroup inode), pin and descriptor.
+type Pinned = ((Kind, u64), PathBuf, OwnedFd);
+
+/// The sock_ops links pinned in the folder `links`.
+fn pinned_links(links: &Path) -> Result<Vec<Pinned>, SockOpsError> {
+    let entries = fs::read_dir(links).map_err(|source| SockOpsError {
+        path: links.to_owned(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let Some(key) = entry.file_name().to_str().and_then(parse_pin) else {
+            continue;
+        };
+        let path = entry.path();
+        let link = lacewing_sys::os::bpf_obj_get(&path).map_err(|source| SockOpsError {
+            path: path.clone(),
+            source,
+        })?;
+        out.push((key, path, link));
+    }
+    Ok(out)
 }
 
 fn pin_name(kind: Kind, inode: u64) -> String {
