@@ -181,10 +181,7 @@ impl Lab {
                 "sysctl in {netns_name} failed"
             )));
         }
-        let cgroup = self
-            .node_cgroup(node)
-            .join("kubepods")
-            .join(format!("pod{uid}"));
+        let cgroup = self.node_cgroup(node).join(topology::kubepods_cgroup(uid));
         fs::create_dir_all(&cgroup)?;
         Ok(Sandbox {
             node: *node,

@@ -223,11 +223,9 @@ fn parse_pin(name: &str) -> Option<(Kind, u64)> {
         .strip_prefix(names::SOCK_OPS_PROGRAM)?
         .strip_prefix('_')?;
     let (kind, inode) = rest.split_once('_')?;
-    let kind = match kind {
-        "pod" => Kind::Pod,
-        "daemon" => Kind::Daemon,
-        _ => return None,
-    };
+    let kind = [Kind::Pod, Kind::Daemon]
+        .into_iter()
+        .find(|k| k.as_str() == kind)?;
     Some((kind, inode.parse().ok()?))
 }
 

@@ -234,6 +234,12 @@ impl NodeSpec {
     }
 }
 
+/// A pod's cgroup below its node's, named by its UID as kubelet's
+/// cgroupfs layout names it (where the node daemon looks for it).
+pub fn kubepods_cgroup(uid: &str) -> String {
+    format!("kubepods/pod{uid}")
+}
+
 /// One pod of a lab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodSpec {
@@ -278,7 +284,7 @@ impl PodSpec {
     /// Path of the pod's cgroup relative to the lab's cgroup: below the
     /// node's, named by its UID as kubelet's cgroupfs layout names it.
     pub fn cgroup(&self) -> String {
-        format!("{}/kubepods/pod{}", self.node.cgroup(), self.uid())
+        format!("{}/{}", self.node.cgroup(), kubepods_cgroup(&self.uid()))
     }
 }
 
