@@ -36,6 +36,10 @@ fn a_meshed_pod_reaches_a_service_on_another_node_through_the_tunnel() {
     let opened = "lacewing_tunnel_streams_opened_total{direction=";
     assert!(m.metric("n0", &format!("{opened}\"outbound\"}}")) >= 2.0);
     assert!(m.metric("n1", &format!("{opened}\"inbound\"}}")) >= 2.0);
+    // Every stream went over one pooled connection: one handshake a side.
+    let connections = "lacewing_tunnel_connections_opened_total{direction=";
+    assert_eq!(m.metric("n0", &format!("{connections}\"outbound\"}}")), 1.0);
+    assert_eq!(m.metric("n1", &format!("{connections}\"inbound\"}}")), 1.0);
     let to_dest = m.metric(
         "n1",
         "lacewing_tunnel_bytes_total{direction=\"inbound\",flow=\"to_destination\"}",
@@ -55,6 +59,17 @@ fn a_meshed_pod_reaches_a_service_on_another_node_through_the_tunnel() {
         "{}",
         shown("n1")
     );
+    // Both daemons carried it on as many worker threads as configured: the
+    // default, or LACEWING_WORKERS (CI runs these tests again with 1).
+    let workers: u64 = std::env::var(lacewing_node::config::ENV_WORKERS)
+        .map_or(lacewing_node::config::DEFAULT_WORKERS as u64, |w| {
+            w.parse().expect("LACEWING_WORKERS is a count")
+        });
+    for node in ["n0", "n1"] {
+        let status = node_http(&m.lab, &m.lab.node(node).unwrap(), "/status");
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(status["workers"], workers, "{status}");
+    }
 }
 
 #[test]

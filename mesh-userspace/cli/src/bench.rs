@@ -9,14 +9,12 @@ pub mod local;
 pub mod soak;
 pub mod tunnel;
 pub mod upgrade;
+pub mod wrk;
 
 use anyhow::Context as _;
 
 use crate::lab::Lab;
 
-/// The sum of `node`'s metric lines (on :15020) that start with
-/// `line_start`; an error when the metrics cannot be read, so a benchmark
-/// never mistakes a failed read for a zero.
 /// A tool of the lab tests (`tests/tools/<name>`), which benchmarks run
 /// from the workspace they were built in.
 pub(crate) fn tool(name: &str) -> anyhow::Result<std::path::PathBuf> {
@@ -31,6 +29,9 @@ pub(crate) fn tool(name: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// The sum of `node`'s metric lines (on :15020) that start with
+/// `line_start`; an error when the metrics cannot be read, so a benchmark
+/// never mistakes a failed read for a zero.
 pub(crate) fn node_metric(lab: &Lab, node: &str, line_start: &str) -> anyhow::Result<f64> {
     let text = lab
         .node_get(&lab.node(node)?, "/metrics")

@@ -28,6 +28,13 @@ pub const ENV_ACCELERATION: &str = "LACEWING_ACCELERATION";
 pub const ENV_FAST_PATH: &str = "LACEWING_FAST_PATH";
 pub const ENV_MAGLEV_CAPACITY: &str = "LACEWING_MAGLEV_CAPACITY";
 pub const ENV_DRAIN_TIMEOUT: &str = "LACEWING_DRAIN_TIMEOUT";
+pub const ENV_WORKERS: &str = "LACEWING_WORKERS";
+/// Worker threads by default: two, as ztunnel runs, so one busy connection
+/// does not hold up the rest of the node while memory stays small.
+pub const DEFAULT_WORKERS: usize = 2;
+/// More workers than this is a typo, not a node (each is a thread that
+/// polls the node's sockets).
+pub const MAX_WORKERS: usize = 64;
 /// How long SIGTERM lets open connections finish (Kubernetes' default
 /// terminationGracePeriodSeconds is 30 s; the chart gives the pod more).
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "30s";
@@ -189,6 +196,10 @@ pub struct NodeArgs {
     /// the built-in ones, to exercise an upgrade across a layout change.
     #[arg(long, env = "LACEWING_LAYOUT_BUMP", default_value_t = 0, hide = true)]
     pub layout_bump: u32,
+    /// Worker threads that carry the node's connections (1 runs
+    /// everything on one thread, with no cross-thread wakeups).
+    #[arg(long, env = ENV_WORKERS, default_value_t = DEFAULT_WORKERS)]
+    pub workers: usize,
     /// What one peer may hold on the daemon's ports.
     #[command(flatten)]
     pub limits: lacewing_tunnel::limits::LimitFlags,
@@ -254,6 +265,7 @@ pub struct NodeConfig {
     pub ready_file: Option<PathBuf>,
     pub layout_bump: u32,
     pub limits: lacewing_sys::admission::Limits,
+    pub workers: usize,
 }
 
 /// Where the node bootstrap (`super::bootstrap`) reads from.
@@ -292,6 +304,8 @@ pub enum ConfigError {
     AdminNotLoopback(SocketAddr),
     #[error("--otlp-endpoint {0}: give the collector's OTLP/gRPC address as http://host:4317")]
     OtlpScheme(String),
+    #[error("--workers {0}: give between 1 and {MAX_WORKERS} worker threads")]
+    Workers(usize),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -334,7 +348,11 @@ impl NodeArgs {
         {
             return Err(ConfigError::OtlpScheme(url.clone()));
         }
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return Err(ConfigError::Workers(self.workers));
+        }
         Ok(NodeConfig {
+            workers: self.workers,
             telemetry: TelemetryConfig {
                 access_log_all: self.access_log,
                 access_log_sink: self.access_log_file,
@@ -393,7 +411,10 @@ mod tests {
 
     fn validated(extra: &[&str]) -> Result<super::NodeConfig, String> {
         use clap::Parser as _;
-        let cgroup = std::env::temp_dir().join(format!("lw-config-{}", std::process::id()));
+        // One folder per call: tests run in parallel and each removes its own.
+        static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cgroup = std::env::temp_dir().join(format!("lw-config-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&cgroup).unwrap();
         std::fs::write(cgroup.join("cgroup.procs"), "").unwrap();
         let mut args = vec!["lacewing-node", "--node-name", "n0", "--cgroup-root"];
@@ -432,5 +453,18 @@ mod tests {
             c.telemetry.access_log_sink,
             lacewing_proxy::telemetry::access_log::Sink::File("/var/log/x.log".into())
         );
+    }
+
+    #[test]
+    fn workers_default_to_two_and_out_of_range_counts_say_the_bounds() {
+        assert_eq!(validated(&[]).unwrap().workers, super::DEFAULT_WORKERS);
+        assert_eq!(validated(&["--workers", "1"]).unwrap().workers, 1);
+        for bad in ["0", "65"] {
+            let err = validated(&["--workers", bad]).unwrap_err();
+            assert_eq!(
+                err,
+                format!("--workers {bad}: give between 1 and 64 worker threads")
+            );
+        }
     }
 }

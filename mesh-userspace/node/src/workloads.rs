@@ -75,6 +75,8 @@ struct Status<'a, C> {
     /// during an upgrade; the one accepting answers).
     pid: u32,
     layout: u32,
+    /// Worker threads of the runtime carrying its connections, as running.
+    workers: usize,
     version: u64,
     workloads: Vec<Shown<'a>>,
     /// Meshed workloads known cluster-wide.
@@ -264,6 +266,7 @@ impl LocalWorkloads {
             node,
             pid: std::process::id(),
             layout: crate::maps::layout(),
+            workers: tokio::runtime::Handle::try_current().map_or(0, |h| h.metrics().num_workers()),
             version: state.version,
             workloads: state
                 .workloads

@@ -106,7 +106,7 @@ impl Proxy {
             sockets,
             inbound: Arc::clone(&inbound),
             registry: Arc::clone(&registry),
-            pool: Pool::new(config.tunnel_mark),
+            pool: Pool::new(config.tunnel_mark).counted(metrics.clone()),
             roots: config.roots,
             telemetry: config.telemetry.clone(),
             router: Arc::new(router::Router::new(

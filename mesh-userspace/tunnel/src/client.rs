@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use super::{forwarded_for, tls};
+use super::{forwarded_for, metrics::TunnelMetrics, tls};
 use lacewing_core::pki::Svid;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,8 @@ pub struct Pool {
     connecting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     /// `SO_MARK` for the pool's sockets (the daemon's bypass mark).
     mark: Option<u32>,
+    /// Where connections made are counted, if anywhere.
+    metrics: Option<TunnelMetrics>,
 }
 
 impl Pool {
@@ -63,7 +65,14 @@ impl Pool {
             connections: Mutex::default(),
             connecting: Mutex::default(),
             mark,
+            metrics: None,
         }
+    }
+
+    /// Counts each connection it makes (`direction="outbound"`).
+    pub fn counted(mut self, metrics: TunnelMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Open connections (one per source identity and destination node).
@@ -114,6 +123,9 @@ impl Pool {
                 Some(sender) if sender.is_ready() => sender,
                 _ => {
                     let sender = connect(svid, roots, dest, self.mark).await?;
+                    if let Some(m) = &self.metrics {
+                        m.connection_opened("outbound");
+                    }
                     let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
                     // Connections of an older certificate of this identity
                     // are no longer handed out.

@@ -31,6 +31,9 @@ pub struct PolicyLabels {
 
 #[derive(Clone, Debug, Default)]
 pub struct TunnelMetrics {
+    /// Connections (mutual TLS, then HTTP/2) made or accepted: a stream
+    /// that finds one pooled opens none.
+    pub connections: Family<DirectionLabels, Counter>,
     pub opened: Family<DirectionLabels, Counter>,
     pub closed: Family<DirectionLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
@@ -42,6 +45,11 @@ pub struct TunnelMetrics {
 impl TunnelMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self::default();
+        registry.register(
+            "lacewing_tunnel_connections_opened",
+            "Tunnel connections (mutual TLS and HTTP/2, carrying streams) established with other nodes, by direction",
+            m.connections.clone(),
+        );
         registry.register(
             "lacewing_tunnel_streams_opened",
             "Tunnel streams (one proxied connection each) opened, by direction",
@@ -73,6 +81,12 @@ impl TunnelMetrics {
             m.policy_denials.clone(),
         );
         m
+    }
+
+    pub fn connection_opened(&self, direction: &'static str) {
+        self.connections
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
     }
 
     pub fn opened(&self, direction: &'static str) {

@@ -108,6 +108,7 @@ pub async fn serve(
                 metrics.handshake_failed("no_workload_identity");
                 return;
             };
+            metrics.connection_opened("inbound");
             connection(stream, from, identity, connector, metrics, admission, drain).await;
         });
     }

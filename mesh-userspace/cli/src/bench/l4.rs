@@ -45,6 +45,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use super::wrk;
 use crate::lab::{Lab, NodeSpec, PodSpec};
 
 const BACKENDS_PER_SERVICE: u32 = 10;
@@ -153,7 +154,15 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             );
         }
         row.none = best_of(opts, || {
-            wrk(&lab, &none, backends[0], BACKEND_PORT, opts).map(|w| w.rate)
+            wrk::short_connections(
+                &lab,
+                &none,
+                backends[0],
+                BACKEND_PORT,
+                opts.connections,
+                opts.seconds,
+            )
+            .map(|w| w.rate)
         })?;
 
         // Lacewing.
@@ -172,7 +181,15 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             "ebpf",
             || {
                 best_of(opts, || {
-                    wrk(&lab, &ebpf, target_ip, SERVICE_PORT, opts).map(|w| w.rate)
+                    wrk::short_connections(
+                        &lab,
+                        &ebpf,
+                        target_ip,
+                        SERVICE_PORT,
+                        opts.connections,
+                        opts.seconds,
+                    )
+                    .map(|w| w.rate)
                 })
             },
         )?;
@@ -180,8 +197,26 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
         // reads to every program call, which the rates above do not pay.
         let root = lab.node_bpffs_root(&node);
         let stats = BpfStats::on()?;
-        row.to_service = costs(&root, || wrk(&lab, &ebpf, target_ip, SERVICE_PORT, opts))?;
-        row.to_pod = costs(&root, || wrk(&lab, &ebpf, backends[1], BACKEND_PORT, opts))?;
+        row.to_service = costs(&root, || {
+            wrk::short_connections(
+                &lab,
+                &ebpf,
+                target_ip,
+                SERVICE_PORT,
+                opts.connections,
+                opts.seconds,
+            )
+        })?;
+        row.to_pod = costs(&root, || {
+            wrk::short_connections(
+                &lab,
+                &ebpf,
+                backends[1],
+                BACKEND_PORT,
+                opts.connections,
+                opts.seconds,
+            )
+        })?;
         drop(stats);
         row.maps = map_bytes(&root)?;
         daemon.terminate(Duration::from_secs(10))?;
@@ -190,7 +225,15 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
         let rules = iptables_rules(size, target, &backends);
         netns_stdin(&node.netns(), "iptables-legacy-restore", &[], &rules)?;
         row.iptables = best_of(opts, || {
-            wrk(&lab, &ipt, target_ip, SERVICE_PORT, opts).map(|w| w.rate)
+            wrk::short_connections(
+                &lab,
+                &ipt,
+                target_ip,
+                SERVICE_PORT,
+                opts.connections,
+                opts.seconds,
+            )
+            .map(|w| w.rate)
         })?;
         netns_stdin(
             &node.netns(),
@@ -207,7 +250,15 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             &nft_rules(size, target, &backends),
         )?;
         row.nftables = best_of(opts, || {
-            wrk(&lab, &nft, target_ip, SERVICE_PORT, opts).map(|w| w.rate)
+            wrk::short_connections(
+                &lab,
+                &nft,
+                target_ip,
+                SERVICE_PORT,
+                opts.connections,
+                opts.seconds,
+            )
+            .map(|w| w.rate)
         })?;
         netns_stdin(
             &node.netns(),
@@ -326,7 +377,7 @@ fn bpftool_json(args: &[&str], path: &Path) -> anyhow::Result<serde_json::Value>
 /// measure the path it names, and fails.
 fn costs(
     root: &Path,
-    measure: impl FnOnce() -> anyhow::Result<Wrk>,
+    measure: impl FnOnce() -> anyhow::Result<wrk::Wrk>,
 ) -> anyhow::Result<BTreeMap<String, Cost>> {
     let before = program_stats(root)?;
     let run = measure()?;
@@ -553,88 +604,6 @@ fn nft_rules(size: u32, target: u32, real: &[Ipv4Addr]) -> String {
     out
 }
 
-/// What one wrk run made: requests (each one connection) and their rate.
-struct Wrk {
-    rate: f64,
-    requests: u64,
-}
-
-/// Runs wrk in `client` against ip:port with `Connection: close` (one TCP
-/// connection per request).
-fn wrk(
-    lab: &Lab,
-    client: &PodSpec,
-    ip: Ipv4Addr,
-    port: u16,
-    opts: &Options,
-) -> anyhow::Result<Wrk> {
-    let mut cmd = Command::new("wrk");
-    cmd.args([
-        "-t",
-        "1",
-        "-c",
-        &opts.connections.to_string(),
-        "-d",
-        &format!("{}s", opts.seconds),
-    ])
-    .args(["-H", "Connection: close", &format!("http://{ip}:{port}/")]);
-    let out = lab
-        .run_in_pod(client, cmd)
-        .context("running wrk (install it with `cargo xtask setup`)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if std::env::var_os("LACEWING_BENCH_VERBOSE").is_some() {
-        eprintln!("wrk {ip}:{port}:\n{text}");
-    }
-    if !out.status.success() {
-        bail!(
-            "wrk against {ip}:{port} failed:\n{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    if let Some(errors) = wrk_errors(&text) {
-        bail!(
-            "wrk against {ip}:{port}: {errors}; a rate with failed requests is no measurement:\n{text}"
-        );
-    }
-    let rate = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
-    // "  123456 requests in 5.00s, 12.34MB read"
-    let requests = text
-        .lines()
-        .find_map(|l| l.trim().split_once(" requests in "))
-        .and_then(|(n, _)| n.trim().parse().ok())
-        .with_context(|| format!("no request count in wrk's output:\n{text}"))?;
-    Ok(Wrk { rate, requests })
-}
-
-/// What went wrong in a wrk run, if anything: socket errors of any kind
-/// (`Socket errors: connect 0, read 0, write 0, timeout 3`) or responses
-/// other than 2xx/3xx (`Non-2xx or 3xx responses: 12`).
-fn wrk_errors(text: &str) -> Option<String> {
-    let mut found = Vec::new();
-    for line in text.lines().map(str::trim) {
-        if let Some(rest) = line.strip_prefix("Socket errors:") {
-            for part in rest.split(',') {
-                let mut words = part.split_whitespace();
-                if let (Some(kind), Some(n)) = (words.next(), words.next())
-                    && n != "0"
-                {
-                    found.push(format!("{n} {kind} errors"));
-                }
-            }
-        }
-        if let Some(n) = line.strip_prefix("Non-2xx or 3xx responses:")
-            && n.trim() != "0"
-        {
-            found.push(format!("{} non-2xx responses", n.trim()));
-        }
-    }
-    (!found.is_empty()).then(|| found.join(", "))
-}
-
 /// The kernel's memory accounting (`bytes_memlock`) of each pinned map; a
 /// map of maps counts its inner maps too (they are not pinned themselves).
 fn map_bytes(root: &Path) -> anyhow::Result<BTreeMap<String, u64>> {
@@ -713,20 +682,6 @@ fn netns_stdin(netns: &str, program: &str, args: &[&str], input: &str) -> anyhow
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wrk_runs_with_errors_or_bad_responses_are_failed_measurements() {
-        let clean = "Running 5s test\n  Requests/sec:   9000.00\n";
-        assert_eq!(wrk_errors(clean), None);
-        let timeouts =
-            "  Socket errors: connect 0, read 0, write 0, timeout 3\nRequests/sec: 1.0\n";
-        assert_eq!(wrk_errors(timeouts).as_deref(), Some("3 timeout errors"));
-        let bad = "  Non-2xx or 3xx responses: 12\n  Socket errors: connect 2, read 0, write 0, timeout 0\n";
-        assert_eq!(
-            wrk_errors(bad).as_deref(),
-            Some("12 non-2xx responses, 2 connect errors")
-        );
-    }
 
     #[test]
     fn kube_proxy_rules_have_one_portal_per_service_and_a_dnat_per_backend() {

@@ -1,15 +1,17 @@
 //! `lacewing bench tunnel`: pod to pod across two lab nodes, the same run
 //! measuring with no mesh (the pods' namespace not enrolled) and with
-//! Lacewing in STRICT (enrolled): iperf3 throughput (one stream), sockperf
-//! request/reply latency under load (`ul`, 5,000 messages/s, one
-//! connection) and ping-pong (`pp`), and the node daemons' memory and CPU.
+//! Lacewing in STRICT (enrolled): iperf3 throughput (one stream, and four),
+//! sockperf request/reply latency under load (`ul`, 5,000 messages/s, one
+//! connection) and ping-pong (`pp`), new connections per second (wrk,
+//! `Connection: close`, to nginx), the first connection's time (its tunnel
+//! to the other node not yet open) and the node daemons' memory and CPU.
 //! Each measurement runs `rounds` times; the median is kept.
 
 use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
 
-use super::{node_metric, on_path};
+use super::{node_metric, on_path, wrk};
 use crate::lab::{Lab, LabProcess, PodSpec};
 
 #[derive(Clone, Debug)]
@@ -30,10 +32,25 @@ pub struct Figures {
     pub pp_p99_us: f64,
 }
 
+/// The figures only this benchmark takes (the local one shares [`Figures`]).
+#[derive(Clone, Debug, Default)]
+pub struct Spread {
+    /// iperf3 with four streams.
+    pub gbits_4: f64,
+    /// New connections per second, one request each.
+    pub cps: f64,
+    /// One connection and request (curl), the first one to the server.
+    pub first_ms: f64,
+    /// The same once the first was made (the tunnel to the node pooled).
+    pub next_ms: f64,
+}
+
 #[derive(Clone, Debug)]
 pub struct Outcome {
     pub direct: Figures,
     pub mesh: Figures,
+    pub direct_spread: Spread,
+    pub mesh_spread: Spread,
     /// The larger of the two daemons' RSS at the end.
     pub node_rss_mb: f64,
     /// Both daemons' CPU during the mesh's `ul` run, percent of one core.
@@ -46,12 +63,16 @@ const IPERF_PORT: u16 = 5201;
 const STREAMS_OUT: &str = "lacewing_tunnel_streams_opened_total{direction=\"outbound\"}";
 const BYTES_IN: &str = "lacewing_tunnel_bytes_total{direction=\"inbound\",flow=\"to_destination\"}";
 const SOCKPERF_PORT: u16 = 11111;
+const HTTP_PORT: u16 = 8080;
+/// wrk's connections at a time in the connection-rate run: many clients.
+const CPS_CONNECTIONS: u32 = 32;
 
 pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     let lab = Lab::new(2, 1)?;
     let (client, server) = (lab.pod("n0-p0")?, lab.pod("n1-p0")?);
     let mesh = lab.start_mesh(bin_dir)?;
     let _servers = start_servers(&lab, &server)?;
+    let _nginx = lab.start_http_server(&server, HTTP_PORT, "ok")?;
     let file = mesh.folder.join("bench.yaml");
     std::fs::write(&file, pods_yaml(false, (&client, "n0"), (&server, "n1")))?;
     std::thread::sleep(Duration::from_secs(1));
@@ -59,12 +80,22 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
         "measuring with no mesh ({} s each, {} rounds)",
         opts.seconds, opts.rounds
     );
+    let direct_spread = on_path(&lab, "n0", STREAMS_OUT, 0.0, "no mesh", || {
+        measure_spread(&lab, &client, &server, opts, None)
+    })?;
     let direct = on_path(&lab, "n0", STREAMS_OUT, 0.0, "no mesh", || {
         measure(&lab, &client, &server, opts, None)
     })?;
     std::fs::write(&file, pods_yaml(true, (&client, "n0"), (&server, "n1")))?;
     wait_for_certificates(&lab, &["n0", "n1"])?;
     eprintln!("measuring through the mesh (STRICT)");
+    // First, before anything opened a tunnel connection between the nodes.
+    let opened = node_metric(&lab, "n0", TUNNEL_CONNECTIONS)?;
+    anyhow::ensure!(
+        opened == 0.0,
+        "n0 opened {opened} tunnel connections before the first measured one"
+    );
+    let mesh_spread = measure_spread(&lab, &client, &server, opts, Some(&lab))?;
     let mut cpu = Vec::new();
     let bytes_before = node_metric(&lab, "n1", BYTES_IN)?;
     // iperf3 and two sockperf runs a round, each a tunnel stream.
@@ -89,6 +120,8 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     Ok(Outcome {
         direct,
         mesh: mesh_figures,
+        direct_spread,
+        mesh_spread,
         node_rss_mb,
         node_cpu_pct: median(cpu),
     })
@@ -96,8 +129,10 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
 
 pub fn result_line(o: &Outcome) -> String {
     format!(
-        "RESULT tunnel throughput_ratio={:.2} rr_p50_added_us={:.0} rr_p99_added_us={:.0} node_rss_mb={:.1} node_cpu_pct_at_5000rps={:.1}",
+        "RESULT tunnel throughput_ratio={:.2} throughput_ratio_4={:.2} cps_ratio={:.2} rr_p50_added_us={:.0} rr_p99_added_us={:.0} node_rss_mb={:.1} node_cpu_pct_at_5000rps={:.1}",
         o.mesh.gbits / o.direct.gbits,
+        o.mesh_spread.gbits_4 / o.direct_spread.gbits_4,
+        o.mesh_spread.cps / o.direct_spread.cps,
         o.mesh.ul_p50_us - o.direct.ul_p50_us,
         o.mesh.ul_p99_us - o.direct.ul_p99_us,
         o.node_rss_mb,
@@ -179,6 +214,107 @@ pub(super) fn wait_for_certificates(lab: &Lab, nodes: &[&str]) -> anyhow::Result
     Ok(())
 }
 
+/// Tunnel connections (HTTP/2 over mutual TLS) a node opened to others.
+const TUNNEL_CONNECTIONS: &str = "lacewing_tunnel_connections_opened_total";
+
+/// The first connection's time, then iperf3 with four streams and the rate
+/// of new connections, `rounds` times. In the mesh (`mesh` set) it checks
+/// the first connection opened the tunnel to the node and every later one
+/// was a stream on it.
+fn measure_spread(
+    lab: &Lab,
+    client: &PodSpec,
+    server: &PodSpec,
+    opts: &Options,
+    mesh: Option<&Lab>,
+) -> anyhow::Result<Spread> {
+    let ip = server.ip4();
+    let url = format!("http://{ip}:{HTTP_PORT}/");
+    let timed = || -> anyhow::Result<f64> {
+        let out = run_in(
+            lab,
+            client,
+            "curl",
+            &["-sS", "-o", "/dev/null", "-w", "%{time_total}", &url],
+        )?;
+        let secs: f64 = out
+            .trim()
+            .parse()
+            .with_context(|| format!("curl's time_total: {out}"))?;
+        Ok(secs * 1000.0)
+    };
+    let first_ms = timed()?;
+    let next_ms = timed()?;
+    if mesh.is_some() {
+        let opened = node_metric(lab, "n0", TUNNEL_CONNECTIONS)?;
+        anyhow::ensure!(
+            opened == 1.0,
+            "n0 opened {opened} tunnel connections for two requests to one node, expected 1"
+        );
+    }
+    let (mut gbits_4, mut cps) = (Vec::new(), Vec::new());
+    for _ in 0..opts.rounds {
+        let out = run_in(
+            lab,
+            client,
+            "iperf3",
+            &[
+                "-c",
+                &ip.to_string(),
+                "-p",
+                &IPERF_PORT.to_string(),
+                "-t",
+                &opts.seconds.to_string(),
+                "-P",
+                "4",
+                "-J",
+            ],
+        )?;
+        gbits_4.push(iperf3_gbits(&out)?);
+        let streams = node_metric(lab, "n0", STREAMS_OUT)?;
+        let run =
+            wrk::short_connections(lab, client, ip, HTTP_PORT, CPS_CONNECTIONS, opts.seconds)?;
+        let streams = node_metric(lab, "n0", STREAMS_OUT)? - streams;
+        if mesh.is_some() {
+            anyhow::ensure!(
+                streams >= run.requests as f64,
+                "wrk made {} connections but n0 opened {streams} tunnel streams: the run did not go through the mesh",
+                run.requests
+            );
+        }
+        cps.push(run.rate);
+    }
+    if mesh.is_some() {
+        let opened = node_metric(lab, "n0", TUNNEL_CONNECTIONS)?;
+        anyhow::ensure!(
+            opened == 1.0,
+            "n0 opened {opened} tunnel connections to one node, expected 1 (pooled)"
+        );
+    }
+    let s = Spread {
+        gbits_4: median(gbits_4),
+        cps: median(cps),
+        first_ms,
+        next_ms,
+    };
+    eprintln!(
+        "  iperf3 -P 4 {:.2} Gbit/s; {:.0} connections/s; first connection {:.2} ms, next {:.2} ms",
+        s.gbits_4, s.cps, s.first_ms, s.next_ms
+    );
+    Ok(s)
+}
+
+/// What iperf3 (`-J`) measured at the receiver, in Gbit/s; no throughput
+/// is an error, never a zero.
+fn iperf3_gbits(out: &str) -> anyhow::Result<f64> {
+    let json: serde_json::Value = serde_json::from_str(out).context("iperf3 -J output")?;
+    let bits = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .filter(|b| *b > 0.0)
+        .with_context(|| format!("iperf3 measured no throughput:\n{out}"))?;
+    Ok(bits / 1e9)
+}
+
 /// Runs every measurement `rounds` times; with `daemons`, also records
 /// their CPU during each `ul` run.
 pub(super) fn measure(
@@ -206,12 +342,7 @@ pub(super) fn measure(
             "iperf3",
             &["-c", &ip, "-p", &IPERF_PORT.to_string(), "-t", &secs, "-J"],
         )?;
-        let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
-        let bits = json["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .filter(|b| *b > 0.0)
-            .with_context(|| format!("iperf3 measured no throughput:\n{out}"))?;
-        gbits.push(bits / 1e9);
+        gbits.push(iperf3_gbits(&out)?);
 
         let before = match &daemons {
             Some((d, _)) => Some(cpu_ticks(d)?),
