@@ -588,15 +588,18 @@ async fn accept_loop(
             continue;
         };
         let dest = SocketAddr::new(address(&orig), orig.port);
-        let conn = CapturedConn {
-            source: Arc::clone(&workload),
-            netns: Arc::clone(&netns),
-            netns_cookie: cookie,
-            app,
-            dest,
-        };
+        let source = Arc::clone(&workload);
+        let netns = Arc::clone(&netns);
         let proxy = Arc::clone(&proxy);
-        tokio::spawn(async move {
+        // Carried from here on by one worker thread.
+        lacewing_sys::workers::spawn_with(app, move |app| async move {
+            let conn = CapturedConn {
+                source,
+                netns,
+                netns_cookie: cookie,
+                app,
+                dest,
+            };
             proxy.outbound.handle(conn).await;
             drop(slot);
         });

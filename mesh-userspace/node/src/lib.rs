@@ -114,21 +114,6 @@ const PREPARING_NICE: i32 = 19;
 /// How long a daemon handing over waits for its listeners to close.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The runtime the daemon runs on: one thread for `workers == 1`, else a
-/// multi-threaded one with that many workers, whose tasks stay on the
-/// worker that woke them (tokio's scheduler), so a connection's bytes are
-/// not handed between threads.
-pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = if workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    builder.thread_name("lacewing-worker").enable_all().build()
-}
-
 /// Runs the daemon until SIGTERM or SIGINT, or until a successor took
 /// over, then drains: no new connections, GOAWAY on the tunnel's, and up
 /// to `--drain-timeout` for the established ones before the rest are reset.

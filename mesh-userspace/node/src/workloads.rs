@@ -75,7 +75,7 @@ struct Status<'a, C> {
     /// during an upgrade; the one accepting answers).
     pid: u32,
     layout: u32,
-    /// Worker threads of the runtime carrying its connections, as running.
+    /// Worker threads carrying its connections, as started.
     workers: usize,
     version: u64,
     workloads: Vec<Shown<'a>>,
@@ -266,7 +266,7 @@ impl LocalWorkloads {
             node,
             pid: std::process::id(),
             layout: crate::maps::layout(),
-            workers: tokio::runtime::Handle::try_current().map_or(0, |h| h.metrics().num_workers()),
+            workers: lacewing_sys::workers::count(),
             version: state.version,
             workloads: state
                 .workloads

@@ -4,7 +4,8 @@
 //! must not capture ([`net`]), listeners handed to a successor ([`handoff`]), the TCP sockets of a network namespace
 //! ([`diag`]: listed and closed, as `ss -K` does), cgroup v2 and bpffs paths, signals,
 //! logging, the plain HTTP endpoint for metrics and health ([`http`]), and
-//! what every listening port lets one peer hold ([`admission`]).
+//! what every listening port lets one peer hold ([`admission`]), and the
+//! worker threads that carry connections ([`workers`]).
 #![deny(unsafe_code)]
 
 pub mod admission;
@@ -17,3 +18,4 @@ pub mod net;
 pub mod os;
 pub mod shutdown;
 pub mod telemetry;
+pub mod workers;

@@ -1,6 +1,7 @@
 //! The tunnel's client side: one HTTP/2 connection per (source identity and
-//! its current certificate, destination node), shared by every stream
-//! between them; a closed one is replaced on next use. After a certificate
+//! its current certificate, destination node, worker thread), shared by
+//! every stream between them on that worker; a closed one is replaced on
+//! next use. After a certificate
 //! renewal new streams open a new connection; the old one lives until its
 //! streams end, so rotation drops nothing.
 
@@ -45,7 +46,10 @@ pub struct Destination {
     pub pod: SocketAddr,
 }
 
-type Key = (String, String, SocketAddr);
+/// Source identity, its certificate's serial, destination node, and the
+/// worker thread (each keeps its own connections: a stream and its
+/// connection are carried on one thread).
+type Key = (String, String, SocketAddr, usize);
 
 pub struct Pool {
     connections: Mutex<HashMap<Key, SendRequest<Empty<Bytes>>>>,
@@ -99,7 +103,12 @@ impl Pool {
         source: IpAddr,
         dest: &Destination,
     ) -> Result<Upgraded, TunnelError> {
-        let key = (svid.identity.clone(), serial.to_owned(), dest.node);
+        let key = (
+            svid.identity.clone(),
+            serial.to_owned(),
+            dest.node,
+            lacewing_sys::workers::current(),
+        );
         if let Some(sender) = self.pooled(&key) {
             // (The new connection below replaces it in the pool.)
             match request(sender, source, dest).await {
@@ -129,7 +138,9 @@ impl Pool {
                     let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
                     // Connections of an older certificate of this identity
                     // are no longer handed out.
-                    conns.retain(|k, s| !(s.is_closed() || (k.0 == key.0 && k.2 == key.2)));
+                    conns.retain(|k, s| {
+                        !(s.is_closed() || (k.0 == key.0 && k.2 == key.2 && k.3 == key.3))
+                    });
                     conns.insert(key, sender.clone());
                     sender
                 }

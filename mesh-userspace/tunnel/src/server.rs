@@ -75,41 +75,46 @@ pub async fn serve(
         let connector = Arc::clone(&connector);
         let metrics = metrics.clone();
         let admission = admission.clone();
-        connections.spawn(async move {
-            let Admitted {
-                stream: tcp,
-                from,
-                slot: _slot,
-                handshake,
-            } = admitted;
-            let _ = tcp.set_nodelay(true);
-            let accepted = admission
-                .handshake(TlsAcceptor::from(config).accept(tcp))
-                .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-            let stream = match accepted {
-                Ok(stream) => stream,
-                Err(err) => {
-                    let reason = tls::failure_reason(&err);
-                    tracing::info!(%from, %err, reason, "tunnel handshake failed");
-                    metrics.handshake_failed(reason);
+        let Admitted {
+            stream: tcp,
+            from,
+            slot,
+            handshake,
+        } = admitted;
+        let tracker = connections.clone();
+        // The handshake and every stream of the connection on one worker.
+        lacewing_sys::workers::spawn_with(tcp, move |tcp| {
+            tracker.track_future(async move {
+                let _slot = slot;
+                let _ = tcp.set_nodelay(true);
+                let accepted = admission
+                    .handshake(TlsAcceptor::from(config).accept(tcp))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+                let stream = match accepted {
+                    Ok(stream) => stream,
+                    Err(err) => {
+                        let reason = tls::failure_reason(&err);
+                        tracing::info!(%from, %err, reason, "tunnel handshake failed");
+                        metrics.handshake_failed(reason);
+                        return;
+                    }
+                };
+                drop(handshake);
+                let identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(tls::workload_identity);
+                let Some(identity) = identity else {
+                    tracing::info!(%from, "tunnel client certificate names no workload identity");
+                    metrics.handshake_failed("no_workload_identity");
                     return;
-                }
-            };
-            drop(handshake);
-            let identity = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(tls::workload_identity);
-            let Some(identity) = identity else {
-                tracing::info!(%from, "tunnel client certificate names no workload identity");
-                metrics.handshake_failed("no_workload_identity");
-                return;
-            };
-            metrics.connection_opened("inbound");
-            connection(stream, from, identity, connector, metrics, admission, drain).await;
+                };
+                metrics.connection_opened("inbound");
+                connection(stream, from, identity, connector, metrics, admission, drain).await;
+            })
         });
     }
     // Closed at once: in an upgrade the successor accepts on the same

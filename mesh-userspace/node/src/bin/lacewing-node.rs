@@ -7,10 +7,14 @@ fn main() -> anyhow::Result<()> {
     let args = NodeArgs::parse();
     let log_level = lacewing_sys::telemetry::init(args.log_format);
     let config = args.validate()?;
-    // `--workers`: the daemon's work is short and I/O bound; one thread
-    // avoids cross-thread wakeups, two (the default) let one busy
-    // connection not hold up the rest of the node.
-    let runtime = node::runtime(config.workers)?;
+    // Connections are carried by `--workers` threads, each with its own
+    // runtime (see `lacewing_sys::workers`); with one, by this thread. The
+    // rest (accepting, the controller, the kernel's maps) is short work
+    // on this one thread.
+    lacewing_sys::workers::install(config.workers)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(node::run(config, log_level))?;
     Ok(())
 }
