@@ -119,6 +119,10 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
     let server = lab.pod("n0-p4")?;
     let backends = add_backend_addresses(&lab, &node, &server)?;
     let _nginx = lab.start_http_server(&server, BACKEND_PORT, "ok")?;
+    // Every measurement: wrk's short connections from one of the clients.
+    let wrk = |client: &PodSpec, ip: Ipv4Addr, port: u16| {
+        wrk::short_connections(&lab, client, ip, port, opts.connections, opts.seconds)
+    };
     println!(
         "bench l4: wrk -c{} for {} s per measurement, best of {}; target service has {} backends; sizes {:?}",
         opts.connections, opts.seconds, opts.rounds, BACKENDS_PER_SERVICE, opts.sizes
@@ -154,15 +158,7 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             );
         }
         row.none = best_of(opts, || {
-            wrk::short_connections(
-                &lab,
-                &none,
-                backends[0],
-                BACKEND_PORT,
-                opts.connections,
-                opts.seconds,
-            )
-            .map(|w| w.rate)
+            wrk(&none, backends[0], BACKEND_PORT).map(|w| w.rate)
         })?;
 
         // Lacewing.
@@ -179,44 +175,14 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             "lacewing_service_connections_total",
             100.0,
             "ebpf",
-            || {
-                best_of(opts, || {
-                    wrk::short_connections(
-                        &lab,
-                        &ebpf,
-                        target_ip,
-                        SERVICE_PORT,
-                        opts.connections,
-                        opts.seconds,
-                    )
-                    .map(|w| w.rate)
-                })
-            },
+            || best_of(opts, || wrk(&ebpf, target_ip, SERVICE_PORT).map(|w| w.rate)),
         )?;
         // Run-time statistics only for these two runs: they add two clock
         // reads to every program call, which the rates above do not pay.
         let root = lab.node_bpffs_root(&node);
         let stats = BpfStats::on()?;
-        row.to_service = costs(&root, || {
-            wrk::short_connections(
-                &lab,
-                &ebpf,
-                target_ip,
-                SERVICE_PORT,
-                opts.connections,
-                opts.seconds,
-            )
-        })?;
-        row.to_pod = costs(&root, || {
-            wrk::short_connections(
-                &lab,
-                &ebpf,
-                backends[1],
-                BACKEND_PORT,
-                opts.connections,
-                opts.seconds,
-            )
-        })?;
+        row.to_service = costs(&root, || wrk(&ebpf, target_ip, SERVICE_PORT))?;
+        row.to_pod = costs(&root, || wrk(&ebpf, backends[1], BACKEND_PORT))?;
         drop(stats);
         row.maps = map_bytes(&root)?;
         daemon.terminate(Duration::from_secs(10))?;
@@ -224,17 +190,7 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
         // kube-proxy, iptables mode.
         let rules = iptables_rules(size, target, &backends);
         netns_stdin(&node.netns(), "iptables-legacy-restore", &[], &rules)?;
-        row.iptables = best_of(opts, || {
-            wrk::short_connections(
-                &lab,
-                &ipt,
-                target_ip,
-                SERVICE_PORT,
-                opts.connections,
-                opts.seconds,
-            )
-            .map(|w| w.rate)
-        })?;
+        row.iptables = best_of(opts, || wrk(&ipt, target_ip, SERVICE_PORT).map(|w| w.rate))?;
         netns_stdin(
             &node.netns(),
             "iptables-legacy-restore",
@@ -249,17 +205,7 @@ pub fn run(node_bin: &Path, opts: &Options) -> anyhow::Result<Vec<Row>> {
             &["-f", "-"],
             &nft_rules(size, target, &backends),
         )?;
-        row.nftables = best_of(opts, || {
-            wrk::short_connections(
-                &lab,
-                &nft,
-                target_ip,
-                SERVICE_PORT,
-                opts.connections,
-                opts.seconds,
-            )
-            .map(|w| w.rate)
-        })?;
+        row.nftables = best_of(opts, || wrk(&nft, target_ip, SERVICE_PORT).map(|w| w.rate))?;
         netns_stdin(
             &node.netns(),
             "nft",
