@@ -1,9 +1,8 @@
 //! The tunnel's client side: one HTTP/2 connection per (source identity and
 //! its current certificate, destination node, worker thread), shared by
 //! every stream between them on that worker; a closed one is replaced on
-//! next use. After a certificate
-//! renewal new streams open a new connection; the old one lives until its
-//! streams end, so rotation drops nothing.
+//! next use. After a certificate renewal new streams open a new connection;
+//! the old one lives until its streams end, so rotation drops nothing.
 
 use std::{
     collections::HashMap,
@@ -79,7 +78,8 @@ impl Pool {
         self
     }
 
-    /// Open connections (one per source identity and destination node).
+    /// Open connections (one per source identity, destination node and
+    /// worker).
     pub fn connections(&self) -> usize {
         self.connections
             .lock()
@@ -137,7 +137,8 @@ impl Pool {
                     }
                     let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
                     // Connections of an older certificate of this identity
-                    // are no longer handed out.
+                    // are no longer handed out (on this worker; another
+                    // worker drops its own when it next connects).
                     conns.retain(|k, s| {
                         !(s.is_closed() || (k.0 == key.0 && k.2 == key.2 && k.3 == key.3))
                     });
