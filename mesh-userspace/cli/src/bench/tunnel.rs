@@ -81,7 +81,7 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
         opts.seconds, opts.rounds
     );
     let direct_spread = on_path(&lab, "n0", STREAMS_OUT, 0.0, "no mesh", || {
-        measure_spread(&lab, &client, &server, opts, None)
+        measure_spread(&lab, &client, &server, opts, false)
     })?;
     let direct = on_path(&lab, "n0", STREAMS_OUT, 0.0, "no mesh", || {
         measure(&lab, &client, &server, opts, None)
@@ -95,7 +95,7 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
         opened == 0.0,
         "n0 opened {opened} tunnel connections before the first measured one"
     );
-    let mesh_spread = measure_spread(&lab, &client, &server, opts, Some(&lab))?;
+    let mesh_spread = measure_spread(&lab, &client, &server, opts, true)?;
     let mut cpu = Vec::new();
     let bytes_before = node_metric(&lab, "n1", BYTES_IN)?;
     // iperf3 and two sockperf runs a round, each a tunnel stream.
@@ -218,7 +218,7 @@ pub(super) fn wait_for_certificates(lab: &Lab, nodes: &[&str]) -> anyhow::Result
 const TUNNEL_CONNECTIONS: &str = "lacewing_tunnel_connections_opened_total";
 
 /// The first connection's time, then iperf3 with four streams and the rate
-/// of new connections, `rounds` times. In the mesh (`mesh` set) it checks
+/// of new connections, `rounds` times. In the mesh (`mesh`) it checks
 /// the first connection opened the tunnel to the node and every later one
 /// was a stream on it.
 fn measure_spread(
@@ -226,7 +226,7 @@ fn measure_spread(
     client: &PodSpec,
     server: &PodSpec,
     opts: &Options,
-    mesh: Option<&Lab>,
+    mesh: bool,
 ) -> anyhow::Result<Spread> {
     let ip = server.ip4();
     let url = format!("http://{ip}:{HTTP_PORT}/");
@@ -246,16 +246,13 @@ fn measure_spread(
     // Each of n0's workers keeps its own connection to n1, and connections
     // go to the workers in turn: after the first, one more per other
     // worker, then the timed one finds its worker's connection open.
-    let workers = match mesh {
-        Some(lab) => daemon_workers(lab, "n0")?,
-        None => 1,
-    };
+    let workers = if mesh { daemon_workers(lab, "n0")? } else { 1 };
     let first_ms = timed()?;
     for _ in 1..workers {
         timed()?;
     }
     let next_ms = timed()?;
-    if mesh.is_some() {
+    if mesh {
         let opened = node_metric(lab, "n0", TUNNEL_CONNECTIONS)?;
         anyhow::ensure!(
             opened == workers as f64,
@@ -285,7 +282,7 @@ fn measure_spread(
         let run =
             wrk::short_connections(lab, client, ip, HTTP_PORT, CPS_CONNECTIONS, opts.seconds)?;
         let streams = node_metric(lab, "n0", STREAMS_OUT)? - streams;
-        if mesh.is_some() {
+        if mesh {
             anyhow::ensure!(
                 streams >= run.requests as f64,
                 "wrk made {} connections but n0 opened {streams} tunnel streams: the run did not go through the mesh",
@@ -294,7 +291,7 @@ fn measure_spread(
         }
         cps.push(run.rate);
     }
-    if mesh.is_some() {
+    if mesh {
         let opened = node_metric(lab, "n0", TUNNEL_CONNECTIONS)?;
         anyhow::ensure!(
             opened == workers as f64,
