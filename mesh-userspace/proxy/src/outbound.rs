@@ -329,7 +329,7 @@ impl Outbound {
         netns: &PodNetns,
         source_ip: IpAddr,
         endpoint: SocketAddr,
-    ) -> std::io::Result<Box<dyn router::Io>> {
+    ) -> std::io::Result<crate::splice::BoxedStream> {
         let identity = source.identity(&self.trust_domain);
         let peer = Peer {
             identity: identity.clone(),
@@ -376,7 +376,7 @@ impl router::Dial for Outbound {
         netns: PodNetns,
         source_ip: IpAddr,
         endpoint: SocketAddr,
-    ) -> futures::future::BoxFuture<'static, std::io::Result<Box<dyn router::Io>>> {
+    ) -> futures::future::BoxFuture<'static, std::io::Result<crate::splice::BoxedStream>> {
         Box::pin(async move { self.open_stream(&source, &netns, source_ip, endpoint).await })
     }
 }

@@ -51,15 +51,13 @@ use lacewing_core::model::{
     traffic::{AbortAnswer, Balance, ServicePolicy},
     workloads::Workload,
 };
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 
 use crate::{
     answer::{self, is_grpc},
     metrics::RequestLabels,
     sockets::PodNetns,
+    splice::BoxedStream,
     telemetry::Seen,
 };
 
@@ -88,12 +86,8 @@ pub trait Dial: Send + Sync + 'static {
         netns: PodNetns,
         source_ip: IpAddr,
         endpoint: SocketAddr,
-    ) -> BoxFuture<'static, io::Result<Box<dyn Io>>>;
+    ) -> BoxFuture<'static, io::Result<BoxedStream>>;
 }
-
-/// A stream to an endpoint, whatever carries it.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// One pod's pooled connections to endpoints: hyper-util's pool for
 /// HTTP/1.1 (keyed by the URI's authority, the endpoint), and for HTTP/2
@@ -315,7 +309,16 @@ impl Router {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         // Keyed by pod: a pod's pool dials from its own namespace and
         // address, and ends when the pod does (its uid changes).
-        let key = format!("{}/{}/{}", source.namespace, source.name, source.uid);
+        // And by worker, as the tunnel's pool is: a request and the
+        // connection task that carries it stay on one thread (a pool shared
+        // by workers woke another thread twice a request).
+        let key = format!(
+            "{}/{}/{}/{}",
+            source.namespace,
+            source.name,
+            source.uid,
+            lacewing_sys::workers::current()
+        );
         Arc::clone(clients.entry(key).or_insert_with(|| {
             let dialer = Dialer {
                 dial: Arc::clone(dial),
@@ -376,7 +379,7 @@ impl tower_service::Service<Uri> for Dialer {
 }
 
 /// A connection to an endpoint, as hyper-util's client holds it.
-pub struct Conn(TokioIo<Box<dyn Io>>);
+pub struct Conn(TokioIo<BoxedStream>);
 
 impl Connection for Conn {
     fn connected(&self) -> Connected {
@@ -490,7 +493,7 @@ pub async fn serve(
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(err) = builder
-        .serve_connection_with_upgrades(TokioIo::new(app), service)
+        .serve_connection_with_upgrades(TokioIo::new(Box::new(app) as BoxedStream), service)
         .await
     {
         tracing::debug!(%err, "routed connection ended");
