@@ -362,18 +362,26 @@ fn wait_for_telemetry(
         return Ok(now);
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut last = None;
     loop {
         let now = read()?;
-        if now.0 - before.0 >= 0.9 * requests && now.1 - before.1 >= 0.9 * requests {
+        // Enough, and no more coming: the exporter sends what was still
+        // queued up to 200 ms later, which must not land in the next run.
+        if now.0 - before.0 >= 0.9 * requests
+            && now.1 - before.1 >= 0.9 * requests
+            && last == Some(now)
+        {
             return Ok(now);
         }
+        last = Some(now);
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "telemetry on, but n0 wrote {} lines and exported {} spans for about {requests:.0} requests: the run did not take the path it names",
             now.0 - before.0,
             now.1 - before.1
         );
-        std::thread::sleep(Duration::from_millis(100));
+        // Longer than the exporter's 200 ms between batches.
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
