@@ -218,53 +218,11 @@ pub async fn serve<C>(
 where
     C: AsyncRead + AsyncWrite + Unread + Unpin + Send + 'static,
 {
-    let from_client = Arc::new(AtomicU64::new(0));
+    let (from_client, from_pod) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let client: BoxedStream = Box::new(
         Watched::new(client, client_watch.clone(), pod_watch.clone())
             .counted(Arc::clone(&from_client)),
     );
-    let parts = Parts {
-        client_watch,
-        pod_watch,
-        peer,
-        dest,
-        pod_side,
-        metrics,
-        requests,
-    };
-    serve_boxed(client, from_client, pod, parts, closed).await
-}
-
-/// What [`serve`] passes on to [`serve_boxed`].
-struct Parts {
-    client_watch: Option<Arc<Watch>>,
-    pod_watch: Option<Arc<Watch>>,
-    peer: Peer,
-    dest: SocketAddr,
-    pod_side: Arc<dyn PodSide>,
-    metrics: TunnelMetrics,
-    requests: Option<Requests>,
-}
-
-/// [`serve`] past its one generic step: nothing here (the HTTP server
-/// above all) is compiled once per kind of client stream.
-async fn serve_boxed(
-    client: BoxedStream,
-    from_client: Arc<AtomicU64>,
-    pod: TcpStream,
-    parts: Parts,
-    closed: &CancellationToken,
-) -> (u64, u64) {
-    let Parts {
-        client_watch,
-        pod_watch,
-        peer,
-        dest,
-        pod_side,
-        metrics,
-        requests,
-    } = parts;
-    let from_pod = Arc::new(AtomicU64::new(0));
     let pod = Watched::new(pod, pod_watch, client_watch.clone()).counted(Arc::clone(&from_pod));
     let connection = Arc::new(Connection {
         closed: closed.clone(),
@@ -278,6 +236,17 @@ async fn serve_boxed(
         client_watch,
         upstream: tokio::sync::Mutex::default(),
     });
+    serve_boxed(client, connection, closed).await;
+    (
+        from_client.load(Ordering::Relaxed),
+        from_pod.load(Ordering::Relaxed),
+    )
+}
+
+/// [`serve`] past its one generic step: nothing here (the HTTP server
+/// above all) is compiled once per kind of client stream.
+async fn serve_boxed(client: BoxedStream, connection: Arc<Connection>, closed: &CancellationToken) {
+    let dest = connection.dest;
     let service = hyper::service::service_fn(move |req| {
         let connection = Arc::clone(&connection);
         async move { Ok::<_, std::convert::Infallible>(connection.handle(req).await) }
@@ -292,10 +261,6 @@ async fn serve_boxed(
         }
         () = closed.cancelled() => {}
     }
-    (
-        from_client.load(Ordering::Relaxed),
-        from_pod.load(Ordering::Relaxed),
-    )
 }
 
 impl Connection {
