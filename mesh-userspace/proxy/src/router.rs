@@ -310,8 +310,9 @@ impl Router {
         // Keyed by pod: a pod's pool dials from its own namespace and
         // address, and ends when the pod does (its uid changes).
         // And by worker, as the tunnel's pool is: a request and the
-        // connection task that carries it stay on one thread (a pool shared
-        // by workers woke another thread twice a request).
+        // connection task that carries it stay on one thread (from a pool
+        // shared by workers, a request could take a connection whose task
+        // runs on the other worker, and wake it to send and again to answer).
         let key = format!(
             "{}/{}/{}/{}",
             source.namespace,
