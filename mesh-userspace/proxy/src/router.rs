@@ -264,10 +264,10 @@ fn connect_failed(err: &(dyn std::error::Error + 'static)) -> bool {
             .is_some_and(hyper_util::client::legacy::Error::is_connect)
 }
 
-/// The router's state: pooled clients per source pod, endpoint latencies,
-/// what TrafficPolicies keep per Service, request metrics.
+/// The router's state: pooled clients per source pod and worker, endpoint
+/// latencies, what TrafficPolicies keep per Service, request metrics.
 pub struct Router {
-    clients: Mutex<HashMap<String, Arc<Clients>>>,
+    clients: Mutex<HashMap<(String, std::thread::ThreadId), Arc<Clients>>>,
     pub balancer: balance::Balancer,
     pub outliers: Arc<resilience::Outliers>,
     pub breakers: Arc<resilience::Breakers>,
@@ -308,17 +308,15 @@ impl Router {
     ) -> Arc<Clients> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         // Keyed by pod: a pod's pool dials from its own namespace and
-        // address, and ends when the pod does (its uid changes).
-        // And by worker, as the tunnel's pool is: a request and the
-        // connection task that carries it stay on one thread (from a pool
-        // shared by workers, a request could take a connection whose task
-        // runs on the other worker, and wake it to send and again to answer).
-        let key = format!(
-            "{}/{}/{}/{}",
-            source.namespace,
-            source.name,
-            source.uid,
-            lacewing_sys::workers::current()
+        // address, and ends when the pod does (its uid changes). And by
+        // thread, that is by the daemon's worker, as the tunnel's pool is: a
+        // request and the connection task that carries it stay on one thread
+        // (from a pool shared by workers, a request could take a connection
+        // whose task runs on the other worker, and wake it to send and again
+        // to answer). Workers live as long as the daemon.
+        let key = (
+            format!("{}/{}/{}", source.namespace, source.name, source.uid),
+            std::thread::current().id(),
         );
         Arc::clone(clients.entry(key).or_insert_with(|| {
             let dialer = Dialer {
