@@ -88,6 +88,7 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
     })?;
     std::fs::write(&file, pods_yaml(true, (&client, "n0"), (&server, "n1")))?;
     wait_for_certificates(&lab, &["n0", "n1"])?;
+    print_memory(&mesh.nodes, "before the mesh runs")?;
     eprintln!("measuring through the mesh (STRICT)");
     // First, before anything opened a tunnel connection between the nodes.
     let opened = node_metric(&lab, "n0", TUNNEL_CONNECTIONS)?;
@@ -110,13 +111,7 @@ pub fn run(bin_dir: &Path, opts: &Options) -> anyhow::Result<Outcome> {
         carried >= expected,
         "the tunnel carried {carried} bytes into n1, less than half what iperf3 measured ({expected}): the mesh run did not go through it"
     );
-    let node_rss_mb = mesh
-        .nodes
-        .iter()
-        .map(|n| rss_mb(n.pid()))
-        .collect::<anyhow::Result<Vec<f64>>>()?
-        .into_iter()
-        .fold(0.0, f64::max);
+    let node_rss_mb = print_memory(&mesh.nodes, "after the runs")?;
     Ok(Outcome {
         direct,
         mesh: mesh_figures,
@@ -476,12 +471,46 @@ fn ticks_per_second() -> f64 {
 }
 
 pub(super) fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    Ok(memory(pid)?.rss_mb)
+}
+
+/// A process's resident memory, in MB: all of it (`VmRSS`), and apart, the
+/// anonymous part and the pages of files (its code and libraries).
+#[derive(Clone, Copy, Debug)]
+struct Memory {
+    rss_mb: f64,
+    anon_mb: f64,
+    file_mb: f64,
+}
+
+fn memory(pid: u32) -> anyhow::Result<Memory> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .with_context(|| format!("no VmRSS in {path}"))
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .with_context(|| format!("no {name} in {path}"))
+    };
+    Ok(Memory {
+        rss_mb: field("VmRSS:")?,
+        anon_mb: field("RssAnon:")?,
+        file_mb: field("RssFile:")?,
+    })
+}
+
+/// Prints each daemon's resident memory `when`, and returns the largest.
+fn print_memory(nodes: &[crate::lab::LabProcess], when: &str) -> anyhow::Result<f64> {
+    let mut largest: f64 = 0.0;
+    for (index, node) in nodes.iter().enumerate() {
+        let m = memory(node.pid())?;
+        eprintln!(
+            "  n{index} daemon {when}: {:.1} MB resident ({:.1} MB anonymous, {:.1} MB of files: its code and libraries)",
+            m.rss_mb, m.anon_mb, m.file_mb
+        );
+        largest = largest.max(m.rss_mb);
+    }
+    Ok(largest)
 }
