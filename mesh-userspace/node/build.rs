@@ -1,11 +1,12 @@
 //! Compiles `mesh-ebpf` (aya-build), which `lacewing-node` embeds, and
-//! links the daemon with packed relative relocations.
+//! links the daemon with packed relative relocations and, in release
+//! builds, the code that runs laid out together.
 //!
 //! The eBPF build needs the nightly's rust-src and bpf-linker. When either is
 //! missing the build stops with one line that says what to run, instead of a
 //! page of cargo output from deep inside the nested build.
 //!
-//! Both other steps are about the daemon's resident memory, which is mostly
+//! The other steps are about the daemon's resident memory, which is mostly
 //! its own file's pages:
 //! - The kernel object is built with full debug info because bpf-linker
 //!   derives its BTF from it; the loader reads BTF, never DWARF. The DWARF
@@ -15,12 +16,15 @@
 //!   entry per pointer in its read-only data (vtables, above all); the
 //!   loader reads them all at start (about 480 KiB). `DT_RELR` packs them
 //!   into bitmaps (glibc 2.36, binutils 2.38); the daemon stays PIE.
+//! - The functions that ran in a profile are linked first, together (see
+//!   `code_layout`).
 
 use std::{env, path::PathBuf, process::Command};
 
 fn main() {
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    code_layout();
     if let Err(missing) = check_toolchain() {
         println!("cargo::error={missing}: run `cargo xtask setup`");
         return;
@@ -84,6 +88,25 @@ fn strip_dwarf(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>>
     builder.write(&mut out)?;
     std::fs::write(path, out)?;
     Ok(())
+}
+
+/// Release builds lay out first, together, the daemon's functions listed in
+/// `code-layout.txt` (lld's symbol ordering file): the code that ran in a
+/// profile (`cargo xtask code-layout`). The kernel maps a program's code in
+/// 64 KiB windows around each page that runs, so code that runs spread
+/// over the whole file makes most of the file resident. Names the build no
+/// longer has are skipped; a stale list costs memory, never correctness.
+/// Only where rustc links with its own lld by default (x86-64 Linux, Rust
+/// 1.90 on): GNU ld has no such option.
+fn code_layout() {
+    let list = concat!(env!("CARGO_MANIFEST_DIR"), "/code-layout.txt");
+    println!("cargo::rerun-if-changed={list}");
+    let release = env::var("PROFILE").as_deref() == Ok("release");
+    let lld = env::var("TARGET").as_deref() == Ok("x86_64-unknown-linux-gnu");
+    if release && lld && std::path::Path::new(list).exists() {
+        println!("cargo::rustc-link-arg-bins=-Wl,--symbol-ordering-file={list}");
+        println!("cargo::rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
 }
 
 fn check_toolchain() -> Result<(), &'static str> {

@@ -4,6 +4,7 @@
 
 mod fuzz;
 mod layers;
+mod layout;
 mod run;
 mod setup;
 mod soak;
@@ -54,6 +55,10 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// Profile which of the node daemon's code runs (lab benchmarks, root)
+    /// and rewrite the order release builds lay its functions out in
+    /// (mesh-userspace/node/code-layout.txt).
+    CodeLayout,
     /// Benchmarks: `cargo xtask bench l4`, `tunnel`, `local` and `l7` (lab, root), `cargo xtask bench control-plane`.
     Bench {
         /// Which benchmark: l4, l7, tunnel, local or control-plane.
@@ -81,6 +86,7 @@ fn main() {
             Ok(())
         }),
         Task::Bench { name, args } => bench(&name, &args),
+        Task::CodeLayout => setup::run().and_then(|()| layout::run()),
         Task::Soak { minutes, release } => soak::run(minutes, release),
         Task::Fuzz { seconds, target } => {
             setup::run().and_then(|()| fuzz::run(seconds, target.as_deref()))
@@ -111,6 +117,7 @@ fn bench(name: &str, args: &[String]) -> anyhow::Result<()> {
     run::build_binaries(true)?;
     if name != "control-plane" {
         run::require_root("this benchmark (it runs in the lab)")?;
+        layout::report_freshness()?;
     }
     let mut all = vec!["bench".to_owned(), name.to_owned()];
     all.extend(args.iter().cloned());

@@ -291,6 +291,115 @@ pub fn release_free_memory() {
     }
 }
 
+/// Where this program's code is mapped: its file's executable mappings
+/// (`/proc/self/maps`), as address ranges.
+fn own_code_ranges() -> io::Result<Vec<(usize, usize)>> {
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let exe = exe.to_string_lossy();
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut ranges = Vec::new();
+    for line in maps.lines() {
+        // `start-end perms offset dev inode path`
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [range, perms, _, _, _, path] = fields[..] else {
+            continue;
+        };
+        if path != exe || !perms.contains('x') {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let parse = |hex| usize::from_str_radix(hex, 16).map_err(io::Error::other);
+        ranges.push((parse(start)?, parse(end)?));
+    }
+    Ok(ranges)
+}
+
+const PAGE: usize = 4096;
+static CODE_START: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static CODE_END: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Traces which pages of this program's own code run, for `cargo xtask
+/// code-layout`: every page of its code is made inaccessible, and the
+/// first fault on each makes that page executable again. The pages that
+/// ran are then the executable ranges of `/proc/<pid>/maps`, which that
+/// task reads while the program runs. The daemon does this when
+/// `LACEWING_CODE_PROFILE` is set; each page costs one fault the first
+/// time it runs, and nothing after.
+pub fn trace_own_code_pages() -> io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ranges = own_code_ranges()?;
+    let (Some(start), Some(end)) = (
+        ranges.iter().map(|r| r.0).min(),
+        ranges.iter().map(|r| r.1).max(),
+    ) else {
+        return Err(io::Error::other("no executable mapping of /proc/self/exe"));
+    };
+    CODE_START.store(start, Relaxed);
+    CODE_END.store(end, Relaxed);
+    // SAFETY: a zeroed sigaction is valid; the handler has the SA_SIGINFO
+    // signature and touches only atomics, its argument and mprotect.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_code_fault as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        if libc::sigaction(libc::SIGSEGV, &action, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // The handler's own pages stay executable: it runs on the faults.
+    let handler = on_code_fault as *const () as usize & !(PAGE - 1);
+    let keep = handler..handler + 2 * PAGE;
+    for (start, end) in ranges {
+        // Each range, but for the handler's pages.
+        for (from, to) in [(start, end.min(keep.start)), (start.max(keep.end), end)] {
+            if from >= to {
+                continue;
+            }
+            // SAFETY: pages of our own code mapping; any later execution
+            // of them faults into `on_code_fault`, which restores them.
+            if unsafe { libc::mprotect(from as *mut libc::c_void, to - from, libc::PROT_NONE) } != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// SIGSEGV while tracing code pages: a fault in our code makes its page
+/// executable again and returns, so the instruction runs; any other fault
+/// restores the default action and returns, so it faults again and ends
+/// the process as it would have. Calls nothing of ours: every other page
+/// of our code may be the one that faulted.
+#[inline(never)]
+extern "C" fn on_code_fault(_signal: i32, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+    use std::sync::atomic::Ordering::Relaxed;
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers;
+    // `si_addr` is at offset 16 on Linux (read directly: libc's accessor
+    // is a function in our code).
+    let addr = unsafe { info.cast::<u8>().add(16).cast::<usize>().read() };
+    if addr < CODE_START.load(Relaxed) || addr >= CODE_END.load(Relaxed) {
+        // SAFETY: restores the default action, async-signal-safe.
+        unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+        return;
+    }
+    let page = addr & !(PAGE - 1);
+    // SAFETY: a page of our own code mapping, made executable as it was.
+    if unsafe {
+        libc::mprotect(
+            page as *mut libc::c_void,
+            PAGE,
+            libc::PROT_READ | libc::PROT_EXEC,
+        )
+    } != 0
+    {
+        // SAFETY: async-signal-safe exit; the page cannot run.
+        unsafe { libc::_exit(70) };
+    }
+}
+
 /// Makes every thread allocate from the C allocator's main arena (glibc's
 /// `M_ARENA_MAX` of 1; a no-op with other C libraries). glibc otherwise
 /// gives each thread that allocates its own arena, whose freed pages stay

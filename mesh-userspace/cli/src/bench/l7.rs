@@ -28,7 +28,7 @@ use anyhow::{Context as _, bail};
 
 use super::{
     on_path,
-    tunnel::{cpu_ticks, median, rss_mb, wait_for_certificates},
+    tunnel::{cpu_ticks, median, print_memory, wait_for_certificates},
 };
 use crate::lab::{Lab, LabProcess, PodSpec};
 
@@ -220,12 +220,7 @@ fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outc
         }
         Ok(())
     })?;
-    let node_rss_mb = daemons
-        .iter()
-        .map(|n| rss_mb(n.pid()))
-        .collect::<anyhow::Result<Vec<f64>>>()?
-        .into_iter()
-        .fold(0.0, f64::max);
+    let node_rss_mb = print_memory(daemons, "after the runs")?;
     let telemetry = telemetry_run(lab, bin_dir, &mesh, &client, opts)?;
     let failure = failure_run(lab, &file, &client, &proxy, &servers, opts)?;
     drop(nginx);

@@ -502,7 +502,7 @@ fn memory(pid: u32) -> anyhow::Result<Memory> {
 }
 
 /// Prints each daemon's resident memory `when`, and returns the largest.
-fn print_memory(nodes: &[crate::lab::LabProcess], when: &str) -> anyhow::Result<f64> {
+pub(super) fn print_memory(nodes: &[crate::lab::LabProcess], when: &str) -> anyhow::Result<f64> {
     let mut largest: f64 = 0.0;
     for (index, node) in nodes.iter().enumerate() {
         let m = memory(node.pid())?;

@@ -4,6 +4,10 @@ use clap::Parser as _;
 use lacewing_node::{self as node, config::NodeArgs};
 
 fn main() -> anyhow::Result<()> {
+    // Profiling the daemon's code layout (`cargo xtask code-layout`).
+    if std::env::var_os("LACEWING_CODE_PROFILE").is_some() {
+        lacewing_sys::os::trace_own_code_pages()?;
+    }
     let args = NodeArgs::parse();
     let log_level = lacewing_sys::telemetry::init(args.log_format);
     let config = args.validate()?;
