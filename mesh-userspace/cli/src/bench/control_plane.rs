@@ -109,22 +109,20 @@ pub fn run(controller_bin: &Path, opts: &Options) -> anyhow::Result<Outcome> {
             .build()?;
         runtime.block_on(measure(grpc, &folder, creds, opts, per_service, files))
     })();
-    let (rss_mb, cpu_s) = usage(pid);
-    let now_kb: f64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
-    println!(
-        "controller RSS at the end {:.0} MB (peak {rss_mb:.0} MB)",
-        now_kb / 1024.0
-    );
+    // Read before the controller is stopped; a failed read fails the run
+    // once it is stopped, instead of printing 0.
+    let usage = super::tunnel::memory(pid)
+        .and_then(|memory| Ok((memory, super::tunnel::process_ticks(pid)?)));
     let _ = controller.kill();
     let _ = controller.wait();
     let mut outcome = result?;
-    outcome.controller_rss_mb = rss_mb;
-    outcome.controller_cpu_s = cpu_s;
+    let (memory, ticks) = usage?;
+    println!(
+        "controller RSS at the end {:.0} MB (peak {:.0} MB)",
+        memory.rss_mb, memory.peak_mb
+    );
+    outcome.controller_rss_mb = memory.peak_mb;
+    outcome.controller_cpu_s = ticks as f64 / super::tunnel::ticks_per_second();
     Ok(outcome)
 }
 
@@ -309,27 +307,6 @@ fn wait_port(port: u16) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("the controller did not listen on {addr}")
-}
-
-/// (peak RSS in MB, CPU seconds) of a process, from /proc.
-fn usage(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    // utime and stime are fields 14 and 15 (1-based), 12 and 13 after the name.
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&k| fields.get(k)?.parse::<f64>().ok())
-        .sum();
-    (hwm_kb / 1024.0, ticks / 100.0)
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -449,24 +449,24 @@ pub(super) fn median(mut v: Vec<f64>) -> f64 {
 
 /// utime + stime of all `daemons`, in clock ticks.
 pub(super) fn cpu_ticks(daemons: &[LabProcess]) -> anyhow::Result<u64> {
-    daemons
-        .iter()
-        .map(|d| {
-            let path = format!("/proc/{}/stat", d.pid());
-            let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-            // Fields after the command name, which is in parentheses.
-            let ticks = stat.rsplit_once(')').and_then(|(_, rest)| {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-            });
-            ticks.with_context(|| format!("no CPU times in {path}: {stat}"))
-        })
-        .sum()
+    daemons.iter().map(|d| process_ticks(d.pid())).sum()
+}
+
+/// A process's CPU time so far (user and system), in clock ticks.
+pub(super) fn process_ticks(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the command name, which is in parentheses.
+    let ticks = stat.rsplit_once(')').and_then(|(_, rest)| {
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    });
+    ticks.with_context(|| format!("no CPU times in {path}: {stat}"))
 }
 
 /// USER_HZ, the unit of /proc/<pid>/stat times: 100 on every Linux
 /// architecture (the kernel fixes it for userspace).
-fn ticks_per_second() -> f64 {
+pub(super) fn ticks_per_second() -> f64 {
     100.0
 }
 
@@ -475,15 +475,17 @@ pub(super) fn rss_mb(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// A process's resident memory, in MB: all of it (`VmRSS`), and apart, the
-/// anonymous part and the pages of files (its code and libraries).
+/// anonymous part and the pages of files (its code and libraries); and the
+/// most it was resident at once (`VmHWM`).
 #[derive(Clone, Copy, Debug)]
-struct Memory {
-    rss_mb: f64,
+pub(super) struct Memory {
+    pub(super) rss_mb: f64,
     anon_mb: f64,
     file_mb: f64,
+    pub(super) peak_mb: f64,
 }
 
-fn memory(pid: u32) -> anyhow::Result<Memory> {
+pub(super) fn memory(pid: u32) -> anyhow::Result<Memory> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let field = |name: &str| {
@@ -498,6 +500,7 @@ fn memory(pid: u32) -> anyhow::Result<Memory> {
         rss_mb: field("VmRSS:")?,
         anon_mb: field("RssAnon:")?,
         file_mb: field("RssFile:")?,
+        peak_mb: field("VmHWM:")?,
     })
 }
 
