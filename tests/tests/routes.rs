@@ -147,6 +147,16 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
         200.0,
         "each of h2load's requests routed once"
     );
+    // n0's router keeps its connections to the endpoints (tunnel streams,
+    // open at n1) for the next requests, and closes them after seconds
+    // unused.
+    let opened = "lacewing_tunnel_streams_opened_total{direction=\"inbound\"}";
+    let closed = "lacewing_tunnel_streams_closed_total{direction=\"inbound\"}";
+    let open = |m: &MeshLab| m.metric("n1", opened) - m.metric("n1", closed);
+    assert!(open(&m) >= 1.0, "pooled after h2load: {}", open(&m));
+    m.until("n0's pooled connections close once idle", || {
+        open(&m) == 0.0
+    });
 
     // A header match wins over the split.
     let out = m.run_tool(
