@@ -272,10 +272,45 @@ fn connect_failed(err: &(dyn std::error::Error + 'static)) -> bool {
             .is_some_and(hyper_util::client::legacy::Error::is_connect)
 }
 
+/// Which source pod, and which worker: the key of a pod's clients.
+type PodKey = (String, std::thread::ThreadId);
+
+/// Every source pod's clients, per worker, and when unused ones were last
+/// let go.
+struct PodPools {
+    by_pod: HashMap<PodKey, PodClients>,
+    swept: Instant,
+}
+
+/// One source pod's clients on one worker, and when a routed connection
+/// last started or ended with them.
+struct PodClients {
+    clients: Arc<Clients>,
+    used: Instant,
+}
+
+/// How often the pools of source pods are looked over, at most.
+const POD_POOLS_SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+impl PodPools {
+    /// Lets go of the clients that no routed connection holds and none has
+    /// used for as long as a pooled connection is kept ([`HTTP2_POOL_IDLE`],
+    /// the longer idle time): their connections are closed or idle, and
+    /// with them goes the pod's network namespace, which the clients' dialer
+    /// holds open. A pod that ended (its uid changes with each pod) would
+    /// otherwise keep its namespace alive for as long as the daemon runs.
+    fn sweep(&mut self, now: Instant) {
+        self.swept = now;
+        self.by_pod.retain(|_, p| {
+            Arc::strong_count(&p.clients) > 1 || now.duration_since(p.used) < HTTP2_POOL_IDLE
+        });
+    }
+}
+
 /// The router's state: pooled clients per source pod and worker, endpoint
 /// latencies, what TrafficPolicies keep per Service, request metrics.
 pub struct Router {
-    clients: Mutex<HashMap<(String, std::thread::ThreadId), Arc<Clients>>>,
+    clients: Mutex<PodPools>,
     pub balancer: balance::Balancer,
     pub outliers: Arc<resilience::Outliers>,
     pub breakers: Arc<resilience::Breakers>,
@@ -296,7 +331,10 @@ impl Router {
         trust_domain: String,
     ) -> Self {
         Self {
-            clients: Mutex::default(),
+            clients: Mutex::new(PodPools {
+                by_pod: HashMap::new(),
+                swept: Instant::now(),
+            }),
             balancer: balance::Balancer::default(),
             outliers,
             breakers,
@@ -307,14 +345,20 @@ impl Router {
         }
     }
 
+    /// The clients of `source` on this worker, and their key (to give back
+    /// with [`Router::done_with`]).
     fn clients(
         &self,
         dial: &Arc<dyn Dial>,
         source: &Arc<Workload>,
         netns: &PodNetns,
         source_ip: IpAddr,
-    ) -> Arc<Clients> {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+    ) -> (Arc<Clients>, PodKey) {
+        let now = Instant::now();
+        let mut pools = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if now.duration_since(pools.swept) >= POD_POOLS_SWEEP_EVERY {
+            pools.sweep(now);
+        }
         // Keyed by pod: a pod's pool dials from its own namespace and
         // address, and ends when the pod does (its uid changes). And by
         // thread, that is by the daemon's worker, as the tunnel's pool is: a
@@ -326,29 +370,54 @@ impl Router {
             format!("{}/{}/{}", source.namespace, source.name, source.uid),
             std::thread::current().id(),
         );
-        Arc::clone(clients.entry(key).or_insert_with(|| {
-            let dialer = Dialer {
-                dial: Arc::clone(dial),
-                source: Arc::clone(source),
-                netns: Arc::clone(netns),
-                source_ip,
-            };
-            let mut h1 = Client::builder(TokioExecutor::new());
-            h1.pool_timer(hyper_util::rt::TokioTimer::new())
-                .pool_idle_timeout(HTTP1_POOL_IDLE);
-            Arc::new(Clients {
-                http1: h1.build(dialer.clone()),
-                http2: Http2Pool {
-                    dialer,
-                    connections: Mutex::new(Connections {
-                        by_endpoint: HashMap::new(),
-                        swept: Instant::now(),
-                    }),
-                    opened: std::sync::atomic::AtomicU64::new(0),
-                },
-            })
-        }))
+        let entry = pools
+            .by_pod
+            .entry(key.clone())
+            .or_insert_with(|| PodClients {
+                clients: new_clients(dial, source, netns, source_ip),
+                used: now,
+            });
+        entry.used = now;
+        (Arc::clone(&entry.clients), key)
     }
+
+    /// A routed connection of `key`'s pod ended: its clients count as used
+    /// until now.
+    fn done_with(&self, key: &PodKey) {
+        let mut pools = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = pools.by_pod.get_mut(key) {
+            entry.used = Instant::now();
+        }
+    }
+}
+
+/// A source pod's clients, dialling from its namespace and address.
+fn new_clients(
+    dial: &Arc<dyn Dial>,
+    source: &Arc<Workload>,
+    netns: &PodNetns,
+    source_ip: IpAddr,
+) -> Arc<Clients> {
+    let dialer = Dialer {
+        dial: Arc::clone(dial),
+        source: Arc::clone(source),
+        netns: Arc::clone(netns),
+        source_ip,
+    };
+    let mut h1 = Client::builder(TokioExecutor::new());
+    h1.pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(HTTP1_POOL_IDLE);
+    Arc::new(Clients {
+        http1: h1.build(dialer.clone()),
+        http2: Http2Pool {
+            dialer,
+            connections: Mutex::new(Connections {
+                by_endpoint: HashMap::new(),
+                swept: Instant::now(),
+            }),
+            opened: std::sync::atomic::AtomicU64::new(0),
+        },
+    })
 }
 
 /// Opens connections to endpoints for one source pod (hyper-util's
@@ -465,9 +534,17 @@ pub async fn sniff(app: &TcpStream, declared_http: bool) -> Result<(), &'static 
 struct Session {
     router: Arc<Router>,
     clients: Arc<Clients>,
+    /// Whose clients these are, to tell the router when the connection ends.
+    pod: PodKey,
     source: Arc<Workload>,
     frontend: Frontend,
     table: Arc<RouteTable>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.router.done_with(&self.pod);
+    }
 }
 
 /// Serves a routed connection's HTTP until the client is done, opening
@@ -486,10 +563,11 @@ pub async fn serve(
     frontend: Frontend,
     table: Arc<RouteTable>,
 ) {
-    let clients = router.clients(&dial, &source, &netns, source_ip);
+    let (clients, pod) = router.clients(&dial, &source, &netns, source_ip);
     let session = Arc::new(Session {
         router: Arc::clone(router),
         clients,
+        pod,
         source,
         frontend,
         table,

@@ -79,3 +79,72 @@ fn hop_by_hop_headers_are_not_forwarded_but_te_trailers_is() {
     left.sort_unstable();
     assert_eq!(left, ["te", "x-app"]);
 }
+
+/// A dialler for clients that never open a connection.
+struct NoDial;
+
+impl Dial for NoDial {
+    fn open(
+        self: Arc<Self>,
+        _: Arc<Workload>,
+        _: PodNetns,
+        _: IpAddr,
+        _: SocketAddr,
+    ) -> BoxFuture<'static, io::Result<BoxedStream>> {
+        Box::pin(async { Err(io::Error::other("not dialled")) })
+    }
+}
+
+#[test]
+fn a_pods_clients_and_its_namespace_are_let_go_once_no_connection_has_used_them_for_a_while() {
+    let router = Router::new(
+        crate::metrics::RequestMetrics::new(&mut prometheus_client::registry::Registry::default()),
+        Arc::default(),
+        Arc::default(),
+        crate::telemetry::Telemetry::default(),
+        "cluster.local".into(),
+    );
+    let dial: Arc<dyn Dial> = Arc::new(NoDial);
+    let ip: IpAddr = "10.244.0.5".parse().unwrap();
+    let pod = |uid: &str| {
+        Arc::new(Workload {
+            uid: uid.into(),
+            ..crate::fixtures::workload("client", "client", "10.244.0.5", true)
+        })
+    };
+    let netns = || -> PodNetns { Arc::new(std::fs::File::open("/dev/null").unwrap()) };
+    let (ended_ns, held_ns) = (netns(), netns());
+    let (ended, ended_key) = router.clients(&dial, &pod("ended"), &ended_ns, ip);
+    let (held, _) = router.clients(&dial, &pod("held"), &held_ns, ip);
+    // The same pod on the same worker gets the same clients.
+    let (again, _) = router.clients(&dial, &pod("held"), &held_ns, ip);
+    assert!(Arc::ptr_eq(&held, &again));
+    drop((ended, again));
+    router.done_with(&ended_key);
+    let started = Instant::now();
+    let pods = |router: &Router| {
+        let pools = router.clients.lock().unwrap();
+        let mut uids: Vec<String> = pools.by_pod.keys().map(|k| k.0.clone()).collect();
+        uids.sort_unstable();
+        uids
+    };
+
+    // Unused for less than the idle time: kept.
+    router
+        .clients
+        .lock()
+        .unwrap()
+        .sweep(started + HTTP2_POOL_IDLE / 2);
+    assert_eq!(pods(&router), ["shop/client/ended", "shop/client/held"]);
+    // Past it: the clients no connection holds are let go, and the pod's
+    // namespace is closed with them.
+    router
+        .clients
+        .lock()
+        .unwrap()
+        .sweep(started + HTTP2_POOL_IDLE * 2);
+    assert_eq!(pods(&router), ["shop/client/held"]);
+    assert_eq!(Arc::strong_count(&ended_ns), 1, "only the test holds it");
+    assert!(Arc::strong_count(&held_ns) > 1);
+    drop(held);
+}
