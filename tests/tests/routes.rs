@@ -157,6 +157,20 @@ fn routes_split_match_redirect_rewrite_time_out_and_retry_per_request() {
     m.until("n0's pooled connections close once idle", || {
         open(&m) == 0.0
     });
+    // n0 counts them as the outbound tunnel streams they are: every stream
+    // n1 took came from n0's router.
+    for (n1, n0) in [
+        (
+            opened,
+            "lacewing_tunnel_streams_opened_total{direction=\"outbound\"}",
+        ),
+        (
+            closed,
+            "lacewing_tunnel_streams_closed_total{direction=\"outbound\"}",
+        ),
+    ] {
+        assert_eq!(m.metric("n0", n0), m.metric("n1", n1), "{n0}");
+    }
 
     // A header match wins over the split.
     let out = m.run_tool(

@@ -362,7 +362,13 @@ impl Outbound {
                     .tunnel(&identity, source_ip, &to, endpoint)
                     .await
                     .map_err(|e| refused(e.to_string()))?;
-                Ok(Box::new(hyper_util::rt::TokioIo::new(upgraded)))
+                self.metrics.opened("outbound");
+                Ok(Box::new(CountedStream {
+                    inner: hyper_util::rt::TokioIo::new(upgraded),
+                    metrics: self.metrics.clone(),
+                    to_destination: 0,
+                    to_source: 0,
+                }))
             }
             Route::PassThrough => Ok(Box::new(self.sockets.connect_from(netns, endpoint).await?)),
         }
@@ -378,6 +384,80 @@ impl router::Dial for Outbound {
         endpoint: SocketAddr,
     ) -> futures::future::BoxFuture<'static, std::io::Result<crate::splice::BoxedStream>> {
         Box::pin(async move { self.open_stream(&source, &netns, source_ip, endpoint).await })
+    }
+}
+
+/// A routed connection's tunnel stream, counted as a captured
+/// connection's is: opened when made, closed with its bytes each way when
+/// the router lets it go.
+struct CountedStream {
+    inner: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+    metrics: TunnelMetrics,
+    to_destination: u64,
+    to_source: u64,
+}
+
+impl tokio::io::AsyncRead for CountedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.to_source += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            self.to_destination += n as u64;
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            self.to_destination += n as u64;
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Drop for CountedStream {
+    fn drop(&mut self) {
+        self.metrics
+            .closed("outbound", self.to_destination, self.to_source);
     }
 }
 
