@@ -280,17 +280,6 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// Asks the C allocator to return the free pages it holds to the kernel
-/// (glibc's `malloc_trim`; a no-op with other C libraries).
-pub fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim takes no pointers; it only walks the allocator's
-    // own free lists, under the allocator's lock.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Where this program's code is mapped: its file's executable mappings
 /// (`/proc/self/maps`), as address ranges.
 fn own_code_ranges() -> io::Result<Vec<(usize, usize)>> {
@@ -397,20 +386,6 @@ extern "C" fn on_code_fault(_signal: i32, info: *mut libc::siginfo_t, _context: 
     {
         // SAFETY: async-signal-safe exit; the page cannot run.
         unsafe { libc::_exit(70) };
-    }
-}
-
-/// Makes every thread allocate from the C allocator's main arena (glibc's
-/// `M_ARENA_MAX` of 1; a no-op with other C libraries). glibc otherwise
-/// gives each thread that allocates its own arena, whose freed pages stay
-/// resident: two worker threads cost the daemon 5 MB more RSS, a third of
-/// it. Small allocations still come from each thread's own cache.
-pub fn one_malloc_arena() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt takes no pointers; it sets an allocator parameter
-    // under the allocator's lock.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

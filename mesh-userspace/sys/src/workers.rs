@@ -42,7 +42,6 @@ pub fn install(count: usize) -> std::io::Result<()> {
     if count <= 1 || WORKERS.get().is_some() {
         return Ok(());
     }
-    crate::os::one_malloc_arena();
     let mut handles = Vec::with_capacity(count);
     for index in 0..count {
         let (tx, rx) = std::sync::mpsc::channel();

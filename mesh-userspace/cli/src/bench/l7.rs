@@ -65,6 +65,11 @@ pub struct Outcome {
     /// Both daemons' CPU per 1,000 requests/s over the L7 runs at a fixed
     /// rate, in cores.
     pub cpu_per_1k_rps: f64,
+    /// The same over the L4 runs (the tunnel alone, no HTTP).
+    pub cpu_per_1k_rps_l4: f64,
+    /// The nginx proxy's CPU per 1,000 requests/s over its runs at a fixed
+    /// rate: what one plain HTTP proxy costs on this machine.
+    pub cpu_per_1k_rps_nginx: f64,
     /// The larger daemon's RSS at the end.
     pub node_rss_mb: f64,
     pub failure: FailureRun,
@@ -142,7 +147,7 @@ fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outc
         .iter()
         .map(|(p, _, _, vip, port)| (*port, format!("{vip}:80"), *p == "h2c"))
         .collect();
-    nginx.push(lab.start_nginx_proxy(&proxy, &proxied)?);
+    let nginx_proxy = [lab.start_nginx_proxy(&proxy, &proxied)?];
     let file = mesh.folder.join("bench.yaml");
     std::fs::write(&file, config_yaml(false, &client, &proxy, &servers, false))?;
     std::thread::sleep(Duration::from_secs(1));
@@ -159,14 +164,27 @@ fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outc
         })
         .collect();
     eprintln!("no mesh, and the nginx proxy ({} s each)", opts.seconds);
+    let mut cpu_nginx = Vec::new();
     on_path(lab, "n0", STREAMS_OUT, 0.0, "no mesh", || {
         for (row, (_, _, _, vip, port)) in rows.iter_mut().zip(CASES) {
             row.direct = measure(lab, &client, row.protocol, &format!("{vip}:80"), opts, None)?;
             let at = format!("{}:{port}", proxy.ip4());
-            row.nginx = measure(lab, &client, row.protocol, &at, opts, None)?;
+            row.nginx = measure(
+                lab,
+                &client,
+                row.protocol,
+                &at,
+                opts,
+                Some((&nginx_proxy, &mut cpu_nginx)),
+            )?;
         }
         Ok(())
     })?;
+    let cpu_per_1k_rps_nginx = median(cpu_nginx);
+    if cpu_per_1k_rps_nginx <= 0.0 {
+        bail!("the nginx proxy's CPU did not move over its runs: it was not measured");
+    }
+    eprintln!("the nginx proxy used {cpu_per_1k_rps_nginx:.3} cores per 1,000 requests/s (median)");
 
     std::fs::write(&file, config_yaml(true, &client, &proxy, &servers, false))?;
     wait_for_certificates(lab, &["n0", "n1"])?;
@@ -193,12 +211,10 @@ fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outc
             Ok(())
         },
     )?;
-    if !cpu_l4.is_empty() {
-        eprintln!(
-            "the mesh at L4 used {:.3} cores per 1,000 requests/s (median; both daemons)",
-            median(cpu_l4.clone())
-        );
-    }
+    let cpu_per_1k_rps_l4 = median(cpu_l4);
+    eprintln!(
+        "the mesh at L4 used {cpu_per_1k_rps_l4:.3} cores per 1,000 requests/s (median; both daemons)"
+    );
 
     std::fs::write(&file, config_yaml(true, &client, &proxy, &servers, true))?;
     wait_for_routes(lab, CASES.len())?;
@@ -224,9 +240,12 @@ fn measure_all(lab: &Lab, bin_dir: &Path, opts: &Options) -> anyhow::Result<Outc
     let telemetry = telemetry_run(lab, bin_dir, &mesh, &client, opts)?;
     let failure = failure_run(lab, &file, &client, &proxy, &servers, opts)?;
     drop(nginx);
+    drop(nginx_proxy);
     Ok(Outcome {
         rows,
         cpu_per_1k_rps: median(cpu),
+        cpu_per_1k_rps_l4,
+        cpu_per_1k_rps_nginx,
         node_rss_mb,
         failure,
         telemetry,
@@ -550,7 +569,7 @@ fn success_and_p99(outcomes: &[(u16, f64)]) -> (f64, f64) {
 pub fn result_line(o: &Outcome) -> String {
     let ratio = |f: fn(&Row) -> f64| median(o.rows.iter().map(f).collect());
     format!(
-        "RESULT l7 rps_l7_vs_direct={:.2} rps_l7_vs_nginx={:.2} p50_added_us_1k={:.0} p99_added_us_1k={:.0} cpu_per_1k_rps={:.3} node_rss_mb={:.1} success_with_policy={:.4} p99_with_policy_us={:.0} telemetry_cpu_on_vs_off={:.3}",
+        "RESULT l7 rps_l7_vs_direct={:.2} rps_l7_vs_nginx={:.2} p50_added_us_1k={:.0} p99_added_us_1k={:.0} cpu_per_1k_rps={:.3} node_rss_mb={:.1} success_with_policy={:.4} p99_with_policy_us={:.0} telemetry_cpu_on_vs_off={:.3} p99_added_us_1k_l4={:.0} p99_added_us_1k_nginx={:.0} cpu_per_1k_rps_l4={:.3} cpu_per_1k_rps_nginx={:.3}",
         ratio(|r| r.l7.max_rps / r.direct.max_rps),
         ratio(|r| r.l7.max_rps / r.nginx.max_rps),
         ratio(|r| r.l7.p50_1k_us - r.direct.p50_1k_us),
@@ -560,6 +579,10 @@ pub fn result_line(o: &Outcome) -> String {
         o.failure.with_policy.0,
         o.failure.with_policy.1,
         o.telemetry.on_cores / o.telemetry.off_cores,
+        ratio(|r| r.l4.p99_1k_us - r.direct.p99_1k_us),
+        ratio(|r| r.nginx.p99_1k_us - r.direct.p99_1k_us),
+        o.cpu_per_1k_rps_l4,
+        o.cpu_per_1k_rps_nginx,
     )
 }
 
@@ -660,7 +683,7 @@ fn measure(
     protocol: &str,
     target: &str,
     opts: &Options,
-    mut daemons: Option<(&Vec<LabProcess>, &mut Vec<f64>)>,
+    mut daemons: Option<(&[LabProcess], &mut Vec<f64>)>,
 ) -> anyhow::Result<Figures> {
     let (max_rps, _) = h2load(lab, client, protocol, target, opts, 64, None, &[])?;
     let mut at = |rate: u32| -> anyhow::Result<(f64, f64)> {
@@ -682,7 +705,7 @@ fn measure(
             let cores = (cpu_ticks(d)? - before) as f64 / 100.0 / f64::from(opts.seconds);
             cpu.push(cores / (rps / 1000.0));
             eprintln!(
-                "    at {rate}/s: the daemons used {:.3} cores per 1,000 requests/s",
+                "    at {rate}/s: {:.3} cores per 1,000 requests/s",
                 cores / (rps / 1000.0)
             );
         }

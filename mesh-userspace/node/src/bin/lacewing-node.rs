@@ -3,6 +3,24 @@
 use clap::Parser as _;
 use lacewing_node::{self as node, config::NodeArgs};
 
+/// jemalloc, as linkerd2-proxy and ztunnel use. glibc's allocator, held to
+/// one arena for memory's sake, made the worker threads wait on its lock
+/// (its per-thread cache holds only a few small blocks of each size); with
+/// jemalloc each thread allocates and frees from its own cache, and only
+/// refills it from the arena in batches.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read at its first allocation: one arena behind the
+/// threads' caches (an arena per thread measured the same speed on two
+/// workers and 0.8 MB more memory). `_RJEM_MALLOC_CONF` overrides it, for
+/// example `narenas:4` on a node given many workers.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: Option<&std::ffi::c_char> = Some(
+    // SAFETY: a pointer to the first byte of a static C string literal.
+    unsafe { &*c"narenas:1".as_ptr() },
+);
+
 fn main() -> anyhow::Result<()> {
     // Profiling the daemon's code layout (`cargo xtask code-layout`).
     if std::env::var_os("LACEWING_CODE_PROFILE").is_some() {
