@@ -51,6 +51,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "protobuf-compiler",
         "protoc, which compiles the gRPC protocol",
     ),
+    (
+        "make",
+        "builds jemalloc, the node daemon's allocator (tikv-jemalloc-sys)",
+    ),
     ("wrk", "the load generator of `cargo xtask bench l4`"),
     (
         "tshark",
