@@ -362,13 +362,10 @@ impl Outbound {
                     .tunnel(&identity, source_ip, &to, endpoint)
                     .await
                     .map_err(|e| refused(e.to_string()))?;
-                self.metrics.opened("outbound");
-                Ok(Box::new(CountedStream {
-                    inner: hyper_util::rt::TokioIo::new(upgraded),
-                    metrics: self.metrics.clone(),
-                    to_destination: 0,
-                    to_source: 0,
-                }))
+                Ok(Box::new(CountedStream::opened(
+                    upgraded,
+                    self.metrics.clone(),
+                )))
             }
             Route::PassThrough => Ok(Box::new(self.sockets.connect_from(netns, endpoint).await?)),
         }
@@ -395,6 +392,19 @@ struct CountedStream {
     metrics: TunnelMetrics,
     to_destination: u64,
     to_source: u64,
+}
+
+impl CountedStream {
+    /// Counts the stream opened; its `Drop` counts it closed.
+    fn opened(upgraded: hyper::upgrade::Upgraded, metrics: TunnelMetrics) -> Self {
+        metrics.opened("outbound");
+        Self {
+            inner: hyper_util::rt::TokioIo::new(upgraded),
+            metrics,
+            to_destination: 0,
+            to_source: 0,
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for CountedStream {

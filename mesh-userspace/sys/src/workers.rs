@@ -85,6 +85,21 @@ pub fn current() -> usize {
     INDEX.get().unwrap_or(0)
 }
 
+/// Spawns `make()`'s task on every worker thread (none without workers):
+/// for per-thread upkeep, such as handing back a thread's cached memory,
+/// which only that thread can do.
+pub fn spawn_on_each<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    if let Some(workers) = WORKERS.get() {
+        for handle in &workers.handles {
+            handle.spawn(make());
+        }
+    }
+}
+
 /// Runs `serve(stream)` on the next worker: the socket leaves this thread's
 /// reactor and joins the worker's, so its readiness wakes only that
 /// worker. Without workers it is spawned here. A socket that cannot be
@@ -119,7 +134,7 @@ mod tests {
     use super::*;
 
     // Two workers: connections alternate between them, each served on its
-    // worker's thread with its socket working there.
+    // worker's thread with its socket working there; upkeep runs on both.
     #[test]
     fn connections_are_served_on_the_workers_in_turn() {
         install(2).unwrap();
@@ -159,6 +174,19 @@ mod tests {
                     .map(|i| (i, Some(format!("lacewing-w{i}"))))
                     .to_vec()
             );
+            // Upkeep spawned on each worker runs once on every one.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            spawn_on_each(|| {
+                let tx = tx.clone();
+                async move { tx.send(current()).unwrap() }
+            });
+            drop(tx);
+            let mut ran = Vec::new();
+            while let Some(worker) = rx.recv().await {
+                ran.push(worker);
+            }
+            ran.sort_unstable();
+            assert_eq!(ran, [0, 1]);
         });
     }
 }

@@ -34,6 +34,11 @@ fn main() -> anyhow::Result<()> {
     // rest (accepting, the controller, the kernel's maps) is short work
     // on this one thread.
     lacewing_sys::workers::install(config.workers)?;
+    // This thread's allocations are then few (start-up, the controller's
+    // updates): without a cache of its own it holds no blocks for them.
+    if config.workers > 1 {
+        node::memory::no_thread_cache();
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
