@@ -81,10 +81,15 @@ impl Watch {
 /// writer off and waits until what was moved to it is read: once the
 /// writer's FIN closes the socket (it then goes to TIME_WAIT), the kernel
 /// drops moved bytes not yet read, though it keeps those TCP delivered.
+/// A writer already read to its end needs neither: it writes nothing more,
+/// and its moved bytes were read before its end (the usual order of a
+/// request and its answer, the server closing first, costs no map writes).
 pub struct Watched<S> {
     inner: S,
     reading: Option<Arc<Watch>>,
     writing: Option<Arc<Watch>>,
+    /// A read returned the end of the stream: the writer half-closed.
+    ended: bool,
     retry: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Bytes read from `inner` so far (what the copy passed on from it).
     read: u64,
@@ -98,6 +103,7 @@ impl<S> Watched<S> {
             inner,
             reading,
             writing,
+            ended: false,
             retry: None,
             read: 0,
             shared: None,
@@ -180,6 +186,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         if let Poll::Ready(Ok(())) = &polled {
             let n = buf.filled().len() - before;
             self.read += n as u64;
+            self.ended |= n == 0 && room > 0;
             if let Some(shared) = &self.shared {
                 shared.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }
@@ -211,7 +218,7 @@ impl<S: AsyncWrite + Unread + Unpin> AsyncWrite for Watched<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(watch) = &self.reading {
+        if let Some(watch) = self.reading.as_ref().filter(|_| !self.ended) {
             watch.trip("half-close");
             // Bytes moved before the switch are still queued: let the
             // other direction read them first, looking again shortly.
@@ -382,5 +389,35 @@ mod tests {
         }
         drop(writing.await.unwrap());
         assert_eq!(*off.0.lock().unwrap(), vec![key]);
+    }
+
+    // Half-closing toward a writer switches it off while it may still
+    // write; not once it was read to its end.
+    #[tokio::test]
+    async fn a_half_close_switches_off_only_a_writer_that_has_not_ended() {
+        let off = Arc::new(Recorded::default());
+        let key = |port| SpliceKey {
+            local_port: port,
+            ..Default::default()
+        };
+        let mut watched = |port| {
+            let watch = Watch::new(key(port), Arc::clone(&off) as Arc<dyn SplicedWriters>);
+            let (writer, reader) = tokio::io::duplex(1 << 16);
+            (writer, Watched::new(reader, Some(watch), None))
+        };
+        let (mut still_writing, mut open) = watched(4000);
+        still_writing.write_all(b"GET").await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(open.read(&mut buf).await.unwrap(), 3);
+        open.shutdown().await.unwrap();
+        assert_eq!(*off.0.lock().unwrap(), vec![key(4000)]);
+
+        let (mut ended, mut done) = watched(4001);
+        ended.write_all(b"GET").await.unwrap();
+        ended.shutdown().await.unwrap();
+        assert_eq!(done.read(&mut buf).await.unwrap(), 3);
+        assert_eq!(done.read(&mut buf).await.unwrap(), 0);
+        done.shutdown().await.unwrap();
+        assert_eq!(*off.0.lock().unwrap(), vec![key(4000)]);
     }
 }
