@@ -400,7 +400,7 @@ mod tests {
             local_port: port,
             ..Default::default()
         };
-        let mut watched = |port| {
+        let watched = |port| {
             let watch = Watch::new(key(port), Arc::clone(&off) as Arc<dyn SplicedWriters>);
             let (writer, reader) = tokio::io::duplex(1 << 16);
             (writer, Watched::new(reader, Some(watch), None))
