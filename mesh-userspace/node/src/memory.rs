@@ -45,8 +45,17 @@ pub struct ControlError {
 /// Releases freed memory now: this thread's cached blocks go back to the
 /// arena, and every arena's unused pages back to the kernel.
 pub fn release() {
-    for name in [FLUSH_THREAD_CACHE, PURGE_ALL_ARENAS] {
-        if let Err(err) = control(name, None) {
+    let flushed = match control(FLUSH_THREAD_CACHE, None) {
+        // jemalloc's answer for a thread with no cache (`no_thread_cache`):
+        // nothing to hand back.
+        Err(ControlError {
+            errno: libc::EFAULT,
+            ..
+        }) => Ok(()),
+        flushed => flushed,
+    };
+    for result in [flushed, control(PURGE_ALL_ARENAS, None)] {
+        if let Err(err) = result {
             tracing::debug!(%err, "releasing memory");
         }
     }
@@ -136,6 +145,10 @@ mod tests {
             assert!(thread_cache_enabled());
             no_thread_cache();
             assert!(!thread_cache_enabled());
+            // A thread without a cache has none to flush: jemalloc says so
+            // with EFAULT, which `release` takes as nothing to do.
+            let err = control(FLUSH_THREAD_CACHE, None).unwrap_err();
+            assert_eq!(err.errno, libc::EFAULT);
         })
         .join()
         .unwrap();
